@@ -1,0 +1,172 @@
+"""One typed, frozen configuration object, validated once and read by every other module.
+
+The strategy, the offloader, the planner and the Hydra schema all take a :class:`VDNNConfig`; nothing else
+parses user input. Every check says which value was wrong and what would be right.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Literal, Optional, Union
+
+Policy = Literal["none", "all", "conv", "auto"]
+POLICIES: tuple[str, ...] = ("none", "all", "conv", "auto")
+ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PERCENT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+MemorySpec = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A device-memory budget: an absolute byte count or a fraction of the device's capacity."""
+
+    nbytes: Optional[int] = None
+    fraction: Optional[float] = None
+
+    def resolve(self, capacity: int) -> int:
+        """Bytes this budget allows on a device of ``capacity`` bytes."""
+        return self.nbytes if self.nbytes is not None else int(capacity * (self.fraction or 0.0))
+
+
+def parse_memory_budget(value: MemorySpec) -> Optional[MemoryBudget]:
+    """Parse ``8GiB``, ``"512 MB"``, ``"60%"``, a positive int of bytes, or ``None`` (device capacity).
+
+    Raises:
+        ValueError: for anything else, naming the value and the accepted forms.
+    """
+    if value is None:
+        return None
+    accepted = "a positive number of bytes, a size like '8GiB' or '512MB', a percentage like '60%', or None"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"memory_budget={value!r} is not understood; use {accepted}.")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"memory_budget={value!r} must be positive; use {accepted}.")
+        return MemoryBudget(nbytes=int(value))
+    if m := _PERCENT_RE.match(value):
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise ValueError(f"memory_budget={value!r} must be a percentage in (0%, 100%] of device memory.")
+        return MemoryBudget(fraction=pct / 100)
+    m = _SIZE_RE.match(value)
+    if m and m.group(2).lower() in _UNITS | {"": 1}:
+        nbytes = int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+        if nbytes > 0:
+            return MemoryBudget(nbytes=nbytes)
+    raise ValueError(f"memory_budget={value!r} is not understood; use {accepted}.")
+
+
+def _not_built(feature: str, argument: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{argument} needs {feature}, which this version of lightning_vdnn does not implement yet. "
+        f"Remove {argument.split('=')[0]} (activation offload works without it)."
+    )
+
+
+@dataclass(frozen=True)
+class VDNNConfig:
+    """Everything :class:`~lightning_vdnn.VDNNStrategy` can be told, checked at construction.
+
+    Args:
+        activation_offload: vDNN policy for tensors autograd saves for backward. ``"all"`` moves every saved
+            activation of at least ``min_offload_bytes`` to host memory (least device memory, most PCIe
+            traffic); ``"conv"`` moves only the inputs of Conv/Linear/attention layers, the expensive ones to
+            recompute and the large ones to keep (vDNN's ``vDNN_conv``); ``"none"`` installs the hooks and moves
+            nothing (measures the hooks' overhead); ``"auto"`` lets the planner decide — until the planner
+            lands it behaves as ``"all"``.
+        min_offload_bytes: saved tensors smaller than this stay on the device: their copy would cost more in
+            launch latency than the memory is worth.
+        prefetch_layers: how many layers ahead of backward to bring activations back. More hides more copy
+            time and holds more device memory.
+        pin_memory: use page-locked host buffers (fast, asynchronous copies). Falls back to pageable memory,
+            with one warning, if pinning fails.
+        layer_streaming: L2L, keep block parameters and optimizer state on the host (not built yet).
+        layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects.
+        memory_budget: device memory the planner must fit in (not built yet).
+        microbatches: layer-major microbatches per optimizer step (needs layer streaming).
+        zero_stage: DeepSpeed ZeRO stage for several devices, 0 for none (not built yet).
+        offload_optimizer: keep the optimizer state on the host (needs ZeRO or layer streaming).
+        offload_params: keep the parameters on the host (needs ZeRO stage 3 or layer streaming).
+    """
+
+    activation_offload: Policy = "auto"
+    min_offload_bytes: int = 2**20
+    prefetch_layers: int = 1
+    pin_memory: bool = True
+    layer_streaming: bool = False
+    layers: Optional[str] = None
+    memory_budget: MemorySpec = None
+    microbatches: int = 1
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if self.activation_offload not in POLICIES:
+            raise ValueError(
+                f"activation_offload={self.activation_offload!r} is not a policy; choose one of {list(POLICIES)}."
+            )
+        if self.min_offload_bytes < 0:
+            raise ValueError(f"min_offload_bytes={self.min_offload_bytes} must be >= 0.")
+        if self.prefetch_layers < 1:
+            raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 1 (1 is vDNN's one layer ahead).")
+        if self.layers is not None and not _PATH_RE.match(self.layers):
+            raise ValueError(
+                f"layers={self.layers!r} is not a dotted attribute path; use e.g. 'model.blocks' or None to detect."
+            )
+        parse_memory_budget(self.memory_budget)
+        if self.microbatches < 1:
+            raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
+        self._check_built()
+
+    def _check_types(self) -> None:
+        expect = {"min_offload_bytes": int, "prefetch_layers": int, "microbatches": int, "zero_stage": int,
+                  "pin_memory": bool, "layer_streaming": bool, "offload_optimizer": bool, "offload_params": bool}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = expect.get(f.name)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{f.name}={value!r} must be an int.")
+            if kind is bool and not isinstance(value, bool):
+                raise TypeError(f"{f.name}={value!r} must be True or False.")
+        if not isinstance(self.activation_offload, str):
+            raise TypeError(f"activation_offload={self.activation_offload!r} must be one of {list(POLICIES)}.")
+        if self.layers is not None and not isinstance(self.layers, str):
+            raise TypeError(f"layers={self.layers!r} must be a dotted path string like 'model.blocks' or None.")
+
+    def _check_built(self) -> None:
+        """Refuse, loudly, what later milestones will build, rather than ignore it."""
+        if self.layer_streaming:
+            raise _not_built("L2L layer streaming", "layer_streaming=True")
+        if self.microbatches != 1:
+            raise _not_built("layer-major microbatching (part of L2L layer streaming)", f"microbatches={self.microbatches}")
+        if self.zero_stage:
+            raise _not_built("DeepSpeed ZeRO composition", f"zero_stage={self.zero_stage}")
+        if self.offload_optimizer:
+            raise _not_built("optimizer offload (ZeRO or layer streaming)", "offload_optimizer=True")
+        if self.offload_params:
+            raise _not_built("parameter offload (ZeRO-3 or layer streaming)", "offload_params=True")
+        if self.memory_budget is not None:
+            raise _not_built("the memory planner", f"memory_budget={self.memory_budget!r}")
+
+    @property
+    def offload_policy(self) -> str:
+        """The policy the offloader executes today (``"auto"`` maps to ``"all"`` until the planner exists)."""
+        return "all" if self.activation_offload == "auto" else self.activation_offload
+
+    @property
+    def budget(self) -> Optional[MemoryBudget]:
+        return parse_memory_budget(self.memory_budget)

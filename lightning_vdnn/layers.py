@@ -1,0 +1,62 @@
+"""Finding the repeated blocks of a model: the unit vDNN prefetches by and L2L streams by."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def block_lists(root: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.ModuleList``/``nn.Sequential`` under ``root`` whose children (at least two) share one class."""
+    found = {}
+    for name, module in root.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            if len({type(child) for child in module}) == 1:
+                found[name] = module
+    return found
+
+
+def _candidates(root: nn.Module) -> str:
+    names = [f"{n!r} ({len(m)} x {type(m[0]).__name__})" for n, m in block_lists(root).items()]
+    return ", ".join(names) if names else "none found"
+
+
+def resolve_layers(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
+    """The block container at dotted ``path`` under ``root``; with ``None``, the longest one found.
+
+    Raises:
+        ValueError: the path does not exist, is not a list of same-class blocks, or (auto-detection) there is
+            no candidate or the longest is ambiguous. The message lists the candidates and how to set ``layers``.
+    """
+    if path is None:
+        lists = block_lists(root)
+        if not lists:
+            raise ValueError(
+                f"layers=None: found no nn.ModuleList or nn.Sequential of two or more blocks of one class in "
+                f"{type(root).__name__}. Put the repeated blocks in an nn.ModuleList and pass layers='<path>'."
+            )
+        longest = max(len(m) for m in lists.values())
+        best = [n for n, m in lists.items() if len(m) == longest]
+        if len(best) > 1:
+            raise ValueError(
+                f"layers=None is ambiguous: {best} all hold {longest} blocks. Candidates: {_candidates(root)}. "
+                f"Pass layers='<one of them>'."
+            )
+        return best[0], lists[best[0]]
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(
+            f"layers={path!r} does not exist in {type(root).__name__}. Candidates: {_candidates(root)}."
+        ) from None
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+        raise ValueError(
+            f"layers={path!r} is a {type(module).__name__}, not an nn.ModuleList/nn.Sequential of blocks. "
+            f"Candidates: {_candidates(root)}."
+        )
+    classes = sorted({type(child).__name__ for child in module})
+    if len(classes) > 1:
+        raise ValueError(
+            f"layers={path!r} holds blocks of different classes {classes}; streaming needs identical blocks. "
+            f"Candidates: {_candidates(root)}."
+        )
+    return path, module

@@ -1,0 +1,352 @@
+"""vDNN activation offload through ``torch.autograd.graph.saved_tensors_hooks``.
+
+While forward runs, every tensor autograd saves for backward (and the policy picks) is copied to a reusable
+host buffer on a side stream; the device memory is released as soon as that copy has finished. In backward,
+the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
+second side stream, so the copy runs while layer ``i`` computes. A tensor still alive on the device when
+backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
+
+The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
+tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import weakref
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_vdnn.pool import CopyEngine, HostBufferPool
+from lightning_vdnn.report import MemoryReport, union_length
+
+# Layers whose inputs the "conv" policy offloads: expensive to recompute, large to keep (vDNN_conv).
+EXPENSIVE_LAYERS: tuple[type, ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.MultiheadAttention,
+)
+
+
+def is_expensive(module: nn.Module) -> bool:
+    return isinstance(module, EXPENSIVE_LAYERS) or type(module).__name__.endswith("Attention")
+
+
+class _Offloaded:
+    """One span of device memory copied to the host, and where its bytes live now."""
+
+    __slots__ = ("nbytes", "lo", "host", "group", "src", "pending", "hold", "dev", "dev_lo", "ready",
+                 "last_use", "used", "release", "__weakref__")
+
+    def __init__(self, nbytes: int, lo: int, host: torch.Tensor, group: int, src: torch.UntypedStorage,
+                 pending: torch.Tensor, d2h_done: object, release) -> None:
+        self.nbytes, self.lo, self.host, self.group = nbytes, lo, host, group
+        self.src = weakref.ref(src)  # the original storage, for dedupe
+        self.pending = pending       # keeps the source alive until its device->host copy is done
+        self.hold = None             # a device copy waiting for its first unpack
+        self.dev = weakref.ref(src)  # wherever the bytes are on the device now, if anywhere
+        self.dev_lo = 0              # byte offset of this span inside ``dev``
+        self.ready = None            # event the consumer waits for before reading ``dev``
+        self.last_use = d2h_done     # last copy touching ``host``: the pool's next writer waits for it
+        self.used = False            # backward has read it at least once
+        self.release = release
+
+    def __del__(self) -> None:
+        self.release(self.host, self.last_use)
+
+
+_Saved = tuple  # (entry, dtype, storage_offset, size, stride)
+Packed = Union[torch.Tensor, _Saved]
+
+
+class _Trace:
+    """Raw numbers and events of one forward/backward; resolved into a MemoryReport on demand."""
+
+    def __init__(self, engine: CopyEngine) -> None:
+        self.start = engine.record()
+        self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
+        self.d2h: list[tuple[object, object]] = []
+        self.h2d: list[tuple[object, object]] = []
+        self.waits: list[tuple[object, object]] = []
+
+
+class ActivationOffloader:
+    """Moves saved activations to host memory during forward and brings them back, prefetched, for backward.
+
+    Args:
+        device: where the model computes. On ``cpu`` the same code runs with inline copies into a separate
+            host buffer, so the whole path is testable without a GPU.
+        policy: ``"all"``, ``"conv"`` or ``"none"`` (see :class:`~lightning_vdnn.VDNNConfig`).
+        min_offload_bytes: smaller saved tensors stay on the device.
+        prefetch_layers: layers to prefetch ahead of backward.
+        pin_memory: page-locked host buffers (CUDA only).
+
+    Example::
+
+        offloader = ActivationOffloader(torch.device("cuda"), policy="all")
+        offloader.attach(model)
+        with offloader.capture():
+            loss = model(x).sum()
+        loss.backward()
+        offloader.finish_pass()
+    """
+
+    def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
+                 prefetch_layers: int = 1, pin_memory: bool = True) -> None:
+        if policy not in ("all", "conv", "none"):
+            raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
+        self.device = torch.device(device)
+        self.policy = policy
+        self.min_offload_bytes = min_offload_bytes
+        self.prefetch_layers = prefetch_layers
+        self.engine = CopyEngine(self.device)
+        self.pool = HostBufferPool(pin_memory)
+        self._lock = threading.RLock()
+        self._module: Optional[nn.Module] = None
+        self._hooks: list = []
+        self._capturing = False
+        self._passes = 0
+        self._trace: Optional[_Trace] = None
+        self._last: Optional[_Trace] = None
+        self._reset_pass()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def attach(self, module: nn.Module, layers: Optional[nn.Module] = None) -> None:
+        """Mark layer boundaries with forward pre-hooks: one per block of ``layers``, else one per leaf module."""
+        self.detach()
+        self._module = module
+        bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
+        for m in bounds:
+            self._hooks.append(m.register_forward_pre_hook(self._on_layer))
+        if self.policy == "conv":
+            for m in module.modules():
+                if is_expensive(m):
+                    self._hooks.append(m.register_forward_pre_hook(self._on_expensive))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._module = None
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Offload what autograd saves inside this block (a forward pass)."""
+        self._begin_pass()
+        self._capturing = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._capturing = False
+
+    def finish_pass(self) -> None:
+        """Call after backward: closes the pass's statistics and forgets its layers (buffers return to the pool
+        as autograd frees the graph). Inside ``capture`` (manual optimization), a new pass starts."""
+        with self._lock:
+            if self._trace is not None:
+                self._last, self._trace = self._trace, None
+                self._passes += 1
+            self._reset_pass()
+            if self._capturing:
+                self._begin_pass()
+
+    def close(self) -> None:
+        """Wait for copies in flight and give host memory back (teardown, or after an exception)."""
+        self.detach()
+        if self.engine.is_cuda:
+            self.engine.d2h.synchronize()
+            self.engine.h2d.synchronize()
+        with self._lock:
+            self._trace = None
+            self._reset_pass()
+        self.pool.clear()
+
+    def _begin_pass(self) -> None:
+        with self._lock:
+            if self._trace is not None:  # a forward without finish_pass (plain loops): close it now
+                self._capturing = False
+                self.finish_pass()
+            self._trace = _Trace(self.engine)
+            module = self._module
+            self._params = set()
+            if module is not None:
+                for t in (*module.parameters(), *module.buffers()):
+                    self._params.add(t.untyped_storage().data_ptr())
+
+    def _reset_pass(self) -> None:
+        self._groups: list[list[_Offloaded]] = [[]]
+        self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
+        self._kept: set[tuple[int, int, int]] = set()
+        self._expensive_inputs: set[int] = set()
+        self._pending: collections.deque[_Offloaded] = collections.deque()
+        self._frontier: Optional[int] = None
+        self._copied_groups: list[int] = []
+        self._params: set[int] = set()
+
+    def _on_layer(self, module: nn.Module, args: tuple) -> None:
+        if self._capturing and self._groups[-1]:
+            self._groups.append([])
+
+    def _on_expensive(self, module: nn.Module, args: tuple) -> None:
+        if self._capturing:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self._expensive_inputs.add(a.untyped_storage().data_ptr())
+
+    # -- forward: pack -----------------------------------------------------------------------------------
+    def _pack(self, t: torch.Tensor) -> Packed:
+        if (t.device != self.device or t.layout != torch.strided or t.numel() == 0 or t.is_quantized
+                or t.is_nested or t.is_conj() or t.is_neg() or not self._capturing):
+            return t
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._params:
+            return t  # parameters and their views already live on the device for good
+        itemsize = t.element_size()
+        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        lo = t.storage_offset() * itemsize
+        key = (ptr, lo, lo + extent * itemsize)
+        with self._lock:
+            self._poll()
+            entry = self._by_span.get(key)
+            if entry is None or entry.src() is not storage:
+                if not self._wants(ptr, extent * itemsize):
+                    if key not in self._kept:
+                        self._kept.add(key)
+                        self._trace.kept_bytes += extent * itemsize
+                    return t
+                entry = self._offload(storage, lo, extent * itemsize)
+                self._by_span[key] = entry
+        return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    def _wants(self, ptr: int, nbytes: int) -> bool:
+        if self.policy == "none" or nbytes < self.min_offload_bytes:
+            return False
+        return self.policy == "all" or ptr in self._expensive_inputs
+
+    def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> _Offloaded:
+        eng = self.engine
+        host, last_reader = self.pool.acquire(nbytes)
+        src = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, lo, (nbytes,), (1,))
+        produced = eng.record()
+        with eng.stream(eng.d2h):
+            if eng.is_cuda:
+                eng.d2h.wait_event(produced)
+                if last_reader is not None:
+                    eng.d2h.wait_event(last_reader)
+            start = eng.record(eng.d2h)
+            host[:nbytes].copy_(src, non_blocking=True)
+            done = eng.record(eng.d2h)
+        trace = self._trace
+        trace.d2h.append((start, done))
+        trace.offloaded_bytes += nbytes
+        trace.offloaded_tensors += 1
+        entry = _Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
+        self._groups[-1].append(entry)
+        self._pending.append(entry)
+        return entry
+
+    def _poll(self) -> None:
+        """Let go of device sources whose copy to the host has finished (frees their memory)."""
+        while self._pending and self._pending[0].last_use.query():
+            self._pending.popleft().pending = None
+
+    # -- backward: unpack --------------------------------------------------------------------------------
+    def _unpack(self, saved: Packed) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        entry, dtype, offset, shape, stride = saved
+        with self._lock:
+            storage = entry.dev()
+            if storage is None:
+                self._fetch(entry)  # not prefetched: this copy is exposed
+                storage = entry.dev()
+            self._prefetch_below(entry.group)
+            if entry.ready is not None:
+                self._wait(entry)
+            entry.hold, entry.used = None, True
+            self._poll()
+        out = torch.empty(0, dtype=dtype, device=self.device)
+        return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
+
+    def _prefetch_below(self, group: int) -> None:
+        """Keep the next ``prefetch_layers`` layers below ``group`` that need a copy on their way back."""
+        if self._frontier is None:
+            self._frontier = group
+        ahead = sum(1 for g in self._copied_groups if g < group)
+        while ahead < self.prefetch_layers and self._frontier > 0:
+            self._frontier -= 1
+            pending = [e for e in self._groups[self._frontier] if not e.used and e.hold is None]
+            if any([self._fetch(e) for e in pending]):
+                self._copied_groups.append(self._frontier)
+                ahead += 1
+
+    def _fetch(self, entry: _Offloaded) -> bool:
+        """Make ``entry`` resident on the device; True if that took a host->device copy."""
+        resident = entry.dev()
+        if resident is not None:
+            entry.hold = resident  # keep it until backward uses it
+            return False
+        eng = self.engine
+        with eng.stream(eng.h2d):
+            if eng.is_cuda:
+                eng.h2d.wait_event(entry.last_use)
+            start = eng.record(eng.h2d)
+            dev = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+            dev.copy_(entry.host[: entry.nbytes], non_blocking=True)
+            done = eng.record(eng.h2d)
+        self._trace.h2d.append((start, done))
+        self._trace.prefetched_bytes += entry.nbytes
+        entry.hold, entry.dev, entry.dev_lo = dev, weakref.ref(dev.untyped_storage()), entry.lo
+        entry.ready = entry.last_use = done
+        return True
+
+    def _wait(self, entry: _Offloaded) -> None:
+        """The consumer (current stream) waits for ``entry``'s copy; the wait is recorded as exposure."""
+        eng = self.engine
+        need = eng.record()
+        if eng.is_cuda:
+            stream = eng.current_stream()
+            stream.wait_event(entry.ready)
+            if isinstance(entry.hold, torch.Tensor):
+                entry.hold.record_stream(stream)  # allocated on the copy stream, freed after this one reads it
+        self._trace.waits.append((need, entry.ready))
+        entry.ready = None
+
+    # -- statistics --------------------------------------------------------------------------------------
+    def report(self) -> MemoryReport:
+        """Numbers of the last finished pass (an empty report before the first)."""
+        with self._lock:
+            trace = self._last
+        peak = torch.cuda.max_memory_allocated(self.device) if self.engine.is_cuda else None
+        common = dict(policy=self.policy, step=self._passes, peak_device_bytes=peak,
+                      host_pool_bytes=self.pool.reserved_bytes, host_pool_peak_bytes=self.pool.peak_in_use_bytes,
+                      host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
+        if trace is None:
+            return MemoryReport(**common)
+        d2h = _elapsed(trace.d2h)
+        h2d = _elapsed(trace.h2d)
+        if self.engine.is_cuda:
+            spans = [(trace.start.elapsed_time(n), trace.start.elapsed_time(r)) for n, r in _done(trace.waits)]
+            exposed = union_length([(lo, hi) for lo, hi in spans if hi > lo])
+        else:
+            exposed = d2h + h2d  # inline copies block compute
+        return MemoryReport(
+            offloaded_bytes=trace.offloaded_bytes, offloaded_tensors=trace.offloaded_tensors,
+            kept_bytes=trace.kept_bytes, prefetched_bytes=trace.prefetched_bytes, d2h_ms=d2h, h2d_ms=h2d,
+            exposed_copy_ms=exposed, hidden_copy_ms=max(d2h + h2d - exposed, 0.0), **common,
+        )
+
+
+def _done(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:
+    for _, end in pairs:
+        end.synchronize()
+    return pairs
+
+
+def _elapsed(pairs: list[tuple[object, object]]) -> float:
+    return sum(start.elapsed_time(end) for start, end in _done(pairs))

@@ -1,0 +1,147 @@
+"""Host memory for offloaded tensors: a reusable pool of (pinned) byte buffers, and the copy engine.
+
+Pinning memory is slow (it maps pages and talks to the driver) and fragments the host, so buffers are kept
+and reused across steps instead of allocated per tensor. Sizes are rounded to four classes per power of two
+(at most 25% slack), so the same network asks for the same classes every step and the steady state
+allocates nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+_MIN_CLASS = 4096
+
+
+def size_class(nbytes: int) -> int:
+    """Round ``nbytes`` up to one of four classes per power of two (at least 4 KiB)."""
+    if nbytes <= _MIN_CLASS:
+        return _MIN_CLASS
+    step = 1 << max(nbytes.bit_length() - 3, 0)
+    return (nbytes + step - 1) // step * step
+
+
+class HostEvent:
+    """Stand-in for ``torch.cuda.Event`` when the device is the host: work is already done when recorded."""
+
+    def __init__(self) -> None:
+        self.time = time.perf_counter()
+
+    def record(self, stream: object = None) -> None:
+        self.time = time.perf_counter()
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.time - self.time) * 1e3
+
+
+class CopyEngine:
+    """Side streams and events for device<->host copies; on a CPU device, the same calls run inline.
+
+    One stream per direction, so offload of layer i and prefetch of layer j use both PCIe directions at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.d2h = torch.cuda.Stream(device) if self.is_cuda else None
+        self.h2d = torch.cuda.Stream(device) if self.is_cuda else None
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True) if self.is_cuda else HostEvent()
+
+    def record(self, stream=None):
+        """An event marking everything queued so far on ``stream`` (default: the current stream)."""
+        evt = self.event()
+        if self.is_cuda:
+            evt.record(stream if stream is not None else torch.cuda.current_stream(self.device))
+        return evt
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device) if self.is_cuda else None
+
+    def stream(self, stream):
+        return torch.cuda.stream(stream) if self.is_cuda else _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class HostBufferPool:
+    """Byte buffers in host memory, handed out by size class and returned for reuse.
+
+    A returned buffer carries the event of the last copy that reads it; the next writer waits for that event on
+    its own stream, so a buffer is never overwritten while a prefetch still reads it.
+    """
+
+    def __init__(self, pin_memory: bool = True) -> None:
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._free: dict[int, list[tuple[torch.Tensor, object]]] = defaultdict(list)
+        self._lock = threading.RLock()
+        self.reserved_bytes = 0
+        self.in_use_bytes = 0
+        self.peak_in_use_bytes = 0
+        self.allocations = 0
+        self._warned = False
+
+    def acquire(self, nbytes: int) -> tuple[torch.Tensor, Optional[object]]:
+        """A uint8 host buffer of at least ``nbytes`` and the event to wait for before writing it (or None)."""
+        cls = size_class(nbytes)
+        with self._lock:
+            free = self._free.get(cls)
+            if free:
+                buf, evt = free.pop()
+            else:
+                buf, evt = self._allocate(cls), None
+            self.in_use_bytes += cls
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+        return buf, evt
+
+    def release(self, buf: torch.Tensor, last_reader: Optional[object] = None) -> None:
+        with self._lock:
+            self._free[buf.numel()].append((buf, last_reader))
+            self.in_use_bytes -= buf.numel()
+
+    def clear(self) -> None:
+        """Give every idle buffer back to the OS (used at teardown)."""
+        with self._lock:
+            for bufs in self._free.values():
+                for buf, evt in bufs:
+                    if evt is not None:
+                        evt.synchronize()
+                    self.reserved_bytes -= buf.numel()
+            self._free.clear()
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        self.allocations += 1
+        self.reserved_bytes += nbytes
+        if self.pin_memory:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as err:  # out of pinnable memory: keep training, slower
+                self.pin_memory = False
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"lightning_vdnn: pinning {nbytes / 2**20:.0f} MiB of host memory failed ({err}); "
+                        "falling back to pageable memory, so copies are slower and synchronous. Free host memory "
+                        "or raise the locked-memory limit (ulimit -l) to get pinned buffers back.",
+                        stacklevel=3,
+                    )
+        return torch.empty(nbytes, dtype=torch.uint8)
