@@ -88,6 +88,8 @@ class VDNNConfig:
             launch latency than the memory is worth.
         prefetch_layers: how many layers ahead of backward to bring activations back. More hides more copy
             time and holds more device memory.
+        max_inflight_bytes: device memory allowed to wait for its copy to the host; past it, compute waits for
+            the oldest copy, so a forward pass faster than PCIe cannot fill the device with pending sources.
         pin_memory: use page-locked host buffers (fast, asynchronous copies). Falls back to pageable memory,
             with one warning, if pinning fails.
         layer_streaming: L2L, keep block parameters and optimizer state on the host (not built yet).
@@ -102,6 +104,7 @@ class VDNNConfig:
     activation_offload: Policy = "auto"
     min_offload_bytes: int = 2**20
     prefetch_layers: int = 1
+    max_inflight_bytes: int = 2**30
     pin_memory: bool = True
     layer_streaming: bool = False
     layers: Optional[str] = None
@@ -119,6 +122,8 @@ class VDNNConfig:
             )
         if self.min_offload_bytes < 0:
             raise ValueError(f"min_offload_bytes={self.min_offload_bytes} must be >= 0.")
+        if self.max_inflight_bytes < 0:
+            raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} must be >= 0.")
         if self.prefetch_layers < 1:
             raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 1 (1 is vDNN's one layer ahead).")
         if self.layers is not None and not _PATH_RE.match(self.layers):
@@ -133,7 +138,7 @@ class VDNNConfig:
         self._check_built()
 
     def _check_types(self) -> None:
-        expect = {"min_offload_bytes": int, "prefetch_layers": int, "microbatches": int, "zero_stage": int,
+        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int, "zero_stage": int,
                   "pin_memory": bool, "layer_streaming": bool, "offload_optimizer": bool, "offload_params": bool}
         for f in fields(self):
             value = getattr(self, f.name)

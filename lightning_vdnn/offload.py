@@ -67,7 +67,7 @@ class _Trace:
 
     def __init__(self, engine: CopyEngine) -> None:
         self.start = engine.record()
-        self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
+        self.saved = self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
         self.d2h: list[tuple[object, object]] = []
         self.h2d: list[tuple[object, object]] = []
         self.waits: list[tuple[object, object]] = []
@@ -83,6 +83,8 @@ class ActivationOffloader:
         min_offload_bytes: smaller saved tensors stay on the device.
         prefetch_layers: layers to prefetch ahead of backward.
         pin_memory: page-locked host buffers (CUDA only).
+        max_inflight_bytes: device memory that may wait for its copy to the host. Past it, compute waits for
+            the oldest copy (on the GPU, not the CPU), so forward cannot outrun PCIe and fill the device.
 
     Example::
 
@@ -95,13 +97,14 @@ class ActivationOffloader:
     """
 
     def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
-                 prefetch_layers: int = 1, pin_memory: bool = True) -> None:
+                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**30) -> None:
         if policy not in ("all", "conv", "none"):
             raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
         self.device = torch.device(device)
         self.policy = policy
         self.min_offload_bytes = min_offload_bytes
         self.prefetch_layers = prefetch_layers
+        self.max_inflight_bytes = max_inflight_bytes
         self.engine = CopyEngine(self.device)
         self.pool = HostBufferPool(pin_memory)
         self._lock = threading.RLock()
@@ -147,9 +150,10 @@ class ActivationOffloader:
         """Call after backward: closes the pass's statistics and forgets its layers (buffers return to the pool
         as autograd frees the graph). Inside ``capture`` (manual optimization), a new pass starts."""
         with self._lock:
-            if self._trace is not None:
-                self._last, self._trace = self._trace, None
+            if self._trace is not None and self._trace.saved:  # a pass that saved nothing is no pass
+                self._last = self._trace
                 self._passes += 1
+            self._trace = None
             self._reset_pass()
             if self._capturing:
                 self._begin_pass()
@@ -183,6 +187,7 @@ class ActivationOffloader:
         self._kept: set[tuple[int, int, int]] = set()
         self._expensive_inputs: set[int] = set()
         self._pending: collections.deque[_Offloaded] = collections.deque()
+        self._inflight = 0
         self._frontier: Optional[int] = None
         self._copied_groups: list[int] = []
         self._params: set[int] = set()
@@ -212,6 +217,7 @@ class ActivationOffloader:
         key = (ptr, lo, lo + extent * itemsize)
         with self._lock:
             self._poll()
+            self._trace.saved += 1
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
                 if not self._wants(ptr, extent * itemsize):
@@ -248,12 +254,27 @@ class ActivationOffloader:
         entry = _Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
         self._groups[-1].append(entry)
         self._pending.append(entry)
+        self._inflight += nbytes
+        self._throttle()
         return entry
 
     def _poll(self) -> None:
         """Let go of device sources whose copy to the host has finished (frees their memory)."""
         while self._pending and self._pending[0].last_use.query():
-            self._pending.popleft().pending = None
+            self._release_source()
+
+    def _throttle(self) -> None:
+        """Past ``max_inflight_bytes``, the compute stream waits for the oldest copies, whose sources can then
+        be freed at once: later kernels are queued behind the wait, so reusing that memory is safe."""
+        while len(self._pending) > 1 and self._inflight > self.max_inflight_bytes:
+            if self.engine.is_cuda:
+                self.engine.current_stream().wait_event(self._pending[0].last_use)
+            self._release_source()
+
+    def _release_source(self) -> None:
+        entry = self._pending.popleft()
+        entry.pending = None
+        self._inflight -= entry.nbytes
 
     # -- backward: unpack --------------------------------------------------------------------------------
     def _unpack(self, saved: Packed) -> torch.Tensor:

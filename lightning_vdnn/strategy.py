@@ -37,6 +37,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         activation_offload: ``"all"``, ``"conv"``, ``"none"`` or ``"auto"`` (see :class:`VDNNConfig`).
         min_offload_bytes: saved tensors smaller than this stay on the device (default 1 MiB).
         prefetch_layers: layers brought back ahead of backward (default 1, as in vDNN).
+        max_inflight_bytes: device memory that may wait for its copy to the host before compute waits for it.
         pin_memory: page-locked host buffers (default True; falls back to pageable with a warning).
         layers: dotted path from the LightningModule to its repeated blocks (``"model.blocks"``); blocks then
             are the layers prefetch counts in. ``None``: every leaf module is a layer.
@@ -63,6 +64,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         *,
         min_offload_bytes: int = 2**20,
         prefetch_layers: int = 1,
+        max_inflight_bytes: int = 2**30,
         pin_memory: bool = True,
         layer_streaming: bool = False,
         layers: Optional[str] = None,
@@ -79,7 +81,8 @@ class VDNNStrategy(SingleDeviceStrategy):
     ) -> None:
         self.config = config or VDNNConfig(
             activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
-            prefetch_layers=prefetch_layers, pin_memory=pin_memory, layer_streaming=layer_streaming,
+            prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
+            layer_streaming=layer_streaming,
             layers=layers, memory_budget=memory_budget, microbatches=microbatches, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params,
         )
@@ -120,6 +123,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._offloader = ActivationOffloader(
             self.root_device, policy=cfg.offload_policy, min_offload_bytes=cfg.min_offload_bytes,
             prefetch_layers=cfg.prefetch_layers, pin_memory=cfg.pin_memory,
+            max_inflight_bytes=cfg.max_inflight_bytes,
         )
         self._offloader.attach(module, layers)
 

@@ -1,0 +1,117 @@
+"""Shared test models: small enough for two CPU cores, shaped like the networks vDNN targets."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_vdnn  # noqa: F401  (registers the strategy names)
+
+
+class ResidualCNN(nn.Module):
+    """Conv-BN-ReLU(inplace)-MaxPool, a residual add, dropout: the layer kinds vDNN's policies care about."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(2)
+        self.res = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(width * 8 * 8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        x = F.relu(x + self.res(x))
+        return self.head(self.drop(x.flatten(1)))
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, net: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self.net(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self.net(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class TokenLM(L.LightningModule):
+    """The package's GPT (tied embeddings, causal SDPA) as a LightningModule that records its losses."""
+
+    def __init__(self, **overrides) -> None:
+        super().__init__()
+        from lightning_vdnn.models import GPT, GPTConfig
+
+        self.model = GPT(GPTConfig.from_name("gpt_tiny", **overrides))
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.1)
+
+
+def image_loader(n: int = 48, batch: int = 16, seed: int = 0) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=batch)
+
+
+def token_loader(n: int = 24, batch: int = 8, seq: int = 64, seed: int = 0) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (n, seq + 1), generator=g)
+    ds = torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:])
+    return torch.utils.data.DataLoader(ds, batch_size=batch)
+
+
+def fit(module_fn, loader, strategy="auto", max_steps: int = 3, seed: int = 0, **trainer_kwargs):
+    """Train a fresh module built under ``seed``; returns (module, trainer)."""
+    L.seed_everything(seed, verbose=False)
+    module = module_fn()
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    kwargs.update(trainer_kwargs)
+    trainer = L.Trainer(strategy=strategy, **kwargs)
+    trainer.fit(module, loader)
+    return module, trainer
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def cnn():
+    return lambda: Classifier(ResidualCNN())
+
+
+@pytest.fixture
+def lm():
+    return lambda: TokenLM(dropout=0.1)

@@ -1,0 +1,98 @@
+"""Bad input fails at construction, before any training, with the bad value and the fix in the message."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_vdnn import MemoryBudget, VDNNConfig, VDNNStrategy, parse_memory_budget
+from lightning_vdnn.layers import resolve_layers
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("8GiB", MemoryBudget(nbytes=8 * 2**30)), ("512 MB", MemoryBudget(nbytes=512 * 10**6)),
+    ("60%", MemoryBudget(fraction=0.6)), (1024, MemoryBudget(nbytes=1024)), ("1.5GiB", MemoryBudget(nbytes=3 * 2**29)),
+    (None, None),
+])
+def test_budget_forms(value, expected):
+    assert parse_memory_budget(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "-1GiB", "150%", 0, -5, "0%", "8 parsecs", True, [1]])
+def test_bad_budgets_name_the_value(value):
+    with pytest.raises(ValueError, match=f"memory_budget={value!r}".replace("[", r"\[").replace("]", r"\]")):
+        parse_memory_budget(value)
+
+
+def test_budget_resolves_against_capacity():
+    assert parse_memory_budget("50%").resolve(80) == 40
+    assert parse_memory_budget(10).resolve(80) == 10
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(activation_offload="bogus"), ValueError, r"activation_offload='bogus'.*\['none', 'all', 'conv', 'auto'\]"),
+    (dict(activation_offload=3), TypeError, "activation_offload=3"),
+    (dict(microbatches=0), ValueError, "microbatches=0 must be a positive integer"),
+    (dict(zero_stage=7), ValueError, r"zero_stage=7 is not a ZeRO stage.*\[0, 1, 2, 3\]"),
+    (dict(zero_stage="2"), TypeError, "zero_stage='2' must be an int"),
+    (dict(prefetch_layers=0), ValueError, "prefetch_layers=0"),
+    (dict(min_offload_bytes=-1), ValueError, "min_offload_bytes=-1"),
+    (dict(pin_memory="yes"), TypeError, "pin_memory='yes' must be True or False"),
+    (dict(layers="model..blocks"), ValueError, "layers='model..blocks' is not a dotted attribute path"),
+    (dict(layers=5), TypeError, "layers=5"),
+    (dict(memory_budget="lots"), ValueError, "memory_budget='lots'"),
+])
+def test_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        VDNNStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    (dict(layer_streaming=True), "L2L layer streaming"),
+    (dict(microbatches=4), "layer-major microbatching"),
+    (dict(zero_stage=2), "DeepSpeed ZeRO"),
+    (dict(offload_optimizer=True), "optimizer offload"),
+    (dict(offload_params=True), "parameter offload"),
+    (dict(memory_budget="8GiB"), "memory planner"),
+])
+def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
+    with pytest.raises(NotImplementedError, match=feature):
+        VDNNStrategy(**kwargs)
+
+
+def test_auto_runs_all_until_planner_exists():
+    assert VDNNConfig(activation_offload="auto").offload_policy == "all"
+    assert VDNNConfig(activation_offload="conv").offload_policy == "conv"
+
+
+def test_config_is_frozen():
+    cfg = VDNNConfig()
+    with pytest.raises(Exception):
+        cfg.activation_offload = "all"  # type: ignore[misc]
+
+
+def test_layer_detection_and_errors():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.mixed = nn.ModuleList([nn.Linear(4, 4), nn.ReLU()])
+            self.head = nn.Linear(4, 2)
+
+    assert resolve_layers(Net(), None)[0] == "blocks"
+    with pytest.raises(ValueError, match=r"layers='head' is a Linear.*'blocks' \(3 x Linear\)"):
+        resolve_layers(Net(), "head")
+    with pytest.raises(ValueError, match=r"different classes \['Linear', 'ReLU'\]"):
+        resolve_layers(Net(), "mixed")
+    with pytest.raises(ValueError, match="found no nn.ModuleList"):
+        resolve_layers(nn.Linear(2, 2), None)
+
+    class Twins(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.b = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    with pytest.raises(ValueError, match="ambiguous"):
+        resolve_layers(Twins(), None)

@@ -1,0 +1,100 @@
+"""On a CUDA device: the real streams, pinned pool and events. Skipped without CUDA; run with ``-m gpu``."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_vdnn import VDNNStrategy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+BATCH = int(os.environ.get("VDNN_GPU_TEST_BATCH", "128"))
+
+
+class VGGTask(L.LightningModule):
+    def __init__(self, name: str = "vgg16", steps_log: list | None = None) -> None:
+        super().__init__()
+        from lightning_vdnn.models import VGG, VGGConfig
+
+        self.net = VGG(VGGConfig.from_name(name))
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x.to(memory_format=torch.channels_last)), y)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def images(n: int, batch: int, size: int = 224) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, 1000, (n,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def train(strategy, steps: int, name: str = "vgg16", batch: int = BATCH, size: int = 224):
+    L.seed_everything(0, verbose=False)
+    module = VGGTask(name).to(memory_format=torch.channels_last)
+    trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, images(batch * steps, batch, size))
+    return module, trainer, torch.cuda.max_memory_allocated()
+
+
+def test_vgg16_all_peak_below_40_percent_of_none_and_same_losses():
+    ref, _, peak_none = train(VDNNStrategy("none"), 3)
+    got, trainer, peak_all = train(VDNNStrategy("all"), 3)
+    print(f"\nVGG-16 batch {BATCH}: peak none {peak_none / 2**30:.2f} GiB, all {peak_all / 2**30:.2f} GiB "
+          f"({peak_all / peak_none:.0%})\n{trainer.strategy.memory_report()}")
+    torch.testing.assert_close(torch.stack(got.losses), torch.stack(ref.losses), rtol=2e-2, atol=2e-2)
+    assert peak_all <= 0.40 * peak_none
+
+
+def test_gpt_all_and_conv_match_plain():
+    from conftest import TokenLM, token_loader
+
+    def run(strategy):
+        L.seed_everything(0, verbose=False)
+        m = TokenLM()
+        L.Trainer(strategy=strategy, accelerator="gpu", devices=1, max_steps=3, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(m, token_loader(batch=8, seq=128))
+        return m
+
+    ref = run("auto")
+    for policy in ("all", "conv"):
+        got = run(VDNNStrategy(policy, min_offload_bytes=0))
+        torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
+        for p, q in zip(got.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_no_host_buffer_growth_over_50_steps():
+    strategy = VDNNStrategy("all", min_offload_bytes=0)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            r = trainer.strategy.memory_report()
+            seen.append((r.host_allocations, r.host_pool_bytes, torch.cuda.memory_allocated()))
+
+    L.seed_everything(0, verbose=False)
+    module = VGGTask("vgg_tiny")
+    L.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=50, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[Probe()]).fit(module, images(64 * 50, 64, 32))
+    assert len(seen) == 50
+    assert seen[5][:2] == seen[-1][:2]  # no new pinned buffers after warm-up
+    assert seen[-1][2] <= seen[5][2] * 1.01  # no device memory creeping up
+    assert strategy.memory_report().pinned
