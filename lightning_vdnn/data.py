@@ -48,9 +48,8 @@ def synthetic_text_bytes(n_bytes: int, seed: int = 0) -> bytes:
     size = 0
     while size < n_bytes:
         a, b, k = rng.choice(words), rng.choice(words), rng.randint(0, 99)
-        line = rng.choice(
-            [f"def f_{k}({a}, {b}):\n", f"    {a} = {b} + {k}\n", f"    return {a} * {k}\n", f"for {a} in range({k}):\n"]
-        )
+        templates = (f"def f_{k}({a}, {b}):\n", f"    {a} = {b} + {k}\n", f"    return {a} * {k}\n")
+        line = rng.choice(templates + (f"for {a} in range({k}):\n",))
         lines.append(line)
         size += len(line)
     return "".join(lines).encode()[:n_bytes]

@@ -7,7 +7,7 @@ and the modules know nothing about memory: offload and streaming are entirely th
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import lightning as L
 import torch
@@ -28,7 +28,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
 
     def factor(step: int) -> float:
