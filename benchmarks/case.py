@@ -1,0 +1,99 @@
+"""Run ONE case in this process and print its result as one JSON line.
+
+The runner starts this as ``python -m benchmarks.case`` in a fresh process per case, so that every case
+starts from empty device memory, its peak is its own, and a crash (or a hang, or a host OOM kill) takes
+only this case down. Whatever happens, the last line of stdout starting with ``MARKER`` is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Optional
+
+MARKER = "BENCH_RESULT "
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--case", required=True, help="a case name from benchmarks.registry, e.g. 'vdnn@50%%'")
+    p.add_argument("--model", required=True, help="a key of benchmarks.workloads.SIZES")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
+    p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
+    return p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace, row: dict) -> None:
+    """Build the workload, run the case, fill ``row`` with its numbers."""
+    import torch
+
+    from benchmarks.measure import summarize
+    from benchmarks.registry import split_case
+    from benchmarks.workloads import build
+
+    spec, _ = split_case(args.case)
+    device = torch.device(args.device)
+    w = build(args.model, device)
+    n = args.warmup + args.steps
+    row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
+    if spec.kind == "peer":
+        from benchmarks.peers import run_peer
+
+        times, extra = run_peer(spec.name, w, device, n), {}
+    else:
+        from benchmarks.lightning_cases import run_lightning
+
+        times, extra = run_lightning(spec.name, w, device, n, args.memory_budget)
+    row.update(summarize(times, args.warmup, w.items_per_step, w.flops_per_step), **extra)
+    row["status"] = "ok"
+
+
+def _status(exc: BaseException) -> str:
+    """What the table shows for a case that raised."""
+    import torch
+
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "OOM"
+    if isinstance(exc, NotImplementedError):
+        return f"n/a: {exc}"
+    return f"error: {text.splitlines()[0][:300]}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.inject_crash:
+        print(f"{args.case}: crashing on purpose (--inject-crash)", file=sys.stderr, flush=True)
+        os._exit(70)
+    import torch
+
+    from benchmarks.measure import environment, memory_stats
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        status = "skipped: no CUDA device here (--tiny runs on a CPU)"
+        print(MARKER + json.dumps({"case": args.case, "status": status}), flush=True)
+        return 0
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
+    row = {"case": args.case, "model": args.model, "status": "error: did not finish", "steps": args.steps,
+           "warmup": args.warmup, "memory_budget": args.memory_budget, **environment(device)}
+    try:
+        _run(args, row)
+    except Exception as exc:  # noqa: BLE001 - a case's failure is a result, not a crash of the suite
+        row["status"] = _status(exc)
+        row["traceback"] = traceback.format_exc()[-4000:]
+        traceback.print_exc()
+    row.update(memory_stats(device))
+    print(MARKER + json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Our modes, each run through Lightning's ``Trainer`` exactly as a user would: ``Trainer(strategy=name)``.
+
+``lightning_plain`` (``strategy="auto"``) runs the same way, so that its ratio to the raw ``plain`` loop is
+Lightning's own overhead and every other Lightning case can be read against both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional, Union
+
+import torch
+
+from benchmarks.measure import StepClock
+from benchmarks.workloads import Workload
+
+
+def _module(w: Workload, device: torch.device):
+    """A LightningModule around the workload's own model: its loss, its optimizer, nothing logged."""
+    import lightning as L
+
+    class BenchModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = w.model  # the attribute name the strategies' ``layers="model.blocks"`` expects
+
+        def training_step(self, batch, batch_idx):
+            return w.loss(self.model, batch)
+
+        def configure_optimizers(self):
+            return w.optimizer(self.model.parameters(), device)
+
+    return BenchModule()
+
+
+def _clock(device: torch.device):
+    """A Callback timing each training batch with the same synchronized clock as the raw loops."""
+    import lightning as L
+
+    class BatchClock(L.Callback):
+        def __init__(self) -> None:
+            self.clock = StepClock(device)
+
+        def on_train_batch_start(self, *args, **kwargs) -> None:
+            self.clock.start()
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.clock.stop()
+
+    return BatchClock()
+
+
+class RepeatBatch:
+    """The same (device-resident) batch ``n`` times: what Lightning iterates instead of a DataLoader."""
+
+    def __init__(self, batch: tuple, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return itertools.repeat(self.batch, self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
+    """``"auto"`` for ``lightning_plain``; else the registered name, or its class with ``memory_budget``.
+
+    Raises:
+        NotImplementedError: ``name`` is not registered by ``lightning_vdnn`` (that mode is not built yet),
+            or the strategy refuses an argument it does not implement yet.
+    """
+    if name == "lightning_plain":
+        return "auto"
+    import lightning_vdnn  # noqa: F401  (registers the strategy names)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if name not in StrategyRegistry:
+        ours = sorted(set(getattr(lightning_vdnn, "REGISTERED", ())))
+        raise NotImplementedError(f"strategy {name!r} is not registered by lightning_vdnn yet (it has {ours}).")
+    if memory_budget is None:
+        return name
+    entry = StrategyRegistry[name]
+    return entry["strategy"](**{**entry["init_params"], "memory_budget": memory_budget})
+
+
+def run_lightning(name: str, w: Workload, device: torch.device, n: int,
+                  memory_budget: Optional[int] = None) -> tuple[list[float], dict]:
+    """Step times of ``Trainer.fit`` with strategy ``name`` over ``n`` copies of the batch, and its report."""
+    import lightning as L
+
+    strategy = strategy_for(name, memory_budget)
+    clock = _clock(device)
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=n, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+    )
+    trainer.fit(_module(w, device), train_dataloaders=RepeatBatch(w.batch, n))
+    extra = {}
+    if hasattr(trainer.strategy, "memory_report"):
+        extra["memory_report"] = dataclasses.asdict(trainer.strategy.memory_report())
+    return clock.clock.times, extra

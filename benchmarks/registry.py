@@ -1,0 +1,108 @@
+"""The cases and models the suite knows, in tables, so that the runner validates names without importing torch."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One way to train the model.
+
+    Attributes:
+        name: what ``--cases`` calls it.
+        kind: ``"peer"`` (a raw PyTorch/DeepSpeed loop in ``peers.py``) or ``"lightning"`` (a ``Trainer`` run in
+            ``lightning_cases.py``).
+        about: one line for ``--help`` and the README.
+        needs_cuda: has no CPU form; ``--tiny`` records it as skipped instead of running it.
+        takes_budget: accepts ``memory_budget``, so ``--budget`` adds ``name@P%`` variants of it.
+    """
+
+    name: str
+    kind: str
+    about: str
+    needs_cuda: bool = False
+    takes_budget: bool = False
+
+
+CASES: dict[str, CaseSpec] = {c.name: c for c in [
+    CaseSpec("plain", "peer", "raw PyTorch loop, everything on the GPU (the baseline of every ratio)"),
+    CaseSpec("lightning_plain", "lightning", "Trainer(strategy='auto'): Lightning's overhead against 'plain'"),
+    CaseSpec("checkpoint", "peer", "torch.utils.checkpoint per block / conv stage, non-reentrant"),
+    CaseSpec("save_on_cpu", "peer", "torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward"),
+    CaseSpec("zero3_offload", "peer", "DeepSpeed ZeRO-3, parameters and optimizer offloaded to pinned CPU"),
+    CaseSpec("zero2_offload", "peer", "DeepSpeed ZeRO-2, optimizer offloaded to pinned CPU"),
+    CaseSpec("fsdp2_offload", "peer", "FSDP2 fully_shard per block + root with CPUOffloadPolicy, one GPU"),
+    CaseSpec("vdnn_all", "lightning", "Trainer(strategy='vdnn_all'): offload every saved activation"),
+    CaseSpec("vdnn_conv", "lightning", "Trainer(strategy='vdnn_conv'): offload Conv/Linear/attention inputs"),
+    CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload",
+             takes_budget=True),
+    CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved"),
+    CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True),
+    CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",
+             needs_cuda=True),
+    CaseSpec("vdnn_zero3", "lightning", "Trainer(strategy='vdnn_zero3'): vDNN + DeepSpeed ZeRO-3",
+             needs_cuda=True),
+]}
+
+#: model -> (family, config name in lightning_vdnn.models, batch size, sequence length for GPT).
+SIZES: dict[str, tuple[str, str, int, int]] = {
+    "gpt_1b": ("gpt", "gpt_1b", 8, 1024),
+    "gpt_deep": ("gpt", "gpt_deep", 8, 1024),
+    "vgg16": ("vgg", "vgg16", 256, 0),
+    "gpt_tiny": ("gpt", "gpt_tiny", 2, 64),
+    "gpt_deep_tiny": ("gpt", "gpt_tiny", 2, 64),  # gpt_tiny with 16 blocks, see workloads.build
+    "vgg_tiny": ("vgg", "vgg_tiny", 4, 0),
+}
+#: ``--tiny`` maps each model to its CPU-sized stand-in.
+TINY = {"gpt_1b": "gpt_tiny", "gpt_deep": "gpt_deep_tiny", "vgg16": "vgg_tiny",
+        "gpt_tiny": "gpt_tiny", "gpt_deep_tiny": "gpt_deep_tiny", "vgg_tiny": "vgg_tiny"}
+
+BASELINE = "plain"
+_BUDGET_RE = re.compile(r"^([0-9]*\.?[0-9]+)%$")
+
+
+def parse_percent(text: str) -> float:
+    """``"50%"`` -> 0.5; raises ValueError naming the bad value."""
+    m = _BUDGET_RE.match(text.strip())
+    if not m or not 0 < float(m.group(1)) <= 100:
+        raise ValueError(f"budget {text!r} is not a percentage in (0%, 100%] of plain's peak, e.g. '50%'.")
+    return float(m.group(1)) / 100
+
+
+def split_case(name: str) -> tuple[CaseSpec, Optional[float]]:
+    """``"vdnn@50%"`` -> (spec of ``vdnn``, 0.5); ``"plain"`` -> (spec of ``plain``, None).
+
+    Raises:
+        ValueError: an unknown case (the message lists the valid ones) or a budget on a case that takes none.
+    """
+    base, _, budget = name.partition("@")
+    if base not in CASES:
+        raise ValueError(f"unknown case {base!r}; valid cases: {', '.join(CASES)} "
+                         f"(and NAME@P% for {', '.join(n for n, c in CASES.items() if c.takes_budget)}).")
+    spec = CASES[base]
+    if not budget:
+        return spec, None
+    if not spec.takes_budget:
+        raise ValueError(f"case {base!r} takes no memory budget; only "
+                         f"{', '.join(n for n, c in CASES.items() if c.takes_budget)} do.")
+    return spec, parse_percent(budget)
+
+
+def expand(names: list[str], budgets: list[float]) -> list[str]:
+    """Validated case list, baseline first, each budget-taking case followed by its ``@P%`` variants."""
+    for name in names:
+        split_case(name)
+    ordered = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+    out = []
+    for name in ordered:
+        out.append(name)
+        if "@" not in name and CASES[name].takes_budget:
+            out += [f"{name}@{_percent_label(b)}" for b in budgets if f"{name}@{_percent_label(b)}" not in ordered]
+    return out
+
+
+def _percent_label(fraction: float) -> str:
+    return f"{fraction * 100:g}%"

@@ -1,0 +1,86 @@
+"""Turn result rows into what a reader compares: ratios to plain, a markdown table, a memory/speed plot."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Optional
+
+GiB = 2**30
+COLUMNS = ("case", "status", "step s (median)", "{unit}/s", "model TFLOP/s", "peak alloc GiB",
+           "peak reserved GiB", "host RSS GiB", "time / plain", "memory / plain")
+
+
+def add_ratios(row: dict, plain: Optional[dict]) -> dict:
+    """``time_ratio`` and ``mem_ratio`` (peak allocated) of ``row`` against a measured ``plain`` row."""
+    def ratio(key: str) -> Optional[float]:
+        ok = plain is not None and plain.get("status") == "ok" and row.get("status") == "ok"
+        return row[key] / plain[key] if ok and row.get(key) and plain.get(key) else None
+
+    return {**row, "time_ratio": ratio("step_s"), "mem_ratio": ratio("peak_alloc_bytes")}
+
+
+def _num(value: Optional[float], fmt: str, scale: float = 1.0) -> str:
+    return "" if value is None else format(value / scale, fmt)
+
+
+def _cells(row: dict) -> list[str]:
+    return [row["case"], row["status"].replace("|", "/").splitlines()[0][:120], _num(row.get("step_s"), ".4f"),
+            _num(row.get("items_per_s"), ",.0f"), _num(row.get("tflops"), ".1f"),
+            _num(row.get("peak_alloc_bytes"), ".2f", GiB), _num(row.get("peak_reserved_bytes"), ".2f", GiB),
+            _num(row.get("host_rss_bytes"), ".2f", GiB), _num(row.get("time_ratio"), ".2f"),
+            _num(row.get("mem_ratio"), ".2f")]
+
+
+def header(rows: list[dict], model: str) -> str:
+    """Date, device and versions, from the first row that knows them."""
+    env = next((r for r in rows if r.get("torch")), {})
+    return (f"Model `{model}`, measured {datetime.date.today().isoformat()} on {env.get('device_name', '?')} "
+            f"(torch {env.get('torch', '?')}, lightning {env.get('lightning', '?')}, "
+            f"deepspeed {env.get('deepspeed', '?')}, CUDA {env.get('cuda', 'none')}); "
+            f"median of {env.get('steps', '?')} steps after {env.get('warmup', '?')} warm-up.")
+
+
+def _memory_key(rows: list[dict]) -> tuple[str, str]:
+    """Which memory the table sorts by and the plot puts on x: the GPU's peak, or host RSS on a CPU run."""
+    if any(r.get("peak_alloc_bytes") for r in rows if r.get("status") == "ok"):
+        return "peak_alloc_bytes", "peak GPU memory allocated (GiB)"
+    return "host_rss_bytes", "peak host RSS (GiB); no GPU in this run"
+
+
+def markdown(rows: list[dict], model: str, notes: list[str]) -> str:
+    """The results table with ratios to ``plain``, least memory first, so that "at this memory, who is
+    fastest" is read off neighbouring rows; cases that did not run at the end, with their status."""
+    unit = next((r["unit"] for r in rows if r.get("unit")), "items")
+    cols = [c.format(unit=unit) for c in COLUMNS]
+    key = _memory_key(rows)[0]
+    ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r.get(key) or 0)
+    ordered = ok + [r for r in rows if r.get("status") != "ok"]
+    lines = [header(rows, model), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in ordered]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, model: str) -> None:
+    """Throughput against peak device memory, one labelled point per measured case (host RSS on a CPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    key, xlabel = _memory_key(rows)
+    unit = next((r["unit"] for r in rows if r.get("unit")), "items")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in ok:
+        if r.get(key) is None:
+            continue
+        x, y = r[key] / GiB, r["items_per_s"]
+        ax.scatter([x], [y], s=30)
+        ax.annotate(r["case"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=f"{unit}/s (median step)", title=f"{model}: throughput vs memory")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""The models of the suite, each with its fixed synthetic batch, loss, optimizer and FLOP count.
+
+Every case, raw loop or Lightning, trains the nn.Module built here on the batch built here, so that the
+cases differ only in how they train it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.registry import SIZES
+
+SEED = 0
+GPT_LR = 1e-4
+SGD_LR, SGD_MOMENTUM = 1e-2, 0.9
+
+
+@dataclass
+class Workload:
+    """A model (on the CPU, fp32; each case moves it its own way), its batch (on the device) and how to train.
+
+    ``loss(model, batch)`` runs forward and returns the scalar loss; mixed precision is the case's business.
+    ``optimizer(params, state_device)`` builds the torch optimizer (fused where its state is on CUDA);
+    ``ds_optimizer`` is the same optimizer as a DeepSpeed config entry.
+    """
+
+    name: str
+    family: str
+    model: nn.Module
+    batch: tuple[Tensor, Tensor]
+    loss: Callable[[nn.Module, tuple[Tensor, Tensor]], Tensor]
+    optimizer: Callable[[object, torch.device], torch.optim.Optimizer]
+    ds_optimizer: dict
+    items_per_step: int
+    unit: str
+    flops_per_step: float
+
+
+def gpt_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+
+def vgg_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def _adamw(params, state_device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=GPT_LR, fused=state_device.type == "cuda")
+
+
+def _sgd(params, state_device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=SGD_LR, momentum=SGD_MOMENTUM)
+
+
+def build(name: str, device: torch.device) -> Workload:
+    """The workload ``name`` (a key of ``SIZES``) with its batch on ``device``; seeded, so every case is alike."""
+    from lightning_vdnn.models import GPT, VGG, GPTConfig, VGGConfig
+
+    family, config_name, batch, seq = SIZES[name]
+    torch.manual_seed(SEED)
+    gen = torch.Generator().manual_seed(SEED)
+    if family == "gpt":
+        overrides = {"n_layer": 16} if name == "gpt_deep_tiny" else {}
+        model = GPT(GPTConfig.from_name(config_name, **overrides))
+        vocab = model.config.vocab_size
+        x, y = (torch.randint(vocab, (batch, seq), generator=gen).to(device) for _ in range(2))
+        return Workload(name, family, model, (x, y), gpt_loss, _adamw,
+                        {"type": "AdamW", "params": {"lr": GPT_LR}}, batch * seq, "tokens",
+                        float(model.flops_per_token(seq)) * batch * seq)
+    cfg = VGGConfig.from_name(config_name)
+    model = VGG(cfg).to(memory_format=torch.channels_last)
+    images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    labels = torch.randint(cfg.num_classes, (batch,), generator=gen)
+    images = images.to(device, memory_format=torch.channels_last)
+    return Workload(name, family, model, (images, labels.to(device)), vgg_loss, _sgd,
+                    {"type": "SGD", "params": {"lr": SGD_LR, "momentum": SGD_MOMENTUM}}, batch, "images",
+                    float(model.flops_per_image()) * batch)
