@@ -104,7 +104,7 @@ class VDNNConfig:
     activation_offload: Policy = "auto"
     min_offload_bytes: int = 2**20
     prefetch_layers: int = 1
-    max_inflight_bytes: int = 2**30
+    max_inflight_bytes: int = 2**28
     pin_memory: bool = True
     layer_streaming: bool = False
     layers: Optional[str] = None

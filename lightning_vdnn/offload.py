@@ -97,7 +97,7 @@ class ActivationOffloader:
     """
 
     def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
-                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**30) -> None:
+                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28) -> None:
         if policy not in ("all", "conv", "none"):
             raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
         self.device = torch.device(device)
@@ -352,6 +352,7 @@ class ActivationOffloader:
         d2h = _elapsed(trace.d2h)
         h2d = _elapsed(trace.h2d)
         if self.engine.is_cuda:
+            trace.start.synchronize()
             spans = [(trace.start.elapsed_time(n), trace.start.elapsed_time(r)) for n, r in _done(trace.waits)]
             exposed = union_length([(lo, hi) for lo, hi in spans if hi > lo])
         else:
@@ -364,7 +365,9 @@ class ActivationOffloader:
 
 
 def _done(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:
-    for _, end in pairs:
+    """``pairs`` once both events of each have completed (elapsed_time needs that)."""
+    for start, end in pairs:
+        start.synchronize()
         end.synchronize()
     return pairs
 

@@ -33,10 +33,10 @@ class VGGTask(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
-def images(n: int, batch: int, size: int = 224) -> torch.utils.data.DataLoader:
+def images(n: int, batch: int, size: int = 224, classes: int = 1000) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, size, size, generator=g)
-    y = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
 
 
@@ -93,8 +93,45 @@ def test_no_host_buffer_growth_over_50_steps():
     module = VGGTask("vgg_tiny")
     L.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=50, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              callbacks=[Probe()]).fit(module, images(64 * 50, 64, 32))
+              callbacks=[Probe()]).fit(module, images(64 * 50, 64, 32, classes=10))
     assert len(seen) == 50
     assert seen[5][:2] == seen[-1][:2]  # no new pinned buffers after warm-up
     assert seen[-1][2] <= seen[5][2] * 1.01  # no device memory creeping up
     assert strategy.memory_report().pinned
+
+
+class PhasePeaks(L.Callback):
+    """Peak device memory of forward, backward and optimizer step, separately (diagnostics)."""
+
+    def __init__(self) -> None:
+        self.peaks: list[tuple[float, float, float]] = []
+        self._fwd = self._bwd = 0.0
+
+    def on_train_batch_start(self, *args):
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_before_backward(self, *args):
+        self._fwd = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_after_backward(self, *args):
+        self._bwd = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_train_batch_end(self, *args):
+        self.peaks.append((self._fwd, self._bwd, torch.cuda.max_memory_allocated() / 2**30))
+
+
+@pytest.mark.parametrize("inflight", [2**30, 2**27])
+def test_vgg16_phase_peaks(inflight):
+    """Where the peak of 'all' sits: forward (copies in flight), backward (a layer's working set) or the step."""
+    for strategy in (VDNNStrategy("none"), VDNNStrategy("all", max_inflight_bytes=inflight)):
+        probe = PhasePeaks()
+        L.seed_everything(0, verbose=False)
+        module = VGGTask("vgg16").to(memory_format=torch.channels_last)
+        L.Trainer(strategy=strategy, accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[probe]).fit(module, images(BATCH * 3, BATCH))
+        print(f"\n{strategy.config.activation_offload} inflight={inflight >> 20} MiB: peaks fwd/bwd/step GiB "
+              + " ".join(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in probe.peaks))
+        assert len(probe.peaks) == 3
