@@ -31,14 +31,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _run(args: argparse.Namespace, row: dict) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
-    import torch
-
     from benchmarks.measure import summarize
     from benchmarks.registry import split_case
     from benchmarks.workloads import build
 
     spec, _ = split_case(args.case)
-    device = torch.device(args.device)
+    device = _device(args.device)
     w = build(args.model, device)
     n = args.warmup + args.steps
     row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
@@ -52,6 +50,13 @@ def _run(args: argparse.Namespace, row: dict) -> None:
         times, extra = run_lightning(spec.name, w, device, n, args.memory_budget)
     row.update(summarize(times, args.warmup, w.items_per_step, w.flops_per_step), **extra)
     row["status"] = "ok"
+
+
+def _device(name: str):
+    """``cuda`` is the first GPU, with its index spelled out (``torch.cuda.set_device`` needs one)."""
+    import torch
+
+    return torch.device("cuda", 0) if name == "cuda" else torch.device(name)
 
 
 def _status(exc: BaseException) -> str:
@@ -75,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from benchmarks.measure import environment, memory_stats
 
-    device = torch.device(args.device)
+    device = _device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         status = "skipped: no CUDA device here (--tiny runs on a CPU)"
         print(MARKER + json.dumps({"case": args.case, "status": status}), flush=True)

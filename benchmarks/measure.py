@@ -16,7 +16,12 @@ import torch
 
 
 class StepClock:
-    """Wall-clock time of each step, with the device synchronized at both ends so queued kernels count."""
+    """Wall-clock time of each step, with the device synchronized at both ends so queued kernels count.
+
+    The first ``start`` also resets the device's peak-memory counters: every case's peak then covers its
+    training steps (warm-up included) and not its set-up, e.g. DeepSpeed holding the whole model on the GPU
+    for a moment before partitioning it, which a user avoids with ``zero.Init``.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -29,6 +34,8 @@ class StepClock:
 
     def start(self) -> None:
         self._sync()
+        if not self.times and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:

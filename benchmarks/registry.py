@@ -47,14 +47,25 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              needs_cuda=True),
 ]}
 
-#: model -> (family, config name in lightning_vdnn.models, batch size, sequence length for GPT).
-SIZES: dict[str, tuple[str, str, int, int]] = {
-    "gpt_1b": ("gpt", "gpt_1b", 8, 1024),
-    "gpt_deep": ("gpt", "gpt_deep", 8, 1024),
-    "vgg16": ("vgg", "vgg16", 256, 0),
-    "gpt_tiny": ("gpt", "gpt_tiny", 2, 64),
-    "gpt_deep_tiny": ("gpt", "gpt_tiny", 2, 64),  # gpt_tiny with 16 blocks, see workloads.build
-    "vgg_tiny": ("vgg", "vgg_tiny", 4, 0),
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A model of the suite: a named config of ``lightning_vdnn.models`` (with overrides) and its batch."""
+
+    family: str  # "gpt" or "vgg"
+    config: str
+    batch: int
+    seq_len: int = 0  # GPT only
+    overrides: tuple[tuple[str, int], ...] = ()
+
+
+SIZES: dict[str, ModelSize] = {
+    "gpt_1b": ModelSize("gpt", "gpt_1b", 8, 1024),
+    "gpt_deep": ModelSize("gpt", "gpt_deep", 8, 1024),
+    "vgg16": ModelSize("vgg", "vgg16", 256),
+    "gpt_tiny": ModelSize("gpt", "gpt_tiny", 2, 64),
+    "gpt_deep_tiny": ModelSize("gpt", "gpt_tiny", 2, 64, overrides=(("n_layer", 16),)),
+    "vgg_tiny": ModelSize("vgg", "vgg_tiny", 4),
 }
 #: ``--tiny`` maps each model to its CPU-sized stand-in.
 TINY = {"gpt_1b": "gpt_tiny", "gpt_deep": "gpt_deep_tiny", "vgg16": "vgg_tiny",

@@ -60,27 +60,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _budget_bytes(case: str, plain: Optional[dict]) -> tuple[Optional[int], Optional[str]]:
-    """Bytes for ``name@P%``: P% of plain's peak allocated; of the device's capacity if plain has none."""
-    _, fraction = split_case(case)
-    if fraction is None:
-        return None, None
+def _budget_bytes(fraction: float, plain: Optional[dict]) -> Optional[int]:
+    """P% of plain's peak allocated memory; of the device's capacity where plain measured no peak."""
     plain = plain or {}
-    if plain.get("status") == "ok" and plain.get("peak_alloc_bytes"):
-        return int(fraction * plain["peak_alloc_bytes"]), None
-    if plain.get("device_total_bytes"):
-        return int(fraction * plain["device_total_bytes"]), "capacity"
-    return None, None
+    base = plain.get("peak_alloc_bytes") if plain.get("status") == "ok" else None
+    base = base or plain.get("device_total_bytes")
+    return int(fraction * base) if base else None
 
 
 def _failed_row(case: str, status: str, proc_output: str = "") -> dict:
     return {"case": case, "status": status, "output_tail": proc_output[-4000:]}
 
 
-def run_case(args: argparse.Namespace, case: str, budget: Optional[int]) -> dict:
+def run_case(args: argparse.Namespace, case: str, plain: Optional[dict]) -> dict:
     """One case in a fresh ``python -m benchmarks.case`` process; its JSON row, or why there is none."""
-    if CASES[split_case(case)[0].name].needs_cuda and args.device != "cuda":
+    spec, fraction = split_case(case)
+    if spec.needs_cuda and args.device != "cuda":
         return {"case": case, "status": "skipped: needs CUDA"}
+    budget = None if fraction is None else _budget_bytes(fraction, plain)
+    if fraction is not None and budget is None:
+        return {"case": case, "status": "skipped: no budget base (plain measured neither peak nor capacity)"}
     cmd = [sys.executable, "-m", "benchmarks.case", "--case", case, "--model", args.model, "--device",
            args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
@@ -100,9 +99,11 @@ def run_case(args: argparse.Namespace, case: str, budget: Optional[int]) -> dict
     return _failed_row(case, f"crashed: {why}", proc.stdout + proc.stderr)
 
 
-def _notes(rows: list[dict], capacity_used: bool) -> list[str]:
+def _notes(rows: list[dict]) -> list[str]:
     """What a reader of the table must know: Lightning's overhead, and where a budget came from."""
     by = {r["case"]: r for r in rows}
+    plain_peak = by.get(BASELINE, {}).get("status") == "ok" and by[BASELINE].get("peak_alloc_bytes")
+    capacity_used = not plain_peak and any(r.get("memory_budget") for r in rows)
     notes = []
     if by.get("lightning_plain", {}).get("time_ratio"):
         notes.append(f"Lightning's overhead over the raw loop (lightning_plain / plain step time): "
@@ -119,19 +120,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl = args.out / "results.jsonl"
     jsonl.write_text("")
-    rows, plain, capacity_used = [], None, False
+    rows, plain = [], None
     for case in args.cases:
-        budget, source = _budget_bytes(case, plain)
-        capacity_used |= source == "capacity"
         t0 = time.perf_counter()
-        row = run_case(args, case, budget)
+        row = run_case(args, case, plain)
         plain = row if case == BASELINE else plain
         row = report.add_ratios(row, plain)
         rows.append(row)
         with jsonl.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(f"{case:22s} {row['status'][:70]:70s} {time.perf_counter() - t0:6.1f} s", flush=True)
-    (args.out / "results.md").write_text(report.markdown(rows, args.model, _notes(rows, capacity_used)))
+    (args.out / "results.md").write_text(report.markdown(rows, args.model, _notes(rows)))
     report.plot(rows, args.out / "results.png", args.model)
     print(f"wrote {jsonl}, results.md, results.png in {args.out}")
     return 0

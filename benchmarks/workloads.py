@@ -64,22 +64,21 @@ def build(name: str, device: torch.device) -> Workload:
     """The workload ``name`` (a key of ``SIZES``) with its batch on ``device``; seeded, so every case is alike."""
     from lightning_vdnn.models import GPT, VGG, GPTConfig, VGGConfig
 
-    family, config_name, batch, seq = SIZES[name]
+    size = SIZES[name]
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    if family == "gpt":
-        overrides = {"n_layer": 16} if name == "gpt_deep_tiny" else {}
-        model = GPT(GPTConfig.from_name(config_name, **overrides))
-        vocab = model.config.vocab_size
-        x, y = (torch.randint(vocab, (batch, seq), generator=gen).to(device) for _ in range(2))
-        return Workload(name, family, model, (x, y), gpt_loss, _adamw,
-                        {"type": "AdamW", "params": {"lr": GPT_LR}}, batch * seq, "tokens",
-                        float(model.flops_per_token(seq)) * batch * seq)
-    cfg = VGGConfig.from_name(config_name)
+    if size.family == "gpt":
+        model = GPT(GPTConfig.from_name(size.config, **dict(size.overrides)))
+        shape = (size.batch, size.seq_len)
+        x, y = (torch.randint(model.config.vocab_size, shape, generator=gen).to(device) for _ in range(2))
+        return Workload(name, "gpt", model, (x, y), gpt_loss, _adamw, {"type": "AdamW", "params": {"lr": GPT_LR}},
+                        size.batch * size.seq_len, "tokens",
+                        float(model.flops_per_token(size.seq_len)) * size.batch * size.seq_len)
+    cfg = VGGConfig.from_name(size.config, **dict(size.overrides))
     model = VGG(cfg).to(memory_format=torch.channels_last)
-    images = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
-    labels = torch.randint(cfg.num_classes, (batch,), generator=gen)
+    images = torch.randn(size.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    labels = torch.randint(cfg.num_classes, (size.batch,), generator=gen)
     images = images.to(device, memory_format=torch.channels_last)
-    return Workload(name, family, model, (images, labels.to(device)), vgg_loss, _sgd,
-                    {"type": "SGD", "params": {"lr": SGD_LR, "momentum": SGD_MOMENTUM}}, batch, "images",
-                    float(model.flops_per_image()) * batch)
+    return Workload(name, "vgg", model, (images, labels.to(device)), vgg_loss, _sgd,
+                    {"type": "SGD", "params": {"lr": SGD_LR, "momentum": SGD_MOMENTUM}}, size.batch, "images",
+                    float(model.flops_per_image()) * size.batch)
