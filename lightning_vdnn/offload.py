@@ -185,7 +185,7 @@ class ActivationOffloader:
         self._groups: list[list[_Offloaded]] = [[]]
         self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
         self._kept: set[tuple[int, int, int]] = set()
-        self._expensive_inputs: set[int] = set()
+        self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[_Offloaded] = collections.deque()
         self._inflight = 0
         self._frontier: Optional[int] = None
@@ -200,7 +200,8 @@ class ActivationOffloader:
         if self._capturing:
             for a in args:
                 if isinstance(a, torch.Tensor):
-                    self._expensive_inputs.add(a.untyped_storage().data_ptr())
+                    storage = a.untyped_storage()
+                    self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
 
     # -- forward: pack -----------------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Packed:
@@ -209,8 +210,8 @@ class ActivationOffloader:
             return t
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self._params:
-            return t  # parameters and their views already live on the device for good
+        if ptr in self._params or _is_param_cast(t):
+            return t  # parameters, their views and autocast copies: weights, not activations
         itemsize = t.element_size()
         extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
         lo = t.storage_offset() * itemsize
@@ -220,7 +221,7 @@ class ActivationOffloader:
             self._trace.saved += 1
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
-                if not self._wants(ptr, extent * itemsize):
+                if not self._wants(storage, extent * itemsize):
                     if key not in self._kept:
                         self._kept.add(key)
                         self._trace.kept_bytes += extent * itemsize
@@ -229,10 +230,13 @@ class ActivationOffloader:
                 self._by_span[key] = entry
         return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
-    def _wants(self, ptr: int, nbytes: int) -> bool:
+    def _wants(self, storage: torch.UntypedStorage, nbytes: int) -> bool:
         if self.policy == "none" or nbytes < self.min_offload_bytes:
             return False
-        return self.policy == "all" or ptr in self._expensive_inputs
+        if self.policy == "all":
+            return True
+        ref = self._expensive_inputs.get(storage.data_ptr())  # a freed input's address may be reused:
+        return ref is not None and ref() is storage          # the storage itself must match
 
     def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> _Offloaded:
         eng = self.engine
@@ -362,6 +366,16 @@ class ActivationOffloader:
             kept_bytes=trace.kept_bytes, prefetched_bytes=trace.prefetched_bytes, d2h_ms=d2h, h2d_ms=h2d,
             exposed_copy_ms=exposed, hidden_copy_ms=max(d2h + h2d - exposed, 0.0), **common,
         )
+
+
+def _is_param_cast(t: torch.Tensor) -> bool:
+    """An autocast copy of a parameter (``ToCopy`` straight from a leaf): cheap to remake, held by the cast
+    cache through forward anyway, and weight memory is the streaming feature's business, not vDNN's."""
+    fn = t.grad_fn
+    if fn is None or fn.name() != "ToCopyBackward0":
+        return False
+    nxt = fn.next_functions
+    return bool(nxt) and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad"
 
 
 def _done(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:

@@ -131,3 +131,28 @@ def test_pool_reuses_buffers_and_rounds_sizes():
 def test_bad_policy():
     with pytest.raises(ValueError, match="policy='some'"):
         ActivationOffloader(torch.device("cpu"), policy="some")
+
+
+def test_autocast_weight_copies_are_not_offloaded():
+    lin = torch.nn.Linear(256, 256)
+    off = cpu_offloader()
+    off.attach(lin)
+    x = torch.randn(16, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16), off.capture():
+        y = lin(x).float().sum()
+    y.backward()
+    off.finish_pass()
+    assert off.report().offloaded_bytes == 16 * 256 * 2  # the bf16 input only, not the bf16 weight copy
+
+
+def test_conv_policy_ignores_reused_addresses_of_freed_inputs():
+    """A Linear's input is freed, its address reused by a tensor no expensive layer reads: that stays."""
+    lin = torch.nn.Linear(64, 64)
+    off = cpu_offloader(policy="conv")
+    off.attach(lin)
+    with off.capture():
+        h = lin(torch.randn(32, 64, requires_grad=True))  # input saved: offloaded
+        z = (h.exp() * 2).sin().sum()  # exp/sin save tensors that are not Linear inputs
+    z.backward()
+    off.finish_pass()
+    assert off.report().offloaded_tensors == 1
