@@ -82,8 +82,8 @@ class VDNNConfig:
             activation of at least ``min_offload_bytes`` to host memory (least device memory, most PCIe
             traffic); ``"conv"`` moves only the inputs of Conv/Linear/attention layers, the expensive ones to
             recompute and the large ones to keep (vDNN's ``vDNN_conv``); ``"none"`` installs the hooks and moves
-            nothing (measures the hooks' overhead); ``"auto"`` lets the planner decide — until the planner
-            lands it behaves as ``"all"``.
+            nothing (measures the hooks' overhead); ``"auto"`` offloads everything on the first step, measures,
+            then keeps on the device the most bytes that fit ``memory_budget`` (see ``planner.py``).
         min_offload_bytes: saved tensors smaller than this stay on the device: their copy would cost more in
             launch latency than the memory is worth.
         prefetch_layers: how many layers ahead of backward to bring activations back. More hides more copy
@@ -94,7 +94,8 @@ class VDNNConfig:
             with one warning, if pinning fails.
         layer_streaming: L2L, keep block parameters and optimizer state on the host (not built yet).
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects.
-        memory_budget: device memory the planner must fit in (not built yet).
+        memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
+            the device, or ``None`` for its capacity less a safety margin.
         microbatches: layer-major microbatches per optimizer step (needs layer streaming).
         zero_stage: DeepSpeed ZeRO stage for several devices, 0 for none (not built yet).
         offload_optimizer: keep the optimizer state on the host (needs ZeRO or layer streaming).
@@ -164,12 +165,15 @@ class VDNNConfig:
             raise _not_built("optimizer offload (ZeRO or layer streaming)", "offload_optimizer=True")
         if self.offload_params:
             raise _not_built("parameter offload (ZeRO-3 or layer streaming)", "offload_params=True")
-        if self.memory_budget is not None:
-            raise _not_built("the memory planner", f"memory_budget={self.memory_budget!r}")
+        if self.memory_budget is not None and self.activation_offload != "auto":
+            raise ValueError(
+                f"memory_budget={self.memory_budget!r} is what the planner fits the step into, and the planner runs "
+                f"with activation_offload='auto', not {self.activation_offload!r}. Use activation_offload='auto'."
+            )
 
     @property
     def offload_policy(self) -> str:
-        """The policy the offloader executes today (``"auto"`` maps to ``"all"`` until the planner exists)."""
+        """The policy the offloader runs: ``"auto"`` is ``"all"`` with the planner's layers kept in place."""
         return "all" if self.activation_offload == "auto" else self.activation_offload
 
     @property

@@ -68,6 +68,8 @@ class _Trace:
     def __init__(self, engine: CopyEngine) -> None:
         self.start = engine.record()
         self.saved = self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
+        self.groups = 0
+        self.candidate_bytes: dict[int, int] = collections.defaultdict(int)  # per layer: what "all" would move
         self.d2h: list[tuple[object, object]] = []
         self.h2d: list[tuple[object, object]] = []
         self.waits: list[tuple[object, object]] = []
@@ -105,6 +107,7 @@ class ActivationOffloader:
         self.min_offload_bytes = min_offload_bytes
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
+        self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
         self.engine = CopyEngine(self.device)
         self.pool = HostBufferPool(pin_memory)
         self._lock = threading.RLock()
@@ -151,6 +154,7 @@ class ActivationOffloader:
         as autograd frees the graph). Inside ``capture`` (manual optimization), a new pass starts."""
         with self._lock:
             if self._trace is not None and self._trace.saved:  # a pass that saved nothing is no pass
+                self._trace.groups = len(self._groups)
                 self._last = self._trace
                 self._passes += 1
             self._trace = None
@@ -193,7 +197,7 @@ class ActivationOffloader:
         self._params: set[int] = set()
 
     def _on_layer(self, module: nn.Module, args: tuple) -> None:
-        if self._capturing and self._groups[-1]:
+        if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
             self._groups.append([])
 
     def _on_expensive(self, module: nn.Module, args: tuple) -> None:
@@ -221,12 +225,17 @@ class ActivationOffloader:
             self._trace.saved += 1
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
-                if not self._wants(storage, extent * itemsize):
+                nbytes, group = extent * itemsize, len(self._groups) - 1
+                wanted = self._wants(storage, nbytes)
+                if not wanted or (self.keep_layers is not None and group in self.keep_layers):
                     if key not in self._kept:
                         self._kept.add(key)
-                        self._trace.kept_bytes += extent * itemsize
+                        self._trace.kept_bytes += nbytes
+                        if wanted:
+                            self._trace.candidate_bytes[group] += nbytes
                     return t
-                entry = self._offload(storage, lo, extent * itemsize)
+                self._trace.candidate_bytes[group] += nbytes
+                entry = self._offload(storage, lo, nbytes)
                 self._by_span[key] = entry
         return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
@@ -341,6 +350,13 @@ class ActivationOffloader:
                 entry.hold.record_stream(stream)  # allocated on the copy stream, freed after this one reads it
         self._trace.waits.append((need, entry.ready))
         entry.ready = None
+
+    def layer_bytes(self) -> list[int]:
+        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
+        trace = self._last
+        if trace is None:
+            return []
+        return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
 
     # -- statistics --------------------------------------------------------------------------------------
     def report(self) -> MemoryReport:

@@ -27,6 +27,9 @@ class MemoryReport:
         host_pool_bytes: host memory the buffer pool holds (pinned if ``pinned``).
         host_pool_peak_bytes: most host memory in use by offloaded tensors at once.
         host_allocations: host buffers allocated so far; flat in the steady state.
+        budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded: the
+            ``"auto"`` planner's budget and current plan (None for the fixed policies); measured is the peak of
+            the last step the planner watched.
     """
 
     step: int = 0
@@ -44,6 +47,11 @@ class MemoryReport:
     host_pool_peak_bytes: int = 0
     host_allocations: int = 0
     pinned: bool = False
+    budget_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[int] = None
+    measured_peak_bytes: Optional[int] = None
+    layers_kept: Optional[int] = None
+    layers_offloaded: Optional[int] = None
 
     def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
         """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
@@ -73,7 +81,14 @@ class MemoryReport:
             f"  peak device memory     {peak}\n"
             f"  host pool              {self.host_pool_bytes / GiB:8.3f} GiB "
             f"({'pinned' if self.pinned else 'pageable'}, {self.host_allocations} allocations)"
+            + (self._plan_line() if self.budget_bytes is not None else "")
         )
+
+    def _plan_line(self) -> str:
+        gib = lambda v: "n/a" if v is None else f"{v / GiB:.2f} GiB"  # noqa: E731
+        return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded; "
+                f"budget {gib(self.budget_bytes)}, predicted peak {gib(self.predicted_peak_bytes)}, "
+                f"measured {gib(self.measured_peak_bytes)}")
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+import dataclasses
+
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
@@ -15,11 +18,12 @@ from torch.optim import Optimizer
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
+from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
 REGISTERED = {
-    "vdnn": ("vDNN activation offload, policy chosen by the planner ('auto')", {"activation_offload": "auto"}),
+    "vdnn": ("vDNN activation offload, planned to fit the device ('auto')", {"activation_offload": "auto"}),
     "vdnn_all": ("vDNN: offload every saved activation to host memory", {"activation_offload": "all"}),
     "vdnn_conv": ("vDNN: offload the inputs of Conv/Linear/attention layers", {"activation_offload": "conv"}),
     "vdnn_none": ("vDNN hooks installed, nothing moved (overhead baseline)", {"activation_offload": "none"}),
@@ -41,7 +45,9 @@ class VDNNStrategy(SingleDeviceStrategy):
         pin_memory: page-locked host buffers (default True; falls back to pageable with a warning).
         layers: dotted path from the LightningModule to its repeated blocks (``"model.blocks"``); blocks then
             are the layers prefetch counts in. ``None``: every leaf module is a layer.
-        layer_streaming, memory_budget, microbatches, zero_stage, offload_optimizer, offload_params: later
+        memory_budget: what ``"auto"`` fits the step into: bytes, ``"8GiB"``, ``"60%"``, or None (the device
+            less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
+        layer_streaming, microbatches, zero_stage, offload_optimizer, offload_params: later
             milestones; a value that needs them raises ``NotImplementedError`` naming the missing feature.
         device: the device to train on; normally left to the Trainer's ``accelerator``/``devices``.
 
@@ -90,6 +96,7 @@ class VDNNStrategy(SingleDeviceStrategy):
                          precision_plugin=precision_plugin)
         self._device_given = device is not None
         self._offloader: Optional[ActivationOffloader] = None
+        self._planner: Optional[AutoPlanner] = None
         self._last_report: Optional[MemoryReport] = None
 
     # The accelerator connector fills ``parallel_devices`` from Trainer(accelerator=..., devices=...); a single
@@ -126,10 +133,14 @@ class VDNNStrategy(SingleDeviceStrategy):
             max_inflight_bytes=cfg.max_inflight_bytes,
         )
         self._offloader.attach(module, layers)
+        if cfg.activation_offload == "auto":
+            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device))
 
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._offloader is None:
             return super().training_step(*args, **kwargs)
+        if self._planner is not None and self._planner.watching and self.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.root_device)
         with self._offloader.capture():
             return super().training_step(*args, **kwargs)
 
@@ -142,8 +153,26 @@ class VDNNStrategy(SingleDeviceStrategy):
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._planner is not None and self._offloader is not None:
+            self._update_plan()
         self._log_report()
         return out
+
+    def _update_plan(self) -> None:
+        """Feed the planner the step just finished and apply a new plan, if any, to the next step."""
+        planner, offloader = self._planner, self._offloader
+        peak = None
+        if planner.watching:
+            cuda = self.root_device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
+        plan = planner.observe(offloader.layer_bytes(), peak)
+        offloader.keep_layers = planner.keep
+        if plan is not None:
+            rank_zero_info(
+                f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, "
+                f"{plan.offloaded_bytes / 2**30:.2f} GiB of activations go to the host per step; predicted peak "
+                f"{plan.predicted_peak / 2**30:.2f} GiB within a budget of {plan.budget / 2**30:.2f} GiB."
+            )
 
     def _log_report(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -159,7 +188,17 @@ class VDNNStrategy(SingleDeviceStrategy):
         """Offload statistics of the latest training step (an empty report before training)."""
         if self._offloader is None:
             return self._last_report or MemoryReport(policy=self.config.offload_policy)
-        return self._offloader.report()
+        report = self._offloader.report()
+        planner = self._planner
+        if planner is None:
+            return report
+        plan = planner.plan
+        layers = len(self._offloader.layer_bytes())
+        return dataclasses.replace(
+            report, policy="auto", budget_bytes=planner.budget, measured_peak_bytes=planner.measured_peak,
+            predicted_peak_bytes=plan.predicted_peak if plan else None,
+            layers_kept=len(plan.kept) if plan else 0, layers_offloaded=layers - len(plan.kept) if plan else layers,
+        )
 
     def on_exception(self, exception: BaseException) -> None:
         self._release()
@@ -172,9 +211,10 @@ class VDNNStrategy(SingleDeviceStrategy):
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None:
-            self._last_report = self._offloader.report()
+            self._last_report = self.memory_report()
             self._offloader.close()
             self._offloader = None
+            self._planner = None
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

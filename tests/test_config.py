@@ -52,14 +52,19 @@ def test_bad_arguments(kwargs, error, pattern):
     (dict(zero_stage=2), "DeepSpeed ZeRO"),
     (dict(offload_optimizer=True), "optimizer offload"),
     (dict(offload_params=True), "parameter offload"),
-    (dict(memory_budget="8GiB"), "memory planner"),
 ])
 def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
     with pytest.raises(NotImplementedError, match=feature):
         VDNNStrategy(**kwargs)
 
 
-def test_auto_runs_all_until_planner_exists():
+def test_budget_needs_the_planner():
+    with pytest.raises(ValueError, match=r"memory_budget='8GiB'.*activation_offload='auto', not 'all'"):
+        VDNNStrategy("all", memory_budget="8GiB")
+    assert VDNNConfig(memory_budget="8GiB").budget == MemoryBudget(nbytes=8 * 2**30)
+
+
+def test_auto_runs_all_with_kept_layers():
     assert VDNNConfig(activation_offload="auto").offload_policy == "all"
     assert VDNNConfig(activation_offload="conv").offload_policy == "conv"
 
