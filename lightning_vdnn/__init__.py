@@ -1,23 +1,31 @@
 """lightning_vdnn: train models larger than GPU memory with one word in your Lightning Trainer.
 
 ``import lightning_vdnn`` registers the strategy names (``"vdnn"``, ``"vdnn_all"``, ``"vdnn_conv"``,
-``"vdnn_none"``) with Lightning, so ``Trainer(strategy="vdnn_all")`` works with no other change.
+``"vdnn_none"``) with Lightning and Fabric, so ``Trainer(strategy="vdnn_all")`` and
+``Fabric(strategy="vdnn_all")`` work with no other change; ``offload_activations(model)`` does the same for a
+plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face Accelerate.
 """
 
+from lightning_vdnn.api import ActivationOffload, offload_activations
 from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.fabric import VDNNFabricStrategy, register_fabric
 from lightning_vdnn.strategy import REGISTERED, VDNNStrategy, register
 
 __version__ = "0.1.0"
 __all__ = [
+    "ActivationOffload",
     "ActivationOffloader",
     "MemoryBudget",
     "MemoryReport",
     "REGISTERED",
     "VDNNConfig",
+    "VDNNFabricStrategy",
     "VDNNStrategy",
+    "offload_activations",
     "parse_memory_budget",
 ]
 
 register()
+register_fabric()  # the same names in Lightning Fabric's registry

@@ -1,0 +1,16 @@
+"""Puts lightning_vdnn's config groups on every Hydra app's search path, once the package is installed.
+
+A user's own config can then say ``defaults: [strategy: vdnn_all]`` with no ``hydra.searchpath`` line. Their
+own groups come first: a user's ``strategy/vdnn_all.yaml`` overrides ours.
+"""
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+#: Where the package's groups (strategy/, model/, data/, trainer/) live.
+SEARCH_PATH = "pkg://lightning_vdnn.conf"
+
+
+class LightningVDNNSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="lightning_vdnn", path=SEARCH_PATH)

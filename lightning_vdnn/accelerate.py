@@ -1,0 +1,111 @@
+"""vDNN activation offload for Hugging Face Accelerate: ``prepare(accelerator, model, optimizer, ...)``.
+
+Accelerate's own ``prepare`` wraps ``model.forward`` (autocast, fp32 outputs) and leaves ``backward`` to
+``accelerator.backward``; this does the same: the prepared model's forward runs under the offloader's
+capture, and ``accelerator.backward`` closes the pass. ``accelerator.unwrap_model(model,
+keep_fp32_wrapper=False)`` removes this forward wrapper along with Accelerate's.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Optional
+
+from accelerate import Accelerator
+from torch import nn
+
+from lightning_vdnn.api import ActivationOffload, make_config, offload_activations
+from lightning_vdnn.config import Policy
+from lightning_vdnn.report import MemoryReport
+
+_BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
+_BY_ACCELERATOR: "weakref.WeakKeyDictionary[Accelerator, list[ActivationOffload]]" = weakref.WeakKeyDictionary()
+
+
+def prepare(
+    accelerator: Accelerator,
+    *objects: Any,
+    policy: Policy = "auto",
+    min_offload_bytes: int = 2**20,
+    prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28,
+    pin_memory: bool = True,
+    layers: Optional[str] = None,
+    device_placement: Optional[list[bool]] = None,
+) -> Any:
+    """``accelerator.prepare(*objects)``, with vDNN activation offload wired into every model among them.
+
+    Returns what ``accelerator.prepare`` returns (one object, or a tuple in the order given). The arguments
+    after ``objects`` are those of :func:`lightning_vdnn.offload_activations`, validated before anything is
+    prepared.
+
+    Raises:
+        ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
+
+    Example::
+
+        model, optimizer = lightning_vdnn.accelerate.prepare(accelerator, model, optimizer, policy="all")
+        accelerator.backward(loss_fn(model(x), y))   # closes the offload pass
+        print(lightning_vdnn.accelerate.memory_report(model))
+    """
+    kwargs = dict(min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
+                  max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers)
+    make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
+    prepared = accelerator.prepare(*objects, device_placement=device_placement)
+    for obj in prepared if isinstance(prepared, tuple) else (prepared,):
+        if isinstance(obj, nn.Module):
+            inner = accelerator.unwrap_model(obj, keep_fp32_wrapper=True)  # the user's module, out of DDP & co.
+            handle = offload_activations(inner, policy, device=accelerator.device, **kwargs)
+            _wrap_forward(obj, handle)
+            _BY_MODEL[obj] = _BY_MODEL[inner] = handle
+            _wrap_backward(accelerator, handle)
+    return prepared
+
+
+def _wrap_forward(model: nn.Module, handle: ActivationOffload) -> None:
+    """Wrap the instance's forward as Accelerate's mixed precision does: ``__wrapped__`` leads back to the
+    class's function and ``_original_forward`` marks it, so ``accelerator.unwrap_model`` peels ours off too."""
+    forward = model.forward
+    func = getattr(forward, "__func__", None)
+
+    @functools.wraps(func or forward)
+    def captured(*args: Any, **kwargs: Any) -> Any:
+        with handle:
+            return forward(*args, **kwargs)
+
+    if func is not None:
+        model.__dict__.setdefault("_original_forward", forward)
+    model.forward = captured
+
+
+def _wrap_backward(accelerator: Accelerator, handle: ActivationOffload) -> None:
+    handles = _BY_ACCELERATOR.get(accelerator)
+    if handles is not None:
+        handles.append(handle)
+        return
+    handles = _BY_ACCELERATOR[accelerator] = [handle]
+    backward = accelerator.backward
+
+    @functools.wraps(backward)
+    def backward_then_finish(loss: Any, **kwargs: Any) -> None:
+        try:
+            backward(loss, **kwargs)
+        finally:
+            for h in handles:
+                h.step_done()
+
+    accelerator.backward = backward_then_finish
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Offload statistics of the last pass of a model returned by :func:`prepare`.
+
+    Raises:
+        ValueError: ``model`` did not come from :func:`prepare`.
+    """
+    handle = _BY_MODEL.get(model)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} was not prepared by lightning_vdnn.accelerate.prepare; "
+                         "pass the model that prepare() returned.")
+    return handle.report()

@@ -1,0 +1,169 @@
+"""Activation offload in any PyTorch loop: ``with offload_activations(model):`` around the forward pass.
+
+The Lightning strategy, the Fabric strategy and the Accelerate wiring are thin shells around the same two
+steps this module exposes: turn keyword arguments into a validated :class:`VDNNConfig`
+(:func:`make_config`) and attach an :class:`ActivationOffloader` to a module (:func:`attach_offloader`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_vdnn.config import Policy, VDNNConfig
+from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.offload import ActivationOffloader
+from lightning_vdnn.report import MemoryReport
+
+DeviceLike = Union[str, torch.device, None]
+
+
+def make_config(
+    policy: Policy = "auto",
+    *,
+    min_offload_bytes: int = 2**20,
+    prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28,
+    pin_memory: bool = True,
+    layers: Optional[str] = None,
+) -> VDNNConfig:
+    """The activation-offload part of :class:`VDNNConfig`, built (and so validated) from keyword arguments.
+
+    Raises:
+        ValueError, TypeError: naming the bad value, e.g. ``policy='bogus' is not a policy; choose one of ...``.
+    """
+    try:
+        return VDNNConfig(activation_offload=policy, min_offload_bytes=min_offload_bytes,
+                          prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes,
+                          pin_memory=pin_memory, layers=layers)
+    except (ValueError, TypeError) as err:  # the entry points call it ``policy``; say so
+        raise type(err)(str(err).replace("activation_offload=", "policy=")) from None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter or buffer (CPU for an empty module)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def attach_offloader(module: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> ActivationOffloader:
+    """An offloader running ``config`` on ``device`` (default: the module's), its layer hooks on ``module``.
+
+    ``config.layers`` names the repeated blocks under ``module`` that prefetch counts in; a wrong path raises
+    ``ValueError`` listing the candidates.
+    """
+    layers = resolve_layers(module, config.layers)[1] if config.layers else None
+    offloader = ActivationOffloader(
+        torch.device(device) if device is not None else module_device(module), policy=config.offload_policy,
+        min_offload_bytes=config.min_offload_bytes, prefetch_layers=config.prefetch_layers,
+        pin_memory=config.pin_memory, max_inflight_bytes=config.max_inflight_bytes,
+    )
+    offloader.attach(module, layers)
+    return offloader
+
+
+class ActivationOffload:
+    """A model's offloader as a re-enterable context manager: enter it around each forward pass.
+
+    Entering starts a pass (and closes the previous one if :meth:`step_done` was not called); forward under
+    ``torch.no_grad()`` is left alone, since there is no backward to save anything for. Build it with
+    :func:`offload_activations`.
+    """
+
+    def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
+        self.model, self.config = model, config
+        self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
+        self._capture: Optional[contextlib.AbstractContextManager] = None
+
+    def __enter__(self) -> "ActivationOffload":
+        if self.offloader is None:
+            raise RuntimeError("This ActivationOffload was closed; call offload_activations(model) again.")
+        if self._capture is not None:
+            raise RuntimeError("offload_activations(model) is already active: do not nest it around one model.")
+        if torch.is_grad_enabled():
+            self._capture = self.offloader.capture()
+            self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.__exit__(*exc)
+
+    def step_done(self) -> None:
+        """Close this pass after backward, so :meth:`report` shows it now rather than at the next forward."""
+        if self.offloader is not None:
+            self.offloader.finish_pass()
+
+    def report(self) -> MemoryReport:
+        """Statistics of the last finished pass (see :meth:`step_done`)."""
+        if self.offloader is None:
+            return MemoryReport(policy=self.config.offload_policy)
+        return self.offloader.report()
+
+    def close(self) -> None:
+        """Remove the hooks and free the host buffers; the model trains as if never touched."""
+        if self.offloader is not None:
+            self.offloader.close()
+            self.offloader = None
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.offloader.device if self.offloader is not None else None
+
+
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
+
+
+def offload_activations(
+    model: nn.Module,
+    policy: Policy = "auto",
+    *,
+    min_offload_bytes: int = 2**20,
+    prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28,
+    pin_memory: bool = True,
+    layers: Optional[str] = None,
+    device: DeviceLike = None,
+) -> ActivationOffload:
+    """Offload what autograd saves inside ``with`` to host memory, for plain PyTorch training loops.
+
+    Calling it again for the same model with the same arguments returns the same handle, so its host
+    buffers are reused and the call can sit inside the loop; other arguments replace the old handle.
+
+    Args:
+        model: the module whose forward runs inside ``with``; its leaf modules (or ``layers``) are the layers
+            prefetch counts in.
+        policy, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory: as in
+            :class:`~lightning_vdnn.VDNNConfig` (``policy`` is its ``activation_offload``).
+        layers: dotted path under ``model`` to its repeated blocks, e.g. ``"blocks"``.
+        device: where the model computes; default, the device of its parameters.
+
+    Raises:
+        ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
+
+    Example::
+
+        for x, y in loader:
+            with lightning_vdnn.offload_activations(model, policy="all") as off:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward(); opt.step(); opt.zero_grad()
+        print(off.report())
+    """
+    config = make_config(policy, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
+                         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers)
+    handle = _HANDLES.get(model)
+    wanted = torch.device(device) if device is not None else module_device(model)
+    if handle is not None and handle.config == config and handle.device == wanted:
+        return handle
+    if handle is not None:
+        handle.close()
+    handle = _HANDLES[model] = ActivationOffload(model, config, wanted)
+    return handle

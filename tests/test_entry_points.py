@@ -1,0 +1,282 @@
+"""Every way in — plain PyTorch, Fabric, Accelerate, LightningCLI, Hydra — against its plain counterpart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import Classifier, ResidualCNN, assert_same_params, image_loader, token_loader
+import lightning_vdnn
+from lightning_vdnn import VDNNFabricStrategy, VDNNStrategy, offload_activations
+from lightning_vdnn.models import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cnn() -> nn.Module:
+    return ResidualCNN(width=8)
+
+
+def gpt_tiny() -> nn.Module:
+    return GPT(GPTConfig.from_name("gpt_tiny"))
+
+
+CASES = {"cnn": (small_cnn, image_loader), "gpt": (gpt_tiny, token_loader)}
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return F.cross_entropy(out.flatten(0, 1), y.flatten()) if out.dim() == 3 else F.cross_entropy(out, y)
+
+
+def train(make, loader, step_fn, steps: int = STEPS) -> nn.Module:
+    """AdamW steps of a fresh model built under seed 0; ``step_fn(model, x, y, opt)`` does forward+backward."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _, (x, y) in zip(range(steps), loader()):
+        step_fn(model, x, y, opt)
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def plain_step(model, x, y, opt) -> None:
+    loss_of(model, x, y).backward()
+
+
+# -- plain PyTorch --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_plain_loop_matches_and_offloads(case):
+    make, loader = CASES[case]
+    handles = []
+
+    def offloaded_step(model, x, y, opt):
+        with offload_activations(model, policy="all", min_offload_bytes=0) as off:
+            loss = loss_of(model, x, y)
+        loss.backward()
+        handles.append(off)
+
+    ref = train(make, loader, plain_step)
+    got = train(make, loader, offloaded_step)
+    assert_same_params(got, ref)
+    assert all(h is handles[0] for h in handles)  # one handle per model: its host buffers are reused
+    off = handles[0]
+    off.step_done()
+    report = off.report()
+    assert report.step == STEPS and report.offloaded_bytes > 0 and report.prefetched_bytes > 0
+    off.close()
+    assert all(not m._forward_pre_hooks for m in got.modules())
+
+
+def test_plain_handle_lifecycle():
+    model = small_cnn()
+    x, y = next(iter(image_loader()))
+    off = offload_activations(model, "all", min_offload_bytes=0)
+    assert offload_activations(model, "all", min_offload_bytes=0) is off
+    with torch.no_grad(), off:  # no backward: nothing captured
+        model(x)
+    with off:
+        with pytest.raises(RuntimeError, match="already active"), off:
+            pass
+        loss = loss_of(model, x, y)
+    loss.backward()
+    off.step_done()
+    assert off.report().step == 1 and off.report().offloaded_bytes > 0
+    other = offload_activations(model, "conv", min_offload_bytes=0)  # new arguments replace the old handle
+    assert other is not off and off.offloader is None and other.config.activation_offload == "conv"
+    other.close()
+    with pytest.raises(RuntimeError, match="closed"), other:
+        pass
+
+
+# -- bad arguments, every entry point ---------------------------------------------------------------------
+def _accelerate_prepare(**kw):
+    from accelerate import Accelerator
+
+    import lightning_vdnn.accelerate
+
+    return lightning_vdnn.accelerate.prepare(Accelerator(cpu=True), small_cnn(), **kw)
+
+
+@pytest.mark.parametrize("entry", [
+    lambda **kw: offload_activations(small_cnn(), **kw),
+    lambda **kw: VDNNFabricStrategy(kw.pop("policy", "auto"), **kw),
+    _accelerate_prepare,
+], ids=["plain", "fabric", "accelerate"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policy="bogus"), r"policy='bogus' is not a policy; choose one of"),
+    (dict(policy="all", prefetch_layers=0), r"prefetch_layers=0 must be >= 1"),
+    (dict(policy="all", layers="no such path"), r"layers='no such path' is not a dotted attribute path"),
+])
+def test_bad_arguments_raise_naming_the_value(entry, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        entry(**kwargs)
+
+
+# -- Lightning Fabric -----------------------------------------------------------------------------------------
+def fabric_train(strategy, make=small_cnn, loader=image_loader):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(strategy=strategy, accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model, opt = fabric.setup(*(lambda m: (m, torch.optim.AdamW(m.parameters(), lr=1e-2)))(make()))
+    for _, (x, y) in zip(range(STEPS), loader()):
+        fabric.backward(loss_of(model, x, y))
+        opt.step()
+        opt.zero_grad()
+    return model, fabric
+
+
+def test_fabric_matches_plain_fabric():
+    ref, _ = fabric_train("auto")
+    got, fabric = fabric_train("vdnn_all")
+    assert isinstance(fabric.strategy, VDNNFabricStrategy) and fabric.strategy.config.activation_offload == "all"
+    assert_same_params(got, ref)
+    got, fabric = fabric_train(VDNNFabricStrategy("all", min_offload_bytes=0), gpt_tiny, token_loader)
+    ref, _ = fabric_train("auto", gpt_tiny, token_loader)
+    assert_same_params(got, ref)
+    report = fabric.strategy.memory_report()
+    assert report.step == STEPS and report.offloaded_bytes > 0
+    with torch.no_grad():  # evaluation passes through, untouched
+        got(next(iter(token_loader()))[0])
+    assert fabric.strategy.memory_report().step == STEPS
+
+
+def test_fabric_registers_what_it_supports(monkeypatch):
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    from lightning_vdnn import fabric as vdnn_fabric
+    from lightning_vdnn import strategy as vdnn_strategy
+
+    monkeypatch.setitem(vdnn_strategy.REGISTERED, "vdnn_test_l2l", ("layer streaming", {"layer_streaming": True}))
+    names = vdnn_fabric.register_fabric()
+    assert {"vdnn", "vdnn_all", "vdnn_conv", "vdnn_none"} <= set(names)
+    assert "vdnn_test_l2l" not in names and "vdnn_test_l2l" not in STRATEGY_REGISTRY
+    for name in names:
+        assert STRATEGY_REGISTRY[name]["strategy"] is VDNNFabricStrategy
+
+
+# -- Hugging Face Accelerate ----------------------------------------------------------------------------------
+def test_accelerate_matches_plain_accelerate():
+    from accelerate import Accelerator
+
+    import lightning_vdnn.accelerate
+
+    def run(offload: bool):
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = gpt_tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if offload:
+            model, opt = lightning_vdnn.accelerate.prepare(accelerator, model, opt, policy="all", min_offload_bytes=0)
+        else:
+            model, opt = accelerator.prepare(model, opt)
+        for _, (x, y) in zip(range(STEPS), token_loader()):
+            accelerator.backward(loss_of(model, x, y))
+            opt.step()
+            opt.zero_grad()
+        return model, accelerator
+
+    ref, _ = run(False)
+    got, accelerator = run(True)
+    assert_same_params(got, ref)
+    report = lightning_vdnn.accelerate.memory_report(got)
+    assert report.step == STEPS and report.offloaded_bytes > 0
+    bare = accelerator.unwrap_model(got, keep_fp32_wrapper=False)
+    assert bare.forward.__func__ is GPT.forward  # the forward wrapper comes off with Accelerate's
+    with pytest.raises(ValueError, match="was not prepared by lightning_vdnn.accelerate.prepare"):
+        lightning_vdnn.accelerate.memory_report(ref)
+
+
+# -- LightningCLI ---------------------------------------------------------------------------------------------
+class CLIClassifier(Classifier):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(small_cnn(), lr)
+
+    def train_dataloader(self):
+        return image_loader()
+
+
+def cli_fit(*strategy_args: str):
+    from lightning.pytorch.cli import LightningCLI
+
+    args = ["--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=2",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *strategy_args]
+    cli = LightningCLI(CLIClassifier, args=args, run=False, save_config_callback=None)
+    cli.trainer.fit(cli.model)
+    return cli.model, cli.trainer
+
+
+def test_lightning_cli_strategy_by_name_and_by_class():
+    ref, _ = cli_fit("--trainer.strategy=auto")
+    got, trainer = cli_fit("--trainer.strategy=vdnn_all")
+    assert isinstance(trainer.strategy, VDNNStrategy) and trainer.strategy.config.activation_offload == "all"
+    assert_same_params(got, ref)
+    got, trainer = cli_fit("--trainer.strategy=lightning_vdnn.VDNNStrategy",
+                           "--trainer.strategy.activation_offload=conv", "--trainer.strategy.min_offload_bytes=0")
+    assert trainer.strategy.config.activation_offload == "conv"
+    assert trainer.strategy.memory_report().offloaded_bytes > 0
+    assert_same_params(got, ref)
+
+
+# -- Hydra ----------------------------------------------------------------------------------------------------
+def compose_user_app(tmp_path: Path, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "app.yaml").write_text("defaults:\n  - strategy: vdnn_all\n  - _self_\n\nlr: 0.1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        return compose(config_name="app", overrides=overrides)
+
+
+def test_hydra_user_config_finds_package_groups(tmp_path, monkeypatch):
+    from hydra.core.plugins import Plugins
+    from hydra.errors import MissingConfigException
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+    from hydra.utils import instantiate
+
+    found = [p for p in Plugins.instance().discover(SearchPathPlugin) if p.__name__ == "LightningVDNNSearchPathPlugin"]
+    assert len(found) == 1  # installed with the package, discovered in the hydra_plugins namespace
+    cfg = compose_user_app(tmp_path, [])  # found through the plugin alone
+    strategy = instantiate(cfg.strategy)
+    assert isinstance(strategy, VDNNStrategy) and strategy.config.activation_offload == "all" and cfg.lr == 0.1
+    monkeypatch.setattr(found[0], "manipulate_search_path", lambda self, sp: None)
+    with pytest.raises(MissingConfigException):
+        compose_user_app(tmp_path, [])
+    cfg = compose_user_app(tmp_path, ["hydra.searchpath=[pkg://lightning_vdnn.conf]", "strategy=vdnn_conv"])
+    assert instantiate(cfg.strategy).config.activation_offload == "conv"
+
+
+def test_compare_recipe_prints_one_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "recipes/compare.py"), "-m", "strategy=plain,vdnn_all", "+model.n_layer=2",
+           "data.max_bytes=100000", "trainer.max_steps=2",
+           "trainer.val_check_interval=null", "trainer.limit_val_batches=0", "trainer.accelerator=cpu",
+           f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+    assert [r["strategy"] for r in rows] == ["plain", "vdnn_all"]
+    assert rows[0]["offloaded_bytes"] == 0 and rows[1]["offloaded_bytes"] > 0
+    assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-5)
+    assert out.stdout.count("lightning_vdnn compare") == 1 and "vdnn_all" in out.stdout
