@@ -92,7 +92,8 @@ class VDNNConfig:
             the oldest copy, so a forward pass faster than PCIe cannot fill the device with pending sources.
         pin_memory: use page-locked host buffers (fast, asynchronous copies). Falls back to pageable memory,
             with one warning, if pinning fails.
-        layer_streaming: L2L, keep block parameters and optimizer state on the host (not built yet).
+        layer_streaming: L2L, keep the blocks' parameters, gradients and optimizer state in host memory and
+            stream one block at a time to the device (``layers`` names the blocks).
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects.
         memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
             the device, or ``None`` for its capacity less a safety margin.
@@ -155,8 +156,6 @@ class VDNNConfig:
 
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
-        if self.layer_streaming:
-            raise _not_built("L2L layer streaming", "layer_streaming=True")
         if self.microbatches != 1:
             raise _not_built("layer-major microbatching (part of L2L layer streaming)", f"microbatches={self.microbatches}")
         if self.zero_stage:

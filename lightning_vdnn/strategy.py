@@ -20,6 +20,7 @@ from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.streaming import LayerStreamer
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
 REGISTERED = {
@@ -27,6 +28,8 @@ REGISTERED = {
     "vdnn_all": ("vDNN: offload every saved activation to host memory", {"activation_offload": "all"}),
     "vdnn_conv": ("vDNN: offload the inputs of Conv/Linear/attention layers", {"activation_offload": "conv"}),
     "vdnn_none": ("vDNN hooks installed, nothing moved (overhead baseline)", {"activation_offload": "none"}),
+    "l2l": ("L2L: block weights, grads and optimizer state in host memory, streamed one block ahead",
+            {"layer_streaming": True, "activation_offload": "none"}),
 }
 
 
@@ -47,7 +50,9 @@ class VDNNStrategy(SingleDeviceStrategy):
             are the layers prefetch counts in. ``None``: every leaf module is a layer.
         memory_budget: what ``"auto"`` fits the step into: bytes, ``"8GiB"``, ``"60%"``, or None (the device
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
-        layer_streaming, microbatches, zero_stage, offload_optimizer, offload_params: later
+        layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
+            grads and optimizer state in host memory; one block computes on the device while the next arrives.
+        microbatches, zero_stage, offload_optimizer, offload_params: later
             milestones; a value that needs them raises ``NotImplementedError`` naming the missing feature.
         device: the device to train on; normally left to the Trainer's ``accelerator``/``devices``.
 
@@ -98,6 +103,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._offloader: Optional[ActivationOffloader] = None
         self._planner: Optional[AutoPlanner] = None
         self._last_report: Optional[MemoryReport] = None
+        self._streamer: Optional[LayerStreamer] = None
 
     # The accelerator connector fills ``parallel_devices`` from Trainer(accelerator=..., devices=...); a single
     # device strategy exposes it so that ``strategy="vdnn_all"`` follows the Trainer's device choice.
@@ -118,14 +124,31 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._device_given = True
 
     # -- lifecycle ---------------------------------------------------------------------------------------
+    def model_to_device(self) -> None:
+        if not self.config.layer_streaming:
+            return super().model_to_device()
+        # L2L: the blocks' weights stay in host memory; everything else goes to the device
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        self._streamer = LayerStreamer(self.lightning_module, self.config.layers, self.root_device,
+                                       precision=precision, pin_memory=self.config.pin_memory)
+
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
+        if self._streamer is not None and trainer.state.fn == "fit":
+            self._streamer.attach_optimizers(self.optimizers)
         if trainer.state.fn == "fit":
             self._attach()
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        super().load_optimizer_state_dict(checkpoint)
+        if self._streamer is not None:  # Lightning moved all state to the device; block state lives on the host
+            for optimizer in self.optimizers:
+                self._streamer.keep_state_on_host(optimizer)
 
     def _attach(self) -> None:
         module = self.lightning_module
         layers = resolve_layers(module, self.config.layers)[1] if self.config.layers else None
+        layers = self._streamer.container if self._streamer is not None else layers
         cfg = self.config
         self._offloader = ActivationOffloader(
             self.root_device, policy=cfg.offload_policy, min_offload_bytes=cfg.min_offload_bytes,
@@ -210,6 +233,9 @@ class VDNNStrategy(SingleDeviceStrategy):
 
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
+        if self._streamer is not None:
+            self._streamer.close()
+            self._streamer = None
         if self._offloader is not None:
             self._last_report = self.memory_report()
             self._offloader.close()

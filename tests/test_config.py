@@ -47,7 +47,6 @@ def test_bad_arguments(kwargs, error, pattern):
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    (dict(layer_streaming=True), "L2L layer streaming"),
     (dict(microbatches=4), "layer-major microbatching"),
     (dict(zero_stage=2), "DeepSpeed ZeRO"),
     (dict(offload_optimizer=True), "optimizer offload"),

@@ -1,0 +1,438 @@
+"""L2L layer streaming: the repeated blocks' weights, gradients and optimizer state live in host memory.
+
+Each block's parameters become views of one flat host buffer (pinned on CUDA), so the ``nn.Parameter``
+objects the user's optimizer holds *are* the host master weights: ``state_dict()``, optimizer state and
+checkpoints never assemble the model on the device. The device holds two reusable flat slots in the compute
+dtype: the block computing and the next one arriving on a side stream. A block's forward runs without
+autograd and saves only its input; backward fetches the block again, recomputes it (same RNG, same autocast)
+and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would.
+Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
+runs with inline copies, which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.pool import CopyEngine
+
+#: Optimizers verified to update each parameter elementwise, from its own gradient and state only.
+SUPPORTED_OPTIMIZERS: tuple[type, ...] = (
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.Adamax,
+    torch.optim.RMSprop, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
+)
+_MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def compute_dtype(precision: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the device slots hold: autocast's for mixed precision (so it casts nothing), else the params'."""
+    return _MIXED.get(str(precision), param_dtype)
+
+
+def _host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
+    """A host buffer, page-locked if asked; falls back to pageable memory with one warning."""
+    if pin:
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as err:
+            warnings.warn(f"lightning_vdnn: pinning host memory for layer streaming failed ({err}); using pageable "
+                          "memory, so weight copies are slower and synchronous.", stacklevel=3)
+    return torch.empty(numel, dtype=dtype)
+
+
+class HostBlock:
+    """One block's parameters as views of one flat host buffer, and their gradients likewise."""
+
+    def __init__(self, index: int, module: nn.Module, pin: bool) -> None:
+        self.index, self.module = index, module
+        self.params: list[nn.Parameter] = list(module.parameters())
+        slot = {id(p): k for k, p in enumerate(self.params)}
+        self.refs = [(m, name, slot[id(p)]) for m in module.modules()
+                     for name, p in m._parameters.items() if p is not None]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"Block {index} ({type(module).__name__}) mixes parameter dtypes {sorted(map(str, dtypes))}; "
+                             "layer streaming keeps one flat buffer per block and needs one dtype.")
+        self.dtype = dtypes.pop()
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.numel = self.offsets[-1]
+        self.flat = _host_empty(self.numel, self.dtype, pin)
+        self.grad_flat = _host_empty(self.numel, self.dtype, pin)
+        self.views = self.split(self.flat)
+        self.grad_views = self.split(self.grad_flat)
+        with torch.no_grad():
+            for p, v in zip(self.params, self.views):
+                v.copy_(p.detach())
+                p.data = v
+                if p.grad is not None:
+                    p.grad = p.grad.to("cpu")
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like this block's parameters."""
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def version(self) -> int:
+        """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
+        return sum(p._version for p in self.params)
+
+    def accumulate(self, grads: Tensor) -> None:
+        """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
+        current = [p.grad for p in self.params]
+        trained = [p.requires_grad for p in self.params]
+        if all(g is None for g, t in zip(current, trained) if t) and all(trained):
+            self.grad_flat.copy_(grads)
+            for p, v in zip(self.params, self.grad_views):
+                p.grad = v
+            return
+        if all(g is v for g, v in zip(current, self.grad_views)):
+            self.grad_flat.add_(grads)
+            return
+        for p, g, v, new in zip(self.params, current, self.grad_views, self.split(grads)):
+            if not p.requires_grad:
+                continue
+            if g is None:
+                v.copy_(new)
+                p.grad = v
+            else:
+                g.add_(new)
+
+    def release(self) -> None:
+        """Give each parameter (and gradient) its own ordinary CPU storage again."""
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.clone()
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+
+
+class _Slot:
+    """A flat device buffer holding one block's weights in the compute dtype."""
+
+    __slots__ = ("buf", "block", "version", "ready", "free", "used")
+
+    def __init__(self, buf: Tensor) -> None:
+        self.buf, self.block, self.version, self.ready, self.free, self.used = buf, -1, -1, None, None, 0
+
+
+class _StreamedBlock(torch.autograd.Function):
+    """One streamed block: forward without autograd, saving only the input; backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx: Any, streamer: "LayerStreamer", index: int, x: Tensor, anchor: Tensor) -> Tensor:
+        ctx.streamer, ctx.index, ctx.state = streamer, index, _State(streamer.device)
+        ctx.save_for_backward(x)
+        return streamer._run(index, x, training=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        (x,) = ctx.saved_tensors
+        gx = ctx.streamer._backward(ctx.index, x, grad, ctx.state, ctx.needs_input_grad[2])
+        return None, None, gx, None
+
+
+class _State:
+    """RNG and autocast state at a block's forward, replayed for its recompute (as ``torch.utils.checkpoint``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device_type = device.type
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = torch.is_autocast_enabled(device.type)
+        self.dtype = torch.get_autocast_dtype(device.type)
+        self.cache = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def replay(self, device: torch.device) -> Iterator[None]:
+        cuda = [device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=cuda, device_type=self.device_type):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, device)
+            with torch.enable_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast,
+                                                     cache_enabled=self.cache):
+                yield
+
+
+class LayerStreamer:
+    """Streams the blocks at ``layers`` between host memory and ``device``, one block ahead of compute.
+
+    Args:
+        root: the module holding the blocks (the LightningModule).
+        layers: dotted path to an ``nn.ModuleList``/``nn.Sequential`` of same-class blocks; ``None`` detects it.
+        device: where the model computes; everything outside the blocks is moved there.
+        precision: Lightning's precision string; ``"bf16-mixed"``/``"16-mixed"`` make the slots bf16/fp16.
+        pin_memory: page-locked host buffers on CUDA (asynchronous copies).
+
+    Raises:
+        ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
+            parameters shared with other blocks or with modules outside the blocks.
+
+    Example::
+
+        streamer = LayerStreamer(lm, "model.blocks", torch.device("cuda"), precision="bf16-mixed")
+        streamer.attach_optimizers([optimizer])   # checks the class; keeps block state on the host
+        loss = lm(x).sum(); loss.backward()       # block grads arrive in host p.grad
+        streamer.close()                          # original forwards back, ordinary CPU parameters
+    """
+
+    def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
+                 pin_memory: bool = True) -> None:
+        self.path, self.container = resolve_layers(root, layers)
+        self.device = torch.device(device)
+        self.engine = CopyEngine(self.device)
+        _check_sharing(root, self.container, self.path)
+        pin = pin_memory and self.device.type == "cuda"
+        self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(self.container)]
+        _move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
+        self.host_dtype = self.blocks[0].dtype
+        self.dtype = compute_dtype(precision, self.host_dtype)
+        size = max(b.numel for b in self.blocks)
+        self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
+        self.stage = None if self.dtype == self.host_dtype else torch.empty(size, dtype=self.host_dtype, device=self.device)
+        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
+        self.grad_host = [_host_empty(size, self.host_dtype, pin) for _ in range(2)]
+        self._grad_turn, self._grad_dev_free = 0, None
+        self._host_busy: list[Optional[Future]] = [None, None]
+        self._pending: list[Future] = []
+        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2l-grads")
+        self._anchor = torch.empty(0, requires_grad=True)
+        self._drain_queued = False
+        self._clock = 0
+        self._hooks: list[Any] = []
+        self.h2d_bytes = self.d2h_bytes = 0
+        self._forwards = []
+        for b in self.blocks:
+            self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
+            b.module._compiled_call_impl = None  # the streamed forward runs the block's own forward eagerly
+            b.module.forward = functools.partial(self._forward, b.index)
+
+    # -- public ------------------------------------------------------------------------------------------
+    def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
+        """Refuse optimizers that are not elementwise; keep block state on the host; sync before each step."""
+        ours = {id(p) for b in self.blocks for p in b.params}
+        for opt in optimizers:
+            if not any(id(p) in ours for g in opt.param_groups for p in g["params"]):
+                continue
+            if type(opt) not in SUPPORTED_OPTIMIZERS:
+                names = ", ".join(c.__name__ for c in SUPPORTED_OPTIMIZERS)
+                raise TypeError(f"layer streaming cannot step {type(opt).__name__} over the blocks at {self.path!r}: "
+                                f"it needs an elementwise optimizer. Supported: {names}.")
+            self.keep_state_on_host(opt)
+            self._hooks.append(opt.register_step_pre_hook(lambda *_: self.synchronize()))
+
+    def keep_state_on_host(self, optimizer: Optimizer) -> None:
+        """Move the optimizer state of block parameters back to host memory (Lightning moves all of it)."""
+        for b in self.blocks:
+            for p in b.params:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, Tensor) and key != "step":
+                        optimizer.state[p][key] = value.to("cpu")
+
+    def synchronize(self) -> None:
+        """Wait for gradients in flight and for copies still reading host weights (before anyone writes them)."""
+        self.wait_grads()
+        if self.engine.is_cuda:
+            self.engine.h2d.synchronize()
+
+    def wait_grads(self) -> None:
+        """Block until every streamed gradient has been added into host ``p.grad``."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            fut.result()
+
+    def close(self) -> None:
+        """Original forwards back, ordinary CPU parameters, device slots freed."""
+        self.synchronize()
+        self._workers.shutdown(wait=True)
+        for handle in self._hooks:
+            handle.remove()
+        for b, (own, _, compiled) in zip(self.blocks, self._forwards):
+            if own is None:
+                b.module.__dict__.pop("forward", None)
+            else:
+                b.module.forward = own
+            b.module._compiled_call_impl = compiled
+            b.release()
+        self.slots, self.stage, self.grad_dev = [], None, None
+
+    def stats(self) -> dict[str, int]:
+        return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes}
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _forward(self, index: int, *args: Any, **kwargs: Any) -> Tensor:
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
+            got = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
+            raise TypeError(f"layer streaming calls each {type(self.blocks[index].module).__name__} at {self.path!r} "
+                            f"with one tensor and expects one tensor back, but it was called with {got}. Pass the "
+                            "other inputs through the block's state, or set layers to blocks with forward(x) -> x.")
+        x = args[0]
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks[index].params)):
+            return _StreamedBlock.apply(self, index, x, self._anchor)
+        return self._run(index, x, training=False)
+
+    def _run(self, index: int, x: Tensor, training: bool) -> Tensor:
+        slot = self._acquire(index)
+        ahead = index + 1 if training else (index + 1) % len(self.blocks)
+        self._prefetch(ahead, slot)
+        block = self.blocks[index]
+        with _weights(block, block.split(slot.buf)):
+            out = self._forwards[index][1](x)
+        slot.free = self.engine.record()
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{type(block.module).__name__} at {self.path!r} returned {type(out).__name__}; layer "
+                            "streaming needs blocks that return one tensor.")
+        return out
+
+    # -- backward ----------------------------------------------------------------------------------------
+    def _backward(self, index: int, x: Tensor, grad: Tensor, state: _State, need_x: bool) -> Optional[Tensor]:
+        slot = self._acquire(index)
+        self._prefetch(index - 1, slot)
+        block = self.blocks[index]
+        with state.replay(self.device):
+            xd = x.detach().requires_grad_(need_x)
+            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            with _weights(block, leaves):
+                out = self._forwards[index][1](xd)
+        wants = ([xd] if need_x else []) + [w for w in leaves if w.requires_grad]
+        grads = list(torch.autograd.grad(out, wants, grad, allow_unused=True)) if wants else []
+        slot.free = self.engine.record()
+        gx = grads.pop(0) if need_x else None
+        it = iter(grads)
+        self._push_grads(block, [next(it) if w.requires_grad else None for w in leaves])
+        if not self._drain_queued:
+            self._drain_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._drain)
+        return gx
+
+    def _drain(self) -> None:
+        self._drain_queued = False
+        self.wait_grads()
+
+    def _push_grads(self, block: HostBlock, grads: list[Optional[Tensor]]) -> None:
+        """Pack the block's weight grads into one device buffer, copy it to the host, add it there (worker)."""
+        eng = self.engine
+        if eng.is_cuda and self._grad_dev_free is not None:
+            eng.current_stream().wait_event(self._grad_dev_free)  # the previous block's copy has left it
+        dev = self.grad_dev[: block.numel]
+        with torch.no_grad():
+            for view, g in zip(block.split(dev), grads):
+                view.zero_() if g is None else view.copy_(g)
+        produced = eng.record()
+        turn = self._grad_turn = 1 - self._grad_turn
+        if self._host_busy[turn] is not None:
+            self._host_busy[turn].result()  # the worker is done adding from this staging buffer
+        host = self.grad_host[turn][: block.numel]
+        with eng.stream(eng.d2h):
+            if eng.is_cuda:
+                eng.d2h.wait_event(produced)
+            host.copy_(dev, non_blocking=True)
+            done = self._grad_dev_free = eng.record(eng.d2h)
+        self.d2h_bytes += dev.nbytes
+        fut = self._workers.submit(_accumulate, block, host, done)
+        self._host_busy[turn] = fut
+        self._pending.append(fut)
+
+    # -- slots -------------------------------------------------------------------------------------------
+    def _acquire(self, index: int) -> _Slot:
+        """A slot holding block ``index``'s current weights, ready for the compute stream."""
+        slot = self._resident(index)
+        if slot is None:
+            slot = min(self.slots, key=lambda s: s.used)
+            self._load(index, slot)
+        self._clock += 1
+        slot.used = self._clock
+        if self.engine.is_cuda:
+            self.engine.current_stream().wait_event(slot.ready)
+        return slot
+
+    def _prefetch(self, index: int, busy: _Slot) -> None:
+        if 0 <= index < len(self.blocks) and self._resident(index) is None:
+            self._load(index, next(s for s in self.slots if s is not busy))
+
+    def _resident(self, index: int) -> Optional[_Slot]:
+        version = self.blocks[index].version()
+        return next((s for s in self.slots if s.block == index and s.version == version), None)
+
+    def _load(self, index: int, slot: _Slot) -> None:
+        """Copy block ``index`` host -> ``slot`` on the h2d stream, casting to the compute dtype on the device."""
+        block, eng = self.blocks[index], self.engine
+        with eng.stream(eng.h2d):
+            if eng.is_cuda and slot.free is not None:
+                eng.h2d.wait_event(slot.free)
+            dst = slot.buf[: block.numel]
+            if self.stage is None:
+                dst.copy_(block.flat, non_blocking=True)
+            else:
+                staged = self.stage[: block.numel]
+                staged.copy_(block.flat, non_blocking=True)
+                dst.copy_(staged)
+            slot.ready = eng.record(eng.h2d)
+        slot.block, slot.version = index, block.version()
+        self.h2d_bytes += block.flat.nbytes
+
+
+def _accumulate(block: HostBlock, host: Tensor, done: Any) -> None:
+    done.synchronize()
+    with torch.no_grad():
+        block.accumulate(host)
+
+
+@contextlib.contextmanager
+def _weights(block: HostBlock, tensors: list[Tensor]) -> Iterator[None]:
+    """Run the block with ``tensors`` in place of its parameters (what ``functional_call`` does, without
+    calling ``block.forward``, which is the streamed forward itself)."""
+    saved = [m._parameters[name] for m, name, _ in block.refs]
+    for m, name, k in block.refs:
+        m._parameters[name] = tensors[k]
+    try:
+        yield
+    finally:
+        for (m, name, _), p in zip(block.refs, saved):
+            m._parameters[name] = p
+
+
+def _check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:
+    owner: dict[int, int] = {}
+    for i, block in enumerate(container):
+        params = list(block.parameters())
+        if not params:
+            raise ValueError(f"Block {i} at layers={path!r} ({type(block).__name__}) has no parameters to stream; "
+                             "point layers at the repeated blocks that hold the weights.")
+        for p in params:
+            if owner.setdefault(id(p), i) != i:
+                raise ValueError(f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter; layer "
+                                 "streaming keeps each block's weights in its own host buffer.")
+    inside = {id(m) for b in container for m in b.modules()}
+    for m in root.modules():
+        if id(m) in inside:
+            continue
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in owner:
+                raise ValueError(f"{type(m).__name__}.{name} outside layers={path!r} is a parameter of block "
+                                 f"{owner[id(p)]}; untie it or stream a container that holds both.")
+
+
+def _move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
+    """``root.to(device)`` for every parameter not in ``keep`` and every buffer (tied weights move once)."""
+    with torch.no_grad():
+        for m in root.modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) not in keep and p.device != device:
+                    p.data = p.data.to(device)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(device)
+            for name, b in m._buffers.items():
+                if b is not None and b.device != device:
+                    m._buffers[name] = b.to(device)
