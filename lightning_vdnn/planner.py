@@ -1,8 +1,9 @@
 """What ``activation_offload="auto"`` keeps on the device and what it moves, given a memory budget.
 
 Model: every layer's saved activations either stay on the device or go to the host. With all of them
-offloaded the step peaks at ``floor`` (measured on the first step, which runs that way, safely); keeping
-layer ``g`` adds its bytes ``b_g``. On a GPU fast enough to be bound by PCIe once it offloads at all (bf16 on
+offloaded (the first step runs that way, safely, and is measured) the step peaks at ``floor`` and forward
+alone at ``forward_peak``. What a plan keeps is all alive when forward ends, and freed as backward walks
+back past it, so keeping layers ``K`` peaks at ``max(floor, forward_peak + sum(b_g, g in K))``. On a GPU fast enough to be bound by PCIe once it offloads at all (bf16 on
 Hopper moves ~8 GB under a whole step of compute), step time grows with the bytes moved, so the plan keeps
 the most bytes that fit: ``max sum(b_g, kept) s.t. floor + sum(b_g, kept) <= budget``, a subset-sum solved
 exactly by dynamic programming over sizes rounded up to ``granule`` bytes (1 MiB: the peak prediction errs
@@ -39,8 +40,10 @@ class Plan:
     budget: int
 
 
-def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = 2**20) -> Plan:
-    """The plan that moves the fewest bytes while ``floor + kept bytes <= budget``.
+def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = 2**20,
+          forward_peak: Optional[int] = None) -> Plan:
+    """The plan that moves the fewest bytes while ``max(floor, forward_peak + kept bytes) <= budget``
+    (``forward_peak`` defaults to ``floor``: the cautious model).
 
     Raises:
         BudgetTooSmall: ``budget < floor``; the message states the minimum.
@@ -51,13 +54,14 @@ def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = 2*
             f"every activation offloaded. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the step "
             "smaller (batch size, sequence length)."
         )
-    fine = max(1, (budget - floor) // 4096)  # small budgets: finer sizes (a power of two), same array length
+    base = floor if forward_peak is None else min(forward_peak, floor)
+    fine = max(1, (budget - base) // 4096)  # small budgets: finer sizes (a power of two), same array length
     granule = min(granule, 1 << (fine.bit_length() - 1))
     sizes = [-(-int(b) // granule) for b in group_bytes]  # rounded up: predictions stay conservative
-    capacity = (budget - floor) // granule
+    capacity = (budget - base) // granule
     kept = _subset_sum(sizes, capacity)
     kept_bytes = sum(group_bytes[g] for g in kept)
-    return Plan(frozenset(kept), sum(group_bytes) - kept_bytes, kept_bytes, floor + kept_bytes, budget)
+    return Plan(frozenset(kept), sum(group_bytes) - kept_bytes, kept_bytes, max(floor, base + kept_bytes), budget)
 
 
 def _subset_sum(sizes: Sequence[int], capacity: int) -> list[int]:
@@ -103,6 +107,7 @@ class AutoPlanner:
         self.plan: Optional[Plan] = None
         self.measured_peak: Optional[int] = None
         self._floor: Optional[int] = None
+        self._forward_peak: Optional[int] = None
         self._bytes: Optional[list[int]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
         self._since_plan = 0
@@ -121,8 +126,10 @@ class AutoPlanner:
         """Whether the next step's peak should be measured: profiling, or verifying a fresh plan."""
         return self.plan is None or self._since_plan < 3
 
-    def observe(self, group_bytes: Sequence[int], peak: Optional[int]) -> Optional[Plan]:
-        """Feed one finished step (``peak`` None when it was not measured); returns a new plan if one was made."""
+    def observe(self, group_bytes: Sequence[int], peak: Optional[int],
+                forward_peak: Optional[int] = None) -> Optional[Plan]:
+        """Feed one finished step (``peak`` None when it was not measured, ``forward_peak`` the peak before
+        backward began); returns a new plan if one was made."""
         self._since_plan += 1
         if peak is None:
             if self.plan is not None and list(group_bytes) != self._bytes:
@@ -130,7 +137,7 @@ class AutoPlanner:
             return None
         self.measured_peak = peak
         if self.plan is None:  # the profiling pass: everything was offloaded
-            self._floor, self._bytes = peak, list(group_bytes)
+            self._floor, self._bytes, self._forward_peak = peak, list(group_bytes), forward_peak
             return self._replan()
         if list(group_bytes) != self._bytes:  # shapes changed: start over from a safe pass
             self.plan = None
@@ -143,7 +150,8 @@ class AutoPlanner:
     def _replan(self) -> Plan:
         assert self._floor is not None and self._bytes is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
-        self.plan = solve(self._bytes, floor, self.budget, self.granule)
+        forward = None if self._forward_peak is None else self._forward_peak + self._slack
+        self.plan = solve(self._bytes, floor, self.budget, self.granule, forward)
         self._since_plan = 0
         return self.plan
 

@@ -102,6 +102,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._device_given = device is not None
         self._offloader: Optional[ActivationOffloader] = None
         self._planner: Optional[AutoPlanner] = None
+        self._forward_peak: Optional[int] = None
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
 
@@ -168,6 +169,8 @@ class VDNNStrategy(SingleDeviceStrategy):
             return super().training_step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._planner is not None and self._planner.watching and self.root_device.type == "cuda":
+            self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
         try:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         finally:
@@ -188,7 +191,7 @@ class VDNNStrategy(SingleDeviceStrategy):
         if planner.watching:
             cuda = self.root_device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
-        plan = planner.observe(offloader.layer_bytes(), peak)
+        plan = planner.observe(offloader.layer_bytes(), peak, self._forward_peak)
         offloader.keep_layers = planner.keep
         if plan is not None:
             rank_zero_info(
@@ -208,7 +211,11 @@ class VDNNStrategy(SingleDeviceStrategy):
                 logger.log_metrics(metrics, step=step)
 
     def memory_report(self) -> MemoryReport:
-        """Offload statistics of the latest training step (an empty report before training)."""
+        """Offload (and layer-streaming) statistics of the latest training step (empty before training)."""
+        report = self._offload_report()
+        return report if self._streamer is None else dataclasses.replace(report, **self._streamer.stats())
+
+    def _offload_report(self) -> MemoryReport:
         if self._offloader is None:
             return self._last_report or MemoryReport(policy=self.config.offload_policy)
         report = self._offloader.report()
@@ -233,11 +240,12 @@ class VDNNStrategy(SingleDeviceStrategy):
 
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
+        if self._offloader is not None or self._streamer is not None:
+            self._last_report = self.memory_report()
         if self._streamer is not None:
             self._streamer.close()
             self._streamer = None
         if self._offloader is not None:
-            self._last_report = self.memory_report()
             self._offloader.close()
             self._offloader = None
             self._planner = None

@@ -84,3 +84,14 @@ def test_auto_on_cpu_without_budget_keeps_everything(cnn):
     _, trainer = fit(cnn, image_loader(), VDNNStrategy("auto", min_offload_bytes=0), max_steps=3)
     report = trainer.strategy.memory_report()
     assert report.offloaded_bytes == 0 and report.layers_offloaded == 0 and report.kept_bytes > 0
+
+
+def test_forward_peak_model_keeps_what_backward_frees_in_time():
+    """Kept activations are all alive when forward ends: with room above the forward peak, more fits."""
+    sizes = [30 * MiB, 30 * MiB, 30 * MiB]
+    cautious = solve(sizes, floor=100 * MiB, budget=150 * MiB)
+    informed = solve(sizes, floor=100 * MiB, budget=150 * MiB, forward_peak=60 * MiB)
+    assert cautious.kept_bytes == 30 * MiB and informed.kept_bytes == 90 * MiB
+    assert informed.predicted_peak == 150 * MiB
+    p = AutoPlanner(budget=150 * MiB)
+    assert p.observe(sizes, peak=100 * MiB, forward_peak=60 * MiB).kept_bytes == 90 * MiB
