@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from lightning_vdnn.api import ActivationOffload, make_config, offload_activations
-from lightning_vdnn.config import Policy
+from lightning_vdnn.config import MemorySpec, Policy
 from lightning_vdnn.report import MemoryReport
 
 _BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
@@ -32,6 +32,7 @@ def prepare(
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
     layers: Optional[str] = None,
+    memory_budget: MemorySpec = None,
     device_placement: Optional[list[bool]] = None,
 ) -> Any:
     """``accelerator.prepare(*objects)``, with vDNN activation offload wired into every model among them.
@@ -50,7 +51,8 @@ def prepare(
         print(lightning_vdnn.accelerate.memory_report(model))
     """
     kwargs = dict(min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-                  max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers)
+                  max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
+                  memory_budget=memory_budget)
     make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
     prepared = accelerator.prepare(*objects, device_placement=device_placement)
     for obj in prepared if isinstance(prepared, tuple) else (prepared,):

@@ -8,15 +8,17 @@ steps this module exposes: turn keyword arguments into a validated :class:`VDNNC
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from lightning_vdnn.config import Policy, VDNNConfig
+from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
+from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
 
 DeviceLike = Union[str, torch.device, None]
@@ -30,6 +32,7 @@ def make_config(
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
     layers: Optional[str] = None,
+    memory_budget: MemorySpec = None,
 ) -> VDNNConfig:
     """The activation-offload part of :class:`VDNNConfig`, built (and so validated) from keyword arguments.
 
@@ -39,7 +42,7 @@ def make_config(
     try:
         return VDNNConfig(activation_offload=policy, min_offload_bytes=min_offload_bytes,
                           prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes,
-                          pin_memory=pin_memory, layers=layers)
+                          pin_memory=pin_memory, layers=layers, memory_budget=memory_budget)
     except (ValueError, TypeError) as err:  # the entry points call it ``policy``; say so
         raise type(err)(str(err).replace("activation_offload=", "policy=")) from None
 
@@ -71,14 +74,18 @@ class ActivationOffload:
     """A model's offloader as a re-enterable context manager: enter it around each forward pass.
 
     Entering starts a pass (and closes the previous one if :meth:`step_done` was not called); forward under
-    ``torch.no_grad()`` is left alone, since there is no backward to save anything for. Build it with
-    :func:`offload_activations`.
+    ``torch.no_grad()`` is left alone, since there is no backward to save anything for. With policy
+    ``"auto"``, each closed pass feeds the planner, which picks the layers the next pass keeps on the device
+    (as :class:`~lightning_vdnn.VDNNStrategy` does). Build it with :func:`offload_activations`.
     """
 
     def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
         self.model, self.config = model, config
         self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
+        auto = config.activation_offload == "auto"
+        self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device)) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
+        self._open = False  # a captured pass not closed yet
 
     def __enter__(self) -> "ActivationOffload":
         if self.offloader is None:
@@ -86,8 +93,12 @@ class ActivationOffload:
         if self._capture is not None:
             raise RuntimeError("offload_activations(model) is already active: do not nest it around one model.")
         if torch.is_grad_enabled():
+            self.step_done()
+            if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.offloader.device)
             self._capture = self.offloader.capture()
             self._capture.__enter__()
+            self._open = True
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,14 +108,35 @@ class ActivationOffload:
 
     def step_done(self) -> None:
         """Close this pass after backward, so :meth:`report` shows it now rather than at the next forward."""
-        if self.offloader is not None:
-            self.offloader.finish_pass()
+        if self.offloader is None or not self._open:
+            return
+        self._open = False
+        self.offloader.finish_pass()
+        if self.planner is not None:
+            self._update_plan(self.offloader, self.planner)
+
+    @staticmethod
+    def _update_plan(offloader: ActivationOffloader, planner: AutoPlanner) -> None:
+        peak = None
+        if planner.watching:  # the step's device peak; on a CPU device, what stayed is what the planner fits
+            cuda = offloader.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
+        planner.observe(offloader.layer_bytes(), peak)
+        offloader.keep_layers = planner.keep
 
     def report(self) -> MemoryReport:
-        """Statistics of the last finished pass (see :meth:`step_done`)."""
+        """Statistics of the last finished pass (see :meth:`step_done`), with the plan's numbers for "auto"."""
         if self.offloader is None:
             return MemoryReport(policy=self.config.offload_policy)
-        return self.offloader.report()
+        report, planner = self.offloader.report(), self.planner
+        if planner is None:
+            return report
+        plan, layers = planner.plan, len(self.offloader.layer_bytes())
+        return dataclasses.replace(
+            report, policy="auto", budget_bytes=planner.budget, measured_peak_bytes=planner.measured_peak,
+            predicted_peak_bytes=plan.predicted_peak if plan else None,
+            layers_kept=len(plan.kept) if plan else 0, layers_offloaded=layers - len(plan.kept) if plan else layers,
+        )
 
     def close(self) -> None:
         """Remove the hooks and free the host buffers; the model trains as if never touched."""
@@ -131,6 +163,7 @@ def offload_activations(
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
     layers: Optional[str] = None,
+    memory_budget: MemorySpec = None,
     device: DeviceLike = None,
 ) -> ActivationOffload:
     """Offload what autograd saves inside ``with`` to host memory, for plain PyTorch training loops.
@@ -141,8 +174,9 @@ def offload_activations(
     Args:
         model: the module whose forward runs inside ``with``; its leaf modules (or ``layers``) are the layers
             prefetch counts in.
-        policy, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory: as in
-            :class:`~lightning_vdnn.VDNNConfig` (``policy`` is its ``activation_offload``).
+        policy, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, memory_budget: as in
+            :class:`~lightning_vdnn.VDNNConfig` (``policy`` is its ``activation_offload``; ``memory_budget``
+            goes with ``"auto"``).
         layers: dotted path under ``model`` to its repeated blocks, e.g. ``"blocks"``.
         device: where the model computes; default, the device of its parameters.
 
@@ -158,7 +192,8 @@ def offload_activations(
         print(off.report())
     """
     config = make_config(policy, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-                         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers)
+                         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
+                         memory_budget=memory_budget)
     handle = _HANDLES.get(model)
     wanted = torch.device(device) if device is not None else module_device(model)
     if handle is not None and handle.config == config and handle.device == wanted:

@@ -16,29 +16,27 @@ from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, SingleDeviceStrategy
 from torch import Tensor, nn
 
-from lightning_vdnn.api import attach_offloader, make_config
-from lightning_vdnn.config import Policy, VDNNConfig
-from lightning_vdnn.offload import ActivationOffloader
+from lightning_vdnn.api import ActivationOffload, make_config
+from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.report import MemoryReport
 from lightning_vdnn.strategy import REGISTERED
 
 #: The configuration fields Fabric supports: activation offload. Names needing more are not registered.
 FABRIC_FIELDS = frozenset({"activation_offload", "min_offload_bytes", "prefetch_layers", "max_inflight_bytes",
-                           "pin_memory", "layers"})
+                           "pin_memory", "layers", "memory_budget"})
 
 
 class _CapturedForward(nn.Module):
-    """The module Fabric calls: the user's module, its forward under the offloader's capture."""
+    """The module Fabric calls: the user's module, its forward under the offloader's capture (a forward under
+    ``torch.no_grad()`` is left alone)."""
 
-    def __init__(self, module: nn.Module, offloader: ActivationOffloader) -> None:
+    def __init__(self, module: nn.Module, offload: ActivationOffload) -> None:
         super().__init__()
         self.module = module
-        self.offloader = offloader
+        self.offload = offload
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():  # evaluation: nothing is saved for a backward
-            return self.module(*args, **kwargs)
-        with self.offloader.capture():
+        with self.offload:
             return self.module(*args, **kwargs)
 
 
@@ -46,8 +44,9 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
     """Fabric's single-device strategy with vDNN activation offload (see :class:`~lightning_vdnn.VDNNStrategy`).
 
     Args:
-        activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers: as in
-            :class:`~lightning_vdnn.VDNNConfig`; ``layers`` is a path under each module given to ``fabric.setup``.
+        activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers,
+            memory_budget: as in :class:`~lightning_vdnn.VDNNConfig`; ``layers`` is a path under each module
+            given to ``fabric.setup``; ``"auto"`` plans each model to fit ``memory_budget``.
         device: normally left to ``Fabric(accelerator=..., devices=1)``.
 
     Example::
@@ -67,6 +66,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         max_inflight_bytes: int = 2**28,
         pin_memory: bool = True,
         layers: Optional[str] = None,
+        memory_budget: MemorySpec = None,
         device: Union[str, torch.device, None] = None,
         accelerator: Optional[Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -75,7 +75,8 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
     ) -> None:
         self.config = config or make_config(
             activation_offload, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-            max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers)
+            max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
+            memory_budget=memory_budget)
         super().__init__(device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io,
                          precision=precision)
         self._device_given = device is not None
@@ -98,7 +99,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         self._device_given = True
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        wrapped = _CapturedForward(module, attach_offloader(module, self.config, self.root_device))
+        wrapped = _CapturedForward(module, ActivationOffload(module, self.config, self.root_device))
         self._wrapped.append(wrapped)
         return wrapped
 
@@ -108,17 +109,17 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         finally:  # the model given to fabric.backward(model=...), else every model set up
             for wrapped in self._wrapped:
                 if module is None or module is wrapped:
-                    wrapped.offloader.finish_pass()
+                    wrapped.offload.step_done()
 
     def memory_report(self, index: int = 0) -> MemoryReport:
         """Offload statistics of the last pass of the ``index``-th model given to ``fabric.setup``."""
         if not self._wrapped:
             return MemoryReport(policy=self.config.offload_policy)
-        return self._wrapped[index].offloader.report()
+        return self._wrapped[index].offload.report()
 
     def teardown(self) -> None:
         for wrapped in self._wrapped:
-            wrapped.offloader.close()
+            wrapped.offload.close()
         self._wrapped.clear()
         super().teardown()
 

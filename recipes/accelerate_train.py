@@ -3,6 +3,7 @@
     python recipes/accelerate_train.py                           # policy "all", 50 steps, CPU or one GPU
     accelerate launch recipes/accelerate_train.py --policy conv  # the same under Accelerate's launcher
     python recipes/accelerate_train.py --policy none --steps 20  # hooks only: their overhead
+    python recipes/accelerate_train.py --policy auto --memory-budget 8GiB   # planned to fit 8 GiB
     python recipes/accelerate_train.py --plain                   # Accelerate alone, for comparison
 
 The loop is Accelerate's own; the one changed line is ``lightning_vdnn.accelerate.prepare``.
@@ -31,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="stdlib source bytes to train on")
     p.add_argument("--min-offload-bytes", type=int, default=2**20)
+    p.add_argument("--memory-budget", default=None, help="with --policy auto: '8GiB', '60%%' or bytes")
     p.add_argument("--plain", action="store_true", help="no offload: plain accelerator.prepare")
     return p.parse_args()
 
@@ -49,7 +51,7 @@ def main() -> None:
     else:
         model, optimizer, loader = lightning_vdnn.accelerate.prepare(
             accelerator, model, optimizer, data.train_dataloader(),
-            policy=args.policy, min_offload_bytes=args.min_offload_bytes,
+            policy=args.policy, min_offload_bytes=args.min_offload_bytes, memory_budget=args.memory_budget,
         )
 
     step = 0

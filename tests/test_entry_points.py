@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +107,26 @@ def test_plain_handle_lifecycle():
         pass
 
 
+@pytest.mark.parametrize("budget", [None, 2_000_000])
+def test_plain_auto_plans_to_the_budget(budget):
+    """Profile (offload all), then keep what fits: everything without a budget on a CPU, part within 2 MB."""
+    def step(model, x, y, opt):
+        with offload_activations(model, "auto", min_offload_bytes=0, memory_budget=budget) as off:
+            loss = loss_of(model, x, y)
+        loss.backward()
+        off.step_done()
+        reports.append(off.report())
+
+    reports = []
+    assert_same_params(train(gpt_tiny, token_loader, step), train(gpt_tiny, token_loader, plain_step))
+    first, last = reports[0], reports[-1]
+    assert first.offloaded_bytes > 0 and first.kept_bytes == 0 and last.policy == "auto"
+    if budget is None:
+        assert last.offloaded_bytes == 0 and last.layers_offloaded == 0
+    else:
+        assert 0 < last.kept_bytes <= budget and last.offloaded_bytes > 0 and last.layers_offloaded > 0
+
+
 # -- bad arguments, every entry point ---------------------------------------------------------------------
 def _accelerate_prepare(**kw):
     from accelerate import Accelerator
@@ -159,6 +178,11 @@ def test_fabric_matches_plain_fabric():
     with torch.no_grad():  # evaluation passes through, untouched
         got(next(iter(token_loader()))[0])
     assert fabric.strategy.memory_report().step == STEPS
+    got, fabric = fabric_train(VDNNFabricStrategy("auto", min_offload_bytes=0, memory_budget=2_000_000), gpt_tiny,
+                               token_loader)
+    assert_same_params(got, ref)
+    report = fabric.strategy.memory_report()
+    assert report.policy == "auto" and report.layers_kept > 0 and report.layers_offloaded > 0
 
 
 def test_fabric_registers_what_it_supports(monkeypatch):
