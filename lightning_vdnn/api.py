@@ -86,6 +86,7 @@ class ActivationOffload:
         self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device)) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
+        self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)
 
     def __enter__(self) -> "ActivationOffload":
         if self.offloader is None:
@@ -105,6 +106,8 @@ class ActivationOffload:
         capture, self._capture = self._capture, None
         if capture is not None:
             capture.__exit__(*exc)
+            if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
+                self._forward_peak = torch.cuda.max_memory_allocated(self.offloader.device)
 
     def step_done(self) -> None:
         """Close this pass after backward, so :meth:`report` shows it now rather than at the next forward."""
@@ -115,14 +118,14 @@ class ActivationOffload:
         if self.planner is not None:
             self._update_plan(self.offloader, self.planner)
 
-    @staticmethod
-    def _update_plan(offloader: ActivationOffloader, planner: AutoPlanner) -> None:
+    def _update_plan(self, offloader: ActivationOffloader, planner: AutoPlanner) -> None:
         peak = None
         if planner.watching:  # the step's device peak; on a CPU device, what stayed is what the planner fits
             cuda = offloader.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
-        planner.observe(offloader.layer_bytes(), peak)
+        planner.observe(offloader.layer_bytes(), peak, self._forward_peak)
         offloader.keep_layers = planner.keep
+        self._forward_peak = None
 
     def report(self) -> MemoryReport:
         """Statistics of the last finished pass (see :meth:`step_done`), with the plan's numbers for "auto"."""
