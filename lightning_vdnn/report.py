@@ -30,6 +30,9 @@ class MemoryReport:
         budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded: the
             ``"auto"`` planner's budget and current plan (None for the fixed policies); measured is the peak of
             the last step the planner watched.
+        streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms: L2L layer streaming (None without it): block
+            weights copied to the device and block gradients copied back in the last optimizer step, and the
+            wall time of that ``optimizer.step`` (the host blocks' update; device work is asynchronous).
     """
 
     step: int = 0
@@ -52,6 +55,9 @@ class MemoryReport:
     measured_peak_bytes: Optional[int] = None
     layers_kept: Optional[int] = None
     layers_offloaded: Optional[int] = None
+    streamed_h2d_bytes: Optional[int] = None
+    streamed_d2h_bytes: Optional[int] = None
+    host_optimizer_ms: Optional[float] = None
 
     def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
         """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
@@ -65,6 +71,11 @@ class MemoryReport:
         }
         if self.peak_device_bytes is not None:
             out["peak_device_GiB"] = self.peak_device_bytes / GiB
+        if self.streamed_h2d_bytes is not None:
+            out["streamed_h2d_GiB"] = self.streamed_h2d_bytes / GiB
+            out["streamed_d2h_GiB"] = (self.streamed_d2h_bytes or 0) / GiB
+        if self.host_optimizer_ms is not None:
+            out["host_optimizer_ms"] = self.host_optimizer_ms
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -82,6 +93,7 @@ class MemoryReport:
             f"  host pool              {self.host_pool_bytes / GiB:8.3f} GiB "
             f"({'pinned' if self.pinned else 'pageable'}, {self.host_allocations} allocations)"
             + (self._plan_line() if self.budget_bytes is not None else "")
+            + (self._stream_line() if self.streamed_h2d_bytes is not None else "")
         )
 
     def _plan_line(self) -> str:
@@ -89,6 +101,12 @@ class MemoryReport:
         return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded; "
                 f"budget {gib(self.budget_bytes)}, predicted peak {gib(self.predicted_peak_bytes)}, "
                 f"measured {gib(self.measured_peak_bytes)}")
+
+
+    def _stream_line(self) -> str:
+        opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
+        return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
+                f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}")
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

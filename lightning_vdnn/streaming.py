@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Optional
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_vdnn.host_blocks import HostBlock, accumulate_from, check_sharing, host_empty, move_except
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.pool import CopyEngine
 
@@ -36,85 +37,6 @@ _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 def compute_dtype(precision: str, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype the device slots hold: autocast's for mixed precision (so it casts nothing), else the params'."""
     return _MIXED.get(str(precision), param_dtype)
-
-
-def _host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
-    """A host buffer, page-locked if asked; falls back to pageable memory with one warning."""
-    if pin:
-        try:
-            return torch.empty(numel, dtype=dtype, pin_memory=True)
-        except RuntimeError as err:
-            warnings.warn(f"lightning_vdnn: pinning host memory for layer streaming failed ({err}); using pageable "
-                          "memory, so weight copies are slower and synchronous.", stacklevel=3)
-    return torch.empty(numel, dtype=dtype)
-
-
-class HostBlock:
-    """One block's parameters as views of one flat host buffer, and their gradients likewise."""
-
-    def __init__(self, index: int, module: nn.Module, pin: bool) -> None:
-        self.index, self.module = index, module
-        self.params: list[nn.Parameter] = list(module.parameters())
-        slot = {id(p): k for k, p in enumerate(self.params)}
-        self.refs = [(m, name, slot[id(p)]) for m in module.modules()
-                     for name, p in m._parameters.items() if p is not None]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"Block {index} ({type(module).__name__}) mixes parameter dtypes {sorted(map(str, dtypes))}; "
-                             "layer streaming keeps one flat buffer per block and needs one dtype.")
-        self.dtype = dtypes.pop()
-        self.shapes = [p.shape for p in self.params]
-        self.offsets = [0]
-        for p in self.params:
-            self.offsets.append(self.offsets[-1] + p.numel())
-        self.numel = self.offsets[-1]
-        self.flat = _host_empty(self.numel, self.dtype, pin)
-        self.grad_flat = _host_empty(self.numel, self.dtype, pin)
-        self.views = self.split(self.flat)
-        self.grad_views = self.split(self.grad_flat)
-        with torch.no_grad():
-            for p, v in zip(self.params, self.views):
-                v.copy_(p.detach())
-                p.data = v
-                if p.grad is not None:
-                    p.grad = p.grad.to("cpu")
-
-    def split(self, flat: Tensor) -> list[Tensor]:
-        """Views of ``flat`` shaped like this block's parameters."""
-        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
-
-    def version(self) -> int:
-        """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
-        return sum(p._version for p in self.params)
-
-    def accumulate(self, grads: Tensor) -> None:
-        """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
-        current = [p.grad for p in self.params]
-        trained = [p.requires_grad for p in self.params]
-        if all(g is None for g, t in zip(current, trained) if t) and all(trained):
-            self.grad_flat.copy_(grads)
-            for p, v in zip(self.params, self.grad_views):
-                p.grad = v
-            return
-        if all(g is v for g, v in zip(current, self.grad_views)):
-            self.grad_flat.add_(grads)
-            return
-        for p, g, v, new in zip(self.params, current, self.grad_views, self.split(grads)):
-            if not p.requires_grad:
-                continue
-            if g is None:
-                v.copy_(new)
-                p.grad = v
-            else:
-                g.add_(new)
-
-    def release(self) -> None:
-        """Give each parameter (and gradient) its own ordinary CPU storage again."""
-        with torch.no_grad():
-            for p in self.params:
-                p.data = p.data.clone()
-                if p.grad is not None:
-                    p.grad = p.grad.clone()
 
 
 class _Slot:
@@ -192,26 +114,28 @@ class LayerStreamer:
         self.path, self.container = resolve_layers(root, layers)
         self.device = torch.device(device)
         self.engine = CopyEngine(self.device)
-        _check_sharing(root, self.container, self.path)
+        check_sharing(root, self.container, self.path)
         pin = pin_memory and self.device.type == "cuda"
         self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(self.container)]
-        _move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
+        move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
         self.dtype = compute_dtype(precision, self.host_dtype)
         size = max(b.numel for b in self.blocks)
         self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
-        self.stage = None if self.dtype == self.host_dtype else torch.empty(size, dtype=self.host_dtype, device=self.device)
+        same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
+        self.stage = None if same else torch.empty(size, dtype=self.host_dtype, device=self.device)
         self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
-        self.grad_host = [_host_empty(size, self.host_dtype, pin) for _ in range(2)]
+        self.grad_host = [host_empty(size, self.host_dtype, pin) for _ in range(2)]
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
         self._pending: list[Future] = []
         self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2l-grads")
-        self._anchor = torch.empty(0, requires_grad=True)
+        self._anchor = torch.empty(0, device=self.device, requires_grad=True)  # puts every block in the graph
         self._drain_queued = False
         self._clock = 0
         self._hooks: list[Any] = []
         self.h2d_bytes = self.d2h_bytes = 0
+        self._marks, self._last_step, self._step_start = (0, 0), None, 0.0
         self._forwards = []
         for b in self.blocks:
             self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
@@ -230,7 +154,8 @@ class LayerStreamer:
                 raise TypeError(f"layer streaming cannot step {type(opt).__name__} over the blocks at {self.path!r}: "
                                 f"it needs an elementwise optimizer. Supported: {names}.")
             self.keep_state_on_host(opt)
-            self._hooks.append(opt.register_step_pre_hook(lambda *_: self.synchronize()))
+            self._hooks.append(opt.register_step_pre_hook(self._before_step))
+            self._hooks.append(opt.register_step_post_hook(self._after_step))
 
     def keep_state_on_host(self, optimizer: Optimizer) -> None:
         """Move the optimizer state of block parameters back to host memory (Lightning moves all of it)."""
@@ -267,8 +192,21 @@ class LayerStreamer:
             b.release()
         self.slots, self.stage, self.grad_dev = [], None, None
 
-    def stats(self) -> dict[str, int]:
-        return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes}
+    def stats(self) -> dict[str, Any]:
+        """Bytes streamed in the last optimizer step and its wall time (totals so far before the first step)."""
+        if self._last_step is not None:
+            return dict(self._last_step)
+        return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None}
+
+    def _before_step(self, *_: Any) -> None:
+        self.synchronize()  # grads complete, and no copy still reads the host weights the step writes
+        self._step_start = time.perf_counter()
+
+    def _after_step(self, *_: Any) -> None:
+        h2d, d2h = self._marks
+        self._last_step = {"streamed_h2d_bytes": self.h2d_bytes - h2d, "streamed_d2h_bytes": self.d2h_bytes - d2h,
+                           "host_optimizer_ms": (time.perf_counter() - self._step_start) * 1e3}
+        self._marks = (self.h2d_bytes, self.d2h_bytes)
 
     # -- forward -----------------------------------------------------------------------------------------
     def _forward(self, index: int, *args: Any, **kwargs: Any) -> Tensor:
@@ -340,7 +278,7 @@ class LayerStreamer:
             host.copy_(dev, non_blocking=True)
             done = self._grad_dev_free = eng.record(eng.d2h)
         self.d2h_bytes += dev.nbytes
-        fut = self._workers.submit(_accumulate, block, host, done)
+        fut = self._workers.submit(accumulate_from, block, host, done)
         self._host_busy[turn] = fut
         self._pending.append(fut)
 
@@ -383,12 +321,6 @@ class LayerStreamer:
         self.h2d_bytes += block.flat.nbytes
 
 
-def _accumulate(block: HostBlock, host: Tensor, done: Any) -> None:
-    done.synchronize()
-    with torch.no_grad():
-        block.accumulate(host)
-
-
 @contextlib.contextmanager
 def _weights(block: HostBlock, tensors: list[Tensor]) -> Iterator[None]:
     """Run the block with ``tensors`` in place of its parameters (what ``functional_call`` does, without
@@ -401,38 +333,3 @@ def _weights(block: HostBlock, tensors: list[Tensor]) -> Iterator[None]:
     finally:
         for (m, name, _), p in zip(block.refs, saved):
             m._parameters[name] = p
-
-
-def _check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:
-    owner: dict[int, int] = {}
-    for i, block in enumerate(container):
-        params = list(block.parameters())
-        if not params:
-            raise ValueError(f"Block {i} at layers={path!r} ({type(block).__name__}) has no parameters to stream; "
-                             "point layers at the repeated blocks that hold the weights.")
-        for p in params:
-            if owner.setdefault(id(p), i) != i:
-                raise ValueError(f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter; layer "
-                                 "streaming keeps each block's weights in its own host buffer.")
-    inside = {id(m) for b in container for m in b.modules()}
-    for m in root.modules():
-        if id(m) in inside:
-            continue
-        for name, p in m._parameters.items():
-            if p is not None and id(p) in owner:
-                raise ValueError(f"{type(m).__name__}.{name} outside layers={path!r} is a parameter of block "
-                                 f"{owner[id(p)]}; untie it or stream a container that holds both.")
-
-
-def _move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
-    """``root.to(device)`` for every parameter not in ``keep`` and every buffer (tied weights move once)."""
-    with torch.no_grad():
-        for m in root.modules():
-            for p in m._parameters.values():
-                if p is not None and id(p) not in keep and p.device != device:
-                    p.data = p.data.to(device)
-                    if p.grad is not None:
-                        p.grad = p.grad.to(device)
-            for name, b in m._buffers.items():
-                if b is not None and b.device != device:
-                    m._buffers[name] = b.to(device)

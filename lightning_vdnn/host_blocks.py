@@ -1,0 +1,135 @@
+"""The host side of L2L layer streaming: each block's parameters and gradients as views of flat host buffers.
+
+Keeping one flat (pinned) buffer per block makes a block one host->device copy, and makes the
+``nn.Parameter`` objects the user's optimizer holds the host master weights themselves, so
+``state_dict()``, optimizer state and checkpoints never touch the device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
+    """A host buffer, page-locked if asked; falls back to pageable memory with one warning."""
+    if pin:
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as err:
+            warnings.warn(f"lightning_vdnn: pinning host memory for layer streaming failed ({err}); using pageable "
+                          "memory, so weight copies are slower and synchronous.", stacklevel=3)
+    return torch.empty(numel, dtype=dtype)
+
+
+class HostBlock:
+    """One block's parameters as views of one flat host buffer, and their gradients likewise."""
+
+    def __init__(self, index: int, module: nn.Module, pin: bool) -> None:
+        self.index, self.module = index, module
+        self.params: list[nn.Parameter] = list(module.parameters())
+        slot = {id(p): k for k, p in enumerate(self.params)}
+        self.refs = [(m, name, slot[id(p)]) for m in module.modules()
+                     for name, p in m._parameters.items() if p is not None]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"Block {index} ({type(module).__name__}) mixes parameter dtypes "
+                             f"{sorted(map(str, dtypes))}; layer streaming keeps one flat buffer per block and "
+                             "needs one dtype.")
+        self.dtype = dtypes.pop()
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.numel = self.offsets[-1]
+        self.flat = host_empty(self.numel, self.dtype, pin)
+        self.grad_flat = host_empty(self.numel, self.dtype, pin)
+        self.views = self.split(self.flat)
+        self.grad_views = self.split(self.grad_flat)
+        with torch.no_grad():
+            for p, v in zip(self.params, self.views):
+                v.copy_(p.detach())
+                p.data = v
+                if p.grad is not None:
+                    p.grad = p.grad.to("cpu")
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like this block's parameters."""
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def version(self) -> int:
+        """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
+        return sum(p._version for p in self.params)
+
+    def accumulate(self, grads: Tensor) -> None:
+        """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
+        current = [p.grad for p in self.params]
+        trained = [p.requires_grad for p in self.params]
+        if all(g is None for g, t in zip(current, trained) if t) and all(trained):
+            self.grad_flat.copy_(grads)
+            for p, v in zip(self.params, self.grad_views):
+                p.grad = v
+            return
+        if all(g is v for g, v in zip(current, self.grad_views)):
+            self.grad_flat.add_(grads)
+            return
+        for p, g, v, new in zip(self.params, current, self.grad_views, self.split(grads)):
+            if not p.requires_grad:
+                continue
+            if g is None:
+                v.copy_(new)
+                p.grad = v
+            else:
+                g.add_(new)
+
+    def release(self) -> None:
+        """Give each parameter (and gradient) its own ordinary CPU storage again."""
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.clone()
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+
+
+def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
+    done.synchronize()
+    with torch.no_grad():
+        block.accumulate(host)
+
+
+def check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:
+    owner: dict[int, int] = {}
+    for i, block in enumerate(container):
+        params = list(block.parameters())
+        if not params:
+            raise ValueError(f"Block {i} at layers={path!r} ({type(block).__name__}) has no parameters to stream; "
+                             "point layers at the repeated blocks that hold the weights.")
+        for p in params:
+            if owner.setdefault(id(p), i) != i:
+                raise ValueError(f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter; layer "
+                                 "streaming keeps each block's weights in its own host buffer.")
+    inside = {id(m) for b in container for m in b.modules()}
+    for m in root.modules():
+        if id(m) in inside:
+            continue
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in owner:
+                raise ValueError(f"{type(m).__name__}.{name} outside layers={path!r} is a parameter of block "
+                                 f"{owner[id(p)]}; untie it or stream a container that holds both.")
+
+
+def move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
+    """``root.to(device)`` for every parameter not in ``keep`` and every buffer (tied weights move once)."""
+    with torch.no_grad():
+        for m in root.modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) not in keep and p.device != device:
+                    p.data = p.data.to(device)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(device)
+            for name, b in m._buffers.items():
+                if b is not None and b.device != device:
+                    m._buffers[name] = b.to(device)
