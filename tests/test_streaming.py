@@ -221,3 +221,24 @@ def test_frozen_block_parameters_and_repeated_backward_accumulate_like_autograd(
         if q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
     streamer.close()
+
+
+class Exploding(LM):
+    explode_at = 1
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.explode_at:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_exception_leaves_an_ordinary_module_that_trains_again():
+    module = Exploding()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(lambda: module, loader(24), "l2l", max_steps=3)
+    blocks = module.model.blocks
+    assert all("forward" not in b.__dict__ for b in blocks)
+    assert len({p.untyped_storage().data_ptr() for p in blocks.parameters()}) == len(list(blocks.parameters()))
+    module.explode_at = -1
+    fit(lambda: module, loader(24), "l2l", max_steps=2)
+    assert len(module.losses) == 3
