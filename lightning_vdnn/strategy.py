@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_vdnn.checkpoint import AtomicCheckpointIO
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
@@ -105,6 +106,17 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._forward_peak: Optional[int] = None
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """Atomic local writes (temporary file, fsync, rename) unless the user plugged in their own."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
+        self._checkpoint_io = io
 
     # The accelerator connector fills ``parallel_devices`` from Trainer(accelerator=..., devices=...); a single
     # device strategy exposes it so that ``strategy="vdnn_all"`` follows the Trainer's device choice.
