@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Optional
 
@@ -137,6 +138,9 @@ class LayerStreamer:
         self.h2d_bytes = self.d2h_bytes = 0
         self._marks, self._last_step, self._step_start = (0, 0), None, 0.0
         self._forwards = []
+        if any(b.module._compiled_call_impl is not None for b in self.blocks):
+            warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
+                          "streaming runs them eagerly (compilation is restored at teardown).", stacklevel=2)
         for b in self.blocks:
             self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
             b.module._compiled_call_impl = None  # the streamed forward runs the block's own forward eagerly
