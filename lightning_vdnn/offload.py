@@ -188,7 +188,7 @@ class ActivationOffloader:
     def _reset_pass(self) -> None:
         self._groups: list[list[_Offloaded]] = [[]]
         self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
-        self._kept: set[tuple[int, int, int]] = set()
+        self._kept: dict[tuple[int, int, int], weakref.ref] = {}  # address keys, checked by storage identity
         self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[_Offloaded] = collections.deque()
         self._inflight = 0
@@ -228,8 +228,9 @@ class ActivationOffloader:
                 nbytes, group = extent * itemsize, len(self._groups) - 1
                 wanted = self._wants(storage, nbytes)
                 if not wanted or (self.keep_layers is not None and group in self.keep_layers):
-                    if key not in self._kept:
-                        self._kept.add(key)
+                    seen = self._kept.get(key)
+                    if seen is None or seen() is not storage:  # a freed tensor's address may be reused
+                        self._kept[key] = weakref.ref(storage)
                         self._trace.kept_bytes += nbytes
                         if wanted:
                             self._trace.candidate_bytes[group] += nbytes

@@ -30,8 +30,13 @@ def test_bf16_matches_plain_within_tolerance():
     ref, _ = fit(LM, token_loader(n=96), **kw)
     got, trainer = fit(LM, token_loader(n=96), "l2l", **kw)
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
+    # bf16 gradients of tiny entries can differ in sign between two summation orders, and Adam turns any
+    # sign into a step of about lr: elementwise, allow 2 * lr per optimizer step; as a whole, stay within 1%.
+    lr, steps = got.hparams.lr, 3
     for (name, p), q in zip(got.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=5e-2, atol=5e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=0, atol=2 * lr * steps, msg=lambda m: f"{name}: {m}")
+    flat = lambda m: torch.cat([p.detach().float().flatten().cpu() for p in m.parameters()])  # noqa: E731
+    assert (flat(got) - flat(ref)).norm() <= 1e-2 * flat(ref).norm()
     assert got.model.lm_head.weight is got.model.wte.weight
 
 

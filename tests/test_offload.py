@@ -156,3 +156,4 @@ def test_conv_policy_ignores_reused_addresses_of_freed_inputs():
     z.backward()
     off.finish_pass()
     assert off.report().offloaded_tensors == 1
+
