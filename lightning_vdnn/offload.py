@@ -225,15 +225,16 @@ class ActivationOffloader:
             self._trace.saved += 1
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
+                seen = self._kept.get(key)
+                if seen is not None and seen() is storage:
+                    return t  # kept when first saved: the first save decides, a later one follows
                 nbytes, group = extent * itemsize, len(self._groups) - 1
                 wanted = self._wants(storage, nbytes)
                 if not wanted or (self.keep_layers is not None and group in self.keep_layers):
-                    seen = self._kept.get(key)
-                    if seen is None or seen() is not storage:  # a freed tensor's address may be reused
-                        self._kept[key] = weakref.ref(storage)
-                        self._trace.kept_bytes += nbytes
-                        if wanted:
-                            self._trace.candidate_bytes[group] += nbytes
+                    self._kept[key] = weakref.ref(storage)
+                    self._trace.kept_bytes += nbytes
+                    if wanted:
+                        self._trace.candidate_bytes[group] += nbytes
                     return t
                 self._trace.candidate_bytes[group] += nbytes
                 entry = self._offload(storage, lo, nbytes)

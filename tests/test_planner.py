@@ -95,3 +95,27 @@ def test_forward_peak_model_keeps_what_backward_frees_in_time():
     assert informed.predicted_peak == 150 * MiB
     p = AutoPlanner(budget=150 * MiB)
     assert p.observe(sizes, peak=100 * MiB, forward_peak=60 * MiB).kept_bytes == 90 * MiB
+
+
+def test_first_save_decides_for_a_tensor_saved_by_two_layers():
+    """A ReLU output is saved by the ReLU and by the next Linear: if the plan keeps the ReLU's layer, the
+    Linear's save must not move it anyway (else the plan's bytes move regardless)."""
+    from lightning_vdnn.offload import ActivationOffloader
+
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    x = torch.randn(64, 256, requires_grad=True)
+
+    def one_pass(keep):
+        off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+        off.attach(net)
+        off.keep_layers = keep
+        with off.capture():
+            net(x).sum().backward()
+        off.finish_pass()
+        return off
+
+    profile = one_pass(None).layer_bytes()
+    keep_norm = frozenset({max(g for g, b in enumerate(profile) if b)})  # the ReLU's layer
+    report = one_pass(keep_norm).report()
+    assert report.kept_bytes == sum(profile[g] for g in keep_norm) and report.kept_bytes > 0
+    assert report.offloaded_bytes == sum(profile) - report.kept_bytes
