@@ -188,7 +188,8 @@ class ActivationOffloader:
     def _reset_pass(self) -> None:
         self._groups: list[list[_Offloaded]] = [[]]
         self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
-        self._kept: dict[tuple[int, int, int], weakref.ref] = {}  # address keys, checked by storage identity
+        # address keys -> (storage ref, kept by the plan); the ref is checked: freed addresses are reused
+        self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool]] = {}
         self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[_Offloaded] = collections.deque()
         self._inflight = 0
@@ -225,17 +226,24 @@ class ActivationOffloader:
             self._trace.saved += 1
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
-                seen = self._kept.get(key)
-                if seen is not None and seen() is storage:
-                    return t  # kept when first saved: the first save decides, a later one follows
                 nbytes, group = extent * itemsize, len(self._groups) - 1
+                seen = self._kept.get(key)
+                if seen is not None and seen[0]() is not storage:
+                    seen = None  # a freed tensor's address, reused
+                if seen is not None and seen[1]:
+                    return t  # kept by the plan when first saved: a later save by an offloaded layer follows
                 wanted = self._wants(storage, nbytes)
-                if not wanted or (self.keep_layers is not None and group in self.keep_layers):
-                    self._kept[key] = weakref.ref(storage)
-                    self._trace.kept_bytes += nbytes
+                planned_keep = wanted and self.keep_layers is not None and group in self.keep_layers
+                if not wanted or planned_keep:
+                    if seen is None:
+                        self._trace.kept_bytes += nbytes
+                    self._kept[key] = (weakref.ref(storage), planned_keep)
                     if wanted:
                         self._trace.candidate_bytes[group] += nbytes
                     return t
+                if seen is not None:  # kept by policy at its first save, wanted now (a conv's input): moved
+                    self._trace.kept_bytes -= nbytes
+                    del self._kept[key]
                 self._trace.candidate_bytes[group] += nbytes
                 entry = self._offload(storage, lo, nbytes)
                 self._by_span[key] = entry
