@@ -81,8 +81,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
         raise NotImplementedError(f"strategy {name!r} is not registered by lightning_vdnn yet (it has {ours}).")
     if memory_budget is None:
         return name
-    entry = StrategyRegistry[name]
-    return entry["strategy"](**{**entry["init_params"], "memory_budget": memory_budget})
+    entry = StrategyRegistry[name]  # a budget is the planner's: it runs with activation_offload="auto"
+    return entry["strategy"](**{**entry["init_params"], "activation_offload": "auto", "memory_budget": memory_budget})
 
 
 def run_lightning(name: str, w: Workload, device: torch.device, n: int,

@@ -1,8 +1,9 @@
 """lightning_vdnn: train models larger than GPU memory with one word in your Lightning Trainer.
 
 ``import lightning_vdnn`` registers the strategy names (``"vdnn"``, ``"vdnn_all"``, ``"vdnn_conv"``,
-``"vdnn_none"``) with Lightning and Fabric, so ``Trainer(strategy="vdnn_all")`` and
-``Fabric(strategy="vdnn_all")`` work with no other change; ``offload_activations(model)`` does the same for a
+``"vdnn_none"``, ``"l2l"``, and for DeepSpeed ZeRO, Lightning only, ``"vdnn_zero1"``/``"2"``/``"3"``) with
+Lightning and Fabric, so ``Trainer(strategy="vdnn_all")`` and ``Fabric(strategy="vdnn_all")`` work with no
+other change; ``offload_activations(model)`` does the same for a
 plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face Accelerate.
 """
 
@@ -12,6 +13,7 @@ from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.report import MemoryReport
 from lightning_vdnn.fabric import VDNNFabricStrategy, register_fabric
 from lightning_vdnn.strategy import REGISTERED, VDNNStrategy, register
+from lightning_vdnn.zero import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,12 +22,15 @@ __all__ = [
     "MemoryBudget",
     "MemoryReport",
     "REGISTERED",
+    "REGISTERED_ZERO",
     "VDNNConfig",
     "VDNNFabricStrategy",
     "VDNNStrategy",
+    "VDNNZeroStrategy",
     "offload_activations",
     "parse_memory_budget",
 ]
 
 register()
+register_zero()  # vdnn_zero1/2/3: Lightning's DeepSpeed strategy with activation offload
 register_fabric()  # the same names in Lightning Fabric's registry

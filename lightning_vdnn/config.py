@@ -98,9 +98,13 @@ class VDNNConfig:
         memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
             the device, or ``None`` for its capacity less a safety margin.
         microbatches: layer-major microbatches per optimizer step (needs layer streaming).
-        zero_stage: DeepSpeed ZeRO stage for several devices, 0 for none (not built yet).
-        offload_optimizer: keep the optimizer state on the host (needs ZeRO or layer streaming).
-        offload_params: keep the parameters on the host (needs ZeRO stage 3 or layer streaming).
+        zero_stage: DeepSpeed ZeRO stage, 0 for none. 1 shards the optimizer state across the ranks, 2 also the
+            gradients, 3 also the parameters (``VDNNZeroStrategy``, ``zero.py``); activation offload runs inside
+            it unchanged. Layer streaming with ZeRO is not built.
+        offload_optimizer: keep the optimizer state, and run its step, in host memory (ZeRO-Offload; needs
+            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step.
+        offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
+            ``zero_stage=3``, the only stage that shards parameters).
     """
 
     activation_offload: Policy = "auto"
@@ -158,16 +162,36 @@ class VDNNConfig:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
         if self.microbatches != 1:
             raise _not_built("layer-major microbatching (part of L2L layer streaming)", f"microbatches={self.microbatches}")
-        if self.zero_stage:
-            raise _not_built("DeepSpeed ZeRO composition", f"zero_stage={self.zero_stage}")
-        if self.offload_optimizer:
-            raise _not_built("optimizer offload (ZeRO or layer streaming)", "offload_optimizer=True")
-        if self.offload_params:
-            raise _not_built("parameter offload (ZeRO-3 or layer streaming)", "offload_params=True")
+        if self.zero_stage and self.layer_streaming:
+            raise NotImplementedError(
+                f"layer_streaming=True with zero_stage={self.zero_stage}: layer streaming with DeepSpeed ZeRO is not "
+                "built yet. Use layer streaming on one device (strategy='l2l'), or ZeRO-3 with activation offload "
+                "and offload_params=True (strategy='vdnn_zero3'), which also keeps the parameters in host memory."
+            )
+        self._check_zero_offload()
         if self.memory_budget is not None and self.activation_offload != "auto":
             raise ValueError(
                 f"memory_budget={self.memory_budget!r} is what the planner fits the step into, and the planner runs "
                 f"with activation_offload='auto', not {self.activation_offload!r}. Use activation_offload='auto'."
+            )
+
+    def _check_zero_offload(self) -> None:
+        """Optimizer and parameter offload are DeepSpeed's (ZeRO-Offload, ZeRO-Infinity): they need its stages."""
+        if self.offload_optimizer and not self.zero_stage:
+            if self.layer_streaming:
+                raise _not_built("optimizer offload of the non-streamed parameters", "offload_optimizer=True")
+            raise ValueError(
+                "offload_optimizer=True keeps the optimizer state on the host through DeepSpeed ZeRO-Offload, which "
+                "needs zero_stage=1, 2 or 3, not zero_stage=0. Set zero_stage (strategy='vdnn_zero2'), or use "
+                "layer_streaming=True, which keeps its blocks' optimizer state on the host anyway."
+            )
+        if self.offload_params and self.zero_stage != 3:
+            if self.layer_streaming and not self.zero_stage:
+                raise _not_built("parameter offload of the non-streamed parameters", "offload_params=True")
+            raise ValueError(
+                f"offload_params=True needs zero_stage=3 (only ZeRO-3 shards, and so can offload, the "
+                f"parameters), not zero_stage={self.zero_stage}. Use zero_stage=3 (strategy='vdnn_zero3'), or "
+                "offload_params=False to keep the parameters on the device."
             )
 
     @property

@@ -30,6 +30,8 @@ class HostBlock:
 
     def __init__(self, index: int, module: nn.Module, pin: bool) -> None:
         self.index, self.module = index, module
+        self.updates = 0  # host optimizer steps so far (fused kernels do not bump tensor versions)
+        self.read_done: Any = None  # the last copy of ``flat`` to the device (an update must wait for it)
         self.params: list[nn.Parameter] = list(module.parameters())
         slot = {id(p): k for k, p in enumerate(self.params)}
         self.refs = [(m, name, slot[id(p)]) for m in module.modules()
@@ -62,7 +64,7 @@ class HostBlock:
 
     def version(self) -> int:
         """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
-        return sum(p._version for p in self.params)
+        return sum(p._version for p in self.params) + self.updates
 
     def accumulate(self, grads: Tensor) -> None:
         """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
@@ -98,6 +100,13 @@ def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
     done.synchronize()
     with torch.no_grad():
         block.accumulate(host)
+
+
+def adopt_grads(block: HostBlock, done: Any) -> None:
+    """The device copied the block's gradients straight into ``grad_flat``: point ``p.grad`` at them."""
+    done.synchronize()
+    for p, v in zip(block.params, block.grad_views):
+        p.grad = v
 
 
 def check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:

@@ -215,7 +215,7 @@ class ActivationOffloader:
             return t
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self._params or _is_param_cast(t):
+        if ptr in self._params or _is_param(t) or _is_param_cast(t):
             return t  # parameters, their views and autocast copies: weights, not activations
         itemsize = t.element_size()
         extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
@@ -392,6 +392,13 @@ class ActivationOffloader:
             kept_bytes=trace.kept_bytes, prefetched_bytes=trace.prefetched_bytes, d2h_ms=d2h, h2d_ms=h2d,
             exposed_copy_ms=exposed, hidden_copy_ms=max(d2h + h2d - exposed, 0.0), **common,
         )
+
+
+def _is_param(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one, in memory that was not its storage when the pass began: DeepSpeed ZeRO-3
+    gathers each layer's weights into fresh memory for forward, frees it after, and gathers again for backward.
+    Saved as itself, backward reads the re-gathered weight; a copy would hold the gathered memory all along."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 def _is_param_cast(t: torch.Tensor) -> bool:

@@ -156,6 +156,10 @@ class AutoPlanner:
         return self.plan
 
 
+#: The budget of a CPU run without one: the host is the device, nothing needs to fit.
+UNBOUNDED = 2**62
+
+
 def device_budget(budget: Optional[MemoryBudget], device: torch.device) -> int:
     """Bytes a step may use on ``device``: the user's budget, or its capacity less a safety margin (the larger
     of 2 GiB and 10%, for the allocator's fragmentation and other processes). On a CPU device with no budget,
@@ -166,5 +170,5 @@ def device_budget(budget: Optional[MemoryBudget], device: torch.device) -> int:
     else:
         capacity, margin = psutil.virtual_memory().total, 0
         if budget is None:
-            return 2**62
+            return UNBOUNDED
     return budget.resolve(capacity) if budget is not None else capacity - margin

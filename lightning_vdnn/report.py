@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from lightning_vdnn.planner import UNBOUNDED
+
 GiB = 2**30
 
 
@@ -30,9 +32,10 @@ class MemoryReport:
         budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded: the
             ``"auto"`` planner's budget and current plan (None for the fixed policies); measured is the peak of
             the last step the planner watched.
-        streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms: L2L layer streaming (None without it): block
-            weights copied to the device and block gradients copied back in the last optimizer step, and the
-            wall time of that ``optimizer.step`` (the host blocks' update; device work is asynchronous).
+        streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
+            (None without it): block weights copied to the device and block gradients copied back in the last
+            optimizer step; worker time of the blocks' host updates since the step before (they run under
+            device work), and how much of it training waited for (the part not hidden).
     """
 
     step: int = 0
@@ -58,6 +61,7 @@ class MemoryReport:
     streamed_h2d_bytes: Optional[int] = None
     streamed_d2h_bytes: Optional[int] = None
     host_optimizer_ms: Optional[float] = None
+    host_update_wait_ms: Optional[float] = None
 
     def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
         """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
@@ -76,6 +80,8 @@ class MemoryReport:
             out["streamed_d2h_GiB"] = (self.streamed_d2h_bytes or 0) / GiB
         if self.host_optimizer_ms is not None:
             out["host_optimizer_ms"] = self.host_optimizer_ms
+        if self.host_update_wait_ms is not None:
+            out["host_update_wait_ms"] = self.host_update_wait_ms
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -98,13 +104,16 @@ class MemoryReport:
 
     def _plan_line(self) -> str:
         gib = lambda v: "n/a" if v is None else f"{v / GiB:.2f} GiB"  # noqa: E731
+        budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
         return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded; "
-                f"budget {gib(self.budget_bytes)}, predicted peak {gib(self.predicted_peak_bytes)}, "
+                f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
                 f"measured {gib(self.measured_peak_bytes)}")
 
 
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
+        if self.host_update_wait_ms is not None:
+            opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
                 f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}")
 

@@ -1,4 +1,5 @@
-"""``VDNNStrategy``: the Lightning glue. Mechanism lives in ``offload.py``; configuration in ``config.py``."""
+"""``VDNNStrategy``: the Lightning glue. Mechanism lives in ``offload.py``; configuration in ``config.py``; the
+hooks it shares with the DeepSpeed strategy (``zero.py``) in ``glue.py``."""
 
 from __future__ import annotations
 
@@ -10,16 +11,13 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.checkpoint import AtomicCheckpointIO
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
-from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import AutoPlanner, device_budget
+from lightning_vdnn.planner import AutoPlanner
 from lightning_vdnn.report import MemoryReport
 from lightning_vdnn.streaming import LayerStreamer
 
@@ -34,7 +32,7 @@ REGISTERED = {
 }
 
 
-class VDNNStrategy(SingleDeviceStrategy):
+class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     """Train a model whose activations do not fit on the device, by keeping them in host memory.
 
     Activations that autograd saves for backward are copied to pinned host memory on a side stream while
@@ -53,8 +51,10 @@ class VDNNStrategy(SingleDeviceStrategy):
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
-        microbatches, zero_stage, offload_optimizer, offload_params: later
-            milestones; a value that needs them raises ``NotImplementedError`` naming the missing feature.
+        microbatches: a later milestone; a value that needs it raises ``NotImplementedError``.
+        zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
+            :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
+            ``ValueError`` pointing there, so a one-device run can never silently drop it.
         device: the device to train on; normally left to the Trainer's ``accelerator``/``devices``.
 
     Raises:
@@ -98,6 +98,12 @@ class VDNNStrategy(SingleDeviceStrategy):
             layers=layers, memory_budget=memory_budget, microbatches=microbatches, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params,
         )
+        if self.config.zero_stage:
+            raise ValueError(
+                f"zero_stage={self.config.zero_stage} needs DeepSpeed, and VDNNStrategy trains on one device "
+                f"without it. Use Trainer(strategy='vdnn_zero{self.config.zero_stage}') or "
+                f"lightning_vdnn.VDNNZeroStrategy(zero_stage={self.config.zero_stage}, ...)."
+            )
         super().__init__(device=device or "cpu", accelerator=accelerator, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin)
         self._device_given = device is not None
@@ -106,6 +112,11 @@ class VDNNStrategy(SingleDeviceStrategy):
         self._forward_peak: Optional[int] = None
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
+
+    @property
+    def vdnn_config(self) -> VDNNConfig:
+        """``config``, under the name the shared offload hooks (``glue.py``) read."""
+        return self.config
 
     @property
     def checkpoint_io(self) -> CheckpointIO:
@@ -131,7 +142,8 @@ class VDNNStrategy(SingleDeviceStrategy):
         if len(devices) > 1:
             raise ValueError(
                 f"VDNNStrategy trains on one device, but the Trainer asked for {len(devices)} ({devices}). "
-                "Use devices=1; several devices need DeepSpeed ZeRO (zero_stage), which is not built yet."
+                "Use devices=1, or for several devices DeepSpeed ZeRO with activation offload: "
+                "strategy='vdnn_zero2' (or 'vdnn_zero3', which also shards the parameters)."
             )
         self._root_device = torch.device(devices[0])
         self._device_given = True
@@ -148,9 +160,20 @@ class VDNNStrategy(SingleDeviceStrategy):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if self._streamer is not None and trainer.state.fn == "fit":
+            self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
             self._streamer.attach_optimizers(self.optimizers)
         if trainer.state.fn == "fit":
             self._attach()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._streamer is not None:
+            self._streamer.synchronize()  # host updates still queued land before the weights are read
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._streamer is not None:
+            self._streamer.synchronize()
+        return super().optimizer_state(optimizer)
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         super().load_optimizer_state_dict(checkpoint)
@@ -158,103 +181,22 @@ class VDNNStrategy(SingleDeviceStrategy):
             for optimizer in self.optimizers:
                 self._streamer.keep_state_on_host(optimizer)
 
-    def _attach(self) -> None:
-        module = self.lightning_module
-        layers = resolve_layers(module, self.config.layers)[1] if self.config.layers else None
-        layers = self._streamer.container if self._streamer is not None else layers
-        cfg = self.config
-        self._offloader = ActivationOffloader(
-            self.root_device, policy=cfg.offload_policy, min_offload_bytes=cfg.min_offload_bytes,
-            prefetch_layers=cfg.prefetch_layers, pin_memory=cfg.pin_memory,
-            max_inflight_bytes=cfg.max_inflight_bytes,
-        )
-        self._offloader.attach(module, layers)
-        if cfg.activation_offload == "auto":
-            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device))
-
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        if self._offloader is None:
-            return super().training_step(*args, **kwargs)
-        if self._planner is not None and self._planner.watching and self.root_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.root_device)
-        with self._offloader.capture():
-            return super().training_step(*args, **kwargs)
-
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
-        if self._planner is not None and self._planner.watching and self.root_device.type == "cuda":
-            self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
-        try:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        finally:
-            if self._offloader is not None:
-                self._offloader.finish_pass()
-
-    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._planner is not None and self._offloader is not None:
-            self._update_plan()
-        self._log_report()
-        return out
-
-    def _update_plan(self) -> None:
-        """Feed the planner the step just finished and apply a new plan, if any, to the next step."""
-        planner, offloader = self._planner, self._offloader
-        peak = None
-        if planner.watching:
-            cuda = self.root_device.type == "cuda"
-            peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
-        plan = planner.observe(offloader.layer_bytes(), peak, self._forward_peak)
-        offloader.keep_layers = planner.keep
-        if plan is not None:
-            rank_zero_info(
-                f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, "
-                f"{plan.offloaded_bytes / 2**30:.2f} GiB of activations go to the host per step; predicted peak "
-                f"{plan.predicted_peak / 2**30:.2f} GiB within a budget of {plan.budget / 2**30:.2f} GiB."
-            )
-
-    def _log_report(self) -> None:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if self._offloader is None or trainer is None or not trainer.loggers:
-            return
-        step = trainer.global_step
-        if step % max(trainer.log_every_n_steps, 1) == 0:
-            metrics = self._offloader.report().metrics()
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+    def _offload_layers(self) -> Any:
+        """L2L: the streamed blocks are the layers prefetch counts in."""
+        layers = super()._offload_layers()
+        return self._streamer.container if self._streamer is not None else layers
 
     def memory_report(self) -> MemoryReport:
         """Offload (and layer-streaming) statistics of the latest training step (empty before training)."""
         report = self._offload_report()
         return report if self._streamer is None else dataclasses.replace(report, **self._streamer.stats())
 
-    def _offload_report(self) -> MemoryReport:
-        if self._offloader is None:
-            return self._last_report or MemoryReport(policy=self.config.offload_policy)
-        report = self._offloader.report()
-        planner = self._planner
-        if planner is None:
-            return report
-        plan = planner.plan
-        layers = len(self._offloader.layer_bytes())
-        return dataclasses.replace(
-            report, policy="auto", budget_bytes=planner.budget, measured_peak_bytes=planner.measured_peak,
-            predicted_peak_bytes=plan.predicted_peak if plan else None,
-            layers_kept=len(plan.kept) if plan else 0, layers_offloaded=layers - len(plan.kept) if plan else layers,
-        )
-
-    def on_exception(self, exception: BaseException) -> None:
-        self._release()
-        super().on_exception(exception)
-
-    def teardown(self) -> None:
-        self._release()
-        super().teardown()
-
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None or self._streamer is not None:
             self._last_report = self.memory_report()
         if self._streamer is not None:
+            self._last_eager_updates = sum(s.eager_updates for s in self._streamer.steppers)
             self._streamer.close()
             self._streamer = None
         if self._offloader is not None:
@@ -266,6 +208,17 @@ class VDNNStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED.items():
             strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
+    """Whether something may still rewrite gradients between backward and the step (clipping, a loss
+    scaler): then layer streaming queues block updates at the step instead of during backward."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    module = trainer.lightning_module
+    return bool(trainer.gradient_clip_val) or getattr(precision, "scaler", None) is not None or (
+        is_overridden("configure_gradient_clipping", module, LightningModule))
 
 
 def register() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Optional
@@ -23,7 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_vdnn.host_blocks import HostBlock, accumulate_from, check_sharing, host_empty, move_except
+from lightning_vdnn.host_blocks import (HostBlock, accumulate_from, adopt_grads, check_sharing, host_empty,
+                                        move_except)
+from lightning_vdnn.host_optimizer import HostStepper
+from lightning_vdnn.hostmem import check_host_memory
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.pool import CopyEngine
 
@@ -38,6 +40,18 @@ _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 def compute_dtype(precision: str, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype the device slots hold: autocast's for mixed precision (so it casts nothing), else the params'."""
     return _MIXED.get(str(precision), param_dtype)
+
+
+#: Lightning precisions layer streaming trains with: fp32 host master weights, fp32 or autocast compute.
+SUPPORTED_PRECISIONS: tuple[str, ...] = ("32-true", "16-mixed", "bf16-mixed")
+
+
+def check_precision(precision: str) -> None:
+    """Refuse, before anything is moved, a precision whose host weights would not be fp32 masters."""
+    if str(precision) not in SUPPORTED_PRECISIONS:
+        raise ValueError(f"layer streaming does not support precision={precision!r}; it keeps fp32 master weights in "
+                         f"host memory and supports {list(SUPPORTED_PRECISIONS)}. Set Trainer(precision=...) to one "
+                         "of them, or drop layer_streaming.")
 
 
 class _Slot:
@@ -100,7 +114,9 @@ class LayerStreamer:
 
     Raises:
         ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
-            parameters shared with other blocks or with modules outside the blocks.
+            parameters shared with other blocks or with modules outside the blocks, or a precision other than
+            ``SUPPORTED_PRECISIONS``.
+        MemoryError: the host cannot hold the blocks' weights, gradients and optimizer state (``hostmem.py``).
 
     Example::
 
@@ -112,15 +128,19 @@ class LayerStreamer:
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True) -> None:
+        check_precision(precision)
         self.path, self.container = resolve_layers(root, layers)
         self.device = torch.device(device)
         self.engine = CopyEngine(self.device)
         check_sharing(root, self.container, self.path)
+        check_host_memory(self.container, f"the {len(self.container)} blocks at {self.path!r}")  # before pinning
         pin = pin_memory and self.device.type == "cuda"
         self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(self.container)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
-        self.dtype = compute_dtype(precision, self.host_dtype)
+        # CPU autocast leaves ops such as layer_norm out of its fp32 list: they would meet half weights and a
+        # float input, which the CPU kernels refuse. On the CPU there is no copy to shrink, so slots stay fp32.
+        self.dtype = compute_dtype(precision, self.host_dtype) if self.device.type == "cuda" else self.host_dtype
         size = max(b.numel for b in self.blocks)
         self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
@@ -136,8 +156,12 @@ class LayerStreamer:
         self._clock = 0
         self._hooks: list[Any] = []
         self.h2d_bytes = self.d2h_bytes = 0
-        self._marks, self._last_step, self._step_start = (0, 0), None, 0.0
+        self._marks, self._last_step = (0, 0), None
         self._forwards = []
+        self.steppers: list[HostStepper] = []
+        self.eager_updates = True
+        self._calls = [0] * len(self.blocks)  # forward calls not yet matched by a backward, per block
+        self._direct: set[int] = set()  # blocks whose grads this backward copied straight into grad_flat
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
             warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
                           "streaming runs them eagerly (compilation is restored at teardown).", stacklevel=2)
@@ -158,6 +182,9 @@ class LayerStreamer:
                 raise TypeError(f"layer streaming cannot step {type(opt).__name__} over the blocks at {self.path!r}: "
                                 f"it needs an elementwise optimizer. Supported: {names}.")
             self.keep_state_on_host(opt)
+            # fused on a GPU run, where the plain optimizer would use a multi-tensor kernel too; on a CPU device
+            # the per-tensor loop, which is what plain training runs there (bit-for-bit comparable)
+            self.steppers.append(HostStepper(opt, self.blocks, eager=self.eager_updates, fused=self.engine.is_cuda))
             self._hooks.append(opt.register_step_pre_hook(self._before_step))
             self._hooks.append(opt.register_step_post_hook(self._after_step))
 
@@ -169,9 +196,18 @@ class LayerStreamer:
                     if isinstance(value, Tensor) and key != "step":
                         optimizer.state[p][key] = value.to("cpu")
 
+    def set_eager(self, eager: bool) -> None:
+        """Allow block updates during backward (off when clipping or loss scaling acts after backward)."""
+        self.eager_updates = eager
+        for stepper in self.steppers:
+            stepper.eager = eager
+
     def synchronize(self) -> None:
-        """Wait for gradients in flight and for copies still reading host weights (before anyone writes them)."""
+        """Wait for gradients in flight, queued host updates and copies still reading host weights: after it,
+        host weights, gradients and optimizer state are final (checkpoints, teardown)."""
         self.wait_grads()
+        for stepper in self.steppers:
+            stepper.wait_all()
         if self.engine.is_cuda:
             self.engine.h2d.synchronize()
 
@@ -183,8 +219,13 @@ class LayerStreamer:
 
     def close(self) -> None:
         """Original forwards back, ordinary CPU parameters, device slots freed."""
-        self.synchronize()
-        self._workers.shutdown(wait=True)
+        try:
+            self.synchronize()
+        finally:
+            self._workers.shutdown(wait=True)
+            for stepper in self.steppers:
+                stepper.close()
+            self.steppers = []
         for handle in self._hooks:
             handle.remove()
         for b, (own, _, compiled) in zip(self.blocks, self._forwards):
@@ -197,19 +238,22 @@ class LayerStreamer:
         self.slots, self.stage, self.grad_dev = [], None, None
 
     def stats(self) -> dict[str, Any]:
-        """Bytes streamed in the last optimizer step and its wall time (totals so far before the first step)."""
+        """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
+        before, and how long training waited for them (totals so far before the first step)."""
         if self._last_step is not None:
             return dict(self._last_step)
-        return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None}
+        return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,
+                "host_update_wait_ms": None}
 
     def _before_step(self, *_: Any) -> None:
-        self.synchronize()  # grads complete, and no copy still reads the host weights the step writes
-        self._step_start = time.perf_counter()
+        self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
 
     def _after_step(self, *_: Any) -> None:
         h2d, d2h = self._marks
+        times = [s.take_times() for s in self.steppers]
+        busy, waited = sum(t[0] for t in times), sum(t[1] for t in times)
         self._last_step = {"streamed_h2d_bytes": self.h2d_bytes - h2d, "streamed_d2h_bytes": self.d2h_bytes - d2h,
-                           "host_optimizer_ms": (time.perf_counter() - self._step_start) * 1e3}
+                           "host_optimizer_ms": busy, "host_update_wait_ms": waited}
         self._marks = (self.h2d_bytes, self.d2h_bytes)
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -221,17 +265,18 @@ class LayerStreamer:
                             "other inputs through the block's state, or set layers to blocks with forward(x) -> x.")
         x = args[0]
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks[index].params)):
+            self._calls[index] += 1
             return _StreamedBlock.apply(self, index, x, self._anchor)
         return self._run(index, x, training=False)
 
     def _run(self, index: int, x: Tensor, training: bool) -> Tensor:
         slot = self._acquire(index)
-        ahead = index + 1 if training else (index + 1) % len(self.blocks)
-        self._prefetch(ahead, slot)
         block = self.blocks[index]
         with _weights(block, block.split(slot.buf)):
             out = self._forwards[index][1](x)
         slot.free = self.engine.record()
+        ahead = index + 1 if training else (index + 1) % len(self.blocks)
+        self._prefetch(ahead, slot)  # after queueing compute: waiting for that block's host update stalls no one
         if not isinstance(out, Tensor):
             raise TypeError(f"{type(block.module).__name__} at {self.path!r} returned {type(out).__name__}; layer "
                             "streaming needs blocks that return one tensor.")
@@ -252,7 +297,8 @@ class LayerStreamer:
         slot.free = self.engine.record()
         gx = grads.pop(0) if need_x else None
         it = iter(grads)
-        self._push_grads(block, [next(it) if w.requires_grad else None for w in leaves])
+        self._calls[index] -= 1
+        self._push_grads(block, [next(it) if w.requires_grad else None for w in leaves], final=self._calls[index] <= 0)
         if not self._drain_queued:
             self._drain_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._drain)
@@ -260,10 +306,14 @@ class LayerStreamer:
 
     def _drain(self) -> None:
         self._drain_queued = False
+        self._direct.clear()
+        self._calls = [0] * len(self.blocks)
         self.wait_grads()
 
-    def _push_grads(self, block: HostBlock, grads: list[Optional[Tensor]]) -> None:
-        """Pack the block's weight grads into one device buffer, copy it to the host, add it there (worker)."""
+    def _push_grads(self, block: HostBlock, grads: list[Optional[Tensor]], final: bool) -> None:
+        """Pack the block's weight grads into one device buffer and copy it to the host: straight into
+        ``grad_flat`` when the block has no gradient yet, else into a staging buffer a worker adds from. When
+        they are the step's final gradients, the block's host update is queued right behind them."""
         eng = self.engine
         if eng.is_cuda and self._grad_dev_free is not None:
             eng.current_stream().wait_event(self._grad_dev_free)  # the previous block's copy has left it
@@ -272,23 +322,33 @@ class LayerStreamer:
             for view, g in zip(block.split(dev), grads):
                 view.zero_() if g is None else view.copy_(g)
         produced = eng.record()
-        turn = self._grad_turn = 1 - self._grad_turn
-        if self._host_busy[turn] is not None:
-            self._host_busy[turn].result()  # the worker is done adding from this staging buffer
-        host = self.grad_host[turn][: block.numel]
+        direct = (block.index not in self._direct and all(p.requires_grad for p in block.params)
+                  and all(p.grad is None for p in block.params))
+        if direct:
+            self._direct.add(block.index)
+            host = block.grad_flat
+        else:
+            turn = self._grad_turn = 1 - self._grad_turn
+            if self._host_busy[turn] is not None:
+                self._host_busy[turn].result()  # the worker is done adding from this staging buffer
+            host = self.grad_host[turn][: block.numel]
         with eng.stream(eng.d2h):
             if eng.is_cuda:
                 eng.d2h.wait_event(produced)
             host.copy_(dev, non_blocking=True)
             done = self._grad_dev_free = eng.record(eng.d2h)
         self.d2h_bytes += dev.nbytes
-        fut = self._workers.submit(accumulate_from, block, host, done)
-        self._host_busy[turn] = fut
+        steppers = [s for s in self.steppers if s.can_update_now()] if final else []
+        fut = self._workers.submit(_land_grads, block, host, done, direct, steppers)
+        if not direct:
+            self._host_busy[turn] = fut
         self._pending.append(fut)
 
     # -- slots -------------------------------------------------------------------------------------------
     def _acquire(self, index: int) -> _Slot:
         """A slot holding block ``index``'s current weights, ready for the compute stream."""
+        for stepper in self.steppers:
+            stepper.wait(index)  # its host update, if one is queued, comes first
         slot = self._resident(index)
         if slot is None:
             slot = min(self.slots, key=lambda s: s.used)
@@ -300,7 +360,11 @@ class LayerStreamer:
         return slot
 
     def _prefetch(self, index: int, busy: _Slot) -> None:
-        if 0 <= index < len(self.blocks) and self._resident(index) is None:
+        if not 0 <= index < len(self.blocks):
+            return
+        for stepper in self.steppers:
+            stepper.wait(index)
+        if self._resident(index) is None:
             self._load(index, next(s for s in self.slots if s is not busy))
 
     def _resident(self, index: int) -> Optional[_Slot]:
@@ -320,9 +384,19 @@ class LayerStreamer:
                 staged = self.stage[: block.numel]
                 staged.copy_(block.flat, non_blocking=True)
                 dst.copy_(staged)
-            slot.ready = eng.record(eng.h2d)
+            slot.ready = block.read_done = eng.record(eng.h2d)
         slot.block, slot.version = index, block.version()
         self.h2d_bytes += block.flat.nbytes
+
+
+def _land_grads(block: HostBlock, host: Tensor, done: Any, direct: bool, steppers: list[HostStepper]) -> None:
+    """Worker: make the copied gradients the block's ``p.grad`` (or add them), then queue its host update."""
+    if direct:
+        adopt_grads(block, done)
+    else:
+        accumulate_from(block, host, done)
+    for stepper in steppers:
+        stepper.submit(block.index)
 
 
 @contextlib.contextmanager

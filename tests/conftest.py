@@ -11,6 +11,15 @@ from torch import nn
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models run fastest so, and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class ResidualCNN(nn.Module):
     """Conv-BN-ReLU(inplace)-MaxPool, a residual add, dropout: the layer kinds vDNN's policies care about."""
 

@@ -48,13 +48,29 @@ def test_bad_arguments(kwargs, error, pattern):
 
 @pytest.mark.parametrize("kwargs, feature", [
     (dict(microbatches=4), "layer-major microbatching"),
-    (dict(zero_stage=2), "DeepSpeed ZeRO"),
-    (dict(offload_optimizer=True), "optimizer offload"),
-    (dict(offload_params=True), "parameter offload"),
+    (dict(zero_stage=2, layer_streaming=True), "layer streaming with DeepSpeed ZeRO is not built yet"),
+    (dict(offload_optimizer=True, layer_streaming=True), "optimizer offload of the non-streamed parameters"),
 ])
 def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
     with pytest.raises(NotImplementedError, match=feature):
         VDNNStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(offload_optimizer=True), r"offload_optimizer=True .* needs zero_stage=1, 2 or 3, not zero_stage=0"),
+    (dict(offload_params=True), r"offload_params=True needs zero_stage=3 .* not zero_stage=0"),
+    (dict(zero_stage=1, offload_params=True), r"offload_params=True needs zero_stage=3 .* not zero_stage=1"),
+])
+def test_host_offload_of_model_state_needs_its_zero_stage(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        VDNNConfig(**kwargs)
+
+
+def test_zero_stages_are_valid_config_but_not_for_one_device():
+    assert VDNNConfig(zero_stage=1, offload_optimizer=True).offload_optimizer
+    assert VDNNConfig(zero_stage=3, offload_params=True, offload_optimizer=True).offload_params
+    with pytest.raises(ValueError, match=r"zero_stage=2 needs DeepSpeed.*strategy='vdnn_zero2'"):
+        VDNNStrategy(zero_stage=2)
 
 
 def test_budget_needs_the_planner():

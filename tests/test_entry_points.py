@@ -22,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn() -> nn.Module:

@@ -12,13 +12,7 @@ from lightning_vdnn.models import GPT, VGG, Block, GPTConfig, VGGConfig
 from lightning_vdnn.tasks import ImageClassifier, LanguageModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_gpt(name: str, **overrides) -> GPT:

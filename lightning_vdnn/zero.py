@@ -1,0 +1,248 @@
+"""``VDNNZeroStrategy``: vDNN activation offload inside Lightning's DeepSpeed strategy (ZeRO stages 1-3).
+
+ZeRO shards what is per parameter (optimizer state, gradients, parameters) across the ranks; vDNN moves what
+is per sample (activations) to host memory. The two compose: the offloader's saved-tensor hooks wrap the
+DeepSpeed engine's forward, and parameters (which ZeRO-3 gathers and frees per layer) are never offloaded.
+Lightning's ``DeepSpeedStrategy`` does the rest (launch, engine, precision, checkpoints); this module only
+builds its config from :class:`~lightning_vdnn.VDNNConfig`, lets it run on CPUs (gloo), and adds the hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies.ddp import DDPStrategy
+
+from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.glue import OffloadHooks
+
+#: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
+REGISTERED_ZERO = {
+    f"vdnn_zero{stage}": (f"vDNN activation offload ('auto') inside DeepSpeed ZeRO stage {stage}",
+                          {"zero_stage": stage})
+    for stage in (1, 2, 3)
+}
+DEFAULT_STAGE = 2
+
+
+def deepspeed_config(vdnn: VDNNConfig, user: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The DeepSpeed config: the user's (a copy), with ZeRO's stage and offload devices from ``vdnn``.
+
+    Raises:
+        ValueError: the user's config says otherwise than ``vdnn`` (a stage, or an offload device other than
+            ``cpu``), naming both values.
+    """
+    cfg = copy.deepcopy(user) if user else {}
+    zero = cfg.setdefault("zero_optimization", {})
+    _agree(zero, "stage", vdnn.zero_stage, "zero_optimization.stage", f"zero_stage={vdnn.zero_stage}")
+    offload = {"device": "cpu", "pin_memory": vdnn.pin_memory}
+    if vdnn.offload_optimizer:
+        _agree(zero.setdefault("offload_optimizer", dict(offload)), "device", "cpu",
+               "zero_optimization.offload_optimizer.device", "offload_optimizer=True")
+    if vdnn.offload_params:
+        _agree(zero.setdefault("offload_param", dict(offload)), "device", "cpu",
+               "zero_optimization.offload_param.device", "offload_params=True")
+    cfg.setdefault("zero_allow_untested_optimizer", True)  # the LightningModule's torch.optim optimizers
+    # ZeRO-Offload refuses a torch optimizer unless told; DeepSpeedCPUAdam is faster, torch's works everywhere
+    cfg.setdefault("zero_force_ds_cpu_optimizer", False)
+    return cfg
+
+
+def _agree(section: dict[str, Any], key: str, ours: Any, path: str, argument: str) -> None:
+    theirs = section.setdefault(key, ours)
+    if theirs != ours:
+        raise ValueError(
+            f"The DeepSpeed config sets {path}={theirs!r}, but the strategy was given {argument}, which means "
+            f"{path}={ours!r}. Make them agree: change the argument, or drop {path} from the config."
+        )
+
+
+def _plain(config: Any) -> Any:
+    """A mapping (Hydra hands over a ``DictConfig``) as nested dicts and lists, which DeepSpeed expects."""
+    if isinstance(config, Mapping):
+        return {k: _plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)) or type(config).__name__ == "ListConfig":
+        return [_plain(v) for v in config]
+    return config
+
+
+def _stage_of(user: Optional[dict[str, Any]]) -> int:
+    """``zero_stage=None``: the user's config decides, else ZeRO-2 (Lightning's DeepSpeed default)."""
+    return (user or {}).get("zero_optimization", {}).get("stage", DEFAULT_STAGE)
+
+
+class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
+    """Data-parallel training with DeepSpeed ZeRO and vDNN activation offload: ZeRO shards the model's state
+    across the ranks, vDNN keeps each rank's activations in host memory.
+
+    Args:
+        activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers,
+            memory_budget: as in :class:`~lightning_vdnn.VDNNConfig`; each rank offloads (and, with ``"auto"``,
+            plans) its own activations.
+        zero_stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters. ``None``: the
+            stage of ``config``, else 2.
+        offload_optimizer: optimizer state and step in host memory (ZeRO-Offload). A ``torch.optim`` optimizer
+            works; ``deepspeed.ops.adam.DeepSpeedCPUAdam`` in ``configure_optimizers`` is faster.
+        offload_params: parameters in host memory between uses (ZeRO-Infinity); needs ``zero_stage=3``.
+        config: a DeepSpeed config (dict or JSON path; default the ``PL_DEEPSPEED_CONFIG_PATH`` variable) for
+            everything else (buckets, overlap, NVMe); the arguments above fill in ``zero_optimization``.
+        vdnn_config: a ready :class:`VDNNConfig`, instead of the keyword arguments.
+        layer_streaming, microbatches: refused with ``NotImplementedError``: layer streaming with ZeRO is not
+            built yet (use ``strategy="l2l"`` on one device, or ``offload_params=True`` here).
+        accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
+            logging_level, load_full_weights, timeout: as in Lightning's ``DeepSpeedStrategy``.
+
+    Raises:
+        ValueError: a stage out of range, ``offload_params`` below stage 3, or ``config`` contradicting an
+            argument, naming both values.
+
+    Runs on CUDA GPUs (nccl) and, for tests and debugging, CPUs (gloo; DeepSpeed must pick its ``cpu``
+    accelerator, as it does when CUDA is absent or ``DS_ACCELERATOR=cpu``).
+
+    Example::
+
+        import lightning_vdnn
+        trainer = Trainer(strategy="vdnn_zero3", accelerator="gpu", devices=8, precision="bf16-mixed")
+        trainer.fit(model)
+        print(trainer.strategy.memory_report())   # this rank's activation offload
+    """
+
+    strategy_name = "vdnn_zero"
+
+    def __init__(
+        self,
+        activation_offload: Policy = "auto",
+        *,
+        zero_stage: Optional[int] = None,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
+        min_offload_bytes: int = 2**20,
+        prefetch_layers: int = 1,
+        max_inflight_bytes: int = 2**28,
+        pin_memory: bool = True,
+        layers: Optional[str] = None,
+        memory_budget: MemorySpec = None,
+        layer_streaming: bool = False,
+        microbatches: int = 1,
+        config: Optional[Union[_PATH, dict[str, Any]]] = None,
+        vdnn_config: Optional[VDNNConfig] = None,
+        accelerator: Any = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        logging_level: int = logging.WARN,
+        load_full_weights: bool = False,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        user = self._load_config(_plain(config))  # Lightning's: reads a path; None: $PL_DEEPSPEED_CONFIG_PATH
+        self.vdnn_config = vdnn_config or VDNNConfig(
+            activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
+            prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
+            layer_streaming=layer_streaming, layers=layers, memory_budget=memory_budget, microbatches=microbatches,
+            zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
+            offload_optimizer=offload_optimizer, offload_params=offload_params,
+        )
+        if not self.vdnn_config.zero_stage:
+            raise ValueError(
+                "VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For one device without DeepSpeed "
+                "use VDNNStrategy (strategy='vdnn')."
+            )
+        super().__init__(
+            accelerator=accelerator, config=deepspeed_config(self.vdnn_config, user),
+            parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+            logging_level=logging_level, load_full_weights=load_full_weights, timeout=timeout,
+        )
+
+    # -- where it may run --------------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        # DeepSpeedStrategy refuses everything but CUDA; DeepSpeed itself also runs on CPUs, over gloo
+        if not isinstance(self.accelerator, (CUDAAccelerator, CPUAccelerator)):
+            raise RuntimeError(
+                f"VDNNZeroStrategy runs on CUDA GPUs or CPUs, not on {type(self.accelerator).__name__}. "
+                "Use accelerator='gpu' (or 'cpu' for a test run)."
+            )
+        _check_deepspeed_accelerator(self.root_device)
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type != "cpu":
+            return super().setup_distributed()
+        # as DeepSpeedStrategy's, less its check that device indices match local ranks: CPUs have no index
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        with self._cpu_device_rank():
+            return super()._setup_model_and_optimizer(*args, **kwargs)
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        with self._cpu_device_rank():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextlib.contextmanager
+    def _cpu_device_rank(self) -> Iterator[None]:
+        """Lightning hands ``deepspeed.initialize`` ``device_rank=root_device.index``: None on a CPU, which
+        DeepSpeed compares with 0 (and below 0 it would train as world size 1). A CPU rank's device is its
+        local rank; the call is redirected for its duration only."""
+        import deepspeed
+
+        if self.root_device.type != "cpu":
+            yield
+            return
+        initialize = deepspeed.initialize
+
+        def with_rank(*args: Any, **kwargs: Any) -> Any:
+            kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = with_rank
+        try:
+            yield
+        finally:
+            deepspeed.initialize = initialize
+
+    # -- training ----------------------------------------------------------------------------------------
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)  # the DeepSpeed engine now holds the model
+        if trainer.state.fn == "fit":
+            self._attach()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        for name, (description, kwargs) in REGISTERED_ZERO.items():
+            strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+def _check_deepspeed_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once per process, by itself; it must be the Trainer's device type."""
+    from deepspeed.accelerator import get_accelerator
+
+    theirs = get_accelerator().device_name()
+    if theirs != device.type:
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is {theirs!r} but the Trainer trains on {device.type!r}. Start the process "
+            f"with DS_ACCELERATOR={device.type} in the environment (DeepSpeed reads it once, on import), or "
+            f"choose the Trainer's accelerator to match."
+        )
+
+
+def register_zero() -> None:
+    """Register ``vdnn_zero1``/``2``/``3`` with Lightning (done on ``import lightning_vdnn``)."""
+    VDNNZeroStrategy.register_strategies(StrategyRegistry)
