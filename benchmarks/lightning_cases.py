@@ -76,13 +76,19 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     import lightning_vdnn  # noqa: F401  (registers the strategy names)
     from lightning.pytorch.strategies import StrategyRegistry
 
+    extra = {}
+    if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
+        name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
+
     if name not in StrategyRegistry:
         ours = sorted(set(getattr(lightning_vdnn, "REGISTERED", ())))
         raise NotImplementedError(f"strategy {name!r} is not registered by lightning_vdnn yet (it has {ours}).")
-    if memory_budget is None:
+    if memory_budget is None and not extra:
         return name
-    entry = StrategyRegistry[name]  # a budget is the planner's: it runs with activation_offload="auto"
-    return entry["strategy"](**{**entry["init_params"], "activation_offload": "auto", "memory_budget": memory_budget})
+    entry = StrategyRegistry[name]
+    if memory_budget is not None:  # a budget is the planner's: it runs with activation_offload="auto"
+        extra.update(activation_offload="auto", memory_budget=memory_budget)
+    return entry["strategy"](**{**entry["init_params"], **extra})
 
 
 def run_lightning(name: str, w: Workload, device: torch.device, n: int,

@@ -41,6 +41,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              takes_budget=True),
     CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved"),
     CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True),
+    CaseSpec("l2l_r8", "lightning", "L2L with the first 8 blocks resident on the GPU (resident_blocks=8)"),
+    CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)"),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",
              needs_cuda=True),
     CaseSpec("vdnn_zero3", "lightning", "Trainer(strategy='vdnn_zero3'): vDNN + DeepSpeed ZeRO-3",

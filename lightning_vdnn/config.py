@@ -95,6 +95,9 @@ class VDNNConfig:
         layer_streaming: L2L, keep the blocks' parameters, gradients and optimizer state in host memory and
             stream one block at a time to the device (``layers`` names the blocks).
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects.
+        resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
+            optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
+            to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).
         memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
             the device, or ``None`` for its capacity less a safety margin.
         microbatches: layer-major microbatches per optimizer step (needs layer streaming).
@@ -114,6 +117,7 @@ class VDNNConfig:
     pin_memory: bool = True
     layer_streaming: bool = False
     layers: Optional[str] = None
+    resident_blocks: int = 0
     memory_budget: MemorySpec = None
     microbatches: int = 1
     zero_stage: int = 0
@@ -139,12 +143,20 @@ class VDNNConfig:
         parse_memory_budget(self.memory_budget)
         if self.microbatches < 1:
             raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
+        if self.resident_blocks < 0:
+            raise ValueError(f"resident_blocks={self.resident_blocks} must be >= 0 (0 streams every block).")
+        if self.resident_blocks and not self.layer_streaming:
+            raise ValueError(
+                f"resident_blocks={self.resident_blocks} says how many blocks layer streaming leaves on the device, "
+                "and layer_streaming is off (every block is resident). Set layer_streaming=True (strategy 'l2l') "
+                "or drop resident_blocks."
+            )
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
         self._check_built()
 
     def _check_types(self) -> None:
-        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int, "zero_stage": int,
+        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int, "resident_blocks": int, "zero_stage": int,
                   "pin_memory": bool, "layer_streaming": bool, "offload_optimizer": bool, "offload_params": bool}
         for f in fields(self):
             value = getattr(self, f.name)

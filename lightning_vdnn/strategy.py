@@ -51,6 +51,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
+        resident_blocks: with ``layer_streaming``, the first N blocks stay on the device (weights and optimizer
+            state), so the host updates only the rest: faster when the host optimizer bounds the step, at about
+            16 bytes per parameter of those blocks with Adam. Must leave at least one block to stream.
         microbatches: a later milestone; a value that needs it raises ``NotImplementedError``.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
@@ -80,6 +83,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         pin_memory: bool = True,
         layer_streaming: bool = False,
         layers: Optional[str] = None,
+        resident_blocks: int = 0,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
         zero_stage: int = 0,
@@ -95,7 +99,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=layer_streaming,
-            layers=layers, memory_budget=memory_budget, microbatches=microbatches, zero_stage=zero_stage,
+            layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
+            microbatches=microbatches, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params,
         )
         if self.config.zero_stage:
@@ -155,7 +160,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         # L2L: the blocks' weights stay in host memory; everything else goes to the device
         precision = getattr(self.precision_plugin, "precision", "32-true")
         self._streamer = LayerStreamer(self.lightning_module, self.config.layers, self.root_device,
-                                       precision=precision, pin_memory=self.config.pin_memory)
+                                       precision=precision, pin_memory=self.config.pin_memory,
+                                       resident=self.config.resident_blocks)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)

@@ -111,6 +111,9 @@ class LayerStreamer:
         device: where the model computes; everything outside the blocks is moved there.
         precision: Lightning's precision string; ``"bf16-mixed"``/``"16-mixed"`` make the slots bf16/fp16.
         pin_memory: page-locked host buffers on CUDA (asynchronous copies).
+        resident: the first this-many blocks are not streamed: they move to ``device`` like the modules outside
+            the blocks, and the ordinary optimizer steps them there. The first ones, because the next forward
+            starts with them, which gives the host time to finish updating the streamed blocks.
 
     Raises:
         ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
@@ -127,15 +130,22 @@ class LayerStreamer:
     """
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
-                 pin_memory: bool = True) -> None:
+                 pin_memory: bool = True, resident: int = 0) -> None:
         check_precision(precision)
         self.path, self.container = resolve_layers(root, layers)
+        if not 0 <= resident < len(self.container):
+            raise ValueError(
+                f"resident_blocks={resident}, but {self.path!r} holds {len(self.container)} blocks: keep fewer "
+                f"on the device (at most {len(self.container) - 1}), so that at least one streams, or turn "
+                "layer streaming off if they all fit."
+            )
         self.device = torch.device(device)
         self.engine = CopyEngine(self.device)
         check_sharing(root, self.container, self.path)
-        check_host_memory(self.container, f"the {len(self.container)} blocks at {self.path!r}")  # before pinning
+        streamed = list(self.container)[resident:]
+        check_host_memory(streamed, f"the {len(streamed)} streamed blocks at {self.path!r}")  # before pinning
         pin = pin_memory and self.device.type == "cuda"
-        self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(self.container)]
+        self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
         # CPU autocast leaves ops such as layer_norm out of its fp32 list: they would meet half weights and a

@@ -324,3 +324,43 @@ def test_host_update_worker_runs_the_lowest_block_first():
     assert ran == [0, 3, 4, 5, 9]
     with pytest.raises(ZeroDivisionError):  # an update's error reaches whoever waits for that block
         failing.result()
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_resident_blocks_stay_on_device_and_training_equals_plain(clip):
+    """The first blocks are ordinary device modules stepped by the ordinary optimizer; only the rest stream
+    and are updated on the host (eagerly, or at the step under clipping). Same run as plain either way."""
+    steps = dict(gradient_clip_val=clip, accumulate_grad_batches=2)
+    ref, _ = fit(lm(), loader(), max_steps=4, **steps)
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            streamer = trainer.strategy._streamer
+            self.streamed = [b.module for b in streamer.blocks]
+            self.bytes = trainer.strategy.memory_report().streamed_h2d_bytes
+
+    watch = Watch()
+    got, trainer = fit(lm(), loader(), l2l(resident_blocks=1), max_steps=4, callbacks=[watch], **steps)
+    assert_same_run(got, ref)
+    blocks = list(got.model.blocks)
+    assert watch.streamed == blocks[1:]
+    assert trainer.strategy._last_eager_updates == (0 if clip else 4 * (len(blocks) - 1))
+    one = sum(p.numel() * p.element_size() for p in blocks[1].parameters())  # blocks are alike
+    loads, rest = divmod(watch.bytes, one)
+    assert rest == 0 and 0 < loads <= 2 * 2 * (len(blocks) - 1)  # whole streamed blocks, at most fwd + bwd each
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(resident_blocks=-1), ValueError, r"resident_blocks=-1 must be >= 0"),
+    (dict(resident_blocks=1, layer_streaming=False), ValueError, r"resident_blocks=1 .* layer_streaming=True"),
+    (dict(resident_blocks="2"), TypeError, r"resident_blocks='2' must be an int"),
+])
+def test_bad_resident_blocks_name_the_value(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        VDNNStrategy("none", **{"layer_streaming": True, **kwargs})
+
+
+def test_resident_blocks_must_leave_one_to_stream():
+    n = GPTConfig.from_name("gpt_tiny").n_layer
+    with pytest.raises(ValueError, match=rf"resident_blocks={n}, but 'model.blocks' holds {n} blocks.*at most {n - 1}"):
+        fit(lm(), loader(8), l2l(resident_blocks=n), max_steps=1)
