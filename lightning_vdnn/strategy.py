@@ -51,7 +51,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
-        microbatches: a later milestone; a value that needs it raises ``NotImplementedError``.
+        microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
+            through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
+            Without layer streaming, a value above 1 raises ``ValueError``.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
             ``ValueError`` pointing there, so a one-device run can never silently drop it.
@@ -155,7 +157,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         # L2L: the blocks' weights stay in host memory; everything else goes to the device
         precision = getattr(self.precision_plugin, "precision", "32-true")
         self._streamer = LayerStreamer(self.lightning_module, self.config.layers, self.root_device,
-                                       precision=precision, pin_memory=self.config.pin_memory)
+                                       precision=precision, pin_memory=self.config.pin_memory,
+                                       microbatches=self.config.microbatches)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
