@@ -100,7 +100,10 @@ class VDNNConfig:
             to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).
         memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
             the device, or ``None`` for its capacity less a safety margin.
-        microbatches: layer-major microbatches per optimizer step (needs layer streaming).
+        microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
+            in this many chunks along dim 0 before the next block starts, so its internal activations are
+            1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
+            the whole batch.
         zero_stage: DeepSpeed ZeRO stage, 0 for none. 1 shards the optimizer state across the ranks, 2 also the
             gradients, 3 also the parameters (``VDNNZeroStrategy``, ``zero.py``); activation offload runs inside
             it unchanged. Layer streaming with ZeRO is not built.
@@ -151,6 +154,11 @@ class VDNNConfig:
                 "and layer_streaming is off (every block is resident). Set layer_streaming=True (strategy 'l2l') "
                 "or drop resident_blocks."
             )
+        if self.microbatches > 1 and not self.layer_streaming:
+            raise ValueError(
+                f"microbatches={self.microbatches} splits the batch inside each streamed block, so it needs layer "
+                "streaming: use strategy='l2l' (or layer_streaming=True), or microbatches=1."
+            )
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
         self._check_built()
@@ -172,8 +180,6 @@ class VDNNConfig:
 
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
-        if self.microbatches != 1:
-            raise _not_built("layer-major microbatching (part of L2L layer streaming)", f"microbatches={self.microbatches}")
         if self.zero_stage and self.layer_streaming:
             raise NotImplementedError(
                 f"layer_streaming=True with zero_stage={self.zero_stage}: layer streaming with DeepSpeed ZeRO is not "

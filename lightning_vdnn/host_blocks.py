@@ -7,8 +7,9 @@ Keeping one flat (pinned) buffer per block makes a block one host->device copy, 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,28 @@ class HostBlock:
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` shaped like this block's parameters."""
         return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    @contextlib.contextmanager
+    def substituted(self, tensors: list[Tensor]) -> Iterator[None]:
+        """Run the block with ``tensors`` in place of its parameters (what ``functional_call`` does, without
+        calling ``module.forward``, which streaming replaces with the streamed forward itself)."""
+        saved = [m._parameters[name] for m, name, _ in self.refs]
+        for m, name, k in self.refs:
+            m._parameters[name] = tensors[k]
+        try:
+            yield
+        finally:
+            for (m, name, _), p in zip(self.refs, saved):
+                m._parameters[name] = p
+
+    def pack_grads(self, dev: Tensor, grads: list[Optional[Tensor]], first: bool) -> None:
+        """Write (first microbatch) or add (later ones) weight grads into the flat device buffer ``dev``."""
+        with torch.no_grad():
+            for view, g in zip(self.split(dev), grads):
+                if first:
+                    view.zero_() if g is None else view.copy_(g)
+                elif g is not None:
+                    view.add_(g)
 
     def version(self) -> int:
         """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""

@@ -36,6 +36,7 @@ class MemoryReport:
             (None without it): block weights copied to the device and block gradients copied back in the last
             optimizer step; worker time of the blocks' host updates since the step before (they run under
             device work), and how much of it training waited for (the part not hidden).
+        microbatches: L2L's layer-major chunks per block (None without layer streaming).
     """
 
     step: int = 0
@@ -62,6 +63,7 @@ class MemoryReport:
     streamed_d2h_bytes: Optional[int] = None
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
+    microbatches: Optional[int] = None
 
     def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
         """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
@@ -115,7 +117,8 @@ class MemoryReport:
         if self.host_update_wait_ms is not None:
             opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
-                f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}")
+                f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
+                + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else ""))
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -54,7 +54,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         resident_blocks: with ``layer_streaming``, the first N blocks stay on the device (weights and optimizer
             state), so the host updates only the rest: faster when the host optimizer bounds the step, at about
             16 bytes per parameter of those blocks with Adam. Must leave at least one block to stream.
-        microbatches: a later milestone; a value that needs it raises ``NotImplementedError``.
+        microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
+            through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
+            Without layer streaming, a value above 1 raises ``ValueError``.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
             ``ValueError`` pointing there, so a one-device run can never silently drop it.
@@ -161,7 +163,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         precision = getattr(self.precision_plugin, "precision", "32-true")
         self._streamer = LayerStreamer(self.lightning_module, self.config.layers, self.root_device,
                                        precision=precision, pin_memory=self.config.pin_memory,
-                                       resident=self.config.resident_blocks)
+                                       resident=self.config.resident_blocks,
+                                       microbatches=self.config.microbatches)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)

@@ -5,18 +5,19 @@ objects the user's optimizer holds *are* the host master weights: ``state_dict()
 checkpoints never assemble the model on the device. The device holds two reusable flat slots in the compute
 dtype: the block computing and the next one arriving on a side stream. A block's forward runs without
 autograd and saves only its input; backward fetches the block again, recomputes it (same RNG, same autocast)
-and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would.
+and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would. With
+``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
+(``microbatch.py``): weights stream as often as unsplit, gradients once per block, block internals are 1/k.
 Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
 runs with inline copies, which is how the tests check it without a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from lightning_vdnn.host_blocks import (HostBlock, accumulate_from, adopt_grads,
 from lightning_vdnn.host_optimizer import HostStepper
 from lightning_vdnn.hostmem import check_host_memory
 from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.microbatch import ChunkState, Rows, check_microbatches, split_rows
 from lightning_vdnn.pool import CopyEngine
 
 #: Optimizers verified to update each parameter elementwise, from its own gradient and state only.
@@ -64,42 +66,20 @@ class _Slot:
 
 
 class _StreamedBlock(torch.autograd.Function):
-    """One streamed block: forward without autograd, saving only the input; backward recomputes it."""
+    """One streamed block: forward without autograd, saving only the input; backward recomputes it, chunk by
+    chunk from each chunk's recorded RNG state."""
 
     @staticmethod
     def forward(ctx: Any, streamer: "LayerStreamer", index: int, x: Tensor, anchor: Tensor) -> Tensor:
-        ctx.streamer, ctx.index, ctx.state = streamer, index, _State(streamer.device)
+        ctx.streamer, ctx.index, ctx.states = streamer, index, []
         ctx.save_for_backward(x)
-        return streamer._run(index, x, training=True)
+        return streamer._run(index, x, ctx.states)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
         (x,) = ctx.saved_tensors
-        gx = ctx.streamer._backward(ctx.index, x, grad, ctx.state, ctx.needs_input_grad[2])
+        gx = ctx.streamer._backward(ctx.index, x, grad, ctx.states, ctx.needs_input_grad[2])
         return None, None, gx, None
-
-
-class _State:
-    """RNG and autocast state at a block's forward, replayed for its recompute (as ``torch.utils.checkpoint``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device_type = device.type
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.autocast = torch.is_autocast_enabled(device.type)
-        self.dtype = torch.get_autocast_dtype(device.type)
-        self.cache = torch.is_autocast_cache_enabled()
-
-    @contextlib.contextmanager
-    def replay(self, device: torch.device) -> Iterator[None]:
-        cuda = [device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=cuda, device_type=self.device_type):
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, device)
-            with torch.enable_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast,
-                                                     cache_enabled=self.cache):
-                yield
 
 
 class LayerStreamer:
@@ -114,11 +94,14 @@ class LayerStreamer:
         resident: the first this-many blocks are not streamed: they move to ``device`` like the modules outside
             the blocks, and the ordinary optimizer steps them there. The first ones, because the next forward
             starts with them, which gives the host time to finish updating the streamed blocks.
+        microbatches: chunks along dim 0 that each block runs one after another with its weights resident
+            (layer-major): block internals hold 1/k of the batch, weights stream as often as with 1. Modules
+            outside the blocks see the whole batch.
 
     Raises:
         ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
             parameters shared with other blocks or with modules outside the blocks, or a precision other than
-            ``SUPPORTED_PRECISIONS``.
+            ``SUPPORTED_PRECISIONS``, or ``microbatches`` < 1, or > 1 with BatchNorm in the blocks.
         MemoryError: the host cannot hold the blocks' weights, gradients and optimizer state (``hostmem.py``).
 
     Example::
@@ -130,7 +113,7 @@ class LayerStreamer:
     """
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
-                 pin_memory: bool = True, resident: int = 0) -> None:
+                 pin_memory: bool = True, resident: int = 0, microbatches: int = 1) -> None:
         check_precision(precision)
         self.path, self.container = resolve_layers(root, layers)
         if not 0 <= resident < len(self.container):
@@ -139,11 +122,13 @@ class LayerStreamer:
                 f"on the device (at most {len(self.container) - 1}), so that at least one streams, or turn "
                 "layer streaming off if they all fit."
             )
+        self.microbatches = check_microbatches(microbatches, self.container, self.path)
         self.device = torch.device(device)
         self.engine = CopyEngine(self.device)
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
-        check_host_memory(streamed, f"the {len(streamed)} streamed blocks at {self.path!r}")  # before pinning
+        kept = f" after the {resident} resident ones" if resident else ""
+        check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}")  # before pinning
         pin = pin_memory and self.device.type == "cuda"
         self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
@@ -249,11 +234,11 @@ class LayerStreamer:
 
     def stats(self) -> dict[str, Any]:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
-        before, and how long training waited for them (totals so far before the first step)."""
+        before, and how long training waited for them (totals so far before the first step); the microbatches."""
         if self._last_step is not None:
-            return dict(self._last_step)
+            return {**self._last_step, "microbatches": self.microbatches}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,
-                "host_update_wait_ms": None}
+                "host_update_wait_ms": None, "microbatches": self.microbatches}
 
     def _before_step(self, *_: Any) -> None:
         self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
@@ -277,42 +262,75 @@ class LayerStreamer:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks[index].params)):
             self._calls[index] += 1
             return _StreamedBlock.apply(self, index, x, self._anchor)
-        return self._run(index, x, training=False)
+        return self._run(index, x)
 
-    def _run(self, index: int, x: Tensor, training: bool) -> Tensor:
+    def _run(self, index: int, x: Tensor, states: Optional[list[ChunkState]] = None) -> Tensor:
+        """Block ``index`` over ``x``, chunk by chunk on one resident slot. ``states`` (training) receives each
+        chunk's RNG/autocast state, which backward replays."""
         slot = self._acquire(index)
         block = self.blocks[index]
-        with _weights(block, block.split(slot.buf)):
-            out = self._forwards[index][1](x)
+        pieces = split_rows(x, self.microbatches)
+        rows = Rows(pieces)
+        with block.substituted(block.split(slot.buf)):
+            for k, piece in enumerate(pieces):
+                if states is not None:
+                    states.append(ChunkState(self.device))
+                rows.put(k, self._checked(index, piece, self._forwards[index][1](piece), len(pieces)))
         slot.free = self.engine.record()
-        ahead = index + 1 if training else (index + 1) % len(self.blocks)
+        ahead = index + 1 if states is not None else (index + 1) % len(self.blocks)
         self._prefetch(ahead, slot)  # after queueing compute: waiting for that block's host update stalls no one
+        return rows.out
+
+    def _checked(self, index: int, piece: Tensor, out: Any, chunks: int) -> Tensor:
+        name = f"{type(self.blocks[index].module).__name__} at {self.path!r}"
         if not isinstance(out, Tensor):
-            raise TypeError(f"{type(block.module).__name__} at {self.path!r} returned {type(out).__name__}; layer "
-                            "streaming needs blocks that return one tensor.")
+            raise TypeError(f"{name} returned {type(out).__name__}; layer streaming needs blocks that return one "
+                            "tensor.")
+        if chunks > 1 and (out.dim() == 0 or len(out) != len(piece)):
+            raise ValueError(f"microbatches={self.microbatches} splits dim 0 of each block's input, but {name} "
+                             f"returned shape {tuple(out.shape)} for a chunk of shape {tuple(piece.shape)}. Blocks "
+                             "must keep dim 0 the batch (batch-first), or use microbatches=1.")
         return out
 
     # -- backward ----------------------------------------------------------------------------------------
-    def _backward(self, index: int, x: Tensor, grad: Tensor, state: _State, need_x: bool) -> Optional[Tensor]:
+    def _backward(self, index: int, x: Tensor, grad: Tensor, states: list[ChunkState],
+                  need_x: bool) -> Optional[Tensor]:
+        """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
+        device and cross to the host once."""
         slot = self._acquire(index)
         self._prefetch(index - 1, slot)
+        block = self.blocks[index]
+        pieces, grads = split_rows(x, self.microbatches), split_rows(grad, self.microbatches)
+        dev, gx = None, Rows(pieces)
+        for k in reversed(range(len(pieces))):  # last chunk first, the order autograd would sum them in
+            gxk, wgrads = self._recompute(index, slot, pieces[k], grads[k], states[k], need_x)
+            if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
+                dev = self._grad_buffer(block)
+            block.pack_grads(dev, wgrads, first=k == len(pieces) - 1)
+            if need_x:
+                gx.put(k, gxk)
+        slot.free = self.engine.record()
+        self._calls[index] -= 1
+        self._push_grads(block, dev, final=self._calls[index] <= 0)
+        if not self._drain_queued:
+            self._drain_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._drain)
+        return gx.out
+
+    def _recompute(self, index: int, slot: _Slot, x: Tensor, grad: Tensor, state: ChunkState,
+                   need_x: bool) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+        """One chunk's forward again, with autograd, from its recorded state: (input grad, weight grads)."""
         block = self.blocks[index]
         with state.replay(self.device):
             xd = x.detach().requires_grad_(need_x)
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
-            with _weights(block, leaves):
+            with block.substituted(leaves):
                 out = self._forwards[index][1](xd)
         wants = ([xd] if need_x else []) + [w for w in leaves if w.requires_grad]
         grads = list(torch.autograd.grad(out, wants, grad, allow_unused=True)) if wants else []
-        slot.free = self.engine.record()
         gx = grads.pop(0) if need_x else None
         it = iter(grads)
-        self._calls[index] -= 1
-        self._push_grads(block, [next(it) if w.requires_grad else None for w in leaves], final=self._calls[index] <= 0)
-        if not self._drain_queued:
-            self._drain_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._drain)
-        return gx
+        return gx, [next(it) if w.requires_grad else None for w in leaves]
 
     def _drain(self) -> None:
         self._drain_queued = False
@@ -320,17 +338,17 @@ class LayerStreamer:
         self._calls = [0] * len(self.blocks)
         self.wait_grads()
 
-    def _push_grads(self, block: HostBlock, grads: list[Optional[Tensor]], final: bool) -> None:
-        """Pack the block's weight grads into one device buffer and copy it to the host: straight into
-        ``grad_flat`` when the block has no gradient yet, else into a staging buffer a worker adds from. When
-        they are the step's final gradients, the block's host update is queued right behind them."""
+    def _grad_buffer(self, block: HostBlock) -> Tensor:
+        """The device buffer the block's weight grads are packed into, once the previous block's copy has left it."""
+        if self.engine.is_cuda and self._grad_dev_free is not None:
+            self.engine.current_stream().wait_event(self._grad_dev_free)
+        return self.grad_dev[: block.numel]
+
+    def _push_grads(self, block: HostBlock, dev: Tensor, final: bool) -> None:
+        """Copy the block's packed weight grads (``dev``) to the host: straight into ``grad_flat`` when the
+        block has no gradient yet, else into a staging buffer a worker adds from. When they are the step's
+        final gradients, the block's host update is queued right behind them."""
         eng = self.engine
-        if eng.is_cuda and self._grad_dev_free is not None:
-            eng.current_stream().wait_event(self._grad_dev_free)  # the previous block's copy has left it
-        dev = self.grad_dev[: block.numel]
-        with torch.no_grad():
-            for view, g in zip(block.split(dev), grads):
-                view.zero_() if g is None else view.copy_(g)
         produced = eng.record()
         direct = (block.index not in self._direct and all(p.requires_grad for p in block.params)
                   and all(p.grad is None for p in block.params))
@@ -407,17 +425,3 @@ def _land_grads(block: HostBlock, host: Tensor, done: Any, direct: bool, stepper
         accumulate_from(block, host, done)
     for stepper in steppers:
         stepper.submit(block.index)
-
-
-@contextlib.contextmanager
-def _weights(block: HostBlock, tensors: list[Tensor]) -> Iterator[None]:
-    """Run the block with ``tensors`` in place of its parameters (what ``functional_call`` does, without
-    calling ``block.forward``, which is the streamed forward itself)."""
-    saved = [m._parameters[name] for m, name, _ in block.refs]
-    for m, name, k in block.refs:
-        m._parameters[name] = tensors[k]
-    try:
-        yield
-    finally:
-        for (m, name, _), p in zip(block.refs, saved):
-            m._parameters[name] = p

@@ -101,8 +101,9 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         config: a DeepSpeed config (dict or JSON path; default the ``PL_DEEPSPEED_CONFIG_PATH`` variable) for
             everything else (buckets, overlap, NVMe); the arguments above fill in ``zero_optimization``.
         vdnn_config: a ready :class:`VDNNConfig`, instead of the keyword arguments.
-        layer_streaming, microbatches: refused with ``NotImplementedError``: layer streaming with ZeRO is not
-            built yet (use ``strategy="l2l"`` on one device, or ``offload_params=True`` here).
+        layer_streaming, microbatches: refused: layer streaming with ZeRO is not built yet
+            (``NotImplementedError``; use ``strategy="l2l"`` on one device, or ``offload_params=True`` here), and
+            ``microbatches`` > 1 needs layer streaming (``ValueError``).
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
             logging_level, load_full_weights, timeout: as in Lightning's ``DeepSpeedStrategy``.
 

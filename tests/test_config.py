@@ -32,6 +32,9 @@ def test_budget_resolves_against_capacity():
     (dict(activation_offload="bogus"), ValueError, r"activation_offload='bogus'.*\['none', 'all', 'conv', 'auto'\]"),
     (dict(activation_offload=3), TypeError, "activation_offload=3"),
     (dict(microbatches=0), ValueError, "microbatches=0 must be a positive integer"),
+    (dict(microbatches=0, layer_streaming=True), ValueError, "microbatches=0 must be a positive integer"),
+    (dict(microbatches=2), ValueError, r"microbatches=2 .* needs layer streaming: use strategy='l2l'"),
+    (dict(microbatches=2.0, layer_streaming=True), TypeError, "microbatches=2.0 must be an int"),
     (dict(zero_stage=7), ValueError, r"zero_stage=7 is not a ZeRO stage.*\[0, 1, 2, 3\]"),
     (dict(zero_stage="2"), TypeError, "zero_stage='2' must be an int"),
     (dict(prefetch_layers=0), ValueError, "prefetch_layers=0"),
@@ -47,7 +50,6 @@ def test_bad_arguments(kwargs, error, pattern):
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    (dict(microbatches=4), "layer-major microbatching"),
     (dict(zero_stage=2, layer_streaming=True), "layer streaming with DeepSpeed ZeRO is not built yet"),
     (dict(offload_optimizer=True, layer_streaming=True), "optimizer offload of the non-streamed parameters"),
 ])
@@ -64,6 +66,14 @@ def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
 def test_host_offload_of_model_state_needs_its_zero_stage(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         VDNNConfig(**kwargs)
+
+
+def test_microbatches_need_layer_streaming():
+    assert VDNNStrategy(layer_streaming=True, microbatches=4).config.microbatches == 4
+    with pytest.raises(ValueError, match=r"microbatches=4 .* needs layer streaming"):
+        VDNNConfig(microbatches=4, zero_stage=2)
+    with pytest.raises(NotImplementedError, match="layer streaming with DeepSpeed ZeRO is not built yet"):
+        VDNNConfig(microbatches=4, layer_streaming=True, zero_stage=2)
 
 
 def test_zero_stages_are_valid_config_but_not_for_one_device():

@@ -25,11 +25,12 @@ class LM(LanguageModel):
         return loss
 
 
-@pytest.mark.parametrize("clip", [1.0, None])  # block updates queued at the step / during backward
-def test_bf16_matches_plain_within_tolerance(clip):
+@pytest.mark.parametrize("clip, microbatches", [(1.0, 1), (None, 1), (1.0, 4)])  # updates at the step / in backward
+def test_bf16_matches_plain_within_tolerance(clip, microbatches):
     kw = dict(max_steps=6, precision="bf16-mixed", gradient_clip_val=clip, accumulate_grad_batches=2, **GPU)
     ref, _ = fit(LM, token_loader(n=96), **kw)
-    got, trainer = fit(LM, token_loader(n=96), "l2l", **kw)
+    got, trainer = fit(LM, token_loader(n=96), VDNNStrategy("none", layer_streaming=True, microbatches=microbatches),
+                       **kw)
     blocks = len(got.model.blocks)
     assert trainer.strategy._last_eager_updates == (0 if clip else trainer.global_step * blocks)
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)

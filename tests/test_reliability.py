@@ -263,6 +263,7 @@ def test_typo_or_wrong_type_in_a_strategy_override_fails_at_compose(override, ca
     (["strategy.memory_budget=lots"], r"memory_budget='lots' is not understood"),
     (["strategy.memory_budget=-1GiB"], r"memory_budget='-1GiB' is not understood"),
     (["strategy.microbatches=0"], r"microbatches=0 must be a positive integer"),
+    (["strategy.microbatches=2"], r"microbatches=2 .* needs layer streaming: use strategy='l2l'"),
     (["+strategy.activation_offlod=all"], r"unexpected keyword argument 'activation_offlod'"),
 ])
 def test_bad_strategy_value_fails_when_the_strategy_is_built(overrides, message):
@@ -280,6 +281,6 @@ def test_every_strategy_file_builds_what_its_registered_name_builds(name):
 
 def test_any_strategy_argument_can_be_overridden_in_any_strategy_file():
     strategy = instantiate(compose_run("strategy=l2l", "strategy.min_offload_bytes=0", "strategy.layers=model.blocks",
-                                       "strategy.memory_budget=null").strategy)
-    assert (strategy.config.layer_streaming, strategy.config.min_offload_bytes, strategy.config.layers) == (
-        True, 0, "model.blocks")
+                                       "strategy.memory_budget=null", "strategy.microbatches=4").strategy)
+    assert (strategy.config.layer_streaming, strategy.config.min_offload_bytes, strategy.config.layers,
+            strategy.config.microbatches) == (True, 0, "model.blocks", 4)

@@ -33,8 +33,15 @@ class LM(LanguageModel):
         return loss
 
 
-def lm(name: str = "gpt_tiny", dropout: float = 0.0):
-    return lambda: LM(name, dropout=dropout)
+def lm(name: str = "gpt_tiny", dropout: float = 0.0, chunks: int = 1):
+    """A fresh LM; ``chunks`` > 1 makes it the plain reference for ``microbatches=chunks``: each block runs its
+    input in that many dim-0 chunks under ordinary autograd (the same arithmetic and the same dropout draws)."""
+    def make() -> LM:
+        module = LM(name, dropout=dropout)
+        for block in module.model.blocks if chunks > 1 else ():
+            block.forward = lambda x, f=block.forward: torch.cat([f(c) for c in x.tensor_split(min(chunks, len(x)))])
+        return module
+    return make
 
 
 def loader(n: int = 40):
@@ -52,14 +59,36 @@ def assert_same_run(got: LM, ref: LM) -> None:
         assert got.model.lm_head.weight is got.model.wte.weight
 
 
-@pytest.mark.parametrize("name, dropout", [("gpt_tiny", 0.0), ("gpt_tiny", 0.1), ("llama_tiny", 0.0)])
-def test_matches_plain_with_clipping_accumulation_and_schedule(name, dropout):
-    ref, _ = fit(lm(name, dropout), loader(), max_steps=5, **STEPS)
-    got, trainer = fit(lm(name, dropout), loader(), l2l(layers="model.blocks"), max_steps=5, **STEPS)
+@pytest.mark.parametrize("name, dropout, microbatches", [
+    ("gpt_tiny", 0.0, 1), ("gpt_tiny", 0.1, 1), ("llama_tiny", 0.0, 1),
+    ("gpt_tiny", 0.0, 4), ("llama_tiny", 0.0, 4), ("gpt_tiny", 0.0, 3),  # 3: uneven chunks of a batch of 4
+    ("llama_tiny", 0.1, 4),  # dropout: each chunk's recompute replays that chunk's RNG state
+])
+def test_matches_plain_with_clipping_accumulation_and_schedule(name, dropout, microbatches):
+    """With microbatches, plain training whose blocks run the same chunks is the reference (same dropout draws,
+    same gradient sums); ``test_microbatches_equal_unchunked_plain_training`` compares against the whole batch."""
+    ref, _ = fit(lm(name, dropout, chunks=microbatches), loader(), max_steps=5, **STEPS)
+    strategy = l2l(layers="model.blocks", microbatches=microbatches)
+    got, trainer = fit(lm(name, dropout), loader(), strategy, max_steps=5, **STEPS)
     assert len(got.losses) == 10
     assert_same_run(got, ref)
     assert trainer.strategy._streamer is None  # torn down: ordinary module again
     assert "forward" not in got.model.blocks[0].__dict__
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "llama_tiny"])
+def test_microbatches_equal_unchunked_plain_training(name):
+    """``microbatches=4`` against plain training on the whole batch. The losses agree to rounding. Parameters
+    agree to rtol 1e-5 except where AdamW divides a near-zero gradient by its own RMS (the key bias, which
+    softmax ignores): there a rounding difference in a sum over 4 chunks instead of one batch moves the entry
+    by up to ~1% of lr. Plain PyTorch running the blocks in chunks differs from the whole batch by exactly
+    as much (``got`` equals that reference bit for bit in the test above)."""
+    ref, _ = fit(lm(name), loader(), max_steps=5, **STEPS)
+    got, _ = fit(lm(name), loader(), l2l(layers="model.blocks", microbatches=4), max_steps=5, **STEPS)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-5, atol=0)
+    assert_same_params(got, ref, rtol=1e-5, atol=0.02 * got.hparams.lr)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert (flat(got) - flat(ref)).norm() <= 1e-5 * flat(ref).norm()
 
 
 def test_registered_name_and_activation_offload_on_top():
@@ -73,16 +102,90 @@ def test_registered_name_and_activation_offload_on_top():
                        max_steps=3, **STEPS)
     assert_same_run(got, ref)
     assert trainer.strategy.memory_report().offloaded_bytes > 0  # the saved block inputs went to the host
+    ref, _ = fit(lm(dropout=0.1, chunks=2), loader(24), max_steps=3, **STEPS)
+    got, trainer = fit(lm(dropout=0.1), loader(24), l2l(activation_offload="all", min_offload_bytes=0,
+                                                        microbatches=2), max_steps=3, **STEPS)
+    assert_same_run(got, ref)
+    assert trainer.strategy.memory_report().offloaded_bytes > 0
 
 
-def test_memory_report_counts_streamed_bytes():
-    _, trainer = fit(lm(), loader(24), "l2l", max_steps=3)
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_memory_report_counts_streamed_bytes(microbatches):
+    """Weights stream as often, and gradients once per block, however many microbatches run."""
+    _, trainer = fit(lm(), loader(24), l2l(microbatches=microbatches), max_steps=3)
     report = trainer.strategy.memory_report()
     block = 4 * sum(p.numel() for p in LM().model.blocks[0].parameters())  # fp32 bytes of one block
     # forward loads all 4 blocks; backward finds the last two still in the slots and loads the first two again
     assert report.streamed_h2d_bytes == 6 * block and report.streamed_d2h_bytes == 4 * block
     assert report.host_optimizer_ms > 0 and "layer streaming" in str(report)
     assert "vdnn/streamed_h2d_GiB" in report.metrics()
+    assert report.microbatches == microbatches and ("4 microbatches" in str(report)) == (microbatches == 4)
+
+
+class RowsSeen(L.Callback):
+    """Records how many rows the first block's MLP and the LM head compute at a time."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] = {"block": [], "head": []}
+
+    def setup(self, trainer, module, stage):
+        for key, layer in (("block", module.model.blocks[0].mlp.fc), ("head", module.model.lm_head)):
+            if not layer._forward_hooks:  # once, though validate sets up again
+                layer.register_forward_hook(lambda m, args, out, key=key: self.seen[key].append(len(args[0])))
+
+
+def test_blocks_compute_one_chunk_at_a_time_and_the_head_the_whole_batch():
+    """Block internals (forward, backward's recompute, and validation) see a quarter of the batch at a time:
+    the activation memory of a block is that of one chunk. Modules outside the blocks see the whole batch."""
+    rows = RowsSeen()
+    got, trainer = fit(lm(), loader(8), l2l(microbatches=4), max_steps=1, callbacks=[rows])
+    assert rows.seen == {"block": [1] * 8, "head": [4]}  # 4 chunks forward, 4 recomputed
+    ref, plain = fit(lm(chunks=4), loader(8), max_steps=1)
+    ours, theirs = trainer.validate(got, loader(8), verbose=False), plain.validate(ref, loader(8), verbose=False)
+    assert ours[0]["val/loss"] == pytest.approx(theirs[0]["val/loss"], rel=1e-6)
+    assert rows.seen["block"][8:] == [1] * 8 and rows.seen["head"][1:] == [4, 4]  # 2 batches, forward only
+
+
+def test_batch_smaller_than_microbatches_runs_one_row_per_chunk():
+    """An epoch's last batch (2 rows here) with microbatches=4 runs as 2 chunks, not as empty ones."""
+    data = token_loader(n=10, batch=4, seq=32)  # batches of 4, 4, 2
+    ref, _ = fit(lm(chunks=4), data, max_steps=3)
+    rows = RowsSeen()
+    got, _ = fit(lm(), data, l2l(microbatches=4), max_steps=3, callbacks=[rows])
+    assert_same_run(got, ref)
+    assert rows.seen["head"] == [4, 4, 2] and rows.seen["block"] == [1] * 20
+
+
+class Norm(nn.Module):
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x).mean(0, keepdim=True)  # mixes the samples of a batch: wrong for a streamed block
+
+
+def test_microbatches_refuse_what_would_change_the_result():
+    with pytest.raises(ValueError, match=r"microbatches=0 must be a positive integer"):
+        LayerStreamer(GPT(GPTConfig.from_name("gpt_tiny")), "blocks", torch.device("cpu"), microbatches=0)
+    batchnorm = nn.ModuleList(Norm(nn.BatchNorm1d(4)) for _ in range(2))
+    with pytest.raises(ValueError, match=r"microbatches=2 .* layers\.0\.norm is a BatchNorm1d.* microbatches=1"):
+        LayerStreamer(nn.ModuleDict({"layers": batchnorm}), "layers", torch.device("cpu"), microbatches=2)
+    LayerStreamer(nn.ModuleDict({"layers": batchnorm}), "layers", torch.device("cpu")).close()  # fine unsplit
+    root = nn.ModuleDict({"layers": nn.ModuleList(Pooled() for _ in range(2))})
+    streamer = LayerStreamer(root, "layers", torch.device("cpu"), microbatches=2)
+    with pytest.raises(ValueError, match=r"Pooled at 'layers' returned shape \(1, 4\) for a chunk of shape \(2, 4\)"):
+        root["layers"][0](torch.randn(4, 4))
+    streamer.close()
 
 
 class HostCheck(L.Callback):
