@@ -45,7 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cases = "\n".join(f"  {c.name:16s} {c.about}" for c in CASES.values())
     p = argparse.ArgumentParser(description=__doc__, epilog="cases:\n" + cases,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list(SIZES))
+    p.add_argument("--model", default="gpt_1b", choices=list(SIZES), help="default gpt_1b (gpt_tiny with --tiny)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated; default: all")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 2 with --tiny)")
