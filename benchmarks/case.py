@@ -3,6 +3,10 @@
 The runner starts this as ``python -m benchmarks.case`` in a fresh process per case, so that every case
 starts from empty device memory, its peak is its own, and a crash (or a hang, or a host OOM kill) takes
 only this case down. Whatever happens, the last line of stdout starting with ``MARKER`` is the result.
+
+With ``--devices N`` it is one of N ranks under ``torchrun`` (``benchmarks/parallel.py``): rank 0 prints the
+row merged from every rank's. A rank whose case fails prints its own row and ends the job at once: its peers
+may be waiting for it inside a collective, and torchrun stops them when one rank exits with an error.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--case", required=True, help="a case name from benchmarks.registry, e.g. 'vdnn@50%%'")
     p.add_argument("--model", required=True, help="a key of benchmarks.workloads.SIZES")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--devices", type=int, default=1, help="data-parallel ranks; >1 needs torchrun with as many")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
@@ -29,34 +34,30 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _run(args: argparse.Namespace, row: dict) -> None:
+def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
     from benchmarks.measure import summarize
-    from benchmarks.registry import split_case
+    from benchmarks.registry import devices_status, split_case
     from benchmarks.workloads import build
 
     spec, _ = split_case(args.case)
-    device = _device(args.device)
+    refusal = devices_status(spec, args.devices)
+    if refusal:
+        raise NotImplementedError(refusal.removeprefix("n/a: "))
     w = build(args.model, device)
     n = args.warmup + args.steps
     row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
     if spec.kind == "peer":
         from benchmarks.peers import run_peer
 
-        times, extra = run_peer(spec.name, w, device, n), {}
+        clock, extra = run_peer(spec.name, w, device, n), {}
     else:
         from benchmarks.lightning_cases import run_lightning
 
-        times, extra = run_lightning(spec.name, w, device, n, args.memory_budget)
-    row.update(summarize(times, args.warmup, w.items_per_step, w.flops_per_step), **extra)
+        clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices)
+    row.update(summarize(clock.times, args.warmup, w.items_per_step, w.flops_per_step), losses=clock.losses,
+               **extra)
     row["status"] = "ok"
-
-
-def _device(name: str):
-    """``cuda`` is the first GPU, with its index spelled out (``torch.cuda.set_device`` needs one)."""
-    import torch
-
-    return torch.device("cuda", 0) if name == "cuda" else torch.device(name)
 
 
 def _status(exc: BaseException) -> str:
@@ -71,6 +72,23 @@ def _status(exc: BaseException) -> str:
     return f"error: {text.splitlines()[0][:300]}"
 
 
+def _unrunnable(args: argparse.Namespace, device) -> Optional[str]:
+    """Why this machine or launch cannot run the case at all, or None."""
+    import torch
+
+    from benchmarks.parallel import launch_error
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "skipped: no CUDA device here (--tiny runs on a CPU)"
+    if device.type == "cuda" and torch.cuda.device_count() < args.devices:
+        return f"skipped: --devices {args.devices} needs as many GPUs; this machine has {torch.cuda.device_count()}"
+    return launch_error(args.devices)
+
+
+def _print(row: dict) -> None:
+    print(MARKER + json.dumps(row), flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.inject_crash:
@@ -78,25 +96,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         os._exit(70)
     import torch
 
+    from benchmarks import parallel
     from benchmarks.measure import environment, memory_stats
 
-    device = _device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        status = "skipped: no CUDA device here (--tiny runs on a CPU)"
-        print(MARKER + json.dumps({"case": args.case, "status": status}), flush=True)
+    device = parallel.local_device(args.device)
+    why = _unrunnable(args, device)
+    if why:
+        _print({"case": args.case, "status": why, "devices": args.devices})
         return 0
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
-    row = {"case": args.case, "model": args.model, "status": "error: did not finish", "steps": args.steps,
-           "warmup": args.warmup, "memory_budget": args.memory_budget, **environment(device)}
+    row = {"case": args.case, "model": args.model, "status": "error: did not finish", "devices": args.devices,
+           "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget, **environment(device)}
+    if args.devices > 1:
+        parallel.init_group(device)
     try:
-        _run(args, row)
+        _run(args, row, device)
     except Exception as exc:  # noqa: BLE001 - a case's failure is a result, not a crash of the suite
         row["status"] = _status(exc)
         row["traceback"] = traceback.format_exc()[-4000:]
         traceback.print_exc()
+        if args.devices > 1:  # see the module's docstring; os._exit: no exit handler may wait on the peers
+            _print({**row, **memory_stats(device), "failed_rank": int(os.environ.get("RANK", 0))})
+            sys.stderr.flush()
+            os._exit(1)
     row.update(memory_stats(device))
-    print(MARKER + json.dumps(row), flush=True)
+    if args.devices > 1:
+        row = parallel.gather(row)
+    if row is not None:
+        _print(row)
+    if args.devices > 1:
+        parallel.finish()
     return 0
 
 

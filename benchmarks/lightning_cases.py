@@ -1,7 +1,9 @@
 """Our modes, each run through Lightning's ``Trainer`` exactly as a user would: ``Trainer(strategy=name)``.
 
 ``lightning_plain`` (``strategy="auto"``) runs the same way, so that its ratio to the raw ``plain`` loop is
-Lightning's own overhead and every other Lightning case can be read against both.
+Lightning's own overhead and every other Lightning case can be read against both. Under ``torchrun``
+(``run.py --devices N``) the Trainer gets ``devices=N`` and finds its ranks in the environment, as a user's
+script launched so would: ``auto`` becomes DDP, ``vdnn_zero*`` DeepSpeed over N ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from benchmarks.measure import StepClock
-from benchmarks.workloads import Workload
+from benchmarks.workloads import Workload, flat_weights
 
 
 def _module(w: Workload, device: torch.device):
@@ -35,7 +37,8 @@ def _module(w: Workload, device: torch.device):
 
 
 def _clock(device: torch.device):
-    """A Callback timing each training batch with the same synchronized clock as the raw loops."""
+    """A Callback timing each training batch with the same synchronized clock as the raw loops, and keeping
+    the loss ``training_step`` returned."""
     import lightning as L
 
     class BatchClock(L.Callback):
@@ -45,8 +48,8 @@ def _clock(device: torch.device):
         def on_train_batch_start(self, *args, **kwargs) -> None:
             self.clock.start()
 
-        def on_train_batch_end(self, *args, **kwargs) -> None:
-            self.clock.stop()
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args, **kwargs) -> None:
+            self.clock.stop(outputs["loss"] if isinstance(outputs, dict) else outputs)
 
     return BatchClock()
 
@@ -91,20 +94,24 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     return entry["strategy"](**{**entry["init_params"], **extra})
 
 
-def run_lightning(name: str, w: Workload, device: torch.device, n: int,
-                  memory_budget: Optional[int] = None) -> tuple[list[float], dict]:
-    """Step times of ``Trainer.fit`` with strategy ``name`` over ``n`` copies of the batch, and its report."""
+def run_lightning(name: str, w: Workload, device: torch.device, n: int, memory_budget: Optional[int] = None,
+                  devices: int = 1) -> tuple[StepClock, dict]:
+    """The clock (step times, losses) of ``Trainer.fit`` with strategy ``name`` on ``devices`` devices over
+    ``n`` copies of the batch, and the strategy's memory report."""
     import lightning as L
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
     strategy = strategy_for(name, memory_budget)
     clock = _clock(device)
     trainer = L.Trainer(
-        strategy=strategy, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        strategy=strategy, accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices,
         precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=n, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
     )
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        flat_weights(w.model)
     trainer.fit(_module(w, device), train_dataloaders=RepeatBatch(w.batch, n))
     extra = {}
     if hasattr(trainer.strategy, "memory_report"):
         extra["memory_report"] = dataclasses.asdict(trainer.strategy.memory_report())
-    return clock.clock.times, extra
+    return clock.clock, extra

@@ -16,7 +16,8 @@ import torch
 
 
 class StepClock:
-    """Wall-clock time of each step, with the device synchronized at both ends so queued kernels count.
+    """Wall-clock time of each step, with the device synchronized at both ends so queued kernels count, and
+    the step's loss (read after the clock stopped, so its copy to the host is not timed).
 
     The first ``start`` also resets the device's peak-memory counters: every case's peak then covers its
     training steps (warm-up included) and not its set-up, e.g. DeepSpeed holding the whole model on the GPU
@@ -26,6 +27,7 @@ class StepClock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.times: list[float] = []
+        self.losses: list[float] = []
         self._t0 = 0.0
 
     def _sync(self) -> None:
@@ -38,19 +40,20 @@ class StepClock:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
 
-    def stop(self) -> None:
+    def stop(self, loss: Optional[torch.Tensor] = None) -> None:
         self._sync()
         self.times.append(time.perf_counter() - self._t0)
+        if loss is not None:
+            self.losses.append(float(loss))
 
 
-def timed_loop(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
-    """Run ``step`` ``n`` times; the time of each call."""
+def timed_loop(step: Callable[[], Optional[torch.Tensor]], n: int, device: torch.device) -> StepClock:
+    """Run ``step`` ``n`` times; the clock holds the time of each call and the loss each returned."""
     clock = StepClock(device)
     for _ in range(n):
         clock.start()
-        step()
-        clock.stop()
-    return clock.times
+        clock.stop(step())
+    return clock
 
 
 def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_step: float) -> dict:
@@ -88,7 +91,7 @@ def environment(device: torch.device) -> dict:
     """The machine and versions a row was measured on (read without importing DeepSpeed or Lightning)."""
     env = {"torch": torch.__version__, "lightning": _version("lightning"), "deepspeed": _version("deepspeed"),
            "python": platform.python_version(), "device_name": platform.processor() or "cpu",
-           "device_total_bytes": None}
+           "device_total_bytes": None, "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device_name=props.name, device_total_bytes=props.total_memory, cuda=torch.version.cuda)

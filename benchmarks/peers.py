@@ -1,21 +1,25 @@
 """The alternatives a user has, as raw training loops: plain, checkpointing, save_on_cpu, ZeRO, FSDP2.
 
-Each peer trains the workload's own nn.Module on its fixed batch for ``n`` steps and returns the time of each
-step. Mixed precision is bf16 autocast over fp32 master weights on CUDA (DeepSpeed and FSDP2 use their own
-bf16 machinery, as their users would), plain fp32 on a CPU.
+Each peer trains the workload's own nn.Module on its fixed batch for ``n`` steps and returns the clock that
+timed each step and kept its loss. Mixed precision is bf16 autocast over fp32 master weights on CUDA (DeepSpeed
+and FSDP2 use their own bf16 machinery, as their users would), plain fp32 on a CPU.
+
+Under ``torchrun`` (``run.py --devices N``) each is data parallel over the process group's N ranks, as its
+users would run it: the raw loops (plain, checkpoint, save_on_cpu) in ``DistributedDataParallel``, ZeRO with
+DeepSpeed's own data parallelism, FSDP2 sharding over all N.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
-from benchmarks.measure import timed_loop
-from benchmarks.workloads import Workload
+from benchmarks.measure import StepClock, timed_loop
+from benchmarks.parallel import init_group, world_size
+from benchmarks.workloads import Workload, flat_weights
 
 Forward = Callable[[], ContextManager]
 
@@ -24,17 +28,22 @@ def _autocast(device: torch.device) -> ContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def plain(w: Workload, device: torch.device, n: int, forward_ctx: Forward = nullcontext) -> list[float]:
-    """Everything on the device; ``forward_ctx`` wraps the forward (the peers below reuse this loop)."""
+def plain(w: Workload, device: torch.device, n: int, forward_ctx: Forward = nullcontext) -> StepClock:
+    """Everything on the device; ``forward_ctx`` wraps the forward (the peers below reuse this loop). In a
+    process group of several ranks, the model is wrapped in ``DistributedDataParallel``."""
     model = w.model.to(device)
+    if world_size() > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = w.optimizer(model.parameters(), device)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         with _autocast(device), forward_ctx():
             loss = w.loss(model, w.batch)
         loss.backward()
         opt.step()
+        return loss.detach()
 
     return timed_loop(step, n, device)
 
@@ -69,7 +78,7 @@ def _units(w: Workload) -> nn.Module:
     return w.model.features
 
 
-def checkpoint(w: Workload, device: torch.device, n: int) -> list[float]:
+def checkpoint(w: Workload, device: torch.device, n: int) -> StepClock:
     """Per-block (GPT) or per-conv-stage (VGG) activation checkpointing."""
     units = _units(w)
     for i, unit in enumerate(units):
@@ -77,41 +86,17 @@ def checkpoint(w: Workload, device: torch.device, n: int) -> list[float]:
     return plain(w, device, n)
 
 
-def save_on_cpu(w: Workload, device: torch.device, n: int) -> list[float]:
+def save_on_cpu(w: Workload, device: torch.device, n: int) -> StepClock:
     """Every saved activation to host memory (pinned on CUDA; pinning needs a GPU)."""
     pin = device.type == "cuda"
     return plain(w, device, n, forward_ctx=lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
 
 
-def _init_one_rank(device: torch.device) -> None:
-    """A process group of this process alone, on a free local port."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": "0", "LOCAL_RANK": "0",
-                       "WORLD_SIZE": "1"}.items():
-        os.environ.setdefault(key, value)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def _flat_weights(w: Workload) -> None:
-    """DeepSpeed and FSDP2 flatten parameters and refuse channels_last ones: VGG's weights go back to NCHW
-    (its input stays channels_last, so the convolutions still run channels_last)."""
-    w.model.to(memory_format=torch.contiguous_format)
-
-
-def _deepspeed(w: Workload, device: torch.device, n: int, zero: dict) -> list[float]:
+def _deepspeed(w: Workload, device: torch.device, n: int, zero: dict) -> StepClock:
     import deepspeed
 
-    _init_one_rank(device)
-    _flat_weights(w)
+    init_group(device)
+    flat_weights(w.model)
     config = {
         "train_micro_batch_size_per_gpu": w.batch[0].shape[0], "gradient_accumulation_steps": 1,
         "bf16": {"enabled": True}, "optimizer": w.ds_optimizer, "zero_optimization": zero,
@@ -120,10 +105,11 @@ def _deepspeed(w: Workload, device: torch.device, n: int, zero: dict) -> list[fl
     engine, *_ = deepspeed.initialize(model=w.model, model_parameters=w.model.parameters(), config=config)
     batch = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in w.batch)  # bf16 weights
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         loss = w.loss(engine, batch)
         engine.backward(loss)
         engine.step()
+        return loss.detach()
 
     return timed_loop(step, n, device)
 
@@ -131,25 +117,25 @@ def _deepspeed(w: Workload, device: torch.device, n: int, zero: dict) -> list[fl
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
 
 
-def zero3_offload(w: Workload, device: torch.device, n: int) -> list[float]:
+def zero3_offload(w: Workload, device: torch.device, n: int) -> StepClock:
     """DeepSpeed ZeRO-3, parameters and optimizer state (DeepSpeedCPUAdam for AdamW) in pinned host memory."""
     return _deepspeed(w, device, n, {"stage": 3, "offload_param": _OFFLOAD, "offload_optimizer": _OFFLOAD})
 
 
-def zero2_offload(w: Workload, device: torch.device, n: int) -> list[float]:
+def zero2_offload(w: Workload, device: torch.device, n: int) -> StepClock:
     """DeepSpeed ZeRO-2, optimizer state and step on the host; parameters and gradients on the device."""
     return _deepspeed(w, device, n, {"stage": 2, "offload_optimizer": _OFFLOAD})
 
 
-def fsdp2_offload(w: Workload, device: torch.device, n: int) -> list[float]:
-    """FSDP2 ``fully_shard`` per block and at the root with ``CPUOffloadPolicy``, on one device."""
+def fsdp2_offload(w: Workload, device: torch.device, n: int) -> StepClock:
+    """FSDP2 ``fully_shard`` per block and at the root with ``CPUOffloadPolicy``, sharded over every rank."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    _init_one_rank(device)
+    init_group(device)
     cuda = device.type == "cuda"
-    _flat_weights(w)
-    mesh = init_device_mesh(device.type, (1,))
+    flat_weights(w.model)
+    mesh = init_device_mesh(device.type, (world_size(),))
     kwargs = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=cuda),
                   mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
                                                  reduce_dtype=torch.float32 if cuda else None))
@@ -158,11 +144,12 @@ def fsdp2_offload(w: Workload, device: torch.device, n: int) -> list[float]:
     model = fully_shard(w.model, **kwargs)
     opt = w.optimizer(model.parameters(), torch.device("cpu"))  # the sharded fp32 weights live on the host
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = w.loss(model, w.batch)
         loss.backward()
         opt.step()
+        return loss.detach()
 
     return timed_loop(step, n, device)
 
@@ -171,7 +158,6 @@ PEERS = {"plain": plain, "checkpoint": checkpoint, "save_on_cpu": save_on_cpu, "
          "zero2_offload": zero2_offload, "fsdp2_offload": fsdp2_offload}
 
 
-
-def run_peer(name: str, w: Workload, device: torch.device, n: int) -> list[float]:
-    """Step times of peer ``name``."""
+def run_peer(name: str, w: Workload, device: torch.device, n: int) -> StepClock:
+    """The clock of peer ``name``: each step's time and loss."""
     return PEERS[name](w, device, n)

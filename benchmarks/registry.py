@@ -16,38 +16,53 @@ class CaseSpec:
         kind: ``"peer"`` (a raw PyTorch/DeepSpeed loop in ``peers.py``) or ``"lightning"`` (a ``Trainer`` run in
             ``lightning_cases.py``).
         about: one line for ``--help`` and the README.
-        needs_cuda: has no CPU form; ``--tiny`` records it as skipped instead of running it.
         takes_budget: accepts ``memory_budget``, so ``--budget`` adds ``name@P%`` variants of it.
+        data_parallel: runs on several devices (``--devices N``); a single-device strategy does not, and its
+            row says so.
     """
 
     name: str
     kind: str
     about: str
-    needs_cuda: bool = False
     takes_budget: bool = False
+    data_parallel: bool = True
 
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in [
-    CaseSpec("plain", "peer", "raw PyTorch loop, everything on the GPU (the baseline of every ratio)"),
+    CaseSpec("plain", "peer", "raw PyTorch loop, everything on the GPU (the baseline of every ratio); DDP on N"),
     CaseSpec("lightning_plain", "lightning", "Trainer(strategy='auto'): Lightning's overhead against 'plain'"),
     CaseSpec("checkpoint", "peer", "torch.utils.checkpoint per block / conv stage, non-reentrant"),
     CaseSpec("save_on_cpu", "peer", "torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward"),
     CaseSpec("zero3_offload", "peer", "DeepSpeed ZeRO-3, parameters and optimizer offloaded to pinned CPU"),
     CaseSpec("zero2_offload", "peer", "DeepSpeed ZeRO-2, optimizer offloaded to pinned CPU"),
-    CaseSpec("fsdp2_offload", "peer", "FSDP2 fully_shard per block + root with CPUOffloadPolicy, one GPU"),
-    CaseSpec("vdnn_all", "lightning", "Trainer(strategy='vdnn_all'): offload every saved activation"),
-    CaseSpec("vdnn_conv", "lightning", "Trainer(strategy='vdnn_conv'): offload Conv/Linear/attention inputs"),
+    CaseSpec("fsdp2_offload", "peer", "FSDP2 fully_shard per block + root with CPUOffloadPolicy"),
+    CaseSpec("vdnn_all", "lightning", "Trainer(strategy='vdnn_all'): offload every saved activation",
+             data_parallel=False),
+    CaseSpec("vdnn_conv", "lightning", "Trainer(strategy='vdnn_conv'): offload Conv/Linear/attention inputs",
+             data_parallel=False),
     CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload",
-             takes_budget=True),
-    CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved"),
-    CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True),
-    CaseSpec("l2l_r8", "lightning", "L2L with the first 8 blocks resident on the GPU (resident_blocks=8)"),
-    CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)"),
+             takes_budget=True, data_parallel=False),
+    CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved",
+             data_parallel=False),
+    CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True,
+             data_parallel=False),
+    CaseSpec("l2l_r8", "lightning", "L2L with the first 8 blocks resident on the GPU (resident_blocks=8)",
+             data_parallel=False),
+    CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)",
+             data_parallel=False),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",
-             needs_cuda=True),
+             takes_budget=True),
     CaseSpec("vdnn_zero3", "lightning", "Trainer(strategy='vdnn_zero3'): vDNN + DeepSpeed ZeRO-3",
-             needs_cuda=True),
+             takes_budget=True),
 ]}
+
+
+def devices_status(spec: CaseSpec, devices: int) -> Optional[str]:
+    """The row's status when ``spec`` cannot run on ``devices`` devices; None when it can."""
+    if devices > 1 and not spec.data_parallel:
+        return (f"n/a: single-device strategy ('{spec.name}' trains on one device; run it with --devices 1, or "
+                "vdnn_zero2/vdnn_zero3 for data parallel)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,15 @@ from typing import Optional
 GiB = 2**30
 COLUMNS = ("case", "status", "step s (median)", "{unit}/s", "model TFLOP/s", "peak alloc GiB",
            "peak reserved GiB", "host RSS GiB", "time / plain", "memory / plain")
+#: With N devices: throughput and TFLOP/s per device, the total beside them; peaks per device (max over ranks).
+COLUMNS_N = ("case", "status", "step s (median)", "{unit}/s per GPU", "{unit}/s total", "model TFLOP/s per GPU",
+             "peak alloc GiB (max GPU)", "peak reserved GiB (max GPU)", "host RSS GiB (sum)", "time / plain",
+             "memory / plain")
+
+
+def devices_of(rows: list[dict]) -> int:
+    """The number of devices the rows were measured on (1 for a one-device run)."""
+    return max((r.get("devices") or 1 for r in rows), default=1)
 
 
 def add_ratios(row: dict, plain: Optional[dict]) -> dict:
@@ -24,9 +33,10 @@ def _num(value: Optional[float], fmt: str, scale: float = 1.0) -> str:
     return "" if value is None else format(value / scale, fmt)
 
 
-def _cells(row: dict) -> list[str]:
+def _cells(row: dict, devices: int) -> list[str]:
+    total = [_num(row.get("items_per_s_total"), ",.0f")] if devices > 1 else []
     return [row["case"], row["status"].replace("|", "/").splitlines()[0][:120], _num(row.get("step_s"), ".4f"),
-            _num(row.get("items_per_s"), ",.0f"), _num(row.get("tflops"), ".1f"),
+            _num(row.get("items_per_s"), ",.0f"), *total, _num(row.get("tflops"), ".1f"),
             _num(row.get("peak_alloc_bytes"), ".2f", GiB), _num(row.get("peak_reserved_bytes"), ".2f", GiB),
             _num(row.get("host_rss_bytes"), ".2f", GiB), _num(row.get("time_ratio"), ".2f"),
             _num(row.get("mem_ratio"), ".2f")]
@@ -35,7 +45,9 @@ def _cells(row: dict) -> list[str]:
 def header(rows: list[dict], model: str) -> str:
     """Date, device and versions, from the first row that knows them."""
     env = next((r for r in rows if r.get("torch")), {})
-    return (f"Model `{model}`, measured {datetime.date.today().isoformat()} on {env.get('device_name', '?')} "
+    devices = devices_of(rows)
+    on = f"{devices} x {env.get('device_name', '?')} (data parallel)" if devices > 1 else env.get("device_name", "?")
+    return (f"Model `{model}`, measured {datetime.date.today().isoformat()} on {on} "
             f"(torch {env.get('torch', '?')}, lightning {env.get('lightning', '?')}, "
             f"deepspeed {env.get('deepspeed', '?')}, CUDA {env.get('cuda', 'none')}); "
             f"median of {env.get('steps', '?')} steps after {env.get('warmup', '?')} warm-up.")
@@ -52,13 +64,14 @@ def markdown(rows: list[dict], model: str, notes: list[str]) -> str:
     """The results table with ratios to ``plain``, least memory first, so that "at this memory, who is
     fastest" is read off neighbouring rows; cases that did not run at the end, with their status."""
     unit = next((r["unit"] for r in rows if r.get("unit")), "items")
-    cols = [c.format(unit=unit) for c in COLUMNS]
+    devices = devices_of(rows)
+    cols = [c.format(unit=unit) for c in (COLUMNS_N if devices > 1 else COLUMNS)]
     key = _memory_key(rows)[0]
     ok = sorted((r for r in rows if r.get("status") == "ok"), key=lambda r: r.get(key) or 0)
     ordered = ok + [r for r in rows if r.get("status") != "ok"]
     lines = [header(rows, model), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in ordered]
+    lines += ["| " + " | ".join(_cells(r, devices)) + " |" for r in ordered]
     return "\n".join(lines) + "\n"
 
 
@@ -79,7 +92,9 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
         x, y = r[key] / GiB, r["items_per_s"]
         ax.scatter([x], [y], s=30)
         ax.annotate(r["case"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xlabel=xlabel, ylabel=f"{unit}/s (median step)", title=f"{model}: throughput vs memory")
+    devices = devices_of(rows)
+    per = f" per device, {devices} devices" if devices > 1 else ""
+    ax.set(xlabel=xlabel, ylabel=f"{unit}/s{per} (median step)", title=f"{model}: throughput vs memory")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

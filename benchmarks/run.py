@@ -2,6 +2,10 @@
 
     python benchmarks/run.py --model gpt_1b --out bench_out/gpt_1b --budget 25%,50%,75%
     python benchmarks/run.py --model gpt_tiny --tiny --out /tmp/bench   # CPU, seconds
+    python benchmarks/run.py --model gpt_1b --devices 2 --cases plain,zero3_offload,vdnn_zero3 --out bench_out/x2
+
+With ``--devices N`` every case runs data parallel on N devices under ``torchrun`` (same per-device batch, so
+its per-device throughput compares with a one-device run); a single-device strategy's row says ``n/a``.
 
 Writes ``results.jsonl`` (one row per case, appended as each finishes), ``results.md`` and ``results.png``
 into ``--out``. A case that fails is a row with its status (``OOM``, ``n/a: ...``, ``error: ...``,
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +29,12 @@ if str(ROOT) not in sys.path:  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.registry import BASELINE, CASES, SIZES, TINY, expand, parse_percent, split_case  # noqa: E402
+from benchmarks.registry import (  # noqa: E402
+    BASELINE, CASES, SIZES, TINY, devices_status, expand, parse_percent, split_case,
+)
+
+#: Seconds a timed-out case gets to stop after SIGTERM (torchrun passes it on to its ranks) before SIGKILL.
+GRACE_S = 45
 
 
 def _csv(text: str) -> list[str]:
@@ -34,13 +45,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cases = "\n".join(f"  {c.name:16s} {c.about}" for c in CASES.values())
     p = argparse.ArgumentParser(description=__doc__, epilog="cases:\n" + cases,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list(SIZES))
+    p.add_argument("--model", default="gpt_1b", choices=list(SIZES), help="default gpt_1b (gpt_tiny with --tiny)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated; default: all")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 2 with --tiny)")
     p.add_argument("--budget", default="", help="e.g. 25%%,50%%,75%% of plain's peak, for modes that take one")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--tiny", action="store_true", help="the tiny size of --model, on the CPU, fp32")
+    p.add_argument("--devices", type=int, default=1,
+                   help="data-parallel devices per case (default 1); N>1 launches each case with torchrun")
     p.add_argument("--timeout", type=float, default=None, help="seconds per case (default 1200; 300 --tiny)")
     p.add_argument("--fail-case", default=None, help="debug: make this case crash, to test containment")
     args = p.parse_args(argv)
@@ -51,6 +64,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             split_case(args.fail_case)
     except ValueError as exc:
         p.error(str(exc))
+    if args.devices < 1:
+        p.error(f"--devices {args.devices}: give the number of devices per case, 1 or more.")
     if args.tiny:
         args.model = TINY[args.model]
     args.device = "cpu" if args.tiny else "cuda"
@@ -72,31 +87,91 @@ def _failed_row(case: str, status: str, proc_output: str = "") -> dict:
     return {"case": case, "status": status, "output_tail": proc_output[-4000:]}
 
 
+def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> list[str]:
+    """``python -m benchmarks.case ...``; under ``torchrun`` (as a module of this Python) with ``--devices N``."""
+    launch = [sys.executable, "-m"]
+    if args.devices > 1:
+        launch += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(args.devices), "-m"]
+    cmd = launch + ["benchmarks.case", "--case", case, "--model", args.model, "--device", args.device,
+                    "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--memory-budget", str(budget)] if budget is not None else []
+    return cmd + (["--inject-crash"] if case == args.fail_case else [])
+
+
+def _environment(args: argparse.Namespace) -> dict:
+    """A ``--tiny`` case sees no GPU, and DeepSpeed picks its CPU accelerator (it reads this once, on import).
+    With N devices each rank gets 1/N of the host's cores for its CPU work (DeepSpeed's CPU Adam among it),
+    unless OMP_NUM_THREADS is set: torchrun would give each rank one thread, DeepSpeed's launcher all cores."""
+    env = dict(os.environ)
+    if args.tiny:
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    if args.devices > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // args.devices))
+    return env
+
+
+def _launch(cmd: list[str], env: dict, timeout: float) -> tuple[Optional[int], str, str]:
+    """Run ``cmd``: its exit code (None if it timed out), stdout and stderr. A case past ``timeout`` gets
+    SIGTERM, which torchrun passes on to its ranks, then SIGKILL after ``GRACE_S``."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return None, out, err
+
+
+def _result(stdout: str) -> Optional[dict]:
+    """The last ``MARKER`` line that parses (a line another rank wrote into is passed over)."""
+    from benchmarks.case import MARKER
+
+    for line in reversed(stdout.splitlines()):
+        _, found, text = line.partition(MARKER)
+        if found:
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
 def run_case(args: argparse.Namespace, case: str, plain: Optional[dict]) -> dict:
-    """One case in a fresh ``python -m benchmarks.case`` process; its JSON row, or why there is none."""
+    """One case in a fresh ``python -m benchmarks.case`` process (N under torchrun); its JSON row, or why
+    there is none."""
     spec, fraction = split_case(case)
-    if spec.needs_cuda and args.device != "cuda":
-        return {"case": case, "status": "skipped: needs CUDA"}
+    refusal = devices_status(spec, args.devices)
+    if refusal:
+        return {"case": case, "status": refusal}
     budget = None if fraction is None else _budget_bytes(fraction, plain)
     if fraction is not None and budget is None:
         return {"case": case, "status": "skipped: no budget base (plain measured neither peak nor capacity)"}
-    cmd = [sys.executable, "-m", "benchmarks.case", "--case", case, "--model", args.model, "--device",
-           args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    cmd += ["--memory-budget", str(budget)] if budget is not None else []
-    cmd += ["--inject-crash"] if case == args.fail_case else []
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        return _failed_row(case, f"timeout after {args.timeout:g} s", out)
-    from benchmarks.case import MARKER
+    code, out, err = _launch(case_command(args, case, budget), _environment(args), args.timeout)
+    row = _result(out)
+    if row is not None:
+        return row
+    if code is None:
+        return _failed_row(case, f"timeout after {args.timeout:g} s", out + err)
+    return _failed_row(case, f"crashed: {_crash(code, err)}", out + err)
 
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if lines:
-        return json.loads(lines[-1][len(MARKER):])
-    code = proc.returncode
-    why = f"signal {-code}{' (killed: host out of memory?)' if code == -9 else ''}" if code < 0 else f"exit {code}"
-    return _failed_row(case, f"crashed: {why}", proc.stdout + proc.stderr)
+
+_ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def _crash(code: int, stderr: str) -> str:
+    """How the process ended; under torchrun, how its first failing rank did (torchrun itself exits 1)."""
+    cause = _ROOT_CAUSE.search(stderr)
+    rank = ""
+    if cause:
+        rank, code = f" (rank {cause.group(1)})", int(cause.group(2))
+    if code < 0:
+        return f"signal {-code}{' (killed: host out of memory?)' if code == -9 else ''}{rank}"
+    return f"exit {code}{rank}"
 
 
 def _notes(rows: list[dict]) -> list[str]:
@@ -112,6 +187,13 @@ def _notes(rows: list[dict]) -> list[str]:
         notes.append(f"plain did not run ({by.get(BASELINE, {}).get('status', 'not run')}): no ratios.")
     if capacity_used:
         notes.append("plain measured no device peak, so the @P% budgets are P% of the device's capacity.")
+    devices = report.devices_of(rows)
+    if devices > 1:
+        notes.append(
+            f"Data parallel on {devices} devices, each with the one-device batch: per-device throughput compares "
+            f"directly with a --devices 1 run; total = {devices} x per device. Step time: per step the slowest "
+            "rank. Peak GPU memory: the largest over the ranks (each GPU's). Host RSS: the sum over the ranks. "
+            "Ratios are to plain on the same devices (DDP).")
     return notes
 
 
@@ -123,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, plain = [], None
     for case in args.cases:
         t0 = time.perf_counter()
-        row = run_case(args, case, plain)
+        row = {"devices": args.devices, **run_case(args, case, plain)}
         plain = row if case == BASELINE else plain
         row = report.add_ratios(row, plain)
         rows.append(row)

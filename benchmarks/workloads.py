@@ -60,6 +60,12 @@ def _sgd(params, state_device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=SGD_LR, momentum=SGD_MOMENTUM)
 
 
+def flat_weights(model: nn.Module) -> None:
+    """DeepSpeed and FSDP2 flatten parameters and refuse channels_last ones: VGG's weights go back to NCHW
+    (its input stays channels_last, so the convolutions still run channels_last)."""
+    model.to(memory_format=torch.contiguous_format)
+
+
 def build(name: str, device: torch.device) -> Workload:
     """The workload ``name`` (a key of ``SIZES``) with its batch on ``device``; seeded, so every case is alike."""
     from lightning_vdnn.models import GPT, VGG, GPTConfig, VGGConfig
