@@ -82,6 +82,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     extra = {}
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
+    elif name.startswith("l2l_mb"):  # l2l_mbK: l2l over K batches as layer-major microbatches
+        name, extra = "l2l", {"microbatches": int(name[len("l2l_mb"):])}
 
     if name not in StrategyRegistry:
         ours = sorted(set(getattr(lightning_vdnn, "REGISTERED", ())))

@@ -154,8 +154,29 @@ def fsdp2_offload(w: Workload, device: torch.device, n: int) -> StepClock:
     return timed_loop(step, n, device)
 
 
-PEERS = {"plain": plain, "checkpoint": checkpoint, "save_on_cpu": save_on_cpu, "zero3_offload": zero3_offload,
-         "zero2_offload": zero2_offload, "fsdp2_offload": fsdp2_offload}
+def plain_accum8(w: Workload, device: torch.device, n: int) -> StepClock:
+    """Gradient accumulation as users write it: the step's batch in 8 chunks, backward after each, one
+    optimizer step (``w`` carries the 8 batches, see ``workloads.repeated``)."""
+    model = w.model.to(device)
+    opt = w.optimizer(model.parameters(), device)
+    chunks = list(zip(*(t.chunk(8) for t in w.batch)))
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in chunks:
+            with _autocast(device):
+                loss = w.loss(model, chunk) / len(chunks)
+            loss.backward()
+            total += loss.detach()
+        opt.step()
+        return total
+
+    return timed_loop(step, n, device)
+
+
+PEERS = {"plain": plain, "plain_accum8": plain_accum8, "checkpoint": checkpoint, "save_on_cpu": save_on_cpu,
+         "zero3_offload": zero3_offload, "zero2_offload": zero2_offload, "fsdp2_offload": fsdp2_offload}
 
 
 def run_peer(name: str, w: Workload, device: torch.device, n: int) -> StepClock:

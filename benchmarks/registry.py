@@ -19,6 +19,9 @@ class CaseSpec:
         takes_budget: accepts ``memory_budget``, so ``--budget`` adds ``name@P%`` variants of it.
         data_parallel: runs on several devices (``--devices N``); a single-device strategy does not, and its
             row says so.
+        accumulate: optimizer steps cover this many of the model's batches (the batch repeated along dim 0):
+            gradient accumulation for a raw loop, layer-major ``microbatches`` for L2L. Compare its tokens/s
+            (or images/s) with ``plain``; its step time covers ``accumulate`` batches.
     """
 
     name: str
@@ -26,6 +29,7 @@ class CaseSpec:
     about: str
     takes_budget: bool = False
     data_parallel: bool = True
+    accumulate: int = 1
 
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in [
@@ -46,6 +50,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False),
     CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True,
              data_parallel=False),
+    CaseSpec("plain_accum8", "peer", "raw loop, 8 batches of gradient accumulation per optimizer step",
+             data_parallel=False, accumulate=8),
+    CaseSpec("l2l_mb8", "lightning", "L2L, 8 batches per step as layer-major microbatches (microbatches=8)",
+             data_parallel=False, accumulate=8),
     CaseSpec("l2l_r8", "lightning", "L2L with the first 8 blocks resident on the GPU (resident_blocks=8)",
              data_parallel=False),
     CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)",

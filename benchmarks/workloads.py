@@ -6,6 +6,7 @@ cases differ only in how they train it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -64,6 +65,15 @@ def flat_weights(model: nn.Module) -> None:
     """DeepSpeed and FSDP2 flatten parameters and refuse channels_last ones: VGG's weights go back to NCHW
     (its input stays channels_last, so the convolutions still run channels_last)."""
     model.to(memory_format=torch.contiguous_format)
+
+
+def repeated(w: Workload, k: int) -> Workload:
+    """``w`` with its batch repeated ``k`` times along dim 0: the global batch of ``k`` accumulated batches."""
+    if k == 1:
+        return w
+    batch = tuple(t.repeat(k, *([1] * (t.dim() - 1))) for t in w.batch)
+    return dataclasses.replace(w, batch=batch, items_per_step=w.items_per_step * k,
+                               flops_per_step=w.flops_per_step * k)
 
 
 def build(name: str, device: torch.device) -> Workload:
