@@ -7,7 +7,7 @@ other change; ``offload_activations(model)`` does the same for a
 plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face Accelerate.
 """
 
-from lightning_vdnn.api import ActivationOffload, offload_activations
+from lightning_vdnn.api import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.report import MemoryReport
@@ -28,6 +28,7 @@ __all__ = [
     "VDNNStrategy",
     "VDNNZeroStrategy",
     "offload_activations",
+    "stream_layers",
     "parse_memory_budget",
 ]
 

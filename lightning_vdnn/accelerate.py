@@ -4,6 +4,10 @@ Accelerate's own ``prepare`` wraps ``model.forward`` (autocast, fp32 outputs) an
 ``accelerator.backward``; this does the same: the prepared model's forward runs under the offloader's
 capture, and ``accelerator.backward`` closes the pass. ``accelerator.unwrap_model(model,
 keep_fp32_wrapper=False)`` removes this forward wrapper along with Accelerate's.
+
+With ``layer_streaming=True`` the models' blocks are handed to :func:`lightning_vdnn.stream_layers` (weights,
+gradients and optimizer state in host memory) after Accelerate prepared them without moving them, and the
+prepared optimizers step those blocks on the host.
 """
 
 from __future__ import annotations
@@ -12,15 +16,22 @@ import functools
 import weakref
 from typing import Any, Optional
 
+import dataclasses
+
+import torch
 from accelerate import Accelerator
 from torch import nn
 
-from lightning_vdnn.api import ActivationOffload, make_config, offload_activations
+from lightning_vdnn.api import ActivationOffload, make_config, offload_activations, stream_layers
 from lightning_vdnn.config import MemorySpec, Policy
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.streaming import LayerStreamer
 
 _BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
 _BY_ACCELERATOR: "weakref.WeakKeyDictionary[Accelerator, list[ActivationOffload]]" = weakref.WeakKeyDictionary()
+_STREAMERS: "weakref.WeakKeyDictionary[nn.Module, LayerStreamer]" = weakref.WeakKeyDictionary()
+#: Accelerate's ``mixed_precision`` as the precision string layer streaming sizes its device copies by.
+_PRECISION = {"no": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
 def prepare(
@@ -34,12 +45,16 @@ def prepare(
     layers: Optional[str] = None,
     memory_budget: MemorySpec = None,
     device_placement: Optional[list[bool]] = None,
+    layer_streaming: bool = False,
+    resident_blocks: int = 0,
+    microbatches: int = 1,
 ) -> Any:
     """``accelerator.prepare(*objects)``, with vDNN activation offload wired into every model among them.
 
     Returns what ``accelerator.prepare`` returns (one object, or a tuple in the order given). The arguments
     after ``objects`` are those of :func:`lightning_vdnn.offload_activations`, validated before anything is
-    prepared.
+    prepared; ``layer_streaming``, ``resident_blocks`` and ``microbatches`` are L2L's (one process only; block
+    updates run at ``optimizer.step()``, so ``accelerator.clip_grad_norm_`` between backward and step is fine).
 
     Raises:
         ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
@@ -53,11 +68,29 @@ def prepare(
     kwargs = dict(min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
                   max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
                   memory_budget=memory_budget)
-    make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
+    config = make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
+    stream = dict(layer_streaming=layer_streaming, resident_blocks=resident_blocks, microbatches=microbatches)
+    dataclasses.replace(config, **stream)  # validates them
+    if layer_streaming:
+        if accelerator.num_processes > 1:
+            raise ValueError(f"layer_streaming=True trains on one device, but Accelerate runs "
+                             f"{accelerator.num_processes} processes. Launch one process, or leave layer "
+                             "streaming off and use activation offload alone.")
+        # streamed blocks stay in host memory: Accelerate must not move the models (the streamer moves the rest)
+        device_placement = [not isinstance(o, nn.Module) and (device_placement or [True] * len(objects))[i]
+                            for i, o in enumerate(objects)]
     prepared = accelerator.prepare(*objects, device_placement=device_placement)
-    for obj in prepared if isinstance(prepared, tuple) else (prepared,):
+    outputs = prepared if isinstance(prepared, tuple) else (prepared,)
+    optimizers = [getattr(o, "optimizer", o) for o in outputs if isinstance(getattr(o, "optimizer", None),
+                                                                           torch.optim.Optimizer)]
+    for obj in outputs:
         if isinstance(obj, nn.Module):
             inner = accelerator.unwrap_model(obj, keep_fp32_wrapper=True)  # the user's module, out of DDP & co.
+            if layer_streaming:
+                _STREAMERS[obj] = _STREAMERS[inner] = stream_layers(
+                    inner, *optimizers, layers=layers, device=accelerator.device, pin_memory=pin_memory,
+                    precision=_PRECISION.get(str(accelerator.mixed_precision), "32-true"),
+                    resident_blocks=resident_blocks, microbatches=microbatches)
             handle = offload_activations(inner, policy, device=accelerator.device, **kwargs)
             _wrap_forward(obj, handle)
             _BY_MODEL[obj] = _BY_MODEL[inner] = handle
@@ -110,4 +143,20 @@ def memory_report(model: nn.Module) -> MemoryReport:
     if handle is None:
         raise ValueError(f"{type(model).__name__} was not prepared by lightning_vdnn.accelerate.prepare; "
                          "pass the model that prepare() returned.")
-    return handle.report()
+    streamer = _STREAMERS.get(model)
+    return handle.report() if streamer is None else dataclasses.replace(handle.report(), **streamer.stats())
+
+
+def synchronize(model: nn.Module) -> None:
+    """Wait for the streamed blocks' host updates of ``model`` (a model :func:`prepare` returned with
+    ``layer_streaming=True``): call it before reading or saving their weights after ``optimizer.step()``."""
+    streamer = _STREAMERS.get(model)
+    if streamer is not None:
+        streamer.synchronize()
+
+
+def release(model: nn.Module) -> None:
+    """Stop streaming ``model``: queued updates land, the blocks become ordinary (host) parameters again."""
+    streamer = _STREAMERS.pop(model, None)
+    if streamer is not None:
+        streamer.close()

@@ -1,4 +1,5 @@
-"""Activation offload in any PyTorch loop: ``with offload_activations(model):`` around the forward pass.
+"""Activation offload and layer streaming in any PyTorch loop: ``with offload_activations(model):`` around
+the forward pass, ``stream_layers(model, optimizer)`` once before it.
 
 The Lightning strategy, the Fabric strategy and the Accelerate wiring are thin shells around the same two
 steps this module exposes: turn keyword arguments into a validated :class:`VDNNConfig`
@@ -20,6 +21,7 @@ from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.streaming import LayerStreamer
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -45,6 +47,46 @@ def make_config(
                           pin_memory=pin_memory, layers=layers, memory_budget=memory_budget)
     except (ValueError, TypeError) as err:  # the entry points call it ``policy``; say so
         raise type(err)(str(err).replace("activation_offload=", "policy=")) from None
+
+
+def stream_layers(
+    model: nn.Module,
+    *optimizers: torch.optim.Optimizer,
+    layers: Optional[str] = None,
+    device: DeviceLike = "cuda",
+    precision: str = "32-true",
+    pin_memory: bool = True,
+    resident_blocks: int = 0,
+    microbatches: int = 1,
+    eager_updates: bool = False,
+) -> LayerStreamer:
+    """L2L layer streaming for a plain PyTorch loop: from now on the blocks of ``model`` at ``layers`` keep
+    weights, gradients and optimizer state in host memory and stream to ``device`` one block ahead; the rest of
+    the model moves to ``device``. ``optimizers`` (built over ``model.parameters()`` as usual) step the blocks
+    on the host. Call ``close()`` on the result to get an ordinary module back.
+
+    ``precision`` is the autocast you run the forward under (``"bf16-mixed"`` streams bf16 copies). Block
+    updates run on a host worker at ``optimizer.step()``, first block first, so the next forward overlaps them.
+    With ``eager_updates=True`` and the backward inside ``optimizer.step(closure)`` (so its gradients are known
+    to be the step's), a block is updated as soon as its gradients land, while backward still runs; use it only
+    when the closure does not change gradients after backward (no clipping, no loss scaler).
+
+    Raises:
+        ValueError, TypeError: a wrong ``layers`` path (listing the candidates), an unsupported optimizer or
+            precision, a bad ``resident_blocks``/``microbatches``.
+    """
+    config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
+                        resident_blocks=resident_blocks, microbatches=microbatches)
+    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision,
+                             pin_memory=config.pin_memory, resident=config.resident_blocks,
+                             microbatches=config.microbatches)
+    streamer.set_eager(eager_updates)
+    try:
+        streamer.attach_optimizers(optimizers)
+    except BaseException:
+        streamer.close()
+        raise
+    return streamer
 
 
 def module_device(module: nn.Module) -> torch.device:

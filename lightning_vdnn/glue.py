@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import AutoPlanner, device_budget
+from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
 
 
@@ -111,7 +111,9 @@ class OffloadHooks:
             rank_zero_info(
                 f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, "
                 f"{plan.offloaded_bytes / 2**30:.2f} GiB of activations go to the host per step; predicted peak "
-                f"{plan.predicted_peak / 2**30:.2f} GiB within a budget of {plan.budget / 2**30:.2f} GiB."
+                f"{plan.predicted_peak / 2**30:.2f} GiB " + (
+                    "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
+                    f"within a budget of {plan.budget / 2**30:.2f} GiB.")
             )
 
     # -- numbers -----------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ class _LowestFirst:
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # not a daemon: at interpreter exit a daemon killed inside an update's kernel aborts the process;
+        # this one sees the main thread end, drains the queue and returns (a script may end right after step)
+        self._thread = threading.Thread(target=self._run, name=name)
         self._thread.start()
 
     def submit(self, priority: int, fn: Callable[..., None], *args: Any) -> Future:
@@ -104,7 +106,8 @@ class _LowestFirst:
         while True:
             with self._cv:
                 while not self._jobs and not self._closed:
-                    self._cv.wait()
+                    self._cv.wait(timeout=0.25)
+                    self._closed |= not threading.main_thread().is_alive()
                 if not self._jobs:
                     return
                 _, _, fut, fn, args = heapq.heappop(self._jobs)

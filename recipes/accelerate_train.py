@@ -4,6 +4,7 @@
     accelerate launch recipes/accelerate_train.py --policy conv  # the same under Accelerate's launcher
     python recipes/accelerate_train.py --policy none --steps 20  # hooks only: their overhead
     python recipes/accelerate_train.py --policy auto --memory-budget 8GiB   # planned to fit 8 GiB
+    python recipes/accelerate_train.py --layer-streaming --policy none   # L2L: blocks stream from host memory
     python recipes/accelerate_train.py --plain                   # Accelerate alone, for comparison
 
 The loop is Accelerate's own; the one changed line is ``lightning_vdnn.accelerate.prepare``.
@@ -33,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="stdlib source bytes to train on")
     p.add_argument("--min-offload-bytes", type=int, default=2**20)
     p.add_argument("--memory-budget", default=None, help="with --policy auto: '8GiB', '60%%' or bytes")
+    p.add_argument("--layer-streaming", action="store_true", help="L2L: block weights and state in host memory")
     p.add_argument("--plain", action="store_true", help="no offload: plain accelerator.prepare")
     return p.parse_args()
 
@@ -52,6 +54,7 @@ def main() -> None:
         model, optimizer, loader = lightning_vdnn.accelerate.prepare(
             accelerator, model, optimizer, data.train_dataloader(),
             policy=args.policy, min_offload_bytes=args.min_offload_bytes, memory_budget=args.memory_budget,
+            layer_streaming=args.layer_streaming,
         )
 
     step = 0

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -146,6 +147,54 @@ def test_bad_arguments_raise_naming_the_value(entry, kwargs, message):
         entry(**kwargs)
 
 
+@pytest.mark.parametrize("clip, eager", [(1.0, False), (None, True)])
+def test_plain_loop_streams_layers_and_matches(clip, eager):
+    """``stream_layers`` in a hand-written loop (clipping between backward and step, or ``step(closure)`` with
+    eager host updates) trains exactly like the same loop without it; ``close()`` gives an ordinary module
+    back."""
+    def run(stream: bool):
+        torch.manual_seed(0)
+        model = gpt_tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        streamer = lightning_vdnn.stream_layers(model, opt, device="cpu", eager_updates=eager) if stream else None
+        if stream:
+            assert all(p.grad is None for p in model.blocks[0].parameters())
+        losses = []
+        for _, (x, y) in zip(range(STEPS), token_loader()):
+            def closure():
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+
+            if clip:  # the classic loop
+                loss = closure()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+            else:  # backward inside step(closure): its gradients are the step's, so blocks update as they land
+                loss = opt.step(closure)
+            opt.zero_grad()
+            losses.append(loss.item())
+        if stream:
+            assert streamer.stats()["streamed_h2d_bytes"] > 0
+            assert sum(s.eager_updates for s in streamer.steppers) == (STEPS * len(model.blocks) if eager else 0)
+            streamer.close()
+            assert "forward" not in model.blocks[0].__dict__
+        return model, losses
+
+    (ref, ref_losses), (got, losses) = run(False), run(True)
+    assert losses == ref_losses
+    assert_same_params(got, ref)
+
+
+def test_stream_layers_refuses_a_wrong_path_and_an_unsupported_optimizer():
+    model = gpt_tiny()
+    with pytest.raises(ValueError, match=r"layers='model.blocks' does not exist in GPT. Candidates: 'blocks'"):
+        lightning_vdnn.stream_layers(model, layers="model.blocks", device="cpu")
+    with pytest.raises(TypeError, match=r"cannot step LBFGS .* Supported: SGD"):
+        lightning_vdnn.stream_layers(model, torch.optim.LBFGS(model.parameters()), device="cpu")
+    assert "forward" not in model.blocks[0].__dict__  # the refused streamer left the model as it was
+
+
 # -- Lightning Fabric -----------------------------------------------------------------------------------------
 def fabric_train(strategy, make=small_cnn, loader=image_loader):
     from lightning.fabric import Fabric
@@ -180,16 +229,59 @@ def test_fabric_matches_plain_fabric():
     assert report.policy == "auto" and report.layers_kept > 0 and report.layers_offloaded > 0
 
 
+def fabric_gpt(strategy, clip: Optional[float] = 1.0, steps: int = STEPS):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(strategy=strategy, accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = gpt_tiny()
+    model, opt = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    losses = []
+    for _, (x, y) in zip(range(steps), token_loader()):
+        loss = loss_of(model, x, y)
+        fabric.backward(loss)
+        if clip:
+            fabric.clip_gradients(model, opt, max_norm=clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, opt, fabric, losses
+
+
+def test_fabric_streams_layers_and_matches_plain_fabric(tmp_path):
+    """``Fabric(strategy="l2l")``: blocks stream from host memory, clipping in the loop still sees every
+    gradient, and a checkpoint saved by ``fabric.save`` (host memory, after queued updates) equals plain's."""
+    ref, ref_opt, ref_fabric, ref_losses = fabric_gpt("auto")
+    got, opt, fabric, losses = fabric_gpt("l2l")
+    assert isinstance(fabric.strategy, VDNNFabricStrategy) and fabric.strategy.config.layer_streaming
+    assert losses == ref_losses
+    fabric.strategy.synchronize()  # the last step's block updates may still run on the host worker
+    assert_same_params(got, ref)
+    assert got.module.blocks[0].attn.qkv.weight.device.type == "cpu"
+    assert fabric.strategy.memory_report().streamed_h2d_bytes > 0
+    fabric.save(tmp_path / "l2l.ckpt", {"model": got, "optimizer": opt})
+    ref_fabric.save(tmp_path / "plain.ckpt", {"model": ref, "optimizer": ref_opt})
+    ours, theirs = (torch.load(tmp_path / f"{n}.ckpt", weights_only=False) for n in ("l2l", "plain"))
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for i, state in theirs["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(ours["optimizer"]["state"][i][name], value), (i, name)
+    fabric.strategy.teardown()
+    assert "forward" not in got.module.blocks[0].__dict__
+
+
 def test_fabric_registers_what_it_supports(monkeypatch):
     from lightning.fabric.strategies import STRATEGY_REGISTRY
 
     from lightning_vdnn import fabric as vdnn_fabric
     from lightning_vdnn import strategy as vdnn_strategy
 
-    monkeypatch.setitem(vdnn_strategy.REGISTERED, "vdnn_test_l2l", ("layer streaming", {"layer_streaming": True}))
+    monkeypatch.setitem(vdnn_strategy.REGISTERED, "vdnn_test_zero", ("ZeRO", {"zero_stage": 2}))
     names = vdnn_fabric.register_fabric()
-    assert {"vdnn", "vdnn_all", "vdnn_conv", "vdnn_none"} <= set(names)
-    assert "vdnn_test_l2l" not in names and "vdnn_test_l2l" not in STRATEGY_REGISTRY
+    assert {"vdnn", "vdnn_all", "vdnn_conv", "vdnn_none", "l2l"} <= set(names)
+    assert "vdnn_test_zero" not in names and "vdnn_test_zero" not in STRATEGY_REGISTRY
     for name in names:
         assert STRATEGY_REGISTRY[name]["strategy"] is VDNNFabricStrategy
 
@@ -244,6 +336,42 @@ def cli_fit(*strategy_args: str):
     cli = LightningCLI(CLIClassifier, args=args, run=False, save_config_callback=None)
     cli.trainer.fit(cli.model)
     return cli.model, cli.trainer
+
+
+def test_accelerate_streams_layers_and_matches_plain_accelerate():
+    """``prepare(..., layer_streaming=True)``: Accelerate leaves the model where it is, the blocks stream from
+    host memory, ``accelerator.clip_grad_norm_`` between backward and step sees every gradient; same run."""
+    from accelerate import Accelerator
+
+    import lightning_vdnn.accelerate as vdnn_accelerate
+
+    def run(stream: bool):
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = gpt_tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        if stream:
+            model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy="none", layer_streaming=True)
+        else:
+            model, opt = accelerator.prepare(model, opt)
+        losses = []
+        for _, (x, y) in zip(range(STEPS), token_loader()):
+            loss = loss_of(model, x, y)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if stream:
+            vdnn_accelerate.synchronize(model)
+            assert vdnn_accelerate.memory_report(model).streamed_h2d_bytes > 0
+        return model, losses
+
+    (ref, ref_losses), (got, losses) = run(False), run(True)
+    assert losses == ref_losses
+    assert_same_params(got, ref)
+    vdnn_accelerate.release(got)
+    assert "forward" not in got.blocks[0].__dict__
 
 
 def test_lightning_cli_strategy_by_name_and_by_class():
