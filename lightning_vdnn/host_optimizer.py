@@ -15,7 +15,8 @@ Two moments to start a block's update, both exactly what the plain optimizer wou
   ``optimizer.step()``, first block first, and the next forward waits for each block only when it loads it.
 
 Anyone about to read a block's host weights calls :meth:`wait` (the streamer does before each copy to the
-device) or :meth:`wait_all` (checkpoints, teardown).
+device, and before a block's ``state_dict()`` or ``load_state_dict()``) or :meth:`wait_all` (checkpoints,
+teardown). A parameter read directly (``p.clone()``) between the step and the next forward may be stale.
 """
 
 from __future__ import annotations

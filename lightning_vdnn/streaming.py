@@ -164,6 +164,9 @@ class LayerStreamer:
             self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
             b.module._compiled_call_impl = None  # the streamed forward runs the block's own forward eagerly
             b.module.forward = functools.partial(self._forward, b.index)
+            settle = functools.partial(self._settle, b.index)
+            self._hooks += [b.module.register_state_dict_pre_hook(settle),
+                            b.module.register_load_state_dict_pre_hook(settle)]
 
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
@@ -205,6 +208,14 @@ class LayerStreamer:
             stepper.wait_all()
         if self.engine.is_cuda:
             self.engine.h2d.synchronize()
+
+    def _settle(self, index: int, *_: Any) -> None:
+        """Before ``state_dict()`` reads or ``load_state_dict()`` writes block ``index``'s host weights: its
+        gradients landed and its queued update written. ``optimizer.step()`` returns with block updates still
+        queued, so a callback saving ``module.state_dict()`` after the step would read them half written."""
+        self.wait_grads()
+        for stepper in self.steppers:
+            stepper.wait(index)
 
     def wait_grads(self) -> None:
         """Block until every streamed gradient has been added into host ``p.grad``."""

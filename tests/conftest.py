@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's Python subprocess: this checkout's ``lightning_vdnn`` first on the path, not
+    whichever copy is installed (a script's own directory, not the working directory, starts ``sys.path``)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ unsupported precision, a block that takes two tensors, and typos in Hydra overri
 
 from __future__ import annotations
 
+import threading
 import types
+from typing import Optional
 
 import lightning as L
 import pytest
@@ -19,6 +21,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
 from conftest import TokenLM, fit, token_loader
+from test_streaming import LM
 from lightning_vdnn import REGISTERED, VDNNStrategy
 from lightning_vdnn import hostmem
 from lightning_vdnn.host_blocks import host_empty
@@ -237,6 +240,95 @@ def test_block_called_with_two_tensors_fails_at_the_first_step_naming_the_fix():
         fit(lambda: module, data, "l2l", max_steps=2)
     assert module.steps == 0
     assert all("forward" not in b.__dict__ for b in module.blocks)  # torn down: an ordinary module again
+
+
+# -- an exception in the user's code leaves the strategy clean ------------------------------------------------
+BOOM = {"training_step": "boom in training_step", "callback": "boom in a callback"}
+
+
+class FailingLM(LM):
+    fail_at: Optional[int] = None  # the batch whose training_step raises
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at:
+            raise RuntimeError(BOOM["training_step"])
+        return super().training_step(batch, batch_idx)
+
+
+class FailAfterStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:  # the step's optimizer update is done (for l2l: queued on the host)
+            raise RuntimeError(BOOM["callback"])
+
+
+def _trainer(strategy, max_steps: int, callbacks=()) -> L.Trainer:
+    return L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=max_steps, callbacks=list(callbacks),
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0)
+
+
+def _fail_validate_fit_again(strategy, where: str) -> tuple[FailingLM, dict, float, L.Trainer, list[str]]:
+    """A fit that raises after 2 steps, then on the same Trainer (and strategy object) ``validate`` and a new fit
+    for the 2 steps left. Returns the module, its state after the failure, the validation loss, the Trainer and
+    what the failure left behind (`_leftovers`)."""
+    L.seed_everything(0, verbose=False)
+    module = FailingLM()
+    module.fail_at = 2 if where == "training_step" else None
+    trainer = _trainer(strategy, 4, [FailAfterStep(2)] if where == "callback" else [])
+    with pytest.raises(RuntimeError, match=f"^{BOOM[where]}$"):
+        trainer.fit(module, loader())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    leftovers = _leftovers(module)
+    val = trainer.validate(module, loader(8), verbose=False)[0]["val/loss"]
+    module.fail_at = None
+    trainer.fit(module, loader())  # from global step 2 to max_steps=4, with a new optimizer and schedule
+    return module, state, val, trainer, leftovers
+
+
+def _leftovers(module: nn.Module) -> list[str]:
+    """What a strategy could leave behind: module hooks, patched forwards, autograd's saved-tensor hooks, threads."""
+    found = [f"{name or 'root'}.{kind}" for name, m in module.named_modules()
+             for kind in ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks")
+             if getattr(m, kind)]
+    found += [f"{name}.forward" for name, m in module.named_modules() if "forward" in m.__dict__]
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        found.append("saved_tensors_hooks")
+    return found + [t.name for t in threading.enumerate() if t.name.startswith("l2l-")]
+
+
+@pytest.fixture(scope="module")
+def plain_failures() -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ``one_thread`` does for the tests (created before it): the same kernels' rounding
+    try:
+        return {where: _fail_validate_fit_again("auto", where) for where in ("training_step", "callback")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("where", ["training_step", "callback"])
+@pytest.mark.parametrize("make", [lambda: VDNNStrategy("all", min_offload_bytes=0),
+                                  lambda: VDNNStrategy("none", layer_streaming=True)], ids=["vdnn_all", "l2l"])
+def test_exception_in_user_code_leaves_the_strategy_clean(make, where, plain_failures):
+    """An exception in ``training_step`` (the third batch's) or in ``on_train_batch_end`` (after the second
+    step, with l2l's host updates of that step possibly still queued) reaches the caller unchanged; hooks,
+    patched forwards, saved-tensor hooks and worker threads are gone; the weights are plain training's after
+    the same exception, bit for bit; ``validate`` and a new fit on the same Trainer equal plain Lightning's
+    from that state."""
+    strategy = make()
+    module, state, val, trainer, leftovers = _fail_validate_fit_again(strategy, where)
+    ref, ref_state, ref_val, _, _ = plain_failures[where]
+    assert leftovers == []
+    assert strategy._offloader is None and strategy._streamer is None
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], v) for k, v in ref_state.items())
+    assert val == ref_val
+    assert len(module.losses) == len(ref.losses) == 4 and module.losses == ref.losses
+    for (name, p), q in zip(module.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    assert strategy.memory_report().step > 0  # the second fit ran under the strategy: it reported
 
 
 # -- Hydra: the strategy group is typed -----------------------------------------------------------------------

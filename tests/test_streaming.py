@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import pytest
 import torch
@@ -368,6 +370,34 @@ def test_blocks_update_during_backward_when_nothing_rewrites_grads(tmp_path, acc
     blocks = len(got.model.blocks)
     assert trainer.strategy.memory_report().host_optimizer_ms > 0
     assert trainer.strategy._last_eager_updates == 4 * blocks  # every block, every step, during backward
+
+
+class StateDicts(L.Callback):
+    """Copies ``module.state_dict()`` after every step, as a callback saving its own weights file would."""
+
+    def __init__(self) -> None:
+        self.taken: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.taken.append({k: v.clone() for k, v in module.state_dict().items()})
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, clip):
+    """``optimizer.step()`` returns with block updates still queued on the worker (slowed here, so that they
+    are): ``state_dict()`` taken right after must wait for them, not read half-updated host weights."""
+    from lightning_vdnn.host_optimizer import HostStepper
+
+    update = HostStepper._update
+    monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
+    ref, got = StateDicts(), StateDicts()
+    fit(lm(), loader(16), max_steps=3, gradient_clip_val=clip, callbacks=[ref])
+    fit(lm(), loader(16), "l2l", max_steps=3, gradient_clip_val=clip, callbacks=[got])
+    assert len(got.taken) == 3
+    for ours, theirs in zip(got.taken, ref.taken):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), key
 
 
 def test_clipping_queues_block_updates_at_the_step():

@@ -5,7 +5,6 @@ device offloads for its share of the batch. Bad arguments fail at construction, 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 pytest.importorskip("deepspeed")
 
 import zero_worker as worker  # noqa: E402  (tests/ is on sys.path through conftest's rootdir)
+from conftest import checkout_env  # noqa: E402
 from lightning_vdnn import VDNNConfig, VDNNStrategy, VDNNZeroStrategy  # noqa: E402
 from lightning_vdnn.zero import deepspeed_config  # noqa: E402
 
@@ -29,7 +29,7 @@ RANKS = 2
 
 
 def torchrun(out: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = checkout_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
            str(ROOT / "tests" / "zero_worker.py"), str(out), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -106,6 +106,26 @@ def test_checkpoint_resumes_on_two_ranks(runs, reference, stage):
     got = rank_mean(ranks(runs, f"stage{stage}"), "resumed_losses")
     assert len(got) == worker.STEPS_PER_EPOCH
     torch.testing.assert_close(got, reference["losses"][steps:], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_equals_the_uninterrupted_two_rank_run_bit_for_bit(runs, stage, tmp_path):
+    """On each rank, the resumed third epoch's losses are exactly those of the same two ranks training the
+    three epochs without a break, and so are the weights after it (consolidated from both checkpoints)."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    steps = worker.EPOCHS * worker.STEPS_PER_EPOCH
+    for rank in ranks(runs, f"stage{stage}"):
+        assert len(rank["straight_losses"]) == steps + worker.STEPS_PER_EPOCH
+        assert rank["losses"] == rank["straight_losses"][:steps]
+        assert rank["resumed_losses"] == rank["straight_losses"][steps:]
+    weights = {}
+    for run in ("resumed", "straight"):
+        convert_zero_checkpoint_to_fp32_state_dict(runs / f"stage{stage}_{run}.ckpt", tmp_path / f"{run}.pt")
+        weights[run] = torch.load(tmp_path / f"{run}.pt", weights_only=False)["state_dict"]
+    assert weights["resumed"].keys() == weights["straight"].keys()
+    for name, value in weights["straight"].items():
+        assert torch.equal(weights["resumed"][name], value), name
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -2,7 +2,7 @@
 
 ``resume STAGE...``: per ZeRO stage, train 2 epochs of 2 steps with ``activation_offload="all"`` and save a
 checkpoint; resume it in a fresh Trainer (a differently seeded model, so only the checkpoint can make it
-right) for a third epoch and save again. Epochs, not ``max_steps``: a fit stopped by ``max_steps`` at an
+right) for a third epoch and save again; then train the 3 epochs uninterrupted and save that too. Epochs, not ``max_steps``: a fit stopped by ``max_steps`` at an
 epoch's last batch resumes one batch into the next epoch (Lightning's loop bookkeeping, not our business).
 
 ``policies STAGE POLICY...``: one epoch per policy, the model built in ``configure_model``, so that ZeRO-3
@@ -88,8 +88,12 @@ def run_resume(out: Path, stage: int, loader: torch.utils.data.DataLoader) -> No
     second, resumed = trainer(stage, "all", EPOCHS + 1), MLP(seed=123)
     second.fit(resumed, loader, ckpt_path=out / f"stage{stage}.ckpt")
     second.save_checkpoint(out / f"stage{stage}_resumed.ckpt")
+    straight, uninterrupted = trainer(stage, "all", EPOCHS + 1), MLP(seed=0)
+    straight.fit(uninterrupted, loader)
+    straight.save_checkpoint(out / f"stage{stage}_straight.ckpt")
     write(out / f"stage{stage}_rank{first.global_rank}.json", losses=model.losses, resumed_losses=resumed.losses,
-          report=first.strategy.memory_report().as_dict(), world_size=first.world_size)
+          straight_losses=uninterrupted.losses, report=first.strategy.memory_report().as_dict(),
+          world_size=first.world_size)
 
 
 def run_policy(out: Path, stage: int, policy: str, loader: torch.utils.data.DataLoader) -> None:
