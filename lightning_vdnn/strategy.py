@@ -195,6 +195,12 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         layers = super()._offload_layers()
         return self._streamer.container if self._streamer is not None else layers
 
+    def synchronize(self) -> None:
+        """Wait for the streamed blocks' queued host updates (layer streaming; a no-op otherwise): call it
+        before reading block parameters directly between ``optimizer.step()`` and the next forward."""
+        if self._streamer is not None:
+            self._streamer.synchronize()
+
     def memory_report(self) -> MemoryReport:
         """Offload (and layer-streaming) statistics of the latest training step (empty before training)."""
         report = self._offload_report()

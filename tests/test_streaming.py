@@ -400,6 +400,31 @@ def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, cl
             assert torch.equal(ours[key], value), key
 
 
+def test_strategy_synchronize_lets_callbacks_read_parameters_directly(monkeypatch):
+    """An EMA-like callback reading ``p.data`` right after the step sees final weights once it calls
+    ``trainer.strategy.synchronize()`` (updates slowed so that they are still queued)."""
+    from lightning_vdnn.host_optimizer import HostStepper
+
+    class Clones(L.Callback):
+        def __init__(self) -> None:
+            self.taken: list[list[torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, module, *_):
+            if hasattr(trainer.strategy, "synchronize"):
+                trainer.strategy.synchronize()
+            self.taken.append([p.detach().clone() for p in module.parameters()])
+
+    update = HostStepper._update
+    monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
+    ref, got = Clones(), Clones()
+    fit(lm(), loader(16), max_steps=3, callbacks=[ref])
+    fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got])
+    assert len(got.taken) == 3
+    for ours, theirs in zip(got.taken, ref.taken):
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+
+
 def test_clipping_queues_block_updates_at_the_step():
     _, trainer = fit(lm(), loader(24), "l2l", max_steps=3, gradient_clip_val=1.0)
     assert trainer.strategy._last_eager_updates == 0
