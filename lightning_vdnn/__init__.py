@@ -10,7 +10,8 @@ plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face A
 from lightning_vdnn.api import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.report import LayerStats, MemoryReport, MemorySample
+from lightning_vdnn.retry import BudgetLowered, StepOutOfMemory
 from lightning_vdnn.fabric import VDNNFabricStrategy, register_fabric
 from lightning_vdnn.strategy import REGISTERED, VDNNStrategy, register
 from lightning_vdnn.zero import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
@@ -19,10 +20,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationOffload",
     "ActivationOffloader",
+    "BudgetLowered",
+    "LayerStats",
     "MemoryBudget",
     "MemoryReport",
+    "MemorySample",
     "REGISTERED",
     "REGISTERED_ZERO",
+    "StepOutOfMemory",
     "VDNNConfig",
     "VDNNFabricStrategy",
     "VDNNStrategy",

@@ -111,6 +111,10 @@ class VDNNConfig:
             ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step.
         offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
             ``zero_stage=3``, the only stage that shards parameters).
+        fit_report: at the end of ``fit``, print a per-layer table of saved activations (``rich``) and save a
+            PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
+            ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
+            sweeps) gets a quiet end too.
     """
 
     activation_offload: Policy = "auto"
@@ -126,6 +130,7 @@ class VDNNConfig:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    fit_report: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -175,6 +180,9 @@ class VDNNConfig:
                 raise TypeError(f"{f.name}={value!r} must be True or False.")
         if not isinstance(self.activation_offload, str):
             raise TypeError(f"activation_offload={self.activation_offload!r} must be one of {list(POLICIES)}.")
+        if self.fit_report is not None and not isinstance(self.fit_report, bool):
+            raise TypeError(f"fit_report={self.fit_report!r} must be True, False or None (follow the Trainer's "
+                            "enable_model_summary).")
         if self.layers is not None and not isinstance(self.layers, str):
             raise TypeError(f"layers={self.layers!r} must be a dotted path string like 'model.blocks' or None.")
 

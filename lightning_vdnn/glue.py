@@ -3,16 +3,22 @@
 ``VDNNStrategy`` (one device) and ``VDNNZeroStrategy`` (DeepSpeed ZeRO) differ in how they place the model
 and step the optimizer, not in how they offload: both wrap ``training_step`` in the offloader's
 ``capture()``, close the pass after backward, feed the ``"auto"`` planner after the optimizer step and
-report. :class:`OffloadHooks` holds that once; it goes first in the bases so its hooks wrap the strategy's.
+report (a table and a plot at the end of ``fit``). :class:`OffloadHooks` holds that once; it goes first in the
+bases so its hooks wrap the strategy's. Under ``"auto"`` on one device, an out-of-memory error in forward or
+backward runs the batch again under a lower budget (``retry.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import gc
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -21,7 +27,11 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, device_budget
-from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.report import MemoryReport, format_bytes, print_report
+from lightning_vdnn.retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
+                                  cuda_allocated, lowered_message, running_stats)
+
+T = TypeVar("T")
 
 
 class OffloadHooks:
@@ -36,6 +46,9 @@ class OffloadHooks:
     _planner: Optional[AutoPlanner] = None
     _forward_peak: Optional[int] = None
     _last_report: Optional[MemoryReport] = None
+    _retry_oom = False  # strategies that may run a batch again after an OOM set it (not DeepSpeed: collectives)
+    _attempts: Optional[Attempts] = None
+    _norm_stats: Optional[list[Tensor]] = None
 
     # -- set up and tear down ----------------------------------------------------------------------------
     def _offload_layers(self) -> Optional[nn.Module]:
@@ -51,6 +64,7 @@ class OffloadHooks:
             max_inflight_bytes=cfg.max_inflight_bytes,
         )
         self._offloader.attach(self.lightning_module, self._offload_layers())
+        self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
             self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device))
 
@@ -74,22 +88,111 @@ class OffloadHooks:
     def _watching_cuda(self) -> bool:
         return self._planner is not None and self._planner.watching and self.root_device.type == "cuda"
 
+    def _retries_oom(self) -> bool:
+        """OOM retry: ``"auto"``, automatic optimization, no layer streaming, and a strategy that allows it."""
+        return (self._retry_oom and self._planner is not None and self.lightning_module.automatic_optimization
+                and getattr(self, "_streamer", None) is None)
+
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._offloader is None:
             return super().training_step(*args, **kwargs)
+        # time layers and sample memory only in the steps the planner measures (a fixed policy: the first)
+        self._offloader.watch = self._planner.watching if self._planner is not None else self._offloader.passes == 0
+        if not self._retries_oom():
+            self._attempts = None
+            return self._forward(*args, **kwargs)
+        if self._norm_stats is None:
+            self._norm_stats = running_stats(self.lightning_module)
+        snapshot = StepSnapshot(self._norm_stats, self.root_device)
+        self._attempts = Attempts(args, kwargs, snapshot, self._planner.budget)
+        return self._with_retries(lambda: self._forward(*args, **kwargs))
+
+    def _forward(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._watching_cuda():
             torch.cuda.reset_peak_memory_stats(self.root_device)
         with self._offloader.capture():
             return super().training_step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._attempts is None:
+            if self._watching_cuda():
+                self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+            try:
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
+            finally:
+                if self._offloader is not None:
+                    self._offloader.finish_pass()
+        while True:  # OOM retry: a failed backward runs forward again, then backward
+            try:
+                out = self._backward_once(closure_loss, optimizer, *args, **kwargs)
+                self._attempts = None
+                return out
+            except torch.OutOfMemoryError as err:
+                failure, at = str(err), cuda_allocated(self.root_device)
+            closure_loss.detach_()  # frees what the failed graph still holds
+            self._recover(failure, at)
+            attempts = self._attempts
+            out = self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
+            closure_loss = ClosureResult.from_training_step_output(
+                out, self.lightning_module.trainer.accumulate_grad_batches).closure_loss
+            if closure_loss is None:  # training_step skipped the batch this time: nothing to run backward on
+                self._offloader.finish_pass()
+                self._attempts = None
+                return closure_loss
+
+    def _backward_once(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any,
+                       **kwargs: Any) -> Tensor:
+        """``Strategy.backward``, with this attempt's gradients kept apart until autograd has finished: merged
+        into the accumulated ones before ``on_after_backward`` (as plain training has them), or dropped."""
         if self._watching_cuda():
             self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        loss = self.precision_plugin.pre_backward(closure_loss, module)
+        stash = GradStash(module.parameters())
         try:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        finally:
-            if self._offloader is not None:
-                self._offloader.finish_pass()
+            self.precision_plugin.backward(loss, module, optimizer, *args, **kwargs)
+        except BaseException:
+            stash.drop()
+            raise
+        stash.merge()
+        self._offloader.finish_pass()
+        loss = self.precision_plugin.post_backward(loss, module)
+        self.post_backward(loss)
+        return loss
+
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        while True:
+            try:
+                return attempt()
+            except torch.OutOfMemoryError as err:
+                failure, at = str(err), cuda_allocated(self.root_device)
+            # the exception (and its traceback, which holds the failed forward's tensors) is gone here
+            self._recover(failure, at)
+
+    def _recover(self, failure: str, allocated: Optional[int]) -> None:
+        """After an OOM: forget the failed pass, free memory, lower the budget (or give up), restore the step's
+        state so the same batch runs again as if for the first time."""
+        attempts, planner, offloader = self._attempts, self._planner, self._offloader
+        offloader.abort_pass()
+        gc.collect()
+        if self.root_device.type == "cuda":
+            torch.cuda.empty_cache()
+        step = self.lightning_module.trainer.global_step
+        if planner.plan is None:
+            raise attempts.give_up(step, failure, "in the step that profiles the model, with every activation "
+                                   "offloaded: no plan to lower") from None
+        if attempts.retries >= MAX_RETRIES:
+            raise attempts.give_up(step, failure, f"{MAX_RETRIES} lower budgets tried") from None
+        old_budget, kept_before = planner.budget, planner.plan.kept_bytes
+        plan = planner.lower(allocated, LOWER_BY[attempts.retries])
+        if plan is None:
+            raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
+        attempts.budgets.append(planner.budget)
+        offloader.keep_layers = planner.keep
+        rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
+                       category=BudgetLowered)
+        attempts.snapshot.restore()
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -110,11 +213,28 @@ class OffloadHooks:
         if plan is not None:
             rank_zero_info(
                 f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, "
-                f"{plan.offloaded_bytes / 2**30:.2f} GiB of activations go to the host per step; predicted peak "
-                f"{plan.predicted_peak / 2**30:.2f} GiB " + (
+                f"{format_bytes(plan.offloaded_bytes)} of activations go to the host per step; predicted peak "
+                f"{format_bytes(plan.predicted_peak)} " + (
                     "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
-                    f"within a budget of {plan.budget / 2**30:.2f} GiB.")
+                    f"within a budget of {format_bytes(plan.budget)}.")
             )
+
+    # -- the end of fit -----------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        trainer = self.lightning_module.trainer
+        if self._offloader is None or not self._shows_report(trainer):
+            return
+        directory = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
+        report = self.memory_report()
+        if self.is_global_zero and report.layers:
+            print_report(report, Path(directory))
+
+    def _shows_report(self, trainer: Any) -> bool:
+        """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
+        the summary at the start of ``fit`` and this report at its end are the same kind of output."""
+        wanted = self.vdnn_config.fit_report
+        return wanted if wanted is not None else any(isinstance(cb, ModelSummary) for cb in trainer.callbacks)
 
     # -- numbers -----------------------------------------------------------------------------------------
     def _log_report(self) -> None:

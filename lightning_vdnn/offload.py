@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from lightning_vdnn.pool import CopyEngine, HostBufferPool
-from lightning_vdnn.report import MemoryReport, union_length
+from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.trace import PassTimeline, PassTrace
 
 # Layers whose inputs the "conv" policy offloads: expensive to recompute, large to keep (vDNN_conv).
 EXPENSIVE_LAYERS: tuple[type, ...] = (
@@ -62,19 +63,6 @@ _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
 Packed = Union[torch.Tensor, _Saved]
 
 
-class _Trace:
-    """Raw numbers and events of one forward/backward; resolved into a MemoryReport on demand."""
-
-    def __init__(self, engine: CopyEngine) -> None:
-        self.start = engine.record()
-        self.saved = self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
-        self.groups = 0
-        self.candidate_bytes: dict[int, int] = collections.defaultdict(int)  # per layer: what "all" would move
-        self.d2h: list[tuple[object, object]] = []
-        self.h2d: list[tuple[object, object]] = []
-        self.waits: list[tuple[object, object]] = []
-
-
 class ActivationOffloader:
     """Moves saved activations to host memory during forward and brings them back, prefetched, for backward.
 
@@ -108,6 +96,7 @@ class ActivationOffloader:
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
+        self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self.pool = HostBufferPool(pin_memory)
         self._lock = threading.RLock()
@@ -115,8 +104,10 @@ class ActivationOffloader:
         self._hooks: list = []
         self._capturing = False
         self._passes = 0
-        self._trace: Optional[_Trace] = None
-        self._last: Optional[_Trace] = None
+        self._trace: Optional[PassTrace] = None
+        self._last: Optional[PassTrace] = None
+        self._watched: Optional[PassTrace] = None  # the latest finished pass that was watched
+        self._names: dict[int, str] = {}
         self._reset_pass()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -125,6 +116,8 @@ class ActivationOffloader:
         self.detach()
         self._module = module
         bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
+        names = {id(m): name for name, m in module.named_modules()}
+        self._names = {id(m): names.get(id(m), type(m).__name__) for m in bounds}
         for m in bounds:
             self._hooks.append(m.register_forward_pre_hook(self._on_layer))
         if self.policy == "conv":
@@ -148,6 +141,8 @@ class ActivationOffloader:
                 yield
         finally:
             self._capturing = False
+            if self._trace is not None and self._trace.timeline is not None:
+                self._trace.timeline.end_forward()
 
     def finish_pass(self) -> None:
         """Call after backward: closes the pass's statistics and forgets its layers (buffers return to the pool
@@ -157,10 +152,22 @@ class ActivationOffloader:
                 self._trace.groups = len(self._groups)
                 self._last = self._trace
                 self._passes += 1
+                if self._trace.timeline is not None:
+                    self._watched = self._trace
             self._trace = None
             self._reset_pass()
             if self._capturing:
                 self._begin_pass()
+
+    def abort_pass(self) -> None:
+        """Forget the pass in progress without counting it: a step that failed (out of memory) and runs again.
+        Copies in flight finish first; host buffers return to the pool as the failed graph is freed."""
+        if self.engine.is_cuda:
+            self.engine.d2h.synchronize()
+            self.engine.h2d.synchronize()
+        with self._lock:
+            self._trace = None
+            self._reset_pass()
 
     def close(self) -> None:
         """Wait for copies in flight and give host memory back (teardown, or after an exception)."""
@@ -178,7 +185,10 @@ class ActivationOffloader:
             if self._trace is not None:  # a forward without finish_pass (plain loops): close it now
                 self._capturing = False
                 self.finish_pass()
-            self._trace = _Trace(self.engine)
+            self._trace = PassTrace(self.engine)
+            self._trace.keep = self.keep_layers
+            if self.watch:
+                self._trace.timeline = PassTimeline(self.engine)
             module = self._module
             self._params = set()
             if module is not None:
@@ -188,8 +198,9 @@ class ActivationOffloader:
     def _reset_pass(self) -> None:
         self._groups: list[list[_Offloaded]] = [[]]
         self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
-        # address keys -> (storage ref, kept by the plan); the ref is checked: freed addresses are reused
-        self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool]] = {}
+        # address keys -> (storage ref, kept by the plan, group of the first save); the ref is checked: freed
+        # addresses are reused
+        self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool, int]] = {}
         self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[_Offloaded] = collections.deque()
         self._inflight = 0
@@ -200,6 +211,10 @@ class ActivationOffloader:
     def _on_layer(self, module: nn.Module, args: tuple) -> None:
         if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
             self._groups.append([])
+            trace = self._trace
+            trace.names.append(self._names.get(id(module), type(module).__name__))
+            if trace.timeline is not None:
+                trace.timeline.layer(len(self._groups) - 1)
 
     def _on_expensive(self, module: nn.Module, args: tuple) -> None:
         if self._capturing:
@@ -237,12 +252,14 @@ class ActivationOffloader:
                 if not wanted or planned_keep:
                     if seen is None:
                         self._trace.kept_bytes += nbytes
-                    self._kept[key] = (weakref.ref(storage), planned_keep)
+                        self._trace.kept_by_group[group] += nbytes
+                    self._kept[key] = (weakref.ref(storage), planned_keep, group if seen is None else seen[2])
                     if wanted:
                         self._trace.candidate_bytes[group] += nbytes
                     return t
                 if seen is not None:  # kept by policy at its first save, wanted now (a conv's input): moved
                     self._trace.kept_bytes -= nbytes
+                    self._trace.kept_by_group[seen[2]] -= nbytes
                     del self._kept[key]
                 self._trace.candidate_bytes[group] += nbytes
                 entry = self._offload(storage, lo, nbytes)
@@ -273,6 +290,7 @@ class ActivationOffloader:
         trace = self._trace
         trace.d2h.append((start, done))
         trace.offloaded_bytes += nbytes
+        trace.offloaded_by_group[len(self._groups) - 1] += nbytes
         trace.offloaded_tensors += 1
         entry = _Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
         self._groups[-1].append(entry)
@@ -301,6 +319,9 @@ class ActivationOffloader:
 
     # -- backward: unpack --------------------------------------------------------------------------------
     def _unpack(self, saved: Packed) -> torch.Tensor:
+        trace = self._trace
+        if trace is not None and trace.timeline is not None:
+            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved[0].group)
         if isinstance(saved, torch.Tensor):
             return saved
         entry, dtype, offset, shape, stride = saved
@@ -361,6 +382,11 @@ class ActivationOffloader:
         self._trace.waits.append((need, entry.ready))
         entry.ready = None
 
+    @property
+    def passes(self) -> int:
+        """Forward/backward passes finished so far (aborted ones not counted)."""
+        return self._passes
+
     def layer_bytes(self) -> list[int]:
         """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
         trace = self._last
@@ -379,19 +405,7 @@ class ActivationOffloader:
                       host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
         if trace is None:
             return MemoryReport(**common)
-        d2h = _elapsed(trace.d2h)
-        h2d = _elapsed(trace.h2d)
-        if self.engine.is_cuda:
-            trace.start.synchronize()
-            spans = [(trace.start.elapsed_time(n), trace.start.elapsed_time(r)) for n, r in _done(trace.waits)]
-            exposed = union_length([(lo, hi) for lo, hi in spans if hi > lo])
-        else:
-            exposed = d2h + h2d  # inline copies block compute
-        return MemoryReport(
-            offloaded_bytes=trace.offloaded_bytes, offloaded_tensors=trace.offloaded_tensors,
-            kept_bytes=trace.kept_bytes, prefetched_bytes=trace.prefetched_bytes, d2h_ms=d2h, h2d_ms=h2d,
-            exposed_copy_ms=exposed, hidden_copy_ms=max(d2h + h2d - exposed, 0.0), **common,
-        )
+        return trace.report(self._watched, **common)
 
 
 def _is_param(t: torch.Tensor) -> bool:
@@ -410,14 +424,3 @@ def _is_param_cast(t: torch.Tensor) -> bool:
     nxt = fn.next_functions
     return bool(nxt) and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad"
 
-
-def _done(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:
-    """``pairs`` once both events of each have completed (elapsed_time needs that)."""
-    for start, end in pairs:
-        start.synchronize()
-        end.synchronize()
-    return pairs
-
-
-def _elapsed(pairs: list[tuple[object, object]]) -> float:
-    return sum(start.elapsed_time(end) for start, end in _done(pairs))

@@ -147,6 +147,32 @@ class AutoPlanner:
             return self._replan()
         return None
 
+    def lower(self, failed_at: Optional[int] = None, fraction: float = 0.5) -> Optional[Plan]:
+        """The device ran out of memory in a step that ran the current plan: lower the budget so that the plan
+        keeps at most ``1 - fraction`` of the bytes the failing one kept, make that plan and return it; None
+        when there is nothing left to lower (no plan yet: the profiling pass offloads everything; or a plan
+        that keeps nothing).
+
+        The new budget is the lower of the failing plan's predicted peak and ``failed_at`` (device memory
+        allocated when the error was raised, if measured: where the device really gave out) less ``fraction``
+        of the kept bytes, and no lower than the floor (the all-offloaded peak), where the plan keeps nothing,
+        as the profiling step did, which fit.
+        """
+        plan = self.plan
+        if plan is None or not plan.kept_bytes or self._floor is None:
+            return None
+        start = plan.predicted_peak if failed_at is None else min(plan.predicted_peak, failed_at)
+        target = start - int(plan.kept_bytes * fraction)
+        if target > self._floor:
+            self.budget = target
+            new = self._replan()
+            if new.kept_bytes <= plan.kept_bytes * (1 - fraction):
+                return new
+        self.budget = min(self.budget, max(target, self._floor))
+        self.plan = Plan(frozenset(), sum(self._bytes or ()), 0, self._floor, self.budget)
+        self._since_plan = 0
+        return self.plan
+
     def _replan(self) -> Plan:
         assert self._floor is not None and self._bytes is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing

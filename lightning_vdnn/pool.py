@@ -145,3 +145,16 @@ class HostBufferPool:
                         stacklevel=3,
                     )
         return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def completed(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:
+    """``pairs`` of events once both events of each have completed (``elapsed_time`` needs that)."""
+    for start, end in pairs:
+        start.synchronize()
+        end.synchronize()
+    return pairs
+
+
+def elapsed_ms(pairs: list[tuple[object, object]]) -> float:
+    """Total milliseconds between the events of each pair."""
+    return sum(start.elapsed_time(end) for start, end in completed(pairs))

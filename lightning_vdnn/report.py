@@ -1,13 +1,69 @@
-"""What one step did with memory, in numbers a user can log and compare."""
+"""What one step did with memory: numbers a user can log and compare, a per-layer table, a plot of one step."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 from lightning_vdnn.planner import UNBOUNDED
 
+if TYPE_CHECKING:
+    from rich.table import Table
+
 GiB = 2**30
+#: Title of the table printed at the end of ``fit``.
+TABLE_TITLE = "vDNN memory report"
+#: File name of the plot saved at the end of ``fit``, in the run's log directory.
+TIMELINE_FILE = "vdnn_memory_timeline.png"
+
+
+def format_bytes(n: int) -> str:
+    """``1.50 GiB``, ``12.0 MiB``, ``512.0 KiB``, ``100 B``."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer of the latest pass: what autograd saved for backward from the start of its forward until the
+    next layer's (functional ops between layers count for the layer before them), and where that went.
+
+    Attributes:
+        index: position in forward order (a layer called twice has two rows); plans index layers so.
+        name: the module's qualified name (``"(before the first layer)"`` for row 0).
+        saved_bytes: bytes of saved activations (each storage once), kept plus offloaded.
+        offloaded_bytes: bytes of those copied to host memory; the rest stayed on the device.
+        decision: ``"keep"`` or ``"offload"``: the plan's choice under ``"auto"``; under a fixed policy,
+            ``"offload"`` when anything of the layer moved.
+        forward_ms: time from this layer's forward pre-hook to the next layer's (or the end of forward) in the
+            latest watched step (the planner's profiling or verification steps, a fixed policy's first step);
+            None if not measured. Includes the offload hooks' own work; on a CPU device that is the copy to
+            the host buffer itself, so CPU times are upper bounds.
+    """
+
+    index: int
+    name: str
+    saved_bytes: int
+    offloaded_bytes: int
+    decision: Literal["keep", "offload"]
+    forward_ms: Optional[float] = None
+
+    @property
+    def kept_bytes(self) -> int:
+        return self.saved_bytes - self.offloaded_bytes
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """Device memory at one moment of a watched step: ``torch.cuda.memory_allocated()`` when ``layer`` began
+    its forward (phase ``"forward"``) or when backward unpacked one of its saved tensors (``"backward"``)."""
+
+    phase: Literal["forward", "backward"]
+    layer: str
+    allocated_bytes: int
 
 
 @dataclass(frozen=True)
@@ -37,6 +93,10 @@ class MemoryReport:
             optimizer step; worker time of the blocks' host updates since the step before (they run under
             device work), and how much of it training waited for (the part not hidden).
         microbatches: L2L's layer-major chunks per block (None without layer streaming).
+        layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
+            add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
+        timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
+            of forward and per unpack of backward; empty on a CPU device (nothing to sample).
     """
 
     step: int = 0
@@ -64,6 +124,8 @@ class MemoryReport:
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
     microbatches: Optional[int] = None
+    layers: tuple[LayerStats, ...] = ()
+    timeline: tuple[MemorySample, ...] = ()
 
     def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
         """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
@@ -105,7 +167,7 @@ class MemoryReport:
         )
 
     def _plan_line(self) -> str:
-        gib = lambda v: "n/a" if v is None else f"{v / GiB:.2f} GiB"  # noqa: E731
+        gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
         return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded; "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
@@ -130,3 +192,132 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
         total += hi - max(lo, end)
         end = hi
     return total
+
+
+# -- the end of fit: a table and a plot -----------------------------------------------------------------------
+def layer_table(report: MemoryReport, top: int = 10) -> "Table":
+    """A ``rich`` table: the ``top`` layers by saved bytes, the rest summed, totals, predicted vs measured peak."""
+    from rich.table import Table
+
+    rows = sorted((r for r in report.layers if r.saved_bytes), key=lambda r: r.saved_bytes, reverse=True)
+    timed = any(r.forward_ms is not None for r in report.layers)
+    table = Table(title=f"{TABLE_TITLE} (policy={report.policy}): activations saved for backward",
+                  caption=_peak_caption(report), caption_justify="left")
+    for name, justify in (("layer", "left"), ("saved", "right"), ("decision", "left"), ("forward ms", "right")):
+        if name != "forward ms" or timed:
+            table.add_column(name, justify=justify)
+
+    def add(name: str, saved: int, decision: str, group: Sequence[LayerStats]) -> None:
+        ms = [r.forward_ms for r in group if r.forward_ms is not None]
+        table.add_row(name, format_bytes(saved), decision, *([f"{sum(ms):.2f}" if ms else ""] if timed else []))
+
+    for r in rows[:top]:
+        add(r.name, r.saved_bytes, r.decision, [r])
+    rest = rows[top:]
+    if rest:
+        kept = sum(r.decision == "keep" for r in rest)
+        add(f"... {len(rest)} more layers", sum(r.saved_bytes for r in rest), f"{kept} keep, {len(rest) - kept} "
+            "offload", rest)
+    table.add_section()
+    kept = sum(r.decision == "keep" for r in report.layers if r.saved_bytes)
+    add(f"total ({len(report.layers)} layers)", report.kept_bytes + report.offloaded_bytes,
+        f"{kept} keep, {len(rows) - kept} offload", report.layers)
+    return table
+
+
+def _peak_caption(report: MemoryReport) -> str:
+    opt = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+    moved = (f"kept on the device {format_bytes(report.kept_bytes)}, offloaded to the host "
+             f"{format_bytes(report.offloaded_bytes)}\n")
+    if report.budget_bytes is None:
+        return moved + "peak device memory: " + ("not measured on a CPU device" if report.peak_device_bytes is None
+                                                 else format_bytes(report.peak_device_bytes))
+    budget = "none (CPU)" if report.budget_bytes >= UNBOUNDED else format_bytes(report.budget_bytes)
+    where = " (CPU: activations kept in place)" if report.peak_device_bytes is None else ""
+    return (moved + f"peak{where}: predicted {opt(report.predicted_peak_bytes)}, measured "
+            f"{opt(report.measured_peak_bytes)}; budget {budget}")
+
+
+def save_timeline(report: MemoryReport, path: "str | Path") -> Path:
+    """A PNG of memory through one step: on a GPU, ``torch.cuda.memory_allocated()`` sampled at each layer
+    boundary of forward and each unpack of backward (``report.timeline``); on a CPU, where there is nothing to
+    sample, the bytes saved for backward that stay in place and that move to the host, counted per layer as
+    forward adds them and backward frees them. The title says which."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    if report.timeline:
+        _plot_sampled(ax, report)
+    else:
+        _plot_counted(ax, report)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _unit(largest: float) -> tuple[str, int]:
+    return next(((u, s) for u, s in (("GiB", GiB), ("MiB", 2**20)) if largest >= s), ("KiB", 2**10))
+
+
+def _plan_lines(ax: object, report: MemoryReport, scale: int) -> None:
+    lines = (("budget", report.budget_bytes, "tab:red", "--"), ("predicted peak", report.predicted_peak_bytes,
+             "tab:purple", ":"), ("measured peak", report.measured_peak_bytes, "black", "-."))
+    for label, value, color, style in lines:
+        if value is not None and value < UNBOUNDED:
+            ax.axhline(value / scale, color=color, linestyle=style, linewidth=1, label=label)
+
+
+def _plot_sampled(ax: object, report: MemoryReport) -> None:
+    samples = report.timeline
+    unit, scale = _unit(max(s.allocated_bytes for s in samples))
+    ax.plot(range(len(samples)), [s.allocated_bytes / scale for s in samples], color="tab:blue",
+            label="allocated")
+    first_bwd = next((i for i, s in enumerate(samples) if s.phase == "backward"), None)
+    if first_bwd is not None:
+        ax.axvspan(first_bwd - 0.5, len(samples) - 0.5, color="0.93", label="backward")
+    _plan_lines(ax, report, scale)
+    ax.set_title(f"Device memory over one step (policy={report.policy})\ntorch.cuda.memory_allocated() sampled "
+                 "as each layer's forward begins, then at each unpack in backward", fontsize="medium")
+    ax.set_xlabel("sample (forward: layer boundaries; backward: saved tensors brought back)")
+    ax.set_ylabel(unit)
+
+
+def _plot_counted(ax: object, report: MemoryReport) -> None:
+    rows = report.layers
+    kept, moved, k, m = [], [], 0, 0
+    for r in rows:
+        k, m = k + r.kept_bytes, m + r.offloaded_bytes
+        kept.append(k)
+        moved.append(m)
+    kept += kept[-2::-1] + [0]  # backward walks back, freeing each layer's saved tensors
+    moved += moved[-2::-1] + [0]
+    unit, scale = _unit(max(k + m for k, m in zip(kept, moved)) or 1)
+    x = range(len(kept))
+    ax.fill_between(x, [v / scale for v in kept], step="mid", color="tab:blue", alpha=0.8,
+                    label="kept on the device")
+    ax.fill_between(x, [v / scale for v in kept], [(a + b) / scale for a, b in zip(kept, moved)], step="mid",
+                    color="tab:orange", alpha=0.6, label="offloaded to the host")
+    ax.axvspan(len(rows) - 0.5, len(kept) - 0.5, color="0.93", zorder=0, label="backward")
+    _plan_lines(ax, report, scale)
+    ax.set_title(f"Activations saved for backward over one step, per layer (policy={report.policy})\nCPU run: bytes "
+                 "counted by the offload hooks, not sampled device memory", fontsize="medium")
+    if len(rows) <= 24:
+        ax.set_xticks(range(len(kept)), [r.name for r in rows] + [f"bwd {r.name}" for r in reversed(rows)],
+                      rotation=90, fontsize="x-small")
+    ax.set_xlabel("forward, layer by layer, then backward")
+    ax.set_ylabel(unit)
+
+
+def print_report(report: MemoryReport, directory: "str | Path", top: int = 10) -> Path:
+    """Print :func:`layer_table` to the console and save :func:`save_timeline` in ``directory``."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(layer_table(report, top))
+    path = Path(directory) / TIMELINE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_timeline(report, path)
+    console.print(f"memory over one step: {path}")
+    return path

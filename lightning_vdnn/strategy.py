@@ -49,6 +49,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             are the layers prefetch counts in. ``None``: every leaf module is a layer.
         memory_budget: what ``"auto"`` fits the step into: bytes, ``"8GiB"``, ``"60%"``, or None (the device
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
+            A CUDA out-of-memory error in a step lowers it (one ``BudgetLowered`` warning each time), re-plans
+            and runs the same batch again (``retry.py``), up to 3 times per batch.
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
         resident_blocks: with ``layer_streaming``, the first N blocks stay on the device (weights and optimizer
@@ -57,6 +59,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
             through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
             Without layer streaming, a value above 1 raises ``ValueError``.
+        fit_report: at the end of ``fit``, print a per-layer table (``rich``) and save a PNG of memory over one
+            step in the log directory; ``None`` (default) does so when the Trainer summarizes the model
+            (``enable_model_summary``, on by default).
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
             ``ValueError`` pointing there, so a one-device run can never silently drop it.
@@ -74,6 +79,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     """
 
     strategy_name = "vdnn"
+    _retry_oom = True  # one device: a batch can run again after an out-of-memory error (``retry.py``)
 
     def __init__(
         self,
@@ -91,6 +97,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         zero_stage: int = 0,
         offload_optimizer: bool = False,
         offload_params: bool = False,
+        fit_report: Optional[bool] = None,
         device: Union[str, torch.device, None] = None,
         accelerator: Any = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -103,7 +110,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             layer_streaming=layer_streaming,
             layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
             microbatches=microbatches, zero_stage=zero_stage,
-            offload_optimizer=offload_optimizer, offload_params=offload_params,
+            offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
         if self.config.zero_stage:
             raise ValueError(

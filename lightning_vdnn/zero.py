@@ -91,8 +91,9 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
 
     Args:
         activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers,
-            memory_budget: as in :class:`~lightning_vdnn.VDNNConfig`; each rank offloads (and, with ``"auto"``,
-            plans) its own activations.
+            memory_budget, fit_report: as in :class:`~lightning_vdnn.VDNNConfig`; each rank offloads (and, with
+            ``"auto"``, plans) its own activations; rank 0 prints the report. An out-of-memory error is not
+            retried here (a rank running its batch again would leave the others waiting in a collective).
         zero_stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters. ``None``: the
             stage of ``config``, else 2.
         offload_optimizer: optimizer state and step in host memory (ZeRO-Offload). A ``torch.optim`` optimizer
@@ -139,6 +140,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         memory_budget: MemorySpec = None,
         layer_streaming: bool = False,
         microbatches: int = 1,
+        fit_report: Optional[bool] = None,
         config: Optional[Union[_PATH, dict[str, Any]]] = None,
         vdnn_config: Optional[VDNNConfig] = None,
         accelerator: Any = None,
@@ -156,7 +158,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=layer_streaming, layers=layers, memory_budget=memory_budget, microbatches=microbatches,
             zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
-            offload_optimizer=offload_optimizer, offload_params=offload_params,
+            offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
         if not self.vdnn_config.zero_stage:
             raise ValueError(

@@ -43,6 +43,7 @@ def test_budget_resolves_against_capacity():
     (dict(layers="model..blocks"), ValueError, "layers='model..blocks' is not a dotted attribute path"),
     (dict(layers=5), TypeError, "layers=5"),
     (dict(memory_budget="lots"), ValueError, "memory_budget='lots'"),
+    (dict(fit_report="yes"), TypeError, "fit_report='yes' must be True, False or None"),
 ])
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

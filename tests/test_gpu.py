@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import lightning as L
@@ -138,3 +139,83 @@ def test_vgg16_phase_peaks(inflight):
         print(f"\n{strategy.config.activation_offload} inflight={inflight >> 20} MiB: peaks fwd/bwd/step GiB "
               + " ".join(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in probe.peaks))
         assert len(probe.peaks) == 3
+
+
+class DeepMLP(L.LightningModule):
+    """Sixteen 4096-wide Linear-GELU-Dropout blocks at batch 4096: ~2.3 GiB of saved activations (fp32)."""
+
+    def __init__(self, width: int = 4096, depth: int = 16) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
+                                                             torch.nn.Dropout(0.1)) for _ in range(depth)])
+        self.losses: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(batch[0]).pow(2).mean()
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+def train_mlp(strategy, steps: int = 4, **kwargs):
+    L.seed_everything(0, verbose=False)
+    module = DeepMLP()
+    data = torch.utils.data.TensorDataset(torch.randn(4096 * steps, 4096, generator=torch.Generator().manual_seed(0)))
+    trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4096))
+    peak = torch.cuda.max_memory_allocated()
+    for optimizer in trainer.optimizers:  # the trainer (kept alive by module.trainer) holds the momentum
+        optimizer.state.clear()
+    module.losses = [loss.cpu() for loss in module.losses]
+    return module.cpu(), trainer, peak  # off the device: the next run's memory is its own
+
+
+def test_real_oom_lowers_the_budget_and_training_matches_plain():
+    """A budget above what the device can give (a per-process cap): the plan keeps too much, CUDA runs out of
+    memory, the budget is lowered and the batch runs again; the run ends where plain training ends."""
+    import warnings
+
+    from lightning_vdnn.retry import BudgetLowered
+
+    ref, _, _ = train_mlp(VDNNStrategy("none"))
+    _, _, floor = train_mlp(VDNNStrategy("all", min_offload_bytes=0), steps=1)
+    gc.collect()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction((floor + 2**30) / total)  # 1 GiB above the all-offloaded peak
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=floor + 4 * 2**30))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    lowered = [str(w.message) for w in caught if issubclass(w.category, BudgetLowered)]
+    report = trainer.strategy.memory_report()
+    print(f"\nfloor {floor / 2**30:.2f} GiB, cap {(floor + 2**30) / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB\n"
+          + "\n".join(lowered) + f"\n{report}")
+    assert lowered and len(got.losses) == len(ref.losses) == 4
+    assert report.budget_bytes < floor + 2**30  # below the cap: lowered from where the device gave out
+    torch.testing.assert_close(torch.stack(got.losses), torch.stack(ref.losses), rtol=1e-4, atol=1e-6)
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_timeline_samples_device_memory_and_is_plotted(tmp_path, capsys):
+    from lightning_vdnn.report import TABLE_TITLE, TIMELINE_FILE
+
+    _, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget="6GiB", fit_report=True),
+                                 default_root_dir=tmp_path)
+    report = trainer.strategy.memory_report()
+    phases = [s.phase for s in report.timeline]
+    assert phases[0] == "forward" and "backward" in phases and phases == sorted(phases, key="forward".__ne__)
+    assert max(s.allocated_bytes for s in report.timeline) <= peak
+    assert all(r.forward_ms is not None and r.forward_ms >= 0 for r in report.layers)
+    assert sum(r.forward_ms for r in report.layers) > 0
+    out = capsys.readouterr().out
+    print(out)
+    assert TABLE_TITLE in out and (tmp_path / TIMELINE_FILE).read_bytes()[:4] == b"\x89PNG"

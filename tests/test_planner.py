@@ -61,6 +61,26 @@ def test_planner_profiles_plans_verifies_and_replans():
     assert p.profiling and p.keep is None
 
 
+def test_lower_gives_up_a_share_of_the_kept_bytes_and_stops_at_the_floor():
+    """After an OOM: budget = min(predicted, allocated at failure) - fraction * kept, never below the floor."""
+    p = AutoPlanner(budget=100 * MiB)
+    plan = p.observe([40 * MiB, 40 * MiB, 30 * MiB], peak=20 * MiB)
+    assert plan.kept_bytes == 80 * MiB
+    lowered = p.lower(fraction=0.25)  # 100 - 20: room for one 40 and nothing else
+    assert p.budget == 80 * MiB and lowered.kept_bytes == 40 * MiB and lowered.predicted_peak <= p.budget
+    assert p.watching  # the new plan is verified like any other
+    nothing = p.lower(failed_at=45 * MiB, fraction=0.5)  # the device gave out below the prediction: start there
+    assert p.budget == 25 * MiB and nothing.kept_bytes == 0
+    assert p.lower() is None  # keeping nothing already: nothing left to lower
+
+    q = AutoPlanner(budget=150 * MiB)  # forward peaks well below the all-offloaded floor
+    assert q.observe([30 * MiB] * 3, peak=100 * MiB, forward_peak=60 * MiB).kept_bytes == 90 * MiB
+    assert q.lower(fraction=0.5).kept_bytes == 30 * MiB and q.budget == 105 * MiB
+    floor = q.lower(fraction=0.5)  # 100 - 15 MiB is below the floor: the floor, keeping nothing (as profiled)
+    assert q.budget == 100 * MiB and floor.kept == frozenset() and floor.predicted_peak == 100 * MiB
+    assert AutoPlanner(budget=MiB).lower() is None  # no plan yet (profiling)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.5])
 def test_auto_with_budget_trains_like_plain(cnn, fraction):
     """On a CPU device the budget bounds the saved activations kept in place: half of them, or none."""

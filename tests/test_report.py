@@ -1,0 +1,89 @@
+"""The per-layer report: rows that add up to the totals, decisions that are the plan's, and at the end of fit a
+table on the console and a PNG in the log directory, or silence when asked."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from conftest import fit, image_loader
+from lightning_vdnn import VDNNStrategy
+from lightning_vdnn.report import TABLE_TITLE, TIMELINE_FILE, LayerStats, layer_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class PlanAtEnd(L.Callback):
+    """The plan the last steps ran (the strategy forgets its planner at teardown)."""
+
+    def on_train_end(self, trainer, module):
+        self.kept = trainer.strategy._planner.plan.kept
+
+
+def auto_budget(cnn) -> int:
+    _, probe = fit(cnn, image_loader(), VDNNStrategy("all", min_offload_bytes=0), max_steps=1)
+    return probe.strategy.memory_report().offloaded_bytes // 2
+
+
+def test_rows_add_up_to_the_totals_and_decisions_are_the_plan(cnn):
+    plan = PlanAtEnd()
+    _, trainer = fit(cnn, image_loader(), VDNNStrategy("auto", min_offload_bytes=0, memory_budget=auto_budget(cnn)),
+                     max_steps=5, callbacks=[plan])
+    report = trainer.strategy.memory_report()
+    rows = report.layers
+    assert all(isinstance(r, LayerStats) for r in rows) and [r.index for r in rows] == list(range(len(rows)))
+    assert sum(r.saved_bytes for r in rows) == report.offloaded_bytes + report.kept_bytes
+    assert sum(r.offloaded_bytes for r in rows) == report.offloaded_bytes
+    assert {r.index for r in rows if r.decision == "keep"} == plan.kept
+    assert 0 < len(plan.kept) < len(rows) and report.layers_kept == len(plan.kept)
+    assert all(r.offloaded_bytes == 0 for r in rows if r.decision == "keep")
+    assert all(r.kept_bytes == 0 for r in rows if r.decision == "offload")  # min_offload_bytes=0: all of it
+    assert rows[1].name == "net.stem.0" and rows[-1].name == "net.head"
+    assert all(r.forward_ms is not None and r.forward_ms >= 0 for r in rows)
+    assert not any("layer" in k for k in report.metrics())  # the table is not logged
+    assert report.timeline == ()  # nothing to sample on a CPU device
+
+
+def test_fixed_policy_rows_say_what_moved(cnn):
+    _, trainer = fit(cnn, image_loader(), VDNNStrategy("all", min_offload_bytes=2**17), max_steps=2)
+    report = trainer.strategy.memory_report()
+    moved = [r for r in report.layers if r.decision == "offload"]
+    assert moved and all(r.offloaded_bytes > 0 for r in moved)
+    assert sum(r.saved_bytes for r in report.layers) == report.offloaded_bytes + report.kept_bytes
+    assert any(r.decision == "keep" and r.saved_bytes for r in report.layers)  # under the threshold
+
+
+def test_fit_prints_the_table_and_saves_the_timeline_in_the_log_dir(cnn, tmp_path, capsys):
+    logger = CSVLogger(tmp_path)
+    _, trainer = fit(cnn, image_loader(), VDNNStrategy("auto", min_offload_bytes=0, memory_budget=auto_budget(cnn),
+                                                       fit_report=True), max_steps=4, logger=logger)
+    out = capsys.readouterr().out
+    assert TABLE_TITLE in out and "net.stem.1" in out and "predicted" in out and "measured" in out
+    png = tmp_path / "lightning_logs" / "version_0" / TIMELINE_FILE
+    assert trainer.log_dir == str(png.parent) and str(png) in out.replace("\n", "")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    from matplotlib.image import imread
+
+    height, width, _ = imread(png).shape
+    assert height > 200 and width > 400
+
+
+@pytest.mark.parametrize("fit_report, summary, shown", [
+    (None, True, True), (None, False, False), (False, True, False), (True, False, True),
+])
+def test_report_follows_the_model_summary_unless_told(cnn, tmp_path, capsys, fit_report, summary, shown):
+    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=fit_report), max_steps=1, default_root_dir=tmp_path,
+        enable_model_summary=summary)
+    assert (TABLE_TITLE in capsys.readouterr().out) is shown
+    assert (tmp_path / TIMELINE_FILE).exists() is shown
+
+
+def test_table_sums_the_layers_beyond_the_top(cnn):
+    _, trainer = fit(cnn, image_loader(), VDNNStrategy("all", min_offload_bytes=0), max_steps=1)
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(layer_table(trainer.strategy.memory_report(), top=3))
+    text = console.export_text()
+    assert "more layers" in text and "total (12 layers)" in text and "not measured on a CPU device" in text
