@@ -9,6 +9,7 @@ or power loss at any moment leaves the previous checkpoint or the complete new o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -33,11 +34,67 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def version_dir(path: _PATH, tag: str) -> Path:
+    """Where a directory checkpoint (DeepSpeed's shards) for ``path`` is written before :func:`publish_dir`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}")
+
+
+def publish_dir(written: Path, path: _PATH, tag: str) -> None:
+    """Make ``path`` the complete directory checkpoint ``written`` in one atomic step, then drop the old one.
+
+    A directory cannot be renamed over a non-empty one, so ``path`` is a symlink to a versioned directory
+    beside it, swapped by ``os.replace`` of a fresh link: a kill at any moment leaves ``path`` at the old
+    checkpoint or the new one. Every file is fsynced first (DeepSpeed does not). A ``path`` that is a real
+    directory (from an older, in-place save) is moved aside first: only that one switch is not atomic.
+    """
+    path = Path(path)
+    for file in written.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(written)
+    old = None
+    if path.is_symlink():
+        old = path.parent / os.readlink(path)
+    elif path.exists():
+        old = path.with_name(f".{path.name}.replaced-{tag}")
+        os.replace(path, old)
+    link = path.with_name(f".{path.name}.link-{tag}")
+    link.unlink(missing_ok=True)
+    os.symlink(written.name, link)
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+    if old is not None and old.resolve() != written.resolve():
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in path.parent.glob(version_dir(path, "*").name):  # left by saves killed before publishing
+        if stale.is_symlink():
+            stale.unlink(missing_ok=True)
+        elif stale.resolve() != written.resolve():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_published(path: _PATH) -> bool:
+    """Remove a checkpoint :func:`publish_dir` made (the link and what it points to); False if ``path`` is not
+    one, for the caller's own removal."""
+    path = Path(path)
+    if not path.is_symlink():
+        return False
+    target = path.parent / os.readlink(path)
+    path.unlink()
+    shutil.rmtree(target, ignore_errors=True)
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Iterator, Optional, Union
@@ -27,6 +28,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
+from lightning_vdnn.checkpoint import publish_dir, remove_published, version_dir
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 
@@ -198,6 +200,24 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
     def _initialize_deepspeed_inference(self, model: Any) -> None:
         with self._cpu_device_rank():
             super()._initialize_deepspeed_inference(model)
+
+    # -- checkpoints: DeepSpeed writes a directory of shards in place; published atomically instead ------------
+    def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Every rank writes its shards into a fresh versioned directory beside ``filepath``; then the first
+        rank of each node points ``filepath`` at it in one atomic rename (:func:`checkpoint.publish_dir`), so
+        a kill during a save leaves the previous checkpoint whole and loadable. ``filepath`` is a symlink."""
+        filepath = self.broadcast(str(filepath))
+        tag = self.broadcast(f"v{uuid.uuid4().hex[:12]}")
+        written = version_dir(filepath, tag)
+        super().save_checkpoint(checkpoint, written, storage_options)
+        self.barrier("vdnn_zero_checkpoint_written")
+        if self.local_rank == 0:
+            publish_dir(written, filepath, f"{tag}-{self.node_rank}")
+        self.barrier("vdnn_zero_checkpoint_published")
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero and not remove_published(filepath):
+            super().remove_checkpoint(filepath)
 
     @contextlib.contextmanager
     def _cpu_device_rank(self) -> Iterator[None]:

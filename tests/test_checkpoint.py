@@ -238,3 +238,56 @@ def test_resume_equals_the_uninterrupted_run_and_plain_training_bit_for_bit(tmp_
     plain = _plain_four_steps(chunks)
     assert straight.losses == plain.losses
     assert_equal_params(straight, plain)
+
+
+# -- directory checkpoints (DeepSpeed's shards), published atomically -----------------------------------------
+def _write(directory: Path, value: int) -> Path:
+    directory.mkdir(parents=True)
+    torch.save({"value": value}, directory / "shard.pt")
+    return directory
+
+
+def _read(path: Path) -> int:
+    return torch.load(path / "shard.pt", weights_only=True)["value"]
+
+
+def test_directory_checkpoint_is_published_by_one_atomic_rename(tmp_path, monkeypatch):
+    from lightning_vdnn.checkpoint import publish_dir, remove_published, version_dir
+
+    path = tmp_path / "last.ckpt"
+    first = _write(version_dir(path, "a"), 1)
+    publish_dir(first, path, "a")
+    assert path.is_symlink() and _read(path) == 1
+    publish_dir(_write(version_dir(path, "b"), 2), path, "b")
+    assert _read(path) == 2 and not first.exists()  # the old version is gone once the new one is published
+
+    # a save killed between writing and publishing: the previous checkpoint stays whole, and the next save
+    # clears what the killed one left
+    killed = _write(version_dir(path, "c"), 3)
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst) == path:
+            raise KeyboardInterrupt("killed at the rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(killed, path, "c")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _read(path) == 2
+    publish_dir(_write(version_dir(path, "d"), 4), path, "d")
+    assert _read(path) == 4 and not killed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.d", "last.ckpt"]
+
+    assert remove_published(path) and not path.exists() and list(tmp_path.iterdir()) == []
+    assert not remove_published(tmp_path / "plain.ckpt")  # not ours: the caller removes it
+
+
+def test_directory_checkpoint_replaces_an_in_place_one(tmp_path):
+    from lightning_vdnn.checkpoint import publish_dir, version_dir
+
+    path = _write(tmp_path / "epoch=0.ckpt", 1)  # an older DeepSpeed save, written in place
+    publish_dir(_write(version_dir(path, "a"), 2), path, "a")
+    assert path.is_symlink() and _read(path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".epoch=0.ckpt.a", "epoch=0.ckpt"]

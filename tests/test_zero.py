@@ -133,6 +133,7 @@ def test_checkpoint_consolidates_and_loads_on_one_process(runs, reference, stage
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     for ckpt, epochs in [(f"stage{stage}.ckpt", worker.EPOCHS), (f"stage{stage}_resumed.ckpt", worker.EPOCHS + 1)]:
+        assert (runs / ckpt).is_symlink()  # published atomically: a link to the complete shard directory
         single = tmp_path / f"{ckpt}.pt"
         convert_zero_checkpoint_to_fp32_state_dict(runs / ckpt, single)
         model = worker.MLP(seed=7)
