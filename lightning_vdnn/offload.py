@@ -172,12 +172,7 @@ class ActivationOffloader:
     def close(self) -> None:
         """Wait for copies in flight and give host memory back (teardown, or after an exception)."""
         self.detach()
-        if self.engine.is_cuda:
-            self.engine.d2h.synchronize()
-            self.engine.h2d.synchronize()
-        with self._lock:
-            self._trace = None
-            self._reset_pass()
+        self.abort_pass()
         self.pool.clear()
 
     def _begin_pass(self) -> None:
