@@ -77,9 +77,7 @@ def stream_layers(
     """
     config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
                         resident_blocks=resident_blocks, microbatches=microbatches)
-    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision,
-                             pin_memory=config.pin_memory, resident=config.resident_blocks,
-                             microbatches=config.microbatches)
+    streamer = LayerStreamer.from_config(model, config, torch.device(device), precision)
     streamer.set_eager(eager_updates)
     try:
         streamer.attach_optimizers(optimizers)

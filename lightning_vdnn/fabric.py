@@ -122,10 +122,8 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         if self.config.layer_streaming:
-            streamer = LayerStreamer(module, self.config.layers, self.root_device,
-                                     precision=getattr(self.precision, "precision", "32-true"),
-                                     pin_memory=self.config.pin_memory, resident=self.config.resident_blocks,
-                                     microbatches=self.config.microbatches)
+            streamer = LayerStreamer.from_config(module, self.config, self.root_device,
+                                                 getattr(self.precision, "precision", "32-true"))
             streamer.set_eager(False)  # Fabric cannot know whether the loop clips between backward and step
             self._streamers.append(streamer)
         wrapped = _CapturedForward(module, ActivationOffload(module, self.config, self.root_device))

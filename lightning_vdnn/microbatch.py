@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_vdnn.rng import RngState
+
 
 def check_microbatches(microbatches: int, container: nn.Module, path: str) -> int:
     """Refuse a count that is not a positive int, and blocks whose samples are not independent.
@@ -52,22 +54,16 @@ class ChunkState:
 
     def __init__(self, device: torch.device) -> None:
         self.device_type = device.type
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.rng = RngState(device)
         self.autocast = torch.is_autocast_enabled(device.type)
         self.dtype = torch.get_autocast_dtype(device.type)
         self.cache = torch.is_autocast_cache_enabled()
 
     @contextlib.contextmanager
-    def replay(self, device: torch.device) -> Iterator[None]:
-        cuda = [device] if self.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=cuda, device_type=self.device_type):
-            torch.set_rng_state(self.cpu_rng)
-            if self.cuda_rng is not None:
-                torch.cuda.set_rng_state(self.cuda_rng, device)
-            with torch.enable_grad(), torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast,
-                                                     cache_enabled=self.cache):
-                yield
+    def replay(self) -> Iterator[None]:
+        with self.rng.forked(), torch.enable_grad(), torch.autocast(
+                self.device_type, dtype=self.dtype, enabled=self.autocast, cache_enabled=self.cache):
+            yield
 
 
 class Rows:

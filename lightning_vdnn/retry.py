@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_vdnn.report import format_bytes
+from lightning_vdnn.rng import RngState
 
 #: Share of the failing plan's kept bytes that each retry of one batch gives up: a quarter first (the
 #: device said no to the predicted peak, perhaps narrowly: most of the plan's benefit is kept), then half,
@@ -51,15 +52,11 @@ class StepSnapshot:
     back before each retry: the CPU (and device) RNG state and the running statistics of norm layers."""
 
     def __init__(self, stats: list[Tensor], device: torch.device) -> None:
-        self.device = device
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.rng = RngState(device)
         self.stats = [(t, t.clone()) for t in stats]
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        self.rng.restore()
         with torch.no_grad():
             for t, saved in self.stats:
                 t.copy_(saved)

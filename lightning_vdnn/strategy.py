@@ -168,10 +168,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             return super().model_to_device()
         # L2L: the blocks' weights stay in host memory; everything else goes to the device
         precision = getattr(self.precision_plugin, "precision", "32-true")
-        self._streamer = LayerStreamer(self.lightning_module, self.config.layers, self.root_device,
-                                       precision=precision, pin_memory=self.config.pin_memory,
-                                       resident=self.config.resident_blocks,
-                                       microbatches=self.config.microbatches)
+        self._streamer = LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)

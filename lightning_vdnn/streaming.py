@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.host_blocks import (HostBlock, accumulate_from, adopt_grads, check_sharing, host_empty,
                                         move_except)
 from lightning_vdnn.host_optimizer import HostStepper
@@ -168,6 +169,14 @@ class LayerStreamer:
             self._hooks += [b.module.register_state_dict_pre_hook(settle),
                             b.module.register_load_state_dict_pre_hook(settle)]
 
+    @classmethod
+    def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device,
+                    precision: str = "32-true") -> "LayerStreamer":
+        """The streamer ``config`` describes (``layers``, ``pin_memory``, ``resident_blocks``,
+        ``microbatches``): how every entry point builds it."""
+        return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
+                   resident=config.resident_blocks, microbatches=config.microbatches)
+
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
         """Refuse optimizers that are not elementwise; keep block state on the host; sync before each step."""
@@ -211,11 +220,14 @@ class LayerStreamer:
 
     def _settle(self, index: int, *_: Any) -> None:
         """Before ``state_dict()`` reads or ``load_state_dict()`` writes block ``index``'s host weights: its
-        gradients landed and its queued update written. ``optimizer.step()`` returns with block updates still
-        queued, so a callback saving ``module.state_dict()`` after the step would read them half written."""
+        gradients landed, its queued update written, and (for the write) no copy still reading them.
+        ``optimizer.step()`` returns with block updates still queued, so a callback saving
+        ``module.state_dict()`` after the step would otherwise read them half written."""
         self.wait_grads()
         for stepper in self.steppers:
             stepper.wait(index)
+        if self.engine.is_cuda:
+            self.engine.h2d.synchronize()
 
     def wait_grads(self) -> None:
         """Block until every streamed gradient has been added into host ``p.grad``."""
@@ -332,7 +344,7 @@ class LayerStreamer:
                    need_x: bool) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
         """One chunk's forward again, with autograd, from its recorded state: (input grad, weight grads)."""
         block = self.blocks[index]
-        with state.replay(self.device):
+        with state.replay():
             xd = x.detach().requires_grad_(need_x)
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
             with block.substituted(leaves):

@@ -6,7 +6,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import StrategyRegistry
-from torch import nn
 
 from conftest import Classifier, ResidualCNN, assert_same_params, fit, image_loader, token_loader
 from lightning_vdnn import VDNNStrategy
