@@ -9,7 +9,8 @@ and streams the weight gradients back into host ``p.grad``, where they accumulat
 ``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
 (``microbatch.py``): weights stream as often as unsplit, gradients once per block, block internals are 1/k.
 Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
-runs with inline copies, which is how the tests check it without a GPU.
+runs with inline copies, which is how the tests check it without a GPU. On several ranks, ``sharded.py``
+partitions each block's host state across them by overriding the few hooks marked below.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class LayerStreamer:
         streamer.close()                          # original forwards back, ordinary CPU parameters
     """
 
+    #: Ranks the blocks' host state is partitioned over (``sharded.py``); one here.
+    world = 1
+
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1) -> None:
         check_precision(precision)
@@ -178,10 +182,8 @@ class LayerStreamer:
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.resident_blocks, microbatches=config.microbatches)
 
-    #: Ranks the blocks' host state is partitioned over (``sharded.py``); one here.
-    world = 1
-
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
+        """Hook (``sharded.py``): the host side of one streamed block."""
         return HostBlock(index, module, pin)
 
     # -- public ------------------------------------------------------------------------------------------
@@ -237,6 +239,7 @@ class LayerStreamer:
             self.engine.h2d.synchronize()
 
     def _before_read(self, index: int, *_: Any) -> None:
+        """Hook (``sharded.py``): before a block's ``state_dict()``; before its ``load_state_dict()`` below."""
         self._settle(index)
 
     def _before_write(self, index: int, *_: Any) -> None:
@@ -409,7 +412,7 @@ class LayerStreamer:
         self._pending.append(fut)
 
     def _reduce(self, block: HostBlock, dev: Tensor) -> Tensor:
-        """The device gradients this process copies to the host: all of the block's, here."""
+        """Hook (``sharded.py``): the device gradients this process copies to the host: all of the block's."""
         return dev
 
     # -- slots -------------------------------------------------------------------------------------------
@@ -450,7 +453,7 @@ class LayerStreamer:
         slot.block, slot.version = index, block.version()
 
     def _fill(self, block: HostBlock, buf: Tensor) -> None:
-        """On the h2d stream: the block's host weights into ``buf``, cast to the compute dtype on the device."""
+        """Hook (``sharded.py``), on the h2d stream: the block's host weights into ``buf``, in the compute dtype."""
         self._to_device(block.flat, buf[: block.numel])
 
     def _to_device(self, host: Tensor, dst: Tensor) -> None:

@@ -5,6 +5,9 @@ is per sample (activations) to host memory. The two compose: the offloader's sav
 DeepSpeed engine's forward, and parameters (which ZeRO-3 gathers and frees per layer) are never offloaded.
 Lightning's ``DeepSpeedStrategy`` does the rest (launch, engine, precision, checkpoints); this module only
 builds its config from :class:`~lightning_vdnn.VDNNConfig`, lets it run on CPUs (gloo), and adds the hooks.
+With ``layer_streaming=True`` the class builds ``zero_streaming.L2LZeroStrategy`` instead (DDP, the streamed
+blocks' host state partitioned across the ranks), since DeepSpeed's engine would take the streamed
+parameters over.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ class L2LZeroStrategy(OffloadHooks, DDPStrategy):
         how(self._streamer, params, float(clip_val))
 
     def on_exception(self, exception: BaseException) -> None:
-        self._failed = True  # no collectives while tearing down: the other ranks may not be there
+        # no collectives while tearing down: the other ranks may not be there
+        self._failed = self._streamer is not None
         super().on_exception(exception)
 
     def _release(self) -> None:
@@ -209,12 +210,21 @@ class L2LZeroStrategy(OffloadHooks, DDPStrategy):
             self._planner = None
 
     # -- checkpoints: whole weights and optimizer state, as one process writes them --------------------------
+    def _check_not_failed(self) -> None:
+        if self._failed and self._streamer is None:
+            raise RuntimeError(
+                "The last run of L2LZeroStrategy failed while the blocks streamed, so they were not gathered: on "
+                "this rank their weights and optimizer state are current only in its own range. Resume from the "
+                "last checkpoint saved before the failure.")
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._check_not_failed()
         if self._streamer is not None:
             self._streamer.gather_weights()
         return super().lightning_module_state_dict()
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        self._check_not_failed()
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
         partitions = self._streamer.partitions if self._streamer is not None else self._partitions
         if not partitions:

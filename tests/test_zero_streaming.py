@@ -205,6 +205,29 @@ def test_reading_blocks_between_steps_needs_synchronize(runs):
         assert rank["synchronized_read"] == sorted(worker.LM().model.blocks[0].state_dict())
 
 
+def test_validate_after_fit_streams_on_both_ranks(runs, reference):
+    """A fresh streamer from the weights gathered at the end of fit, forward only; the loss is the mean over
+    both ranks' halves (``sync_dist``), the global batch's."""
+    model = worker.LM()
+    model.load_state_dict(reference["stage3"][1][-1])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    loader = torch.utils.data.DataLoader(worker.dataset(), batch_size=worker.GLOBAL_BATCH)
+    want = trainer.validate(model, loader, verbose=False)[0]["val/loss"]
+    for rank in ranks(runs, "stage3"):
+        assert rank["val_loss"] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_failed_run_tears_down_without_collectives_and_refuses_to_save(runs):
+    """Both ranks raise in ``training_step``: each tears down on its own (a rank alone must not wait in a
+    gather for the others), and a checkpoint of the ungathered state is refused rather than written wrong."""
+    for rank in ranks(runs, "stage2"):
+        assert rank["failure"] == "boom" and rank["released"]
+        assert rank["save_after_failure"].startswith("The last run of L2LZeroStrategy failed while the blocks "
+                                                     "streamed")
+    assert not (runs / "failed.ckpt").exists()
+
+
 def test_predict_on_two_ranks_is_refused(runs):
     for rank in ranks(runs, "stage3"):
         assert rank["predict"].startswith("predict with L2LZeroStrategy on 2 ranks")

@@ -5,11 +5,12 @@ Runs (each with ``activation_offload="all"``, AdamW with weight-decay groups and
 ``stage2``: L2L with ZeRO-2, gradient clipping (block updates queued at the step): 2 epochs and a checkpoint
 (written after ``fit``, from the partitions the strategy keeps); a fresh Trainer resumes it (a differently
 seeded model: only the checkpoint can make it right) for a third epoch and saves; then the 3 epochs
-uninterrupted, saved too; and 2 epochs of Lightning's plain DDP on the same ranks.
+uninterrupted, saved too; and 2 epochs of Lightning's plain DDP on the same ranks. Last, a fit whose
+``training_step`` raises on both ranks after a step, and a save attempted after it.
 ``stage3``: ZeRO-3, no clipping (block updates during backward), ``accumulate_grad_batches=2``,
 ``microbatches=2``: 2 epochs, a checkpoint by ``ModelCheckpoint`` at each epoch's end (while the blocks
 stream) and one after ``fit``; mid-training, a block's ``state_dict()`` read without
-``strategy.synchronize()`` and with it; then ``predict``, which must be refused.
+``strategy.synchronize()`` and with it; then ``validate``, and ``predict``, which must be refused.
 
 Each rank writes ``OUT/<run>_rank<R>.json``: its losses, and what its host holds for the blocks.
 """
@@ -64,6 +65,13 @@ def rank_loader(rank: int, world: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=GLOBAL_BATCH // world, sampler=sampler)
 
 
+class Failing(LM):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise ValueError("boom")
+        return super().training_step(batch, batch_idx)
+
+
 class HostState(L.Callback):
     """Mid-training, a block's ``state_dict()`` with and without gathering first; at the end of training,
     before teardown, what this rank's host holds for the streamed blocks."""
@@ -111,6 +119,7 @@ def run(out: Path, name: str, loader: torch.utils.data.DataLoader) -> None:
     first.save_checkpoint(out / f"{name}.ckpt")
     result = dict(losses=model.losses, world_size=first.world_size, **host.found)
     if name == "stage3":
+        result["val_loss"] = first.validate(model, loader, verbose=False)[0]["val/loss"]
         try:
             first.predict(model, loader)
             result["predict"] = "allowed"
@@ -122,6 +131,16 @@ def run(out: Path, name: str, loader: torch.utils.data.DataLoader) -> None:
                                use_distributed_sampler=False, gradient_clip_val=RUNS[name]["gradient_clip_val"]), LM()
         ddp.fit(plain, loader)
         ddp.save_checkpoint(out / f"{name}_ddp.ckpt")
+        failing, broken = trainer(name, 1), Failing()
+        try:
+            failing.fit(broken, loader)
+        except ValueError as err:
+            result["failure"] = str(err)
+        try:
+            failing.save_checkpoint(out / "failed.ckpt")
+        except RuntimeError as err:
+            result["save_after_failure"] = str(err)
+        result["released"] = "forward" not in broken.model.blocks[0].__dict__
         second, resumed = trainer(name, EPOCHS + 1), LM(seed=123)
         second.fit(resumed, loader, ckpt_path=out / f"{name}.ckpt")
         second.save_checkpoint(out / f"{name}_resumed.ckpt")
