@@ -1,7 +1,8 @@
 """lightning_vdnn: train models larger than GPU memory with one word in your Lightning Trainer.
 
 ``import lightning_vdnn`` registers the strategy names (``"vdnn"``, ``"vdnn_all"``, ``"vdnn_conv"``,
-``"vdnn_none"``, ``"l2l"``, and for DeepSpeed ZeRO, Lightning only, ``"vdnn_zero1"``/``"2"``/``"3"``) with
+``"vdnn_none"``, ``"l2l"``, and Lightning only, ``"vdnn_zero1"``/``"2"``/``"3"`` for DeepSpeed ZeRO and
+``"l2l_zero"`` for layer streaming on several ranks) with
 Lightning and Fabric, so ``Trainer(strategy="vdnn_all")`` and ``Fabric(strategy="vdnn_all")`` work with no
 other change; ``offload_activations(model)`` does the same for a
 plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face Accelerate.
@@ -15,17 +16,20 @@ from lightning_vdnn.retry import BudgetLowered, StepOutOfMemory
 from lightning_vdnn.fabric import VDNNFabricStrategy, register_fabric
 from lightning_vdnn.strategy import REGISTERED, VDNNStrategy, register
 from lightning_vdnn.zero import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
+from lightning_vdnn.zero_streaming import REGISTERED_L2L_ZERO, L2LZeroStrategy, register_l2l_zero
 
 __version__ = "0.1.0"
 __all__ = [
     "ActivationOffload",
     "ActivationOffloader",
     "BudgetLowered",
+    "L2LZeroStrategy",
     "LayerStats",
     "MemoryBudget",
     "MemoryReport",
     "MemorySample",
     "REGISTERED",
+    "REGISTERED_L2L_ZERO",
     "REGISTERED_ZERO",
     "StepOutOfMemory",
     "VDNNConfig",
@@ -39,4 +43,5 @@ __all__ = [
 
 register()
 register_zero()  # vdnn_zero1/2/3: Lightning's DeepSpeed strategy with activation offload
+register_l2l_zero()  # l2l_zero: layer streaming on several ranks, the blocks' host state partitioned
 register_fabric()  # the same names in Lightning Fabric's registry

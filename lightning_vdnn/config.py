@@ -104,13 +104,17 @@ class VDNNConfig:
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
             the whole batch.
-        zero_stage: DeepSpeed ZeRO stage, 0 for none. 1 shards the optimizer state across the ranks, 2 also the
-            gradients, 3 also the parameters (``VDNNZeroStrategy``, ``zero.py``); activation offload runs inside
-            it unchanged. Layer streaming with ZeRO is not built.
+        zero_stage: ZeRO stage, 0 for none. Without layer streaming, DeepSpeed's: 1 shards the optimizer state
+            across the ranks, 2 also the gradients, 3 also the parameters (``VDNNZeroStrategy``, ``zero.py``);
+            activation offload runs inside it unchanged. With layer streaming (``L2LZeroStrategy``,
+            ``zero_streaming.py``), every stage >= 1 partitions the streamed blocks' host state (gradients,
+            optimizer state, the master weights each rank updates) across the ranks, and replicates the
+            modules outside the blocks.
         offload_optimizer: keep the optimizer state, and run its step, in host memory (ZeRO-Offload; needs
-            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step.
+            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. Not with
+            layer streaming, whose blocks keep their optimizer state on the host anyway.
         offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
-            ``zero_stage=3``, the only stage that shards parameters).
+            ``zero_stage=3``, the only stage that shards parameters). Not with layer streaming (likewise).
         fit_report: at the end of ``fit``, print a per-layer table of saved activations (``rich``) and save a
             PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
             ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
@@ -188,12 +192,6 @@ class VDNNConfig:
 
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
-        if self.zero_stage and self.layer_streaming:
-            raise NotImplementedError(
-                f"layer_streaming=True with zero_stage={self.zero_stage}: layer streaming with DeepSpeed ZeRO is not "
-                "built yet. Use layer streaming on one device (strategy='l2l'), or ZeRO-3 with activation offload "
-                "and offload_params=True (strategy='vdnn_zero3'), which also keeps the parameters in host memory."
-            )
         self._check_zero_offload()
         if self.memory_budget is not None and self.activation_offload != "auto":
             raise ValueError(
@@ -203,6 +201,14 @@ class VDNNConfig:
 
     def _check_zero_offload(self) -> None:
         """Optimizer and parameter offload are DeepSpeed's (ZeRO-Offload, ZeRO-Infinity): they need its stages."""
+        if self.layer_streaming and self.zero_stage and (self.offload_optimizer or self.offload_params):
+            flag = "offload_optimizer" if self.offload_optimizer else "offload_params"
+            raise NotImplementedError(
+                f"{flag}=True with layer_streaming=True and zero_stage={self.zero_stage}: the streamed blocks' "
+                "weights, gradients and optimizer state already live in host memory, partitioned across the "
+                "ranks; moving the modules outside the blocks there too (DeepSpeed's offload) is not built. "
+                f"Drop {flag}=True, or stream more of the model (layers=...)."
+            )
         if self.offload_optimizer and not self.zero_stage:
             if self.layer_streaming:
                 raise _not_built("optimizer offload of the non-streamed parameters", "offload_optimizer=True")

@@ -48,16 +48,24 @@ class HostBlock:
         for p in self.params:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.numel = self.offsets[-1]
+        # what the device slots hold (``padded``), and what one load reads from / one gradient copy writes to
+        # the host: the whole block here; a rank's range of it when partitioned (``sharded.py``)
+        self.padded = self.load_numel = self.grad_numel = self.numel
         self.flat = host_empty(self.numel, self.dtype, pin)
-        self.grad_flat = host_empty(self.numel, self.dtype, pin)
         self.views = self.split(self.flat)
-        self.grad_views = self.split(self.grad_flat)
         with torch.no_grad():
             for p, v in zip(self.params, self.views):
                 v.copy_(p.detach())
                 p.data = v
-                if p.grad is not None:
-                    p.grad = p.grad.to("cpu")
+        self._init_grads(pin)
+
+    def _init_grads(self, pin: bool) -> None:
+        """The host gradient buffer: the whole block's, ``p.grad`` views of it once gradients land."""
+        self.grad_flat = host_empty(self.numel, self.dtype, pin)
+        self.grad_views = self.split(self.grad_flat)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = p.grad.to("cpu")
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` shaped like this block's parameters."""
@@ -88,6 +96,27 @@ class HostBlock:
     def version(self) -> int:
         """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
         return sum(p._version for p in self.params) + self.updates
+
+    # -- what the host optimizer steps (``host_optimizer.py``): parameter ``k`` and its gradient -------------
+    def master_view(self, k: int) -> Optional[Tensor]:
+        """The host weights of parameter ``k`` the block's optimizer writes: all of them, as ``p``'s shape."""
+        return self.params[k].detach()
+
+    def grad_of(self, k: int) -> Optional[Tensor]:
+        """Parameter ``k``'s gradient, shaped like :meth:`master_view` (None before any has landed)."""
+        return self.params[k].grad
+
+    def clear_grads(self, keys: list[int], set_to_none: bool) -> None:
+        """``optimizer.zero_grad()`` ran over parameters ``keys``: ``p.grad`` is the record, nothing to do."""
+
+    def can_adopt(self) -> bool:
+        """Whether the next gradients may be copied straight into ``grad_flat`` (none yet, all trained)."""
+        return all(p.requires_grad for p in self.params) and all(p.grad is None for p in self.params)
+
+    def adopt(self) -> None:
+        """The gradients were copied straight into ``grad_flat``: point ``p.grad`` at them."""
+        for p, v in zip(self.params, self.grad_views):
+            p.grad = v
 
     def accumulate(self, grads: Tensor) -> None:
         """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
@@ -126,10 +155,9 @@ def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
 
 
 def adopt_grads(block: HostBlock, done: Any) -> None:
-    """The device copied the block's gradients straight into ``grad_flat``: point ``p.grad`` at them."""
+    """The device copied the block's gradients straight into ``grad_flat``: make them the block's."""
     done.synchronize()
-    for p, v in zip(block.params, block.grad_views):
-        p.grad = v
+    block.adopt()
 
 
 def check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:

@@ -42,23 +42,31 @@ _IMPLEMENTATION_KEYS = frozenset({"params", "fused", "foreach", "capturable", "d
 
 
 class _BlockOptimizer:
-    """A same-class optimizer over aliases of one block's host weights, one group per user group."""
+    """A same-class optimizer over aliases of one block's host weights, one group per user group.
+
+    An alias is what :meth:`HostBlock.master_view` gives: the parameter's host weights (same storage, so the
+    update writes the master weights), or, with the block partitioned across ranks, this rank's 1-D range of
+    them (``sharded.py``); parameters with no range on this rank are not stepped here."""
 
     def __init__(self, optimizer: Optimizer, block: HostBlock, owned: set[int], fused: bool) -> None:
         self.block = block
         self.groups: list[int] = []
         self.params: list[Tensor] = []
+        self.keys: list[int] = []  # each param's index in the block
         self.aliases: list[Tensor] = []
+        index = {id(p): k for k, p in enumerate(block.params)}
         groups = []
         for gi, group in enumerate(optimizer.param_groups):
-            mine = [p for p in group["params"] if id(p) in owned and any(p is q for q in block.params)]
+            mine = [(p, index[id(p)]) for p in group["params"] if id(p) in owned and id(p) in index]
+            mine = [(p, k, block.master_view(k)) for p, k in mine]
+            mine = [m for m in mine if m[2] is not None]
             if not mine:
                 continue
-            aliases = [p.detach() for p in mine]  # same storage: the update writes the host master weights
             self.groups.append(gi)
-            self.params += mine
-            self.aliases += aliases
-            groups.append({**_hyper(group), "params": aliases})
+            self.params += [p for p, _, _ in mine]
+            self.keys += [k for _, k, _ in mine]
+            self.aliases += [a for _, _, a in mine]
+            groups.append({**_hyper(group), "params": [a for _, _, a in mine]})
         cls = type(optimizer)
         self.optimizer: Optional[Optimizer] = None
         if groups:
@@ -160,7 +168,7 @@ class HostStepper:
         sub = self._subs[index]
         if sub.optimizer is None or index in self._updated:
             return
-        grads = [p.grad for p in sub.params]
+        grads = [sub.block.grad_of(k) for k in sub.keys]
         if all(g is None for g in grads):
             return
         hyper = [_hyper(self.optimizer.param_groups[gi]) for gi in sub.groups]
@@ -245,6 +253,8 @@ def _wrapped_zero_grad(stepper: HostStepper, original: Callable[..., Any]) -> Ca
         if not set_to_none:
             stepper.wait_all()  # zeroing in place would rewrite gradients a queued update still reads
         original(set_to_none=set_to_none)
+        for sub in stepper._subs:
+            sub.block.clear_grads(sub.keys, set_to_none)
     return zero_grad
 
 

@@ -45,18 +45,20 @@ class HostNeed:
         return self.total - self.resident
 
 
-def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADAM_STATES) -> HostNeed:
+def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADAM_STATES, shards: int = 1) -> HostNeed:
     """What streaming ``blocks`` holds in host memory: per block one flat weight buffer and one gradient buffer,
     ``optimizer_states`` parameters' worth of optimizer state (2 for Adam, 1 for SGD with momentum), and two
-    gradient staging buffers the size of the largest block."""
+    gradient staging buffers the size of the largest block. With the host state partitioned over ``shards``
+    ranks (``sharded.py``), each rank holds all the weights but 1/``shards`` of the rest."""
     weights = resident = largest = 0
     for block in blocks:
         nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
         weights += nbytes
         largest = max(largest, nbytes)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
-    return HostNeed(weights=weights, grads=weights, optimizer=optimizer_states * weights, staging=2 * largest,
-                    resident=resident)
+    part = -(-weights // shards)
+    return HostNeed(weights=weights, grads=part, optimizer=optimizer_states * part,
+                    staging=2 * -(-largest // shards), resident=resident)
 
 
 def available_host_bytes() -> tuple[int, str]:
@@ -87,22 +89,25 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
     return None
 
 
-def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES) -> HostNeed:
+def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES,
+                      shards: int = 1) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
     Args:
         blocks: the blocks to stream (their parameters, wherever they are now).
         where: names the blocks in the message, e.g. ``"the 24 blocks at 'model.blocks'"``.
         optimizer_states: parameters' worth of optimizer state per parameter (Adam: 2).
+        shards: ranks the gradients and optimizer state are partitioned over (1: none).
     """
-    need = required_host_bytes(blocks, optimizer_states)
+    need = required_host_bytes(blocks, optimizer_states, shards)
     available, source = available_host_bytes()
     if need.new > available:
+        over = f" / {shards} ranks" if shards > 1 else ""
         raise MemoryError(
             f"layer streaming of {where} needs {_size(need.total)} of host memory (weights {_size(need.weights)} + "
             f"gradients {_size(need.grads)} + optimizer state {_size(need.optimizer)}, estimated at "
-            f"{optimizer_states}x the weights, + staging {_size(need.staging)}), {_size(need.new)} more than the "
-            f"weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "
+            f"{optimizer_states}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
+            f"the weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "
             "blocks, free host memory, or run on a host with more RAM."
         )
     return need

@@ -64,7 +64,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             (``enable_model_summary``, on by default).
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
-            ``ValueError`` pointing there, so a one-device run can never silently drop it.
+            ``ValueError`` pointing there, so a one-device run can never silently drop it. With
+            ``layer_streaming=True``, a ZeRO stage builds :class:`~lightning_vdnn.L2LZeroStrategy` instead of
+            this class: layer streaming on several ranks, the blocks' host state partitioned across them.
         device: the device to train on; normally left to the Trainer's ``accelerator``/``devices``.
 
     Raises:
@@ -80,6 +82,13 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
 
     strategy_name = "vdnn"
     _retry_oom = True  # one device: a batch can run again after an out-of-memory error (``retry.py``)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        streams = kwargs.get("layer_streaming") or (config is not None and config.layer_streaming)
+        if not (streams and (kwargs.get("zero_stage") or (config is not None and config.zero_stage))):
+            return super().__new__(cls)
+        return _l2l_zero(*args, **kwargs)  # not an instance of cls: Python does not call __init__ on it
 
     def __init__(
         self,
@@ -153,6 +162,12 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     def parallel_devices(self, devices: Optional[list[torch.device]]) -> None:
         if not devices:
             return
+        if len(devices) > 1 and self.config.layer_streaming:
+            raise ValueError(
+                f"VDNNStrategy trains on one device, but the Trainer asked for {len(devices)} ({devices}). For layer "
+                "streaming on several devices, each keeping 1/N of the blocks' host state, use strategy='l2l_zero' "
+                "(or VDNNStrategy(layer_streaming=True, zero_stage=2)); else devices=1."
+            )
         if len(devices) > 1:
             raise ValueError(
                 f"VDNNStrategy trains on one device, but the Trainer asked for {len(devices)} ({devices}). "
@@ -227,6 +242,20 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED.items():
             strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+def _l2l_zero(activation_offload: Policy = "auto", *, device: Any = None, config: Optional[VDNNConfig] = None,
+              accelerator: Any = None, checkpoint_io: Optional[CheckpointIO] = None,
+              precision_plugin: Optional[Precision] = None, **fields: Any) -> Any:
+    """``VDNNStrategy(layer_streaming=True, zero_stage=k, ...)``: the same arguments, as an ``L2LZeroStrategy``."""
+    from lightning_vdnn.zero_streaming import l2l_zero_from
+
+    if device is not None:
+        raise ValueError(f"device={device!r} picks one device, and layer_streaming=True with a zero_stage trains on "
+                         "several: drop device and choose them with Trainer(accelerator=..., devices=N).")
+    config = config or VDNNConfig(activation_offload=activation_offload, **fields)
+    return l2l_zero_from(config, accelerator=accelerator, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
 
 
 def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:

@@ -9,7 +9,8 @@ and streams the weight gradients back into host ``p.grad``, where they accumulat
 ``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
 (``microbatch.py``): weights stream as often as unsplit, gradients once per block, block internals are 1/k.
 Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
-runs with inline copies, which is how the tests check it without a GPU.
+runs with inline copies, which is how the tests check it without a GPU. On several ranks, ``sharded.py``
+partitions each block's host state across them by overriding the few hooks marked below.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class LayerStreamer:
         streamer.close()                          # original forwards back, ordinary CPU parameters
     """
 
+    #: Ranks the blocks' host state is partitioned over (``sharded.py``); one here.
+    world = 1
+
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1) -> None:
         check_precision(precision)
@@ -129,20 +133,22 @@ class LayerStreamer:
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
-        check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}")  # before pinning
+        check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
+                          shards=self.world)
         pin = pin_memory and self.device.type == "cuda"
-        self.blocks = [HostBlock(i, m, pin) for i, m in enumerate(streamed)]
+        self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
         # CPU autocast leaves ops such as layer_norm out of its fp32 list: they would meet half weights and a
         # float input, which the CPU kernels refuse. On the CPU there is no copy to shrink, so slots stay fp32.
         self.dtype = compute_dtype(precision, self.host_dtype) if self.device.type == "cuda" else self.host_dtype
-        size = max(b.numel for b in self.blocks)
+        size = max(b.padded for b in self.blocks)
         self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
-        self.stage = None if same else torch.empty(size, dtype=self.host_dtype, device=self.device)
+        loaded = max(b.load_numel for b in self.blocks)
+        self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
         self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
-        self.grad_host = [host_empty(size, self.host_dtype, pin) for _ in range(2)]
+        self.grad_host = [host_empty(max(b.grad_numel for b in self.blocks), self.host_dtype, pin) for _ in range(2)]
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
         self._pending: list[Future] = []
@@ -165,9 +171,8 @@ class LayerStreamer:
             self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
             b.module._compiled_call_impl = None  # the streamed forward runs the block's own forward eagerly
             b.module.forward = functools.partial(self._forward, b.index)
-            settle = functools.partial(self._settle, b.index)
-            self._hooks += [b.module.register_state_dict_pre_hook(settle),
-                            b.module.register_load_state_dict_pre_hook(settle)]
+            self._hooks += [b.module.register_state_dict_pre_hook(functools.partial(self._before_read, b.index)),
+                            b.module.register_load_state_dict_pre_hook(functools.partial(self._before_write, b.index))]
 
     @classmethod
     def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device,
@@ -176,6 +181,10 @@ class LayerStreamer:
         ``microbatches``): how every entry point builds it."""
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.resident_blocks, microbatches=config.microbatches)
+
+    def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
+        """Hook (``sharded.py``): the host side of one streamed block."""
+        return HostBlock(index, module, pin)
 
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
@@ -228,6 +237,13 @@ class LayerStreamer:
             stepper.wait(index)
         if self.engine.is_cuda:
             self.engine.h2d.synchronize()
+
+    def _before_read(self, index: int, *_: Any) -> None:
+        """Hook (``sharded.py``): before a block's ``state_dict()``; before its ``load_state_dict()`` below."""
+        self._settle(index)
+
+    def _before_write(self, index: int, *_: Any) -> None:
+        self._settle(index)
 
     def wait_grads(self) -> None:
         """Block until every streamed gradient has been added into host ``p.grad``."""
@@ -372,17 +388,17 @@ class LayerStreamer:
         block has no gradient yet, else into a staging buffer a worker adds from. When they are the step's
         final gradients, the block's host update is queued right behind them."""
         eng = self.engine
+        dev = self._reduce(block, dev)
         produced = eng.record()
-        direct = (block.index not in self._direct and all(p.requires_grad for p in block.params)
-                  and all(p.grad is None for p in block.params))
+        direct = block.index not in self._direct and block.can_adopt()
         if direct:
             self._direct.add(block.index)
-            host = block.grad_flat
+            host = block.grad_flat[: dev.numel()]
         else:
             turn = self._grad_turn = 1 - self._grad_turn
             if self._host_busy[turn] is not None:
                 self._host_busy[turn].result()  # the worker is done adding from this staging buffer
-            host = self.grad_host[turn][: block.numel]
+            host = self.grad_host[turn][: dev.numel()]
         with eng.stream(eng.d2h):
             if eng.is_cuda:
                 eng.d2h.wait_event(produced)
@@ -394,6 +410,10 @@ class LayerStreamer:
         if not direct:
             self._host_busy[turn] = fut
         self._pending.append(fut)
+
+    def _reduce(self, block: HostBlock, dev: Tensor) -> Tensor:
+        """Hook (``sharded.py``): the device gradients this process copies to the host: all of the block's."""
+        return dev
 
     # -- slots -------------------------------------------------------------------------------------------
     def _acquire(self, index: int) -> _Slot:
@@ -428,16 +448,22 @@ class LayerStreamer:
         with eng.stream(eng.h2d):
             if eng.is_cuda and slot.free is not None:
                 eng.h2d.wait_event(slot.free)
-            dst = slot.buf[: block.numel]
-            if self.stage is None:
-                dst.copy_(block.flat, non_blocking=True)
-            else:
-                staged = self.stage[: block.numel]
-                staged.copy_(block.flat, non_blocking=True)
-                dst.copy_(staged)
+            self._fill(block, slot.buf)
             slot.ready = block.read_done = eng.record(eng.h2d)
         slot.block, slot.version = index, block.version()
-        self.h2d_bytes += block.flat.nbytes
+
+    def _fill(self, block: HostBlock, buf: Tensor) -> None:
+        """Hook (``sharded.py``), on the h2d stream: the block's host weights into ``buf``, in the compute dtype."""
+        self._to_device(block.flat, buf[: block.numel])
+
+    def _to_device(self, host: Tensor, dst: Tensor) -> None:
+        if self.stage is None:
+            dst.copy_(host, non_blocking=True)
+        else:
+            staged = self.stage[: host.numel()]
+            staged.copy_(host, non_blocking=True)
+            dst.copy_(staged)
+        self.h2d_bytes += host.nbytes
 
 
 def _land_grads(block: HostBlock, host: Tensor, done: Any, direct: bool, steppers: list[HostStepper]) -> None:

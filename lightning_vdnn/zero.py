@@ -5,6 +5,9 @@ is per sample (activations) to host memory. The two compose: the offloader's sav
 DeepSpeed engine's forward, and parameters (which ZeRO-3 gathers and frees per layer) are never offloaded.
 Lightning's ``DeepSpeedStrategy`` does the rest (launch, engine, precision, checkpoints); this module only
 builds its config from :class:`~lightning_vdnn.VDNNConfig`, lets it run on CPUs (gloo), and adds the hooks.
+With ``layer_streaming=True`` the class builds ``zero_streaming.L2LZeroStrategy`` instead (DDP, the streamed
+blocks' host state partitioned across the ranks), since DeepSpeed's engine would take the streamed
+parameters over.
 """
 
 from __future__ import annotations
@@ -104,9 +107,11 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         config: a DeepSpeed config (dict or JSON path; default the ``PL_DEEPSPEED_CONFIG_PATH`` variable) for
             everything else (buckets, overlap, NVMe); the arguments above fill in ``zero_optimization``.
         vdnn_config: a ready :class:`VDNNConfig`, instead of the keyword arguments.
-        layer_streaming, microbatches: refused: layer streaming with ZeRO is not built yet
-            (``NotImplementedError``; use ``strategy="l2l"`` on one device, or ``offload_params=True`` here), and
-            ``microbatches`` > 1 needs layer streaming (``ValueError``).
+        layer_streaming, resident_blocks, microbatches: ``layer_streaming=True`` builds, instead of this class,
+            :class:`~lightning_vdnn.zero_streaming.L2LZeroStrategy` (``strategy="l2l_zero"``): DDP with the
+            streamed blocks' host state partitioned across the ranks, since DeepSpeed's engine would take the
+            streamed parameters over. A DeepSpeed ``config`` or ``load_full_weights`` is refused then
+            (``ValueError``). Without layer streaming, ``resident_blocks`` or ``microbatches`` > 1 raise.
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
             logging_level, load_full_weights, timeout: as in Lightning's ``DeepSpeedStrategy``.
 
@@ -127,6 +132,12 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
 
     strategy_name = "vdnn_zero"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("vdnn_config")
+        if not (kwargs.get("layer_streaming") or (config is not None and config.layer_streaming)):
+            return super().__new__(cls)
+        return _l2l_zero(*args, **kwargs)  # not an instance of cls: Python does not call __init__ on it
+
     def __init__(
         self,
         activation_offload: Policy = "auto",
@@ -141,6 +152,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         layers: Optional[str] = None,
         memory_budget: MemorySpec = None,
         layer_streaming: bool = False,
+        resident_blocks: int = 0,
         microbatches: int = 1,
         fit_report: Optional[bool] = None,
         config: Optional[Union[_PATH, dict[str, Any]]] = None,
@@ -159,7 +171,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=layer_streaming, layers=layers, memory_budget=memory_budget, microbatches=microbatches,
-            zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
+            resident_blocks=resident_blocks, zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
         if not self.vdnn_config.zero_stage:
@@ -251,6 +263,37 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED_ZERO.items():
             strategy_registry.register(name, cls, description=description, override=True, **kwargs)
+
+
+def _l2l_zero(
+    activation_offload: Policy = "auto", *, zero_stage: Optional[int] = None, offload_optimizer: bool = False,
+    offload_params: bool = False, min_offload_bytes: int = 2**20, prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28, pin_memory: bool = True, layers: Optional[str] = None,
+    memory_budget: MemorySpec = None, layer_streaming: bool = True, resident_blocks: int = 0, microbatches: int = 1,
+    fit_report: Optional[bool] = None, config: Optional[Union[_PATH, dict[str, Any]]] = None,
+    vdnn_config: Optional[VDNNConfig] = None, load_full_weights: bool = False, logging_level: int = logging.WARN,
+    **lightning: Any,
+) -> Any:
+    """``VDNNZeroStrategy(layer_streaming=True, ...)``: the same arguments, as an ``L2LZeroStrategy``."""
+    from lightning_vdnn.zero_streaming import l2l_zero_from
+
+    for name, value in (("config", config), ("load_full_weights", load_full_weights or None)):
+        if value is not None:
+            raise ValueError(
+                f"{name}={value!r} configures DeepSpeed's engine, and with layer_streaming=True no DeepSpeed engine "
+                "runs: L2LZeroStrategy partitions the streamed blocks itself and replicates the rest with DDP. "
+                f"Drop {name}.")
+    vdnn_config = vdnn_config or VDNNConfig(
+        activation_offload=activation_offload, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
+        max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layer_streaming=layer_streaming,
+        layers=layers, memory_budget=memory_budget, resident_blocks=resident_blocks, microbatches=microbatches,
+        zero_stage=DEFAULT_STAGE if zero_stage is None else zero_stage, offload_optimizer=offload_optimizer,
+        offload_params=offload_params, fit_report=fit_report,
+    )
+    if not vdnn_config.zero_stage:
+        raise ValueError("VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For layer streaming on one "
+                         "device use VDNNStrategy (strategy='l2l').")
+    return l2l_zero_from(vdnn_config, **lightning)
 
 
 def _check_deepspeed_accelerator(device: torch.device) -> None:

@@ -208,8 +208,8 @@ def test_deepspeed_config_merges_the_users(tmp_path):
     (dict(zero_stage=3, offload_params=True, config={"zero_optimization": {"offload_param": {"device": "nvme"}}}),
      ValueError, r"offload_param\.device='nvme', but the strategy was given offload_params=True.*'cpu'"),
     (dict(zero_stage=0), ValueError, r"VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0.*VDNNStrategy"),
-    (dict(zero_stage=3, layer_streaming=True), NotImplementedError,
-     r"layer streaming with DeepSpeed ZeRO is not built yet\. Use .*'l2l'.*offload_params=True"),
+    (dict(zero_stage=0, layer_streaming=True), ValueError,
+     r"VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0.*layer streaming on one device.*'l2l'"),
 ])
 def test_bad_arguments_name_the_values(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
