@@ -20,8 +20,10 @@ asks ``decide`` at each call. It is removed when the plan changes (:meth:`Recomp
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -59,19 +61,29 @@ class Recomputer:
         self.install(())
 
     def _wrap(self, module: nn.Module) -> None:
-        self._own[module] = vars(module).get("forward", _NONE)
-        inner = module.forward
+        own = self._own[module] = vars(module).get("forward", _NONE)
+        decide = self._decide
 
-        @functools.wraps(inner)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            timer = self._decide()
+        @functools.wraps(type(module).forward)
+        def forward(this: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            # bound to the instance (``MethodType``): a deepcopy of the module (EMA, SWA) runs its own forward
+            inner = own if own is not _NONE else functools.partial(type(this).forward, this)
+            timer = decide()
             if timer is None:
                 return inner(*args, **kwargs)
-            # keyword arguments bound here: none of them can collide with checkpoint's own
-            return checkpoint(_replay(functools.partial(inner, **kwargs), timer), *args, use_reentrant=False,
+            # tensors given by keyword go in as positional arguments too: the checkpoint saves (and so offloads)
+            # only those, and takes the devices whose RNG state it replays from them; none can collide with its
+            # own keyword arguments
+            names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            rest = {k: v for k, v in kwargs.items() if k not in names}
+
+            def call(*flat: Any) -> Any:
+                return inner(*flat[: len(args)], **rest, **dict(zip(names, flat[len(args):])))
+
+            return checkpoint(_replay(call, timer), *args, *(kwargs[k] for k in names), use_reentrant=False,
                               preserve_rng_state=True)
 
-        module.forward = forward
+        module.forward = types.MethodType(forward, module)
 
     def _unwrap(self, module: nn.Module) -> None:
         own = self._own.pop(module)

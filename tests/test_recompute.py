@@ -4,6 +4,7 @@ once and ends exactly where plain training does."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import lightning as L
@@ -102,11 +103,59 @@ def test_recompute_is_per_call_exact_and_leaves_internals_to_the_checkpoint():
     with torch.no_grad():  # evaluation: no checkpoint, no pass
         net(x)
     assert "forward" in vars(net.blocks[0])
+    twin = copy.deepcopy(net)  # an EMA/SWA copy computes with its own weights, not through the original's
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        assert twin(x).abs().sum() == 0 and net(x).abs().sum() > 0
     off.set_plan(None)  # a new plan without recompute: the module's own forward is back
     assert "forward" not in vars(net.blocks[0])
     off.set_plan(frozenset(), {1})
     off.close()
     assert "forward" not in vars(net.blocks[0])
+
+
+class ScaledBlock(nn.Module):
+    """Takes a tensor by keyword: the checkpoint must save it and take its RNG devices from it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.drop, self.out = nn.Linear(16, 64), nn.Dropout(0.5), nn.Linear(64, 16)
+
+    def forward(self, x, *, scale, shift=None):
+        return self.out(self.drop(torch.tanh(self.inp(x))) * scale) + shift
+
+
+class KeywordNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([ScaledBlock(), ScaledBlock()])
+        self.shift = nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, scale=2.0, shift=self.shift * 1.0)
+        return x
+
+
+def test_keyword_tensors_reach_the_checkpoint():
+    torch.manual_seed(0)
+    net, x = KeywordNet(), torch.randn(8, 16, requires_grad=True)
+
+    def grads(**kw):
+        net.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        off = one_pass(net, x, **kw)
+        return off, [p.grad.clone() for p in net.parameters()] + [x.grad.clone()]
+
+    profiled, ref = grads()
+    prof = profiled.layer_profile()
+    assert prof[1].inputs == ((8, 16), (16,)) and prof[1].recompute_bytes == 8 * 16 * 4 + 16 * 4  # x and shift
+    off, got = grads(offloader=profiled, keep=frozenset(), recompute={1, 2})
+    assert off.report().recomputed_forwards == 2
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class Profiled(L.Callback):
@@ -242,3 +291,31 @@ def test_plain_loop_auto_recomputes_too(injected):
     assert report.layers_recomputed == 2 and report.offloaded_bytes > 0
     off.close()
     assert all("forward" not in vars(block) for block in got.blocks)
+
+
+class Plans(L.Callback):
+    """Per step: whether the next one profiles, and the layers the plan recomputes."""
+
+    def on_fit_start(self, trainer, module):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, *args):
+        planner = trainer.strategy._planner
+        self.steps.append((planner.profiling, planner.recomputed))
+
+
+def test_short_last_batch_profiles_again_and_still_trains_like_plain(lm, injected):
+    profiled = Profiled()
+    fit(lm, token_loader(), VDNNStrategy("auto", min_offload_bytes=0, layers=BLOCKS), max_steps=1,
+        callbacks=[profiled])
+    loader = lambda: token_loader(n=20, batch=8)  # noqa: E731  (batches of 8, 8, then 4 each epoch)
+    ref, _ = fit(lm, loader(), max_steps=6)
+    plans = Plans()
+    got, _ = fit(lm, loader(), VDNNStrategy("auto", min_offload_bytes=0, layers=BLOCKS,
+                                            memory_budget=mixed_budget(profiled.layers)), max_steps=6,
+                 callbacks=[plans])
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-5, atol=0)
+    assert_same_params(got, ref)
+    # planned after the 1st step, recomputing from the 2nd; the short 3rd batch sends the 4th step to profile again
+    assert [profiling for profiling, _ in plans.steps] == [False, False, True, False, False, True]
+    assert plans.steps[0][1] == {2, 3} and plans.steps[3][1] == {2, 3}
