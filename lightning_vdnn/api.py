@@ -115,15 +115,17 @@ class ActivationOffload:
 
     Entering starts a pass (and closes the previous one if :meth:`step_done` was not called); forward under
     ``torch.no_grad()`` is left alone, since there is no backward to save anything for. With policy
-    ``"auto"``, each closed pass feeds the planner, which picks the layers the next pass keeps on the device
-    (as :class:`~lightning_vdnn.VDNNStrategy` does). Build it with :func:`offload_activations`.
+    ``"auto"``, each closed pass feeds the planner, which picks the layers the next pass keeps on the device,
+    offloads or recomputes in backward (as :class:`~lightning_vdnn.VDNNStrategy` does). Build it with
+    :func:`offload_activations`.
     """
 
     def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
         self.model, self.config = model, config
         self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
-        auto = config.activation_offload == "auto"
-        self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device)) if auto else None
+        auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
+        self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device),
+                                   recompute=not config.layer_streaming) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)
@@ -135,6 +137,8 @@ class ActivationOffload:
             raise RuntimeError("offload_activations(model) is already active: do not nest it around one model.")
         if torch.is_grad_enabled():
             self.step_done()
+            # time layers (and, profiling, what a recompute would keep) in the steps the planner measures
+            self.offloader.watch = self.planner.watching if self.planner is not None else self.offloader.passes == 0
             if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.offloader.device)
             self._capture = self.offloader.capture()
@@ -163,8 +167,8 @@ class ActivationOffload:
         if planner.watching:  # the step's device peak; on a CPU device, what stayed is what the planner fits
             cuda = offloader.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
-        planner.observe(offloader.layer_bytes(), peak, self._forward_peak)
-        offloader.keep_layers = planner.keep
+        planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        offloader.set_plan(planner.keep, planner.recomputed)
         self._forward_peak = None
 
     def report(self) -> MemoryReport:
@@ -174,12 +178,7 @@ class ActivationOffload:
         report, planner = self.offloader.report(), self.planner
         if planner is None:
             return report
-        plan, layers = planner.plan, len(self.offloader.layer_bytes())
-        return dataclasses.replace(
-            report, policy="auto", budget_bytes=planner.budget, measured_peak_bytes=planner.measured_peak,
-            predicted_peak_bytes=plan.predicted_peak if plan else None,
-            layers_kept=len(plan.kept) if plan else 0, layers_offloaded=layers - len(plan.kept) if plan else layers,
-        )
+        return dataclasses.replace(report, **planner.report_fields(len(self.offloader.layer_bytes())))
 
     def close(self) -> None:
         """Remove the hooks and free the host buffers; the model trains as if never touched."""

@@ -82,8 +82,11 @@ class VDNNConfig:
             activation of at least ``min_offload_bytes`` to host memory (least device memory, most PCIe
             traffic); ``"conv"`` moves only the inputs of Conv/Linear/attention layers, the expensive ones to
             recompute and the large ones to keep (vDNN's ``vDNN_conv``); ``"none"`` installs the hooks and moves
-            nothing (measures the hooks' overhead); ``"auto"`` offloads everything on the first step, measures,
-            then keeps on the device the most bytes that fit ``memory_budget`` (see ``planner.py``).
+            nothing (measures the hooks' overhead); ``"auto"`` offloads everything on the first step, measures each
+            layer, then keeps, offloads or recomputes (activation checkpointing, in backward) each layer: the plan
+            of least predicted step time whose predicted peak fits ``memory_budget`` (see ``planner.py``). Only
+            ``"auto"`` recomputes, and not under DeepSpeed ZeRO or with layer streaming; it pays off
+            for layers named by ``layers`` (blocks), less for single ops.
         min_offload_bytes: saved tensors smaller than this stay on the device: their copy would cost more in
             launch latency than the memory is worth.
         prefetch_layers: how many layers ahead of backward to bring activations back. More hides more copy

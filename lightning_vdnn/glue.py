@@ -5,7 +5,9 @@ and step the optimizer, not in how they offload: both wrap ``training_step`` in 
 ``capture()``, close the pass after backward, feed the ``"auto"`` planner after the optimizer step and
 report (a table and a plot at the end of ``fit``). :class:`OffloadHooks` holds that once; it goes first in the
 bases so its hooks wrap the strategy's. Under ``"auto"`` on one device, an out-of-memory error in forward or
-backward runs the batch again under a lower budget (``retry.py``).
+backward runs the batch again under a lower budget (``retry.py``), and plans may recompute layers in backward
+(``recompute.py``); not under DeepSpeed, whose ZeRO-3 gathers a layer's parameters in hooks a recompute would
+skip, nor with layer streaming, which already recomputes its blocks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, device_budget
+from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Plan, device_budget
 from lightning_vdnn.report import MemoryReport, format_bytes, print_report
 from lightning_vdnn.retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message, running_stats)
@@ -47,6 +49,7 @@ class OffloadHooks:
     _forward_peak: Optional[int] = None
     _last_report: Optional[MemoryReport] = None
     _retry_oom = False  # strategies that may run a batch again after an OOM set it (not DeepSpeed: collectives)
+    _recompute = False  # strategies whose "auto" plans may recompute layers set it (not DeepSpeed: ZeRO-3 hooks)
     _attempts: Optional[Attempts] = None
     _norm_stats: Optional[list[Tensor]] = None
 
@@ -66,7 +69,8 @@ class OffloadHooks:
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
-            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device))
+            recompute = self._recompute and getattr(self, "_streamer", None) is None
+            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=recompute)
 
     def on_exception(self, exception: BaseException) -> None:
         self._release()
@@ -189,7 +193,7 @@ class OffloadHooks:
         if plan is None:
             raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
         attempts.budgets.append(planner.budget)
-        offloader.keep_layers = planner.keep
+        offloader.set_plan(planner.keep, planner.recomputed)
         rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
                        category=BudgetLowered)
         attempts.snapshot.restore()
@@ -208,16 +212,10 @@ class OffloadHooks:
         if planner.watching:
             cuda = self.root_device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
-        plan = planner.observe(offloader.layer_bytes(), peak, self._forward_peak)
-        offloader.keep_layers = planner.keep
+        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        offloader.set_plan(planner.keep, planner.recomputed)
         if plan is not None:
-            rank_zero_info(
-                f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, "
-                f"{format_bytes(plan.offloaded_bytes)} of activations go to the host per step; predicted peak "
-                f"{format_bytes(plan.predicted_peak)} " + (
-                    "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
-                    f"within a budget of {format_bytes(plan.budget)}.")
-            )
+            rank_zero_info(plan_message(plan))
 
     # -- the end of fit -----------------------------------------------------------------------------------
     def on_train_end(self) -> None:
@@ -258,10 +256,15 @@ class OffloadHooks:
         planner = self._planner
         if planner is None:
             return report
-        plan = planner.plan
-        layers = len(self._offloader.layer_bytes())
-        return dataclasses.replace(
-            report, policy="auto", budget_bytes=planner.budget, measured_peak_bytes=planner.measured_peak,
-            predicted_peak_bytes=plan.predicted_peak if plan else None,
-            layers_kept=len(plan.kept) if plan else 0, layers_offloaded=layers - len(plan.kept) if plan else layers,
-        )
+        return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())))
+
+
+def plan_message(plan: Plan) -> str:
+    """The line logged when ``"auto"`` makes a plan."""
+    return (
+        f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
+        f"recomputed in backward, {format_bytes(plan.offloaded_bytes)} of activations go to the host per step "
+        f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
+            "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
+            f"within a budget of {format_bytes(plan.budget)}.")
+    )

@@ -8,56 +8,30 @@ backward needs it (the tail of forward, a tensor the model kept) is used in plac
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
 tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
+
+A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
+(``recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 import weakref
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from lightning_vdnn.planner import LayerProfile
 from lightning_vdnn.pool import CopyEngine, HostBufferPool
+from lightning_vdnn.probe import LayerProbe
+from lightning_vdnn.recompute import Recomputer, Timer
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.saved import EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight, span_of  # noqa: F401
 from lightning_vdnn.trace import PassTimeline, PassTrace
-
-# Layers whose inputs the "conv" policy offloads: expensive to recompute, large to keep (vDNN_conv).
-EXPENSIVE_LAYERS: tuple[type, ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.MultiheadAttention,
-)
-
-
-def is_expensive(module: nn.Module) -> bool:
-    return isinstance(module, EXPENSIVE_LAYERS) or type(module).__name__.endswith("Attention")
-
-
-class _Offloaded:
-    """One span of device memory copied to the host, and where its bytes live now."""
-
-    __slots__ = ("nbytes", "lo", "host", "group", "src", "pending", "hold", "dev", "dev_lo", "ready",
-                 "last_use", "used", "release", "__weakref__")
-
-    def __init__(self, nbytes: int, lo: int, host: torch.Tensor, group: int, src: torch.UntypedStorage,
-                 pending: torch.Tensor, d2h_done: object, release) -> None:
-        self.nbytes, self.lo, self.host, self.group = nbytes, lo, host, group
-        self.src = weakref.ref(src)  # the original storage, for dedupe
-        self.pending = pending       # keeps the source alive until its device->host copy is done
-        self.hold = None             # a device copy waiting for its first unpack
-        self.dev = weakref.ref(src)  # wherever the bytes are on the device now, if anywhere
-        self.dev_lo = 0              # byte offset of this span inside ``dev``
-        self.ready = None            # event the consumer waits for before reading ``dev``
-        self.last_use = d2h_done     # last copy touching ``host``: the pool's next writer waits for it
-        self.used = False            # backward has read it at least once
-        self.release = release
-
-    def __del__(self) -> None:
-        self.release(self.host, self.last_use)
-
 
 _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
 Packed = Union[torch.Tensor, _Saved]
@@ -96,6 +70,8 @@ class ActivationOffloader:
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
+        self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
+        self._recomputer = Recomputer(self._recompute_timer)
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self.pool = HostBufferPool(pin_memory)
@@ -119,7 +95,8 @@ class ActivationOffloader:
         names = {id(m): name for name, m in module.named_modules()}
         self._names = {id(m): names.get(id(m), type(m).__name__) for m in bounds}
         for m in bounds:
-            self._hooks.append(m.register_forward_pre_hook(self._on_layer))
+            self._hooks.append(m.register_forward_pre_hook(self._on_layer, with_kwargs=True))
+            self._hooks.append(m.register_forward_hook(self._on_layer_return))
         if self.policy == "conv":
             for m in module.modules():
                 if is_expensive(m):
@@ -129,7 +106,17 @@ class ActivationOffloader:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._recomputer.close()
         self._module = None
+
+    def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = ()) -> None:
+        """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
+        and the layers to recompute in backward, whose inputs stay too. Layers are those of the last pass."""
+        recompute = frozenset(recompute)
+        self.keep_layers = keep if not recompute else (keep or frozenset()) | recompute
+        self.recompute_layers = recompute
+        modules = self._last.modules if self._last is not None else []
+        self._recomputer.install(modules[g] for g in recompute if 0 < g < len(modules))
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -181,9 +168,11 @@ class ActivationOffloader:
                 self._capturing = False
                 self.finish_pass()
             self._trace = PassTrace(self.engine)
-            self._trace.keep = self.keep_layers
+            self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
+                if not self.recompute_layers:
+                    self._trace.probe = LayerProbe(self.min_offload_bytes)
             module = self._module
             self._params = set()
             if module is not None:
@@ -191,25 +180,48 @@ class ActivationOffloader:
                     self._params.add(t.untyped_storage().data_ptr())
 
     def _reset_pass(self) -> None:
-        self._groups: list[list[_Offloaded]] = [[]]
-        self._by_span: dict[tuple[int, int, int], _Offloaded] = {}
+        self._groups: list[list[Offloaded]] = [[]]
+        self._by_span: dict[tuple[int, int, int], Offloaded] = {}
         # address keys -> (storage ref, kept by the plan, group of the first save); the ref is checked: freed
         # addresses are reused
         self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool, int]] = {}
         self._expensive_inputs: dict[int, weakref.ref] = {}
-        self._pending: collections.deque[_Offloaded] = collections.deque()
+        self._pending: collections.deque[Offloaded] = collections.deque()
         self._inflight = 0
         self._frontier: Optional[int] = None
         self._copied_groups: list[int] = []
         self._params: set[int] = set()
 
-    def _on_layer(self, module: nn.Module, args: tuple) -> None:
+    def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
             self._groups.append([])
-            trace = self._trace
+            trace, group = self._trace, len(self._groups) - 1
             trace.names.append(self._names.get(id(module), type(module).__name__))
+            trace.modules.append(module)
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            trace.inputs.append(tuple(tuple(t.shape) for t in tensors))
             if trace.timeline is not None:
-                trace.timeline.layer(len(self._groups) - 1)
+                trace.timeline.layer(group)
+            if trace.probe is not None:
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in tensors if not self._skips(t)])
+
+    def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
+        trace = self._trace
+        if self._capturing and trace is not None:
+            if trace.timeline is not None:
+                trace.timeline.layer_return(len(self._groups) - 1)
+            if trace.probe is not None:
+                trace.probe.exit(len(self._groups) - 1)
+
+    def _recompute_timer(self) -> Optional[Timer]:
+        """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
+        recomputes this layer, in a pass that records gradients)."""
+        if not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
+            return None
+        group = len(self._groups) - 1
+        if group not in self.recompute_layers:
+            return None
+        return functools.partial(self._trace.recompute_span, group)
 
     def _on_expensive(self, module: nn.Module, args: tuple) -> None:
         if self._capturing:
@@ -219,24 +231,27 @@ class ActivationOffloader:
                     self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
 
     # -- forward: pack -----------------------------------------------------------------------------------
-    def _pack(self, t: torch.Tensor) -> Packed:
+    def _skips(self, t: torch.Tensor) -> bool:
+        """Saved as itself, never copied: another device, a layout not copied as bytes, or a weight (parameters,
+        their views and autocast copies)."""
         if (t.device != self.device or t.layout != torch.strided or t.numel() == 0 or t.is_quantized
-                or t.is_nested or t.is_conj() or t.is_neg() or not self._capturing):
+                or t.is_nested or t.is_conj() or t.is_neg()):
+            return True
+        return t.untyped_storage().data_ptr() in self._params or is_weight(t)
+
+    def _pack(self, t: torch.Tensor) -> Packed:
+        if not self._capturing or self._skips(t):
             return t
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self._params or _is_param(t) or _is_param_cast(t):
-            return t  # parameters, their views and autocast copies: weights, not activations
-        itemsize = t.element_size()
-        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-        lo = t.storage_offset() * itemsize
-        key = (ptr, lo, lo + extent * itemsize)
+        key, nbytes = span_of(t)
         with self._lock:
             self._poll()
             self._trace.saved += 1
+            if self._trace.probe is not None:
+                self._trace.probe.saved(key, nbytes, t, len(self._groups) - 1)
             entry = self._by_span.get(key)
             if entry is None or entry.src() is not storage:
-                nbytes, group = extent * itemsize, len(self._groups) - 1
+                group = len(self._groups) - 1
                 seen = self._kept.get(key)
                 if seen is not None and seen[0]() is not storage:
                     seen = None  # a freed tensor's address, reused
@@ -257,7 +272,7 @@ class ActivationOffloader:
                     self._trace.kept_by_group[seen[2]] -= nbytes
                     del self._kept[key]
                 self._trace.candidate_bytes[group] += nbytes
-                entry = self._offload(storage, lo, nbytes)
+                entry = self._offload(storage, key[1], nbytes)
                 self._by_span[key] = entry
         return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
@@ -269,7 +284,7 @@ class ActivationOffloader:
         ref = self._expensive_inputs.get(storage.data_ptr())  # a freed input's address may be reused:
         return ref is not None and ref() is storage          # the storage itself must match
 
-    def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> _Offloaded:
+    def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
         eng = self.engine
         host, last_reader = self.pool.acquire(nbytes)
         src = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, lo, (nbytes,), (1,))
@@ -284,10 +299,12 @@ class ActivationOffloader:
             done = eng.record(eng.d2h)
         trace = self._trace
         trace.d2h.append((start, done))
+        if trace.timeline is not None and not eng.is_cuda:
+            trace.timeline.copied(start, done)
         trace.offloaded_bytes += nbytes
         trace.offloaded_by_group[len(self._groups) - 1] += nbytes
         trace.offloaded_tensors += 1
-        entry = _Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
+        entry = Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
         self._groups[-1].append(entry)
         self._pending.append(entry)
         self._inflight += nbytes
@@ -345,7 +362,7 @@ class ActivationOffloader:
                 self._copied_groups.append(self._frontier)
                 ahead += 1
 
-    def _fetch(self, entry: _Offloaded) -> bool:
+    def _fetch(self, entry: Offloaded) -> bool:
         """Make ``entry`` resident on the device; True if that took a host->device copy."""
         resident = entry.dev()
         if resident is not None:
@@ -365,7 +382,7 @@ class ActivationOffloader:
         entry.ready = entry.last_use = done
         return True
 
-    def _wait(self, entry: _Offloaded) -> None:
+    def _wait(self, entry: Offloaded) -> None:
         """The consumer (current stream) waits for ``entry``'s copy; the wait is recorded as exposure."""
         eng = self.engine
         need = eng.record()
@@ -389,6 +406,11 @@ class ActivationOffloader:
             return []
         return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
 
+    def layer_profile(self) -> list[LayerProfile]:
+        """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
+        trace = self._last
+        return [] if trace is None else trace.profile()
+
     # -- statistics --------------------------------------------------------------------------------------
     def report(self) -> MemoryReport:
         """Numbers of the last finished pass (an empty report before the first)."""
@@ -401,21 +423,3 @@ class ActivationOffloader:
         if trace is None:
             return MemoryReport(**common)
         return trace.report(self._watched, **common)
-
-
-def _is_param(t: torch.Tensor) -> bool:
-    """A parameter, or a view of one, in memory that was not its storage when the pass began: DeepSpeed ZeRO-3
-    gathers each layer's weights into fresh memory for forward, frees it after, and gathers again for backward.
-    Saved as itself, backward reads the re-gathered weight; a copy would hold the gathered memory all along."""
-    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
-
-
-def _is_param_cast(t: torch.Tensor) -> bool:
-    """An autocast copy of a parameter (``ToCopy`` straight from a leaf): cheap to remake, held by the cast
-    cache through forward anyway, and weight memory is the streaming feature's business, not vDNN's."""
-    fn = t.grad_fn
-    if fn is None or fn.name() != "ToCopyBackward0":
-        return False
-    nxt = fn.next_functions
-    return bool(nxt) and nxt[0][0] is not None and type(nxt[0][0]).__name__ == "AccumulateGrad"
-

@@ -1,20 +1,53 @@
-"""What ``activation_offload="auto"`` keeps on the device and what it moves, given a memory budget.
+"""What ``activation_offload="auto"`` does with each layer's saved activations, given a memory budget: keep them on
+the device, offload them to the host, or recompute the layer in backward.
 
-Model: every layer's saved activations either stay on the device or go to the host. With all of them
-offloaded (the first step runs that way, safely, and is measured) the step peaks at ``floor`` and forward
-alone at ``forward_peak``. What a plan keeps is all alive when forward ends, and freed as backward walks
-back past it, so keeping layers ``K`` peaks at ``max(floor, forward_peak + sum(b_g, g in K))``. On a GPU fast enough to be bound by PCIe once it offloads at all (bf16 on
-Hopper moves ~8 GB under a whole step of compute), step time grows with the bytes moved, so the plan keeps
-the most bytes that fit: ``max sum(b_g, kept) s.t. floor + sum(b_g, kept) <= budget``, a subset-sum solved
-exactly by dynamic programming over sizes rounded up to ``granule`` bytes (1 MiB: the peak prediction errs
-only on the safe side, by at most a granule per layer). Ties prefer the tail of forward, which backward
-needs first and which has the least time to hide a copy. Recompute is not among the choices yet.
+Profile. The first step offloads everything (safe: the least device memory it can take) and is measured: its
+peak, ``floor``; the peak when forward ends, ``forward_peak``; and per layer a :class:`LayerProfile` (``trace.py``,
+``probe.py``): the bytes it saves for backward ``b``, what it would still save if recomputed ``r`` (its inputs
+that no earlier layer saved, and what functional code after it saves), its forward compute time ``f``, the time
+``t`` one copy of ``b`` takes at the bandwidth the step's copies reached, and the compute ``w`` a copy can hide
+under. The plan is reused every step, and made again when the layers' input shapes change (an epoch's short last
+batch, a new sequence length) or a measured peak overshoots the prediction.
+
+Cost model: time a layer adds to a step over keeping everything on the device, and memory it holds over ``floor``.
+
+- keep: 0 ms; holds ``b`` from its forward until its backward.
+- offload: the copy time compute does not hide. The copy to the host runs beside the next layer's forward (``w``,
+  that layer's measured time) and the copy back, prefetched one layer ahead, beside that layer's backward (``2w``:
+  backward costs about twice forward), so ``max(0, t - w) + max(0, t - 2w)``; on a CPU device copies are inline,
+  ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
+- recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
+  rebuilds the rest, ``b - r``, all at once.
+
+Everything held is alive when forward ends and is freed as backward passes its layer, so with ``H(<=g)`` the bytes
+held by layers up to ``g`` and ``base = min(forward_peak, floor)``, the predicted peak is
+``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)``.
+
+Solver: minimise the summed cost subject to predicted peak <= budget. Every peak term is a prefix sum of held bytes,
+so a dynamic program over the layers in forward order, with the bytes held so far as its state, is exact; sizes are
+rounded up to granules (at most 1 MiB, at most 65536 of them in the budget), so it takes O(layers x 65536) steps,
+milliseconds. Not a greedy rule (vDNN's dynamic policy, Capuchin's ranking by cost per byte): a knapsack with
+sizes that differ has no greedy optimum. Not an ILP (Checkmate): it would add a solver dependency to optimise
+per-tensor graphs we do not schedule; at layer granularity the DP is already exact. How far from optimal: optimal
+for the model up to the rounding. Each size rounds up by less than a granule, so the predicted peak errs only on
+the safe side, by at most a granule per layer, and a plan that would fit only to the byte may be passed over.
+Among plans of equal predicted time it takes the one that keeps the most (keeping does no work the model could
+misjudge), and per layer keep, then offload, then recompute, toward the tail of forward (backward needs it first).
+
+What the model leaves out, caught by measuring the peak of the steps after each new plan (an overshoot is given
+back and the plan made again): copies queue on one stream, so a long copy spills into the next windows, or hides
+under several short layers; on a PCIe-bound GPU the profiling step's layer times include waits for the in-flight
+cap; a recomputed layer whose input an earlier layer offloaded waits for that copy at the start of its backward.
+
+``solve`` keeps the keep-or-offload model with step time proportional to the bytes moved (a GPU bound by PCIe):
+the subset-sum that keeps the most bytes that fit.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import psutil
@@ -23,6 +56,11 @@ import torch
 from lightning_vdnn.config import MemoryBudget
 
 GiB = 2**30
+MiB = 2**20
+Decision = Literal["keep", "offload", "recompute"]
+_OFFLOAD, _KEEP, _RECOMPUTE = 0, 1, 2
+#: Most granules the budget is counted in: bounds the solver's work per layer.
+MAX_STATES = 2**16
 
 
 class BudgetTooSmall(ValueError):
@@ -30,92 +68,237 @@ class BudgetTooSmall(ValueError):
 
 
 @dataclass(frozen=True)
+class LayerProfile:
+    """One layer (a call of a layer module, forward order) as the solver sees it.
+
+    Attributes:
+        saved_bytes: what its forward saves for backward that offload could move (``b``).
+        recompute_bytes: what it still saves when its forward runs again in backward (``r``): its inputs that no
+            earlier layer saved, and what code between it and the next layer saves. None: it cannot be
+            recomputed (the part before the first layer, BatchNorm running statistics, an input modified in
+            place, tensors a later layer saves too; see ``probe.py``).
+        forward_ms: its forward's compute: what a recompute costs again (``f``).
+        transfer_ms: one copy of ``saved_bytes``, either way, at the measured bandwidth (``t``).
+        overlap_ms: compute a copy can hide under: the next layer's forward (``w``); 0 where copies are inline.
+        inputs: shapes of its tensor inputs: the planner starts over when they change.
+    """
+
+    saved_bytes: int
+    recompute_bytes: Optional[int] = None
+    forward_ms: float = 0.0
+    transfer_ms: float = 0.0
+    overlap_ms: float = 0.0
+    inputs: tuple = ()
+
+    def __post_init__(self) -> None:
+        for name in ("saved_bytes", "recompute_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
+                raise ValueError(f"LayerProfile {name}={value!r} must be a byte count >= 0.")
+        for name in ("forward_ms", "transfer_ms", "overlap_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"LayerProfile {name}={value!r} must be a finite time in ms >= 0.")
+
+    @property
+    def offload_ms(self) -> float:
+        """Copy time not hidden: out beside the next layer's forward, back beside its backward (twice as long)."""
+        t, w = self.transfer_ms, self.overlap_ms
+        return max(0.0, t - w) + max(0.0, t - 2 * w)
+
+    @property
+    def rebuilt_bytes(self) -> int:
+        """What a recompute rebuilds in the layer's backward: what it saved, less what it still saves."""
+        return max(0, self.saved_bytes - (self.recompute_bytes or 0))
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Which layers (forward order) keep their activations on the device."""
+    """What each layer (forward order) does with its saved activations, and what that is predicted to cost.
+
+    Attributes:
+        kept: layers whose saved activations stay on the device.
+        offloaded_bytes: bytes the offloaded layers move to the host each step.
+        kept_bytes: bytes left on the device: kept layers' and what recomputed layers still save.
+        predicted_peak: device memory the step is predicted to peak at (the model in this module's docstring).
+        budget: the budget it was made for.
+        recomputed: layers whose forward runs again in backward.
+        recomputed_bytes: bytes the recomputed layers no longer hold (rebuilt in backward).
+        added_ms: predicted step time the plan adds to keeping everything: exposed copies and recomputes.
+    """
 
     kept: frozenset[int]
     offloaded_bytes: int
     kept_bytes: int
     predicted_peak: int
     budget: int
+    recomputed: frozenset[int] = frozenset()
+    recomputed_bytes: int = 0
+    added_ms: float = 0.0
+
+    @property
+    def on_device(self) -> frozenset[int]:
+        """Layers whose saves stay on the device: kept ones, and recomputed ones (their inputs)."""
+        return self.kept | self.recomputed
+
+    def decision(self, layer: int) -> Decision:
+        return "keep" if layer in self.kept else "recompute" if layer in self.recomputed else "offload"
 
 
-def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = 2**20,
-          forward_peak: Optional[int] = None) -> Plan:
-    """The plan that moves the fewest bytes while ``max(floor, forward_peak + kept bytes) <= budget``
-    (``forward_peak`` defaults to ``floor``: the cautious model).
-
-    Raises:
-        BudgetTooSmall: ``budget < floor``; the message states the minimum.
-    """
+def _check_budget(floor: int, budget: int) -> None:
     if budget < floor:
         raise BudgetTooSmall(
             f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
             f"every activation offloaded. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the step "
             "smaller (batch size, sequence length)."
         )
+
+
+def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = MiB,
+          forward_peak: Optional[int] = None) -> Plan:
+    """Keep or offload only, step time proportional to the bytes moved: the plan that moves the fewest bytes while
+    ``max(floor, forward_peak + kept bytes) <= budget`` (``forward_peak`` defaults to ``floor``: the cautious model).
+
+    Raises:
+        BudgetTooSmall: ``budget < floor``; the message states the minimum.
+    """
+    return solve_layers([bytes_only(b) for b in group_bytes], floor, budget, granule, forward_peak)
+
+
+def bytes_only(saved_bytes: int) -> LayerProfile:
+    """A layer known only by its bytes: keep or offload, the copy costing in proportion to its size."""
+    return LayerProfile(int(saved_bytes), transfer_ms=int(saved_bytes) / MiB)
+
+
+def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int = MiB,
+                 forward_peak: Optional[int] = None) -> Plan:
+    """The plan of least added step time whose predicted peak fits ``budget`` (the model of this module).
+
+    Raises:
+        BudgetTooSmall: ``budget < floor``, the least peak any plan reaches; the message states it.
+        ValueError: ``granule`` < 1.
+    """
+    if granule < 1:
+        raise ValueError(f"granule={granule!r} must be a positive number of bytes (1 MiB is the default).")
+    _check_budget(floor, budget)
     base = floor if forward_peak is None else min(forward_peak, floor)
-    fine = max(1, (budget - base) // 4096)  # small budgets: finer sizes (a power of two), same array length
-    granule = min(granule, 1 << (fine.bit_length() - 1))
-    sizes = [-(-int(b) // granule) for b in group_bytes]  # rounded up: predictions stay conservative
-    capacity = (budget - base) // granule
-    kept = _subset_sum(sizes, capacity)
-    kept_bytes = sum(group_bytes[g] for g in kept)
-    return Plan(frozenset(kept), sum(group_bytes) - kept_bytes, kept_bytes, max(floor, base + kept_bytes), budget)
+    room = budget - base
+    if sum(layer.saved_bytes for layer in layers) <= room:  # everything fits: keep it all, at no cost
+        return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
+    granule = _granule(room, granule)
+    choices = _dp(layers, room // granule, granule)
+    kept = frozenset(g for g, c in enumerate(choices) if c == _KEEP)
+    return _plan(layers, kept, frozenset(g for g, c in enumerate(choices) if c == _RECOMPUTE), floor, base, budget)
 
 
-def _subset_sum(sizes: Sequence[int], capacity: int) -> list[int]:
-    """Indices whose sizes add up to the largest total <= capacity (exact, tail items preferred)."""
-    total = sum(sizes)
-    if total <= capacity:
-        return list(range(len(sizes)))
-    capacity = min(capacity, total)
-    reach = np.zeros(capacity + 1, dtype=bool)
-    reach[0] = True
-    first = np.full(capacity + 1, -1, dtype=np.int64)  # the item that first reached each sum
-    for g in reversed(range(len(sizes))):
-        s = sizes[g]
-        if s == 0:
-            continue
-        if s > capacity:
-            continue
-        new = np.zeros_like(reach)
-        new[s:] = reach[:-s] & ~reach[s:]
-        first[new] = g
-        reach |= new
-    best = int(np.flatnonzero(reach)[-1])
-    chosen = [g for g, s in enumerate(sizes) if s == 0]
-    while best > 0:
-        g = int(first[best])
-        chosen.append(g)
-        best -= sizes[g]
-    return sorted(chosen)
+def _granule(room: int, granule: int) -> int:
+    """Bytes per unit of the solver: at most ``granule``, finer for small budgets (at least 4096 units in the
+    budget), coarser for huge ones (at most ``MAX_STATES``); a power of two."""
+    fine = max(1, room // 4096)
+    unit = min(granule, 1 << (fine.bit_length() - 1))
+    coarse = -(-room // MAX_STATES)
+    return max(unit, 1 << (coarse - 1).bit_length()) if coarse > 1 else unit
+
+
+def _units(nbytes: int, granule: int) -> int:
+    return -(-int(nbytes) // granule)  # rounded up: predictions stay conservative
+
+
+def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> list[int]:
+    """Each layer's choice in a plan of least summed cost with held units <= ``capacity`` at the end and, at each
+    recomputed layer, held units so far + its rebuilt units <= ``capacity``. Exact for the rounded sizes."""
+    size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule))
+                             for p in layers)) + 1
+    cost = np.full(size, np.inf)
+    cost[0] = 0.0
+    choice = np.zeros((len(layers), size), dtype=np.int8)
+    moves = []
+    for g, layer in enumerate(layers):
+        best, pick = np.full(size, np.inf), choice[g]
+        keep = _units(layer.saved_bytes, granule)
+        options = [(_OFFLOAD, 0, layer.offload_ms, size), (_KEEP, keep, 0.0, size)]
+        if layer.recompute_bytes is not None:  # held so far + rebuilt must fit too: states above ``limit`` cannot
+            held = _units(layer.recompute_bytes, granule)
+            options.insert(0, (_RECOMPUTE, held, layer.forward_ms, capacity - _units(layer.rebuilt_bytes, granule) + 1))
+        for kind, units, ms, limit in options:  # later options win ties: recompute < offload < keep
+            if units >= size or limit <= units:
+                continue
+            end = min(size, limit)
+            candidate = cost[: end - units] + ms
+            better = candidate <= best[units:end]
+            best[units:end][better] = candidate[better]
+            pick[units:end][better] = kind
+        moves.append((keep, _units(layer.recompute_bytes or 0, granule)))
+        cost = best
+    state = int(np.flatnonzero(cost == cost.min())[-1])  # the least time; among equals, the most kept
+    out = [_OFFLOAD] * len(layers)
+    for g in reversed(range(len(layers))):
+        out[g] = int(choice[g, state])
+        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1]}[out[g]]
+    return out
+
+
+def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int,
+                   base: int) -> int:
+    """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes."""
+    held = top = 0
+    for g, layer in enumerate(layers):
+        if g in kept:
+            held += layer.saved_bytes
+        elif g in recomputed:
+            held += layer.recompute_bytes or 0
+            top = max(top, held + layer.rebuilt_bytes)
+    return max(floor, base + max(held, top))
+
+
+def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
+          budget: int) -> Plan:
+    on_device = kept | recomputed
+    offloaded = [p for g, p in enumerate(layers) if g not in on_device]
+    redone = [layers[g] for g in sorted(recomputed)]
+    return Plan(
+        kept=kept, recomputed=recomputed, budget=budget,
+        offloaded_bytes=sum(p.saved_bytes for p in offloaded),
+        kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone),
+        recomputed_bytes=sum(p.rebuilt_bytes for p in redone),
+        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base),
+        added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone),
+    )
 
 
 class AutoPlanner:
     """Profile, plan, verify: the first pass offloads everything and measures; later passes run the plan and
-    re-plan when shapes change (bytes differ) or the measured peak overshoots the budget.
+    re-plan when shapes change or the measured peak overshoots the budget.
 
     Args:
         budget: bytes the step may peak at on the device.
         granule: rounding of sizes in the solver.
+        recompute: whether plans may recompute layers (off where something else owns the layers' forward:
+            layer streaming, DeepSpeed ZeRO-3's parameter hooks).
     """
 
-    def __init__(self, budget: int, granule: int = 2**20) -> None:
+    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True) -> None:
         self.budget = budget
         self.granule = granule
+        self.recompute = recompute
         self.plan: Optional[Plan] = None
         self.measured_peak: Optional[int] = None
         self._floor: Optional[int] = None
         self._forward_peak: Optional[int] = None
-        self._bytes: Optional[list[int]] = None
+        self._layers: Optional[list[LayerProfile]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
         self._since_plan = 0
 
     @property
     def keep(self) -> Optional[frozenset[int]]:
-        """Layers to keep on the device in the next pass; None: offload everything (profiling)."""
-        return None if self.plan is None else self.plan.kept
+        """Layers whose saves stay on the device in the next pass (kept or recomputed); None: offload everything
+        (profiling)."""
+        return None if self.plan is None else self.plan.on_device
+
+    @property
+    def recomputed(self) -> frozenset[int]:
+        """Layers to recompute in the next pass's backward."""
+        return frozenset() if self.plan is None else self.plan.recomputed
 
     @property
     def profiling(self) -> bool:
@@ -126,32 +309,41 @@ class AutoPlanner:
         """Whether the next step's peak should be measured: profiling, or verifying a fresh plan."""
         return self.plan is None or self._since_plan < 3
 
-    def observe(self, group_bytes: Sequence[int], peak: Optional[int],
+    def observe(self, layers: Sequence[Union[int, LayerProfile]], peak: Optional[int],
                 forward_peak: Optional[int] = None) -> Optional[Plan]:
-        """Feed one finished step (``peak`` None when it was not measured, ``forward_peak`` the peak before
-        backward began); returns a new plan if one was made."""
+        """Feed one finished step: its layers (profiles, or bytes alone), ``peak`` (None when not measured) and
+        ``forward_peak`` (the peak before backward began); returns a new plan if one was made."""
+        layers = [p if isinstance(p, LayerProfile) else bytes_only(p) for p in layers]
         self._since_plan += 1
+        if self.plan is not None and self._changed(layers):  # new shapes: start over from a safe pass
+            self.plan = None
+            return None
         if peak is None:
-            if self.plan is not None and list(group_bytes) != self._bytes:
-                self.plan = None
             return None
         self.measured_peak = peak
         if self.plan is None:  # the profiling pass: everything was offloaded
-            self._floor, self._bytes, self._forward_peak = peak, list(group_bytes), forward_peak
+            if not self.recompute:
+                layers = [LayerProfile(p.saved_bytes, None, p.forward_ms, p.transfer_ms, p.overlap_ms, p.inputs)
+                          for p in layers]
+            self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
             return self._replan()
-        if list(group_bytes) != self._bytes:  # shapes changed: start over from a safe pass
-            self.plan = None
-            return None
-        if peak > self.budget and self.plan.kept:  # under-predicted: give back the overshoot and re-plan
+        if peak > self.budget and self.plan.on_device:  # under-predicted: give back the overshoot and re-plan
             self._slack += peak - self.plan.predicted_peak + self.granule
             return self._replan()
         return None
 
+    def _changed(self, layers: list[LayerProfile]) -> bool:
+        """Other input shapes, or other bytes in a layer that ran as profiled (a recomputed one saves less)."""
+        old, redone = self._layers or [], self.recomputed
+        return len(layers) != len(old) or any(
+            p.inputs != q.inputs or (g not in redone and p.saved_bytes != q.saved_bytes)
+            for g, (p, q) in enumerate(zip(layers, old)))
+
     def lower(self, failed_at: Optional[int] = None, fraction: float = 0.5) -> Optional[Plan]:
         """The device ran out of memory in a step that ran the current plan: lower the budget so that the plan
-        keeps at most ``1 - fraction`` of the bytes the failing one kept, make that plan and return it; None
-        when there is nothing left to lower (no plan yet: the profiling pass offloads everything; or a plan
-        that keeps nothing).
+        keeps at most ``1 - fraction`` of the bytes the failing one kept on the device, make that plan and return
+        it; None when there is nothing left to lower (no plan yet: the profiling pass offloads everything; or a
+        plan that keeps nothing and recomputes nothing).
 
         The new budget is the lower of the failing plan's predicted peak and ``failed_at`` (device memory
         allocated when the error was raised, if measured: where the device really gave out) less ``fraction``
@@ -159,7 +351,7 @@ class AutoPlanner:
         as the profiling step did, which fit.
         """
         plan = self.plan
-        if plan is None or not plan.kept_bytes or self._floor is None:
+        if plan is None or not (plan.kept_bytes or plan.recomputed) or self._floor is None:
             return None
         start = plan.predicted_peak if failed_at is None else min(plan.predicted_peak, failed_at)
         target = start - int(plan.kept_bytes * fraction)
@@ -169,17 +361,28 @@ class AutoPlanner:
             if new.kept_bytes <= plan.kept_bytes * (1 - fraction):
                 return new
         self.budget = min(self.budget, max(target, self._floor))
-        self.plan = Plan(frozenset(), sum(self._bytes or ()), 0, self._floor, self.budget)
+        layers = self._layers or []
+        self.plan = _plan(layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
         self._since_plan = 0
         return self.plan
 
     def _replan(self) -> Plan:
-        assert self._floor is not None and self._bytes is not None
+        assert self._floor is not None and self._layers is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
         forward = None if self._forward_peak is None else self._forward_peak + self._slack
-        self.plan = solve(self._bytes, floor, self.budget, self.granule, forward)
+        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward)
         self._since_plan = 0
         return self.plan
+
+    def report_fields(self, layers: int) -> dict:
+        """The plan's numbers for a ``MemoryReport`` of a pass of ``layers`` layers."""
+        plan = self.plan
+        fields = dict(policy="auto", budget_bytes=self.budget, measured_peak_bytes=self.measured_peak,
+                      predicted_peak_bytes=plan.predicted_peak if plan else None)
+        if plan is None:
+            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0)
+        return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
+                    layers_offloaded=max(0, layers - len(plan.on_device)))
 
 
 #: The budget of a CPU run without one: the host is the device, nothing needs to fit.

@@ -36,20 +36,24 @@ class LayerStats:
         name: the module's qualified name (``"(before the first layer)"`` for row 0).
         saved_bytes: bytes of saved activations (each storage once), kept plus offloaded.
         offloaded_bytes: bytes of those copied to host memory; the rest stayed on the device.
-        decision: ``"keep"`` or ``"offload"``: the plan's choice under ``"auto"``; under a fixed policy,
-            ``"offload"`` when anything of the layer moved.
+        decision: ``"keep"``, ``"offload"`` or ``"recompute"``: the plan's choice under ``"auto"`` (a recomputed
+            layer's ``saved_bytes`` are what it still saves: its inputs and the code after it); under a fixed
+            policy, ``"offload"`` when anything of the layer moved.
         forward_ms: time from this layer's forward pre-hook to the next layer's (or the end of forward) in the
             latest watched step (the planner's profiling or verification steps, a fixed policy's first step);
             None if not measured. Includes the offload hooks' own work; on a CPU device that is the copy to
             the host buffer itself, so CPU times are upper bounds.
+        recompute_ms: time its forward took again in backward in the latest pass (``"recompute"`` only, else
+            None), the inputs it brought back included.
     """
 
     index: int
     name: str
     saved_bytes: int
     offloaded_bytes: int
-    decision: Literal["keep", "offload"]
+    decision: Literal["keep", "offload", "recompute"]
     forward_ms: Optional[float] = None
+    recompute_ms: Optional[float] = None
 
     @property
     def kept_bytes(self) -> int:
@@ -85,9 +89,11 @@ class MemoryReport:
         host_pool_bytes: host memory the buffer pool holds (pinned if ``pinned``).
         host_pool_peak_bytes: most host memory in use by offloaded tensors at once.
         host_allocations: host buffers allocated so far; flat in the steady state.
-        budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded: the
-            ``"auto"`` planner's budget and current plan (None for the fixed policies); measured is the peak of
-            the last step the planner watched.
+        recomputed_forwards: layer forwards run again in backward in the latest pass (``"auto"``'s recompute).
+        recompute_ms: time those recomputes took.
+        budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded,
+            layers_recomputed: the ``"auto"`` planner's budget and current plan (None for the fixed policies);
+            measured is the peak of the last step the planner watched.
         streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
             (None without it): block weights copied to the device and block gradients copied back in the last
             optimizer step; worker time of the blocks' host updates since the step before (they run under
@@ -114,11 +120,14 @@ class MemoryReport:
     host_pool_peak_bytes: int = 0
     host_allocations: int = 0
     pinned: bool = False
+    recomputed_forwards: int = 0
+    recompute_ms: float = 0.0
     budget_bytes: Optional[int] = None
     predicted_peak_bytes: Optional[int] = None
     measured_peak_bytes: Optional[int] = None
     layers_kept: Optional[int] = None
     layers_offloaded: Optional[int] = None
+    layers_recomputed: Optional[int] = None
     streamed_h2d_bytes: Optional[int] = None
     streamed_d2h_bytes: Optional[int] = None
     host_optimizer_ms: Optional[float] = None
@@ -135,6 +144,7 @@ class MemoryReport:
             "prefetched_GiB": self.prefetched_bytes / GiB,
             "exposed_copy_ms": self.exposed_copy_ms,
             "hidden_copy_ms": self.hidden_copy_ms,
+            "recompute_ms": self.recompute_ms,
             "host_pool_GiB": self.host_pool_bytes / GiB,
         }
         if self.peak_device_bytes is not None:
@@ -169,11 +179,11 @@ class MemoryReport:
     def _plan_line(self) -> str:
         gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
-        return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded; "
+        return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded, "
+                f"{self.layers_recomputed or 0} recomputed ({self.recomputed_forwards} recomputes, "
+                f"{self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
                 f"measured {gib(self.measured_peak_bytes)}")
-
-
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
         if self.host_update_wait_ms is not None:
@@ -196,39 +206,53 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 # -- the end of fit: a table and a plot -----------------------------------------------------------------------
 def layer_table(report: MemoryReport, top: int = 10) -> "Table":
-    """A ``rich`` table: the ``top`` layers by saved bytes, the rest summed, totals, predicted vs measured peak."""
+    """A ``rich`` table: the ``top`` layers by saved bytes, the rest summed, totals, predicted vs measured peak;
+    a column of recompute times when the plan recomputes layers."""
     from rich.table import Table
 
-    rows = sorted((r for r in report.layers if r.saved_bytes), key=lambda r: r.saved_bytes, reverse=True)
+    rows = sorted((r for r in report.layers if r.saved_bytes or r.decision == "recompute"),
+                  key=lambda r: r.saved_bytes, reverse=True)
     timed = any(r.forward_ms is not None for r in report.layers)
+    redone = any(r.recompute_ms is not None for r in report.layers)
     table = Table(title=f"{TABLE_TITLE} (policy={report.policy}): activations saved for backward",
                   caption=_peak_caption(report), caption_justify="left")
-    for name, justify in (("layer", "left"), ("saved", "right"), ("decision", "left"), ("forward ms", "right")):
-        if name != "forward ms" or timed:
+    columns = (("layer", "left", True), ("saved", "right", True), ("decision", "left", True),
+               ("forward ms", "right", timed), ("recompute ms", "right", redone))
+    for name, justify, shown in columns:
+        if shown:
             table.add_column(name, justify=justify)
 
     def add(name: str, saved: int, decision: str, group: Sequence[LayerStats]) -> None:
-        ms = [r.forward_ms for r in group if r.forward_ms is not None]
-        table.add_row(name, format_bytes(saved), decision, *([f"{sum(ms):.2f}" if ms else ""] if timed else []))
+        cells = [name, format_bytes(saved), decision]
+        for shown, ms in ((timed, [r.forward_ms for r in group]), (redone, [r.recompute_ms for r in group])):
+            ms = [t for t in ms if t is not None]
+            cells += [f"{sum(ms):.2f}" if ms else ""] if shown else []
+        table.add_row(*cells)
 
     for r in rows[:top]:
         add(r.name, r.saved_bytes, r.decision, [r])
     rest = rows[top:]
     if rest:
-        kept = sum(r.decision == "keep" for r in rest)
-        add(f"... {len(rest)} more layers", sum(r.saved_bytes for r in rest), f"{kept} keep, {len(rest) - kept} "
-            "offload", rest)
+        add(f"... {len(rest)} more layers", sum(r.saved_bytes for r in rest), _decisions(rest), rest)
     table.add_section()
-    kept = sum(r.decision == "keep" for r in report.layers if r.saved_bytes)
-    add(f"total ({len(report.layers)} layers)", report.kept_bytes + report.offloaded_bytes,
-        f"{kept} keep, {len(rows) - kept} offload", report.layers)
+    add(f"total ({len(report.layers)} layers)", report.kept_bytes + report.offloaded_bytes, _decisions(rows),
+        report.layers)
     return table
+
+
+def _decisions(rows: Sequence[LayerStats]) -> str:
+    """``"3 keep, 5 offload"``, and ``", 2 recompute"`` when there are any."""
+    count = {d: sum(r.decision == d for r in rows) for d in ("keep", "offload", "recompute")}
+    return f"{count['keep']} keep, {count['offload']} offload" + (
+        f", {count['recompute']} recompute" if count["recompute"] else "")
 
 
 def _peak_caption(report: MemoryReport) -> str:
     opt = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
     moved = (f"kept on the device {format_bytes(report.kept_bytes)}, offloaded to the host "
-             f"{format_bytes(report.offloaded_bytes)}\n")
+             f"{format_bytes(report.offloaded_bytes)}" + (
+                 f", {report.recomputed_forwards} layers recomputed in backward ({report.recompute_ms:.1f} ms)"
+                 if report.recomputed_forwards else "") + "\n")
     if report.budget_bytes is None:
         return moved + "peak device memory: " + ("not measured on a CPU device" if report.peak_device_bytes is None
                                                  else format_bytes(report.peak_device_bytes))

@@ -82,6 +82,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
 
     strategy_name = "vdnn"
     _retry_oom = True  # one device: a batch can run again after an out-of-memory error (``retry.py``)
+    _recompute = True  # "auto" plans may recompute layers in backward (``recompute.py``)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         config = kwargs.get("config")

@@ -1,20 +1,26 @@
-"""The record of one forward/backward pass, and its resolution into a :class:`MemoryReport`.
+"""The record of one forward/backward pass, and its resolution into a :class:`MemoryReport` and the planner's
+per-layer profile.
 
 The offload hooks only count and record events while a pass runs; turning events into milliseconds (which
 synchronizes with them) and counts into per-layer rows waits until someone asks for a report. A watched pass
 (the planner's profiling and verification steps, a fixed policy's first step) also keeps a
-:class:`PassTimeline`: when each layer's forward began, and on a GPU ``torch.cuda.memory_allocated()`` (a
-counter the allocator keeps on the host: no synchronization) at each layer boundary and each unpack.
+:class:`PassTimeline`: when each layer's forward began and returned, and on a GPU ``torch.cuda.memory_allocated()``
+(a counter the allocator keeps on the host: no synchronization) at each layer boundary and each unpack; and a
+:class:`~lightning_vdnn.probe.LayerProbe`, what each layer would still save if recomputed.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
+from torch import nn
 
+from lightning_vdnn.planner import LayerProfile
 from lightning_vdnn.pool import CopyEngine, completed, elapsed_ms
+from lightning_vdnn.probe import LayerProbe
 from lightning_vdnn.report import LayerStats, MemoryReport, MemorySample, union_length
 
 #: Name of layer 0: what autograd saves before the first layer boundary.
@@ -22,20 +28,33 @@ BEFORE_FIRST_LAYER = "(before the first layer)"
 
 
 class PassTimeline:
-    """Events at the start of each layer of one forward, and memory samples through the pass (GPU only)."""
+    """Events at the start and the return of each layer's forward, copy time that blocked compute (a CPU device
+    copies inline), and memory samples through the pass (GPU only)."""
 
     def __init__(self, engine: CopyEngine) -> None:
         self.engine = engine
         self.starts = [engine.record()]  # layer 0 begins with the pass
+        self.returns: dict[int, tuple[object, float]] = {}  # layer -> (event as its forward returned, inline_ms)
         self.end: Optional[object] = None
         self.samples: list[tuple[str, int, int]] = []  # (phase, layer, bytes allocated)
+        self.inline_ms = 0.0
+        self._inline = [0.0]  # inline_ms as each layer began
         self._last_layer = 0
         self._sample("forward", 0)
 
     def layer(self, index: int) -> None:
         """Layer ``index``'s forward begins."""
         self.starts.append(self.engine.record())
+        self._inline.append(self.inline_ms)
         self._sample("forward", index)
+
+    def layer_return(self, index: int) -> None:
+        """Layer ``index``'s module returned from its forward (what follows until the next layer is code after it)."""
+        self.returns[index] = (self.engine.record(), self.inline_ms)
+
+    def copied(self, start: object, done: object) -> None:
+        """A copy ran inline, blocking compute: its time is not the layer's."""
+        self.inline_ms += start.elapsed_time(done)
 
     def end_forward(self) -> None:
         if self.end is None:
@@ -49,6 +68,20 @@ class PassTimeline:
         """Milliseconds from each layer's start to the next one's (the last layer's: to the end of forward)."""
         ends = self.starts[1:] + ([self.end] if self.end is not None else [])
         return [elapsed_ms([(s, e)]) for s, e in zip(self.starts, ends)]
+
+    def compute_ms(self) -> list[float]:
+        """:meth:`forward_ms` less the copies that ran inline: the compute a copy on a side stream can hide under."""
+        inline = self._inline[1:] + [self.inline_ms]
+        return [max(0.0, ms - (inline[g] - self._inline[g])) for g, ms in enumerate(self.forward_ms())]
+
+    def module_ms(self) -> list[float]:
+        """Each layer's own forward, start to return, less inline copies: what recomputing it costs. A layer that
+        never returned (layer 0, before the first module) counts its whole span."""
+        out = self.compute_ms()
+        for g, (done, inline) in self.returns.items():
+            if g < len(out):
+                out[g] = max(0.0, elapsed_ms([(self.starts[g], done)]) - (inline - self._inline[g]))
+        return out
 
     def _sample(self, phase: str, index: int) -> None:
         self._last_layer = index
@@ -68,11 +101,25 @@ class PassTrace:
         self.kept_by_group: dict[int, int] = collections.defaultdict(int)
         self.offloaded_by_group: dict[int, int] = collections.defaultdict(int)
         self.names: list[str] = [BEFORE_FIRST_LAYER]
+        self.modules: list[Optional[nn.Module]] = [None]  # per layer: the module whose call it is
+        self.inputs: list[tuple] = [()]  # per layer: the shapes of its tensor inputs
         self.keep: Optional[frozenset[int]] = None  # the plan this pass ran
+        self.recompute: frozenset[int] = frozenset()
         self.timeline: Optional[PassTimeline] = None  # set on a watched pass
+        self.probe: Optional[LayerProbe] = None  # set on a watched pass that recomputes nothing
         self.d2h: list[tuple[object, object]] = []
         self.h2d: list[tuple[object, object]] = []
         self.waits: list[tuple[object, object]] = []
+        self.recomputes: list[tuple[int, object, object]] = []  # (layer, start, end) of each recompute in backward
+
+    @contextlib.contextmanager
+    def recompute_span(self, group: int) -> Iterator[None]:
+        """Counts and times one recompute of layer ``group`` in backward."""
+        start = self.engine.record()
+        try:
+            yield
+        finally:
+            self.recomputes.append((group, start, self.engine.record()))
 
     def report(self, watched: Optional["PassTrace"], **common: Any) -> MemoryReport:
         """This pass's numbers; per-layer times and the memory timeline from ``watched``, the latest watched pass."""
@@ -84,22 +131,51 @@ class PassTrace:
             exposed = union_length([(lo, hi) for lo, hi in spans if hi > lo])
         else:
             exposed = d2h + h2d  # inline copies block compute
+        recompute = self._recompute_ms()
         return MemoryReport(
             offloaded_bytes=self.offloaded_bytes, offloaded_tensors=self.offloaded_tensors,
             kept_bytes=self.kept_bytes, prefetched_bytes=self.prefetched_bytes, d2h_ms=d2h, h2d_ms=h2d,
             exposed_copy_ms=exposed, hidden_copy_ms=max(d2h + h2d - exposed, 0.0), **common,
-            layers=self._layers(watched), timeline=_samples(watched),
+            recomputed_forwards=len(self.recomputes), recompute_ms=sum(recompute.values()),
+            layers=self._layers(watched, recompute), timeline=_samples(watched),
         )
 
-    def _layers(self, watched: Optional["PassTrace"]) -> tuple[LayerStats, ...]:
+    def profile(self) -> list[LayerProfile]:
+        """This pass layer by layer as the planner reads it: bytes and input shapes; on a watched pass also times
+        (transfer at the bandwidth its copies reached) and, if it recomputed nothing, recompute sizes."""
+        inputs = self.inputs + [()] * (self.groups - len(self.inputs))
+        if self.timeline is None:
+            return [LayerProfile(self.candidate_bytes.get(g, 0), inputs=inputs[g]) for g in range(self.groups)]
+        moved = self.offloaded_bytes + self.prefetched_bytes
+        ms_per_byte = (elapsed_ms(self.d2h) + elapsed_ms(self.h2d)) / moved if moved else 0.0
+        compute, module = self.timeline.compute_ms(), self.timeline.module_ms()
+        compute += [0.0] * (self.groups + 1 - len(compute))
+        module += [0.0] * (self.groups - len(module))
+        out = []
+        for g in range(self.groups):
+            saved = self.candidate_bytes.get(g, 0)
+            out.append(LayerProfile(
+                saved, self.probe.recompute_bytes(g) if self.probe is not None else None, forward_ms=module[g],
+                transfer_ms=saved * ms_per_byte, overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
+                inputs=inputs[g]))
+        return out
+
+    def _recompute_ms(self) -> dict[int, float]:
+        out: dict[int, float] = collections.defaultdict(float)
+        for g, start, end in self.recomputes:
+            out[g] += elapsed_ms([(start, end)])
+        return out
+
+    def _layers(self, watched: Optional["PassTrace"], recompute: dict[int, float]) -> tuple[LayerStats, ...]:
         same = watched is not None and watched.names == self.names  # times only if the layers match
         times = watched.timeline.forward_ms() if same else []
         rows = []
         for g, name in enumerate(self.names):
             moved = self.offloaded_by_group.get(g, 0)
             keep = g in self.keep if self.keep is not None else not moved
-            rows.append(LayerStats(g, name, self.kept_by_group.get(g, 0) + moved, moved,
-                                   "keep" if keep else "offload", times[g] if g < len(times) else None))
+            decision = "recompute" if g in self.recompute else "keep" if keep else "offload"
+            rows.append(LayerStats(g, name, self.kept_by_group.get(g, 0) + moved, moved, decision,
+                                   times[g] if g < len(times) else None, recompute.get(g)))
         return tuple(rows)
 
 

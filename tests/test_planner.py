@@ -5,14 +5,16 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import assert_same_params, fit, image_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.planner import AutoPlanner, BudgetTooSmall, solve
+from lightning_vdnn.planner import AutoPlanner, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
 
 MiB = 2**20
+KEEP, OFFLOAD, RECOMPUTE = 0, 1, 2
 
 
 def brute_force(sizes, floor, budget):
@@ -139,3 +141,105 @@ def test_first_save_decides_for_a_tensor_saved_by_two_layers():
     report = one_pass(keep_norm).report()
     assert report.kept_bytes == sum(profile[g] for g in keep_norm) and report.kept_bytes > 0
     assert report.offloaded_bytes == sum(profile) - report.kept_bytes
+
+
+# -- keep, offload or recompute ------------------------------------------------------------------------------------
+def brute_force_3(layers, floor, budget, base):
+    """Least added time over all 3^n plans whose peak fits, written out independently of the solver: keep holds b;
+    offload costs max(0, t - w) + max(0, t - 2w); recompute costs f, holds r, and rebuilds b - r in its backward,
+    on top of what the layers up to it hold."""
+    n = len(layers)
+    plans = np.array(list(itertools.product((KEEP, OFFLOAD, RECOMPUTE), repeat=n)), dtype=np.int64).reshape(-1, n)
+    b = np.array([p.saved_bytes for p in layers])
+    r = np.array([p.recompute_bytes if p.recompute_bytes is not None else -1 for p in layers])
+    f = np.array([p.forward_ms for p in layers])
+    off = np.array([max(0, p.transfer_ms - p.overlap_ms) + max(0, p.transfer_ms - 2 * p.overlap_ms) for p in layers])
+    allowed = ~((plans == RECOMPUTE) & (r < 0)).any(axis=1)
+    held = np.where(plans == KEEP, b, np.where(plans == RECOMPUTE, r, 0))
+    prefix = held.cumsum(axis=1)
+    rebuilt = np.where(plans == RECOMPUTE, prefix + np.maximum(b - r, 0), 0)
+    peak = np.maximum(floor, base + np.maximum(prefix[:, -1], rebuilt.max(axis=1)))
+    cost = np.where(plans == OFFLOAD, off, 0).sum(axis=1) + np.where(plans == RECOMPUTE, f, 0).sum(axis=1)
+    fits = allowed & (peak <= budget)
+    return cost[fits].min(), peak[fits].min()
+
+
+def random_layers(rng: random.Random, n: int) -> list[LayerProfile]:
+    layers = []
+    for g in range(n):
+        saved = rng.randint(0, 64) * MiB
+        redo = None if g == 0 or rng.random() < 0.2 else rng.randint(0, max(1, saved // MiB // 2)) * MiB
+        layers.append(LayerProfile(saved, redo, forward_ms=round(rng.uniform(0, 4), 3),
+                                   transfer_ms=round(rng.uniform(0, 4), 3),
+                                   overlap_ms=rng.choice([0.0, round(rng.uniform(0, 3), 3)])))
+    return layers
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_three_choice_solver_matches_brute_force_and_fits(seed):
+    rng = random.Random(1000 + seed)
+    n = 10 if seed % 3 == 0 else rng.randint(1, 10)
+    layers = random_layers(rng, n)
+    floor = rng.randint(1, 100) * MiB
+    forward_peak = rng.choice([None, rng.randint(0, 100) * MiB])
+    base = floor if forward_peak is None else min(forward_peak, floor)
+    budget = floor + rng.randint(0, sum(p.saved_bytes for p in layers) // MiB) * MiB
+    plan = solve_layers(layers, floor, budget, forward_peak=forward_peak)
+    best, least_peak = brute_force_3(layers, floor, budget, base)
+    assert plan.predicted_peak <= budget and least_peak == floor  # offloading everything always fits
+    assert plan.added_ms == pytest.approx(best, abs=1e-9)
+    assert not plan.kept & plan.recomputed and all(layers[g].recompute_bytes is not None for g in plan.recomputed)
+    assert plan.predicted_peak == predicted_peak(layers, plan.kept, plan.recomputed, floor, base)
+    assert plan.kept_bytes + plan.offloaded_bytes + plan.recomputed_bytes == sum(p.saved_bytes for p in layers)
+
+
+def test_recompute_when_cheaper_than_copies_and_the_rebuild_fits():
+    """100 MiB layers that keep 10 MiB (their inputs) when recomputed; copies cost 5 ms exposed, a recompute 1 ms."""
+    layer = LayerProfile(100 * MiB, 10 * MiB, forward_ms=1.0, transfer_ms=2.5)
+    plan = solve_layers([layer, layer], floor=0, budget=120 * MiB)  # one kept; the other's rebuild fits under it
+    assert plan.recomputed == {0} and plan.kept == {1} and plan.added_ms == 1.0
+    assert plan.predicted_peak == 110 * MiB and plan.decision(0) == "recompute" and plan.on_device == {0, 1}
+    assert plan.kept_bytes == 110 * MiB and plan.recomputed_bytes == 90 * MiB and plan.offloaded_bytes == 0
+    # both recomputed hold only 20 MiB, but the second one's backward rebuilds 90 on top: 110 > 109
+    tight = solve_layers([layer, layer], floor=0, budget=109 * MiB)
+    assert tight.recomputed == frozenset() and tight.kept == {1} and tight.added_ms == 5.0
+    hidden = LayerProfile(100 * MiB, 10 * MiB, forward_ms=1.0, transfer_ms=2.5, overlap_ms=2.5)
+    free = solve_layers([hidden, hidden], floor=0, budget=109 * MiB)  # copies hide under the neighbour's compute
+    assert free.recomputed == frozenset() and free.added_ms == 0.0 and free.kept == {1}  # equal time: keep more
+
+
+def test_keeping_everything_that_fits_costs_nothing():
+    layers = [LayerProfile(10 * MiB, MiB, forward_ms=1.0, transfer_ms=1.0)] * 3
+    plan = solve_layers(layers, floor=5 * MiB, budget=35 * MiB)
+    assert plan.kept == {0, 1, 2} and plan.added_ms == 0 and plan.predicted_peak == 35 * MiB
+
+
+def test_profiled_budget_below_floor_states_the_minimum():
+    layers = [LayerProfile(MiB, 0, forward_ms=1.0)] * 2
+    with pytest.raises(BudgetTooSmall, match=r"memory_budget=1\.00 GiB is below 2\.50 GiB.*at least 2\.50 GiB"):
+        solve_layers(layers, floor=int(2.5 * 2**30), budget=2**30)
+
+
+@pytest.mark.parametrize("field, value", [("saved_bytes", -1), ("recompute_bytes", -5), ("forward_ms", -1.0),
+                                          ("transfer_ms", float("nan")), ("overlap_ms", float("inf"))])
+def test_bad_profiles_name_the_value(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        LayerProfile(**{"saved_bytes": MiB, field: value})
+    with pytest.raises(ValueError, match="granule=0"):
+        solve_layers([LayerProfile(MiB)], 0, MiB, granule=0)
+
+
+def test_planner_replans_on_new_input_shapes_not_on_what_recompute_saves():
+    shape = ((8, 64),)
+    profile = [LayerProfile(MiB), LayerProfile(100 * MiB, MiB, 1.0, 5.0, inputs=shape),
+               LayerProfile(100 * MiB, None, 1.0, 5.0, inputs=shape)]
+    p = AutoPlanner(budget=110 * MiB)
+    plan = p.observe(profile, peak=0)  # the last layer kept, the middle one recomputed under it
+    assert plan.recomputed == {1} and plan.kept == {0, 2} and p.keep == {0, 1, 2} and p.recomputed == {1}
+    ran = [profile[0], LayerProfile(MiB, inputs=shape), profile[2]]  # the recomputed layer saved its input alone
+    assert p.observe(ran, peak=102 * MiB) is None and p.plan is plan
+    short = ((4, 64),)  # an epoch's short last batch
+    p.observe([profile[0], LayerProfile(MiB, inputs=short), LayerProfile(50 * MiB, inputs=short)], peak=None)
+    assert p.profiling and p.keep is None and p.recomputed == frozenset()
+    q = AutoPlanner(budget=110 * MiB, recompute=False)  # layer streaming, ZeRO: keep or offload only
+    assert q.observe(profile, peak=0).recomputed == frozenset()
