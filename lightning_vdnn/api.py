@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
-from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
@@ -100,7 +100,7 @@ def attach_offloader(module: nn.Module, config: VDNNConfig, device: DeviceLike =
     ``config.layers`` names the repeated blocks under ``module`` that prefetch counts in; a wrong path raises
     ``ValueError`` listing the candidates.
     """
-    layers = resolve_layers(module, config.layers)[1] if config.layers else None
+    layers = offload_units(module, config.layers, config.activation_offload == "auto" and not config.layer_streaming)
     offloader = ActivationOffloader(
         torch.device(device) if device is not None else module_device(module), policy=config.offload_policy,
         min_offload_bytes=config.min_offload_bytes, prefetch_layers=config.prefetch_layers,

@@ -85,8 +85,8 @@ class VDNNConfig:
             nothing (measures the hooks' overhead); ``"auto"`` offloads everything on the first step, measures each
             layer, then keeps, offloads or recomputes (activation checkpointing, in backward) each layer: the plan
             of least predicted step time whose predicted peak fits ``memory_budget`` (see ``planner.py``). Only
-            ``"auto"`` recomputes, and not under DeepSpeed ZeRO or with layer streaming; it pays off
-            for layers named by ``layers`` (blocks), less for single ops.
+            ``"auto"`` recomputes, and not under DeepSpeed ZeRO or with layer streaming; it plans per block
+            (``layers``, or the model's unambiguous longest list of same-class blocks), else per leaf module.
         min_offload_bytes: saved tensors smaller than this stay on the device: their copy would cost more in
             launch latency than the memory is worth.
         prefetch_layers: how many layers ahead of backward to bring activations back. More hides more copy
@@ -97,7 +97,9 @@ class VDNNConfig:
             with one warning, if pinning fails.
         layer_streaming: L2L, keep the blocks' parameters, gradients and optimizer state in host memory and
             stream one block at a time to the device (``layers`` names the blocks).
-        layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects.
+        layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects them for
+            layer streaming and ``"auto"`` (leaf modules when no list of blocks is unambiguous), and means leaf
+            modules for the fixed policies.
         resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
             optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
             to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).

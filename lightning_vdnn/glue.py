@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Plan, device_budget
 from lightning_vdnn.report import MemoryReport, format_bytes, print_report
@@ -55,9 +55,13 @@ class OffloadHooks:
 
     # -- set up and tear down ----------------------------------------------------------------------------
     def _offload_layers(self) -> Optional[nn.Module]:
-        """The blocks prefetch counts in: ``vdnn_config.layers`` resolved, or None (every leaf module)."""
-        path = self.vdnn_config.layers
-        return resolve_layers(self.lightning_module, path)[1] if path else None
+        """The layers offload prefetches by and the planner decides by (``layers.offload_units``)."""
+        cfg = self.vdnn_config
+        return offload_units(self.lightning_module, cfg.layers,
+                             cfg.activation_offload == "auto" and self._plans_recompute())
+
+    def _plans_recompute(self) -> bool:
+        return self._recompute and getattr(self, "_streamer", None) is None
 
     def _attach(self) -> None:
         cfg = self.vdnn_config
@@ -69,8 +73,7 @@ class OffloadHooks:
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
-            recompute = self._recompute and getattr(self, "_streamer", None) is None
-            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=recompute)
+            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=self._plans_recompute())
 
     def on_exception(self, exception: BaseException) -> None:
         self._release()

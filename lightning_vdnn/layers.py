@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 
@@ -13,6 +15,27 @@ def block_lists(root: nn.Module) -> dict[str, nn.Module]:
             if len({type(child) for child in module}) == 1:
                 found[name] = module
     return found
+
+
+def detected_blocks(root: nn.Module) -> Optional[nn.Module]:
+    """The longest list of same-class blocks under ``root`` when there is exactly one such longest list, else
+    None: where ``"auto"`` plans by block, it needs a unit that no guess can get wrong."""
+    lists = block_lists(root)
+    if not lists:
+        return None
+    longest = max(len(m) for m in lists.values())
+    best = [m for m in lists.values() if len(m) == longest]
+    return best[0] if len(best) == 1 else None
+
+
+def offload_units(root: nn.Module, path: Optional[str], plans_recompute: bool) -> Optional[nn.Module]:
+    """The layers activation offload prefetches by and the ``"auto"`` planner decides by: the blocks at
+    ``path``; else, for a planner that may recompute, the model's repeated blocks when one list of them is
+    unambiguously the longest (recomputing a whole block spares its internals, recomputing one op spares
+    little); else None, every leaf module."""
+    if path:
+        return resolve_layers(root, path)[1]
+    return detected_blocks(root) if plans_recompute else None
 
 
 def _candidates(root: nn.Module) -> str:

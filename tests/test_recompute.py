@@ -334,3 +334,27 @@ def test_short_last_batch_profiles_again_and_still_trains_like_plain(lm, injecte
     # planned after the 1st step, recomputing from the 2nd; the short 3rd batch sends the 4th step to profile again
     assert [profiling for profiling, _ in plans.steps] == [False, False, True, False, False, True]
     assert plans.steps[0][1] == {2, 3} and plans.steps[3][1] == {2, 3}
+
+
+class TwinStacks(nn.Module):
+    """Two lists of three same-class blocks: which one is "the blocks" is a guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.b = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+
+def test_auto_plans_by_the_detected_blocks_and_guesses_nothing(lm):
+    """Without ``layers``, ``"auto"`` decides per repeated block (where recompute pays), while the fixed policies
+    and an ambiguous model keep one layer per leaf module."""
+    from lightning_vdnn.layers import offload_units
+
+    module, trainer = fit(lm, token_loader(), VDNNStrategy("auto", min_offload_bytes=0), max_steps=1)
+    names = [r.name for r in trainer.strategy.memory_report().layers]
+    assert names == ["(before the first layer)"] + [f"{BLOCKS}.{i}" for i in range(len(module.model.blocks))]
+    _, trainer = fit(lm, token_loader(), VDNNStrategy("all", min_offload_bytes=0), max_steps=1)
+    assert len(trainer.strategy.memory_report().layers) > len(names)  # leaf modules
+    assert offload_units(TwinStacks(), None, plans_recompute=True) is None
+    twins = TwinStacks()
+    assert offload_units(twins, "b", plans_recompute=True) is twins.b
