@@ -58,6 +58,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False),
     CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)",
              data_parallel=False),
+    CaseSpec("l2l_zero", "lightning", "Trainer(strategy='l2l_zero'): L2L on every rank, each rank keeping and "
+             "updating 1/N of the blocks' host state (DDP for the rest)"),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",
              takes_budget=True),
     CaseSpec("vdnn_zero3", "lightning", "Trainer(strategy='vdnn_zero3'): vDNN + DeepSpeed ZeRO-3",
