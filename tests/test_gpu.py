@@ -219,3 +219,41 @@ def test_timeline_samples_device_memory_and_is_plotted(tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert TABLE_TITLE in out and (tmp_path / TIMELINE_FILE).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_recomputes_and_offloads_on_cuda_exactly(monkeypatch):
+    """The three-way plan on the real streams: copies made expensive (injected times), a budget between the
+    all-offloaded peak and plain's, so the plan recomputes some blocks and offloads others; fp32 training equals
+    plain, the measured peak stays within the budget, and the predicted peak is within 10% of it."""
+    import dataclasses
+
+    from conftest import TokenLM, token_loader
+    from lightning_vdnn.offload import ActivationOffloader
+
+    measured = ActivationOffloader.layer_profile
+    monkeypatch.setattr(ActivationOffloader, "layer_profile", lambda self: [
+        dataclasses.replace(p, transfer_ms=10 * p.forward_ms + 1.0, overlap_ms=0.0) for p in measured(self)])
+
+    def run(strategy, steps=4):
+        L.seed_everything(0, verbose=False)
+        m = TokenLM(dropout=0.1)
+        trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, max_steps=steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        trainer.fit(m, token_loader(batch=8, seq=128))
+        return m, trainer, torch.cuda.max_memory_allocated()
+
+    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0))
+    _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0), steps=1)
+    budget = (floor + plain_peak) // 2
+    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget))
+    report = trainer.strategy.memory_report()
+    print(f"\nplain {plain_peak / 2**20:.1f} MiB, floor {floor / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB\n"
+          f"{[r.decision for r in report.layers]}\n{report}")
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+    assert report.layers_recomputed and report.recomputed_forwards > 0
+    assert report.measured_peak_bytes <= budget
+    assert abs(report.predicted_peak_bytes - report.measured_peak_bytes) <= 0.1 * report.measured_peak_bytes
