@@ -118,8 +118,11 @@ class VDNNConfig:
             optimizer state, the master weights each rank updates) across the ranks, and replicates the
             modules outside the blocks.
         offload_optimizer: keep the optimizer state, and run its step, in host memory (ZeRO-Offload; needs
-            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. Not with
-            layer streaming, whose blocks keep their optimizer state on the host anyway.
+            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. With
+            layer streaming on one device (no ``zero_stage``), whose blocks keep their state on the host
+            anyway: the modules outside the blocks too (embeddings, norms, head: fp32 masters and optimizer
+            state on the host, stepped there after backward, device copies for compute; ``host_outside.py``).
+            Resident blocks are still stepped on the device.
         offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
             ``zero_stage=3``, the only stage that shards parameters). Not with layer streaming (likewise).
         fit_report: at the end of ``fit``, print a per-layer table of saved activations (``rich``) and save a
@@ -250,13 +253,12 @@ class VDNNConfig:
                 "ranks; moving the modules outside the blocks there too (DeepSpeed's offload) is not built. "
                 f"Drop {flag}=True, or stream more of the model (layers=...)."
             )
-        if self.offload_optimizer and not self.zero_stage:
-            if self.layer_streaming:
-                raise _not_built("optimizer offload of the non-streamed parameters", "offload_optimizer=True")
+        if self.offload_optimizer and not self.zero_stage and not self.layer_streaming:
             raise ValueError(
                 "offload_optimizer=True keeps the optimizer state on the host through DeepSpeed ZeRO-Offload, which "
                 "needs zero_stage=1, 2 or 3, not zero_stage=0. Set zero_stage (strategy='vdnn_zero2'), or use "
-                "layer_streaming=True, which keeps its blocks' optimizer state on the host anyway."
+                "layer_streaming=True, which keeps its blocks' optimizer state on the host, and with "
+                "offload_optimizer=True the other modules' too."
             )
         if self.offload_params and self.zero_stage != 3:
             if self.layer_streaming and not self.zero_stage:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.checkpoint import AtomicCheckpointIO
 from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
+from lightning_vdnn.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
@@ -67,6 +68,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         fit_report: at the end of ``fit``, print a per-layer table (``rich``) and save a PNG of memory over one
             step in the log directory; ``None`` (default) does so when the Trainer summarizes the model
             (``enable_model_summary``, on by default).
+        offload_optimizer: with ``layer_streaming`` (one device), the modules outside the blocks keep fp32 masters
+            and optimizer state in host memory and are stepped there (``host_outside.py``); the device holds
+            their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
             ``ValueError`` pointing there, so a one-device run can never silently drop it. With
@@ -142,6 +146,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
         self._residency: Optional[AutoResidency] = None
+        self._outside: list[OutsideStepper] = []
         #: what measures the device's peak for ``resident_blocks="auto"``; None: CUDA's allocator statistics
         #: (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
         self.peak_meter: Optional[PeakMeter] = None
@@ -203,6 +208,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         super().setup(trainer)
         if self._streamer is not None and trainer.state.fn == "fit":
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
+            if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
+                self._outside = self._step_outside_on_host()
             self._streamer.attach_optimizers(self.optimizers)
             if self.config.auto_resident:
                 meter = self.peak_meter or PeakMeter(self.root_device)
@@ -211,6 +218,14 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
                                                 activations)
         if trainer.state.fn == "fit":
             self._attach()
+
+    def _step_outside_on_host(self) -> list[OutsideStepper]:
+        """``offload_optimizer=True``: the modules outside the blocks keep masters and state on the host."""
+        params = outside_params(self.lightning_module, self._streamer.container)
+        ids = {id(p) for p in params}
+        cuda = self.root_device.type == "cuda"
+        return [OutsideStepper(opt, params, pin=self.config.pin_memory and cuda, fused=cuda) for opt in self.optimizers
+                if any(id(p) in ids for g in opt.param_groups for p in g["params"])]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
@@ -247,6 +262,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         if self._streamer is not None:  # Lightning moved all state to the device; block state lives on the host
             for optimizer in self.optimizers:
                 self._streamer.keep_state_on_host(optimizer)
+            for outside in self._outside:
+                outside.keep_state_on_host()
 
     def _offload_layers(self) -> Any:
         """L2L: the streamed blocks are the layers prefetch counts in."""
@@ -275,6 +292,9 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
             self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in self._streamer.steppers)
             self._streamer.close()
             self._streamer, self._residency, self._eager_before = None, None, 0
+        for outside in self._outside:  # after the blocks' steppers, which wrap it
+            outside.close()
+        self._outside = []
         if self._offloader is not None:
             self._offloader.close()
             self._offloader = None

@@ -84,3 +84,20 @@ def test_budget_picks_resident_blocks_and_the_measured_step_fits_it():
           f"{report.resident_measured_peak_bytes / 2**20:.0f} MiB")
     assert 0 < report.resident_blocks < 7 and report.resident_budget_bytes == budget
     assert report.resident_measured_peak_bytes <= budget
+
+
+def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host():
+    kw = dict(max_steps=4, precision="bf16-mixed", **GPU)
+    ref, _ = fit(LM, token_loader(n=64), **kw)
+
+    class State(L.Callback):
+        def on_train_batch_end(self, trainer, module, *_):
+            state = trainer.optimizers[0].state[module.model.wte.weight]
+            self.devices = {v.device.type for k, v in state.items() if k != "step"}
+            self.weight = module.model.wte.weight.device.type
+
+    state = State()
+    got, _ = fit(LM, token_loader(n=64), VDNNStrategy("none", layer_streaming=True, offload_optimizer=True),
+                 callbacks=[state], **kw)
+    assert state.devices == {"cpu"} and state.weight == "cuda"
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
 
 from conftest import fit
 from lightning_vdnn import VDNNConfig, VDNNStrategy, stream_layers
@@ -229,3 +230,56 @@ def test_with_the_activation_planner_blocks_come_first_and_training_stays_exact(
     assert_same_run(got, ref)
     assert residents.seen[0] == 0 and residents.seen[-1] > 0
     assert plans.profiling[:3] == [True, True, False]  # profiled again with the blocks on the device
+
+
+# -- offload_optimizer=True: the modules outside the blocks are stepped on the host too -------------------------
+@pytest.mark.parametrize("steps, resident", [({}, 0), (STEPS, 0), ({}, 1), (STEPS, "auto")])
+def test_offload_optimizer_steps_the_modules_outside_on_the_host_exactly(steps, resident):
+    class Check(L.Callback):
+        def on_train_batch_end(self, trainer, module, *_):
+            [outside] = trainer.strategy._outside
+            optimizer = trainer.optimizers[0]
+            names = {id(p): n for n, p in module.named_parameters()}
+            assert {names[id(p)] for p in outside.params} >= {"model.wte.weight", "model.ln_f.weight"}
+            assert not any(names[id(p)].startswith("model.blocks.") for p in outside.params)
+            for p, master in zip(outside.params, outside.masters):
+                assert master.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+                torch.testing.assert_close(master, p.detach(), rtol=0, atol=0)  # the device copy is the master's
+                if trainer.global_step:  # the user's state, stepped on the host
+                    assert outside.sub.state[master] is optimizer.state[p] and optimizer.state[p]
+            self.checked = getattr(self, "checked", 0) + 1
+
+    ref, _ = fit(lm(), loader(), max_steps=4, **steps)
+    check = Check()
+    kw = dict(memory_budget=FLOOR + int(2.5 * true_cost())) if resident == "auto" else dict(resident_blocks=resident)
+    strategy = l2l(offload_optimizer=True, **kw)
+    strategy.peak_meter = FakeMeter(strategy)
+    got, trainer = fit(lm(), loader(), strategy, max_steps=4, callbacks=[check], **steps)
+    assert_same_run(got, ref)
+    assert check.checked == 4 * (2 if steps else 1) and trainer.strategy._outside == []
+    assert got.model.lm_head.weight is got.model.wte.weight
+
+
+def test_offload_optimizer_resume_refreshes_the_masters_from_the_checkpoint(tmp_path):
+    half, trainer = fit(lm(), loader(8), l2l(offload_optimizer=True), max_steps=2, gradient_clip_val=1.0)
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+    ours, theirs = resume(l2l(offload_optimizer=True), path), resume("auto", path)
+    assert_same_run(ours, theirs)
+
+
+def test_offload_optimizer_takes_a_device_parameter_written_between_steps_as_the_newer_value():
+    class Shrink(L.Callback):  # user code writing a parameter outside the blocks, like load_state_dict would
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 2:
+                with torch.no_grad():
+                    module.model.wte.weight.mul_(0.5)
+
+    ref, _ = fit(lm(), loader(), max_steps=4, callbacks=[Shrink()])
+    got, _ = fit(lm(), loader(), l2l(offload_optimizer=True), max_steps=4, callbacks=[Shrink()])
+    assert_same_run(got, ref)
+
+
+def test_offload_params_with_layer_streaming_is_still_refused():
+    with pytest.raises(NotImplementedError, match="parameter offload of the non-streamed parameters"):
+        l2l(offload_params=True)
