@@ -134,10 +134,6 @@ class ResidencyPlanner:
         self._costs: list[int] = []
         self._freed: list[int] = []
 
-    @property
-    def resident(self) -> int:
-        return self.choice.resident if self.choice is not None else 0
-
     def profile(self, peak: Optional[int], costs: Sequence[int], freed: Sequence[int]) -> Choice:
         """The step with every block streamed peaked at ``peak`` (None: not measurable, counted as 0)."""
         self.measured_peak = peak
