@@ -91,7 +91,9 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     if memory_budget is None and not extra:
         return name
     entry = StrategyRegistry[name]
-    if memory_budget is not None:  # a budget is the planner's: it runs with activation_offload="auto"
+    if memory_budget is not None and name == "l2l":  # l2l's budget chooses its resident blocks ("auto")
+        extra.update(memory_budget=memory_budget)
+    elif memory_budget is not None:  # a budget is the planner's: it runs with activation_offload="auto"
         extra.update(activation_offload="auto", memory_budget=memory_budget)
     return entry["strategy"](**{**entry["init_params"], **extra})
 

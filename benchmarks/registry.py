@@ -48,7 +48,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              takes_budget=True, data_parallel=False),
     CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved",
              data_parallel=False),
-    CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming", takes_budget=True,
+    CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming (l2l@P%: the budget picks how "
+             "many blocks stay resident)", takes_budget=True,
              data_parallel=False),
     CaseSpec("plain_accum8", "peer", "raw loop, 8 batches of gradient accumulation per optimizer step",
              data_parallel=False, accumulate=8),

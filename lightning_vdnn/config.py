@@ -24,6 +24,8 @@ _PERCENT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 MemorySpec = Union[int, str, None]
+#: ``resident_blocks``: a number of blocks, ``"auto"`` (chosen from ``memory_budget``), or None (see VDNNConfig).
+ResidentSpec = Union[int, Literal["auto"], None]
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,13 @@ class VDNNConfig:
         resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
             optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
             to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).
-        memory_budget: device memory the ``"auto"`` planner fits the step into: bytes, ``"8GiB"``, ``"60%"`` of
-            the device, or ``None`` for its capacity less a safety margin.
+            ``"auto"``: the most blocks that fit ``memory_budget``, chosen after a first step with every block
+            streamed (``residency.py``; ``VDNNStrategy`` on one device). ``None`` (the default): ``"auto"``
+            when layer streaming on one device is given a ``memory_budget``, else 0.
+        memory_budget: device memory the step must fit into: bytes, ``"8GiB"``, ``"60%"`` of the device, or
+            ``None`` for its capacity less a safety margin. What fits it: the ``"auto"`` activation planner,
+            and, with layer streaming, the number of resident blocks (``resident_blocks="auto"``; blocks first,
+            activations in what they leave).
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
@@ -116,8 +123,11 @@ class VDNNConfig:
             optimizer state, the master weights each rank updates) across the ranks, and replicates the
             modules outside the blocks.
         offload_optimizer: keep the optimizer state, and run its step, in host memory (ZeRO-Offload; needs
-            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. Not with
-            layer streaming, whose blocks keep their optimizer state on the host anyway.
+            ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. With
+            layer streaming on one device (no ``zero_stage``), whose blocks keep their state on the host
+            anyway: the modules outside the blocks too (embeddings, norms, head: fp32 masters and optimizer
+            state on the host, stepped there after backward, device copies for compute; ``host_outside.py``).
+            Resident blocks are still stepped on the device.
         offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
             ``zero_stage=3``, the only stage that shards parameters). Not with layer streaming (likewise).
         fit_report: at the end of ``fit``, print a per-layer table of saved activations (``rich``) and save a
@@ -133,7 +143,7 @@ class VDNNConfig:
     pin_memory: bool = True
     layer_streaming: bool = False
     layers: Optional[str] = None
-    resident_blocks: int = 0
+    resident_blocks: ResidentSpec = None
     memory_budget: MemorySpec = None
     microbatches: int = 1
     zero_stage: int = 0
@@ -160,14 +170,7 @@ class VDNNConfig:
         parse_memory_budget(self.memory_budget)
         if self.microbatches < 1:
             raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
-        if self.resident_blocks < 0:
-            raise ValueError(f"resident_blocks={self.resident_blocks} must be >= 0 (0 streams every block).")
-        if self.resident_blocks and not self.layer_streaming:
-            raise ValueError(
-                f"resident_blocks={self.resident_blocks} says how many blocks layer streaming leaves on the device, "
-                "and layer_streaming is off (every block is resident). Set layer_streaming=True (strategy 'l2l') "
-                "or drop resident_blocks."
-            )
+        self._check_resident()
         if self.microbatches > 1 and not self.layer_streaming:
             raise ValueError(
                 f"microbatches={self.microbatches} splits the batch inside each streamed block, so it needs layer "
@@ -177,8 +180,43 @@ class VDNNConfig:
             raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
         self._check_built()
 
+    def _check_resident(self) -> None:
+        value = self.resident_blocks
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"resident_blocks={value!r} is not understood; give a number of blocks (an int >= 0), "
+                             "'auto' to choose it from memory_budget, or None.")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"resident_blocks={value} must be >= 0 (0 streams every block), or 'auto'.")
+        if value and not self.layer_streaming:
+            raise ValueError(
+                f"resident_blocks={value!r} says how many blocks layer streaming leaves on the device, "
+                "and layer_streaming is off (every block is resident). Set layer_streaming=True (strategy 'l2l') "
+                "or drop resident_blocks."
+            )
+        if value == "auto" and self.zero_stage:
+            raise NotImplementedError(
+                f"resident_blocks='auto' with zero_stage={self.zero_stage}: choosing the resident blocks from a "
+                "budget is built for one device (VDNNStrategy), where no other rank has to agree. Give "
+                "resident_blocks a number of blocks, or train on one device."
+            )
+
+    @property
+    def auto_resident(self) -> bool:
+        """Whether the resident blocks are chosen from ``memory_budget``: ``"auto"``, or None with layer
+        streaming on one device and a budget."""
+        return self.resident_blocks == "auto" or (
+            self.resident_blocks is None and self.layer_streaming and self.memory_budget is not None
+            and not self.zero_stage)
+
+    @property
+    def fixed_resident(self) -> int:
+        """The resident blocks a streamer starts with: the number given, else 0 (``"auto"`` profiles with every
+        block streamed)."""
+        return self.resident_blocks if isinstance(self.resident_blocks, int) else 0
+
     def _check_types(self) -> None:
-        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int, "resident_blocks": int, "zero_stage": int,
+        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int,
+                  "zero_stage": int,
                   "pin_memory": bool, "layer_streaming": bool, "offload_optimizer": bool, "offload_params": bool}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -187,6 +225,9 @@ class VDNNConfig:
                 raise TypeError(f"{f.name}={value!r} must be an int.")
             if kind is bool and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True or False.")
+        resident = self.resident_blocks
+        if resident is not None and (isinstance(resident, bool) or not isinstance(resident, (int, str))):
+            raise TypeError(f"resident_blocks={resident!r} must be an int, 'auto' or None.")
         if not isinstance(self.activation_offload, str):
             raise TypeError(f"activation_offload={self.activation_offload!r} must be one of {list(POLICIES)}.")
         if self.fit_report is not None and not isinstance(self.fit_report, bool):
@@ -198,10 +239,13 @@ class VDNNConfig:
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
         self._check_zero_offload()
-        if self.memory_budget is not None and self.activation_offload != "auto":
+        if self.memory_budget is not None and self.activation_offload != "auto" and not self.auto_resident:
+            fix = (f"resident_blocks='auto' (layer streaming then keeps on the device the most blocks that fit), not "
+                   f"{self.resident_blocks!r}" if self.layer_streaming and not self.zero_stage else "")
             raise ValueError(
                 f"memory_budget={self.memory_budget!r} is what the planner fits the step into, and the planner runs "
-                f"with activation_offload='auto', not {self.activation_offload!r}. Use activation_offload='auto'."
+                f"with activation_offload='auto', not {self.activation_offload!r}. Use activation_offload='auto'"
+                + (f", or {fix}." if fix else ".")
             )
 
     def _check_zero_offload(self) -> None:
@@ -214,13 +258,12 @@ class VDNNConfig:
                 "ranks; moving the modules outside the blocks there too (DeepSpeed's offload) is not built. "
                 f"Drop {flag}=True, or stream more of the model (layers=...)."
             )
-        if self.offload_optimizer and not self.zero_stage:
-            if self.layer_streaming:
-                raise _not_built("optimizer offload of the non-streamed parameters", "offload_optimizer=True")
+        if self.offload_optimizer and not self.zero_stage and not self.layer_streaming:
             raise ValueError(
                 "offload_optimizer=True keeps the optimizer state on the host through DeepSpeed ZeRO-Offload, which "
                 "needs zero_stage=1, 2 or 3, not zero_stage=0. Set zero_stage (strategy='vdnn_zero2'), or use "
-                "layer_streaming=True, which keeps its blocks' optimizer state on the host anyway."
+                "layer_streaming=True, which keeps its blocks' optimizer state on the host, and with "
+                "offload_optimizer=True the other modules' too."
             )
         if self.offload_params and self.zero_stage != 3:
             if self.layer_streaming and not self.zero_stage:

@@ -99,6 +99,10 @@ class MemoryReport:
             optimizer step; worker time of the blocks' host updates since the step before (they run under
             device work), and how much of it training waited for (the part not hidden).
         microbatches: L2L's layer-major chunks per block (None without layer streaming).
+        resident_blocks: L2L's blocks kept on the device (None without layer streaming); with
+            ``resident_blocks="auto"``, ``resident_budget_bytes``, ``resident_predicted_peak_bytes`` and
+            ``resident_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the
+            last step measured for it (``residency.py``; None otherwise, measured None on a CPU device).
         layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
             add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
         timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
@@ -133,6 +137,10 @@ class MemoryReport:
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
     microbatches: Optional[int] = None
+    resident_blocks: Optional[int] = None
+    resident_budget_bytes: Optional[int] = None
+    resident_predicted_peak_bytes: Optional[int] = None
+    resident_measured_peak_bytes: Optional[int] = None
     layers: tuple[LayerStats, ...] = ()
     timeline: tuple[MemorySample, ...] = ()
 
@@ -156,6 +164,8 @@ class MemoryReport:
             out["host_optimizer_ms"] = self.host_optimizer_ms
         if self.host_update_wait_ms is not None:
             out["host_update_wait_ms"] = self.host_update_wait_ms
+        if self.resident_blocks is not None:
+            out["resident_blocks"] = self.resident_blocks
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -190,7 +200,17 @@ class MemoryReport:
             opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
                 f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
-                + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else ""))
+                + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else "")
+                + (self._resident_line() if self.resident_blocks or self.resident_budget_bytes is not None else ""))
+
+    def _resident_line(self) -> str:
+        gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+        line = f"\n  resident blocks        {self.resident_blocks} on the device"
+        if self.resident_budget_bytes is None:
+            return line
+        budget = "none (CPU)" if self.resident_budget_bytes >= UNBOUNDED else gib(self.resident_budget_bytes)
+        return (line + f" (auto): budget {budget}, predicted peak {gib(self.resident_predicted_peak_bytes)}, "
+                f"measured {gib(self.resident_measured_peak_bytes)}")
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

@@ -239,7 +239,7 @@ class ShardedLayerStreamer(LayerStreamer):
     def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device,  # type: ignore[override]
                     comm: Collectives, precision: str = "32-true") -> "ShardedLayerStreamer":
         return cls(root, config.layers, device, comm, precision=precision, pin_memory=config.pin_memory,
-                   resident=config.resident_blocks, microbatches=config.microbatches)
+                   resident=config.fixed_resident, microbatches=config.microbatches)
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         return ShardedHostBlock(index, module, pin, self.rank, self.world)

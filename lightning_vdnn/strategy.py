@@ -14,11 +14,13 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from torch.optim import Optimizer
 
 from lightning_vdnn.checkpoint import AtomicCheckpointIO
-from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
+from lightning_vdnn.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import AutoPlanner
+from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
+from lightning_vdnn.residency import AutoResidency, PeakMeter, switch
 from lightning_vdnn.streaming import LayerStreamer
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
@@ -50,18 +52,25 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         memory_budget: what ``"auto"`` fits the step into: bytes, ``"8GiB"``, ``"60%"``, or None (the device
             less a margin). A budget below the smallest reachable peak fails after the first step, stating it.
             A CUDA out-of-memory error in a step lowers it (one ``BudgetLowered`` warning each time), re-plans
-            and runs the same batch again (``retry.py``), up to 3 times per batch.
+            and runs the same batch again (``retry.py``), up to 3 times per batch. With ``layer_streaming`` it
+            also chooses ``resident_blocks`` (the default then is ``"auto"``).
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
         resident_blocks: with ``layer_streaming``, the first N blocks stay on the device (weights and optimizer
             state), so the host updates only the rest: faster when the host optimizer bounds the step, at about
             16 bytes per parameter of those blocks with Adam. Must leave at least one block to stream.
+            ``"auto"``: the most blocks that fit ``memory_budget``, chosen after a first step with every block
+            streamed and lowered if a later step's measured peak exceeds the budget (``residency.py``).
+            ``None`` (default): ``"auto"`` when ``memory_budget`` is given, else 0.
         microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
             through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
             Without layer streaming, a value above 1 raises ``ValueError``.
         fit_report: at the end of ``fit``, print a per-layer table (``rich``) and save a PNG of memory over one
             step in the log directory; ``None`` (default) does so when the Trainer summarizes the model
             (``enable_model_summary``, on by default).
+        offload_optimizer: with ``layer_streaming`` (one device), the modules outside the blocks keep fp32 masters
+            and optimizer state in host memory and are stepped there (``host_outside.py``); the device holds
+            their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
             ``ValueError`` pointing there, so a one-device run can never silently drop it. With
@@ -81,6 +90,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     """
 
     strategy_name = "vdnn"
+    _eager_before = 0  # block updates queued during backward by streamers replaced since fit began
     _retry_oom = True  # one device: a batch can run again after an out-of-memory error (``retry.py``)
     _recompute = True  # "auto" plans may recompute layers in backward (``recompute.py``)
 
@@ -101,7 +111,7 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         pin_memory: bool = True,
         layer_streaming: bool = False,
         layers: Optional[str] = None,
-        resident_blocks: int = 0,
+        resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
         zero_stage: int = 0,
@@ -136,6 +146,11 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         self._forward_peak: Optional[int] = None
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
+        self._residency: Optional[AutoResidency] = None
+        self._outside: list[OutsideStepper] = []
+        #: what measures the device's peak for ``resident_blocks="auto"``; None: CUDA's allocator statistics
+        #: (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
+        self.peak_meter: Optional[PeakMeter] = None
 
     @property
     def vdnn_config(self) -> VDNNConfig:
@@ -182,17 +197,56 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     def model_to_device(self) -> None:
         if not self.config.layer_streaming:
             return super().model_to_device()
-        # L2L: the blocks' weights stay in host memory; everything else goes to the device
+        # L2L: the blocks' weights stay in host memory; everything else goes to the device ("auto": all
+        # blocks stream in the first step, which measures what fits)
+        self._streamer = self._build_streamer(0 if self.config.auto_resident else None)
+
+    def _build_streamer(self, resident: Optional[int]) -> LayerStreamer:
         precision = getattr(self.precision_plugin, "precision", "32-true")
-        self._streamer = LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision)
+        return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision, resident)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if self._streamer is not None and trainer.state.fn == "fit":
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
+            if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
+                self._outside = self._step_outside_on_host()
             self._streamer.attach_optimizers(self.optimizers)
+            if self.config.auto_resident:
+                meter = self.peak_meter or PeakMeter(self.root_device)
+                activations = self.config.offload_policy != "all"  # kept on the device ("auto": planned)
+                self._residency = AutoResidency(device_budget(self.config.budget, self.root_device), meter,
+                                                activations)
         if trainer.state.fn == "fit":
             self._attach()
+
+    def _step_outside_on_host(self) -> list[OutsideStepper]:
+        """``offload_optimizer=True``: the modules outside the blocks keep masters and state on the host."""
+        params = outside_params(self.lightning_module, self._streamer.container)
+        ids = {id(p) for p in params}
+        cuda = self.root_device.type == "cuda"
+        return [OutsideStepper(opt, params, pin=self.config.pin_memory and cuda, fused=cuda) for opt in self.optimizers
+                if any(id(p) in ids for g in opt.param_groups for p in g["params"])]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._residency is not None and self._streamer is not None:
+            self._place_blocks()
+
+    def _place_blocks(self) -> None:
+        """``resident_blocks="auto"``, between two steps: measure, choose, and switch the streamer if the
+        choice changed (``residency.py``)."""
+        step = self.lightning_module.trainer.global_step
+        planner = self._planner
+        keeps = planner is not None and planner.plan is not None and bool(planner.plan.kept)
+        resident = self._residency.between_steps(step, self._streamer, self.optimizers, keeps)
+        if resident is not None and resident != self._streamer.resident:
+            self._eager_before += sum(s.eager_updates for s in self._streamer.steppers)
+            self._streamer = switch(self._streamer, resident, self.optimizers, self._build_streamer)
+            if planner is not None:  # blocks first: activations get what they leave, measured afresh
+                planner.plan = None
+                self._offloader.keep_layers = None
+        self._residency.watch(step, self._streamer)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._streamer is not None:
@@ -209,6 +263,8 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
         if self._streamer is not None:  # Lightning moved all state to the device; block state lives on the host
             for optimizer in self.optimizers:
                 self._streamer.keep_state_on_host(optimizer)
+            for outside in self._outside:
+                outside.keep_state_on_host()
 
     def _offload_layers(self) -> Any:
         """L2L: the streamed blocks are the layers prefetch counts in."""
@@ -224,16 +280,22 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     def memory_report(self) -> MemoryReport:
         """Offload (and layer-streaming) statistics of the latest training step (empty before training)."""
         report = self._offload_report()
-        return report if self._streamer is None else dataclasses.replace(report, **self._streamer.stats())
+        if self._streamer is None:
+            return report
+        residency = self._residency.stats() if self._residency is not None else {}
+        return dataclasses.replace(report, **self._streamer.stats(), **residency)
 
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None or self._streamer is not None:
             self._last_report = self.memory_report()
         if self._streamer is not None:
-            self._last_eager_updates = sum(s.eager_updates for s in self._streamer.steppers)
+            self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in self._streamer.steppers)
             self._streamer.close()
-            self._streamer = None
+            self._streamer, self._residency, self._eager_before = None, None, 0
+        for outside in self._outside:  # after the blocks' steppers, which wrap it
+            outside.close()
+        self._outside = []
         if self._offloader is not None:
             self._offloader.close()
             self._offloader = None

@@ -15,6 +15,7 @@ partitions each block's host state across them by overriding the few hooks marke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,6 +164,10 @@ class LayerStreamer:
         self.steppers: list[HostStepper] = []
         self.eager_updates = True
         self._calls = [0] * len(self.blocks)  # forward calls not yet matched by a backward, per block
+        #: per block, bytes of activations its latest backward's recompute saved (``measure_saved``): what the
+        #: block would hold on the device from forward to backward if it were resident (``residency.py``)
+        self.saved_bytes: list[Optional[int]] = [None] * len(self.blocks)
+        self.measure_saved = False
         self._direct: set[int] = set()  # blocks whose grads this backward copied straight into grad_flat
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
             warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
@@ -175,12 +180,24 @@ class LayerStreamer:
                             b.module.register_load_state_dict_pre_hook(functools.partial(self._before_write, b.index))]
 
     @classmethod
-    def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device,
-                    precision: str = "32-true") -> "LayerStreamer":
+    def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device, precision: str = "32-true",
+                    resident: Optional[int] = None) -> "LayerStreamer":
         """The streamer ``config`` describes (``layers``, ``pin_memory``, ``resident_blocks``,
-        ``microbatches``): how every entry point builds it."""
+        ``microbatches``): how every entry point builds it. ``resident`` overrides ``resident_blocks``; an
+        entry point that chooses them from a budget (``residency.py``) passes its current choice.
+
+        Raises:
+            NotImplementedError: ``resident_blocks`` is ``"auto"`` and ``resident`` is not given.
+        """
+        if resident is None and config.auto_resident:
+            raise NotImplementedError(
+                f"resident_blocks={config.resident_blocks!r} with memory_budget={config.memory_budget!r} chooses the "
+                "resident blocks from the budget, which is built for the Lightning Trainer's VDNNStrategy (it "
+                "switches blocks to the device between steps). Here give resident_blocks a number of blocks (0 "
+                "streams every one).")
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
-                   resident=config.resident_blocks, microbatches=config.microbatches)
+                   resident=config.fixed_resident if resident is None else resident,
+                   microbatches=config.microbatches)
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``sharded.py``): the host side of one streamed block."""
@@ -271,13 +288,20 @@ class LayerStreamer:
             b.release()
         self.slots, self.stage, self.grad_dev = [], None, None
 
+    @property
+    def resident(self) -> int:
+        """How many leading blocks are not streamed (on the device, stepped by the ordinary optimizer)."""
+        return len(self.container) - len(self.blocks)
+
     def stats(self) -> dict[str, Any]:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
-        before, and how long training waited for them (totals so far before the first step); the microbatches."""
+        before, and how long training waited for them (totals so far before the first step); the microbatches
+        and the resident blocks."""
+        fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident}
         if self._last_step is not None:
-            return {**self._last_step, "microbatches": self.microbatches}
+            return {**self._last_step, **fixed}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,
-                "host_update_wait_ms": None, "microbatches": self.microbatches}
+                "host_update_wait_ms": None, **fixed}
 
     def _before_step(self, *_: Any) -> None:
         self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
@@ -341,14 +365,18 @@ class LayerStreamer:
         block = self.blocks[index]
         pieces, grads = split_rows(x, self.microbatches), split_rows(grad, self.microbatches)
         dev, gx = None, Rows(pieces)
+        counter = SavedBytes(x, slot.buf) if self.measure_saved else None
         for k in reversed(range(len(pieces))):  # last chunk first, the order autograd would sum them in
-            gxk, wgrads = self._recompute(index, slot, pieces[k], grads[k], states[k], need_x)
+            with counter if counter is not None else contextlib.nullcontext():
+                gxk, wgrads = self._recompute(index, slot, pieces[k], grads[k], states[k], need_x)
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
             block.pack_grads(dev, wgrads, first=k == len(pieces) - 1)
             if need_x:
                 gx.put(k, gxk)
         slot.free = self.engine.record()
+        if counter is not None:
+            self.saved_bytes[index] = counter.nbytes
         self._calls[index] -= 1
         self._push_grads(block, dev, final=self._calls[index] <= 0)
         if not self._drain_queued:
@@ -464,6 +492,23 @@ class LayerStreamer:
             staged.copy_(host, non_blocking=True)
             dst.copy_(staged)
         self.h2d_bytes += host.nbytes
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts what autograd saves inside it, each storage once, less the storages of ``exclude`` (the block's
+    input, which streaming saves anyway, and the slot holding its weights)."""
+
+    def __init__(self, *exclude: Tensor) -> None:
+        self.nbytes = 0
+        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.nbytes += storage.nbytes()
+        return t
 
 
 def _land_grads(block: HostBlock, host: Tensor, done: Any, direct: bool, steppers: list[HostStepper]) -> None:

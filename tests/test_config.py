@@ -53,7 +53,7 @@ def test_bad_arguments(kwargs, error, pattern):
 @pytest.mark.parametrize("kwargs, feature", [
     (dict(zero_stage=2, layer_streaming=True, offload_params=True),
      "offload_params=True with layer_streaming=True and zero_stage=2: the streamed blocks' weights"),
-    (dict(offload_optimizer=True, layer_streaming=True), "optimizer offload of the non-streamed parameters"),
+    (dict(offload_params=True, layer_streaming=True), "parameter offload of the non-streamed parameters"),
 ])
 def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
     with pytest.raises(NotImplementedError, match=feature):

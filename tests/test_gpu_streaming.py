@@ -67,3 +67,37 @@ def test_peak_memory_far_below_plain_for_8_blocks():
     plain, streamed = peak("auto"), peak(VDNNStrategy("none", layer_streaming=True))
     print(f"peak plain {plain / 2**20:.0f} MiB, l2l {streamed / 2**20:.0f} MiB")
     assert streamed < 0.3 * plain
+
+
+def test_budget_picks_resident_blocks_and_the_measured_step_fits_it():
+    """``memory_budget`` with layer streaming: after one all-streamed step, some blocks move to the device and
+    the steps measured after that stay within the budget (lowering the count if the first choice did not)."""
+    streamed = peak(VDNNStrategy("none", layer_streaming=True))
+    big = lambda: LM(n_embd=1024, n_head=16, n_layer=8, block_size=64)  # noqa: E731
+    block = 16 * sum(p.numel() for p in big().model.blocks[0].parameters())  # AdamW: weights, grads, 2 moments
+    budget = streamed + 4 * block
+    strategy = VDNNStrategy("none", layer_streaming=True, memory_budget=budget)
+    fit(big, token_loader(n=32, batch=2, seq=64), strategy, max_steps=8, precision="bf16-mixed", **GPU)
+    report = strategy.memory_report()
+    print(f"budget {budget / 2**20:.0f} MiB: {report.resident_blocks} resident, predicted "
+          f"{report.resident_predicted_peak_bytes / 2**20:.0f} MiB, measured "
+          f"{report.resident_measured_peak_bytes / 2**20:.0f} MiB")
+    assert 0 < report.resident_blocks < 7 and report.resident_budget_bytes == budget
+    assert report.resident_measured_peak_bytes <= budget
+
+
+def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host():
+    kw = dict(max_steps=4, precision="bf16-mixed", **GPU)
+    ref, _ = fit(LM, token_loader(n=64), **kw)
+
+    class State(L.Callback):
+        def on_train_batch_end(self, trainer, module, *_):
+            state = trainer.optimizers[0].state[module.model.wte.weight]
+            self.devices = {v.device.type for k, v in state.items() if k != "step"}
+            self.weight = module.model.wte.weight.device.type
+
+    state = State()
+    got, _ = fit(LM, token_loader(n=64), VDNNStrategy("none", layer_streaming=True, offload_optimizer=True),
+                 callbacks=[state], **kw)
+    assert state.devices == {"cpu"} and state.weight == "cuda"
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)

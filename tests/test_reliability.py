@@ -22,7 +22,7 @@ from torch import nn
 
 from conftest import TokenLM, fit, token_loader
 from test_streaming import LM
-from lightning_vdnn import REGISTERED, VDNNStrategy
+from lightning_vdnn import REGISTERED, VDNNConfig, VDNNStrategy
 from lightning_vdnn import hostmem
 from lightning_vdnn.host_blocks import host_empty
 from lightning_vdnn.models import GPT, GPTConfig
@@ -376,3 +376,16 @@ def test_any_strategy_argument_can_be_overridden_in_any_strategy_file():
                                        "strategy.memory_budget=null", "strategy.microbatches=4").strategy)
     assert (strategy.config.layer_streaming, strategy.config.min_offload_bytes, strategy.config.layers,
             strategy.config.microbatches) == (True, 0, "model.blocks", 4)
+
+
+def test_resident_blocks_takes_a_number_auto_or_a_budget_from_hydra():
+    """``resident_blocks`` is an int, ``"auto"`` or null: the schema keeps it untyped, the config checks it."""
+    def built(*overrides: str) -> VDNNConfig:
+        return instantiate(compose_run("strategy=l2l", *overrides).strategy).config
+
+    assert built("strategy.resident_blocks=2").resident_blocks == 2
+    assert built("strategy.resident_blocks=auto").auto_resident
+    assert built("strategy.memory_budget=20GiB").auto_resident  # null, with a budget: "auto"
+    assert not built().auto_resident and built().fixed_resident == 0
+    with pytest.raises(InstantiationException, match=r"resident_blocks='lots' is not understood"):
+        built("strategy.resident_blocks=lots")

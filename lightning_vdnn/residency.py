@@ -1,0 +1,233 @@
+"""``resident_blocks="auto"``: how many of the streamed blocks stay on the device, chosen from ``memory_budget``.
+
+A resident block costs device memory and saves host work: the host optimizer, not PCIe, bounds a streamed
+step (gpt_1b on an H200: 0.37x of in-GPU throughput with every block streamed, 0.86x with two thirds
+resident), so the choice is the most blocks that fit. The first ones, as ``resident`` means in
+``streaming.py``: the next forward starts with them while the host finishes updating the rest.
+
+Model: the first step streams every block (exact, as with ``resident_blocks=0``) and its device peak is
+measured (``torch.cuda.max_memory_allocated``; a CPU device has none, and counts as 0). Making block ``i``
+resident adds what it then holds on the device all step, in the dtypes it would have there, read from the
+real tensors once the first step has created the optimizer state: its fp32 weights and gradients, its share of
+the user's ``optimizer.state``, the activations it saves from forward to its backward (measured during the
+first step's recompute; left out when activation offload moves them, ``"all"``/``"auto"``), and under
+autocast the low-precision weight copies autocast keeps for backward. Streaming's device buffers shrink only
+if the blocks left to stream are smaller than the largest one. All of it is alive when the streamed step
+peaks (backward of the streamed blocks, which come after the resident ones), so with ``k`` blocks resident::
+
+    predicted(k) = measured + sum(cost[:k]) - slots_freed(k)
+
+and the choice is the largest ``k`` (at most all but one) with ``predicted(k) <= budget``. The streamer is
+then rebuilt with ``k`` resident between two steps (:func:`switch`): weights, gradients and optimizer state
+move, nothing is recomputed, so training continues exactly as before. The next steps are measured again;
+a peak over the budget (an allocator's rounding, temporaries of the optimizer step) is added to the floor and
+``k`` lowered, as the activation planner does (``planner.py``). With the ``"auto"`` activation planner on
+too, blocks come first, activations get what they leave: the planner profiles again after each switch, and an
+overshoot while it keeps activations is its to correct.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_vdnn.planner import GiB, BudgetTooSmall
+from lightning_vdnn.streaming import LayerStreamer
+
+#: Watched steps after a switch before the choice is trusted (as ``AutoPlanner`` verifies a plan).
+VERIFY_STEPS = 3
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How many leading blocks stay on the device, and the peak that predicts."""
+
+    resident: int
+    predicted_peak: int
+    budget: int
+
+
+def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequence[int]] = None) -> Choice:
+    """The most leading blocks resident, at most all but one, with ``floor + sum(costs[:k]) - freed[k]``
+    within ``budget``. ``floor``: the peak with every block streamed; ``costs[i]``: device bytes block ``i``
+    adds when resident; ``freed[k]``: streaming buffers no longer needed with ``k`` resident (default none).
+
+    Raises:
+        BudgetTooSmall: ``budget < floor``; the message states the minimum.
+    """
+    if budget < floor:
+        raise BudgetTooSmall(
+            f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
+            f"every block streamed. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the step smaller "
+            "(batch size, sequence length, microbatches=...)."
+        )
+    freed = freed if freed is not None else [0] * len(costs)
+    best, added = Choice(0, floor, budget), 0
+    for k in range(1, len(costs)):  # one block at least keeps streaming
+        added += costs[k - 1]
+        predicted = floor + added - freed[k]
+        if predicted <= budget:
+            best = Choice(k, predicted, budget)
+    return best
+
+
+class PeakMeter:
+    """The device's peak allocated memory since :meth:`reset`: CUDA's allocator statistics, None on a CPU
+    device (there, the host is the device). Tests and other allocators plug in their own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> Optional[int]:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+
+def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer], activations: bool) -> list[int]:
+    """Device bytes each streamed block would hold all step if resident (see the module docstring); call it
+    after a step, when the optimizer state exists and ``streamer.saved_bytes`` was measured."""
+    optimizers = list(optimizers)
+    casts = streamer.dtype.itemsize if streamer.dtype != streamer.host_dtype else 0
+    costs = []
+    for b, saved in zip(streamer.blocks, streamer.saved_bytes):
+        weights = sum(p.numel() * p.element_size() for p in b.params)
+        grads = sum(p.numel() * p.element_size() for p in b.params if p.requires_grad)
+        state = sum(v.nbytes for opt in optimizers for p in b.params for key, v in opt.state.get(p, {}).items()
+                    if isinstance(v, Tensor) and key != "step")  # the step count stays on the host
+        kept = (saved or 0) if activations else 0
+        costs.append(weights + grads + state + kept + b.numel * casts)
+    return costs
+
+
+def slots_freed(streamer: LayerStreamer) -> list[int]:
+    """For each ``k``, the device bytes of streaming buffers that ``k`` leading blocks resident no longer need
+    (the slots are sized to the largest streamed block: nothing, when the blocks are alike)."""
+    numels = [b.numel for b in streamer.blocks]
+    host, staged = streamer.host_dtype.itemsize, streamer.stage is not None
+
+    def buffers(rest: list[int]) -> int:  # two slots, the gradient buffer, the cast staging buffer
+        most = max(rest, default=0)
+        return 2 * most * streamer.dtype.itemsize + most * host + (most * host if staged else 0)
+
+    return [buffers(numels) - buffers(numels[k:]) for k in range(len(numels))]
+
+
+class ResidencyPlanner:
+    """Profile, choose, verify: the choice from the all-streamed step, lowered when a measured peak overshoots.
+
+    Args:
+        budget: bytes the step may peak at on the device.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.choice: Optional[Choice] = None
+        self.measured_peak: Optional[int] = None
+        self._floor = 0
+        self._costs: list[int] = []
+        self._freed: list[int] = []
+
+    def profile(self, peak: Optional[int], costs: Sequence[int], freed: Sequence[int]) -> Choice:
+        """The step with every block streamed peaked at ``peak`` (None: not measurable, counted as 0)."""
+        self.measured_peak = peak
+        self._floor, self._costs, self._freed = peak or 0, list(costs), list(freed)
+        self.choice = choose(self._floor, self._costs, self.budget, self._freed)
+        return self.choice
+
+    def verify(self, peak: Optional[int]) -> Optional[Choice]:
+        """A step ran the current choice and peaked at ``peak``: a lower choice when that overshot the budget,
+        else None. The overshoot is added to the floor, so the new choice leaves room for it."""
+        self.measured_peak = peak if peak is not None else self.measured_peak
+        choice = self.choice
+        if peak is None or choice is None or peak <= self.budget or not choice.resident:
+            return None
+        self._floor = min(self._floor + peak - choice.predicted_peak, self.budget)
+        self.choice = choose(self._floor, self._costs[:choice.resident], self.budget, self._freed)  # fewer
+        return self.choice
+
+
+class AutoResidency:
+    """What ``VDNNStrategy`` runs between steps for ``resident_blocks="auto"``: measure the steps it watches
+    (the first, and :data:`VERIFY_STEPS` after each switch), and say when the streamer should switch.
+
+    Args:
+        budget: bytes the step may peak at on the device (``planner.device_budget``).
+        meter: the device's peak memory (:class:`PeakMeter`).
+        activations: whether a resident block's saved activations stay on the device (no activation offload,
+            or ``"conv"``), so that they count in its cost.
+    """
+
+    def __init__(self, budget: int, meter: PeakMeter, activations: bool) -> None:
+        self.planner = ResidencyPlanner(budget)
+        self.meter = meter
+        self.activations = activations
+        self._window: Optional[int] = None  # the optimizer step whose peak is being measured
+        self._left = 1  # watched steps still to come: the profiling step first
+
+    def between_steps(self, step: int, streamer: LayerStreamer, optimizers: Sequence[Optimizer],
+                      yield_to_activations: bool = False) -> Optional[int]:
+        """At the start of a batch, ``step`` optimizer steps done: the resident count to switch to now, or
+        None. ``yield_to_activations``: the activation planner keeps activations on the device and corrects
+        an overshoot itself.
+
+        Raises:
+            BudgetTooSmall: the step with every block streamed peaked above the budget.
+        """
+        if self._window is None or step <= self._window:  # nothing watched, or its step still running
+            return None
+        self._window = None
+        peak = self.meter.read()
+        if self.planner.choice is None:
+            streamer.measure_saved = False
+            choice = self.planner.profile(peak, block_costs(streamer, optimizers, self.activations),
+                                          slots_freed(streamer))
+        else:
+            choice = None if yield_to_activations else self.planner.verify(peak)
+        if choice is None or not choice.resident and streamer.resident == 0:
+            return None
+        self._left = VERIFY_STEPS
+        return choice.resident
+
+    def watch(self, step: int, streamer: LayerStreamer) -> None:
+        """After :meth:`between_steps` (and any switch): measure the step about to run, if it is one to watch."""
+        if self._window is None and self._left > 0:
+            self._left -= 1
+            self._window = step
+            streamer.measure_saved = self.planner.choice is None
+            self.meter.reset()
+
+    def stats(self) -> dict[str, Optional[int]]:
+        """The report's residency fields (``MemoryReport``)."""
+        choice = self.planner.choice
+        return {"resident_budget_bytes": self.planner.budget,
+                "resident_predicted_peak_bytes": choice.predicted_peak if choice else None,
+                "resident_measured_peak_bytes": self.planner.measured_peak}
+
+
+def switch(streamer: LayerStreamer, resident: int, optimizers: Sequence[Optimizer],
+           build: Callable[[int], LayerStreamer]) -> LayerStreamer:
+    """``streamer`` closed and rebuilt by ``build(resident)`` between two steps, exactly: queued host updates
+    land, every parameter keeps its identity and value, gradients follow their parameters, and the optimizer
+    state of the blocks now resident moves to the device (back to the host for those streamed again)."""
+    eager = streamer.eager_updates
+    streamer.close()
+    streamer.blocks = []  # the old host buffers go before the new ones are allocated
+    new = build(resident)
+    new.set_eager(eager)
+    new.attach_optimizers(optimizers)  # also moves the streamed blocks' state to the host
+    streamed = {id(p) for b in new.blocks for p in b.params}
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            if id(p) in streamed or not isinstance(state, dict):
+                continue
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "step" and value.device != new.device:
+                    state[key] = value.to(new.device)
+    return new
