@@ -106,3 +106,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not local:
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
+
+
+class AtomicByDefault:
+    """Mixin, before a Lightning ``Strategy`` in the bases: its checkpoints are written by
+    :class:`AtomicCheckpointIO` unless the user plugged in their own ``CheckpointIO``."""
+
+    _checkpoint_io: Optional[Any]
+
+    @property
+    def checkpoint_io(self) -> Any:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Optional[Any]) -> None:
+        self._checkpoint_io = io

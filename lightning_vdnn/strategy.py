@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from torch.optim import Optimizer
 
-from lightning_vdnn.checkpoint import AtomicCheckpointIO
+from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.host_outside import OutsideStepper, outside_params
@@ -34,7 +34,7 @@ REGISTERED = {
 }
 
 
-class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
+class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     """Train a model whose activations do not fit on the device, by keeping them in host memory.
 
     Activations that autograd saves for backward are copied to pinned host memory on a side stream while
@@ -156,17 +156,6 @@ class VDNNStrategy(OffloadHooks, SingleDeviceStrategy):
     def vdnn_config(self) -> VDNNConfig:
         """``config``, under the name the shared offload hooks (``glue.py``) read."""
         return self.config
-
-    @property
-    def checkpoint_io(self) -> CheckpointIO:
-        """Atomic local writes (temporary file, fsync, rename) unless the user plugged in their own."""
-        if self._checkpoint_io is None:
-            self._checkpoint_io = AtomicCheckpointIO()
-        return self._checkpoint_io
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
-        self._checkpoint_io = io
 
     # The accelerator connector fills ``parallel_devices`` from Trainer(accelerator=..., devices=...); a single
     # device strategy exposes it so that ``strategy="vdnn_all"`` follows the Trainer's device choice.

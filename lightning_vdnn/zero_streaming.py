@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_vdnn.checkpoint import AtomicCheckpointIO
+from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.report import MemoryReport
@@ -47,7 +47,7 @@ REGISTERED_L2L_ZERO = {
 }
 
 
-class L2LZeroStrategy(OffloadHooks, DDPStrategy):
+class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     """Data-parallel L2L: blocks stream from host memory on every rank, whose host holds 1/N of their gradients
     and optimizer state (ZeRO-Offload's partitioned CPU optimizer, per block); the rest of the model is
     replicated (DDP). vDNN activation offload works on top, per rank.
@@ -132,17 +132,6 @@ class L2LZeroStrategy(OffloadHooks, DDPStrategy):
     @property
     def config(self) -> VDNNConfig:
         return self.vdnn_config
-
-    @property
-    def checkpoint_io(self) -> CheckpointIO:
-        """Atomic local writes (temporary file, fsync, rename) unless the user plugged in their own."""
-        if self._checkpoint_io is None:
-            self._checkpoint_io = AtomicCheckpointIO()
-        return self._checkpoint_io
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: Optional[CheckpointIO]) -> None:
-        self._checkpoint_io = io
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _collectives(self) -> Collectives:
