@@ -110,7 +110,8 @@ class OffloadHooks:
             return self._forward(*args, **kwargs)
         if self._norm_stats is None:
             self._norm_stats = running_stats(self.lightning_module)
-        snapshot = StepSnapshot(self._norm_stats, self.root_device)
+        snapshot = StepSnapshot(self._norm_stats, self.root_device,
+                                getattr(self.lightning_module.trainer, "_results", None))
         self._attempts = Attempts(args, kwargs, snapshot, self._planner.budget)
         return self._with_retries(lambda: self._forward(*args, **kwargs))
 
@@ -138,14 +139,23 @@ class OffloadHooks:
                 failure, at = str(err), cuda_allocated(self.root_device)
             closure_loss.detach_()  # frees what the failed graph still holds
             self._recover(failure, at)
-            attempts = self._attempts
-            out = self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
+            out = self._rerun_training_step()
             closure_loss = ClosureResult.from_training_step_output(
                 out, self.lightning_module.trainer.accumulate_grad_batches).closure_loss
             if closure_loss is None:  # training_step skipped the batch this time: nothing to run backward on
                 self._offloader.finish_pass()
                 self._attempts = None
                 return closure_loss
+
+    def _rerun_training_step(self) -> STEP_OUTPUT:
+        """The failed batch's ``training_step`` again, from inside ``backward``: under its own hook name, so
+        that what it logs lands where the first attempt's did (which ``_recover`` took back out)."""
+        attempts, module = self._attempts, self.lightning_module
+        hook, module._current_fx_name = module._current_fx_name, "training_step"
+        try:
+            return self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
+        finally:
+            module._current_fx_name = hook
 
     def _backward_once(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any,
                        **kwargs: Any) -> Tensor:

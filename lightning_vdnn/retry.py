@@ -15,14 +15,17 @@ again, after putting back what the failed attempt changed:
   gradients to None, and a run without accumulation hold nothing extra). The planner measures it like any
   other memory.
 
-Not put back: other state a user's ``training_step`` changes (counters, ``self.log`` of a step whose backward
-failed runs again). Retries are off under manual optimization (the step may already have stepped an
+- what ``self.log`` accumulated (Lightning's result collection, :class:`LoggedResults`), so a batch that runs
+  again is logged once, as plain training logs it.
+
+Not put back: other state a user's ``training_step`` changes (its own counters, a torchmetrics ``Metric`` it
+updates itself). Retries are off under manual optimization (the step may already have stepped an
 optimizer), layer streaming (blocks update during backward) and DeepSpeed (ranks meet in collectives).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -47,19 +50,46 @@ class BudgetLowered(UserWarning):
     """The ``"auto"`` planner lowered ``memory_budget`` after an out-of-memory error (one per lowering)."""
 
 
+class LoggedResults:
+    """The values ``self.log`` has accumulated in the running loop (Lightning's ``_ResultCollection``), put back
+    before a retry. Lightning replaces a logged value's state tensors on each update (``value = value + ...``),
+    never writes them in place, so holding the old tensors is a snapshot."""
+
+    _STATE = ("value", "cumulated_batch_size", "_forward_cache", "_update_count", "_computed", "has_reset")
+
+    def __init__(self, results: Optional[Any]) -> None:
+        self.results = results
+        self.saved = {} if results is None else {
+            key: (metric, {a: getattr(metric, a) for a in self._STATE if hasattr(metric, a)})
+            for key, metric in results.items()}
+
+    def restore(self) -> None:
+        if self.results is None:
+            return
+        for key in [k for k in self.results if k not in self.saved]:  # first logged by the failed attempt
+            del self.results[key]
+        for key, (metric, state) in self.saved.items():
+            self.results[key] = metric
+            for attr, value in state.items():
+                setattr(metric, attr, value)
+
+
 class StepSnapshot:
     """What a training step's forward changes besides autograd's graph, taken before its first attempt and put
-    back before each retry: the CPU (and device) RNG state and the running statistics of norm layers."""
+    back before each retry: the CPU (and device) RNG state, the running statistics of norm layers and what
+    ``self.log`` accumulated (``results``: the trainer's ``_results``, None outside a Trainer)."""
 
-    def __init__(self, stats: list[Tensor], device: torch.device) -> None:
+    def __init__(self, stats: list[Tensor], device: torch.device, results: Optional[Any] = None) -> None:
         self.rng = RngState(device)
         self.stats = [(t, t.clone()) for t in stats]
+        self.logged = LoggedResults(results)
 
     def restore(self) -> None:
         self.rng.restore()
         with torch.no_grad():
             for t, saved in self.stats:
                 t.copy_(saved)
+        self.logged.restore()
 
 
 def running_stats(module: nn.Module) -> list[Tensor]:

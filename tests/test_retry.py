@@ -140,3 +140,32 @@ def test_oom_in_the_profiling_step_has_nothing_to_lower(one_thread):
     with pytest.raises(StepOutOfMemory, match="profiles the model, with every activation offloaded"):
         fit(failing(cnn, lambda m: m.net.head, {0}), image_loader(),
             VDNNStrategy("auto", min_offload_bytes=0, memory_budget=10**6))
+
+
+class Logging(Classifier):
+    """Logs a count and its loss, per step and per epoch, as a user's ``training_step`` would."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("seen", 1.0, on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log("first_seen", float(batch_idx), on_step=False, on_epoch=True, reduce_fx="min")
+        self.log("fit_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_retried_batch_is_logged_once(one_thread, where):
+    """``self.log`` in a batch whose backward (or forward) ran out of memory counts once: the epoch's sum, mean
+    and step values equal plain training's."""
+    make = lambda: Logging(ResidualCNN())  # noqa: E731
+    steps = 4
+    budget = budget_for_half(make, image_loader())
+    _, ref = fit(make, image_loader(), max_steps=steps, max_epochs=1)
+    _, got, lowered = fit_recording(failing(make, lambda m: m.net.head, {2}, where), image_loader(),
+                                    VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget),
+                                    max_steps=steps, max_epochs=1)
+    assert len(lowered) == 1
+    for name in ("seen", "first_seen", "fit_loss_epoch", "fit_loss_step"):
+        torch.testing.assert_close(got.callback_metrics[name], ref.callback_metrics[name], rtol=1e-5, atol=0,
+                                   msg=lambda m: f"{name}: {m}")
+    assert got.callback_metrics["seen"].item() == got.global_step
