@@ -248,6 +248,12 @@ class ShardedLayerStreamer(LayerStreamer):
     def partitions(self) -> list[Partition]:
         return [b.part for b in self.blocks]
 
+    def keep_state_on_host(self, optimizer: Optimizer) -> None:
+        """This rank's pieces of the block parameters' state, in host memory: state an optimizer creates whole
+        at construction (Adagrad's ``sum``) or that a checkpoint loaded whole is cut to the rank's ranges."""
+        shard_optimizer_state(optimizer, self.partitions)
+        super().keep_state_on_host(optimizer)
+
     # -- the collectives of a step ---------------------------------------------------------------------
     def _fill(self, block: HostBlock, buf: Tensor) -> None:
         """Our range host -> device, then one all-gather fills the slot (in the compute dtype)."""

@@ -298,3 +298,35 @@ def test_registered_name_hydra_configs_and_the_other_classes_build_it():
 def test_bad_arguments_name_the_values(build, error, pattern):
     with pytest.raises(error, match=pattern):
         build()
+
+
+ADAGRAD = """
+import torch, lightning as L
+import zero_streaming_worker as worker
+from lightning_vdnn import L2LZeroStrategy
+
+class LM(worker.LM):
+    def configure_optimizers(self):  # Adagrad makes its 'sum' state whole-shaped at construction
+        return torch.optim.Adagrad(self.parameters(), lr=1e-2)
+
+def run(strategy):
+    model = LM(seed=0)
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(model, worker.rank_loader(0, 1))
+    return model
+
+ref, got = run("auto"), run(L2LZeroStrategy("all", zero_stage=2, layers="model.blocks", min_offload_bytes=0))
+torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-5, atol=0)
+for p, q in zip(got.parameters(), ref.parameters()):
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+print("same")
+"""
+
+
+def test_state_made_at_construction_is_cut_to_the_rank_range():
+    """Adagrad creates its ``sum`` whole when it is built; the rank's block optimizer steps 1-D pieces, so that
+    state must be cut like loaded state (one rank, in a process of its own: it initialises torch.distributed)."""
+    proc = subprocess.run([sys.executable, "-c", ADAGRAD], cwd=ROOT / "tests", stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300,
+                          env=checkout_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("same"), proc.stdout[-4000:]
