@@ -218,14 +218,14 @@ def switch(streamer: LayerStreamer, resident: int, optimizers: Sequence[Optimize
     state of the blocks now resident moves to the device (back to the host for those streamed again)."""
     eager = streamer.eager_updates
     streamer.close()
-    streamer.blocks = []  # the old host buffers go before the new ones are allocated
+    streamer.blocks = []
     new = build(resident)
     new.set_eager(eager)
     new.attach_optimizers(optimizers)  # also moves the streamed blocks' state to the host
-    streamed = {id(p) for b in new.blocks for p in b.params}
-    for opt in optimizers:
+    resident_params = {id(p) for block in list(new.container)[:resident] for p in block.parameters()}
+    for opt in optimizers:  # the modules outside the blocks keep their state where it is (offload_optimizer)
         for p, state in opt.state.items():
-            if id(p) in streamed or not isinstance(state, dict):
+            if id(p) not in resident_params or not isinstance(state, dict):
                 continue
             for key, value in state.items():
                 if isinstance(value, Tensor) and key != "step" and value.device != new.device:

@@ -86,8 +86,11 @@ def test_budget_picks_resident_blocks_and_the_measured_step_fits_it():
     assert report.resident_measured_peak_bytes <= budget
 
 
-def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host():
+@pytest.mark.parametrize("budget", [None, "auto"], ids=["fixed", "auto-resident"])
+def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host(budget):
+    """Also across a switch of ``resident_blocks="auto"``, which moves only the newly resident blocks' state."""
     kw = dict(max_steps=4, precision="bf16-mixed", **GPU)
+    extra = {} if budget is None else {"memory_budget": "90%"}
     ref, _ = fit(LM, token_loader(n=64), **kw)
 
     class State(L.Callback):
@@ -97,7 +100,7 @@ def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host():
             self.weight = module.model.wte.weight.device.type
 
     state = State()
-    got, _ = fit(LM, token_loader(n=64), VDNNStrategy("none", layer_streaming=True, offload_optimizer=True),
+    got, _ = fit(LM, token_loader(n=64), VDNNStrategy("none", layer_streaming=True, offload_optimizer=True, **extra),
                  callbacks=[state], **kw)
     assert state.devices == {"cpu"} and state.weight == "cuda"
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
