@@ -365,18 +365,20 @@ class LayerStreamer:
         block = self.blocks[index]
         pieces, grads = split_rows(x, self.microbatches), split_rows(grad, self.microbatches)
         dev, gx = None, Rows(pieces)
-        counter = SavedBytes(x, slot.buf) if self.measure_saved else None
+        saved = 0  # a chunk's saves are freed before the next chunk's reuse their memory: counted per chunk
         for k in reversed(range(len(pieces))):  # last chunk first, the order autograd would sum them in
+            counter = SavedBytes(x, pieces[k], slot.buf) if self.measure_saved else None
             with counter if counter is not None else contextlib.nullcontext():
                 gxk, wgrads = self._recompute(index, slot, pieces[k], grads[k], states[k], need_x)
+            saved += counter.nbytes if counter is not None else 0
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
             block.pack_grads(dev, wgrads, first=k == len(pieces) - 1)
             if need_x:
                 gx.put(k, gxk)
         slot.free = self.engine.record()
-        if counter is not None:
-            self.saved_bytes[index] = counter.nbytes
+        if self.measure_saved:
+            self.saved_bytes[index] = saved  # what the block saves over the whole batch, as a resident one would
         self._calls[index] -= 1
         self._push_grads(block, dev, final=self._calls[index] <= 0)
         if not self._drain_queued:

@@ -144,6 +144,20 @@ def test_first_step_measures_each_block_saved_activations():
     assert all(s > 4 * tokens * width for s in grab.saved)  # more than one activation of the block's width
 
 
+def test_saved_activations_are_the_whole_batch_s_whatever_the_microbatches():
+    """A resident block runs the whole batch: the bytes measured while streaming in k chunks (whose saves reuse
+    each other's memory) add up to those of one chunk of the whole batch."""
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, *_):
+            self.saved = list(trainer.strategy._streamer.saved_bytes)
+
+    whole, split = Grab(), Grab()
+    fit(lm(), loader(), auto(), max_steps=1, callbacks=[whole])
+    fit(lm(), loader(), auto(microbatches=4), max_steps=1, callbacks=[split])
+    for a, b in zip(whole.saved, split.saved):
+        assert 0.9 * a <= b <= 1.1 * a
+
+
 def test_overshoot_backs_off_to_fewer_resident_blocks_and_stays_exact():
     ref, _ = fit(lm(), loader(), max_steps=6)
     strategy, residents = auto(scale=3.0), Residents()  # each resident block truly costs 3x the plain estimate
