@@ -248,12 +248,15 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         return super().optimizer_state(optimizer)
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        super().load_optimizer_state_dict(checkpoint)
-        if self._streamer is not None:  # Lightning moved all state to the device; block state lives on the host
-            for optimizer in self.optimizers:
-                self._streamer.keep_state_on_host(optimizer)
-            for outside in self._outside:
-                outside.keep_state_on_host()
+        if self._streamer is None:
+            return super().load_optimizer_state_dict(checkpoint)
+        # not Lightning's, which moves all of it to the device: more than fits, for a model streamed because
+        # its state does not; torch puts each entry on its parameter's device (the blocks' on the host)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(state)
+            self._streamer.keep_state_on_host(optimizer)
+        for outside in self._outside:
+            outside.keep_state_on_host()
 
     def _offload_layers(self) -> Any:
         """L2L: the streamed blocks are the layers prefetch counts in."""

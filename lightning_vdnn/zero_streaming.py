@@ -36,8 +36,7 @@ from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.report import MemoryReport
-from lightning_vdnn.sharded import (Collectives, Partition, ShardedLayerStreamer, full_optimizer_state,
-                                    shard_optimizer_state)
+from lightning_vdnn.sharded import Collectives, Partition, ShardedLayerStreamer, full_optimizer_state
 from lightning_vdnn.strategy import _changes_grads_after_backward
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
@@ -224,10 +223,13 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         return state if self.is_global_zero else {}
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        super().load_optimizer_state_dict(checkpoint)  # whole state, moved to the device by Lightning
-        if self._streamer is not None:
-            for optimizer in self.optimizers:
-                shard_optimizer_state(optimizer, self._streamer.partitions)
+        if self._streamer is None:
+            return super().load_optimizer_state_dict(checkpoint)
+        # not Lightning's, which moves the whole state to the device; torch puts each entry on its parameter's
+        # device (the blocks' on the host), then this rank keeps its ranges of it
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(state)
+            self._streamer.keep_state_on_host(optimizer)
 
     # -- the rest --------------------------------------------------------------------------------------
     def _offload_layers(self) -> Any:
