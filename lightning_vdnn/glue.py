@@ -87,9 +87,12 @@ class OffloadHooks:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None:
             self._last_report = self.memory_report()
+        self._close_offloader()
+
+    def _close_offloader(self) -> None:
+        if self._offloader is not None:
             self._offloader.close()
-            self._offloader = None
-            self._planner = None
+            self._offloader, self._planner = None, None
 
     # -- the step ----------------------------------------------------------------------------------------
     def _watching_cuda(self) -> bool:

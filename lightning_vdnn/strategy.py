@@ -3,9 +3,9 @@ hooks it shares with the DeepSpeed strategy (``zero.py``) in ``glue.py``."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
-
+import contextlib
 import dataclasses
+from typing import Any, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
@@ -281,17 +281,16 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None or self._streamer is not None:
             self._last_report = self.memory_report()
-        if self._streamer is not None:
-            self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in self._streamer.steppers)
-            self._streamer.close()
-            self._streamer, self._residency, self._eager_before = None, None, 0
-        for outside in self._outside:  # after the blocks' steppers, which wrap it
-            outside.close()
-        self._outside = []
-        if self._offloader is not None:
-            self._offloader.close()
-            self._offloader = None
-            self._planner = None
+        streamer, outside = self._streamer, self._outside
+        if streamer is not None:
+            self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in streamer.steppers)
+        self._streamer, self._residency, self._eager_before, self._outside = None, None, 0, []
+        with contextlib.ExitStack() as closing:  # last in, first out; each runs even if one before it raised
+            closing.callback(self._close_offloader)
+            for stepper in reversed(outside):  # after the blocks' steppers, which wrap it
+                closing.callback(stepper.close)
+            if streamer is not None:
+                closing.callback(streamer.close)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

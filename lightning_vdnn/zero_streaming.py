@@ -17,11 +17,11 @@ this strategy; its registered name is ``"l2l_zero"``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from datetime import timedelta
 from typing import Any, Optional
-
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -183,19 +183,21 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         if self._offloader is not None or self._streamer is not None:
             self._last_report = self.memory_report()
         streamer, self._streamer = self._streamer, None
-        if streamer is not None:
-            self._partitions = None if self._failed else streamer.partitions
-            streamer.close(gather=not self._failed)
-            module = self.lightning_module
-            module.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
-            for p in module.parameters():
-                p.__dict__.pop("_ddp_ignored", None)
-            for name in ("clip_grad_by_norm", "clip_grad_by_value"):
-                self.precision_plugin.__dict__.pop(name, None)
-        if self._offloader is not None:
-            self._offloader.close()
-            self._offloader = None
-            self._planner = None
+        with contextlib.ExitStack() as closing:  # last in, first out; each runs even if one before it raised
+            closing.callback(self._close_offloader)
+            if streamer is not None:
+                self._partitions = None if self._failed else streamer.partitions
+                closing.callback(self._unmark)
+                closing.callback(streamer.close, gather=not self._failed)
+
+    def _unmark(self) -> None:
+        """Take back what set-up put on the module and the precision plugin for the streamed blocks."""
+        module = self.lightning_module
+        module.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+        for p in module.parameters():
+            p.__dict__.pop("_ddp_ignored", None)
+        for name in ("clip_grad_by_norm", "clip_grad_by_value"):
+            self.precision_plugin.__dict__.pop(name, None)
 
     # -- checkpoints: whole weights and optimizer state, as one process writes them --------------------------
     def _check_not_failed(self) -> None:

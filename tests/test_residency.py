@@ -297,3 +297,25 @@ def test_offload_optimizer_takes_a_device_parameter_written_between_steps_as_the
 def test_offload_params_with_layer_streaming_is_still_refused():
     with pytest.raises(NotImplementedError, match="parameter offload of the non-streamed parameters"):
         l2l(offload_params=True)
+
+
+def test_teardown_that_fails_still_unwraps_and_closes_the_rest(monkeypatch):
+    """A streamer whose close raises (a failed host update surfaces there) still leaves the optimizer's own
+    ``step`` and the offloader's hooks taken back, and the error reaches the user."""
+    from lightning_vdnn.streaming import LayerStreamer
+
+    close = LayerStreamer.close
+
+    def failing_close(self, *args, **kwargs):
+        close(self, *args, **kwargs)
+        raise RuntimeError("host update failed (injected)")
+
+    monkeypatch.setattr(LayerStreamer, "close", failing_close)
+    strategy = l2l(activation_offload="all", offload_optimizer=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        fit(lm(), loader(), strategy, max_steps=2)
+    monkeypatch.setattr(LayerStreamer, "close", close)
+    optimizer = strategy.lightning_module.trainer.optimizers[0]
+    assert strategy._offloader is None and strategy._streamer is None and strategy._outside == []
+    for name in ("step", "zero_grad"):  # not our wrappers (torch's profiling hook may leave its own there)
+        assert "_wrapped" not in getattr(getattr(optimizer, name), "__qualname__", "")
