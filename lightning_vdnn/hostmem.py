@@ -90,7 +90,7 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
 
 
 def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES,
-                      shards: int = 1) -> HostNeed:
+                      shards: int = 1, processes: int = 1) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
     Args:
@@ -98,13 +98,16 @@ def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states:
         where: names the blocks in the message, e.g. ``"the 24 blocks at 'model.blocks'"``.
         optimizer_states: parameters' worth of optimizer state per parameter (Adam: 2).
         shards: ranks the gradients and optimizer state are partitioned over (1: none).
+        processes: processes on this host streaming alike (a node's local ranks), each needing as much: each
+            one checks that all of them fit, since they pin their buffers at about the same time.
     """
     need = required_host_bytes(blocks, optimizer_states, shards)
     available, source = available_host_bytes()
-    if need.new > available:
+    if need.new * processes > available:
         over = f" / {shards} ranks" if shards > 1 else ""
+        each = f", for each of the {processes} processes on this host," if processes > 1 else ""
         raise MemoryError(
-            f"layer streaming of {where} needs {_size(need.total)} of host memory (weights {_size(need.weights)} + "
+            f"layer streaming of {where} needs{each} {_size(need.total)} of host memory (weights {_size(need.weights)} + "
             f"gradients {_size(need.grads)} + optimizer state {_size(need.optimizer)}, estimated at "
             f"{optimizer_states}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
             f"the weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "

@@ -117,6 +117,8 @@ class LayerStreamer:
 
     #: Ranks the blocks' host state is partitioned over (``sharded.py``); one here.
     world = 1
+    #: Processes on this host streaming alike (a node's local ranks, ``sharded.py``); one here.
+    local_world = 1
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1) -> None:
@@ -135,7 +137,7 @@ class LayerStreamer:
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
         check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
-                          shards=self.world)
+                          shards=self.world, processes=self.local_world)
         pin = pin_memory and self.device.type == "cuda"
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})

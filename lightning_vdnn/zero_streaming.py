@@ -143,7 +143,8 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         module = self.lightning_module
         precision = getattr(self.precision_plugin, "precision", "32-true")
         self._streamer = ShardedLayerStreamer.from_config(module, self.config, self.root_device,
-                                                          self._collectives(), precision)
+                                                          self._collectives(), precision,
+                                                          local_world=self.num_processes)
         self._failed = False
         streamed = {id(p) for b in self._streamer.blocks for p in b.params}
         names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in streamed]

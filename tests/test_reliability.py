@@ -75,6 +75,16 @@ def test_streaming_more_than_the_host_holds_fails_at_setup_with_the_numbers(monk
     assert all("forward" not in b.__dict__ for b in module.model.blocks)  # nothing was streamed
 
 
+def test_every_local_rank_is_counted_against_the_host(monkeypatch, tmp_path):
+    """Each rank of a node keeps its own weights and pins its buffers: what fits one may not fit eight."""
+    blocks = GPT(GPTConfig.from_name("gpt_tiny")).blocks
+    need = hostmem.required_host_bytes(blocks, shards=8)
+    _fake_host(monkeypatch, 4 * need.new, tmp_path)
+    assert hostmem.check_host_memory(blocks, "gpt_tiny", shards=8, processes=4) == need
+    with pytest.raises(MemoryError, match=r"needs, for each of the 8 processes on this host, "):
+        hostmem.check_host_memory(blocks, "gpt_tiny", shards=8, processes=8)
+
+
 def test_cgroup_limit_counts_when_below_the_host(monkeypatch, tmp_path):
     (tmp_path / "memory.max").write_text("4294967296\n")
     (tmp_path / "memory.current").write_text(str(3 * 2**30))
