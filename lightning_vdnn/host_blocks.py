@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 
 def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
@@ -193,3 +194,13 @@ def move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
             for name, b in m._buffers.items():
                 if b is not None and b.device != device:
                     m._buffers[name] = b.to(device)
+
+
+def state_to_host(optimizer: Optimizer, params: Iterable[Tensor]) -> None:
+    """The optimizer state of ``params`` (per-element tensors; ``step`` stays where torch keeps it) in host
+    memory: Lightning moves all state to the device on set-up and when loading a checkpoint."""
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != "step":
+                state[key] = value.to("cpu")

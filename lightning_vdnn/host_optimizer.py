@@ -258,7 +258,9 @@ def _wrapped_zero_grad(stepper: HostStepper, original: Callable[..., Any]) -> Ca
     return zero_grad
 
 
-def _wrapped_step(stepper: HostStepper, original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrapped_step(stepper: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``optimizer.step`` routed through ``stepper._step(original, closure)`` (``HostStepper``, and
+    ``host_outside.OutsideStepper``)."""
     def step(opt: Optimizer, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
         return stepper._step(original, closure, **kwargs)
     return step

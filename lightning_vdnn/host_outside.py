@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_vdnn.host_blocks import host_empty
-from lightning_vdnn.host_optimizer import _FUSED_ON_CPU, _hyper
+from lightning_vdnn.host_blocks import host_empty, state_to_host
+from lightning_vdnn.host_optimizer import _FUSED_ON_CPU, _hyper, _wrapped_step
 
 
 class OutsideStepper:
@@ -57,7 +57,7 @@ class OutsideStepper:
         self._versions = [p._version for p in self.params]
         self.keep_state_on_host()
         self._previous = optimizer.__dict__.get("step")
-        optimizer.step = types.MethodType(_wrapped(self, optimizer.step), optimizer)
+        optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
 
     def _add(self, p: nn.Parameter, pin: bool) -> Tensor:
         master = host_empty(p.numel(), p.dtype, pin).view(p.shape)
@@ -69,11 +69,7 @@ class OutsideStepper:
 
     def keep_state_on_host(self) -> None:
         """The optimizer state of the host-stepped parameters back in host memory (Lightning moves all of it)."""
-        for p in self.params:
-            state = self.optimizer.state.get(p, {})
-            for key, value in state.items():
-                if isinstance(value, Tensor) and key != "step":
-                    state[key] = value.to("cpu")
+        state_to_host(self.optimizer, self.params)
 
     def close(self) -> None:
         """Give ``optimizer.step`` back; the device parameters hold the masters' values already."""
@@ -124,11 +120,6 @@ class OutsideStepper:
             self.params[k].copy_(self.masters[k])
             self._versions[k] = self.params[k]._version
 
-
-def _wrapped(stepper: OutsideStepper, original: Callable[..., Any]) -> Callable[..., Any]:
-    def step(opt: Optimizer, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
-        return stepper._step(original, closure, **kwargs)
-    return step
 
 
 def outside_params(root: nn.Module, container: nn.Module) -> list[nn.Parameter]:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.host_blocks import (HostBlock, accumulate_from, adopt_grads, check_sharing, host_empty,
-                                        move_except)
+                                        move_except, state_to_host)
 from lightning_vdnn.host_optimizer import HostStepper
 from lightning_vdnn.hostmem import check_host_memory
 from lightning_vdnn.layers import resolve_layers
@@ -225,11 +225,7 @@ class LayerStreamer:
 
     def keep_state_on_host(self, optimizer: Optimizer) -> None:
         """Move the optimizer state of block parameters back to host memory (Lightning moves all of it)."""
-        for b in self.blocks:
-            for p in b.params:
-                for key, value in optimizer.state.get(p, {}).items():
-                    if isinstance(value, Tensor) and key != "step":
-                        optimizer.state[p][key] = value.to("cpu")
+        state_to_host(optimizer, (p for b in self.blocks for p in b.params))
 
     def set_eager(self, eager: bool) -> None:
         """Allow block updates during backward (off when clipping or loss scaling acts after backward)."""
