@@ -250,11 +250,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         if self._streamer is None:
             return super().load_optimizer_state_dict(checkpoint)
-        # not Lightning's, which moves all of it to the device: more than fits, for a model streamed because
-        # its state does not; torch puts each entry on its parameter's device (the blocks' on the host)
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(state)
-            self._streamer.keep_state_on_host(optimizer)
+        self._streamer.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])
         for outside in self._outside:
             outside.keep_state_on_host()
 

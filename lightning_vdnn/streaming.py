@@ -223,6 +223,14 @@ class LayerStreamer:
             self._hooks.append(opt.register_step_pre_hook(self._before_step))
             self._hooks.append(opt.register_step_post_hook(self._after_step))
 
+    def load_optimizer_states(self, optimizers: Iterable[Optimizer], states: Iterable[dict]) -> None:
+        """``optimizer.load_state_dict`` for each, the blocks' state kept in host memory. Not Lightning's loading,
+        which first moves all of it to the device: more than fits, for a model streamed because its state does
+        not. torch puts each entry on its parameter's device, the blocks' on the host."""
+        for optimizer, state in zip(optimizers, states):
+            optimizer.load_state_dict(state)
+            self.keep_state_on_host(optimizer)
+
     def keep_state_on_host(self, optimizer: Optimizer) -> None:
         """Move the optimizer state of block parameters back to host memory (Lightning moves all of it)."""
         state_to_host(optimizer, (p for b in self.blocks for p in b.params))

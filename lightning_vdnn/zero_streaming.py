@@ -228,11 +228,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         if self._streamer is None:
             return super().load_optimizer_state_dict(checkpoint)
-        # not Lightning's, which moves the whole state to the device; torch puts each entry on its parameter's
-        # device (the blocks' on the host), then this rank keeps its ranges of it
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            optimizer.load_state_dict(state)
-            self._streamer.keep_state_on_host(optimizer)
+        self._streamer.load_optimizer_states(self.optimizers, checkpoint["optimizer_states"])  # this rank's ranges
 
     # -- the rest --------------------------------------------------------------------------------------
     def _offload_layers(self) -> Any:
