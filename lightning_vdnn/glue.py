@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Plan, device_budget
+from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Later, Plan, device_budget
 from lightning_vdnn.report import MemoryReport, format_bytes, print_report
 from lightning_vdnn.retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message, running_stats)
@@ -47,6 +47,8 @@ class OffloadHooks:
     _offloader: Optional[ActivationOffloader] = None
     _planner: Optional[AutoPlanner] = None
     _forward_peak: Optional[int] = None
+    _backward_peak: Optional[int] = None
+    _state_before: Optional[int] = None  # optimizer state on the device when the profiling step began
     _last_report: Optional[MemoryReport] = None
     _retry_oom = False  # strategies that may run a batch again after an OOM set it (not DeepSpeed: collectives)
     _recompute = False  # strategies whose "auto" plans may recompute layers set it (not DeepSpeed: ZeRO-3 hooks)
@@ -121,6 +123,8 @@ class OffloadHooks:
     def _forward(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._watching_cuda():
             torch.cuda.reset_peak_memory_stats(self.root_device)
+            if self._planner.profiling and self._state_before is None:
+                self._state_before = state_bytes(self.optimizers, self.root_device)
         with self._offloader.capture():
             return super().training_step(*args, **kwargs)
 
@@ -131,6 +135,8 @@ class OffloadHooks:
             try:
                 return super().backward(closure_loss, optimizer, *args, **kwargs)
             finally:
+                if self._watching_cuda():
+                    self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
                 if self._offloader is not None:
                     self._offloader.finish_pass()
         while True:  # OOM retry: a failed backward runs forward again, then backward
@@ -176,6 +182,8 @@ class OffloadHooks:
             stash.drop()
             raise
         stash.merge()
+        if self._watching_cuda():
+            self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
         self._offloader.finish_pass()
         loss = self.precision_plugin.post_backward(loss, module)
         self.post_backward(loss)
@@ -228,7 +236,12 @@ class OffloadHooks:
         if planner.watching:
             cuda = self.root_device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
-        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        later = None
+        if planner.profiling and peak is not None and self._state_before is not None:
+            later = Later(state=state_bytes(self.optimizers, self.root_device) - self._state_before,
+                          grads=grad_bytes(self.lightning_module, self.root_device), backward_peak=self._backward_peak)
+            self._state_before = None
+        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
         offloader.set_plan(planner.keep, planner.recomputed)
         if plan is not None:
             rank_zero_info(plan_message(plan))
@@ -284,3 +297,14 @@ def plan_message(plan: Plan) -> str:
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")
     )
+
+
+def state_bytes(optimizers: list[Optimizer], device: torch.device) -> int:
+    """Bytes of optimizer state on ``device`` (the first step creates it: the profiling step runs without)."""
+    return sum(v.nbytes for opt in optimizers for st in opt.state.values() if isinstance(st, dict)
+               for v in st.values() if isinstance(v, Tensor) and v.device == device)
+
+
+def grad_bytes(module: nn.Module, device: torch.device) -> int:
+    """Bytes of gradients on ``device``: held into the next forward, cleared only after ``training_step``."""
+    return sum(p.grad.nbytes for p in module.parameters() if p.grad is not None and p.grad.device == device)

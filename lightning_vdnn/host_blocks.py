@@ -197,10 +197,22 @@ def move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
 
 
 def state_to_host(optimizer: Optimizer, params: Iterable[Tensor]) -> None:
-    """The optimizer state of ``params`` (per-element tensors; ``step`` stays where torch keeps it) in host
-    memory: Lightning moves all state to the device on set-up and when loading a checkpoint."""
+    """The optimizer state of ``params`` in host memory: Lightning moves all state to the device on set-up and
+    when loading a checkpoint. ``step`` comes too: torch's fused and capturable kernels keep it beside the
+    parameter, and the host's fused kernel wants it on the host."""
+    state_to_device(optimizer, params, torch.device("cpu"))
+
+
+def state_to_device(optimizer: Optimizer, params: Iterable[Tensor], device: torch.device) -> None:
+    """The optimizer state of ``params`` on ``device``, where torch keeps it for a parameter there: per-element
+    tensors always; ``step`` only on the host or for a fused or capturable group (torch's other kernels read it
+    on the host, and a fused CUDA kernel refuses it there)."""
+    device = torch.device(device)
+    beside = {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for p in params:
         state = optimizer.state.get(p, {})
         for key, value in state.items():
-            if isinstance(value, Tensor) and key != "step":
-                state[key] = value.to("cpu")
+            if not isinstance(value, Tensor) or value.device == device:
+                continue
+            if key != "step" or device.type == "cpu" or id(p) in beside:
+                state[key] = value.to(device)

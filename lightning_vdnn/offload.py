@@ -319,10 +319,16 @@ class ActivationOffloader:
     def _throttle(self) -> None:
         """Past ``max_inflight_bytes``, the compute stream waits for the oldest copies, whose sources can then
         be freed at once: later kernels are queued behind the wait, so reusing that memory is safe."""
+        timeline = self._trace.timeline if self._trace is not None and self.engine.is_cuda else None
+        before = None
         while len(self._pending) > 1 and self._inflight > self.max_inflight_bytes:
             if self.engine.is_cuda:
+                if timeline is not None and before is None:
+                    before = self.engine.record()
                 self.engine.current_stream().wait_event(self._pending[0].last_use)
             self._release_source()
+        if before is not None:  # the profile's layer times leave the wait out: offload would look free otherwise
+            timeline.stalled(before, self.engine.record())
 
     def _release_source(self) -> None:
         entry = self._pending.popleft()

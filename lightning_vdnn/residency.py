@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_vdnn.host_blocks import state_to_device
 from lightning_vdnn.planner import GiB, BudgetTooSmall
 from lightning_vdnn.streaming import LayerStreamer
 
@@ -222,12 +223,7 @@ def switch(streamer: LayerStreamer, resident: int, optimizers: Sequence[Optimize
     new = build(resident)
     new.set_eager(eager)
     new.attach_optimizers(optimizers)  # also moves the streamed blocks' state to the host
-    resident_params = {id(p) for block in list(new.container)[:resident] for p in block.parameters()}
+    on_device = [p for block in list(new.container)[:resident] for p in block.parameters()]
     for opt in optimizers:  # the modules outside the blocks keep their state where it is (offload_optimizer)
-        for p, state in opt.state.items():
-            if id(p) not in resident_params or not isinstance(state, dict):
-                continue
-            for key, value in state.items():
-                if isinstance(value, Tensor) and key != "step" and value.device != new.device:
-                    state[key] = value.to(new.device)
+        state_to_device(opt, on_device, new.device)
     return new

@@ -39,6 +39,7 @@ class PassTimeline:
         self.samples: list[tuple[str, int, int]] = []  # (phase, layer, bytes allocated)
         self.inline_ms = 0.0
         self._inline = [0.0]  # inline_ms as each layer began
+        self._stalls: list[tuple[int, bool, object, object]] = []  # (layer, after its return, start, end)
         self._last_layer = 0
         self._sample("forward", 0)
 
@@ -56,6 +57,19 @@ class PassTimeline:
         """A copy ran inline, blocking compute: its time is not the layer's."""
         self.inline_ms += start.elapsed_time(done)
 
+    def stalled(self, start: object, end: object) -> None:
+        """Compute waited (between two events of its stream) for copies in flight, the in-flight cap: PCIe's
+        time, not the layer's. Read when the pass is over, like every other span on a GPU."""
+        layer = len(self.starts) - 1
+        self._stalls.append((layer, layer in self.returns, start, end))
+
+    def _stall_ms(self, within_module: bool) -> dict[int, float]:
+        out: dict[int, float] = collections.defaultdict(float)
+        for layer, after, start, end in self._stalls:
+            if not (within_module and after):
+                out[layer] += elapsed_ms([(start, end)])
+        return out
+
     def end_forward(self) -> None:
         if self.end is None:
             self.end = self.engine.record()
@@ -71,16 +85,19 @@ class PassTimeline:
 
     def compute_ms(self) -> list[float]:
         """:meth:`forward_ms` less the copies that ran inline: the compute a copy on a side stream can hide under."""
-        inline = self._inline[1:] + [self.inline_ms]
-        return [max(0.0, ms - (inline[g] - self._inline[g])) for g, ms in enumerate(self.forward_ms())]
+        inline, stalls = self._inline[1:] + [self.inline_ms], self._stall_ms(within_module=False)
+        return [max(0.0, ms - (inline[g] - self._inline[g]) - stalls.get(g, 0.0))
+                for g, ms in enumerate(self.forward_ms())]
 
     def module_ms(self) -> list[float]:
-        """Each layer's own forward, start to return, less inline copies: what recomputing it costs. A layer that
-        never returned (layer 0, before the first module) counts its whole span."""
-        out = self.compute_ms()
+        """Each layer's own forward, start to return, less inline copies and waits for the in-flight cap: what
+        recomputing it costs. A layer that never returned (layer 0, before the first module) counts its whole
+        span."""
+        out, stalls = self.compute_ms(), self._stall_ms(within_module=True)
         for g, (done, inline) in self.returns.items():
             if g < len(out):
-                out[g] = max(0.0, elapsed_ms([(self.starts[g], done)]) - (inline - self._inline[g]))
+                own = elapsed_ms([(self.starts[g], done)]) - (inline - self._inline[g]) - stalls.get(g, 0.0)
+                out[g] = max(0.0, own)
         return out
 
     def _sample(self, phase: str, index: int) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_same_params, fit, image_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.planner import AutoPlanner, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
+from lightning_vdnn.planner import AutoPlanner, Later, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
 
 MiB = 2**20
 KEEP, OFFLOAD, RECOMPUTE = 0, 1, 2
@@ -61,6 +61,20 @@ def test_planner_profiles_plans_verifies_and_replans():
     assert replan.predicted_peak <= 100 * MiB and replan.kept_bytes < plan.kept_bytes
     p.observe([41 * MiB, 40 * MiB, 30 * MiB], peak=None)  # a new shape: profile again, safely
     assert p.profiling and p.keep is None
+
+
+def test_an_overshoot_the_model_cannot_place_falls_back_to_the_profiled_plan():
+    """The same plan made again after an overshoot (what overshot is outside the model, here beside two layers
+    that save nothing): the next steps run the profiling step's plan, which was measured to fit, rather than
+    overshoot every step."""
+    layers = [0, 40 * MiB, 0]
+    p = AutoPlanner(budget=100 * MiB)
+    assert p.observe(layers, peak=20 * MiB).kept == frozenset({0, 1, 2})
+    second = p.observe(layers, peak=101 * MiB)  # the raised floor leaves no room for the 40 MiB layer
+    assert second.kept == frozenset({0, 2}) and second.predicted_peak <= 100 * MiB
+    third = p.observe(layers, peak=101 * MiB)  # overshoots again and the model would make the same plan
+    assert third.kept == frozenset() and not third.recomputed and third.predicted_peak == 20 * MiB
+    assert p.observe(layers, peak=20 * MiB) is None  # it fits: kept
 
 
 def test_lower_gives_up_a_share_of_the_kept_bytes_and_stops_at_the_floor():
@@ -243,3 +257,50 @@ def test_planner_replans_on_new_input_shapes_not_on_what_recompute_saves():
     assert p.profiling and p.keep is None and p.recomputed == frozenset()
     q = AutoPlanner(budget=110 * MiB, recompute=False)  # layer streaming, ZeRO: keep or offload only
     assert q.observe(profile, peak=0).recomputed == frozenset()
+
+
+def test_the_floor_gains_what_later_steps_hold_that_the_profiling_step_did_not():
+    """The optimizer state the first step creates is held through every later forward and backward (and the
+    gradients through forward): the floor rises by it, unless the optimizer step's own peak, which had it
+    already, is higher."""
+    layers = [10 * MiB, 10 * MiB]
+    p = AutoPlanner(budget=100 * MiB)
+    plan = p.observe(layers, peak=50 * MiB, forward_peak=30 * MiB,
+                     later=Later(state=20 * MiB, grads=5 * MiB, backward_peak=45 * MiB))
+    assert plan.predicted_peak >= 65 * MiB and p._forward_peak == 55 * MiB
+    p = AutoPlanner(budget=100 * MiB)  # the optimizer step peaked: it had the state, forward and backward gain it
+    assert p.observe(layers, peak=80 * MiB, later=Later(state=20 * MiB, backward_peak=45 * MiB)) is not None
+    assert p._floor == 80 * MiB
+    p = AutoPlanner(budget=100 * MiB)  # not measured: the profiled peak as it was
+    p.observe(layers, peak=50 * MiB, later=Later(state=20 * MiB))
+    assert p._floor == 50 * MiB
+
+
+def test_layer_times_leave_out_waits_for_the_in_flight_cap():
+    """A layer's profiled forward time is its compute: a wait of compute for copies in flight (PCIe's time) is
+    left out of the layer it stalled (inside the module or after it) and of the compute a copy can hide under."""
+    import time
+
+    from lightning_vdnn.pool import CopyEngine
+    from lightning_vdnn.trace import PassTimeline
+
+    eng = CopyEngine(torch.device("cpu"))
+    tl = PassTimeline(eng)
+
+    def stall(ms: float) -> None:
+        start = eng.record()
+        time.sleep(ms / 1e3)
+        tl.stalled(start, eng.record())
+
+    tl.layer(1)
+    time.sleep(0.02)
+    stall(60)  # inside layer 1's module
+    tl.layer_return(1)
+    stall(40)  # after its module returned, before layer 2
+    tl.layer(2)
+    time.sleep(0.02)
+    tl.layer_return(2)
+    tl.end_forward()
+    spans, compute, module = tl.forward_ms(), tl.compute_ms(), tl.module_ms()
+    assert spans[1] >= 120 and compute[1] < 60 and module[1] < 50  # 20 ms of its own, 100 ms of waits
+    assert abs(compute[2] - spans[2]) < 1e-6 and 15 <= module[2] < 50  # nothing stalled layer 2

@@ -319,3 +319,19 @@ def test_teardown_that_fails_still_unwraps_and_closes_the_rest(monkeypatch):
     assert strategy._offloader is None and strategy._streamer is None and strategy._outside == []
     for name in ("step", "zero_grad"):  # not our wrappers (torch's profiling hook may leave its own there)
         assert "_wrapped" not in getattr(getattr(optimizer, name), "__qualname__", "")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_follows_its_parameter_as_torch_keeps_it(fused):
+    """A block switched to the device takes its optimizer state along; ``step`` too where torch's kernel wants
+    it beside the parameter (fused: a fused CUDA AdamW refuses a host ``step``). The way back is in
+    ``test_gpu_streaming.py`` (a meta tensor has no data to copy back)."""
+    from lightning_vdnn.host_blocks import state_to_device
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=fused)
+    p.grad = torch.ones(4)
+    opt.step()
+    state_to_device(opt, [p], torch.device("meta"))  # stands in for "cuda": a device other than the host
+    devices = {k: v.device.type for k, v in opt.state[p].items()}
+    assert devices == {"step": "meta" if fused else "cpu", "exp_avg": "meta", "exp_avg_sq": "meta"}
