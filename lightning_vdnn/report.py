@@ -103,6 +103,8 @@ class MemoryReport:
             ``resident_blocks="auto"``, ``resident_budget_bytes``, ``resident_predicted_peak_bytes`` and
             ``resident_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the
             last step measured for it (``residency.py``; None otherwise, measured None on a CPU device).
+        resident_recomputed_blocks: of the resident blocks, those that recompute their activations in backward
+            rather than keep them (``"auto"`` makes more blocks resident that way).
         layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
             add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
         timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
@@ -138,6 +140,7 @@ class MemoryReport:
     host_update_wait_ms: Optional[float] = None
     microbatches: Optional[int] = None
     resident_blocks: Optional[int] = None
+    resident_recomputed_blocks: Optional[int] = None
     resident_budget_bytes: Optional[int] = None
     resident_predicted_peak_bytes: Optional[int] = None
     resident_measured_peak_bytes: Optional[int] = None
@@ -166,6 +169,7 @@ class MemoryReport:
             out["host_update_wait_ms"] = self.host_update_wait_ms
         if self.resident_blocks is not None:
             out["resident_blocks"] = self.resident_blocks
+            out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -205,7 +209,8 @@ class MemoryReport:
 
     def _resident_line(self) -> str:
         gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
-        line = f"\n  resident blocks        {self.resident_blocks} on the device"
+        redone = f", {self.resident_recomputed_blocks} recomputing" if self.resident_recomputed_blocks else ""
+        line = f"\n  resident blocks        {self.resident_blocks} on the device{redone}"
         if self.resident_budget_bytes is None:
             return line
         budget = "none (CPU)" if self.resident_budget_bytes >= UNBOUNDED else gib(self.resident_budget_bytes)

@@ -8,20 +8,25 @@ resident), so the choice is the most blocks that fit. The first ones, as ``resid
 Model: the first step streams every block (exact, as with ``resident_blocks=0``) and its device peak is
 measured (``torch.cuda.max_memory_allocated``; a CPU device has none, and counts as 0). Making block ``i``
 resident adds what it then holds on the device all step, in the dtypes it would have there, read from the
-real tensors once the first step has created the optimizer state: its fp32 weights and gradients, its share of
-the user's ``optimizer.state``, the activations it saves from forward to its backward (measured during the
-first step's recompute; left out when activation offload moves them, ``"all"``/``"auto"``), and under
-autocast the low-precision weight copies autocast keeps for backward. Streaming's device buffers shrink only
-if the blocks left to stream are smaller than the largest one. All of it is alive when the streamed step
-peaks (backward of the streamed blocks, which come after the resident ones), so with ``k`` blocks resident::
+real tensors once the first step has created the optimizer state (block updates still queued are waited for):
+its fp32 weights and gradients, its share of the user's ``optimizer.state``, and under autocast the
+low-precision weight copies autocast keeps for backward. Its input is held either way (a streamed block keeps
+it for its recompute). Keeping its activations from forward to backward adds ``activations[i]`` (measured during
+the first step's recompute; 0 when activation offload moves them, ``"all"``/``"auto"``); otherwise the block
+runs under activation checkpointing, as the streamed ones recompute. Streaming's device buffers shrink only if
+the blocks left to stream are smaller than the largest one. All of it is alive when the streamed step peaks
+(backward of the streamed blocks, which come after the resident ones), so with ``k`` blocks resident of which
+the first ``j`` keep their activations::
 
-    predicted(k) = measured + sum(cost[:k]) - slots_freed(k)
+    predicted(k, j) = measured + sum(cost[:k]) - slots_freed(k) + sum(activations[:j])
 
-and the choice is the largest ``k`` (at most all but one) with ``predicted(k) <= budget``. The streamer is
-then rebuilt with ``k`` resident between two steps (:func:`switch`): weights, gradients and optimizer state
-move, nothing is recomputed, so training continues exactly as before. The next steps are measured again;
-a peak over the budget (an allocator's rounding, temporaries of the optimizer step) is added to the floor and
-``k`` lowered, as the activation planner does (``planner.py``). With the ``"auto"`` activation planner on
+Blocks first: the largest ``k`` (at most all but one) with ``predicted(k, 0) <= budget``, then the largest
+``j <= k`` within it. A streamed block costs its host update, which bounds the step (about 15 ms of AdamW per
+gpt_1b block on the H200's host), a recomputing resident one its forward again (about 2 ms). The streamer is
+then rebuilt between two steps (:func:`switch`): weights, gradients and optimizer state move, so training
+continues exactly as before. The next steps are measured again; a peak over the budget (an allocator's
+rounding, temporaries of the optimizer step) is added to the floor and the choice lowered, activations kept
+first, then blocks, as the activation planner does (``planner.py``). With the ``"auto"`` activation planner on
 too, blocks come first, activations get what they leave: the planner profiles again after each switch, and an
 overshoot while it keeps activations is its to correct.
 """
@@ -45,17 +50,30 @@ VERIFY_STEPS = 3
 
 @dataclass(frozen=True)
 class Choice:
-    """How many leading blocks stay on the device, and the peak that predicts."""
+    """How many leading blocks stay on the device, how many of those keep their activations (the rest recompute
+    them in backward, as streamed blocks do), and the peak that predicts."""
 
     resident: int
     predicted_peak: int
     budget: int
+    kept: Optional[int] = None  # None: every resident block keeps its activations
+
+    @property
+    def recompute_from(self) -> int:
+        """The first resident block that recomputes (``resident`` when none does)."""
+        return self.resident if self.kept is None else self.kept
 
 
-def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequence[int]] = None) -> Choice:
-    """The most leading blocks resident, at most all but one, with ``floor + sum(costs[:k]) - freed[k]``
-    within ``budget``. ``floor``: the peak with every block streamed; ``costs[i]``: device bytes block ``i``
-    adds when resident; ``freed[k]``: streaming buffers no longer needed with ``k`` resident (default none).
+def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequence[int]] = None,
+           activations: Optional[Sequence[int]] = None, most: Optional[int] = None) -> Choice:
+    """The most leading blocks resident (at most ``most``, default all but one) with
+    ``floor + sum(costs[:k]) - freed[k]`` within ``budget``, then the most of those, first ones first, that also
+    keep their activations within it. ``floor``: the peak with every block streamed; ``costs[i]``: device bytes
+    block ``i`` adds when resident and recomputing; ``activations[i]``: what it adds on top by keeping its
+    activations (default none); ``freed[k]``: streaming buffers no longer needed with ``k`` resident.
+
+    Blocks first: a streamed block costs the host its update (gpt_1b on an H200: about 15 ms of AdamW per
+    block and step, which bounds the step), a resident one that recomputes costs its forward again (about 2 ms).
 
     Raises:
         BudgetTooSmall: ``budget < floor``; the message states the minimum.
@@ -66,14 +84,19 @@ def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequen
             f"every block streamed. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the step smaller "
             "(batch size, sequence length, microbatches=...)."
         )
-    freed = freed if freed is not None else [0] * len(costs)
-    best, added = Choice(0, floor, budget), 0
-    for k in range(1, len(costs)):  # one block at least keeps streaming
+    freed = freed if freed is not None else [0] * (len(costs) + 1)
+    activations = activations if activations is not None else [0] * len(costs)
+    most = len(costs) - 1 if most is None else min(most, len(costs) - 1)  # one block at least keeps streaming
+    resident, peak, added = 0, floor, 0
+    for k in range(1, most + 1):
         added += costs[k - 1]
-        predicted = floor + added - freed[k]
-        if predicted <= budget:
-            best = Choice(k, predicted, budget)
-    return best
+        if floor + added - freed[k] <= budget:
+            resident, peak = k, floor + added - freed[k]
+    kept = 0
+    while kept < resident and peak + activations[kept] <= budget:
+        peak += activations[kept]
+        kept += 1
+    return Choice(resident, peak, budget, kept)
 
 
 class PeakMeter:
@@ -91,20 +114,25 @@ class PeakMeter:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
 
-def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer], activations: bool) -> list[int]:
-    """Device bytes each streamed block would hold all step if resident (see the module docstring); call it
-    after a step, when the optimizer state exists and ``streamer.saved_bytes`` was measured."""
+def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer]) -> list[int]:
+    """Device bytes each streamed block would hold all step if resident, activations aside (see the module
+    docstring); call it after a step, when the optimizer state exists."""
     optimizers = list(optimizers)
     casts = streamer.dtype.itemsize if streamer.dtype != streamer.host_dtype else 0
     costs = []
-    for b, saved in zip(streamer.blocks, streamer.saved_bytes):
+    for b in streamer.blocks:
         weights = sum(p.numel() * p.element_size() for p in b.params)
         grads = sum(p.numel() * p.element_size() for p in b.params if p.requires_grad)
         state = sum(v.nbytes for opt in optimizers for p in b.params for key, v in opt.state.get(p, {}).items()
-                    if isinstance(v, Tensor) and key != "step")  # the step count stays on the host
-        kept = (saved or 0) if activations else 0
-        costs.append(weights + grads + state + kept + b.numel * casts)
+                    if isinstance(v, Tensor) and key != "step")
+        costs.append(weights + grads + state + b.numel * casts)
     return costs
+
+
+def block_activations(streamer: LayerStreamer, kept: bool) -> list[int]:
+    """Device bytes each streamed block's activations would add if it were resident and kept them, measured
+    during the first step's recompute (``streamer.saved_bytes``); 0 when activation offload moves them."""
+    return [(saved or 0) if kept else 0 for saved in streamer.saved_bytes]
 
 
 def slots_freed(streamer: LayerStreamer) -> list[int]:
@@ -134,24 +162,34 @@ class ResidencyPlanner:
         self._floor = 0
         self._costs: list[int] = []
         self._freed: list[int] = []
+        self._activations: list[int] = []
 
-    def profile(self, peak: Optional[int], costs: Sequence[int], freed: Sequence[int]) -> Choice:
+    def profile(self, peak: Optional[int], costs: Sequence[int], freed: Sequence[int],
+                activations: Optional[Sequence[int]] = None) -> Choice:
         """The step with every block streamed peaked at ``peak`` (None: not measurable, counted as 0)."""
         self.measured_peak = peak
         self._floor, self._costs, self._freed = peak or 0, list(costs), list(freed)
-        self.choice = choose(self._floor, self._costs, self.budget, self._freed)
+        self._activations = list(activations) if activations is not None else [0] * len(self._costs)
+        self.choice = self._choose(len(self._costs))
         return self.choice
 
     def verify(self, peak: Optional[int]) -> Optional[Choice]:
         """A step ran the current choice and peaked at ``peak``: a lower choice when that overshot the budget,
-        else None. The overshoot is added to the floor, so the new choice leaves room for it."""
+        else None. The overshoot is added to the floor, so the new choice leaves room for it; it keeps fewer
+        activations, or fewer blocks, than the one that overshot."""
         self.measured_peak = peak if peak is not None else self.measured_peak
-        choice = self.choice
-        if peak is None or choice is None or peak <= self.budget or not choice.resident:
+        old = self.choice
+        if peak is None or old is None or peak <= self.budget or not old.resident:
             return None
-        self._floor = min(self._floor + peak - choice.predicted_peak, self.budget)
-        self.choice = choose(self._floor, self._costs[:choice.resident], self.budget, self._freed)  # fewer
-        return self.choice
+        self._floor = min(self._floor + peak - old.predicted_peak, self.budget)
+        new = self._choose(old.resident)
+        if (new.resident, new.recompute_from) >= (old.resident, old.recompute_from):
+            new = self._choose(old.resident - 1)
+        self.choice = new
+        return new
+
+    def _choose(self, most: int) -> Choice:
+        return choose(self._floor, self._costs, self.budget, self._freed, self._activations, most)
 
 
 class AutoResidency:
@@ -173,8 +211,8 @@ class AutoResidency:
         self._left = 1  # watched steps still to come: the profiling step first
 
     def between_steps(self, step: int, streamer: LayerStreamer, optimizers: Sequence[Optimizer],
-                      yield_to_activations: bool = False) -> Optional[int]:
-        """At the start of a batch, ``step`` optimizer steps done: the resident count to switch to now, or
+                      yield_to_activations: bool = False) -> Optional[Choice]:
+        """At the start of a batch, ``step`` optimizer steps done: the resident blocks to switch to now, or
         None. ``yield_to_activations``: the activation planner keeps activations on the device and corrects
         an overshoot itself.
 
@@ -187,14 +225,15 @@ class AutoResidency:
         peak = self.meter.read()
         if self.planner.choice is None:
             streamer.measure_saved = False
-            choice = self.planner.profile(peak, block_costs(streamer, optimizers, self.activations),
-                                          slots_freed(streamer))
+            streamer.synchronize()  # block updates queued into this forward (clipping) create their state now
+            choice = self.planner.profile(peak, block_costs(streamer, optimizers), slots_freed(streamer),
+                                          block_activations(streamer, self.activations))
         else:
             choice = None if yield_to_activations else self.planner.verify(peak)
         if choice is None or not choice.resident and streamer.resident == 0:
             return None
         self._left = VERIFY_STEPS
-        return choice.resident
+        return choice
 
     def watch(self, step: int, streamer: LayerStreamer) -> None:
         """After :meth:`between_steps` (and any switch): measure the step about to run, if it is one to watch."""
@@ -212,15 +251,17 @@ class AutoResidency:
                 "resident_measured_peak_bytes": self.planner.measured_peak}
 
 
-def switch(streamer: LayerStreamer, resident: int, optimizers: Sequence[Optimizer],
-           build: Callable[[int], LayerStreamer]) -> LayerStreamer:
-    """``streamer`` closed and rebuilt by ``build(resident)`` between two steps, exactly: queued host updates
-    land, every parameter keeps its identity and value, gradients follow their parameters, and the optimizer
-    state of the blocks now resident moves to the device (back to the host for those streamed again)."""
+def switch(streamer: LayerStreamer, choice: Choice, optimizers: Sequence[Optimizer],
+           build: Callable[[int, int], LayerStreamer]) -> LayerStreamer:
+    """``streamer`` closed and rebuilt by ``build(resident, recompute_from)`` between two steps, exactly: queued
+    host updates land, every parameter keeps its identity and value, gradients follow their parameters, and the
+    optimizer state of the blocks now resident moves to the device (back to the host for those streamed
+    again)."""
+    resident = choice.resident
     eager = streamer.eager_updates
     streamer.close()
     streamer.blocks = []
-    new = build(resident)
+    new = build(resident, choice.recompute_from)
     new.set_eager(eager)
     new.attach_optimizers(optimizers)  # also moves the streamed blocks' state to the host
     on_device = [p for block in list(new.container)[:resident] for p in block.parameters()]

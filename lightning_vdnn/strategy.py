@@ -190,9 +190,10 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         # blocks stream in the first step, which measures what fits)
         self._streamer = self._build_streamer(0 if self.config.auto_resident else None)
 
-    def _build_streamer(self, resident: Optional[int]) -> LayerStreamer:
+    def _build_streamer(self, resident: Optional[int], recompute_from: Optional[int] = None) -> LayerStreamer:
         precision = getattr(self.precision_plugin, "precision", "32-true")
-        return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision, resident)
+        return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision, resident,
+                                         recompute_from)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
@@ -228,10 +229,12 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         step = self.lightning_module.trainer.global_step
         planner = self._planner
         keeps = planner is not None and planner.plan is not None and bool(planner.plan.kept)
-        resident = self._residency.between_steps(step, self._streamer, self.optimizers, keeps)
-        if resident is not None and resident != self._streamer.resident:
-            self._eager_before += sum(s.eager_updates for s in self._streamer.steppers)
-            self._streamer = switch(self._streamer, resident, self.optimizers, self._build_streamer)
+        choice = self._residency.between_steps(step, self._streamer, self.optimizers, keeps)
+        streamer = self._streamer
+        if choice is not None and (choice.resident, choice.recompute_from) != (streamer.resident,
+                                                                               streamer.recompute_from):
+            self._eager_before += sum(s.eager_updates for s in streamer.steppers)
+            self._streamer = switch(streamer, choice, self.optimizers, self._build_streamer)
             if planner is not None:  # blocks first: activations get what they leave, measured afresh
                 planner.plan = None
                 self._offloader.keep_layers = None

@@ -33,6 +33,7 @@ from lightning_vdnn.hostmem import check_host_memory
 from lightning_vdnn.layers import resolve_layers
 from lightning_vdnn.microbatch import ChunkState, Rows, check_microbatches, split_rows
 from lightning_vdnn.pool import CopyEngine
+from lightning_vdnn.recompute import Recomputer
 
 #: Optimizers verified to update each parameter elementwise, from its own gradient and state only.
 SUPPORTED_OPTIMIZERS: tuple[type, ...] = (
@@ -100,6 +101,9 @@ class LayerStreamer:
         microbatches: chunks along dim 0 that each block runs one after another with its weights resident
             (layer-major): block internals hold 1/k of the batch, weights stream as often as with 1. Modules
             outside the blocks see the whole batch.
+        recompute_resident_from: resident blocks from this index on save only their inputs and recompute in
+            backward (``torch.utils.checkpoint``), as the streamed ones do: more of them fit a budget
+            (``residency.py``). None: every resident block keeps its activations.
 
     Raises:
         ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
@@ -121,7 +125,8 @@ class LayerStreamer:
     local_world = 1
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
-                 pin_memory: bool = True, resident: int = 0, microbatches: int = 1) -> None:
+                 pin_memory: bool = True, resident: int = 0, microbatches: int = 1,
+                 recompute_resident_from: Optional[int] = None) -> None:
         check_precision(precision)
         self.path, self.container = resolve_layers(root, layers)
         if not 0 <= resident < len(self.container):
@@ -130,6 +135,9 @@ class LayerStreamer:
                 f"on the device (at most {len(self.container) - 1}), so that at least one streams, or turn "
                 "layer streaming off if they all fit."
             )
+        if recompute_resident_from is not None and not 0 <= recompute_resident_from <= resident:
+            raise ValueError(f"recompute_resident_from={recompute_resident_from} must be between 0 and the "
+                             f"{resident} resident blocks.")
         self.microbatches = check_microbatches(microbatches, self.container, self.path)
         self.device = torch.device(device)
         self.engine = CopyEngine(self.device)
@@ -163,6 +171,10 @@ class LayerStreamer:
         self.h2d_bytes = self.d2h_bytes = 0
         self._marks, self._last_step = (0, 0), None
         self._forwards = []
+        #: resident blocks from this index on run under activation checkpointing (``residency.py``)
+        self.recompute_from = resident if recompute_resident_from is None else recompute_resident_from
+        self._recomputer = Recomputer(lambda: contextlib.nullcontext if torch.is_grad_enabled() else None)
+        self._recomputer.install(list(self.container)[self.recompute_from:resident])
         self.steppers: list[HostStepper] = []
         self.eager_updates = True
         self._calls = [0] * len(self.blocks)  # forward calls not yet matched by a backward, per block
@@ -183,10 +195,11 @@ class LayerStreamer:
 
     @classmethod
     def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device, precision: str = "32-true",
-                    resident: Optional[int] = None) -> "LayerStreamer":
+                    resident: Optional[int] = None, recompute_from: Optional[int] = None) -> "LayerStreamer":
         """The streamer ``config`` describes (``layers``, ``pin_memory``, ``resident_blocks``,
         ``microbatches``): how every entry point builds it. ``resident`` overrides ``resident_blocks``; an
-        entry point that chooses them from a budget (``residency.py``) passes its current choice.
+        entry point that chooses them from a budget (``residency.py``) passes its current choice, and the
+        resident blocks from ``recompute_from`` on that recompute their activations (None: none).
 
         Raises:
             NotImplementedError: ``resident_blocks`` is ``"auto"`` and ``resident`` is not given.
@@ -199,7 +212,7 @@ class LayerStreamer:
                 "streams every one).")
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.fixed_resident if resident is None else resident,
-                   microbatches=config.microbatches)
+                   microbatches=config.microbatches, recompute_resident_from=recompute_from)
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``sharded.py``): the host side of one streamed block."""
@@ -276,6 +289,7 @@ class LayerStreamer:
 
     def close(self) -> None:
         """Original forwards back, ordinary CPU parameters, device slots freed."""
+        self._recomputer.close()
         try:
             self.synchronize()
         finally:
@@ -303,7 +317,8 @@ class LayerStreamer:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
         before, and how long training waited for them (totals so far before the first step); the microbatches
         and the resident blocks."""
-        fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident}
+        fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident,
+                 "resident_recomputed_blocks": self.resident - self.recompute_from}
         if self._last_step is not None:
             return {**self._last_step, **fixed}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,

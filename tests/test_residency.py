@@ -7,6 +7,8 @@ prediction (which also counts activations, so predicts more), 3 overshoots it an
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -25,6 +27,7 @@ FLOOR = GiB  # the made-up all-streamed peak
 N = GPTConfig.from_name("gpt_tiny").n_layer
 
 
+@functools.cache  # once: building the model draws from the RNG, which a run's dropout must have to itself
 def true_cost() -> int:
     """What one gpt_tiny block holds on the device when resident under AdamW: weights, grads, two moments."""
     return 16 * sum(p.numel() for p in GPT(GPTConfig.from_name("gpt_tiny")).blocks[0].parameters())
@@ -77,6 +80,26 @@ def test_choice_is_the_most_leading_blocks_within_budget_and_monotone():
     assert choose(100, [30, 30, 30], 150, freed=[0, 0, 20]).resident == 2  # buffers no longer needed count
 
 
+def test_blocks_first_then_the_activations_that_still_fit():
+    """Resident blocks are maximised with their activations recomputed, then the leading ones keep theirs as far
+    as the budget allows; with activations offloaded (none to keep) every resident block keeps them."""
+    got = choose(100, [30] * 5, 200, activations=[10] * 5)
+    assert (got.resident, got.kept, got.recompute_from, got.predicted_peak) == (3, 1, 1, 200)
+    assert choose(100, [30] * 5, 220, activations=[10] * 5, most=3).kept == 3  # room for all: none recomputes
+    assert choose(100, [30] * 5, 200).recompute_from == 3  # activations offloaded: they cost the device nothing
+    assert choose(100, [30] * 5, 200, activations=[10] * 5, most=2).resident == 2
+
+
+def test_overshoot_gives_up_kept_activations_before_blocks():
+    planner = ResidencyPlanner(budget=230)
+    first = planner.profile(100, [30] * 5, [0] * 5, activations=[10] * 5)
+    assert (first.resident, first.kept) == (4, 1)
+    lower = planner.verify(235)  # 5 over: the floor rises to 105; four blocks still fit, no activations
+    assert (lower.resident, lower.kept) == (4, 0)
+    lower = planner.verify(240)  # over again: fewer blocks
+    assert lower.resident < 4
+
+
 def test_budget_below_the_all_streamed_peak_states_the_minimum():
     with pytest.raises(BudgetTooSmall, match=r"memory_budget=1\.00 GiB is below 2\.00 GiB.*at least 2\.00 GiB"):
         choose(2 * GiB, [MiB], GiB)
@@ -111,8 +134,35 @@ def test_auto_switches_between_steps_and_trains_exactly_as_plain(steps):
         FLOOR + k * true_cost())
     assert report.resident_measured_peak_bytes <= report.resident_predicted_peak_bytes <= report.resident_budget_bytes
     assert report.resident_predicted_peak_bytes >= FLOOR + k * true_cost()  # weights, grads, state, activations
-    assert f"{k} on the device (auto)" in str(report)
+    # 2.5 blocks of room: two resident, and the activations of one of them; the other recomputes its own
+    assert report.resident_recomputed_blocks == 1
+    assert f"{k} on the device, 1 recomputing (auto)" in str(report)
     assert len(meter.readings) == 1 + 3  # the profiling step, then three verifying the choice
+
+
+def test_a_resident_block_that_recomputes_runs_its_forward_again_in_backward():
+    """The second resident block (room for the activations of one) runs under activation checkpointing: its
+    forward runs twice in each step after the switch, the first block's once, and training equals plain, with
+    dropout (the recompute draws the same masks)."""
+    ref, _ = fit(lm(dropout=0.1), loader(), max_steps=3)
+    calls = [0, 0]
+
+    def make():
+        module = lm(dropout=0.1)()
+        for i in (0, 1):
+            own = module.model.blocks[i].forward
+
+            def counted(*args, i=i, own=own, **kwargs):
+                calls[i] += 1
+                return own(*args, **kwargs)
+
+            module.model.blocks[i].forward = counted
+        return module
+
+    got, _ = fit(make, loader(), auto(), max_steps=3)
+    assert_same_run(got, ref)
+    assert calls == [2 + 1 * 2, 2 + 2 * 2]  # step 1 streams both, which recompute them too; then 1 and 2 a step
+    assert [vars(b)["forward"].__name__ for b in got.model.blocks[:2]] == ["counted", "counted"]  # unwrapped
 
 
 def test_blocks_on_the_device_are_stepped_by_the_ordinary_optimizer_and_the_rest_on_the_host():
