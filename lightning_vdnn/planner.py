@@ -8,8 +8,8 @@ that no earlier layer saved, and what functional code after it saves), its forwa
 ``t`` one copy of ``b`` takes at the bandwidth the step's copies reached, and the compute ``w`` a copy can hide
 under. The profiling step runs before its optimizer step creates the optimizer state, which every later step holds
 through forward and backward: :class:`Later` raises the measured peaks by it. The plan is reused every step, and
-made again when the layers' input shapes change (an epoch's short last
-batch, a new sequence length) or a measured peak overshoots the prediction.
+made again when the layers' input shapes change (an epoch's short last batch, a new sequence length) or a
+measured peak overshoots the prediction.
 
 Cost model: time a layer adds to a step over keeping everything on the device, and memory it holds over ``floor``.
 
