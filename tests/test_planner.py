@@ -47,7 +47,8 @@ def test_everything_fits_moves_nothing_and_ties_prefer_the_tail():
 
 
 def test_budget_below_floor_states_the_minimum():
-    with pytest.raises(BudgetTooSmall, match=r"below 3\.00 GiB.*at least 3\.00 GiB"):
+    with pytest.raises(BudgetTooSmall,
+                       match=r"below 3\.00 GiB.*at least 3\.00 GiB.*strategy='l2l' with this memory_budget"):
         solve([MiB], 3 * 2**30, 2**30)
 
 
