@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Optional, Union
 
 import torch
@@ -84,6 +85,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
     elif name.startswith("l2l_mb"):  # l2l_mbK: l2l over K batches as layer-major microbatches
         name, extra = "l2l", {"microbatches": int(name[len("l2l_mb"):])}
+    elif chunked := re.fullmatch(r"(vdnn(?:_all)?)_c(\d+)", name):  # the conv trunk in K batch chunks
+        name, extra = chunked[1], {"batch_chunks": int(chunked[2]), "chunk_layers": "model.features"}
 
     if name not in StrategyRegistry:
         ours = sorted(set(getattr(lightning_vdnn, "REGISTERED", ())))

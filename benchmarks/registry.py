@@ -46,6 +46,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False),
     CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload",
              takes_budget=True, data_parallel=False),
+    CaseSpec("vdnn_all_c4", "lightning", "vdnn_all with the model's conv trunk run in 4 batch chunks "
+             "(batch_chunks=4, chunk_layers='model.features'; VGG)", data_parallel=False),
+    CaseSpec("vdnn_c4", "lightning", "vdnn (the planner) with the conv trunk in 4 batch chunks (VGG)",
+             takes_budget=True, data_parallel=False),
     CaseSpec("vdnn_none", "lightning", "Trainer(strategy='vdnn_none'): hooks installed, nothing moved",
              data_parallel=False),
     CaseSpec("l2l", "lightning", "Trainer(strategy='l2l'): L2L layer streaming (l2l@P%: the budget picks how "

@@ -65,12 +65,7 @@ def resolve_layers(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
                 f"Pass layers='<one of them>'."
             )
         return best[0], lists[best[0]]
-    try:
-        module = root.get_submodule(path)
-    except AttributeError:
-        raise ValueError(
-            f"layers={path!r} does not exist in {type(root).__name__}. Candidates: {_candidates(root)}."
-        ) from None
+    module = resolve_module(root, path, "layers", f"Candidates: {_candidates(root)}.")
     if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
         raise ValueError(
             f"layers={path!r} is a {type(module).__name__}, not an nn.ModuleList/nn.Sequential of blocks. "
@@ -83,3 +78,18 @@ def resolve_layers(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
             f"Candidates: {_candidates(root)}."
         )
     return path, module
+
+
+def resolve_module(root: nn.Module, path: str, argument: str, hint: Optional[str] = None) -> nn.Module:
+    """The submodule at dotted ``path`` under ``root``, which the user gave as ``argument``.
+
+    Raises:
+        ValueError: no such submodule; the message ends with ``hint`` (default: the modules two levels down).
+    """
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        if hint is None:
+            names = [n for n, _ in root.named_modules() if n and n.count(".") < 2]
+            hint = f"Modules: {names[:40]}{' ...' if len(names) > 40 else ''}."
+        raise ValueError(f"{argument}={path!r} does not exist in {type(root).__name__}. {hint}") from None

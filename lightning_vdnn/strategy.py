@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from torch.optim import Optimizer
 
 from lightning_vdnn.checkpoint import AtomicByDefault
+from lightning_vdnn.chunking import BatchChunks
 from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.host_outside import OutsideStepper, outside_params
@@ -65,6 +66,10 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
             through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
             Without layer streaming, a value above 1 raises ``ValueError``.
+        batch_chunks, chunk_layers: run the module at ``chunk_layers`` (``"model.features"``) over
+            ``batch_chunks`` dim-0 chunks of its batch, one after another (``chunking.py``): the working set of its
+            largest layers, which bounds the peak once activations are offloaded, shrinks k-fold. Not with
+            BatchNorm inside it, nor with layer streaming.
         fit_report: at the end of ``fit``, print a per-layer table (``rich``) and save a PNG of memory over one
             step in the log directory; ``None`` (default) does so when the Trainer summarizes the model
             (``enable_model_summary``, on by default).
@@ -114,6 +119,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
+        batch_chunks: int = 1,
+        chunk_layers: Optional[str] = None,
         zero_stage: int = 0,
         offload_optimizer: bool = False,
         offload_params: bool = False,
@@ -129,7 +136,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=layer_streaming,
             layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
-            microbatches=microbatches, zero_stage=zero_stage,
+            microbatches=microbatches, batch_chunks=batch_chunks, chunk_layers=chunk_layers, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
         if self.config.zero_stage:
@@ -148,6 +155,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         self._streamer: Optional[LayerStreamer] = None
         self._residency: Optional[AutoResidency] = None
         self._outside: list[OutsideStepper] = []
+        self._chunks: Optional[BatchChunks] = None
         #: what measures the device's peak for ``resident_blocks="auto"``; None: CUDA's allocator statistics
         #: (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
         self.peak_meter: Optional[PeakMeter] = None
@@ -197,6 +205,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
+        if self.config.batch_chunks > 1 and self._chunks is None:  # every stage: predict holds less too
+            self._chunks = BatchChunks(self.lightning_module, self.config.chunk_layers, self.config.batch_chunks)
         if self._streamer is not None and trainer.state.fn == "fit":
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
             if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
@@ -283,8 +293,11 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         streamer, outside = self._streamer, self._outside
         if streamer is not None:
             self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in streamer.steppers)
-        self._streamer, self._residency, self._eager_before, self._outside = None, None, 0, []
+        chunks = self._chunks
+        self._streamer, self._residency, self._eager_before, self._outside, self._chunks = None, None, 0, [], None
         with contextlib.ExitStack() as closing:  # last in, first out; each runs even if one before it raised
+            if chunks is not None:
+                closing.callback(chunks.close)
             closing.callback(self._close_offloader)
             for stepper in reversed(outside):  # after the blocks' steppers, which wrap it
                 closing.callback(stepper.close)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -427,3 +428,16 @@ def test_compare_recipe_prints_one_table(tmp_path):
     assert rows[0]["offloaded_bytes"] == 0 and rows[1]["offloaded_bytes"] > 0
     assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-5)
     assert out.stdout.count("lightning_vdnn compare") == 1 and "vdnn_all" in out.stdout
+
+
+def test_train_recipe_runs_the_cnn_with_a_chunked_trunk(tmp_path):
+    """The README's CNN command with the trunk chunked: its defaults validate every 100 batches, which must not
+    be refused for data with fewer batches per epoch (data=images has 64)."""
+    cmd = [sys.executable, str(ROOT / "recipes/train.py"), "model=vgg", "data=images", "strategy=vdnn_all",
+           "strategy.batch_chunks=2", "strategy.chunk_layers=model.features", "strategy.min_offload_bytes=0",
+           "trainer.max_steps=2", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    offloaded = re.search(r"activations offloaded\s+([0-9.]+) GiB in (\d+) tensors", out.stdout)
+    assert offloaded and int(offloaded[2]) > 0
