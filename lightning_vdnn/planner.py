@@ -181,9 +181,10 @@ def _check_budget(floor: int, budget: int) -> None:
         raise BudgetTooSmall(
             f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
             f"every activation offloaded. Raise memory_budget to at least {floor / GiB:.2f} GiB, make the step "
-            "smaller (batch size, sequence length), or, where weights and optimizer state fill that peak, move "
-            "them to host memory: layer streaming (strategy='l2l' with this memory_budget keeps on the device "
-            "as many blocks as fit)."
+            "smaller (batch size, sequence length), run the largest layers in batch chunks (batch_chunks=4, "
+            "chunk_layers='<their module>', e.g. a CNN's 'model.features'), or, where weights and optimizer state "
+            "fill that peak, move them to host memory: layer streaming (strategy='l2l' with this memory_budget "
+            "keeps on the device as many blocks as fit)."
         )
 
 

@@ -48,7 +48,8 @@ def test_everything_fits_moves_nothing_and_ties_prefer_the_tail():
 
 def test_budget_below_floor_states_the_minimum():
     with pytest.raises(BudgetTooSmall,
-                       match=r"below 3\.00 GiB.*at least 3\.00 GiB.*strategy='l2l' with this memory_budget"):
+                       match=r"below 3\.00 GiB.*at least 3\.00 GiB.*batch_chunks=4, chunk_layers=.*"
+                             r"strategy='l2l' with this memory_budget"):
         solve([MiB], 3 * 2**30, 2**30)
 
 
