@@ -121,6 +121,7 @@ class ActivationOffload:
     """
 
     def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
+        config.refuse_chunks("offload_activations (a plain loop)")
         self.model, self.config = model, config
         self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint

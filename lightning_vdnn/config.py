@@ -189,6 +189,18 @@ class VDNNConfig:
             raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
         self._check_built()
 
+    def refuse_chunks(self, entry: str) -> None:
+        """Entry points other than ``VDNNStrategy`` do not chunk: refuse rather than ignore ``batch_chunks``.
+
+        Raises:
+            NotImplementedError: ``batch_chunks`` > 1.
+        """
+        if self.batch_chunks > 1:
+            raise NotImplementedError(
+                f"batch_chunks={self.batch_chunks} is built for VDNNStrategy (the Lightning Trainer on one device), "
+                f"not for {entry}. Use Trainer(strategy=VDNNStrategy(batch_chunks=..., chunk_layers=...)), or "
+                "batch_chunks=1.")
+
     def _check_chunks(self) -> None:
         chunks, path = self.batch_chunks, self.chunk_layers
         if chunks < 1:

@@ -91,6 +91,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
             max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
             memory_budget=memory_budget), layer_streaming=layer_streaming, resident_blocks=resident_blocks,
             microbatches=microbatches)
+        self.config.refuse_chunks("VDNNFabricStrategy")
         if self.config.zero_stage:
             raise ValueError(f"zero_stage={self.config.zero_stage}: DeepSpeed ZeRO is Lightning-only "
                              "(Trainer(strategy='vdnn_zeroN')); VDNNFabricStrategy trains on one device.")

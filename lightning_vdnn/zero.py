@@ -174,6 +174,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             resident_blocks=resident_blocks, zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
+        self.vdnn_config.refuse_chunks("VDNNZeroStrategy (DeepSpeed)")
         if not self.vdnn_config.zero_stage:
             raise ValueError(
                 "VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For one device without DeepSpeed "

@@ -115,3 +115,16 @@ def test_a_module_that_does_not_return_the_batch_first_is_refused():
     with pytest.raises(ValueError, match=r"returned \(16, 4, 4\) for a chunk of shape \(4, 3, 16, 16\).*batch-first"):
         fit(lambda: module, image_loader(), VDNNStrategy("all", batch_chunks=4, chunk_layers="net.features"),
             max_steps=1)
+
+
+def test_entry_points_without_chunking_refuse_it_rather_than_ignore_it():
+    from lightning_vdnn import VDNNZeroStrategy
+    from lightning_vdnn.api import ActivationOffload
+    from lightning_vdnn.fabric import VDNNFabricStrategy
+
+    config = VDNNConfig(batch_chunks=2, chunk_layers="features")
+    for build, entry in [(lambda: VDNNZeroStrategy(zero_stage=2, vdnn_config=config), "VDNNZeroStrategy"),
+                         (lambda: VDNNFabricStrategy(config=config), "VDNNFabricStrategy"),
+                         (lambda: ActivationOffload(vgg().net, config), "offload_activations")]:
+        with pytest.raises(NotImplementedError, match=rf"batch_chunks=2 is built for VDNNStrategy .* not for {entry}"):
+            build()
