@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.host_blocks import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Later, Plan, device_budget
@@ -124,7 +125,7 @@ class OffloadHooks:
         if self._watching_cuda():
             torch.cuda.reset_peak_memory_stats(self.root_device)
             if self._planner.profiling and self._state_before is None:
-                self._state_before = state_bytes(self.optimizers, self.root_device)
+                self._state_before = optimizer_state_bytes(self.optimizers, device=self.root_device)
         with self._offloader.capture():
             return super().training_step(*args, **kwargs)
 
@@ -238,8 +239,9 @@ class OffloadHooks:
             peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
         later = None
         if planner.profiling and peak is not None and self._state_before is not None:
-            later = Later(state=state_bytes(self.optimizers, self.root_device) - self._state_before,
-                          grads=grad_bytes(self.lightning_module, self.root_device), backward_peak=self._backward_peak)
+            state = optimizer_state_bytes(self.optimizers, device=self.root_device) - self._state_before
+            later = Later(state=state, grads=grad_bytes(self.lightning_module, self.root_device),
+                          backward_peak=self._backward_peak)
             self._state_before = None
         plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
         offloader.set_plan(planner.keep, planner.recomputed)
@@ -297,12 +299,6 @@ def plan_message(plan: Plan) -> str:
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")
     )
-
-
-def state_bytes(optimizers: list[Optimizer], device: torch.device) -> int:
-    """Bytes of optimizer state on ``device`` (the first step creates it: the profiling step runs without)."""
-    return sum(v.nbytes for opt in optimizers for st in opt.state.values() if isinstance(st, dict)
-               for v in st.values() if isinstance(v, Tensor) and v.device == device)
 
 
 def grad_bytes(module: nn.Module, device: torch.device) -> int:

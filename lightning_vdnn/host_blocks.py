@@ -216,3 +216,18 @@ def state_to_device(optimizer: Optimizer, params: Iterable[Tensor], device: torc
                 continue
             if key != "step" or device.type == "cpu" or id(p) in beside:
                 state[key] = value.to(device)
+
+
+def optimizer_state_bytes(optimizers: Iterable[Optimizer], params: Optional[Iterable[Tensor]] = None,
+                          device: Optional[torch.device] = None) -> int:
+    """Bytes of per-element optimizer state (not ``step`` counts) of ``params`` (default: every parameter with
+    state), on ``device`` only if given."""
+    total = 0
+    for opt in optimizers:
+        states = opt.state.values() if params is None else (opt.state.get(p, {}) for p in params)
+        for state in states:
+            if not isinstance(state, dict):
+                continue
+            total += sum(v.nbytes for k, v in state.items()
+                         if isinstance(v, Tensor) and k != "step" and (device is None or v.device == device))
+    return total

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_vdnn.host_blocks import state_to_device
+from lightning_vdnn.host_blocks import optimizer_state_bytes, state_to_device
 from lightning_vdnn.planner import GiB, BudgetTooSmall
 from lightning_vdnn.streaming import LayerStreamer
 
@@ -123,8 +122,7 @@ def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer]) -> lis
     for b in streamer.blocks:
         weights = sum(p.numel() * p.element_size() for p in b.params)
         grads = sum(p.numel() * p.element_size() for p in b.params if p.requires_grad)
-        state = sum(v.nbytes for opt in optimizers for p in b.params for key, v in opt.state.get(p, {}).items()
-                    if isinstance(v, Tensor) and key != "step")
+        state = optimizer_state_bytes(optimizers, b.params)
         costs.append(weights + grads + state + b.numel * casts)
     return costs
 
