@@ -17,16 +17,13 @@ dropout (other draws, the same distribution). BatchNorm is refused: its statisti
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_vdnn.layers import resolve_module
-
-_NONE = object()
+from lightning_vdnn.layers import resolve_module, wrap_forward
 
 
 class BatchChunks:
@@ -46,11 +43,8 @@ class BatchChunks:
                     "cover a chunk, not the batch. Use batch_chunks=1, or chunk a module without BatchNorm (or one "
                     "with per-sample norms: LayerNorm, GroupNorm).")
         self.path, self.chunks = path, chunks
-        self._own = vars(self.module).get("forward", _NONE)
-        own = self._own if self._own is not _NONE else self.module.forward
 
-        @functools.wraps(own)
-        def forward(x: Any, *args: Any, **kwargs: Any) -> Tensor:
+        def forward(own: Callable[..., Any], x: Any, *args: Any, **kwargs: Any) -> Tensor:
             if not isinstance(x, Tensor) or x.dim() == 0:
                 raise TypeError(f"batch_chunks splits dim 0 of the first argument of {path!r}, which got "
                                 f"{type(x).__name__ if not isinstance(x, Tensor) else 'a 0-d tensor'}.")
@@ -64,11 +58,8 @@ class BatchChunks:
                         f"shape {tuple(piece.shape)}: the module must return one batch-first tensor.")
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        self.module.forward = forward
+        self._restore = wrap_forward(self.module, forward)
 
     def close(self) -> None:
         """The module's own ``forward`` back."""
-        if self._own is _NONE:
-            vars(self.module).pop("forward", None)
-        else:
-            self.module.forward = self._own
+        self._restore()

@@ -1,10 +1,15 @@
-"""Finding the repeated blocks of a model: the unit vDNN prefetches by and L2L streams by."""
+"""Finding the repeated blocks of a model: the unit vDNN prefetches by and L2L streams by; and wrapping a found
+module's ``forward`` on the instance, so the user's code stays untouched."""
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import types
+from typing import Any, Callable, Optional
 
 from torch import nn
+
+_NONE = object()
 
 
 def block_lists(root: nn.Module) -> dict[str, nn.Module]:
@@ -93,3 +98,25 @@ def resolve_module(root: nn.Module, path: str, argument: str, hint: Optional[str
             names = [n for n, _ in root.named_modules() if n and n.count(".") < 2]
             hint = f"Modules: {names[:40]}{' ...' if len(names) > 40 else ''}."
         raise ValueError(f"{argument}={path!r} does not exist in {type(root).__name__}. {hint}") from None
+
+
+def wrap_forward(module: nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
+    """Make ``module(...)`` run ``wrapper(inner, *args, **kwargs)``, where ``inner`` is the forward the module had;
+    returns what puts that forward back. Set on the instance and bound to it (``MethodType``): a deepcopy of the
+    module (EMA, SWA) runs its own forward, not the original's."""
+    own = vars(module).get("forward", _NONE)
+
+    @functools.wraps(type(module).forward)
+    def forward(this: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inner = own if own is not _NONE else functools.partial(type(this).forward, this)
+        return wrapper(inner, *args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+
+    def restore() -> None:
+        if own is _NONE:
+            vars(module).pop("forward", None)
+        else:
+            module.forward = own
+
+    return restore

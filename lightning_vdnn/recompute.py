@@ -19,17 +19,16 @@ asks ``decide`` at each call. It is removed when the plan changes (:meth:`Recomp
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_vdnn.layers import wrap_forward
+
 #: What ``decide`` returns for a call to recompute: a context manager factory that times the recompute.
 Timer = Callable[[], ContextManager]
-_NONE = object()
 
 
 class Recomputer:
@@ -42,32 +41,28 @@ class Recomputer:
 
     def __init__(self, decide: Callable[[], Optional[Timer]]) -> None:
         self._decide = decide
-        self._own: dict[nn.Module, Any] = {}  # wrapped module -> its instance ``forward`` before (or _NONE)
+        self._restore: dict[nn.Module, Callable[[], None]] = {}  # wrapped module -> what unwraps it
 
     @property
     def modules(self) -> frozenset[nn.Module]:
-        return frozenset(self._own)
+        return frozenset(self._restore)
 
     def install(self, modules: Iterable[nn.Module]) -> None:
         """Wrap exactly ``modules``: unwrap the others, wrap the new ones."""
         wanted = {id(m): m for m in modules}
-        for module in [m for m in self._own if id(m) not in wanted]:
+        for module in [m for m in self._restore if id(m) not in wanted]:
             self._unwrap(module)
         for module in wanted.values():
-            if module not in self._own:
+            if module not in self._restore:
                 self._wrap(module)
 
     def close(self) -> None:
         self.install(())
 
     def _wrap(self, module: nn.Module) -> None:
-        own = self._own[module] = vars(module).get("forward", _NONE)
         decide = self._decide
 
-        @functools.wraps(type(module).forward)
-        def forward(this: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            # bound to the instance (``MethodType``): a deepcopy of the module (EMA, SWA) runs its own forward
-            inner = own if own is not _NONE else functools.partial(type(this).forward, this)
+        def forward(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             timer = decide()
             if timer is None:
                 return inner(*args, **kwargs)
@@ -83,14 +78,10 @@ class Recomputer:
             return checkpoint(_replay(call, timer), *args, *(kwargs[k] for k in names), use_reentrant=False,
                               preserve_rng_state=True)
 
-        module.forward = types.MethodType(forward, module)
+        self._restore[module] = wrap_forward(module, forward)
 
     def _unwrap(self, module: nn.Module) -> None:
-        own = self._own.pop(module)
-        if own is _NONE:
-            vars(module).pop("forward", None)
-        else:
-            module.forward = own
+        self._restore.pop(module)()
 
 
 def _replay(run: Callable[..., Any], timer: Timer) -> Callable[..., Any]:

@@ -128,3 +128,21 @@ def test_entry_points_without_chunking_refuse_it_rather_than_ignore_it():
                          (lambda: ActivationOffload(vgg().net, config), "offload_activations")]:
         with pytest.raises(NotImplementedError, match=rf"batch_chunks=2 is built for VDNNStrategy .* not for {entry}"):
             build()
+
+
+def test_a_copy_of_a_chunked_module_runs_its_own_weights():
+    """EMA or SWA callbacks deepcopy the model while it is chunked: the copy computes with its own weights."""
+    import copy
+
+    from lightning_vdnn.chunking import BatchChunks
+
+    module = vgg()
+    chunks = BatchChunks(module, "net.features", 4)
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in twin.net.features.parameters():
+            p.mul_(2)
+    x = torch.randn(8, 3, 16, 16)
+    assert not torch.allclose(twin.net.features(x), module.net.features(x))
+    chunks.close()
+    assert "forward" not in vars(module.net.features)
