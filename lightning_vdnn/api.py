@@ -126,7 +126,8 @@ class ActivationOffload:
         self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
         self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device),
-                                   recompute=not config.layer_streaming) if auto else None
+                                   recompute=not config.layer_streaming,
+                                   warmup=int(self.offloader.device.type == "cuda")) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)

@@ -76,7 +76,8 @@ class OffloadHooks:
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
-            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=self._plans_recompute())
+            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=self._plans_recompute(),
+                                        warmup=int(self.root_device.type == "cuda"))
 
     def on_exception(self, exception: BaseException) -> None:
         self._release()

@@ -286,7 +286,11 @@ class ActivationOffloader:
 
     def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
         eng = self.engine
+        timeline = self._trace.timeline if eng.is_cuda else None
+        before = eng.record() if timeline is not None and self.pool.would_allocate(nbytes) else None
         host, last_reader = self.pool.acquire(nbytes)
+        if before is not None:
+            timeline.stalled(before, eng.record())  # pinning new host memory blocks the CPU: not the layer's time
         src = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, lo, (nbytes,), (1,))
         produced = eng.record()
         with eng.stream(eng.d2h):

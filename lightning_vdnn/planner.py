@@ -1,7 +1,8 @@
 """What ``activation_offload="auto"`` does with each layer's saved activations, given a memory budget: keep them on
 the device, offload them to the host, or recompute the layer in backward.
 
-Profile. The first step offloads everything (safe: the least device memory it can take) and is measured: its
+Profile. The first step offloads everything (safe: the least device memory it can take) and is measured (on a GPU
+the second: the first is a warm-up, slowed by library set-up and by pinning the host buffers, see ``warmup``): its
 peak, ``floor``; the peak when forward ends, ``forward_peak``; and per layer a :class:`LayerProfile` (``trace.py``,
 ``probe.py``): the bytes it saves for backward ``b``, what it would still save if recomputed ``r`` (its inputs
 that no earlier layer saved, and what functional code after it saves), its forward compute time ``f``, the time
@@ -41,8 +42,9 @@ back and the plan made again; when the plan made again is the same plan, the mod
 and the next steps run the profiling step's plan, which fit, keeping and recomputing nothing): copies queue on one
 stream, so a long copy spills into the next windows, or hides under several short layers; a recomputed layer
 whose input an earlier layer offloaded waits for that copy at the start of its backward. (The profiling step's
-layer times leave out compute's waits for the in-flight cap: with them, on a PCIe-bound GPU, every layer looked
-as slow as its copy, offloading looked free and recomputing dear; run 8 planned gpt_1b at 75% with no recompute.)
+layer times leave out compute's waits for the in-flight cap and for the host pinning buffers: with them every
+layer looked slow, offloading looked free and recomputing dear; runs 8 and 9 planned gpt_1b at 75% with no
+recompute.)
 
 ``solve`` keeps the keep-or-offload model with step time proportional to the bytes moved (a GPU bound by PCIe):
 the subset-sum that keeps the most bytes that fit.
@@ -51,7 +53,7 @@ the subset-sum that keeps the most bytes that fit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -300,6 +302,18 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
     )
 
 
+def least_times(layers: Sequence[LayerProfile], earlier: Sequence[Sequence[LayerProfile]]) -> list[LayerProfile]:
+    """``layers`` with each time the least of its own and those of the ``earlier`` passes of the same layers
+    (passes with other layers or shapes are passed over)."""
+    out = list(layers)
+    for other in earlier:
+        if len(other) != len(out) or any(p.inputs != q.inputs for p, q in zip(out, other)):
+            continue
+        out = [replace(p, forward_ms=min(p.forward_ms, q.forward_ms), transfer_ms=min(p.transfer_ms, q.transfer_ms),
+                       overlap_ms=min(p.overlap_ms, q.overlap_ms)) for p, q in zip(out, other)]
+    return out
+
+
 class AutoPlanner:
     """Profile, plan, verify: the first pass offloads everything and measures; later passes run the plan and
     re-plan when shapes change or the measured peak overshoots the budget.
@@ -309,12 +323,20 @@ class AutoPlanner:
         granule: rounding of sizes in the solver.
         recompute: whether plans may recompute layers (off where something else owns the layers' forward:
             layer streaming, DeepSpeed ZeRO-3's parameter hooks).
+        warmup: profiling passes before the one planned from. A device's first step times more than the layers:
+            library set-up and the allocators' growth (run 9: gpt_1b's layers took 0.6-2 s each in its first step,
+            1.6-3.7 ms once warm). Each layer's times are the least seen over the passes; the bytes and peaks are
+            the last pass's, which already holds the optimizer state (so :class:`Later` is not applied).
     """
 
-    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True) -> None:
+    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True, warmup: int = 0) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup={warmup!r} must be a number of passes >= 0.")
         self.budget = budget
         self.granule = granule
         self.recompute = recompute
+        self.warmup = warmup
+        self._profiles: list[list[LayerProfile]] = []  # the warm-up passes so far
         self.plan: Optional[Plan] = None
         self.measured_peak: Optional[int] = None
         self._floor: Optional[int] = None
@@ -356,11 +378,16 @@ class AutoPlanner:
         if peak is None:
             return None
         self.measured_peak = peak
-        if self.plan is None:  # the profiling pass: everything was offloaded
+        if self.plan is None:  # a profiling pass: everything was offloaded
+            if len(self._profiles) < self.warmup:
+                self._profiles.append(layers)
+                return None
+            warmed, self._profiles, self.warmup = self._profiles, [], 0  # once: later re-profiles plan at once
+            layers = least_times(layers, warmed)
             if not self.recompute:
                 layers = [LayerProfile(p.saved_bytes, None, p.forward_ms, p.transfer_ms, p.overlap_ms, p.inputs)
                           for p in layers]
-            if later is not None:
+            if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
             return self._replan()

@@ -113,6 +113,11 @@ class HostBufferPool:
             self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
         return buf, evt
 
+    def would_allocate(self, nbytes: int) -> bool:
+        """Whether :meth:`acquire` of ``nbytes`` would have to allocate (and, pinned, block the host)."""
+        with self._lock:
+            return not self._free.get(size_class(nbytes))
+
     def release(self, buf: torch.Tensor, last_reader: Optional[object] = None) -> None:
         with self._lock:
             self._free[buf.numel()].append((buf, last_reader))

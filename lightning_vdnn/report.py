@@ -39,10 +39,10 @@ class LayerStats:
         decision: ``"keep"``, ``"offload"`` or ``"recompute"``: the plan's choice under ``"auto"`` (a recomputed
             layer's ``saved_bytes`` are what it still saves: its inputs and the code after it); under a fixed
             policy, ``"offload"`` when anything of the layer moved.
-        forward_ms: time from this layer's forward pre-hook to the next layer's (or the end of forward) in the
-            latest watched step (the planner's profiling or verification steps, a fixed policy's first step);
-            None if not measured. Includes the offload hooks' own work; on a CPU device that is the copy to
-            the host buffer itself, so CPU times are upper bounds.
+        forward_ms: the layer's forward compute in the latest watched step (the planner's profiling or
+            verification steps, a fixed policy's first step), from its forward pre-hook to its return, less the
+            time compute waited for copies or for the host to pin memory: what the planner takes a recompute to
+            cost. None if not measured. On a CPU device copies run inline and are left out as well.
         recompute_ms: time its forward took again in backward in the latest pass (``"recompute"`` only, else
             None), the inputs it brought back included.
     """

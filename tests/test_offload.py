@@ -122,8 +122,10 @@ def test_pool_reuses_buffers_and_rounds_sizes():
     for n in (5000, 10**6, 3 * 2**20 + 1):
         assert n <= size_class(n) <= n * 1.25 + 4096
     pool = HostBufferPool(pin_memory=False)
+    assert pool.would_allocate(10**6)
     a, _ = pool.acquire(10**6)
     pool.release(a)
+    assert not pool.would_allocate(10**6 - 100) and pool.would_allocate(2 * 10**6)  # what the profile times
     b, _ = pool.acquire(10**6 - 100)
     assert b.data_ptr() == a.data_ptr() and pool.allocations == 1
 
