@@ -38,13 +38,15 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
     from benchmarks.measure import summarize
     from benchmarks.registry import devices_status, split_case
-    from benchmarks.workloads import build, repeated
+    from benchmarks.workloads import build, chunked_loss, repeated
 
     spec, _ = split_case(args.case)
     refusal = devices_status(spec, args.devices)
     if refusal:
         raise NotImplementedError(refusal.removeprefix("n/a: "))
     w = repeated(build(args.model, device), spec.accumulate)
+    if spec.loss_chunks:
+        w = chunked_loss(w, spec.loss_chunks)
     n = args.warmup + args.steps
     row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
     if spec.kind == "peer":

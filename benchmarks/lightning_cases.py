@@ -83,6 +83,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     extra = {}
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
+    elif name == "l2l_lean":  # l2l at its least device memory (the loss in chunks is the workload's)
+        name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True}
     elif name.startswith("l2l_mb"):  # l2l_mbK: l2l over K batches as layer-major microbatches
         name, extra = "l2l", {"microbatches": int(name[len("l2l_mb"):])}
     elif chunked := re.fullmatch(r"(vdnn(?:_all)?)_c(\d+)", name):  # the conv trunk in K batch chunks

@@ -22,6 +22,8 @@ class CaseSpec:
         accumulate: optimizer steps cover this many of the model's batches (the batch repeated along dim 0):
             gradient accumulation for a raw loop, layer-major ``microbatches`` for L2L. Compare its tokens/s
             (or images/s) with ``plain``; its step time covers ``accumulate`` batches.
+        loss_chunks: GPT only: the loss's logits made this many pieces of the tokens at a time
+            (``lightning_vdnn.chunked_cross_entropy``); 0 leaves the workload's loss alone.
     """
 
     name: str
@@ -30,6 +32,7 @@ class CaseSpec:
     takes_budget: bool = False
     data_parallel: bool = True
     accumulate: int = 1
+    loss_chunks: int = 0
 
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in [
@@ -63,6 +66,9 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False),
     CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)",
              data_parallel=False),
+    CaseSpec("l2l_lean", "lightning", "L2L at its least device memory: block inputs offloaded "
+             "(activation_offload='all'), the head's and embeddings' optimizer on the host (offload_optimizer=True), "
+             "the loss in 8 chunks (GPT)", data_parallel=False, loss_chunks=8),
     CaseSpec("l2l_zero", "lightning", "Trainer(strategy='l2l_zero'): L2L on every rank, each rank keeping and "
              "updating 1/N of the blocks' host state (DDP for the rest)"),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",

@@ -67,6 +67,13 @@ def flat_weights(model: nn.Module) -> None:
     model.to(memory_format=torch.contiguous_format)
 
 
+def chunked_loss(w: Workload, chunks: int) -> Workload:
+    """``w`` with its GPT loss made ``chunks`` pieces of the tokens at a time (``GPT.loss``)."""
+    if w.family != "gpt":
+        raise NotImplementedError(f"a loss in chunks is for the GPT models; {w.name} is a {w.family}.")
+    return dataclasses.replace(w, loss=lambda model, batch: model.loss(*batch, chunks))
+
+
 def repeated(w: Workload, k: int) -> Workload:
     """``w`` with its batch repeated ``k`` times along dim 0: the global batch of ``k`` accumulated batches."""
     if k == 1:

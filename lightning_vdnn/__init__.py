@@ -10,6 +10,7 @@ plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face A
 
 from lightning_vdnn.api import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
+from lightning_vdnn.loss import chunked_cross_entropy
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.report import LayerStats, MemoryReport, MemorySample
 from lightning_vdnn.retry import BudgetLowered, StepOutOfMemory
@@ -36,6 +37,7 @@ __all__ = [
     "VDNNFabricStrategy",
     "VDNNStrategy",
     "VDNNZeroStrategy",
+    "chunked_cross_entropy",
     "offload_activations",
     "stream_layers",
     "parse_memory_budget",

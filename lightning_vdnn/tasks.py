@@ -57,10 +57,15 @@ class LanguageModel(L.LightningModule):
         max_steps: int = 1000,
         min_lr_ratio: float = 0.1,
         compile: bool = False,
+        loss_chunks: int = 1,
         **overrides: Any,
     ) -> None:
         super().__init__()
+        if isinstance(loss_chunks, bool) or not isinstance(loss_chunks, int) or loss_chunks < 1:
+            raise ValueError(f"loss_chunks={loss_chunks!r} must be a positive integer: the number of pieces the "
+                             "head's logits are made in (1: all at once).")
         self.save_hyperparameters()
+        self.loss_chunks = loss_chunks
         if overrides and not isinstance(model, str):
             raise ValueError(f"Field overrides {sorted(overrides)} need a config name, not a GPTConfig.")
         self.config = GPTConfig.from_name(model, **overrides) if isinstance(model, str) else model
@@ -74,8 +79,7 @@ class LanguageModel(L.LightningModule):
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
-        logits = self.model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        return self.model.loss(x, y, self.loss_chunks)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
 # Cases that must work on a CPU; the others are exercised only for how they fail.
-GPT_CASES = ["plain", "lightning_plain", "checkpoint", "vdnn_all", "vdnn_zero3"]
+GPT_CASES = ["plain", "lightning_plain", "checkpoint", "vdnn_all", "vdnn_zero3", "l2l_lean"]
 VGG_CASES = ["plain", "save_on_cpu", "fsdp2_offload", "vdnn_all_c4"]
 CRASHED = "checkpoint"
 # --devices 2: the comparison (DDP plain, DeepSpeed's ZeRO-3 offload, ours), and a single-device strategy

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_vdnn.loss import chunked_cross_entropy
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
@@ -203,6 +205,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """``idx[B, T]`` token ids -> ``logits[B, T, vocab_size]``."""
+        return self.lm_head(self.hidden(idx))
+
+    def loss(self, idx: Tensor, targets: Tensor, chunks: int = 1) -> Tensor:
+        """Next-token cross-entropy of ``idx[B, T]`` against ``targets[B, T]``; ``chunks > 1`` makes the logits a
+        chunk of tokens at a time (:func:`~lightning_vdnn.loss.chunked_cross_entropy`)."""
+        return chunked_cross_entropy(self.hidden(idx), self.lm_head, targets, chunks)
+
+    def hidden(self, idx: Tensor) -> Tensor:
+        """``idx[B, T]`` token ids -> the final hidden states ``[B, T, n_embd]`` (after the last norm)."""
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"Sequence length {T} exceeds block_size={self.config.block_size}.")
@@ -212,7 +223,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix once). ``non_embedding`` drops the lookup-only tables
