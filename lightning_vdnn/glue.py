@@ -241,13 +241,19 @@ class OffloadHooks:
         later = None
         if planner.profiling and peak is not None and self._state_before is not None:
             state = optimizer_state_bytes(self.optimizers, device=self.root_device) - self._state_before
-            later = Later(state=state, grads=grad_bytes(self.lightning_module, self.root_device),
+            held = 0 if self._frees_grads_early() else grad_bytes(self.lightning_module, self.root_device)
+            later = Later(state=state, grads=held,
                           backward_peak=self._backward_peak)
             self._state_before = None
         plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
         offloader.set_plan(planner.keep, planner.recomputed)
         if plan is not None:
             rank_zero_info(plan_message(plan))
+
+    def _frees_grads_early(self) -> bool:
+        """Whether the last step's gradients are freed as the next batch starts (``grads.py``), not held through
+        its forward."""
+        return False
 
     # -- the end of fit -----------------------------------------------------------------------------------
     def on_train_end(self) -> None:

@@ -17,6 +17,7 @@ from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.chunking import BatchChunks
 from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
+from lightning_vdnn.grads import free_stale_grads, frees_early
 from lightning_vdnn.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
@@ -230,8 +231,12 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
+        free_stale_grads(self.lightning_module.trainer, batch_idx)
         if self._residency is not None and self._streamer is not None:
             self._place_blocks()
+
+    def _frees_grads_early(self) -> bool:
+        return frees_early(self.lightning_module.trainer)
 
     def _place_blocks(self) -> None:
         """``resident_blocks="auto"``, between two steps: measure, choose, and switch the streamer if the
