@@ -19,7 +19,7 @@ from torch import nn
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import AutoPlanner, device_budget
+from lightning_vdnn.planner import AutoPlanner
 from lightning_vdnn.report import MemoryReport
 from lightning_vdnn.streaming import LayerStreamer
 
@@ -125,9 +125,8 @@ class ActivationOffload:
         self.model, self.config = model, config
         self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
-        self.planner = AutoPlanner(device_budget(config.budget, self.offloader.device),
-                                   recompute=not config.layer_streaming,
-                                   warmup=int(self.offloader.device.type == "cuda")) if auto else None
+        self.planner = AutoPlanner.for_device(config.budget, self.offloader.device,
+                                              recompute=not config.layer_streaming) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)

@@ -29,7 +29,7 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.host_blocks import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Later, Plan, device_budget
+from lightning_vdnn.planner import UNBOUNDED, AutoPlanner, Later, Plan
 from lightning_vdnn.report import MemoryReport, format_bytes, print_report
 from lightning_vdnn.retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message, running_stats)
@@ -76,8 +76,7 @@ class OffloadHooks:
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
-            self._planner = AutoPlanner(device_budget(cfg.budget, self.root_device), recompute=self._plans_recompute(),
-                                        warmup=int(self.root_device.type == "cuda"))
+            self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute())
 
     def on_exception(self, exception: BaseException) -> None:
         self._release()

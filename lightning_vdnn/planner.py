@@ -345,6 +345,12 @@ class AutoPlanner:
         self._slack = 0  # raised when a measured peak overshoots a prediction
         self._since_plan = 0
 
+    @classmethod
+    def for_device(cls, budget: Optional[MemoryBudget], device: torch.device, recompute: bool = True) -> "AutoPlanner":
+        """The planner of steps on ``device``: the user's ``budget`` resolved there (:func:`device_budget`), and on a
+        GPU one warm-up pass before the profile (see ``warmup``)."""
+        return cls(device_budget(budget, device), recompute=recompute, warmup=int(device.type == "cuda"))
+
     @property
     def keep(self) -> Optional[frozenset[int]]:
         """Layers whose saves stay on the device in the next pass (kept or recomputed); None: offload everything

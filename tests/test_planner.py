@@ -334,3 +334,13 @@ def test_warmup_passes_are_profiled_and_planned_from_with_their_least_times():
 def test_bad_warmup_names_the_value():
     with pytest.raises(ValueError, match=r"warmup=-1 .*>= 0"):
         AutoPlanner(budget=100 * MiB, warmup=-1)
+
+
+def test_a_planner_for_the_host_plans_from_its_first_pass():
+    """Warm-up is for a GPU's first step (library set-up, pinning); on the host the first pass is the profile."""
+    from lightning_vdnn.config import parse_memory_budget
+    from lightning_vdnn.planner import UNBOUNDED
+
+    p = AutoPlanner.for_device(None, torch.device("cpu"), recompute=False)
+    assert (p.warmup, p.budget, p.recompute) == (0, UNBOUNDED, False)
+    assert AutoPlanner.for_device(parse_memory_budget("1GiB"), torch.device("cpu")).budget == 2**30
