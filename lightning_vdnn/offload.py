@@ -286,7 +286,7 @@ class ActivationOffloader:
 
     def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
         eng = self.engine
-        timeline = self._trace.timeline if eng.is_cuda else None
+        timeline = self._gpu_timeline
         before = eng.record() if timeline is not None and self.pool.would_allocate(nbytes) else None
         host, last_reader = self.pool.acquire(nbytes)
         if before is not None:
@@ -315,6 +315,13 @@ class ActivationOffloader:
         self._throttle()
         return entry
 
+    @property
+    def _gpu_timeline(self) -> Optional[PassTimeline]:
+        """The watched pass's timeline on a GPU, where what stalls compute (copy waits, pinning) is not a layer's
+        time; None otherwise (a CPU device copies inline, and ``PassTimeline.copied`` counts that)."""
+        trace = self._trace
+        return trace.timeline if trace is not None and self.engine.is_cuda else None
+
     def _poll(self) -> None:
         """Let go of device sources whose copy to the host has finished (frees their memory)."""
         while self._pending and self._pending[0].last_use.query():
@@ -323,8 +330,7 @@ class ActivationOffloader:
     def _throttle(self) -> None:
         """Past ``max_inflight_bytes``, the compute stream waits for the oldest copies, whose sources can then
         be freed at once: later kernels are queued behind the wait, so reusing that memory is safe."""
-        timeline = self._trace.timeline if self._trace is not None and self.engine.is_cuda else None
-        before = None
+        timeline, before = self._gpu_timeline, None
         while len(self._pending) > 1 and self._inflight > self.max_inflight_bytes:
             if self.engine.is_cuda:
                 if timeline is not None and before is None:
