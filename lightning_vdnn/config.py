@@ -98,7 +98,10 @@ class VDNNConfig:
         pin_memory: use page-locked host buffers (fast, asynchronous copies). Falls back to pageable memory,
             with one warning, if pinning fails.
         layer_streaming: L2L, keep the blocks' parameters, gradients and optimizer state in host memory and
-            stream one block at a time to the device (``layers`` names the blocks).
+            stream one block at a time to the device (``layers`` names the blocks). ``None`` (the default): off,
+            except that ``VDNNStrategy`` with ``activation_offload="auto"`` turns it on, with
+            ``resident_blocks="auto"``, when the model's weights, gradients and Adam state alone would fill
+            ``memory_budget`` (``autostream.py``), which no activation plan can fix.
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects them for
             layer streaming and ``"auto"`` (leaf modules when no list of blocks is unambiguous), and means leaf
             modules for the fixed policies.
@@ -147,7 +150,7 @@ class VDNNConfig:
     prefetch_layers: int = 1
     max_inflight_bytes: int = 2**28
     pin_memory: bool = True
-    layer_streaming: bool = False
+    layer_streaming: Optional[bool] = None
     layers: Optional[str] = None
     resident_blocks: ResidentSpec = None
     memory_budget: MemorySpec = None
@@ -242,7 +245,7 @@ class VDNNConfig:
         """Whether the resident blocks are chosen from ``memory_budget``: ``"auto"``, or None with layer
         streaming on one device and a budget."""
         return self.resident_blocks == "auto" or (
-            self.resident_blocks is None and self.layer_streaming and self.memory_budget is not None
+            self.resident_blocks is None and bool(self.layer_streaming) and self.memory_budget is not None
             and not self.zero_stage)
 
     @property
@@ -254,7 +257,7 @@ class VDNNConfig:
     def _check_types(self) -> None:
         expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int,
                   "batch_chunks": int, "zero_stage": int,
-                  "pin_memory": bool, "layer_streaming": bool, "offload_optimizer": bool, "offload_params": bool}
+                  "pin_memory": bool, "offload_optimizer": bool, "offload_params": bool}
         for f in fields(self):
             value = getattr(self, f.name)
             kind = expect.get(f.name)
@@ -262,6 +265,9 @@ class VDNNConfig:
                 raise TypeError(f"{f.name}={value!r} must be an int.")
             if kind is bool and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True or False.")
+        if self.layer_streaming is not None and not isinstance(self.layer_streaming, bool):
+            raise TypeError(f"layer_streaming={self.layer_streaming!r} must be True, False or None (off, unless "
+                            "strategy='vdnn' needs it to fit the budget).")
         resident = self.resident_blocks
         if resident is not None and (isinstance(resident, bool) or not isinstance(resident, (int, str))):
             raise TypeError(f"resident_blocks={resident!r} must be an int, 'auto' or None.")

@@ -11,8 +11,10 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
+from lightning_vdnn.autostream import stream_reason
 from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.chunking import BatchChunks
 from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
@@ -27,7 +29,8 @@ from lightning_vdnn.streaming import LayerStreamer
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
 REGISTERED = {
-    "vdnn": ("vDNN activation offload, planned to fit the device ('auto')", {"activation_offload": "auto"}),
+    "vdnn": ("vDNN activation offload planned to fit the device ('auto'); the blocks stream (L2L) when the "
+             "model's own state does not fit", {"activation_offload": "auto"}),
     "vdnn_all": ("vDNN: offload every saved activation to host memory", {"activation_offload": "all"}),
     "vdnn_conv": ("vDNN: offload the inputs of Conv/Linear/attention layers", {"activation_offload": "conv"}),
     "vdnn_none": ("vDNN hooks installed, nothing moved (overhead baseline)", {"activation_offload": "none"}),
@@ -58,6 +61,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             also chooses ``resident_blocks`` (the default then is ``"auto"``).
         layer_streaming: L2L (``streaming.py``): the blocks at ``layers`` (``None`` detects them) keep weights,
             grads and optimizer state in host memory; one block computes on the device while the next arrives.
+            ``None`` (default): with ``"auto"``, on when the model's weights, gradients and Adam state alone would
+            fill ``memory_budget`` (one log line says so; ``autostream.py``), with ``resident_blocks="auto"``;
+            else off.
         resident_blocks: with ``layer_streaming``, the first N blocks stay on the device (weights and optimizer
             state), so the host updates only the rest: faster when the host optimizer bounds the step, at about
             16 bytes per parameter of those blocks with Adam. Must leave at least one block to stream.
@@ -115,7 +121,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         prefetch_layers: int = 1,
         max_inflight_bytes: int = 2**28,
         pin_memory: bool = True,
-        layer_streaming: bool = False,
+        layer_streaming: Optional[bool] = None,
         layers: Optional[str] = None,
         resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
@@ -193,11 +199,30 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def model_to_device(self) -> None:
+        self._stream_if_state_fills_budget()
         if not self.config.layer_streaming:
             return super().model_to_device()
         # L2L: the blocks' weights stay in host memory; everything else goes to the device ("auto": all
         # blocks stream in the first step, which measures what fits)
         self._streamer = self._build_streamer(0 if self.config.auto_resident else None)
+
+    def _stream_if_state_fills_budget(self) -> None:
+        """``"auto"`` with ``layer_streaming`` unset: stream the blocks when the model's state alone would fill
+        the budget (``autostream.py``), before the model moves and runs out of memory."""
+        cfg = self.config
+        if cfg.layer_streaming is not None or cfg.activation_offload != "auto" or self._host_is_device():
+            return
+        budget = device_budget(cfg.budget, self.root_device)
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        reason = stream_reason(self.lightning_module, budget, precision, cfg.layers, cfg.batch_chunks)
+        if reason is not None:
+            rank_zero_info(reason)
+            resident = "auto" if cfg.resident_blocks is None else cfg.resident_blocks
+            self.config = dataclasses.replace(cfg, layer_streaming=True, resident_blocks=resident)
+
+    def _host_is_device(self) -> bool:
+        """On a CPU device the weights are in host memory already: streaming them there gains nothing."""
+        return self.root_device.type == "cpu"
 
     def _build_streamer(self, resident: Optional[int], recompute_from: Optional[int] = None) -> LayerStreamer:
         precision = getattr(self.precision_plugin, "precision", "32-true")
@@ -215,7 +240,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             self._streamer.attach_optimizers(self.optimizers)
             if self.config.auto_resident:
                 meter = self.peak_meter or PeakMeter(self.root_device)
-                activations = self.config.offload_policy != "all"  # kept on the device ("auto": planned)
+                activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
                 self._residency = AutoResidency(device_budget(self.config.budget, self.root_device), meter,
                                                 activations)
         if trainer.state.fn == "fit":

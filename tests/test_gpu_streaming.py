@@ -113,3 +113,22 @@ def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host(budget):
                  callbacks=[state], **kw)
     assert state.devices == {"cpu"} and state.weight == "cuda"
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
+
+
+def test_vdnn_streams_a_model_whose_state_fills_the_budget_and_fits_it():
+    """``strategy="vdnn"`` given a budget the weights, gradients and AdamW state alone would fill: it streams the
+    blocks (``autostream.py``), brings back as many as fit, and the steps measured after that stay within it."""
+    from lightning_vdnn.autostream import training_state_bytes
+
+    big = lambda: LM(n_embd=1024, n_head=16, n_layer=8, block_size=64)  # noqa: E731
+    budget = int(0.6 * training_state_bytes(big(), "bf16-mixed"))
+    kw = dict(max_steps=8, precision="bf16-mixed", **GPU)
+    ref, _ = fit(big, token_loader(n=32, batch=2, seq=64), **kw)
+    strategy = VDNNStrategy(memory_budget=budget)  # what Trainer(strategy="vdnn") builds, with a budget
+    got, _ = fit(big, token_loader(n=32, batch=2, seq=64), strategy, **kw)
+    report = strategy.memory_report()
+    print(f"budget {budget / 2**20:.0f} MiB: {report.resident_blocks} resident, measured "
+          f"{report.resident_measured_peak_bytes / 2**20:.0f} MiB")
+    assert strategy.config.layer_streaming is True and 0 < report.resident_blocks < 8
+    assert report.resident_measured_peak_bytes <= budget
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
