@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +27,53 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
     return torch.empty(numel, dtype=dtype)
 
 
-class HostBlock:
-    """One block's parameters as views of one flat host buffer, and their gradients likewise."""
+class PinnedArena:
+    """Pinned host buffers carved out of chunks whose sizes are powers of two.
 
-    def __init__(self, index: int, module: nn.Module, pin: bool) -> None:
+    torch's pinned allocator rounds every request up to a power of two: a gpt_1b block's 201 MB of weights take
+    256 MB, and so do its gradients, a quarter more host memory than streaming needs (at 96 blocks, what a
+    128 GiB host lacks). Chunks of at least :attr:`CHUNK` bytes lose only their tails. A buffer's views keep its
+    chunk alive; the arena holds only the chunk it is filling.
+    """
+
+    CHUNK = 2**30
+    ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._chunk: Optional[Tensor] = None
+        self._used = 0
+
+    def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """An uninitialised 1-D host buffer, page-locked when the arena pins (see :func:`host_empty`)."""
+        nbytes = numel * dtype.itemsize
+        if not self.pin:
+            return host_empty(numel, dtype, False)
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            chunk = host_empty(max(self.CHUNK, 1 << max(nbytes - 1, 0).bit_length()), torch.uint8, True)
+            if not self._pinned(chunk):  # pinning failed (host_empty warned): pageable from here on
+                self.pin = False
+                return host_empty(numel, dtype, False)
+            self._chunk, self._used = chunk, 0
+        out = self._chunk[self._used:self._used + nbytes].view(dtype)
+        self._used = -(-(self._used + nbytes) // self.ALIGN) * self.ALIGN
+        return out
+
+    @staticmethod
+    def _pinned(chunk: Tensor) -> bool:
+        return chunk.is_pinned()
+
+
+class HostBlock:
+    """One block's parameters as views of one flat host buffer, and their gradients likewise.
+
+    ``alloc(numel, dtype)`` makes the host buffers (default :func:`host_empty`; a streamer passes its
+    :class:`PinnedArena`'s)."""
+
+    def __init__(self, index: int, module: nn.Module, pin: bool,
+                 alloc: Optional[Callable[[int, torch.dtype], Tensor]] = None) -> None:
         self.index, self.module = index, module
+        self._alloc = alloc or (lambda numel, dtype: host_empty(numel, dtype, pin))
         self.updates = 0  # host optimizer steps so far (fused kernels do not bump tensor versions)
         self.read_done: Any = None  # the last copy of ``flat`` to the device (an update must wait for it)
         self.params: list[nn.Parameter] = list(module.parameters())
@@ -52,7 +94,7 @@ class HostBlock:
         # what the device slots hold (``padded``), and what one load reads from / one gradient copy writes to
         # the host: the whole block here; a rank's range of it when partitioned (``sharded.py``)
         self.padded = self.load_numel = self.grad_numel = self.numel
-        self.flat = host_empty(self.numel, self.dtype, pin)
+        self.flat = self._alloc(self.numel, self.dtype)
         self.views = self.split(self.flat)
         with torch.no_grad():
             for p, v in zip(self.params, self.views):
@@ -62,7 +104,7 @@ class HostBlock:
 
     def _init_grads(self, pin: bool) -> None:
         """The host gradient buffer: the whole block's, ``p.grad`` views of it once gradients land."""
-        self.grad_flat = host_empty(self.numel, self.dtype, pin)
+        self.grad_flat = self._alloc(self.numel, self.dtype)
         self.grad_views = self.split(self.grad_flat)
         for p in self.params:
             if p.grad is not None:

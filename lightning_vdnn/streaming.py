@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.host_blocks import (HostBlock, accumulate_from, adopt_grads, check_sharing, host_empty,
+from lightning_vdnn.host_blocks import (HostBlock, PinnedArena, accumulate_from, adopt_grads, check_sharing,
                                         move_except, state_to_host)
 from lightning_vdnn.host_optimizer import HostStepper
 from lightning_vdnn.hostmem import check_host_memory
@@ -147,6 +147,7 @@ class LayerStreamer:
         check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
                           shards=self.world, processes=self.local_world)
         pin = pin_memory and self.device.type == "cuda"
+        self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
@@ -159,7 +160,8 @@ class LayerStreamer:
         loaded = max(b.load_numel for b in self.blocks)
         self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
         self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
-        self.grad_host = [host_empty(max(b.grad_numel for b in self.blocks), self.host_dtype, pin) for _ in range(2)]
+        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.host_dtype) for _ in range(2)]
+        self._arena = None
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
         self._pending: list[Future] = []
@@ -216,7 +218,7 @@ class LayerStreamer:
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``sharded.py``): the host side of one streamed block."""
-        return HostBlock(index, module, pin)
+        return HostBlock(index, module, pin, self._arena.empty)
 
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:

@@ -522,3 +522,36 @@ def test_resident_blocks_must_leave_one_to_stream():
     n = GPTConfig.from_name("gpt_tiny").n_layer
     with pytest.raises(ValueError, match=rf"resident_blocks={n}, but 'model.blocks' holds {n} blocks.*at most {n - 1}"):
         fit(lm(), loader(8), l2l(resident_blocks=n), max_steps=1)
+
+
+# -- pinned host buffers: carved from power-of-two chunks, not each rounded up to one ------------------------------
+def test_pinned_arena_carves_aligned_disjoint_buffers_from_few_chunks(monkeypatch):
+    from lightning_vdnn import host_blocks
+
+    made = []
+
+    def fake_pinned(numel, dtype, pin):  # a CPU machine cannot pin: count what would be
+        if not pin:
+            return torch.empty(numel, dtype=dtype)
+        made.append(numel)
+        raw = torch.zeros(numel + 4096, dtype=dtype)  # page-aligned, as pinned memory is
+        return raw[(-raw.data_ptr()) % 4096:][:numel]
+
+    class Arena(host_blocks.PinnedArena):
+        CHUNK = 2**16
+        _pinned = staticmethod(lambda chunk: True)
+
+    monkeypatch.setattr(host_blocks, "host_empty", fake_pinned)
+    arena = Arena(pin=True)
+    sizes = [3000, 5000, 1, 7000, 40000, 100000]  # fp32 elements; the last is larger than a chunk
+    bufs = [arena.empty(n, torch.float32) for n in sizes]
+    assert [b.numel() for b in bufs] == sizes and all(b.dtype == torch.float32 for b in bufs)
+    assert all(b.data_ptr() % Arena.ALIGN == 0 for b in bufs)
+    spans = sorted((b.data_ptr(), b.data_ptr() + 4 * b.numel()) for b in bufs)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # disjoint
+    assert made == [2**16, 2**18, 2**19]  # one chunk for the small four, a power of two for each larger one
+    assert sum(made) < 2 * 4 * sum(sizes)  # not each buffer rounded up to its own power of two
+    for b in bufs:
+        b.fill_(1.0)
+    assert all(bool((b == 1).all()) for b in bufs)
+    assert Arena(pin=False).empty(10, torch.float32).numel() == 10 and len(made) == 3  # pageable: no chunks
