@@ -4,6 +4,9 @@ The runner starts this as ``python -m benchmarks.case`` in a fresh process per c
 starts from empty device memory, its peak is its own, and a crash (or a hang, or a host OOM kill) takes
 only this case down. Whatever happens, the last line of stdout starting with ``MARKER`` is the result.
 
+With ``--profile`` one extra step runs under ``torch.profiler`` (``benchmarks/step_profile.py``), the last by
+default, left out of the median; its summary is the row's ``profile``.
+
 With ``--devices N`` it is one of N ranks under ``torchrun`` (``benchmarks/parallel.py``): rank 0 prints the
 row merged from every rank's. A rank whose case fails prints its own row and ends the job at once: its peers
 may be waiting for it inside a collective, and torchrun stops them when one rank exits with an error.
@@ -14,9 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from benchmarks.measure import ProfileRequest
 
 MARKER = "BENCH_RESULT "
 
@@ -31,12 +39,46 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
-    return p.parse_args(argv)
+    p.add_argument("--profile", action="store_true",
+                   help="run one extra step under torch.profiler (not timed); its summary is the row's 'profile'")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="which step to profile, 0-based over warm-up + timed + 1 (default: the last); "
+                        "implies --profile")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="write the profiled step's Chrome trace here, one file per case (and rank); "
+                        "implies --profile")
+    args = p.parse_args(argv)
+    args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
+    if args.profile:
+        from benchmarks.step_profile import profiled_step
+
+        try:
+            args.profile_step = profiled_step(args.warmup, args.steps, args.profile_step)
+        except ValueError as exc:
+            p.error(str(exc))
+    return args
+
+
+def trace_path(trace_dir: Path, case: str, devices: int) -> Path:
+    """The Chrome trace's file for ``case``: its name made safe for a file name, and this rank's number."""
+    stem = re.sub(r"[^\w.-]+", "_", case.replace("@", "_at_").replace("%", "pct"))
+    rank = f".rank{os.environ.get('RANK', 0)}" if devices > 1 else ""
+    return trace_dir / f"{stem}{rank}.json"
+
+
+def _profile_request(args: argparse.Namespace) -> Optional[ProfileRequest]:
+    """What the case's clock profiles: None without ``--profile``."""
+    from benchmarks.measure import ProfileRequest
+
+    if not args.profile:
+        return None
+    trace = trace_path(args.trace_dir, args.case, args.devices) if args.trace_dir else None
+    return ProfileRequest(args.profile_step, trace)
 
 
 def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
-    from benchmarks.measure import summarize
+    from benchmarks.measure import profiling, summarize
     from benchmarks.registry import devices_status, split_case
     from benchmarks.workloads import build, chunked_loss, repeated
 
@@ -47,18 +89,24 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
     w = repeated(build(args.model, device), spec.accumulate)
     if spec.loss_chunks:
         w = chunked_loss(w, spec.loss_chunks)
-    n = args.warmup + args.steps
+    request = _profile_request(args)
+    n = args.warmup + args.steps + (request is not None)
     row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
-    if spec.kind == "peer":
-        from benchmarks.peers import run_peer
+    with profiling(request):
+        if spec.kind == "peer":
+            from benchmarks.peers import run_peer
 
-        clock, extra = run_peer(spec.name, w, device, n), {}
-    else:
-        from benchmarks.lightning_cases import run_lightning
+            clock, extra = run_peer(spec.name, w, device, n), {}
+        else:
+            from benchmarks.lightning_cases import run_lightning
 
-        clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices)
-    row.update(summarize(clock.times, args.warmup, w.items_per_step, w.flops_per_step), losses=clock.losses,
-               **extra)
+            clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices)
+    if request is not None and clock.profile is None:
+        raise RuntimeError(f"step {request.step} was to be profiled, but the case ran {len(clock.times)} steps.")
+    row.update(summarize(clock.times, args.warmup, w.items_per_step, w.flops_per_step, args.profile_step),
+               losses=clock.losses, **extra)
+    if request is not None:
+        row["profile"] = clock.profile
     row["status"] = "ok"
 
 
@@ -109,7 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
     row = {"case": args.case, "model": args.model, "status": "error: did not finish", "devices": args.devices,
-           "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget, **environment(device)}
+           "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget,
+           "profile_step": args.profile_step, **environment(device)}
     if args.devices > 1:
         parallel.init_group(device)
     try:

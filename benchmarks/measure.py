@@ -1,4 +1,5 @@
-"""How a case is measured: synchronized wall-clock per step, peak device memory, peak host RSS, versions.
+"""How a case is measured: synchronized wall-clock per step, peak device memory, peak host RSS, versions,
+and on request one step under ``torch.profiler``.
 
 Every case, raw loop or Lightning, uses these same functions, so that their numbers are comparable.
 """
@@ -9,10 +10,45 @@ import platform
 import resource
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """Profile step ``step`` (0-based, counting every step the clock times, warm-up included) with
+    ``torch.profiler`` (``benchmarks/step_profile.py``), writing its Chrome trace to ``trace_path`` if given.
+
+    Raises:
+        ValueError: ``step`` is negative.
+    """
+
+    step: int
+    trace_path: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"profile step {self.step!r}: give a step index, 0 or more.")
+
+
+_PROFILE: ContextVar[Optional[ProfileRequest]] = ContextVar("benchmark_profile", default=None)
+
+
+@contextmanager
+def profiling(request: Optional[ProfileRequest]) -> Iterator[None]:
+    """Every :class:`StepClock` made inside profiles ``request``'s step (None: none). The one switch the case
+    runner sets, whichever loop (raw or Lightning) builds the clock deep inside."""
+    token = _PROFILE.set(request)
+    try:
+        yield
+    finally:
+        _PROFILE.reset(token)
 
 
 class StepClock:
@@ -22,12 +58,20 @@ class StepClock:
     The first ``start`` also resets the device's peak-memory counters: every case's peak then covers its
     training steps (warm-up included) and not its set-up, e.g. DeepSpeed holding the whole model on the GPU
     for a moment before partitioning it, which a user avoids with ``zero.Init``.
+
+    With a :class:`ProfileRequest` (given, or set by :func:`profiling` around the clock's making) the step of
+    that index runs under ``torch.profiler``, started after the opening sync and stopped after the closing
+    one; its summary is ``profile``. Its time is still in ``times`` (under the profiler's overhead):
+    :func:`summarize` leaves it out of the median when told its index.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, request: Optional[ProfileRequest] = None) -> None:
         self.device = device
         self.times: list[float] = []
         self.losses: list[float] = []
+        self.request = request if request is not None else _PROFILE.get()
+        self.profile: Optional[dict] = None
+        self._profiler = None
         self._t0 = 0.0
 
     def _sync(self) -> None:
@@ -38,11 +82,19 @@ class StepClock:
         self._sync()
         if not self.times and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.request is not None and len(self.times) == self.request.step:
+            from benchmarks.step_profile import StepProfiler
+
+            self._profiler = StepProfiler(self.device, self.request.trace_path)
+            self._profiler.start()
         self._t0 = time.perf_counter()
 
     def stop(self, loss: Optional[torch.Tensor] = None) -> None:
-        self._sync()
+        with self._profiler.closing_sync() if self._profiler is not None else nullcontext():
+            self._sync()
         self.times.append(time.perf_counter() - self._t0)
+        if self._profiler is not None:
+            self.profile, self._profiler = self._profiler.stop(), None
         if loss is not None:
             self.losses.append(float(loss))
 
@@ -56,9 +108,12 @@ def timed_loop(step: Callable[[], Optional[torch.Tensor]], n: int, device: torch
     return clock
 
 
-def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_step: float) -> dict:
-    """Median over the steps after warm-up, and the throughput and model TFLOP/s it implies."""
-    timed = times[warmup:]
+def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_step: float,
+              profiled: Optional[int] = None) -> dict:
+    """Median over the steps after warm-up, and the throughput and model TFLOP/s it implies. The step of
+    index ``profiled`` (``step_profile.profiled_step``) ran under the profiler: it counts neither as warm-up nor
+    as timed."""
+    timed = [t for i, t in enumerate(times) if i != profiled][warmup:]
     if not timed:
         raise RuntimeError(f"no timed steps: {len(times)} steps ran, {warmup} of them warm-up.")
     step_s = statistics.median(timed)

@@ -11,6 +11,7 @@ workload on the same per-device batch and measures its own steps and memory. The
 - losses: per step, the mean over the ranks (the loss of the global batch, each rank holding an equal share).
   Every rank holds the same batch, so the all-reduced gradient equals one device's and the loss curve is the
   one-device curve.
+- profile (``--profile``): rank 0's step summary; every rank's is in ``per_rank``.
 """
 
 from __future__ import annotations
@@ -90,13 +91,14 @@ def merge(rows: list[dict]) -> dict:
 
     first, n = rows[0], len(rows)
     times = [max(step) for step in zip(*(r["step_s_all"] for r in rows))]
-    merged = {**first, **summarize(times, first["warmup"], first["items_per_step"], first["flops_per_step"])}
+    merged = {**first, **summarize(times, first["warmup"], first["items_per_step"], first["flops_per_step"],
+                                   first.get("profile_step"))}
     merged.update(
         devices=n, items_per_s_total=merged["items_per_s"] * n,
         losses=[statistics.fmean(step) for step in zip(*(r["losses"] for r in rows))],
         peak_alloc_bytes=_largest(rows, "peak_alloc_bytes"), peak_reserved_bytes=_largest(rows, "peak_reserved_bytes"),
         host_rss_bytes=sum(r["host_rss_bytes"] for r in rows), host_rss_max_rank_bytes=_largest(rows, "host_rss_bytes"),
         per_rank=[{k: r.get(k) for k in ("step_s", "peak_alloc_bytes", "peak_reserved_bytes", "host_rss_bytes",
-                                          "memory_report")} for r in rows],
+                                          "memory_report", "profile")} for r in rows],
     )
     return merged

@@ -15,6 +15,14 @@ COLUMNS_N = ("case", "status", "step s (median)", "{unit}/s per GPU", "{unit}/s 
              "memory / plain")
 
 
+#: The profiled step's table: (header, key in the row's ``profile``); GPU columns are empty off CUDA.
+PROFILE_COLUMNS = (("wall ms", "wall_ms"), ("kernels ms", "kernel_ms"), ("H2D ms", "h2d_ms"), ("H2D GB", "h2d_gb"),
+                   ("D2H ms", "d2h_ms"), ("D2H GB", "d2h_gb"), ("copy hidden ms", "copy_hidden_ms"),
+                   ("copy exposed ms", "copy_exposed_ms"), ("GPU idle ms", "gpu_idle_ms"),
+                   ("host sync ms", "sync_ms"), ("host outside ops ms", "host_outside_ops_ms"))
+TOP_OPS_SHOWN = 3
+
+
 def devices_of(rows: list[dict]) -> int:
     """The number of devices the rows were measured on (1 for a one-device run)."""
     return max((r.get("devices") or 1 for r in rows), default=1)
@@ -72,7 +80,37 @@ def markdown(rows: list[dict], model: str, notes: list[str]) -> str:
     lines = [header(rows, model), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cells(r, devices)) + " |" for r in ordered]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + profile_table(ordered)) + "\n"
+
+
+def _top_ops(profile: dict) -> str:
+    ops = profile.get("top_ops") or []
+    return "; ".join(f"{op['name'][:48]} {op['self_ms']:.2f} ({op['thread']})"
+                     for op in ops[:TOP_OPS_SHOWN]).replace("|", "/")
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    """The lines of the second table, one row per case that has a profile (none: no lines): where the time
+    of its one profiled step went (``benchmarks/step_profile.py`` says what each column counts)."""
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return []
+    cols = ["case", *(name for name, _ in PROFILE_COLUMNS), f"top {TOP_OPS_SHOWN} host ops, self ms (thread)"]
+    lines = ["", "## Where the step's time goes (one profiled step)", "",
+             f"One extra step per case under torch.profiler (step {profiled[0].get('profile_step')}, not in the median "
+             "above); on a GPU, copies are host<->device, 'hidden' while a kernel runs, 'exposed' otherwise. "
+             "Host sync: time the host waited in CUDA synchronisations, the clock's own closing sync left out.",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    if devices_of(rows) > 1:
+        lines.insert(4, "Each rank profiled its own step: rank 0's here, every rank's in results.jsonl (per_rank).")
+    if not all(r["profile"].get("all_threads") for r in profiled):
+        lines.insert(4, "This torch's profiler recorded the stepping thread only: other threads' host ops are missing.")
+    for r in profiled:
+        prof = r["profile"]
+        cells = [r["case"], *(_num(prof.get(key), ".3f" if "gb" in key else ".2f") for _, key in PROFILE_COLUMNS),
+                 _top_ops(prof)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path, model: str) -> None:

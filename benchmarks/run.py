@@ -32,6 +32,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.registry import (  # noqa: E402
     BASELINE, CASES, SIZES, TINY, devices_status, expand, parse_percent, split_case,
 )
+from benchmarks.step_profile import profiled_step  # noqa: E402  (torch-free, as the two above)
 
 #: Seconds a timed-out case gets to stop after SIGTERM (torchrun passes it on to its ranks) before SIGKILL.
 GRACE_S = 45
@@ -56,6 +57,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="data-parallel devices per case (default 1); N>1 launches each case with torchrun")
     p.add_argument("--timeout", type=float, default=None, help="seconds per case (default 1200; 300 --tiny)")
     p.add_argument("--fail-case", default=None, help="debug: make this case crash, to test containment")
+    p.add_argument("--profile", action="store_true",
+                   help="each case runs one extra, untimed step under torch.profiler; results.md gets a table of "
+                        "where that step's time goes (PCIe copies hidden or exposed, GPU idle, host ops)")
+    p.add_argument("--profile-step", type=int, default=None,
+                   help="which step to profile, 0-based over warm-up + timed + 1 (default: the last); "
+                        "implies --profile")
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="also write each case's profiled step as a Chrome trace here; implies --profile")
     args = p.parse_args(argv)
     try:
         args.budgets = [parse_percent(b) for b in _csv(args.budget)]
@@ -72,6 +81,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 3)
     args.timeout = args.timeout or (300.0 if args.tiny else 1200.0)
+    args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
+    if args.profile:
+        try:
+            profiled_step(args.warmup, args.steps, args.profile_step)
+        except ValueError as exc:
+            p.error(str(exc))
+    args.trace_dir = args.trace_dir.resolve() if args.trace_dir else None  # a case runs in the repository root
     return args
 
 
@@ -95,6 +111,9 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
     cmd = launch + ["benchmarks.case", "--case", case, "--model", args.model, "--device", args.device,
                     "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
+    cmd += ["--profile"] if args.profile else []
+    cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
+    cmd += ["--trace-dir", str(args.trace_dir)] if args.trace_dir is not None else []
     return cmd + (["--inject-crash"] if case == args.fail_case else [])
 
 

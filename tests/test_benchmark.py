@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,167 @@ def test_bad_case_names_are_refused(tmp_path, cases, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "results.jsonl").exists()
+
+
+# ---- --profile: one step under torch.profiler (benchmarks/step_profile.py) ----
+
+def _step_profile():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import step_profile
+
+    return step_profile
+
+
+def test_union_merges_overlapping_and_touching_intervals():
+    sp = _step_profile()
+    assert sp.union([(5, 7), (0, 2), (1, 3), (3, 4), (10, 10)]) == [(0, 4), (5, 7), (10, 10)]
+    assert sp.covered([(0, 2), (1, 3), (0, 3)]) == 3  # three streams over the same 3 us count once
+    assert sp.union([]) == [] and sp.covered([]) == 0
+    with pytest.raises(ValueError, match=r"interval \(3, 1\) ends before it starts"):
+        sp.union([(3, 1)])
+
+
+def test_overlap_of_copies_with_kernels():
+    sp = _step_profile()
+    kernels = [(0, 10), (5, 15), (20, 30)]  # two streams: busy 0-15 and 20-30
+    copies = [(12, 22), (25, 26), (40, 45)]
+    assert sp.overlap(copies, kernels) == 3 + 2 + 1  # 12-15, 20-22, 25-26
+    assert sp.overlap(kernels, copies) == sp.overlap(copies, kernels)
+    assert sp.overlap(copies, []) == 0
+    assert sp.clip([(0, 10), (20, 30), (35, 40)], (5, 25)) == [(5, 10), (20, 25)]
+
+
+def test_device_summary_splits_copies_into_hidden_and_exposed():
+    sp = _step_profile()
+    s = sp.device_summary(window=(0, 100_000), kernels=[(0, 40_000), (30_000, 50_000)],
+                          h2d=[(45_000, 60_000)], d2h=[(55_000, 70_000), (95_000, 120_000)])
+    assert s["kernel_ms"] == 50 and s["h2d_ms"] == 15 and s["d2h_ms"] == 20  # d2h clipped at the window's end
+    assert s["copy_hidden_ms"] == 5  # 45-50 ms under a kernel
+    assert s["copy_exposed_ms"] == 25 + 5 - 5  # copies cover 45-70 and 95-100: 30 ms, 5 of them hidden
+    assert s["gpu_idle_ms"] == 100 - 70 - 5  # neither kernels nor copies: 70-95 ms
+    assert [sp.copy_direction(n) for n in ("Memcpy HtoD (Pinned -> Device)", "Memcpy DtoH (Device -> Pageable)",
+                                           "Memcpy DtoD (Device -> Device)", "ampere_sgemm_128x64_nn")] == \
+        ["h2d", "d2h", None, None]
+
+
+def _event(name, start, end, device="cuda", thread=1, meta="", annotation=False, self_us=0.0):
+    """A stand-in for a ``FunctionEvent`` of ``prof.events()``, with the fields the summary reads."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    kind = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    return SimpleNamespace(name=name, time_range=Interval(start, end), device_type=kind, device_index=0, thread=thread,
+                           metadata_json=meta, is_user_annotation=annotation, self_cpu_time_total=self_us)
+
+
+def test_summary_of_cuda_events():
+    """The CUDA side, from events shaped as torch 2.11 gives them on an H200 (names, metadata): copies by
+    direction with their bytes, kernels on two streams counted once, ``record_function`` ranges mirrored onto
+    the GPU left out; on the host, the backward on the autograd thread, the optimizer on a thread of its own."""
+    import torch
+
+    sp = _step_profile()
+    meta = '\n      "device": 0, "context": 1,\n      "stream": 7, "correlation": 33,\n      "bytes": {}, ' \
+           '"memory bandwidth (GB/s)": 53.5'
+    events = [
+        _event(sp.STEP_RANGE, 0, 10_000, "cpu"),
+        _event("aten::mm", 100, 2_000, "cpu", self_us=1_900),
+        _event("autograd::engine::evaluate_function: MmBackward0", 2_000, 6_000, "cpu", thread=2, self_us=500),
+        _event("Optimizer.step#AdamW.step", 2_900, 9_100, "cpu", thread=3, self_us=200),
+        _event("aten::_fused_adamw_", 3_000, 9_000, "cpu", thread=3, self_us=6_000),
+        _event("cudaEventSynchronize", 6_000, 7_000, "cpu", self_us=1_000),
+        _event(sp.CLOCK_SYNC_RANGE, 9_000, 10_000, "cpu"),
+        _event("cudaDeviceSynchronize", 9_000, 10_000, "cpu", self_us=1_000),  # the clock's own: not counted
+        _event("ampere_sgemm_128x64_nn", 1_000, 3_000), _event("void at::native::fill_kernel", 2_000, 4_000),
+        _event("Memcpy HtoD (Pinned -> Device)", 3_000, 5_000, meta=meta.format(4_000_000_000)),
+        _event("Memcpy DtoH (Device -> Pageable)", 7_000, 8_000, meta=meta.format(1_000_000_000)),
+        _event(sp.STEP_RANGE, 1_000, 8_000, annotation=True),  # gpu_user_annotation: spans idle gaps
+        _event("Optimizer.step#AdamW.step", 3_000, 9_500),  # the same, told by its host twin's name
+    ]
+    s = sp.summarize(events, torch.device("cuda", 0), all_threads=True)
+    assert s["wall_ms"] == 10 and s["kernel_ms"] == 3 and s["h2d_ms"] == 2 and s["d2h_ms"] == 1
+    assert s["h2d_gb"] == 4 and s["d2h_gb"] == 1 and s["pageable_copies"] == 1
+    assert s["copy_hidden_ms"] == 1 and s["copy_exposed_ms"] == 2 and s["gpu_idle_ms"] == 10 - 4 - 1
+    assert s["sync_ms"] == 1
+    assert s["host_outside_ops_ms"] == 2.1  # main and autograd in no op: 0-0.1 and 7-9 ms
+    assert s["threads_ms"] == {"main": 2.9, "autograd": 0.5, "thread 3": 6.2}
+    assert s["top_ops"][0] == {"name": "aten::_fused_adamw_", "thread": "thread 3", "self_ms": 6.0, "calls": 1}
+
+
+@pytest.mark.parametrize("step", [-1, 6])
+def test_profile_step_out_of_range_is_refused(step):
+    sp = _step_profile()
+    assert sp.profiled_step(warmup=2, steps=3) == 5  # the extra step after the timed ones
+    with pytest.raises(ValueError, match=rf"profile step {step} is out of range: .* give 0 \.\. 5"):
+        sp.profiled_step(2, 3, step)
+    from benchmarks.measure import ProfileRequest
+
+    if step < 0:
+        with pytest.raises(ValueError, match="profile step -1: give a step index, 0 or more"):
+            ProfileRequest(step)
+
+
+def test_a_profiled_step_on_cpu(one_thread):
+    """A real step under the profiler, through the clock every case uses: the profiled step is timed but not in
+    the median, and its summary names the model's matmuls and the optimizer on the thread that ran it."""
+    import threading
+
+    import torch
+
+    from benchmarks.measure import ProfileRequest, StepClock, profiling, summarize
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(32, 64)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        worker = threading.Thread(target=opt.step, name="host-optimizer")  # as a host optimizer thread would
+        worker.start()
+        worker.join()
+        return loss.detach()
+
+    with profiling(ProfileRequest(step=2)):
+        clock = StepClock(torch.device("cpu"))
+    for _ in range(4):
+        clock.start()
+        clock.stop(step())
+    prof = clock.profile
+    assert prof is not None and prof["device"] == "cpu" and prof["kernel_ms"] is None
+    assert prof["wall_ms"] > 0 and prof["wall_ms"] == pytest.approx(clock.times[2] * 1e3, rel=0.5, abs=1.0)
+    assert 0 <= prof["host_outside_ops_ms"] < prof["wall_ms"]
+    names = {op["name"] for op in prof["top_ops"]}
+    assert names & {"aten::addmm", "aten::mm"}, names
+    assert 0 < len(prof["top_ops"]) <= 8
+    json.dumps(prof)
+    if prof["all_threads"]:  # the optimizer ran on another thread, and is found there
+        assert any(t != "main" for t in prof["threads_ms"]), prof["threads_ms"]
+    times = [1.0, 1.0, 9.0, 2.0]  # warm-up 1, then the profiled step 2 (slow under the profiler), then 2 timed
+    assert summarize(times, 1, 10, 1e12, profiled=2)["step_s"] == 1.5
+    assert summarize(times, 1, 10, 1e12)["step_s"] == 2.0
+
+
+def test_profile_end_to_end(tmp_path):
+    """``run.py --tiny --profile`` on one cheap case: the row's summary, its Chrome trace and the second table."""
+    out, traces = tmp_path / "out", tmp_path / "traces"
+    output, _ = _start(out, "gpt_tiny", ["plain"], "--steps", "2", "--warmup", "1", "--profile",
+                       "--trace-dir", str(traces)).communicate(timeout=300)
+    row = _rows(out)["plain"]
+    assert row["status"] == "ok", output
+    assert len(row["step_s_all"]) == 1 + 2 + 1 and row["profile_step"] == 3
+    assert row["step_s"] == pytest.approx(statistics.median(row["step_s_all"][1:3]))  # not the profiled step
+    assert row["profile"]["wall_ms"] > 0 and row["profile"]["top_ops"]
+    assert Path(row["profile"]["trace"]).parent == traces and Path(row["profile"]["trace"]).stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "## Where the step's time goes (one profiled step)" in table
+    assert re.search(r"\| plain \| [\d.]+ (\|  )+\| [\d.]+ \| aten::", table), table  # no GPU columns on a CPU
+
+
+def test_profile_flag_checks_its_step(tmp_path):
+    proc = subprocess.run(RUN + ["--model", "gpt_tiny", "--tiny", "--cases", "plain", "--out", str(tmp_path),
+                                 "--profile-step", "9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "profile step 9 is out of range" in proc.stderr
