@@ -19,6 +19,7 @@ from typing import Optional
 
 from torch import nn
 
+from lightning_vdnn.hostmem import ADAM_STATES
 from lightning_vdnn.layers import resolve_layers
 
 #: Stream when the estimated state exceeds this share of the budget: the rest is the least the activations need
@@ -37,7 +38,7 @@ def training_state_bytes(module: nn.Module, precision: str = "32-true") -> int:
         size = p.numel() * p.element_size()
         total += size
         if p.requires_grad:
-            total += 3 * size + (2 * p.numel() if precision in _CASTS else 0)
+            total += (1 + ADAM_STATES) * size + (2 * p.numel() if precision in _CASTS else 0)
     return total
 
 

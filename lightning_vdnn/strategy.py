@@ -213,8 +213,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         if cfg.layer_streaming is not None or cfg.activation_offload != "auto" or self._host_is_device():
             return
         budget = device_budget(cfg.budget, self.root_device)
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        reason = stream_reason(self.lightning_module, budget, precision, cfg.layers, cfg.batch_chunks)
+        reason = stream_reason(self.lightning_module, budget, self._precision(), cfg.layers, cfg.batch_chunks)
         if reason is not None:
             rank_zero_info(reason)
             resident = "auto" if cfg.resident_blocks is None else cfg.resident_blocks
@@ -224,10 +223,12 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         """On a CPU device the weights are in host memory already: streaming them there gains nothing."""
         return self.root_device.type == "cpu"
 
+    def _precision(self) -> str:
+        return getattr(self.precision_plugin, "precision", "32-true")
+
     def _build_streamer(self, resident: Optional[int], recompute_from: Optional[int] = None) -> LayerStreamer:
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, precision, resident,
-                                         recompute_from)
+        return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, self._precision(),
+                                         resident, recompute_from)
 
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
