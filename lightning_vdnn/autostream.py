@@ -21,13 +21,13 @@ from torch import nn
 
 from lightning_vdnn.hostmem import ADAM_STATES
 from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.planner import GiB
 
 #: Stream when the estimated state exceeds this share of the budget: the rest is the least the activations need
 #: (the planner's floor on gpt_1b was within 1% of the state at this estimate).
 STREAM_ABOVE = 0.95
 #: Precisions under which autocast keeps a 2-byte copy of every weight for forward and backward.
 _CASTS = frozenset({"bf16-mixed", "16-mixed"})
-GiB = 2**30
 
 
 def training_state_bytes(module: nn.Module, precision: str = "32-true") -> int:
