@@ -7,13 +7,18 @@ resident), so the choice is the most blocks that fit. The first ones, as ``resid
 
 Model: the first step streams every block (exact, as with ``resident_blocks=0``) and its device peak is
 measured (``torch.cuda.max_memory_allocated``; a CPU device has none, and counts as 0). Making block ``i``
-resident adds what it then holds on the device all step, in the dtypes it would have there, read from the
-real tensors once the first step has created the optimizer state (block updates still queued are waited for):
-its fp32 weights and gradients, its share of the user's ``optimizer.state``, and under autocast the
-low-precision weight copies autocast keeps for backward. Its input is held either way (a streamed block keeps
-it for its recompute). Keeping its activations from forward to backward adds ``activations[i]`` (measured during
-the first step's recompute; 0 when activation offload moves them, ``"all"``/``"auto"``); otherwise the block
-runs under activation checkpointing, as the streamed ones recompute. Streaming's device buffers shrink only if
+resident adds what it then holds on the device, in the dtypes it would have there, read from the real tensors
+once the first step has created the optimizer state (block updates still queued are waited for): its fp32
+weights and its share of the user's ``optimizer.state`` all step; its gradient from its backward to the
+optimizer step, and there, unless the optimizer is fused, one temporary of its weights' size (a multi-tensor
+Adam's square root of the second moment); and under autocast the low-precision weight copy autocast caches
+through forward. When the last step's gradients are freed as the batch starts (``grads.py``), that copy and the
+gradient are never alive together and only the larger phase counts; otherwise forward holds both (gpt_1b:
+counting the copy beside the gradient over-predicted 20 resident blocks by 2 GB, and left 3 of the blocks that
+fit 63% of the in-GPU peak streaming). Its input is held either way (a streamed block keeps it for its
+recompute). Keeping its activations from forward to backward adds ``activations[i]`` (measured during the first
+step's recompute, plus the weight copy its backward then needs; 0 when activation offload moves them,
+``"all"``/``"auto"``); otherwise the block runs under activation checkpointing, as the streamed ones recompute. Streaming's device buffers shrink only if
 the blocks left to stream are smaller than the largest one. All of it is alive when the streamed step peaks
 (backward of the streamed blocks, which come after the resident ones), so with ``k`` blocks resident of which
 the first ``j`` keep their activations::
@@ -113,24 +118,51 @@ class PeakMeter:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
 
 
-def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer]) -> list[int]:
-    """Device bytes each streamed block would hold all step if resident, activations aside (see the module
-    docstring); call it after a step, when the optimizer state exists."""
+def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer], grads_in_forward: bool = True) -> list[int]:
+    """Device bytes each streamed block would add to the step's peak if resident, activations aside (see the
+    module docstring); call it after a step, when the optimizer state exists. ``grads_in_forward``: the last
+    step's gradients are still allocated through forward, beside autocast's weight copies."""
     optimizers = list(optimizers)
-    casts = streamer.dtype.itemsize if streamer.dtype != streamer.host_dtype else 0
     costs = []
     for b in streamer.blocks:
         weights = sum(p.numel() * p.element_size() for p in b.params)
         grads = sum(p.numel() * p.element_size() for p in b.params if p.requires_grad)
         state = optimizer_state_bytes(optimizers, b.params)
-        costs.append(weights + grads + state + b.numel * casts)
+        casts = _cast_bytes(streamer, b.numel)
+        forward = casts + (grads if grads_in_forward else 0)
+        step = grads + _step_temporaries(optimizers, b.params, streamer.device)
+        costs.append(weights + state + max(forward, step))
     return costs
+
+
+def _step_temporaries(optimizers: list[Optimizer], params: list[Tensor], device: torch.device) -> int:
+    """Device bytes the optimizer step allocates beside the state for ``params`` resident on ``device``: one
+    tensor of each one's size for the multi-tensor (foreach) kernels, which torch picks by default on CUDA; none
+    when fused or per tensor."""
+    groups = {id(p): g for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    total = 0
+    for p in params:
+        group = groups.get(id(p))
+        if not p.requires_grad or group is None or group.get("fused"):
+            continue
+        foreach = group.get("foreach")
+        if foreach or (foreach is None and device.type == "cuda"):
+            total += p.numel() * p.element_size()
+    return total
 
 
 def block_activations(streamer: LayerStreamer, kept: bool) -> list[int]:
     """Device bytes each streamed block's activations would add if it were resident and kept them, measured
-    during the first step's recompute (``streamer.saved_bytes``); 0 when activation offload moves them."""
-    return [(saved or 0) if kept else 0 for saved in streamer.saved_bytes]
+    during the first step's recompute (``streamer.saved_bytes``), and autocast's weight copy, which backward
+    then needs; 0 when activation offload moves them."""
+    return [(saved or 0) + _cast_bytes(streamer, b.numel) if kept else 0
+            for saved, b in zip(streamer.saved_bytes, streamer.blocks)]
+
+
+def _cast_bytes(streamer: LayerStreamer, numel: int) -> int:
+    """Autocast's low-precision copy of a resident block's weights (none without autocast)."""
+    dtype = streamer.autocast_dtype
+    return numel * dtype.itemsize if dtype != streamer.host_dtype else 0
 
 
 def slots_freed(streamer: LayerStreamer) -> list[int]:
@@ -199,12 +231,15 @@ class AutoResidency:
         meter: the device's peak memory (:class:`PeakMeter`).
         activations: whether a resident block's saved activations stay on the device (no activation offload,
             or ``"conv"``), so that they count in its cost.
+        grads_in_forward: whether the last step's gradients stay allocated through the next forward (Lightning
+            frees them after ``training_step`` unless ``grads.py`` can free them as the batch starts).
     """
 
-    def __init__(self, budget: int, meter: PeakMeter, activations: bool) -> None:
+    def __init__(self, budget: int, meter: PeakMeter, activations: bool, grads_in_forward: bool = True) -> None:
         self.planner = ResidencyPlanner(budget)
         self.meter = meter
         self.activations = activations
+        self.grads_in_forward = grads_in_forward
         self._window: Optional[int] = None  # the optimizer step whose peak is being measured
         self._left = 1  # watched steps still to come: the profiling step first
 
@@ -224,10 +259,14 @@ class AutoResidency:
         if self.planner.choice is None:
             streamer.measure_saved = False
             streamer.synchronize()  # block updates queued into this forward (clipping) create their state now
-            choice = self.planner.profile(peak, block_costs(streamer, optimizers), slots_freed(streamer),
+            choice = self.planner.profile(peak, block_costs(streamer, optimizers, self.grads_in_forward),
+                                          slots_freed(streamer),
                                           block_activations(streamer, self.activations))
+        elif yield_to_activations:
+            self.planner.measured_peak = peak if peak is not None else self.planner.measured_peak  # reported
+            choice = None
         else:
-            choice = None if yield_to_activations else self.planner.verify(peak)
+            choice = self.planner.verify(peak)
         if choice is None or not choice.resident and streamer.resident == 0:
             return None
         self._left = VERIFY_STEPS

@@ -243,7 +243,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                 meter = self.peak_meter or PeakMeter(self.root_device)
                 activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
                 self._residency = AutoResidency(device_budget(self.config.budget, self.root_device), meter,
-                                                activations)
+                                                activations, grads_in_forward=not frees_early(trainer))
         if trainer.state.fn == "fit":
             self._attach()
 

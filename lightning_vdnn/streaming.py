@@ -153,7 +153,8 @@ class LayerStreamer:
         self.host_dtype = self.blocks[0].dtype
         # CPU autocast leaves ops such as layer_norm out of its fp32 list: they would meet half weights and a
         # float input, which the CPU kernels refuse. On the CPU there is no copy to shrink, so slots stay fp32.
-        self.dtype = compute_dtype(precision, self.host_dtype) if self.device.type == "cuda" else self.host_dtype
+        self.autocast_dtype = compute_dtype(precision, self.host_dtype)  # what a resident block's weights become
+        self.dtype = self.autocast_dtype if self.device.type == "cuda" else self.host_dtype
         size = max(b.padded for b in self.blocks)
         self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device

@@ -17,7 +17,7 @@ from conftest import fit
 from lightning_vdnn import VDNNConfig, VDNNStrategy, stream_layers
 from lightning_vdnn.models import GPT, GPTConfig
 from lightning_vdnn.planner import BudgetTooSmall
-from lightning_vdnn.residency import ResidencyPlanner, choose
+from lightning_vdnn.residency import ResidencyPlanner, block_activations, block_costs, choose
 from test_streaming import STEPS, LM, assert_same_run, l2l, lm, loader, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +98,33 @@ def test_overshoot_gives_up_kept_activations_before_blocks():
     assert (lower.resident, lower.kept) == (4, 0)
     lower = planner.verify(240)  # over again: fewer blocks
     assert lower.resident < 4
+
+
+@pytest.mark.parametrize("grads_in_forward, kind, per_parameter", [
+    (True, {"fused": True}, 18), (False, {"fused": True}, 16), (False, {"foreach": True}, 20),
+    (True, {"foreach": True}, 20), (False, {}, 16)])  # {}: torch's default on a CPU device, per tensor
+def test_a_resident_block_costs_its_weights_state_and_its_largest_phase(grads_in_forward, kind, per_parameter):
+    """Under bf16 autocast a resident block holds fp32 weights (4 bytes a parameter) and AdamW's two moments (8)
+    all step; then the largest of: forward, autocast's bf16 copy (2), beside the last step's gradient (4) unless
+    ``grads.py`` freed it; the optimizer step, its gradient and, for a multi-tensor kernel (``foreach``, torch's
+    default on CUDA), a temporary of its size (4). Keeping its activations adds the copy too, which
+    backward then reads."""
+    model = GPT(GPTConfig.from_name("gpt_tiny"))
+    optimizer = torch.optim.AdamW(model.parameters(), **kind)
+    streamer = stream_layers(model, optimizer, device="cpu", precision="bf16-mixed")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randint(0, model.config.vocab_size, (2, 16))).float().mean().backward()
+        optimizer.step()
+        streamer.synchronize()
+        streamer.saved_bytes = [100] * len(streamer.blocks)
+        n = sum(p.numel() for p in model.blocks[0].parameters())
+        costs = block_costs(streamer, [optimizer], grads_in_forward)
+        assert costs == [per_parameter * n] * len(streamer.blocks)
+        assert block_activations(streamer, kept=True) == [100 + 2 * n] * len(streamer.blocks)
+        assert block_activations(streamer, kept=False) == [0] * len(streamer.blocks)
+    finally:
+        streamer.close()
 
 
 def test_budget_below_the_all_streamed_peak_states_the_minimum():
@@ -293,6 +320,9 @@ def test_with_the_activation_planner_blocks_come_first_and_training_stays_exact(
     got, trainer = fit(lm(), loader(), strategy, max_steps=4, callbacks=[residents, plans])
     assert_same_run(got, ref)
     assert residents.seen[0] == 0 and residents.seen[-1] > 0
+    # the report's peak is the latest watched step's, with the blocks resident, not the all-streamed first one
+    meter = strategy.peak_meter
+    assert trainer.strategy.memory_report().resident_measured_peak_bytes == meter.readings[-1] > meter.readings[0]
     assert plans.profiling[:3] == [True, True, False]  # profiled again with the blocks on the device
 
 
