@@ -18,10 +18,10 @@ counting the copy beside the gradient over-predicted 20 resident blocks by 2 GB,
 fit 63% of the in-GPU peak streaming). Its input is held either way (a streamed block keeps it for its
 recompute). Keeping its activations from forward to backward adds ``activations[i]`` (measured during the first
 step's recompute, plus the weight copy its backward then needs; 0 when activation offload moves them,
-``"all"``/``"auto"``); otherwise the block runs under activation checkpointing, as the streamed ones recompute. Streaming's device buffers shrink only if
-the blocks left to stream are smaller than the largest one. All of it is alive when the streamed step peaks
-(backward of the streamed blocks, which come after the resident ones), so with ``k`` blocks resident of which
-the first ``j`` keep their activations::
+``"all"``/``"auto"``); otherwise the block runs under activation checkpointing, as the streamed ones recompute.
+Streaming's device buffers shrink only if the blocks left to stream are smaller than the largest one. All of it
+is alive when the streamed step peaks (backward of the streamed blocks, which come after the resident ones), so
+with ``k`` blocks resident of which the first ``j`` keep their activations::
 
     predicted(k, j) = measured + sum(cost[:k]) - slots_freed(k) + sum(activations[:j])
 
@@ -207,7 +207,7 @@ class ResidencyPlanner:
         """A step ran the current choice and peaked at ``peak``: a lower choice when that overshot the budget,
         else None. The overshoot is added to the floor, so the new choice leaves room for it; it keeps fewer
         activations, or fewer blocks, than the one that overshot."""
-        self.measured_peak = peak if peak is not None else self.measured_peak
+        self.record(peak)
         old = self.choice
         if peak is None or old is None or peak <= self.budget or not old.resident:
             return None
@@ -217,6 +217,11 @@ class ResidencyPlanner:
             new = self._choose(old.resident - 1)
         self.choice = new
         return new
+
+    def record(self, peak: Optional[int]) -> None:
+        """A watched step peaked at ``peak`` (None: not measurable): the peak the report shows."""
+        if peak is not None:
+            self.measured_peak = peak
 
     def _choose(self, most: int) -> Choice:
         return choose(self._floor, self._costs, self.budget, self._freed, self._activations, most)
@@ -263,7 +268,7 @@ class AutoResidency:
                                           slots_freed(streamer),
                                           block_activations(streamer, self.activations))
         elif yield_to_activations:
-            self.planner.measured_peak = peak if peak is not None else self.planner.measured_peak  # reported
+            self.planner.record(peak)
             choice = None
         else:
             choice = self.planner.verify(peak)
