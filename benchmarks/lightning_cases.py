@@ -84,9 +84,16 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
     elif name == "l2l_lean":  # l2l at its least device memory (the loss in chunks is the workload's)
-        name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True}
-    elif name.startswith("l2l_mb"):  # l2l_mbK: l2l over K batches as layer-major microbatches
-        name, extra = "l2l", {"microbatches": int(name[len("l2l_mb"):])}
+        name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True, "saved_blocks": 0}
+    elif name == "l2l_all":  # every streamed block's activations to the host, none recomputed
+        name, extra = "l2l", {"activation_offload": "all"}
+    elif mb := re.fullmatch(r"l2l_mb(\d+)(?:_(keep|off)(\d+))?", name):  # l2l_mbK over K batches, layer-major;
+        extra = {"microbatches": int(mb[1])}                                 # _keepN/_offN: N blocks save theirs
+        if mb[2]:
+            extra.update(saved_blocks=int(mb[3]), activation_offload="none" if mb[2] == "keep" else "all")
+        if mb[2] == "off":
+            extra.update(max_inflight_bytes=8 * 2**30)
+        name = "l2l"
     elif chunked := re.fullmatch(r"(vdnn(?:_all)?)_c(\d+)", name):  # the conv trunk in K batch chunks
         name, extra = chunked[1], {"batch_chunks": int(chunked[2]), "chunk_layers": "model.features"}
 

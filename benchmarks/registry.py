@@ -62,12 +62,25 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False, accumulate=8),
     CaseSpec("l2l_mb8", "lightning", "L2L, 8 batches per step as layer-major microbatches (microbatches=8)",
              data_parallel=False, accumulate=8),
+    CaseSpec("l2l_mb8_keep8", "lightning", "l2l_mb8 with 8 streamed blocks keeping their activations on the GPU "
+             "instead of recomputing them (saved_blocks=8, activation_offload='none')", data_parallel=False,
+             accumulate=8),
+    CaseSpec("l2l_mb8_keep12", "lightning", "l2l_mb8 with 12 streamed blocks keeping their activations on the GPU "
+             "(saved_blocks=12)", data_parallel=False, accumulate=8),
+    CaseSpec("l2l_mb8_off4", "lightning", "l2l_mb8 with 4 streamed blocks moving their activations to the host "
+             "instead of recomputing them (saved_blocks=4, activation_offload='all', 8 GiB in flight)",
+             data_parallel=False, accumulate=8),
+    CaseSpec("l2l_mb8_off8", "lightning", "l2l_mb8 with 8 streamed blocks moving their activations to the host "
+             "(saved_blocks=8, activation_offload='all', 8 GiB in flight)", data_parallel=False, accumulate=8),
+    CaseSpec("l2l_all", "lightning", "l2l with every streamed block's activations moved to the host instead of "
+             "recomputed (activation_offload='all')", data_parallel=False),
     CaseSpec("l2l_r8", "lightning", "L2L with the first 8 blocks resident on the GPU (resident_blocks=8)",
              data_parallel=False),
     CaseSpec("l2l_r16", "lightning", "L2L with the first 16 blocks resident on the GPU (resident_blocks=16)",
              data_parallel=False),
-    CaseSpec("l2l_lean", "lightning", "L2L at its least device memory: block inputs offloaded "
-             "(activation_offload='all'), the head's and embeddings' optimizer on the host (offload_optimizer=True), "
+    CaseSpec("l2l_lean", "lightning", "L2L at its least device memory: block inputs offloaded, internals "
+             "recomputed (activation_offload='all', saved_blocks=0), the head's and embeddings' optimizer on the "
+             "host (offload_optimizer=True), "
              "the loss in 8 chunks (GPT)", data_parallel=False, loss_chunks=8),
     CaseSpec("l2l_zero", "lightning", "Trainer(strategy='l2l_zero'): L2L on every rank, each rank keeping and "
              "updating 1/N of the blocks' host state (DDP for the rest)"),

@@ -48,13 +48,15 @@ def prepare(
     layer_streaming: bool = False,
     resident_blocks: int = 0,
     microbatches: int = 1,
+    saved_blocks: Optional[int] = None,
 ) -> Any:
     """``accelerator.prepare(*objects)``, with vDNN activation offload wired into every model among them.
 
     Returns what ``accelerator.prepare`` returns (one object, or a tuple in the order given). The arguments
     after ``objects`` are those of :func:`lightning_vdnn.offload_activations`, validated before anything is
-    prepared; ``layer_streaming``, ``resident_blocks`` and ``microbatches`` are L2L's (one process only; block
-    updates run at ``optimizer.step()``, so ``accelerator.clip_grad_norm_`` between backward and step is fine).
+    prepared; ``layer_streaming``, ``resident_blocks``, ``microbatches`` and ``saved_blocks`` are L2L's (one
+    process only; block updates run at ``optimizer.step()``, so ``accelerator.clip_grad_norm_`` between backward
+    and step is fine).
 
     Raises:
         ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
@@ -69,8 +71,9 @@ def prepare(
                   max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
                   memory_budget=memory_budget)
     config = make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
-    stream = dict(layer_streaming=layer_streaming, resident_blocks=resident_blocks, microbatches=microbatches)
-    dataclasses.replace(config, **stream)  # validates them
+    stream = dict(layer_streaming=layer_streaming, resident_blocks=resident_blocks, microbatches=microbatches,
+                  saved_blocks=saved_blocks)
+    saved_blocks = dataclasses.replace(config, **stream).streamed_saves  # validates them; None/N under the policy
     if layer_streaming:
         if accelerator.num_processes > 1:
             raise ValueError(f"layer_streaming=True trains on one device, but Accelerate runs "
@@ -90,7 +93,7 @@ def prepare(
                 _STREAMERS[obj] = _STREAMERS[inner] = stream_layers(
                     inner, *optimizers, layers=layers, device=accelerator.device, pin_memory=pin_memory,
                     precision=_PRECISION.get(str(accelerator.mixed_precision), "32-true"),
-                    resident_blocks=resident_blocks, microbatches=microbatches)
+                    resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
             handle = offload_activations(inner, policy, device=accelerator.device, **kwargs)
             _wrap_forward(obj, handle)
             _BY_MODEL[obj] = _BY_MODEL[inner] = handle

@@ -58,6 +58,7 @@ def stream_layers(
     pin_memory: bool = True,
     resident_blocks: int = 0,
     microbatches: int = 1,
+    saved_blocks: Optional[int] = 0,
     eager_updates: bool = False,
 ) -> LayerStreamer:
     """L2L layer streaming for a plain PyTorch loop: from now on the blocks of ``model`` at ``layers`` keep
@@ -70,14 +71,19 @@ def stream_layers(
     With ``eager_updates=True`` and the backward inside ``optimizer.step(closure)`` (so its gradients are known
     to be the step's), a block is updated as soon as its gradients land, while backward still runs; use it only
     when the closure does not change gradients after backward (no clipping, no loss scaler).
+    ``saved_blocks`` streamed blocks (None: all) save their activations through whatever saved-tensor hooks
+    surround your forward (``offload_activations``, ``torch.autograd.graph.save_on_cpu``; none: kept on the
+    device) instead of recomputing them in backward.
 
     Raises:
         ValueError, TypeError: a wrong ``layers`` path (listing the candidates), an unsupported optimizer or
             precision, a bad ``resident_blocks``/``microbatches``.
     """
     config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
-                        resident_blocks=resident_blocks, microbatches=microbatches)
-    streamer = LayerStreamer.from_config(model, config, torch.device(device), precision)
+                        resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
+    config.refuse_auto_resident()
+    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision, pin_memory=pin_memory,
+                             resident=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
     streamer.set_eager(eager_updates)
     try:
         streamer.attach_optimizers(optimizers)

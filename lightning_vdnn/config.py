@@ -119,6 +119,12 @@ class VDNNConfig:
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
             the whole batch.
+        saved_blocks: with layer streaming, how many streamed blocks save what their forward computes for
+            backward, as a resident block does, instead of recomputing it in backward: the saves then follow
+            ``activation_offload`` (``"all"``/``"conv"`` move them to the host while later blocks compute,
+            ``"none"`` keeps them on the device). Trades PCIe traffic or device memory for the recompute, about a
+            third of a block's compute. Spread evenly over the streamed blocks. ``None`` (the default): every
+            streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``.
         batch_chunks: run the module at ``chunk_layers`` over this many dim-0 chunks of its batch, one after
             another (``chunking.py``): with activations offloaded, the step's peak is the working set of its
             largest layers (a CNN's first convolutions), which shrinks k-fold; the bytes saved for backward do not.
@@ -155,6 +161,7 @@ class VDNNConfig:
     resident_blocks: ResidentSpec = None
     memory_budget: MemorySpec = None
     microbatches: int = 1
+    saved_blocks: Optional[int] = None
     batch_chunks: int = 1
     chunk_layers: Optional[str] = None
     zero_stage: int = 0
@@ -182,6 +189,7 @@ class VDNNConfig:
         if self.microbatches < 1:
             raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
         self._check_resident()
+        self._check_saved_blocks()
         if self.microbatches > 1 and not self.layer_streaming:
             raise ValueError(
                 f"microbatches={self.microbatches} splits the batch inside each streamed block, so it needs layer "
@@ -239,6 +247,46 @@ class VDNNConfig:
                 "budget is built for one device (VDNNStrategy), where no other rank has to agree. Give "
                 "resident_blocks a number of blocks, or train on one device."
             )
+
+    def _check_saved_blocks(self) -> None:
+        value = self.saved_blocks
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"saved_blocks={value!r} must be an int (a number of streamed blocks) or None.")
+        if value < 0:
+            raise ValueError(f"saved_blocks={value} must be >= 0 (0 recomputes every streamed block), or None.")
+        if not self.layer_streaming:
+            raise ValueError(f"saved_blocks={value} says how many streamed blocks save their activations rather "
+                             "than recompute them, and layer_streaming is off. Set layer_streaming=True (strategy "
+                             "'l2l'), or drop saved_blocks.")
+        if value and (self.activation_offload == "auto" or self.auto_resident):
+            raise ValueError(
+                f"saved_blocks={value} with activation_offload={self.activation_offload!r} and "
+                f"resident_blocks={self.resident_blocks!r}: the budget's plan counts every streamed block as "
+                "recomputed, so blocks that keep their activations could overflow it. Use a fixed policy ('all' "
+                "moves them to the host, 'none' keeps them) with a fixed resident_blocks, or saved_blocks=0.")
+
+    def refuse_auto_resident(self) -> None:
+        """Entry points other than ``VDNNStrategy`` take a fixed number of resident blocks.
+
+        Raises:
+            NotImplementedError: ``resident_blocks`` is chosen from the budget (``auto_resident``).
+        """
+        if self.auto_resident:
+            raise NotImplementedError(
+                f"resident_blocks={self.resident_blocks!r} with memory_budget={self.memory_budget!r} chooses the "
+                "resident blocks from the budget, which is built for the Lightning Trainer's VDNNStrategy (it "
+                "switches blocks to the device between steps). Here give resident_blocks a number of blocks (0 "
+                "streams every one).")
+
+    @property
+    def streamed_saves(self) -> Optional[int]:
+        """``saved_blocks`` as the streamer takes it: the number given, else every streamed block (None) under
+        a policy that moves saves (``"all"``/``"conv"``), else 0 (recompute them all)."""
+        if self.saved_blocks is not None:
+            return self.saved_blocks
+        return None if self.activation_offload in ("all", "conv") else 0
 
     @property
     def auto_resident(self) -> bool:

@@ -30,7 +30,7 @@ from lightning_vdnn.streaming import LayerStreamer
 #: The configuration fields Fabric supports: activation offload and layer streaming (not ZeRO).
 FABRIC_FIELDS = frozenset({"activation_offload", "min_offload_bytes", "prefetch_layers", "max_inflight_bytes",
                            "pin_memory", "layers", "memory_budget", "layer_streaming", "resident_blocks",
-                           "microbatches"})
+                           "microbatches", "saved_blocks"})
 
 
 class _CapturedForward(nn.Module):
@@ -54,9 +54,10 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers,
             memory_budget: as in :class:`~lightning_vdnn.VDNNConfig`; ``layers`` is a path under each module
             given to ``fabric.setup``; ``"auto"`` plans each model to fit ``memory_budget``.
-        layer_streaming, resident_blocks, microbatches: L2L, as in :class:`~lightning_vdnn.VDNNStrategy`. The
-            host update runs at ``optimizer.step()`` (your loop may clip with ``fabric.clip_gradients`` between
-            backward and step), first block first, so the next forward overlaps it.
+        layer_streaming, resident_blocks, microbatches, saved_blocks: L2L, as in
+            :class:`~lightning_vdnn.VDNNStrategy`. The host update runs at ``optimizer.step()`` (your loop may
+            clip with ``fabric.clip_gradients`` between backward and step), first block first, so the next
+            forward overlaps it.
         device: normally left to ``Fabric(accelerator=..., devices=1)``.
 
     Example::
@@ -80,6 +81,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         layer_streaming: bool = False,
         resident_blocks: int = 0,
         microbatches: int = 1,
+        saved_blocks: Optional[int] = None,
         device: Union[str, torch.device, None] = None,
         accelerator: Optional[Accelerator] = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -90,7 +92,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
             activation_offload, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
             max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
             memory_budget=memory_budget), layer_streaming=layer_streaming, resident_blocks=resident_blocks,
-            microbatches=microbatches)
+            microbatches=microbatches, saved_blocks=saved_blocks)
         self.config.refuse_chunks("VDNNFabricStrategy")
         if self.config.zero_stage:
             raise ValueError(f"zero_stage={self.config.zero_stage}: DeepSpeed ZeRO is Lightning-only "

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.host_blocks import optimizer_state_bytes, state_to_device

@@ -208,7 +208,8 @@ class ShardedLayerStreamer(LayerStreamer):
     Args:
         comm: the process group the blocks are partitioned over (every rank of the data-parallel job).
         local_world: ranks on this host (each keeps full fp32 block weights: the host-memory check counts them).
-        root, layers, device, precision, pin_memory, resident, microbatches: as in :class:`LayerStreamer`.
+        root, layers, device, precision, pin_memory, resident, microbatches, saved_blocks: as in
+            :class:`LayerStreamer`.
             The first ``resident`` blocks are not streamed and not partitioned: the strategy replicates them
             with the modules outside the blocks.
 
@@ -221,7 +222,7 @@ class ShardedLayerStreamer(LayerStreamer):
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, comm: Collectives,
                  precision: str = "32-true", pin_memory: bool = True, resident: int = 0,
-                 microbatches: int = 1, local_world: int = 1) -> None:
+                 microbatches: int = 1, local_world: int = 1, saved_blocks: Optional[int] = 0) -> None:
         if str(precision) == "16-mixed":
             raise ValueError(
                 "precision='16-mixed' with layer streaming across ranks: its loss scaler unscales and checks "
@@ -229,7 +230,7 @@ class ShardedLayerStreamer(LayerStreamer):
                 "precision='bf16-mixed' (no loss scaler) or '32-true'.")
         self.comm, self.world, self.rank, self.local_world = comm, comm.world, comm.rank, local_world
         super().__init__(root, layers, device, precision=precision, pin_memory=pin_memory, resident=resident,
-                         microbatches=microbatches)
+                         microbatches=microbatches, saved_blocks=saved_blocks)
         size = max(b.part.size for b in self.blocks)
         self.gather_in = torch.empty(size, dtype=self.dtype, device=self.device)
         self.grad_out = torch.empty(size, dtype=self.host_dtype, device=self.device)
@@ -240,7 +241,8 @@ class ShardedLayerStreamer(LayerStreamer):
     def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device,  # type: ignore[override]
                     comm: Collectives, precision: str = "32-true", local_world: int = 1) -> "ShardedLayerStreamer":
         return cls(root, config.layers, device, comm, precision=precision, pin_memory=config.pin_memory,
-                   resident=config.fixed_resident, microbatches=config.microbatches, local_world=local_world)
+                   resident=config.fixed_resident, microbatches=config.microbatches, local_world=local_world,
+                   saved_blocks=config.streamed_saves)
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         return ShardedHostBlock(index, module, pin, self.rank, self.world)

@@ -73,6 +73,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         microbatches: with ``layer_streaming``, each block runs the batch in this many chunks (dim 0), all
             through block i before block i+1: block activations shrink k-fold, weight traffic stays that of 1.
             Without layer streaming, a value above 1 raises ``ValueError``.
+        saved_blocks: with ``layer_streaming``, how many streamed blocks save their activations (moved to the
+            host by ``"all"``/``"conv"``, kept by ``"none"``) instead of recomputing them in backward; ``None``:
+            all under ``"all"``/``"conv"``, none otherwise (see :class:`~lightning_vdnn.VDNNConfig`).
         batch_chunks, chunk_layers: run the module at ``chunk_layers`` (``"model.features"``) over
             ``batch_chunks`` dim-0 chunks of its batch, one after another (``chunking.py``): the working set of its
             largest layers, which bounds the peak once activations are offloaded, shrinks k-fold. Not with
@@ -126,6 +129,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
+        saved_blocks: Optional[int] = None,
         batch_chunks: int = 1,
         chunk_layers: Optional[str] = None,
         zero_stage: int = 0,
@@ -143,7 +147,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=layer_streaming,
             layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
-            microbatches=microbatches, batch_chunks=batch_chunks, chunk_layers=chunk_layers, zero_stage=zero_stage,
+            microbatches=microbatches, saved_blocks=saved_blocks, batch_chunks=batch_chunks,
+            chunk_layers=chunk_layers, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
         )
         if self.config.zero_stage:

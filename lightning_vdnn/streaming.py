@@ -5,7 +5,10 @@ objects the user's optimizer holds *are* the host master weights: ``state_dict()
 checkpoints never assemble the model on the device. The device holds two reusable flat slots in the compute
 dtype: the block computing and the next one arriving on a side stream. A block's forward runs without
 autograd and saves only its input; backward fetches the block again, recomputes it (same RNG, same autocast)
-and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would. With
+and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would. A
+block in ``saving`` (``saved_blocks``) runs its forward with autograd instead, its saves going through the
+enclosing saved-tensor hooks (the offloader moves them to the host); saved views of its weights are taken
+from whichever slot holds the block when backward reads them, so nothing is recomputed. With
 ``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
 (``microbatch.py``): weights stream as often as unsplit, gradients once per block, block internals are 1/k.
 Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
@@ -71,19 +74,75 @@ class _Slot:
 
 class _StreamedBlock(torch.autograd.Function):
     """One streamed block: forward without autograd, saving only the input; backward recomputes it, chunk by
-    chunk from each chunk's recorded RNG state."""
+    chunk from each chunk's recorded RNG state. A block in ``streamer.saving`` keeps its forward's graph
+    instead, and backward runs it."""
 
     @staticmethod
     def forward(ctx: Any, streamer: "LayerStreamer", index: int, x: Tensor, anchor: Tensor) -> Tensor:
-        ctx.streamer, ctx.index, ctx.states = streamer, index, []
+        ctx.streamer, ctx.index, ctx.states, ctx.graph = streamer, index, [], None
+        ctx.saving = index in streamer.saving
+        if ctx.saving:
+            ctx.graph = streamer._run_saving(index, x)
+            return ctx.graph.out.detach()
         ctx.save_for_backward(x)
         return streamer._run(index, x, ctx.states)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple:
+        if ctx.saving:
+            graph, ctx.graph = ctx.graph, None  # its saves are freed as soon as backward is done with them
+            if graph is None:
+                raise RuntimeError(ctx.streamer._once(ctx.index))
+            return None, None, ctx.streamer._backward_saving(ctx.index, graph, grad), None
         (x,) = ctx.saved_tensors
         gx = ctx.streamer._backward(ctx.index, x, grad, ctx.states, ctx.needs_input_grad[2])
         return None, None, gx, None
+
+
+class _Graph:
+    """A saving block's forward, kept for its backward: the output, the input leaf and the weight leaves."""
+
+    __slots__ = ("out", "x", "leaves")
+
+    def __init__(self, out: Tensor, x: Tensor, leaves: list[Tensor]) -> None:
+        self.out, self.x, self.leaves = out, x, leaves
+
+
+class _SlotView:
+    """A saved view of a slot's weights: backward rebuilds it from the slot holding the block then."""
+
+    __slots__ = ("index", "offset", "size", "stride")
+
+    def __init__(self, index: int, offset: int, t: Tensor) -> None:
+        self.index, self.offset, self.size, self.stride = index, offset, tuple(t.shape), t.stride()
+
+
+class _SlotSaves(torch.autograd.graph.saved_tensors_hooks):
+    """Saves of a saving block's forward: views of its slot become :class:`_SlotView` (the slot will hold other
+    blocks by backward), the rest go to the enclosing hooks (the offloader) or are kept as they are. Counts the
+    bytes saved, as :class:`SavedBytes` does for a recompute (``measure_saved``)."""
+
+    def __init__(self, streamer: "LayerStreamer", index: int, slot: _Slot, x: Tensor) -> None:
+        self.streamer, self.index, self.buf = streamer, index, slot.buf
+        self.ptr = slot.buf.untyped_storage().data_ptr()
+        # the hooks this block's saves would meet without streaming: an offloader's, or none
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
+        self.counter = SavedBytes(x, slot.buf) if streamer.measure_saved else None
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor) -> Any:
+        if t.untyped_storage().data_ptr() == self.ptr and t.dtype == self.buf.dtype:
+            return _SlotView(self.index, t.storage_offset() - self.buf.storage_offset(), t)
+        if self.counter is not None:
+            self.counter._pack(t)
+        return (self.outer_unpack, self.outer_pack(t)) if self.outer_pack is not None else (None, t)
+
+    def _unpack(self, saved: Any) -> Tensor:
+        if isinstance(saved, _SlotView):
+            return self.streamer._slot_view(saved)
+        unpack, packed = saved
+        return unpack(packed) if unpack is not None else packed
 
 
 class LayerStreamer:
@@ -104,6 +163,9 @@ class LayerStreamer:
         recompute_resident_from: resident blocks from this index on save only their inputs and recompute in
             backward (``torch.utils.checkpoint``), as the streamed ones do: more of them fit a budget
             (``residency.py``). None: every resident block keeps its activations.
+        saved_blocks: how many streamed blocks, spread evenly, save their activations in forward (through the
+            saved-tensor hooks around the forward: an offloader moves them to the host) instead of recomputing
+            them in backward; None: all of them.
 
     Raises:
         ValueError: no blocks at ``layers`` (listing the candidates), blocks without parameters, or block
@@ -126,7 +188,7 @@ class LayerStreamer:
 
     def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1,
-                 recompute_resident_from: Optional[int] = None) -> None:
+                 recompute_resident_from: Optional[int] = None, saved_blocks: Optional[int] = 0) -> None:
         check_precision(precision)
         self.path, self.container = resolve_layers(root, layers)
         if not 0 <= resident < len(self.container):
@@ -185,6 +247,9 @@ class LayerStreamer:
         #: block would hold on the device from forward to backward if it were resident (``residency.py``)
         self.saved_bytes: list[Optional[int]] = [None] * len(self.blocks)
         self.measure_saved = False
+        #: streamed blocks whose forward keeps its graph (saves through the enclosing hooks), not recomputed
+        self.saving = spread(len(self.blocks) if saved_blocks is None else saved_blocks, len(self.blocks))
+        self._reading: dict[int, _Slot] = {}  # saving blocks in backward -> the slot their weights are in
         self._direct: set[int] = set()  # blocks whose grads this backward copied straight into grad_flat
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
             warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
@@ -207,15 +272,12 @@ class LayerStreamer:
         Raises:
             NotImplementedError: ``resident_blocks`` is ``"auto"`` and ``resident`` is not given.
         """
-        if resident is None and config.auto_resident:
-            raise NotImplementedError(
-                f"resident_blocks={config.resident_blocks!r} with memory_budget={config.memory_budget!r} chooses the "
-                "resident blocks from the budget, which is built for the Lightning Trainer's VDNNStrategy (it "
-                "switches blocks to the device between steps). Here give resident_blocks a number of blocks (0 "
-                "streams every one).")
+        if resident is None:
+            config.refuse_auto_resident()
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.fixed_resident if resident is None else resident,
-                   microbatches=config.microbatches, recompute_resident_from=recompute_from)
+                   microbatches=config.microbatches, recompute_resident_from=recompute_from,
+                   saved_blocks=config.streamed_saves)
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``sharded.py``): the host side of one streamed block."""
@@ -368,6 +430,25 @@ class LayerStreamer:
         self._prefetch(ahead, slot)  # after queueing compute: waiting for that block's host update stalls no one
         return rows.out
 
+    def _run_saving(self, index: int, x: Tensor) -> _Graph:
+        """Block ``index`` over ``x`` with autograd, chunk by chunk, from leaves standing in for its input and
+        its slot's weights: what autograd saves goes through :class:`_SlotSaves`."""
+        slot = self._acquire(index)
+        block = self.blocks[index]
+        saves = _SlotSaves(self, index, slot, x)
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(x.requires_grad)
+            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            pieces = split_rows(xd, self.microbatches)
+            with saves, block.substituted(leaves):
+                outs = [self._checked(index, p, self._forwards[index][1](p), len(pieces)) for p in pieces]
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if saves.counter is not None:
+            self.saved_bytes[index] = saves.counter.nbytes
+        slot.free = self.engine.record()
+        self._prefetch(index + 1, slot)
+        return _Graph(out, xd, leaves)
+
     def _checked(self, index: int, piece: Tensor, out: Any, chunks: int) -> Tensor:
         name = f"{type(self.blocks[index].module).__name__} at {self.path!r}"
         if not isinstance(out, Tensor):
@@ -400,15 +481,50 @@ class LayerStreamer:
             block.pack_grads(dev, wgrads, first=k == len(pieces) - 1)
             if need_x:
                 gx.put(k, gxk)
-        slot.free = self.engine.record()
         if self.measure_saved:
             self.saved_bytes[index] = saved  # what the block saves over the whole batch, as a resident one would
-        self._calls[index] -= 1
-        self._push_grads(block, dev, final=self._calls[index] <= 0)
+        self._finish_backward(block, slot, dev)
+        return gx.out
+
+    def _backward_saving(self, index: int, graph: _Graph, grad: Tensor) -> Optional[Tensor]:
+        """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
+        slot = self._acquire(index)
+        self._prefetch(index - 1, slot)
+        block, need_x = self.blocks[index], graph.x.requires_grad
+        wants = ([graph.x] if need_x else []) + [w for w in graph.leaves if w.requires_grad]
+        self._reading[index] = slot
+        try:
+            grads = list(torch.autograd.grad(graph.out, wants, grad, allow_unused=True)) if wants else []
+        finally:
+            del self._reading[index]
+        gx = grads.pop(0) if need_x else None
+        it = iter(grads)
+        dev = self._grad_buffer(block)
+        block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
+        self._finish_backward(block, slot, dev)
+        return gx
+
+    def _slot_view(self, saved: _SlotView) -> Tensor:
+        """A saved view of block ``saved.index``'s weights, from the slot its backward acquired."""
+        slot = self._reading.get(saved.index)
+        if slot is None:
+            raise RuntimeError(self._once(saved.index))
+        return slot.buf.as_strided(saved.size, saved.stride, slot.buf.storage_offset() + saved.offset)
+
+    def _once(self, index: int) -> str:
+        return (f"layer streaming: block {index} at {self.path!r} saved its activations (saved_blocks), and they were "
+                "read a second time, or outside its backward (backward(retain_graph=True) run twice, or autograd.grad "
+                "on a tensor inside the block). A saving block supports one backward per forward; with saved_blocks=0 "
+                "every streamed block recomputes, which supports more.")
+
+    def _finish_backward(self, block: HostBlock, slot: _Slot, dev: Tensor) -> None:
+        """The block's slot free for the next load, its gradients on their way to the host."""
+        slot.free = self.engine.record()
+        self._calls[block.index] -= 1
+        self._push_grads(block, dev, final=self._calls[block.index] <= 0)
         if not self._drain_queued:
             self._drain_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._drain)
-        return gx.out
 
     def _recompute(self, index: int, slot: _Slot, x: Tensor, grad: Tensor, state: ChunkState,
                    need_x: bool) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
@@ -518,6 +634,13 @@ class LayerStreamer:
             staged.copy_(host, non_blocking=True)
             dst.copy_(staged)
         self.h2d_bytes += host.nbytes
+
+
+def spread(count: int, total: int) -> frozenset[int]:
+    """``min(count, total)`` indices of ``range(total)``, evenly spaced: what saving blocks move to the host
+    then loads the copy engine evenly through the pass."""
+    count = min(count, total)
+    return frozenset(int((j + 0.5) * total / count) for j in range(count)) if count else frozenset()
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

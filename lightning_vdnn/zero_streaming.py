@@ -56,7 +56,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             vDNN on each rank, as in :class:`~lightning_vdnn.VDNNConfig` (default ``"none"``, as ``"l2l"``).
         zero_stage: 1, 2 or 3, all the same for the streamed blocks (partitioned host state) and for the
             modules outside them (replicated); see the module docstring.
-        layers, resident_blocks, microbatches, pin_memory: layer streaming, as in
+        layers, resident_blocks, microbatches, saved_blocks, pin_memory: layer streaming, as in
             :class:`~lightning_vdnn.VDNNStrategy`. Resident blocks are replicated like the modules outside.
         vdnn_config: a ready :class:`VDNNConfig` (``layer_streaming=True``, ``zero_stage`` >= 1) instead.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
@@ -90,6 +90,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         layers: Optional[str] = None,
         resident_blocks: int = 0,
         microbatches: int = 1,
+        saved_blocks: Optional[int] = None,
         pin_memory: bool = True,
         min_offload_bytes: int = 2**20,
         prefetch_layers: int = 1,
@@ -110,7 +111,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=True, layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
-            microbatches=microbatches, zero_stage=zero_stage, fit_report=fit_report,
+            microbatches=microbatches, saved_blocks=saved_blocks, zero_stage=zero_stage, fit_report=fit_report,
         )
         cfg = self.vdnn_config
         if not cfg.layer_streaming or not cfg.zero_stage:

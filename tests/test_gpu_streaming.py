@@ -25,12 +25,18 @@ class LM(LanguageModel):
         return loss
 
 
-@pytest.mark.parametrize("clip, microbatches", [(1.0, 1), (None, 1), (1.0, 4)])  # updates at the step / in backward
-def test_bf16_matches_plain_within_tolerance(clip, microbatches):
+@pytest.mark.parametrize("clip, microbatches, policy, saved", [  # updates at the step / in backward
+    (1.0, 1, "none", None), (None, 1, "none", None), (1.0, 4, "none", None),
+    (1.0, 1, "all", None), (None, 4, "none", 2), (None, 1, "all", 2),  # blocks saving: offloaded, or kept
+])
+def test_bf16_matches_plain_within_tolerance(clip, microbatches, policy, saved):
     kw = dict(max_steps=6, precision="bf16-mixed", gradient_clip_val=clip, accumulate_grad_batches=2, **GPU)
     ref, _ = fit(LM, token_loader(n=96), **kw)
-    got, trainer = fit(LM, token_loader(n=96), VDNNStrategy("none", layer_streaming=True, microbatches=microbatches),
-                       **kw)
+    strategy = VDNNStrategy(policy, layer_streaming=True, microbatches=microbatches, saved_blocks=saved,
+                            min_offload_bytes=0)
+    got, trainer = fit(LM, token_loader(n=96), strategy, **kw)
+    if policy == "all":
+        assert trainer.strategy.memory_report().offloaded_bytes > 0
     blocks = len(got.model.blocks)
     assert trainer.strategy._last_eager_updates == (0 if clip else trainer.global_step * blocks)
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)

@@ -555,3 +555,60 @@ def test_pinned_arena_carves_aligned_disjoint_buffers_from_few_chunks(monkeypatc
         b.fill_(1.0)
     assert all(bool((b == 1).all()) for b in bufs)
     assert Arena(pin=False).empty(10, torch.float32).numel() == 10 and len(made) == 3  # pageable: no chunks
+
+
+@pytest.mark.parametrize("name, dropout, microbatches, policy, saved", [
+    ("gpt_tiny", 0.1, 1, "all", None), ("llama_tiny", 0.1, 4, "all", None), ("gpt_tiny", 0.0, 3, "all", 3),
+    ("gpt_tiny", 0.1, 1, "none", 2), ("llama_tiny", 0.0, 1, "conv", 1),
+])
+def test_saving_blocks_skip_the_recompute_and_train_like_plain(monkeypatch, name, dropout, microbatches, policy,
+                                                               saved):
+    """Blocks that save their activations (offloaded by 'all'/'conv', kept by 'none') run forward once: the same
+    dropout draws as plain, and no recompute. Their saved weight views are read back from whichever slot holds
+    the block in backward; 'none' keeps those views as tensors, so a stale slot would change the gradients."""
+    recomputed = []
+    recompute = LayerStreamer._recompute
+    monkeypatch.setattr(LayerStreamer, "_recompute", lambda self, i, *a: recomputed.append(i) or recompute(self, i, *a))
+    ref, _ = fit(lm(name, dropout, chunks=microbatches), loader(), max_steps=5, **STEPS)
+    strategy = l2l(activation_offload=policy, min_offload_bytes=0, saved_blocks=saved, microbatches=microbatches)
+    got, _ = fit(lm(name, dropout), loader(), strategy, max_steps=5, **STEPS)
+    assert_same_run(got, ref)
+    saving = {None: {0, 1, 2, 3}, 3: {0, 2, 3}, 2: {1, 3}, 1: {2}}[saved]  # spread evenly
+    assert set(recomputed) == {0, 1, 2, 3} - saving
+    assert len(recomputed) == 10 * microbatches * (4 - len(saving))  # 10 backward passes, one per chunk
+
+
+def test_all_moves_the_streamed_blocks_internals_to_the_host():
+    """Under 'all' a streamed block's activations go to the host as a resident block's would; saved_blocks=0
+    sends only the blocks' inputs and recomputes the rest, as 'auto' does."""
+    offloaded = {}
+    for saved in (0, None):
+        _, trainer = fit(lm(), loader(24), l2l(activation_offload="all", min_offload_bytes=0, saved_blocks=saved),
+                         max_steps=2)
+        offloaded[saved] = trainer.strategy.memory_report().offloaded_bytes
+    mlp_hidden = 4 * 4 * 32 * 512 * 4  # 4 blocks' MLP hidden activations (4 x 32 x 512 floats), among the rest
+    assert offloaded[None] > offloaded[0] + 2 * mlp_hidden
+
+
+@pytest.mark.parametrize("saved", [0, None])
+def test_saving_blocks_without_hooks_keep_their_saves_and_refuse_a_second_backward(saved):
+    """Plain PyTorch use (no offloader around forward): the saves stay where they are. A second backward
+    through a saving block's graph is refused with the fix; recomputing blocks allow it, as autograd would not
+    without retain_graph either (here it is given)."""
+    torch.manual_seed(0)
+    ref, got = GPT(GPTConfig.from_name("gpt_tiny")), GPT(GPTConfig.from_name("gpt_tiny"))
+    got.load_state_dict(ref.state_dict())
+    streamer = LayerStreamer(got, None, torch.device("cpu"), saved_blocks=saved)
+    x = torch.randint(0, 256, (2, 16))
+    for model in (ref, got):
+        model(x).square().mean().backward()
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    loss = got(x).square().mean()
+    loss.backward(retain_graph=True)
+    if saved is None:
+        with pytest.raises(RuntimeError, match=r"saved_blocks=0 every streamed block recomputes"):
+            loss.backward()
+    else:
+        loss.backward()
+    streamer.close()
