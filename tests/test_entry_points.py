@@ -249,6 +249,17 @@ def fabric_gpt(strategy, clip: Optional[float] = 1.0, steps: int = STEPS):
     return model, opt, fabric, losses
 
 
+def test_fabric_streamed_blocks_that_save_their_activations_match_plain_fabric():
+    """``saved_blocks`` through Fabric: two of the four blocks send their activations to the host ("all")
+    instead of recomputing them; the run is plain Fabric's."""
+    _, _, _, ref_losses = fabric_gpt("auto")
+    strategy = VDNNFabricStrategy("all", layer_streaming=True, saved_blocks=2, min_offload_bytes=0)
+    got, _, fabric, losses = fabric_gpt(strategy)
+    assert losses == ref_losses
+    assert fabric.strategy._streamers[0].saving == {1, 3}
+    assert fabric.strategy.memory_report().offloaded_bytes > 0
+
+
 def test_fabric_streams_layers_and_matches_plain_fabric(tmp_path):
     """``Fabric(strategy="l2l")``: blocks stream from host memory, clipping in the loop still sees every
     gradient, and a checkpoint saved by ``fabric.save`` (host memory, after queued updates) equals plain's."""
@@ -339,9 +350,11 @@ def cli_fit(*strategy_args: str):
     return cli.model, cli.trainer
 
 
-def test_accelerate_streams_layers_and_matches_plain_accelerate():
+@pytest.mark.parametrize("policy", ["none", "all"])
+def test_accelerate_streams_layers_and_matches_plain_accelerate(policy):
     """``prepare(..., layer_streaming=True)``: Accelerate leaves the model where it is, the blocks stream from
-    host memory, ``accelerator.clip_grad_norm_`` between backward and step sees every gradient; same run."""
+    host memory, ``accelerator.clip_grad_norm_`` between backward and step sees every gradient; same run. Under
+    ``"all"`` the streamed blocks save their activations to the host instead of recomputing them."""
     from accelerate import Accelerator
 
     import lightning_vdnn.accelerate as vdnn_accelerate
@@ -352,7 +365,10 @@ def test_accelerate_streams_layers_and_matches_plain_accelerate():
         model = gpt_tiny()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         if stream:
-            model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy="none", layer_streaming=True)
+            model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy=policy, layer_streaming=True,
+                                                 min_offload_bytes=0)
+            every = frozenset(range(len(model.blocks)))
+            assert vdnn_accelerate._STREAMERS[model].saving == (every if policy == "all" else frozenset())
         else:
             model, opt = accelerator.prepare(model, opt)
         losses = []
