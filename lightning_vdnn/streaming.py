@@ -82,8 +82,8 @@ class _StreamedBlock(torch.autograd.Function):
         ctx.streamer, ctx.index, ctx.states, ctx.graph = streamer, index, [], None
         ctx.saving = index in streamer.saving
         if ctx.saving:
-            ctx.graph = streamer._run_saving(index, x)
-            return ctx.graph.out.detach()
+            ctx.graph, out = streamer._run_saving(index, x)
+            return out
         ctx.save_for_backward(x)
         return streamer._run(index, x, ctx.states)
 
@@ -99,13 +99,53 @@ class _StreamedBlock(torch.autograd.Function):
         return None, None, gx, None
 
 
+class _Port:
+    """Where a gradient crosses one end of a saving block's graph."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: Optional[Tensor] = None
+
+
 class _Graph:
-    """A saving block's forward, kept for its backward: the output, the input leaf and the weight leaves."""
+    """A saving block's forward, kept for its backward. It holds neither the block's input nor its output (the
+    offloader may have moved both): gradients cross its two ends through ports instead (:class:`_Enter`,
+    :class:`_Exit`), and ``root``, ``anchor`` are empty tensors."""
 
-    __slots__ = ("out", "x", "leaves")
+    __slots__ = ("root", "anchor", "leaves", "enter", "exit")
 
-    def __init__(self, out: Tensor, x: Tensor, leaves: list[Tensor]) -> None:
-        self.out, self.x, self.leaves = out, x, leaves
+    def __init__(self, root: Tensor, anchor: Optional[Tensor], leaves: list[Tensor], enter: _Port,
+                 exit: _Port) -> None:
+        self.root, self.anchor, self.leaves, self.enter, self.exit = root, anchor, leaves, enter, exit
+
+
+class _Enter(torch.autograd.Function):
+    """The block's input, cut from its storage's owner: backward leaves the input's gradient in ``port``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, anchor: Tensor, port: _Port) -> Tensor:
+        ctx.port = port
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        ctx.port.grad = grad
+        return None, None, None
+
+
+class _Exit(torch.autograd.Function):
+    """An empty root standing for the block's output: backward feeds in the gradient left in ``port``."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, port: _Port) -> Tensor:
+        ctx.port = port
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple:
+        grad, ctx.port.grad = ctx.port.grad, None
+        return grad, None
 
 
 class _SlotView:
@@ -430,24 +470,27 @@ class LayerStreamer:
         self._prefetch(ahead, slot)  # after queueing compute: waiting for that block's host update stalls no one
         return rows.out
 
-    def _run_saving(self, index: int, x: Tensor) -> _Graph:
-        """Block ``index`` over ``x`` with autograd, chunk by chunk, from leaves standing in for its input and
-        its slot's weights: what autograd saves goes through :class:`_SlotSaves`."""
+    def _run_saving(self, index: int, x: Tensor) -> tuple[_Graph, Tensor]:
+        """Block ``index`` over ``x`` with autograd, chunk by chunk, from leaves standing in for its slot's
+        weights: what autograd saves goes through :class:`_SlotSaves`. Returns the graph and the output."""
         slot = self._acquire(index)
         block = self.blocks[index]
         saves = _SlotSaves(self, index, slot, x)
         with torch.enable_grad():
-            xd = x.detach().requires_grad_(x.requires_grad)
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            anchor = torch.empty(0, device=x.device, requires_grad=True) if x.requires_grad else None
+            enter, exit = _Port(), _Port()
+            xd = _Enter.apply(x, anchor, enter) if anchor is not None else x.detach()
             pieces = split_rows(xd, self.microbatches)
             with saves, block.substituted(leaves):
                 outs = [self._checked(index, p, self._forwards[index][1](p), len(pieces)) for p in pieces]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
+            graph = _Graph(_Exit.apply(out, exit), anchor, leaves, enter, exit)
         if saves.counter is not None:
             self.saved_bytes[index] = saves.counter.nbytes
         slot.free = self.engine.record()
         self._prefetch(index + 1, slot)
-        return _Graph(out, xd, leaves)
+        return graph, out.detach()
 
     def _checked(self, index: int, piece: Tensor, out: Any, chunks: int) -> Tensor:
         name = f"{type(self.blocks[index].module).__name__} at {self.path!r}"
@@ -490,15 +533,16 @@ class LayerStreamer:
         """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
         slot = self._acquire(index)
         self._prefetch(index - 1, slot)
-        block, need_x = self.blocks[index], graph.x.requires_grad
-        wants = ([graph.x] if need_x else []) + [w for w in graph.leaves if w.requires_grad]
-        self._reading[index] = slot
+        block, need_x = self.blocks[index], graph.anchor is not None
+        wants = ([graph.anchor] if need_x else []) + [w for w in graph.leaves if w.requires_grad]
+        self._reading[index], graph.exit.grad = slot, grad
         try:
-            grads = list(torch.autograd.grad(graph.out, wants, grad, allow_unused=True)) if wants else []
+            grads = list(torch.autograd.grad(graph.root, wants, torch.empty_like(graph.root), allow_unused=True)
+                         ) if wants else []
         finally:
             del self._reading[index]
-        gx = grads.pop(0) if need_x else None
-        it = iter(grads)
+        gx = graph.enter.grad if need_x else None
+        it = iter(grads[1:] if need_x else grads)
         dev = self._grad_buffer(block)
         block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
         self._finish_backward(block, slot, dev)

@@ -258,6 +258,7 @@ def test_fabric_streamed_blocks_that_save_their_activations_match_plain_fabric()
     assert losses == ref_losses
     assert fabric.strategy._streamers[0].saving == {1, 3}
     assert fabric.strategy.memory_report().offloaded_bytes > 0
+    fabric.strategy.teardown()
 
 
 def test_fabric_streams_layers_and_matches_plain_fabric(tmp_path):

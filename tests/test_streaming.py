@@ -612,3 +612,29 @@ def test_saving_blocks_without_hooks_keep_their_saves_and_refuse_a_second_backwa
     else:
         loss.backward()
     streamer.close()
+
+
+def test_a_saving_blocks_graph_holds_neither_its_input_nor_its_output(monkeypatch):
+    """What a saving block's graph keeps is what autograd saved (here cloned by the hooks, as an offloader
+    copies it): not the block's output, which is the next block's input, so an offloaded one can be freed."""
+    import gc
+    import weakref
+
+    outs = []
+    checked = LayerStreamer._checked
+    monkeypatch.setattr(LayerStreamer, "_checked",
+                        lambda self, i, piece, out, n: outs.append(weakref.ref(out)) or checked(self, i, piece, out, n))
+    torch.manual_seed(0)
+    ref, got = GPT(GPTConfig.from_name("gpt_tiny")), GPT(GPTConfig.from_name("gpt_tiny"))
+    got.load_state_dict(ref.state_dict())
+    streamer = LayerStreamer(got, None, torch.device("cpu"), saved_blocks=None)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        loss = got(x).square().mean()
+    gc.collect()
+    assert len(outs) == 4 and all(out() is None for out in outs)
+    loss.backward()
+    ref(x).square().mean().backward()
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    streamer.close()
