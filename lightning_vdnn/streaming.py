@@ -159,23 +159,20 @@ class _SlotView:
 
 class _SlotSaves(torch.autograd.graph.saved_tensors_hooks):
     """Saves of a saving block's forward: views of its slot become :class:`_SlotView` (the slot will hold other
-    blocks by backward), the rest go to the enclosing hooks (the offloader) or are kept as they are. Counts the
-    bytes saved, as :class:`SavedBytes` does for a recompute (``measure_saved``)."""
+    blocks by backward), the rest go to the enclosing hooks (the offloader) or are kept as they are. (Nothing
+    measures them: the budget's residency, which reads ``saved_bytes``, runs only without saving blocks.)"""
 
-    def __init__(self, streamer: "LayerStreamer", index: int, slot: _Slot, x: Tensor) -> None:
+    def __init__(self, streamer: "LayerStreamer", index: int, slot: _Slot) -> None:
         self.streamer, self.index, self.buf = streamer, index, slot.buf
         self.ptr = slot.buf.untyped_storage().data_ptr()
         # the hooks this block's saves would meet without streaming: an offloader's, or none
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
         self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
-        self.counter = SavedBytes(x, slot.buf) if streamer.measure_saved else None
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, t: Tensor) -> Any:
         if t.untyped_storage().data_ptr() == self.ptr and t.dtype == self.buf.dtype:
             return _SlotView(self.index, t.storage_offset() - self.buf.storage_offset(), t)
-        if self.counter is not None:
-            self.counter._pack(t)
         return (self.outer_unpack, self.outer_pack(t)) if self.outer_pack is not None else (None, t)
 
     def _unpack(self, saved: Any) -> Tensor:
@@ -475,7 +472,7 @@ class LayerStreamer:
         weights: what autograd saves goes through :class:`_SlotSaves`. Returns the graph and the output."""
         slot = self._acquire(index)
         block = self.blocks[index]
-        saves = _SlotSaves(self, index, slot, x)
+        saves = _SlotSaves(self, index, slot)
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
             anchor = torch.empty(0, device=x.device, requires_grad=True) if x.requires_grad else None
@@ -486,8 +483,6 @@ class LayerStreamer:
                 outs = [self._checked(index, p, self._forwards[index][1](p), len(pieces)) for p in pieces]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             graph = _Graph(_Exit.apply(out, exit), anchor, leaves, enter, exit)
-        if saves.counter is not None:
-            self.saved_bytes[index] = saves.counter.nbytes
         slot.free = self.engine.record()
         self._prefetch(index + 1, slot)
         return graph, out.detach()
