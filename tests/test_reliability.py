@@ -366,6 +366,7 @@ def test_typo_or_wrong_type_in_a_strategy_override_fails_at_compose(override, ca
     (["strategy.memory_budget=-1GiB"], r"memory_budget='-1GiB' is not understood"),
     (["strategy.microbatches=0"], r"microbatches=0 must be a positive integer"),
     (["strategy.microbatches=2"], r"microbatches=2 .* needs layer streaming: use strategy='l2l'"),
+    (["strategy=l2l", "strategy.saved_blocks=-2"], r"saved_blocks=-2 must be >= 0"),
     (["+strategy.activation_offlod=all"], r"unexpected keyword argument 'activation_offlod'"),
 ])
 def test_bad_strategy_value_fails_when_the_strategy_is_built(overrides, message):
@@ -383,9 +384,10 @@ def test_every_strategy_file_builds_what_its_registered_name_builds(name):
 
 def test_any_strategy_argument_can_be_overridden_in_any_strategy_file():
     strategy = instantiate(compose_run("strategy=l2l", "strategy.min_offload_bytes=0", "strategy.layers=model.blocks",
-                                       "strategy.memory_budget=null", "strategy.microbatches=4").strategy)
+                                       "strategy.memory_budget=null", "strategy.microbatches=4",
+                                       "strategy.saved_blocks=2").strategy)
     assert (strategy.config.layer_streaming, strategy.config.min_offload_bytes, strategy.config.layers,
-            strategy.config.microbatches) == (True, 0, "model.blocks", 4)
+            strategy.config.microbatches, strategy.config.saved_blocks) == (True, 0, "model.blocks", 4, 2)
 
 
 def test_resident_blocks_takes_a_number_auto_or_a_budget_from_hydra():
