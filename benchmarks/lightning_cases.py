@@ -87,10 +87,12 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
         name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True, "saved_blocks": 0}
     elif name == "l2l_all":  # every streamed block's activations to the host, none recomputed
         name, extra = "l2l", {"activation_offload": "all"}
-    elif mb := re.fullmatch(r"l2l_mb(\d+)(?:_(keep|off)(\d+))?", name):  # l2l_mbK over K batches, layer-major;
-        extra = {"microbatches": int(mb[1])}                                 # _keepN/_offN: N blocks save theirs
+    elif mb := re.fullmatch(r"l2l_mb(\d+)(?:_(keep|off)(\d+)|_(auto))?", name):  # l2l_mbK: K batches, layer-major;
+        extra = {"microbatches": int(mb[1])}  # _keepN/_offN: N blocks save theirs; _auto: as many as fit the GPU
         if mb[2]:
             extra.update(saved_blocks=int(mb[3]), activation_offload="none" if mb[2] == "keep" else "all")
+        if mb[4]:
+            extra.update(saved_blocks="auto")
         if mb[2] == "off":
             extra.update(max_inflight_bytes=8 * 2**30)
         name = "l2l"

@@ -67,6 +67,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              accumulate=8),
     CaseSpec("l2l_mb8_keep12", "lightning", "l2l_mb8 with 12 streamed blocks keeping their activations on the GPU "
              "(saved_blocks=12)", data_parallel=False, accumulate=8),
+    CaseSpec("l2l_mb8_auto", "lightning", "l2l_mb8 with as many streamed blocks keeping their activations on the "
+             "GPU as fit it (saved_blocks='auto')", data_parallel=False, accumulate=8),
     CaseSpec("l2l_mb8_off4", "lightning", "l2l_mb8 with 4 streamed blocks moving their activations to the host "
              "instead of recomputing them (saved_blocks=4, activation_offload='all', 8 GiB in flight)",
              data_parallel=False, accumulate=8),

@@ -73,7 +73,10 @@ def prepare(
     config = make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
     stream = dict(layer_streaming=layer_streaming, resident_blocks=resident_blocks, microbatches=microbatches,
                   saved_blocks=saved_blocks)
-    saved_blocks = dataclasses.replace(config, **stream).streamed_saves  # validates them; None/N under the policy
+    streaming = dataclasses.replace(config, **stream)  # validates them
+    if layer_streaming:
+        streaming.refuse_auto_resident()
+    saved_blocks = streaming.streamed_saves  # None (all) or a number, under the policy
     if layer_streaming:
         if accelerator.num_processes > 1:
             raise ValueError(f"layer_streaming=True trains on one device, but Accelerate runs "

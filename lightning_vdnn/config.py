@@ -26,6 +26,7 @@ _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 MemorySpec = Union[int, str, None]
 #: ``resident_blocks``: a number of blocks, ``"auto"`` (chosen from ``memory_budget``), or None (see VDNNConfig).
 ResidentSpec = Union[int, Literal["auto"], None]
+SavedSpec = Union[int, Literal["auto"], None]
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,10 @@ class VDNNConfig:
             ``activation_offload`` (``"all"``/``"conv"`` move them to the host while later blocks compute,
             ``"none"`` keeps them on the device). Trades PCIe traffic or device memory for the recompute, about a
             third of a block's compute. Spread evenly over the streamed blocks. ``None`` (the default): every
-            streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``.
+            streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``. ``"auto"`` (with
+            ``"none"``, on one device, a fixed ``resident_blocks``): as many as keep the step within
+            ``memory_budget`` (None: the device less a margin), chosen after a first step that recomputes them
+            all (``saving.py``).
         batch_chunks: run the module at ``chunk_layers`` over this many dim-0 chunks of its batch, one after
             another (``chunking.py``): with activations offloaded, the step's peak is the working set of its
             largest layers (a CNN's first convolutions), which shrinks k-fold; the bytes saved for backward do not.
@@ -161,7 +165,7 @@ class VDNNConfig:
     resident_blocks: ResidentSpec = None
     memory_budget: MemorySpec = None
     microbatches: int = 1
-    saved_blocks: Optional[int] = None
+    saved_blocks: SavedSpec = None
     batch_chunks: int = 1
     chunk_layers: Optional[str] = None
     zero_stage: int = 0
@@ -252,8 +256,11 @@ class VDNNConfig:
         value = self.saved_blocks
         if value is None:
             return
+        if value == "auto":
+            self._check_auto_saved()
+            return
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"saved_blocks={value!r} must be an int (a number of streamed blocks) or None.")
+            raise TypeError(f"saved_blocks={value!r} must be an int (a number of streamed blocks), 'auto' or None.")
         if value < 0:
             raise ValueError(f"saved_blocks={value} must be >= 0 (0 recomputes every streamed block), or None.")
         if not self.layer_streaming:
@@ -267,12 +274,32 @@ class VDNNConfig:
                 "recomputed, so blocks that keep their activations could overflow it. Use a fixed policy ('all' "
                 "moves them to the host, 'none' keeps them) with a fixed resident_blocks, or saved_blocks=0.")
 
+    def _check_auto_saved(self) -> None:
+        """``saved_blocks="auto"`` counts saves kept on the device, alone: refuse what it would not count."""
+        if not self.layer_streaming:
+            raise ValueError("saved_blocks='auto' chooses how many streamed blocks keep their activations, and "
+                             "layer_streaming is off. Set layer_streaming=True (strategy 'l2l'), or drop it.")
+        if self.activation_offload != "none":
+            raise ValueError(
+                f"saved_blocks='auto' with activation_offload={self.activation_offload!r}: it fits the activations "
+                "that saving blocks keep on the device, so it needs activation_offload='none' (as strategy='l2l'). "
+                "With 'all' or 'conv' give saved_blocks a number of blocks.")
+        if self.resident_blocks == "auto" or self.zero_stage:
+            raise NotImplementedError(
+                f"saved_blocks='auto' with resident_blocks={self.resident_blocks!r} and zero_stage="
+                f"{self.zero_stage}: choosing the saving blocks is built for one device with a fixed number of "
+                "resident blocks. Give resident_blocks a number (0 streams every block), or saved_blocks a number.")
+
     def refuse_auto_resident(self) -> None:
-        """Entry points other than ``VDNNStrategy`` take a fixed number of resident blocks.
+        """Entry points other than ``VDNNStrategy`` take a fixed number of resident blocks and saving blocks.
 
         Raises:
-            NotImplementedError: ``resident_blocks`` is chosen from the budget (``auto_resident``).
+            NotImplementedError: ``resident_blocks`` or ``saved_blocks`` is chosen from the budget.
         """
+        if self.saved_blocks == "auto":
+            raise NotImplementedError(
+                "saved_blocks='auto' chooses the saving blocks from the memory the first step leaves, which is "
+                "built for the Lightning Trainer's VDNNStrategy. Here give saved_blocks a number of blocks.")
         if self.auto_resident:
             raise NotImplementedError(
                 f"resident_blocks={self.resident_blocks!r} with memory_budget={self.memory_budget!r} chooses the "
@@ -284,6 +311,8 @@ class VDNNConfig:
     def streamed_saves(self) -> Optional[int]:
         """``saved_blocks`` as the streamer takes it: the number given, else every streamed block (None) under
         a policy that moves saves (``"all"``/``"conv"``), else 0 (recompute them all)."""
+        if self.saved_blocks == "auto":
+            return 0  # the first step recomputes every block, and measures them
         if self.saved_blocks is not None:
             return self.saved_blocks
         return None if self.activation_offload in ("all", "conv") else 0
@@ -294,7 +323,7 @@ class VDNNConfig:
         streaming on one device and a budget."""
         return self.resident_blocks == "auto" or (
             self.resident_blocks is None and bool(self.layer_streaming) and self.memory_budget is not None
-            and not self.zero_stage)
+            and not self.zero_stage and self.saved_blocks != "auto")
 
     @property
     def fixed_resident(self) -> int:
@@ -330,7 +359,8 @@ class VDNNConfig:
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""
         self._check_zero_offload()
-        if self.memory_budget is not None and self.activation_offload != "auto" and not self.auto_resident:
+        if (self.memory_budget is not None and self.activation_offload != "auto" and not self.auto_resident
+                and self.saved_blocks != "auto"):
             fix = (f"resident_blocks='auto' (layer streaming then keeps on the device the most blocks that fit), not "
                    f"{self.resident_blocks!r}" if self.layer_streaming and not self.zero_stage else "")
             raise ValueError(

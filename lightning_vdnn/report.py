@@ -105,6 +105,10 @@ class MemoryReport:
             last step measured for it (``residency.py``; None otherwise, measured None on a CPU device).
         resident_recomputed_blocks: of the resident blocks, those that recompute their activations in backward
             rather than keep them (``"auto"`` makes more blocks resident that way).
+        saved_blocks: L2L's streamed blocks that save their activations instead of recomputing them (None without
+            layer streaming); with ``saved_blocks="auto"``, ``saved_budget_bytes``, ``saved_predicted_peak_bytes``
+            and ``saved_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the last
+            step measured for it (``saving.py``).
         layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
             add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
         timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
@@ -144,6 +148,10 @@ class MemoryReport:
     resident_budget_bytes: Optional[int] = None
     resident_predicted_peak_bytes: Optional[int] = None
     resident_measured_peak_bytes: Optional[int] = None
+    saved_blocks: Optional[int] = None
+    saved_budget_bytes: Optional[int] = None
+    saved_predicted_peak_bytes: Optional[int] = None
+    saved_measured_peak_bytes: Optional[int] = None
     layers: tuple[LayerStats, ...] = ()
     timeline: tuple[MemorySample, ...] = ()
 
@@ -170,6 +178,8 @@ class MemoryReport:
         if self.resident_blocks is not None:
             out["resident_blocks"] = self.resident_blocks
             out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
+        if self.saved_blocks is not None:
+            out["saved_blocks"] = self.saved_blocks
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -205,17 +215,30 @@ class MemoryReport:
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
                 f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
                 + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else "")
-                + (self._resident_line() if self.resident_blocks or self.resident_budget_bytes is not None else ""))
+                + (self._resident_line() if self.resident_blocks or self.resident_budget_bytes is not None else "")
+                + (self._saved_line() if self.saved_blocks or self.saved_budget_bytes is not None else ""))
 
     def _resident_line(self) -> str:
-        gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         redone = f", {self.resident_recomputed_blocks} recomputing" if self.resident_recomputed_blocks else ""
         line = f"\n  resident blocks        {self.resident_blocks} on the device{redone}"
         if self.resident_budget_bytes is None:
             return line
-        budget = "none (CPU)" if self.resident_budget_bytes >= UNBOUNDED else gib(self.resident_budget_bytes)
-        return (line + f" (auto): budget {budget}, predicted peak {gib(self.resident_predicted_peak_bytes)}, "
-                f"measured {gib(self.resident_measured_peak_bytes)}")
+        return line + " (auto)" + _budget_tail(self.resident_budget_bytes, self.resident_predicted_peak_bytes,
+                                               self.resident_measured_peak_bytes)
+
+
+    def _saved_line(self) -> str:
+        line = f"\n  saving blocks          {self.saved_blocks} streamed blocks keep their activations, not recomputed"
+        if self.saved_budget_bytes is None:
+            return line
+        return line + " (auto)" + _budget_tail(self.saved_budget_bytes, self.saved_predicted_peak_bytes,
+                                               self.saved_measured_peak_bytes)
+
+
+def _budget_tail(budget: int, predicted: Optional[int], measured: Optional[int]) -> str:
+    gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+    shown = "none (CPU)" if budget >= UNBOUNDED else gib(budget)
+    return f": budget {shown}, predicted peak {gib(predicted)}, measured {gib(measured)}"
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:

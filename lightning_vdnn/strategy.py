@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.autostream import stream_reason
 from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.chunking import BatchChunks
-from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, VDNNConfig
+from lightning_vdnn.config import MemorySpec, Policy, ResidentSpec, SavedSpec, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
 from lightning_vdnn.grads import free_stale_grads, frees_early
 from lightning_vdnn.host_outside import OutsideStepper, outside_params
@@ -25,6 +25,7 @@ from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
 from lightning_vdnn.residency import AutoResidency, PeakMeter, switch
+from lightning_vdnn.saving import AutoSaving
 from lightning_vdnn.streaming import LayerStreamer
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
@@ -75,7 +76,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             Without layer streaming, a value above 1 raises ``ValueError``.
         saved_blocks: with ``layer_streaming``, how many streamed blocks save their activations (moved to the
             host by ``"all"``/``"conv"``, kept by ``"none"``) instead of recomputing them in backward; ``None``:
-            all under ``"all"``/``"conv"``, none otherwise (see :class:`~lightning_vdnn.VDNNConfig`).
+            all under ``"all"``/``"conv"``, none otherwise; ``"auto"`` (with ``"none"``): as many as keep their
+            activations within ``memory_budget``, chosen after a first step (see :class:`~lightning_vdnn.VDNNConfig`).
         batch_chunks, chunk_layers: run the module at ``chunk_layers`` (``"model.features"``) over
             ``batch_chunks`` dim-0 chunks of its batch, one after another (``chunking.py``): the working set of its
             largest layers, which bounds the peak once activations are offloaded, shrinks k-fold. Not with
@@ -129,7 +131,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
-        saved_blocks: Optional[int] = None,
+        saved_blocks: SavedSpec = None,
         batch_chunks: int = 1,
         chunk_layers: Optional[str] = None,
         zero_stage: int = 0,
@@ -166,10 +168,11 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         self._last_report: Optional[MemoryReport] = None
         self._streamer: Optional[LayerStreamer] = None
         self._residency: Optional[AutoResidency] = None
+        self._saving: Optional[AutoSaving] = None
         self._outside: list[OutsideStepper] = []
         self._chunks: Optional[BatchChunks] = None
-        #: what measures the device's peak for ``resident_blocks="auto"``; None: CUDA's allocator statistics
-        #: (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
+        #: what measures the device's peak for ``resident_blocks``/``saved_blocks="auto"``; None: CUDA's
+        #: allocator statistics (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
         self.peak_meter: Optional[PeakMeter] = None
 
     @property
@@ -209,7 +212,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             return super().model_to_device()
         # L2L: the blocks' weights stay in host memory; everything else goes to the device ("auto": all
         # blocks stream in the first step, which measures what fits)
-        self._streamer = self._build_streamer(0 if self.config.auto_resident else None)
+        self._streamer = self._build_streamer(self.config.fixed_resident)  # "auto": all streamed, first
 
     def _stream_if_state_fills_budget(self) -> None:
         """``"auto"`` with ``layer_streaming`` unset: stream the blocks when the model's state alone would fill
@@ -249,6 +252,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                 activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
                 self._residency = AutoResidency(device_budget(self.config.budget, self.root_device), meter,
                                                 activations, grads_in_forward=not frees_early(trainer))
+            if self.config.saved_blocks == "auto":
+                meter = self.peak_meter or PeakMeter(self.root_device)
+                self._saving = AutoSaving(device_budget(self.config.budget, self.root_device), meter)
         if trainer.state.fn == "fit":
             self._attach()
 
@@ -265,6 +271,12 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         free_stale_grads(self.lightning_module.trainer, batch_idx)
         if self._residency is not None and self._streamer is not None:
             self._place_blocks()
+        if self._saving is not None and self._streamer is not None:
+            step = self.lightning_module.trainer.global_step
+            count = self._saving.between_steps(step, self._streamer)
+            if count is not None:
+                self._streamer.set_saving(count)
+            self._saving.watch(step, self._streamer)
 
     def _frees_grads_early(self) -> bool:
         return frees_early(self.lightning_module.trainer)
@@ -320,7 +332,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         if self._streamer is None:
             return report
         residency = self._residency.stats() if self._residency is not None else {}
-        return dataclasses.replace(report, **self._streamer.stats(), **residency)
+        saving = self._saving.stats() if self._saving is not None else {}
+        return dataclasses.replace(report, **self._streamer.stats(), **residency, **saving)
 
     def _release(self) -> None:
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
@@ -331,6 +344,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in streamer.steppers)
         chunks = self._chunks
         self._streamer, self._residency, self._eager_before, self._outside, self._chunks = None, None, 0, [], None
+        self._saving = None
         with contextlib.ExitStack() as closing:  # last in, first out; each runs even if one before it raised
             if chunks is not None:
                 closing.callback(chunks.close)

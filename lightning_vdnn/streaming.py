@@ -350,6 +350,10 @@ class LayerStreamer:
         """Move the optimizer state of block parameters back to host memory (Lightning moves all of it)."""
         state_to_host(optimizer, (p for b in self.blocks for p in b.params))
 
+    def set_saving(self, count: int) -> None:
+        """From the next forward on, ``count`` streamed blocks (spread evenly) save their activations."""
+        self.saving = spread(count, len(self.blocks))
+
     def set_eager(self, eager: bool) -> None:
         """Allow block updates during backward (off when clipping or loss scaling acts after backward)."""
         self.eager_updates = eager
@@ -417,10 +421,10 @@ class LayerStreamer:
 
     def stats(self) -> dict[str, Any]:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
-        before, and how long training waited for them (totals so far before the first step); the microbatches
-        and the resident blocks."""
+        before, and how long training waited for them (totals so far before the first step); the microbatches,
+        the resident blocks and the saving ones."""
         fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident,
-                 "resident_recomputed_blocks": self.resident - self.recompute_from}
+                 "resident_recomputed_blocks": self.resident - self.recompute_from, "saved_blocks": len(self.saving)}
         if self._last_step is not None:
             return {**self._last_step, **fixed}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import lightning as L
 import pytest
 import torch
@@ -138,3 +140,27 @@ def test_vdnn_streams_a_model_whose_state_fills_the_budget_and_fits_it():
     assert strategy.config.layer_streaming is True and 0 < report.resident_blocks < 8
     assert report.resident_measured_peak_bytes <= budget
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
+
+
+def test_auto_saving_keeps_what_fits_the_budget_and_the_step_fits_it():
+    """``saved_blocks="auto"`` between a run that recomputes every block and one that saves all 8: it chooses
+    some, and the steps measured after the choice stay within the budget."""
+    big = lambda: LM(n_embd=1024, n_head=16, n_layer=8, block_size=64)  # noqa: E731
+
+    def run(**kw):
+        gc.collect()  # the runs before must not leave device memory behind: the budget is absolute
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        _, trainer = fit(big, token_loader(n=24, batch=8, seq=64), VDNNStrategy("none", layer_streaming=True, **kw),
+                         max_steps=6, precision="bf16-mixed", **GPU)
+        return trainer.strategy.memory_report(), torch.cuda.max_memory_allocated()
+
+    _, none = run(saved_blocks=0)
+    _, every = run(saved_blocks=8)
+    budget = none + 3 * (every - none) // 4
+    report, _ = run(saved_blocks="auto", memory_budget=budget)
+    print(f"recompute all {none / 2**20:.0f} MiB, save all {every / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB:"
+          f" {report.saved_blocks} saving, predicted {report.saved_predicted_peak_bytes / 2**20:.0f} MiB, "
+          f"measured {report.saved_measured_peak_bytes / 2**20:.0f} MiB")
+    assert 0 < report.saved_blocks < 8
+    assert report.saved_measured_peak_bytes <= budget and report.saved_predicted_peak_bytes <= budget
