@@ -401,3 +401,12 @@ def test_resident_blocks_takes_a_number_auto_or_a_budget_from_hydra():
     assert not built().auto_resident and built().fixed_resident == 0
     with pytest.raises(InstantiationException, match=r"resident_blocks='lots' is not understood"):
         built("strategy.resident_blocks=lots")
+
+
+def test_saved_blocks_takes_a_number_or_auto_from_hydra():
+    def built(*overrides: str) -> VDNNConfig:
+        return instantiate(compose_run("strategy=l2l", *overrides).strategy).config
+
+    assert built("strategy.saved_blocks=auto").saved_blocks == "auto"
+    assert built("strategy.saved_blocks=3").saved_blocks == 3
+    assert built().saved_blocks is None and built().streamed_saves == 0
