@@ -73,6 +73,14 @@ MAX_STATES = 2**16
 class BudgetTooSmall(ValueError):
     """The budget is below the peak this model reaches even with every activation offloaded."""
 
+    @classmethod
+    def check(cls, floor: int, budget: int, reached: str, fixes: str) -> None:
+        """Raise when ``budget < floor``, the peak the step reaches ``reached`` ("with every block streamed"),
+        stating that minimum and what else would help (``fixes``)."""
+        if budget < floor:
+            raise cls(f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step "
+                      f"reaches {reached}. Raise memory_budget to at least {floor / GiB:.2f} GiB, {fixes}")
+
 
 @dataclass(frozen=True)
 class LayerProfile:
@@ -179,15 +187,12 @@ class Plan:
 
 
 def _check_budget(floor: int, budget: int) -> None:
-    if budget < floor:
-        raise BudgetTooSmall(
-            f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
-            f"every activation offloaded. Raise memory_budget to at least {floor / GiB:.2f} GiB, make the step "
-            "smaller (batch size, sequence length), run the largest layers in batch chunks (batch_chunks=4, "
-            "chunk_layers='<their module>', e.g. a CNN's 'model.features'), or, where weights and optimizer state "
-            "fill that peak, move them to host memory: layer streaming (strategy='l2l' with this memory_budget "
-            "keeps on the device as many blocks as fit)."
-        )
+    BudgetTooSmall.check(
+        floor, budget, "with every activation offloaded",
+        "make the step smaller (batch size, sequence length), run the largest layers in batch chunks (batch_chunks=4, "
+        "chunk_layers='<their module>', e.g. a CNN's 'model.features'), or, where weights and optimizer state "
+        "fill that peak, move them to host memory: layer streaming (strategy='l2l' with this memory_budget "
+        "keeps on the device as many blocks as fit).")
 
 
 def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = MiB,

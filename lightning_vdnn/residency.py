@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.host_blocks import optimizer_state_bytes, state_to_device
-from lightning_vdnn.planner import GiB, BudgetTooSmall
+from lightning_vdnn.planner import BudgetTooSmall
 from lightning_vdnn.streaming import LayerStreamer
 
 #: Watched steps after a switch before the choice is trusted (as ``AutoPlanner`` verifies a plan).
@@ -83,12 +83,8 @@ def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequen
     Raises:
         BudgetTooSmall: ``budget < floor``; the message states the minimum.
     """
-    if budget < floor:
-        raise BudgetTooSmall(
-            f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
-            f"every block streamed. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the step smaller "
-            "(batch size, sequence length, microbatches=...)."
-        )
+    BudgetTooSmall.check(floor, budget, "with every block streamed",
+                         "or make the step smaller (batch size, sequence length, microbatches=...).")
     freed = freed if freed is not None else [0] * (len(costs) + 1)
     activations = activations if activations is not None else [0] * len(costs)
     most = len(costs) - 1 if most is None else min(most, len(costs) - 1)  # one block at least keeps streaming
@@ -117,6 +113,36 @@ class PeakMeter:
 
     def read(self) -> Optional[int]:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+
+class WatchedSteps:
+    """The steps a choice from a budget measures, the first (profiling) one and :data:`VERIFY_STEPS` after each
+    change, each from its first batch to the next step's (``AutoResidency``, ``saving.AutoSaving``)."""
+
+    def __init__(self, meter: PeakMeter) -> None:
+        self.meter = meter
+        self._window: Optional[int] = None  # the optimizer step whose peak is being measured
+        self._left = 1  # watched steps still to come: the profiling step first
+
+    def ended(self, step: int) -> bool:
+        """At the start of a batch, ``step`` optimizer steps done: whether a watched step has just ended (its
+        peak is then ``meter.read()``)."""
+        if self._window is None or step <= self._window:  # nothing watched, or its step still running
+            return False
+        self._window = None
+        return True
+
+    def after_change(self) -> None:
+        self._left = VERIFY_STEPS
+
+    def start(self, step: int) -> bool:
+        """Measure the step about to run if it is one to watch; whether it is."""
+        if self._window is not None or self._left <= 0:
+            return False
+        self._left -= 1
+        self._window = step
+        self.meter.reset()
+        return True
 
 
 def block_costs(streamer: LayerStreamer, optimizers: Iterable[Optimizer], grads_in_forward: bool = True) -> list[int]:
@@ -246,8 +272,7 @@ class AutoResidency:
         self.meter = meter
         self.activations = activations
         self.grads_in_forward = grads_in_forward
-        self._window: Optional[int] = None  # the optimizer step whose peak is being measured
-        self._left = 1  # watched steps still to come: the profiling step first
+        self.steps = WatchedSteps(meter)
 
     def between_steps(self, step: int, streamer: LayerStreamer, optimizers: Sequence[Optimizer],
                       yield_to_activations: bool = False) -> Optional[Choice]:
@@ -258,9 +283,8 @@ class AutoResidency:
         Raises:
             BudgetTooSmall: the step with every block streamed peaked above the budget.
         """
-        if self._window is None or step <= self._window:  # nothing watched, or its step still running
+        if not self.steps.ended(step):
             return None
-        self._window = None
         peak = self.meter.read()
         if self.planner.choice is None:
             streamer.measure_saved = False
@@ -275,16 +299,13 @@ class AutoResidency:
             choice = self.planner.verify(peak)
         if choice is None or not choice.resident and streamer.resident == 0:
             return None
-        self._left = VERIFY_STEPS
+        self.steps.after_change()
         return choice
 
     def watch(self, step: int, streamer: LayerStreamer) -> None:
         """After :meth:`between_steps` (and any switch): measure the step about to run, if it is one to watch."""
-        if self._window is None and self._left > 0:
-            self._left -= 1
-            self._window = step
+        if self.steps.start(step):
             streamer.measure_saved = self.planner.choice is None
-            self.meter.reset()
 
     def stats(self) -> dict[str, Optional[int]]:
         """The report's residency fields (``MemoryReport``)."""

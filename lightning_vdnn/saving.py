@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from lightning_vdnn.planner import GiB, BudgetTooSmall
-from lightning_vdnn.residency import VERIFY_STEPS, PeakMeter
+from lightning_vdnn.planner import BudgetTooSmall
+from lightning_vdnn.residency import PeakMeter, WatchedSteps
 from lightning_vdnn.streaming import LayerStreamer, spread
 
 
@@ -43,11 +43,8 @@ def choose_saved(floor: int, saved_bytes: Sequence[int], budget: int, most: Opti
     Raises:
         BudgetTooSmall: ``budget < floor``; the message states the minimum.
     """
-    if budget < floor:
-        raise BudgetTooSmall(
-            f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step reaches with "
-            f"every streamed block recomputing. Raise memory_budget to at least {floor / GiB:.2f} GiB, or make the "
-            "step smaller (batch size, sequence length).")
+    BudgetTooSmall.check(floor, budget, "with every streamed block recomputing",
+                         "or make the step smaller (batch size, sequence length).")
     total = len(saved_bytes)
     best = SavedChoice(0, floor, budget)
     for count in range(1, (total if most is None else min(most, total)) + 1):
@@ -72,8 +69,7 @@ class AutoSaving:
         self.measured_peak: Optional[int] = None
         self._floor = 0
         self._bytes: list[int] = []
-        self._window: Optional[int] = None  # the optimizer step whose peak is being measured
-        self._left = 1  # watched steps still to come: the profiling step first
+        self.steps = WatchedSteps(meter)
 
     def between_steps(self, step: int, streamer: LayerStreamer) -> Optional[int]:
         """At the start of a batch, ``step`` optimizer steps done: the number of saving blocks to switch to
@@ -82,9 +78,8 @@ class AutoSaving:
         Raises:
             BudgetTooSmall: the step with every block recomputing peaked above the budget.
         """
-        if self._window is None or step <= self._window:  # nothing watched, or its step still running
+        if not self.steps.ended(step):
             return None
-        self._window = None
         peak = self.meter.read()
         if peak is not None:
             self.measured_peak = peak
@@ -98,16 +93,13 @@ class AutoSaving:
             self.choice = choose_saved(self._floor, self._bytes, self.budget, most=old.saved - 1)
         else:
             return None
-        self._left = VERIFY_STEPS
+        self.steps.after_change()
         return self.choice.saved
 
     def watch(self, step: int, streamer: LayerStreamer) -> None:
         """After :meth:`between_steps` (and any change): measure the step about to run, if it is one to watch."""
-        if self._window is None and self._left > 0:
-            self._left -= 1
-            self._window = step
+        if self.steps.start(step):
             streamer.measure_saved = self.choice is None
-            self.meter.reset()
 
     def stats(self) -> dict[str, Optional[int]]:
         """The report's fields for the choice (``MemoryReport``)."""
