@@ -75,7 +75,7 @@ def prepare(
                   saved_blocks=saved_blocks)
     streaming = dataclasses.replace(config, **stream)  # validates them
     if layer_streaming:
-        streaming.refuse_auto_resident()
+        streaming.refuse_auto_choices()
     saved_blocks = streaming.streamed_saves  # None (all) or a number, under the policy
     if layer_streaming:
         if accelerator.num_processes > 1:

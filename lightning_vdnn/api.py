@@ -81,7 +81,7 @@ def stream_layers(
     """
     config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
                         resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
-    config.refuse_auto_resident()
+    config.refuse_auto_choices()
     streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision, pin_memory=pin_memory,
                              resident=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
     streamer.set_eager(eager_updates)

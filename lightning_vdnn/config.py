@@ -290,7 +290,7 @@ class VDNNConfig:
                 f"{self.zero_stage}: choosing the saving blocks is built for one device with a fixed number of "
                 "resident blocks. Give resident_blocks a number (0 streams every block), or saved_blocks a number.")
 
-    def refuse_auto_resident(self) -> None:
+    def refuse_auto_choices(self) -> None:
         """Entry points other than ``VDNNStrategy`` take a fixed number of resident blocks and saving blocks.
 
         Raises:

@@ -272,11 +272,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         if self._residency is not None and self._streamer is not None:
             self._place_blocks()
         if self._saving is not None and self._streamer is not None:
-            step = self.lightning_module.trainer.global_step
-            count = self._saving.between_steps(step, self._streamer)
-            if count is not None:
-                self._streamer.set_saving(count)
-            self._saving.watch(step, self._streamer)
+            self._choose_saving()
 
     def _frees_grads_early(self) -> bool:
         return frees_early(self.lightning_module.trainer)
@@ -297,6 +293,14 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                 planner.plan = None
                 self._offloader.keep_layers = None
         self._residency.watch(step, self._streamer)
+
+    def _choose_saving(self) -> None:
+        """``saved_blocks="auto"``, between two steps: measure, choose, and tell the streamer (``saving.py``)."""
+        step = self.lightning_module.trainer.global_step
+        count = self._saving.between_steps(step, self._streamer)
+        if count is not None:
+            self._streamer.set_saving(count)
+        self._saving.watch(step, self._streamer)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._streamer is not None:

@@ -310,7 +310,7 @@ class LayerStreamer:
             NotImplementedError: ``resident_blocks`` is ``"auto"`` and ``resident`` is not given.
         """
         if resident is None:
-            config.refuse_auto_resident()
+            config.refuse_auto_choices()
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.fixed_resident if resident is None else resident,
                    microbatches=config.microbatches, recompute_resident_from=recompute_from,
