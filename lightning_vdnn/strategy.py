@@ -247,14 +247,15 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
                 self._outside = self._step_outside_on_host()
             self._streamer.attach_optimizers(self.optimizers)
-            if self.config.auto_resident:
+            if self.config.auto_resident or self.config.saved_blocks == "auto":  # one or the other (config.py)
                 meter = self.peak_meter or PeakMeter(self.root_device)
-                activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
-                self._residency = AutoResidency(device_budget(self.config.budget, self.root_device), meter,
-                                                activations, grads_in_forward=not frees_early(trainer))
-            if self.config.saved_blocks == "auto":
-                meter = self.peak_meter or PeakMeter(self.root_device)
-                self._saving = AutoSaving(device_budget(self.config.budget, self.root_device), meter)
+                budget = device_budget(self.config.budget, self.root_device)
+                if self.config.auto_resident:
+                    activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
+                    self._residency = AutoResidency(budget, meter, activations,
+                                                    grads_in_forward=not frees_early(trainer))
+                else:
+                    self._saving = AutoSaving(budget, meter)
         if trainer.state.fn == "fit":
             self._attach()
 

@@ -480,13 +480,13 @@ class LayerStreamer:
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
             anchor = torch.empty(0, device=x.device, requires_grad=True) if x.requires_grad else None
-            enter, exit = _Port(), _Port()
-            xd = _Enter.apply(x, anchor, enter) if anchor is not None else x.detach()
+            entry_port, exit_port = _Port(), _Port()
+            xd = _Enter.apply(x, anchor, entry_port) if anchor is not None else x.detach()
             pieces = split_rows(xd, self.microbatches)
             with saves, block.substituted(leaves):
                 outs = [self._checked(index, p, self._forwards[index][1](p), len(pieces)) for p in pieces]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            graph = _Graph(_Exit.apply(out, exit), anchor, leaves, enter, exit)
+            graph = _Graph(_Exit.apply(out, exit_port), anchor, leaves, entry_port, exit_port)
         slot.free = self.engine.record()
         self._prefetch(index + 1, slot)
         return graph, out.detach()
