@@ -81,6 +81,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     extra = {}
+    if mix := re.fullmatch(r"(l2l|vdnn)_mix(\d+)_s(\d+)(?:_k(\d+))?", name):  # R resident (the first K keeping
+        return _mixed(int(mix[2]), int(mix[3]), int(mix[4] or 0), mix[1], memory_budget)  # theirs), S streamed saving
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
     elif name == "l2l_lean":  # l2l at its least device memory (the loss in chunks is the workload's)
@@ -110,6 +112,24 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     elif memory_budget is not None:  # a budget is the planner's: it runs with activation_offload="auto"
         extra.update(activation_offload="auto", memory_budget=memory_budget)
     return entry["strategy"](**{**entry["init_params"], **extra})
+
+
+def _mixed(resident: int, saving: int, keeping: int, kind: str, memory_budget: Optional[int]) -> object:
+    """L2L with ``resident`` blocks on the device, of which the first ``keeping`` keep their activations and the
+    rest recompute them, and ``saving`` streamed blocks keeping theirs: a hand-set point of the space
+    ``strategy="vdnn"`` chooses from under a budget. ``kind`` ``"l2l"``: activations stay on the device;
+    ``"vdnn"``: the activation planner places them within ``memory_budget``."""
+    from lightning_vdnn import VDNNStrategy
+
+    class Mixed(VDNNStrategy):
+        def _build_streamer(self, resident_: Optional[int], recompute_from: Optional[int] = None):
+            streamer = super()._build_streamer(resident_, keeping if recompute_from is None else recompute_from)
+            streamer.set_saving(saving)
+            return streamer
+
+    policy = {"activation_offload": "none"} if kind == "l2l" else {
+        "activation_offload": "auto", "memory_budget": memory_budget}
+    return Mixed(layer_streaming=True, resident_blocks=resident, **policy)
 
 
 def run_lightning(name: str, w: Workload, device: torch.device, n: int, memory_budget: Optional[int] = None,

@@ -136,6 +136,22 @@ def parse_percent(text: str) -> float:
     return float(m.group(1)) / 100
 
 
+#: ``l2l_mixR_sS[_kK]``: R blocks resident (the first K keeping their activations, the rest recomputing), S of the
+#: streamed ones keeping theirs on the device: hand-set points of what ``strategy="vdnn"`` chooses under a budget.
+#: ``vdnn_mix...``: the same with the activation planner placing the activations within ``@P%``.
+_MIXED = re.compile(r"^(l2l|vdnn)_mix(\d+)_s(\d+)(?:_k(\d+))?$")
+
+
+def _spec(base: str) -> CaseSpec:
+    if mixed := _MIXED.match(base):
+        return CaseSpec(base, "lightning", "L2L, hand-set resident, recomputing and saving blocks",
+                        data_parallel=False, takes_budget=mixed[1] == "vdnn")
+    if base not in CASES:
+        raise ValueError(f"unknown case {base!r}; valid cases: {', '.join(CASES)}, l2l_mixR_sS[_kK], vdnn_mixR_sS[_kK] "
+                         f"(and NAME@P% for {', '.join(n for n, c in CASES.items() if c.takes_budget)}).")
+    return CASES[base]
+
+
 def split_case(name: str) -> tuple[CaseSpec, Optional[float]]:
     """``"vdnn@50%"`` -> (spec of ``vdnn``, 0.5); ``"plain"`` -> (spec of ``plain``, None).
 
@@ -143,10 +159,7 @@ def split_case(name: str) -> tuple[CaseSpec, Optional[float]]:
         ValueError: an unknown case (the message lists the valid ones) or a budget on a case that takes none.
     """
     base, _, budget = name.partition("@")
-    if base not in CASES:
-        raise ValueError(f"unknown case {base!r}; valid cases: {', '.join(CASES)} "
-                         f"(and NAME@P% for {', '.join(n for n, c in CASES.items() if c.takes_budget)}).")
-    spec = CASES[base]
+    spec = _spec(base)
     if not budget:
         return spec, None
     if not spec.takes_budget:
@@ -163,7 +176,7 @@ def expand(names: list[str], budgets: list[float]) -> list[str]:
     out = []
     for name in ordered:
         out.append(name)
-        if "@" not in name and CASES[name].takes_budget:
+        if "@" not in name and _spec(name).takes_budget:
             out += [f"{name}@{_percent_label(b)}" for b in budgets if f"{name}@{_percent_label(b)}" not in ordered]
     return out
 

@@ -208,6 +208,14 @@ class HostStepper:
             fut.result()
             self.wait_ms += (time.perf_counter() - start) * 1e3
 
+    def ready(self, index: int) -> bool:
+        """Whether block ``index`` has no update still being written (one that finished is waited for here)."""
+        fut = self._futures.get(index)
+        if fut is not None and not fut.done():
+            return False
+        self.wait(index)
+        return True
+
     def wait_all(self) -> None:
         for index in list(self._futures):
             self.wait(index)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from lightning_vdnn.planner import BudgetTooSmall
-from lightning_vdnn.residency import PeakMeter, WatchedSteps
 from lightning_vdnn.streaming import LayerStreamer, spread
+from lightning_vdnn.watch import PeakMeter, WatchedSteps
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ def choose_saved(floor: int, saved_bytes: Sequence[int], budget: int, most: Opti
 
 class AutoSaving:
     """What ``VDNNStrategy`` runs between steps for ``saved_blocks="auto"``: measure the steps it watches (the
-    first, and :data:`~lightning_vdnn.residency.VERIFY_STEPS` after each change) and say when to change.
+    first, and :data:`~lightning_vdnn.watch.VERIFY_STEPS` after each change) and say when to change.
 
     Args:
         budget: bytes the step may peak at on the device (``planner.device_budget``).
-        meter: the device's peak memory (:class:`~lightning_vdnn.residency.PeakMeter`).
+        meter: the device's peak memory (:class:`~lightning_vdnn.watch.PeakMeter`).
     """
 
     def __init__(self, budget: int, meter: PeakMeter) -> None:

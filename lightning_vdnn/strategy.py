@@ -24,7 +24,7 @@ from lightning_vdnn.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner, device_budget
 from lightning_vdnn.report import MemoryReport
-from lightning_vdnn.residency import AutoResidency, PeakMeter, switch
+from lightning_vdnn.residency import AutoResidency, PeakMeter, differs, switch
 from lightning_vdnn.saving import AutoSaving
 from lightning_vdnn.streaming import LayerStreamer
 
@@ -251,9 +251,13 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                 meter = self.peak_meter or PeakMeter(self.root_device)
                 budget = device_budget(self.config.budget, self.root_device)
                 if self.config.auto_resident:
-                    activations = self.config.activation_offload != "all"  # "auto" offloads only what blocks leave
-                    self._residency = AutoResidency(budget, meter, activations,
-                                                    grads_in_forward=not frees_early(trainer))
+                    policy = self.config.activation_offload
+                    self._residency = AutoResidency(
+                        budget, meter, activations=policy != "all",  # "auto" offloads only what blocks leave
+                        grads_in_forward=not frees_early(trainer),
+                        saving=self.config.saved_blocks is None and policy in ("none", "auto"),
+                        # not under "auto": its planner offloaded the saving blocks' activations (run 13, slower)
+                        widen=self.root_device.type == "cuda" and policy == "none")
                 else:
                     self._saving = AutoSaving(budget, meter)
         if trainer.state.fn == "fit":
@@ -286,14 +290,16 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         keeps = planner is not None and planner.plan is not None and bool(planner.plan.kept)
         choice = self._residency.between_steps(step, self._streamer, self.optimizers, keeps)
         streamer = self._streamer
-        if choice is not None and (choice.resident, choice.recompute_from) != (streamer.resident,
-                                                                               streamer.recompute_from):
-            self._eager_before += sum(s.eager_updates for s in streamer.steppers)
+        if choice is not None and differs(choice, streamer):
+            eager = sum(s.eager_updates for s in streamer.steppers)
             self._streamer = switch(streamer, choice, self.optimizers, self._build_streamer)
+            if self._streamer is not streamer:
+                self._eager_before += eager
+            rank_zero_info(f"lightning_vdnn resident_blocks='auto': {choice.describe(len(streamer.container))}.")
             if planner is not None:  # blocks first: activations get what they leave, measured afresh
                 planner.plan = None
                 self._offloader.keep_layers = None
-        self._residency.watch(step, self._streamer)
+        self._residency.watch(step, self._streamer, timed=planner is None or planner.plan is not None)
 
     def _choose_saving(self) -> None:
         """``saved_blocks="auto"``, between two steps: measure, choose, and tell the streamer (``saving.py``)."""

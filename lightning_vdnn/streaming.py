@@ -14,6 +14,13 @@ from whichever slot holds the block when backward reads them, so nothing is reco
 Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
 runs with inline copies, which is how the tests check it without a GPU. On several ranks, ``sharded.py``
 partitions each block's host state across them by overriding the few hooks marked below.
+
+Behind resident blocks the device gets more slots (:meth:`LayerStreamer.slot_count`): the streamed blocks'
+loads then start while the resident blocks compute, and run several blocks ahead. A block's fp32 weights take
+about twice its forward to cross PCIe (gpt_1b: 4 ms against 2 ms), so with one block ahead each streamed block in
+forward waited for its load (run 13: 4 streamed blocks behind 20 resident cost 1.2 ms each beyond their saved
+recompute); with ``k`` slots the first ``k`` are loaded before the resident blocks finish, and those still in a
+slot when backward reaches them are not loaded again.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ SUPPORTED_OPTIMIZERS: tuple[type, ...] = (
     torch.optim.RMSprop, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta,
 )
 _MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+#: Most device slots a streamer holds (each is one block in the compute dtype: gpt_1b's 0.1 GB).
+MAX_SLOTS = 6
 
 
 def compute_dtype(precision: str, param_dtype: torch.dtype) -> torch.dtype:
@@ -160,7 +169,8 @@ class _SlotView:
 class _SlotSaves(torch.autograd.graph.saved_tensors_hooks):
     """Saves of a saving block's forward: views of its slot become :class:`_SlotView` (the slot will hold other
     blocks by backward), the rest go to the enclosing hooks (the offloader) or are kept as they are. (Nothing
-    measures them: the budget's residency, which reads ``saved_bytes``, runs only without saving blocks.)"""
+    measures them: the budget's residency reads ``saved_bytes`` from its first step, in which every streamed
+    block recomputes.)"""
 
     def __init__(self, streamer: "LayerStreamer", index: int, slot: _Slot) -> None:
         self.streamer, self.index, self.buf = streamer, index, slot.buf
@@ -255,7 +265,8 @@ class LayerStreamer:
         self.autocast_dtype = compute_dtype(precision, self.host_dtype)  # what a resident block's weights become
         self.dtype = self.autocast_dtype if self.device.type == "cuda" else self.host_dtype
         size = max(b.padded for b in self.blocks)
-        self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(2)]
+        count = self.slot_count(len(self.blocks), resident)
+        self.slots = [_Slot(torch.empty(size, dtype=self.dtype, device=self.device)) for _ in range(count)]
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
         loaded = max(b.load_numel for b in self.blocks)
         self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
@@ -288,6 +299,8 @@ class LayerStreamer:
         self.saving = spread(len(self.blocks) if saved_blocks is None else saved_blocks, len(self.blocks))
         self._reading: dict[int, _Slot] = {}  # saving blocks in backward -> the slot their weights are in
         self._direct: set[int] = set()  # blocks whose grads this backward copied straight into grad_flat
+        if resident and self.preloads:  # forward starts loading streamed blocks while the resident ones compute
+            self._hooks += [m.register_forward_pre_hook(self._preload) for m in list(self.container)[:resident]]
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
             warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
                           "streaming runs them eagerly (compilation is restored at teardown).", stacklevel=2)
@@ -297,6 +310,20 @@ class LayerStreamer:
             b.module.forward = functools.partial(self._forward, b.index)
             self._hooks += [b.module.register_state_dict_pre_hook(functools.partial(self._before_read, b.index)),
                             b.module.register_load_state_dict_pre_hook(functools.partial(self._before_write, b.index))]
+
+    #: Whether loads may run more than one block ahead, as each block's host update is done (off where a load is
+    #: a collective every rank must issue in the same order: ``sharded.py``).
+    preloads = True
+
+    @classmethod
+    def slot_count(cls, streamed: int, resident: int) -> int:
+        """Device slots for ``streamed`` blocks behind ``resident`` ones: two (one computing, one arriving) while
+        at least as many blocks stream as stay, as the host's updates then bound the step anyway; else enough to
+        load half of the streamed ones before they start (a load takes about two forwards), at most
+        :data:`MAX_SLOTS`."""
+        if resident < streamed or not cls.preloads:
+            return 2
+        return max(2, min(streamed, MAX_SLOTS, streamed // 2 + 2))
 
     @classmethod
     def from_config(cls, root: nn.Module, config: VDNNConfig, device: torch.device, precision: str = "32-true",
@@ -467,8 +494,7 @@ class LayerStreamer:
                     states.append(ChunkState(self.device))
                 rows.put(k, self._checked(index, piece, self._forwards[index][1](piece), len(pieces)))
         slot.free = self.engine.record()
-        ahead = index + 1 if states is not None else (index + 1) % len(self.blocks)
-        self._prefetch(ahead, slot)  # after queueing compute: waiting for that block's host update stalls no one
+        self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
         return rows.out
 
     def _run_saving(self, index: int, x: Tensor) -> tuple[_Graph, Tensor]:
@@ -488,7 +514,7 @@ class LayerStreamer:
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             graph = _Graph(_Exit.apply(out, exit_port), anchor, leaves, entry_port, exit_port)
         slot.free = self.engine.record()
-        self._prefetch(index + 1, slot)
+        self._prefetch(index, +1, slot)
         return graph, out.detach()
 
     def _checked(self, index: int, piece: Tensor, out: Any, chunks: int) -> Tensor:
@@ -508,7 +534,7 @@ class LayerStreamer:
         """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
         device and cross to the host once."""
         slot = self._acquire(index)
-        self._prefetch(index - 1, slot)
+        self._prefetch(index, -1, slot)
         block = self.blocks[index]
         pieces, grads = split_rows(x, self.microbatches), split_rows(grad, self.microbatches)
         dev, gx = None, Rows(pieces)
@@ -531,7 +557,7 @@ class LayerStreamer:
     def _backward_saving(self, index: int, graph: _Graph, grad: Tensor) -> Optional[Tensor]:
         """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
         slot = self._acquire(index)
-        self._prefetch(index - 1, slot)
+        self._prefetch(index, -1, slot)
         block, need_x = self.blocks[index], graph.anchor is not None
         wants = ([graph.anchor] if need_x else []) + [w for w in graph.leaves if w.requires_grad]
         self._reading[index], graph.exit.grad = slot, grad
@@ -643,13 +669,40 @@ class LayerStreamer:
             self.engine.current_stream().wait_event(slot.ready)
         return slot
 
-    def _prefetch(self, index: int, busy: _Slot) -> None:
-        if not 0 <= index < len(self.blocks):
-            return
+    def _prefetch(self, index: int, step: int, busy: _Slot, wrap: bool = False) -> None:
+        """Load the blocks after ``index`` (``step`` +1: forward, -1: backward) into the slots other than
+        ``busy``: the next one waiting for its host update, as it is needed next anyway; further ones only once
+        theirs is written, so the training thread never waits for a block it does not need yet."""
+        for ahead in range(1, len(self.slots)):
+            nxt = index + step * ahead
+            if wrap:
+                nxt %= len(self.blocks)
+            if not 0 <= nxt < len(self.blocks) or nxt == index or not self._fetch(nxt, busy, wait=ahead == 1):
+                return
+
+    def _preload(self, *_: Any) -> None:
+        """Forward pre-hook of the resident blocks: the first streamed blocks into the slots, as far as their
+        host updates are done."""
+        if torch._C._current_graph_task_id() != -1 and not self.eager_updates:
+            return  # a resident block's recompute in backward: the streamed blocks' updates come at the step
+        for index in range(min(len(self.slots), len(self.blocks))):
+            if not self._fetch(index, None, wait=False):
+                return
+
+    def _fetch(self, index: int, busy: Optional[_Slot], wait: bool) -> bool:
+        """Block ``index`` into the least recently used slot other than ``busy`` unless a slot holds it already;
+        False, doing nothing, when its host update is still queued and ``wait`` is false."""
+        if not wait and not all(stepper.ready(index) for stepper in self.steppers):
+            return False
         for stepper in self.steppers:
             stepper.wait(index)
-        if self._resident(index) is None:
-            self._load(index, next(s for s in self.slots if s is not busy))
+        slot = self._resident(index)
+        if slot is None:
+            slot = min((s for s in self.slots if s is not busy), key=lambda s: s.used)
+            self._load(index, slot)
+        self._clock += 1
+        slot.used = self._clock  # wanted soon: the slots of blocks already computed go first
+        return True
 
     def _resident(self, index: int) -> Optional[_Slot]:
         version = self.blocks[index].version()

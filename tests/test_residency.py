@@ -8,6 +8,7 @@ prediction (which also counts activations, so predicts more), 3 overshoots it an
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import lightning as L
 import pytest
@@ -18,6 +19,7 @@ from lightning_vdnn import VDNNConfig, VDNNStrategy, stream_layers
 from lightning_vdnn.models import GPT, GPTConfig
 from lightning_vdnn.planner import BudgetTooSmall
 from lightning_vdnn.residency import ResidencyPlanner, block_activations, block_costs, choose
+from lightning_vdnn.streaming import spread
 from test_streaming import STEPS, LM, assert_same_run, l2l, lm, loader, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +102,42 @@ def test_overshoot_gives_up_kept_activations_before_blocks():
     assert lower.resident < 4
 
 
+def test_streamed_blocks_save_first_then_resident_ones_keep_as_brute_force_orders_them():
+    """With ``saving``, the choice is: the most resident blocks, then the most streamed ones saving (spread as
+    ``saved_blocks`` spreads them), then the most resident ones keeping; peak and recompute count add up."""
+    floor, costs, acts, saves = 100, [30, 20, 30, 25, 30], [12, 9, 11, 10, 12], [7, 9, 6, 8, 5]
+    for budget in range(100, 260, 3):
+        got = choose(floor, costs, budget, activations=acts, saving=saves)
+        k = max(k for k in range(len(costs)) if floor + sum(costs[:k]) <= budget)
+        fits = [c for c in range(len(costs) - k + 1)
+                if floor + sum(costs[:k]) + sum(saves[k + i] for i in spread(c, len(costs) - k)) <= budget]
+        s = max(fits)
+        peak = floor + sum(costs[:k]) + sum(saves[k + i] for i in spread(s, len(costs) - k))
+        j = max(j for j in range(k + 1) if peak + sum(acts[:j]) <= budget)
+        assert (got.resident, got.saving, got.kept) == (k, s, j)
+        assert got.predicted_peak == peak + sum(acts[:j]) <= budget
+        assert got.recomputing == (k - j) + (len(costs) - k - s)
+    assert choose(floor, costs, 200, activations=acts).saving is None  # no ``saving``: the streamer's own
+
+
+def test_widening_streams_what_the_host_hides_to_keep_what_was_recomputed_and_can_be_given_back():
+    """Streaming a block frees its weights and state (30) for activations (8-10 each); a block's host update
+    (0.25 s) hides under 75% of the step (1 s) three times over. The widened choice recomputes fewer blocks."""
+    planner = ResidencyPlanner(budget=240)
+    first = planner.profile(100, [30] * 6, [0] * 6, activations=[10] * 6, saving=[8] * 6)
+    assert (first.resident, first.saving, first.kept, first.recomputing) == (4, 2, 0, 4)
+    assert planner.widen(1.0, 0.5) is None  # the host hides one block: two stream already
+    wide = planner.widen(1.0, 0.25)
+    assert (wide.resident, wide.saving, wide.kept, wide.recomputing) == (3, 3, 2, 1)
+    assert wide.predicted_peak == 100 + 3 * 30 + 3 * 8 + 2 * 10 <= 240 and planner.before == first
+    assert planner.widen(1.0, 0.25) is None  # nothing recomputes fewer within what the host hides
+    assert planner.verify(250).resident == 3  # an overshoot keeps the widened block count, holding less
+    assert planner.give_back() == first and planner.choice == first and planner.before is None
+    planner = ResidencyPlanner(budget=240)
+    planner.profile(100, [30] * 6, [0] * 6, activations=[10] * 6)  # streamed blocks keep their own saving
+    assert planner.widen(1.0, 0.01) is None
+
+
 @pytest.mark.parametrize("grads_in_forward, kind, per_parameter", [
     (True, {"fused": True}, 18), (False, {"fused": True}, 16), (False, {"foreach": True}, 20),
     (True, {"foreach": True}, 20), (False, {}, 16)])  # {}: torch's default on a CPU device, per tensor
@@ -161,16 +199,62 @@ def test_auto_switches_between_steps_and_trains_exactly_as_plain(steps):
         FLOOR + k * true_cost())
     assert report.resident_measured_peak_bytes <= report.resident_predicted_peak_bytes <= report.resident_budget_bytes
     assert report.resident_predicted_peak_bytes >= FLOOR + k * true_cost()  # weights, grads, state, activations
-    # 2.5 blocks of room: two resident, and the activations of one of them; the other recomputes its own
-    assert report.resident_recomputed_blocks == 1
-    assert f"{k} on the device, 1 recomputing (auto)" in str(report)
+    # 2.5 blocks of room: two resident, recomputing their activations; what is left keeps those of one of the
+    # two streamed blocks, which saves them instead of recomputing (streamed ones first: no weight copy to hold)
+    assert report.resident_recomputed_blocks == 2 and report.saved_blocks == 1
+    assert f"{k} on the device, 2 recomputing (auto)" in str(report)
     assert len(meter.readings) == 1 + 3  # the profiling step, then three verifying the choice
+
+
+class Widen(L.Callback):
+    """Turns widening on (a CPU run has no host work beside the device to hide) with a clock under which a
+    watched step takes 1 s, 2 s while ``slow`` blocks are resident, and 0.1 s while the activation planner
+    profiles (a step not to be timed); records (resident, recompute_from, saving) per batch."""
+
+    def __init__(self, slow: Optional[int] = None) -> None:
+        self.slow, self.seen, self.t, self.pending = slow, [], 0.0, 0.0
+
+    def on_train_start(self, trainer, *_):
+        residency = trainer.strategy._residency
+        residency.widens, residency.steps.clock = True, functools.partial(self.clock, trainer.strategy)
+
+    def clock(self, strategy) -> float:
+        """Each call adds the time the call before chose, from the state then: a watched step lasts what its
+        start chose."""
+        planner = strategy._planner
+        self.t += self.pending
+        self.pending = (0.1 if planner is not None and planner.plan is None else
+                        2.0 if strategy._streamer.resident == self.slow else 1.0)
+        return self.t
+
+    def on_train_batch_end(self, trainer, *_):
+        streamer = trainer.strategy._streamer
+        self.seen.append((streamer.resident, streamer.recompute_from, len(streamer.saving)))
+
+
+@pytest.mark.parametrize("policy", ["none", "auto"])
+@pytest.mark.parametrize("slower", [False, True])
+def test_widening_after_the_choice_is_verified_trains_exactly_and_a_slower_one_is_given_back(slower, policy):
+    """Once the first choice (2 resident, both recomputing, 1 streamed block saving) has run its three watched
+    steps, one more block streams and the room keeps every activation; three watched steps later it stays, or,
+    slower, the first choice comes back for good. Training equals plain throughout. Under the activation planner
+    the step after each switch profiles it; that step is not timed (it would have made the slow choice look
+    fast)."""
+    ref, _ = fit(lm(), loader(), max_steps=12)
+    widen = Widen(slow=1 if slower else None)
+    got, trainer = fit(lm(), loader(), auto(activation_offload=policy, min_offload_bytes=0), max_steps=12,
+                       callbacks=[widen])
+    assert_same_run(got, ref)
+    first, wide = (2, 0, 1), (1, 1, 3)  # resident, the first that recomputes, saving: 3 recompute, then 0
+    assert widen.seen == [(0, 0, 0)] + [first] * 3 + ([wide] * 3 + [first] * 5 if slower else [wide] * 8)
+    report = trainer.strategy.memory_report()
+    assert report.resident_measured_peak_bytes <= report.resident_predicted_peak_bytes <= report.resident_budget_bytes
 
 
 def test_a_resident_block_that_recomputes_runs_its_forward_again_in_backward():
     """The second resident block (room for the activations of one) runs under activation checkpointing: its
     forward runs twice in each step after the switch, the first block's once, and training equals plain, with
-    dropout (the recompute draws the same masks)."""
+    dropout (the recompute draws the same masks). ``saved_blocks=0`` leaves the room to the resident blocks."""
     ref, _ = fit(lm(dropout=0.1), loader(), max_steps=3)
     calls = [0, 0]
 
@@ -186,7 +270,7 @@ def test_a_resident_block_that_recomputes_runs_its_forward_again_in_backward():
             module.model.blocks[i].forward = counted
         return module
 
-    got, _ = fit(make, loader(), auto(), max_steps=3)
+    got, _ = fit(make, loader(), auto(saved_blocks=0), max_steps=3)
     assert_same_run(got, ref)
     assert calls == [2 + 1 * 2, 2 + 2 * 2]  # step 1 streams both, which recompute them too; then 1 and 2 a step
     assert [vars(b)["forward"].__name__ for b in got.model.blocks[:2]] == ["counted", "counted"]  # unwrapped

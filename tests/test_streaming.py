@@ -508,6 +508,82 @@ def test_resident_blocks_stay_on_device_and_training_equals_plain(clip):
     assert rest == 0 and 0 < loads <= 2 * 2 * (len(blocks) - 1)  # whole streamed blocks, at most fwd + bwd each
 
 
+class Slots(L.Callback):
+    """Each step's streamed bytes, and which streamed blocks sit in the slots, current, when the last resident
+    block starts its forward (the host updates of the step before waited for as the batch starts, so that what
+    the preload finds ready does not depend on the worker's timing)."""
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+        self.ready: list[set[int]] = []
+        self.streamer = None
+
+    def on_train_batch_start(self, trainer, module, *_):
+        if self.streamer is None:
+            self.streamer = trainer.strategy._streamer
+            self.slots = len(self.streamer.slots)
+            module.model.blocks[self.streamer.resident - 1].register_forward_pre_hook(self._look)
+        self.streamer.synchronize()
+
+    def _look(self, *_):
+        streamer = self.streamer
+        self.ready.append({s.block for s in streamer.slots if s.block >= 0 and streamer._resident(s.block) is s})
+
+    def on_train_batch_end(self, trainer, *_):
+        self.loaded.append(trainer.strategy.memory_report().streamed_h2d_bytes)
+
+
+def test_blocks_behind_resident_ones_load_while_those_compute_and_once_per_step():
+    """Behind 3 resident blocks, the 3 streamed ones get 3 slots: forward loads them all before the resident
+    blocks finish, and backward finds them still there. Same run as plain. (With more blocks streamed than
+    resident, the host bounds the step: two slots.)"""
+    assert [LayerStreamer.slot_count(s, r) for s, r in [(4, 0), (1, 3), (3, 3), (7, 17), (8, 16), (23, 1)]] == [
+        2, 2, 3, 5, 6, 2]
+    make = lambda: LM(n_layer=6)  # noqa: E731
+    ref, _ = fit(make, loader(), max_steps=4)
+    watch = Slots()
+    got, _ = fit(make, loader(), l2l(resident_blocks=3), max_steps=4, callbacks=[watch])
+    assert_same_run(got, ref)
+    assert watch.slots == 3
+    one = sum(p.numel() * p.element_size() for p in got.model.blocks[3].parameters())
+    assert watch.loaded == [3 * one] * 4  # each streamed block once a step: none again in backward
+    assert watch.ready == [{0, 1, 2}] * 4  # loaded before the last resident block computes
+
+
+def test_preload_stops_at_a_block_whose_host_update_is_still_queued():
+    """Loads run ahead only as far as host updates are written, in order: the training thread never waits for
+    a block it does not need yet."""
+
+    class Queued:
+        def __init__(self, pending: set[int]) -> None:
+            self.pending, self.waited = pending, []
+
+        def ready(self, index: int) -> bool:
+            return index not in self.pending
+
+        def wait(self, index: int) -> None:
+            self.waited.append(index)
+
+    root = LM(n_layer=6)
+    streamer = LayerStreamer(root, "model.blocks", torch.device("cpu"), resident=3)
+    try:
+        stepper = Queued({1})
+        streamer.steppers = [stepper]
+        streamer._preload()
+        assert sorted(s.block for s in streamer.slots) == [-1, -1, 0] and stepper.waited == [0]
+        stepper.pending.clear()
+        streamer._preload()
+        assert sorted(s.block for s in streamer.slots) == [0, 1, 2]
+        slot = streamer._acquire(0)
+        stepper.pending.add(2)
+        stepper.waited.clear()
+        streamer._prefetch(0, +1, slot)  # the next block is waited for; none past one still queued
+        assert stepper.waited == [1]
+    finally:
+        streamer.steppers = []
+        streamer.close()
+
+
 @pytest.mark.parametrize("kwargs, error, pattern", [
     (dict(resident_blocks=-1), ValueError, r"resident_blocks=-1 must be >= 0"),
     (dict(resident_blocks=1, layer_streaming=False), ValueError, r"resident_blocks=1 .* layer_streaming=True"),
