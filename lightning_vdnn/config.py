@@ -125,7 +125,8 @@ class VDNNConfig:
             ``activation_offload`` (``"all"``/``"conv"`` move them to the host while later blocks compute,
             ``"none"`` keeps them on the device). Trades PCIe traffic or device memory for the recompute, about a
             third of a block's compute. Spread evenly over the streamed blocks. ``None`` (the default): every
-            streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``. ``"auto"`` (with
+            streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``, except that a
+            ``resident_blocks`` chosen from the budget chooses them too (``residency.py``). ``"auto"`` (with
             ``"none"``, on one device, a fixed ``resident_blocks``): as many as keep the step within
             ``memory_budget`` (None: the device less a margin), chosen after a first step that recomputes them
             all (``saving.py``).
