@@ -38,15 +38,16 @@ choice lowered, activations kept first, then blocks, as the activation planner d
 ``"auto"`` activation planner on too, blocks come first, activations get what they leave: the planner profiles
 again after each switch, and an overshoot while it keeps activations is its to correct.
 
-Widening (on a GPU, once the choice is verified). Most resident blocks is the right start while the host bounds
-the step; once the step is the device's, the host has room. Each block streamed then frees its weights and
-optimizer state (gpt_1b: 0.8 GB), which keep the activations of more than one block (0.56 GB each) that were
-recomputed. So from the watched steps' wall time and host update time per block, as many more blocks stream as
+Widening (on a GPU, under ``"none"``, once the choice is verified). Most resident blocks is the right start
+while the host bounds the step; once the step is the device's, the host has room. Each block streamed then frees
+its weights and optimizer state (gpt_1b: 0.8 GB), which keep the activations of more than one block (0.56 GB
+each) that were recomputed. So from the watched steps' wall time and host update time per block, as many more blocks stream as
 the host hides (:data:`HIDDEN` of the step), choosing the count that recomputes the fewest blocks; the next
 watched steps are timed and, if slower than the choice before (:data:`SLOWER`), that one comes back for good.
 Run 13, gpt_1b at 63% of its in-GPU peak on an H200: 16 resident recomputing and 8 streamed saving took 1.16x of
 in-GPU time at 20.15 GiB, against 23 resident recomputing at 1.21x and 20.34 GiB, and block checkpointing at
-1.21x and 21.47 GiB.
+1.21x and 21.47 GiB. Not under ``"auto"``: there the activation planner moved to the host the saves the choice
+had made room for (its predicted peak 2 GB over the measured one), and the wider choice ran slower.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def choose(floor: int, costs: Sequence[int], budget: int, freed: Optional[Sequen
     Streamed blocks save first: for the same activations they hold no autocast copy of their weights.
 
     Blocks first: a streamed block costs the host its update (gpt_1b on an H200: about 15 ms of AdamW per
-    block and step, which bounds the step), a resident one that recomputes costs its forward again (about 2 ms).
+    block and step, which bounds the step), a resident one that recomputes costs its forward again (about 1.2 ms).
 
     Raises:
         BudgetTooSmall: ``budget < floor``; the message states the minimum.
