@@ -41,9 +41,10 @@ again after each switch, and an overshoot while it keeps activations is its to c
 Widening (on a GPU, under ``"none"``, once the choice is verified). Most resident blocks is the right start
 while the host bounds the step; once the step is the device's, the host has room. Each block streamed then frees
 its weights and optimizer state (gpt_1b: 0.8 GB), which keep the activations of more than one block (0.56 GB
-each) that were recomputed. So from the watched steps' wall time and host update time per block, as many more blocks stream as
-the host hides (:data:`HIDDEN` of the step), choosing the count that recomputes the fewest blocks; the next
-watched steps are timed and, if slower than the choice before (:data:`SLOWER`), that one comes back for good.
+each) that were recomputed. So from the watched steps' wall time and host update time per block, as many more
+blocks stream as the host hides (:data:`HIDDEN` of the step), choosing the count that recomputes the fewest
+blocks; the next watched steps are timed and, if slower than the choice before (:data:`SLOWER`), that one comes
+back for good.
 Run 13, gpt_1b at 63% of its in-GPU peak on an H200: 16 resident recomputing and 8 streamed saving took 1.16x of
 in-GPU time at 20.15 GiB, against 23 resident recomputing at 1.21x and 20.34 GiB, and block checkpointing at
 1.21x and 21.47 GiB. Not under ``"auto"``: there the activation planner moved to the host the saves the choice
