@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch
 
 from benchmarks.measure import StepClock
+from benchmarks.registry import MIXED
 from benchmarks.workloads import Workload, flat_weights
 
 
@@ -81,8 +82,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     extra = {}
-    if mix := re.fullmatch(r"(l2l|vdnn)_mix(\d+)_s(\d+)(?:_k(\d+))?", name):  # R resident (the first K keeping
-        return _mixed(int(mix[2]), int(mix[3]), int(mix[4] or 0), mix[1], memory_budget)  # theirs), S streamed saving
+    if mix := MIXED.match(name):  # R resident (the first K keeping theirs), S streamed saving
+        return _mixed(int(mix[2]), int(mix[3]), int(mix[4] or 0), mix[1], memory_budget)
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
     elif name == "l2l_lean":  # l2l at its least device memory (the loss in chunks is the workload's)

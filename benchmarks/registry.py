@@ -139,11 +139,11 @@ def parse_percent(text: str) -> float:
 #: ``l2l_mixR_sS[_kK]``: R blocks resident (the first K keeping their activations, the rest recomputing), S of the
 #: streamed ones keeping theirs on the device: hand-set points of what ``strategy="vdnn"`` chooses under a budget.
 #: ``vdnn_mix...``: the same with the activation planner placing the activations within ``@P%``.
-_MIXED = re.compile(r"^(l2l|vdnn)_mix(\d+)_s(\d+)(?:_k(\d+))?$")
+MIXED = re.compile(r"^(l2l|vdnn)_mix(\d+)_s(\d+)(?:_k(\d+))?$")
 
 
 def _spec(base: str) -> CaseSpec:
-    if mixed := _MIXED.match(base):
+    if mixed := MIXED.match(base):
         return CaseSpec(base, "lightning", "L2L, hand-set resident, recomputing and saving blocks",
                         data_parallel=False, takes_budget=mixed[1] == "vdnn")
     if base not in CASES:

@@ -657,14 +657,7 @@ class LayerStreamer:
     # -- slots -------------------------------------------------------------------------------------------
     def _acquire(self, index: int) -> _Slot:
         """A slot holding block ``index``'s current weights, ready for the compute stream."""
-        for stepper in self.steppers:
-            stepper.wait(index)  # its host update, if one is queued, comes first
-        slot = self._resident(index)
-        if slot is None:
-            slot = min(self.slots, key=lambda s: s.used)
-            self._load(index, slot)
-        self._clock += 1
-        slot.used = self._clock
+        slot = self._fetch(index, None, wait=True)  # its host update, if one is queued, comes first
         if self.engine.is_cuda:
             self.engine.current_stream().wait_event(slot.ready)
         return slot
@@ -677,7 +670,7 @@ class LayerStreamer:
             nxt = index + step * ahead
             if wrap:
                 nxt %= len(self.blocks)
-            if not 0 <= nxt < len(self.blocks) or nxt == index or not self._fetch(nxt, busy, wait=ahead == 1):
+            if not 0 <= nxt < len(self.blocks) or nxt == index or self._fetch(nxt, busy, wait=ahead == 1) is None:
                 return
 
     def _preload(self, *_: Any) -> None:
@@ -686,14 +679,14 @@ class LayerStreamer:
         if torch._C._current_graph_task_id() != -1 and not self.eager_updates:
             return  # a resident block's recompute in backward: the streamed blocks' updates come at the step
         for index in range(min(len(self.slots), len(self.blocks))):
-            if not self._fetch(index, None, wait=False):
+            if self._fetch(index, None, wait=False) is None:
                 return
 
-    def _fetch(self, index: int, busy: Optional[_Slot], wait: bool) -> bool:
-        """Block ``index`` into the least recently used slot other than ``busy`` unless a slot holds it already;
-        False, doing nothing, when its host update is still queued and ``wait`` is false."""
+    def _fetch(self, index: int, busy: Optional[_Slot], wait: bool) -> Optional[_Slot]:
+        """The slot holding block ``index``, loaded into the least recently used one other than ``busy`` unless
+        one holds it already; None, doing nothing, when its host update is still queued and ``wait`` is false."""
         if not wait and not all(stepper.ready(index) for stepper in self.steppers):
-            return False
+            return None
         for stepper in self.steppers:
             stepper.wait(index)
         slot = self._resident(index)
@@ -702,7 +695,7 @@ class LayerStreamer:
             self._load(index, slot)
         self._clock += 1
         slot.used = self._clock  # wanted soon: the slots of blocks already computed go first
-        return True
+        return slot
 
     def _resident(self, index: int) -> Optional[_Slot]:
         version = self.blocks[index].version()
