@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 Policy = Literal["none", "all", "conv", "auto"]
 POLICIES: tuple[str, ...] = ("none", "all", "conv", "auto")
@@ -103,9 +103,10 @@ class VDNNConfig:
             except that ``VDNNStrategy`` with ``activation_offload="auto"`` turns it on, with
             ``resident_blocks="auto"``, when the model's weights, gradients and Adam state alone would fill
             ``memory_budget`` (``autostream.py``), which no activation plan can fix.
-        layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``; ``None`` auto-detects them for
-            layer streaming and ``"auto"`` (leaf modules when no list of blocks is unambiguous), and means leaf
-            modules for the fixed policies.
+        layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``, or a list of paths streamed as one
+            sequence in order (``["encoder.block", "decoder.block"]``); ``None`` auto-detects them for layer
+            streaming and ``"auto"`` (the longest lists of same-class blocks not nested in other blocks, all of
+            them when several tie), and means leaf modules for the fixed policies.
         resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
             optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
             to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).
@@ -162,7 +163,7 @@ class VDNNConfig:
     max_inflight_bytes: int = 2**28
     pin_memory: bool = True
     layer_streaming: Optional[bool] = None
-    layers: Optional[str] = None
+    layers: Union[None, str, tuple[str, ...]] = None
     resident_blocks: ResidentSpec = None
     memory_budget: MemorySpec = None
     microbatches: int = 1
@@ -186,10 +187,11 @@ class VDNNConfig:
             raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} must be >= 0.")
         if self.prefetch_layers < 1:
             raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 1 (1 is vDNN's one layer ahead).")
-        if self.layers is not None and not _PATH_RE.match(self.layers):
-            raise ValueError(
-                f"layers={self.layers!r} is not a dotted attribute path; use e.g. 'model.blocks' or None to detect."
-            )
+        for path in self.layer_paths:
+            if not _PATH_RE.match(path):
+                raise ValueError(
+                    f"layers={path!r} is not a dotted attribute path; use e.g. 'model.blocks', a list of such paths, "
+                    "or None to detect.")
         parse_memory_budget(self.memory_budget)
         if self.microbatches < 1:
             raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
@@ -354,8 +356,17 @@ class VDNNConfig:
         if self.fit_report is not None and not isinstance(self.fit_report, bool):
             raise TypeError(f"fit_report={self.fit_report!r} must be True, False or None (follow the Trainer's "
                             "enable_model_summary).")
-        if self.layers is not None and not isinstance(self.layers, str):
-            raise TypeError(f"layers={self.layers!r} must be a dotted path string like 'model.blocks' or None.")
+        layers = self.layers
+        if layers is not None and not isinstance(layers, str):
+            if not isinstance(layers, Sequence) or not layers or not all(isinstance(p, str) for p in layers):
+                raise TypeError(f"layers={layers!r} must be a dotted path string like 'model.blocks', a non-empty list "
+                                "of them, or None.")
+            object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else tuple(layers))
+
+    @property
+    def layer_paths(self) -> tuple[str, ...]:
+        """``layers`` as a tuple of paths (empty: detect)."""
+        return () if self.layers is None else (self.layers,) if isinstance(self.layers, str) else self.layers
 
     def _check_built(self) -> None:
         """Refuse, loudly, what later milestones will build, rather than ignore it."""

@@ -5,39 +5,53 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 
 _NONE = object()
 
 
+#: What ``layers`` takes: one dotted path, several (streamed as one sequence, in order), or None to detect.
+LayerPaths = Union[None, str, Sequence[str]]
+
+
 def block_lists(root: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.ModuleList``/``nn.Sequential`` under ``root`` whose children (at least two) share one class."""
-    found = {}
+    """Every ``nn.ModuleList``/``nn.Sequential`` under ``root`` whose children (at least two) share one class and
+    that lies inside no block of another such list (an MoE layer's experts, a stage's layers are parts of a block,
+    not the blocks)."""
+    found: dict[str, nn.Module] = {}
+    inside: set[int] = set()
     for name, module in root.named_modules():
+        if id(module) in inside:
+            continue
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
             if len({type(child) for child in module}) == 1:
                 found[name] = module
+                inside.update(id(m) for child in module for m in child.modules())
     return found
 
 
-def detected_blocks(root: nn.Module) -> Optional[nn.Module]:
-    """The longest list of same-class blocks under ``root`` when there is exactly one such longest list, else
-    None: where ``"auto"`` plans by block, it needs a unit that no guess can get wrong."""
+def _longest(root: nn.Module) -> list[str]:
+    """The paths of the longest lists of :func:`block_lists`: one, or several of equal length (an encoder's and a
+    decoder's), in the order the model registers them."""
     lists = block_lists(root)
     if not lists:
-        return None
+        return []
     longest = max(len(m) for m in lists.values())
-    best = [m for m in lists.values() if len(m) == longest]
-    return best[0] if len(best) == 1 else None
+    return [n for n, m in lists.items() if len(m) == longest]
 
 
-def offload_units(root: nn.Module, path: Optional[str], plans_recompute: bool) -> Optional[nn.Module]:
+def detected_blocks(root: nn.Module) -> Optional[nn.Module]:
+    """The blocks of the longest lists of same-class blocks under ``root`` (several when they tie), else None."""
+    paths = _longest(root)
+    return resolve_layers(root, paths)[1] if paths else None
+
+
+def offload_units(root: nn.Module, path: LayerPaths, plans_recompute: bool) -> Optional[nn.Module]:
     """The layers activation offload prefetches by and the ``"auto"`` planner decides by: the blocks at
-    ``path``; else, for a planner that may recompute, the model's repeated blocks when one list of them is
-    unambiguously the longest (recomputing a whole block spares its internals, recomputing one op spares
-    little); else None, every leaf module."""
+    ``path``; else, for a planner that may recompute, the model's repeated blocks (recomputing a whole block spares
+    its internals, recomputing one op spares little); else None, every leaf module."""
     if path:
         return resolve_layers(root, path)[1]
     return detected_blocks(root) if plans_recompute else None
@@ -48,28 +62,39 @@ def _candidates(root: nn.Module) -> str:
     return ", ".join(names) if names else "none found"
 
 
-def resolve_layers(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
-    """The block container at dotted ``path`` under ``root``; with ``None``, the longest one found.
+def resolve_layers(root: nn.Module, layers: LayerPaths) -> tuple[str, nn.Module]:
+    """The blocks at ``layers`` under ``root``: ``(label, container)``. One path gives its container; several
+    give an ``nn.ModuleList`` of their blocks in order (owned by the model, not by the list), labelled with the
+    paths joined by ``", "``. ``None`` detects them: the longest lists of same-class blocks, all of them when
+    several tie (T5's encoder and decoder stacks).
 
     Raises:
-        ValueError: the path does not exist, is not a list of same-class blocks, or (auto-detection) there is
-            no candidate or the longest is ambiguous. The message lists the candidates and how to set ``layers``.
+        ValueError: a path does not exist, is not a list of same-class blocks, or names blocks another path
+            names too, or (detection) there is no candidate. The message lists the candidates and how to set
+            ``layers``.
     """
-    if path is None:
-        lists = block_lists(root)
-        if not lists:
+    if layers is None:
+        paths = _longest(root)
+        if not paths:
             raise ValueError(
                 f"layers=None: found no nn.ModuleList or nn.Sequential of two or more blocks of one class in "
                 f"{type(root).__name__}. Put the repeated blocks in an nn.ModuleList and pass layers='<path>'."
             )
-        longest = max(len(m) for m in lists.values())
-        best = [n for n, m in lists.items() if len(m) == longest]
-        if len(best) > 1:
-            raise ValueError(
-                f"layers=None is ambiguous: {best} all hold {longest} blocks. Candidates: {_candidates(root)}. "
-                f"Pass layers='<one of them>'."
-            )
-        return best[0], lists[best[0]]
+    else:
+        paths = [layers] if isinstance(layers, str) else list(layers)
+        if not paths:
+            raise ValueError("layers=[] names no blocks; pass a dotted path, a list of them, or None to detect.")
+    containers = [_one_list(root, p) for p in paths]
+    if len(containers) == 1:
+        return paths[0], containers[0]
+    blocks = [b for c in containers for b in c]
+    if len({id(b) for b in blocks}) != len(blocks):
+        raise ValueError(f"layers={paths!r} name some blocks twice (one path lies inside another); name each list "
+                         f"of blocks once. Candidates: {_candidates(root)}.")
+    return ", ".join(paths), nn.ModuleList(blocks)
+
+
+def _one_list(root: nn.Module, path: str) -> nn.Module:
     module = resolve_module(root, path, "layers", f"Candidates: {_candidates(root)}.")
     if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
         raise ValueError(
@@ -82,7 +107,7 @@ def resolve_layers(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
             f"layers={path!r} holds blocks of different classes {classes}; streaming needs identical blocks. "
             f"Candidates: {_candidates(root)}."
         )
-    return path, module
+    return module
 
 
 def resolve_module(root: nn.Module, path: str, argument: str, hint: Optional[str] = None) -> nn.Module:

@@ -10,13 +10,13 @@ transformer blocks (LayerNorm/RMSNorm, attention within a sequence) and not for 
 from __future__ import annotations
 
 import contextlib
-import itertools
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.rng import RngState
 
 
@@ -36,49 +36,36 @@ def check_microbatches(microbatches: int, container: nn.Module, path: str) -> in
                     f"microbatches={microbatches} splits the batch inside each block at {path!r}, but "
                     f"{path}.{name} is a {type(module).__name__}, whose statistics would then cover a chunk, not "
                     "the batch. Use microbatches=1, or a per-sample norm (LayerNorm, GroupNorm) in the blocks.")
+            if getattr(module, "batch_first", True) is False:
+                raise ValueError(
+                    f"microbatches={microbatches} splits dim 0 of each block's input at {path!r}, but {path}.{name} is "
+                    f"a {type(module).__name__} with batch_first=False (sequence first), whose dim 0 is not the batch. "
+                    "Build the model with batch_first=True, or use microbatches=1.")
     return microbatches
 
 
-def split_rows(x: Tensor, microbatches: int) -> tuple[Tensor, ...]:
-    """``x`` in ``min(microbatches, len(x))`` chunks along dim 0, sizes differing by at most one row.
-
-    A batch smaller than ``microbatches`` (an epoch's last, say) runs in one-row chunks rather than failing;
-    an empty batch is one empty chunk. Forward and backward call this with the same sizes, so they agree.
-    """
-    return x.tensor_split(max(1, min(microbatches, x.shape[0]))) if x.dim() else (x,)
-
-
 class ChunkState:
-    """RNG and autocast state before one chunk's forward, replayed for its recompute (as
-    ``torch.utils.checkpoint`` does for a whole segment): dropout draws the same masks again."""
+    """RNG, autocast and written-buffer state before one chunk's forward, replayed for its recompute (as
+    ``torch.utils.checkpoint`` does for a whole segment): dropout draws the same masks again, and BatchNorm reads
+    the statistics the forward read without updating them a second time (``buffers.py``)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, buffers: Optional[BufferWatch] = None) -> None:
         self.device_type = device.type
         self.rng = RngState(device)
         self.autocast = torch.is_autocast_enabled(device.type)
         self.dtype = torch.get_autocast_dtype(device.type)
         self.cache = torch.is_autocast_cache_enabled()
+        self.watch = buffers
+        self.buffers = buffers.snapshot() if buffers is not None else None
+
+    def ran(self) -> None:
+        """The chunk's forward has run: learn which buffers it wrote."""
+        if self.watch is not None:
+            self.watch.learn(self.buffers)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
+        buffers = self.watch.replayed(self.buffers) if self.watch is not None else contextlib.nullcontext()
         with self.rng.forked(), torch.enable_grad(), torch.autocast(
-                self.device_type, dtype=self.dtype, enabled=self.autocast, cache_enabled=self.cache):
+                self.device_type, dtype=self.dtype, enabled=self.autocast, cache_enabled=self.cache), buffers:
             yield
-
-
-class Rows:
-    """Chunk results written into one tensor as they arrive, in any order: keeping the k pieces for
-    ``torch.cat`` would hold the block's output twice. A single chunk is used as it is."""
-
-    def __init__(self, pieces: tuple[Tensor, ...]) -> None:
-        self.starts = list(itertools.accumulate((p.shape[0] if p.dim() else 0 for p in pieces), initial=0))
-        self.out: Optional[Tensor] = None
-
-    def put(self, k: int, piece: Tensor) -> None:
-        """``piece`` is chunk ``k`` of the result (the same rows as chunk ``k`` of the input)."""
-        if len(self.starts) == 2:
-            self.out = piece
-            return
-        if self.out is None:
-            self.out = piece.new_empty((self.starts[-1], *piece.shape[1:]))
-        self.out[self.starts[k]: self.starts[k + 1]].copy_(piece)

@@ -222,7 +222,7 @@ class ShardedLayerStreamer(LayerStreamer):
 
     preloads = False  # every load is an all-gather: all ranks load the same blocks in the same order
 
-    def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, comm: Collectives,
+    def __init__(self, root: nn.Module, layers: LayerPaths, device: torch.device, comm: Collectives,
                  precision: str = "32-true", pin_memory: bool = True, resident: int = 0,
                  microbatches: int = 1, local_world: int = 1, saved_blocks: Optional[int] = 0) -> None:
         if str(precision) == "16-mixed":

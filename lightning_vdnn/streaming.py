@@ -15,12 +15,14 @@ Modules outside the blocks (embeddings, final norm, head) stay on the device. On
 runs with inline copies, which is how the tests check it without a GPU. On several ranks, ``sharded.py``
 partitions each block's host state across them by overriding the few hooks marked below.
 
-Behind resident blocks the device gets more slots (:meth:`LayerStreamer.slot_count`): the streamed blocks'
-loads then start while the resident blocks compute, and run several blocks ahead. A block's fp32 weights take
-about twice its forward to cross PCIe (gpt_1b: 4 ms against 2 ms), so with one block ahead each streamed block in
-forward waited for its load (run 13: 4 streamed blocks behind 20 resident cost 1.2 ms each beyond their saved
-recompute); with ``k`` slots the first ``k`` are loaded before the resident blocks finish, and those still in a
-slot when backward reaches them are not loaded again.
+A block is called exactly as its parent calls it: any positional and keyword arguments, any result structure
+(``block_calls.py``, ``streamed_block.py``). Buffers a block's forward writes (BatchNorm's statistics) change once
+per step although backward runs the forward again (``buffers.py``). Several lists of blocks (an encoder's and a
+decoder's) stream as one sequence, loads running ahead across the boundary.
+
+Behind resident blocks the device gets more slots (:meth:`LayerStreamer.slot_count`): the streamed blocks' loads
+then start while the resident blocks compute, and run several blocks ahead (a block's weights take about twice
+its forward to cross PCIe), and those still in a slot when backward reaches them are not loaded again.
 """
 
 from __future__ import annotations
@@ -29,21 +31,26 @@ import contextlib
 import functools
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_vdnn.block_calls import CallFlat, ChunkPlan, Flat, Joined
+from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.hf_compat import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.host_blocks import (HostBlock, PinnedArena, accumulate_from, adopt_grads, check_sharing,
                                         move_except, state_to_host)
 from lightning_vdnn.host_optimizer import HostStepper
 from lightning_vdnn.hostmem import check_host_memory
-from lightning_vdnn.layers import resolve_layers
-from lightning_vdnn.microbatch import ChunkState, Rows, check_microbatches, split_rows
+from lightning_vdnn.layers import LayerPaths, resolve_layers
+from lightning_vdnn.microbatch import ChunkState, check_microbatches
 from lightning_vdnn.pool import CopyEngine
 from lightning_vdnn.recompute import Recomputer
+from lightning_vdnn.streamed_block import (Enter, Exit, Graph, Port, Result, SavedBytes, SlotSaves, SlotView,
+                                           StreamedBlock)
 
 #: Optimizers verified to update each parameter elementwise, from its own gradient and state only.
 SUPPORTED_OPTIMIZERS: tuple[type, ...] = (
@@ -79,117 +86,6 @@ class _Slot:
 
     def __init__(self, buf: Tensor) -> None:
         self.buf, self.block, self.version, self.ready, self.free, self.used = buf, -1, -1, None, None, 0
-
-
-class _StreamedBlock(torch.autograd.Function):
-    """One streamed block: forward without autograd, saving only the input; backward recomputes it, chunk by
-    chunk from each chunk's recorded RNG state. A block in ``streamer.saving`` keeps its forward's graph
-    instead, and backward runs it."""
-
-    @staticmethod
-    def forward(ctx: Any, streamer: "LayerStreamer", index: int, x: Tensor, anchor: Tensor) -> Tensor:
-        ctx.streamer, ctx.index, ctx.states, ctx.graph = streamer, index, [], None
-        ctx.saving = index in streamer.saving
-        if ctx.saving:
-            ctx.graph, out = streamer._run_saving(index, x)
-            return out
-        ctx.save_for_backward(x)
-        return streamer._run(index, x, ctx.states)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        if ctx.saving:
-            graph, ctx.graph = ctx.graph, None  # its saves are freed as soon as backward is done with them
-            if graph is None:
-                raise RuntimeError(ctx.streamer._once(ctx.index))
-            return None, None, ctx.streamer._backward_saving(ctx.index, graph, grad), None
-        (x,) = ctx.saved_tensors
-        gx = ctx.streamer._backward(ctx.index, x, grad, ctx.states, ctx.needs_input_grad[2])
-        return None, None, gx, None
-
-
-class _Port:
-    """Where a gradient crosses one end of a saving block's graph."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self) -> None:
-        self.grad: Optional[Tensor] = None
-
-
-class _Graph:
-    """A saving block's forward, kept for its backward. It holds neither the block's input nor its output (the
-    offloader may have moved both): gradients cross its two ends through ports instead (:class:`_Enter`,
-    :class:`_Exit`), and ``root``, ``anchor`` are empty tensors."""
-
-    __slots__ = ("root", "anchor", "leaves", "enter", "exit")
-
-    def __init__(self, root: Tensor, anchor: Optional[Tensor], leaves: list[Tensor], enter: _Port,
-                 exit: _Port) -> None:
-        self.root, self.anchor, self.leaves, self.enter, self.exit = root, anchor, leaves, enter, exit
-
-
-class _Enter(torch.autograd.Function):
-    """The block's input, cut from its storage's owner: backward leaves the input's gradient in ``port``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, anchor: Tensor, port: _Port) -> Tensor:
-        ctx.port = port
-        return x.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple:
-        ctx.port.grad = grad
-        return None, None, None
-
-
-class _Exit(torch.autograd.Function):
-    """An empty root standing for the block's output: backward feeds in the gradient left in ``port``."""
-
-    @staticmethod
-    def forward(ctx: Any, out: Tensor, port: _Port) -> Tensor:
-        ctx.port = port
-        return out.new_empty(0)
-
-    @staticmethod
-    def backward(ctx: Any, _: Tensor) -> tuple:
-        grad, ctx.port.grad = ctx.port.grad, None
-        return grad, None
-
-
-class _SlotView:
-    """A saved view of a slot's weights: backward rebuilds it from the slot holding the block then."""
-
-    __slots__ = ("index", "offset", "size", "stride")
-
-    def __init__(self, index: int, offset: int, t: Tensor) -> None:
-        self.index, self.offset, self.size, self.stride = index, offset, tuple(t.shape), t.stride()
-
-
-class _SlotSaves(torch.autograd.graph.saved_tensors_hooks):
-    """Saves of a saving block's forward: views of its slot become :class:`_SlotView` (the slot will hold other
-    blocks by backward), the rest go to the enclosing hooks (the offloader) or are kept as they are. (Nothing
-    measures them: the budget's residency reads ``saved_bytes`` from its first step, in which every streamed
-    block recomputes.)"""
-
-    def __init__(self, streamer: "LayerStreamer", index: int, slot: _Slot) -> None:
-        self.streamer, self.index, self.buf = streamer, index, slot.buf
-        self.ptr = slot.buf.untyped_storage().data_ptr()
-        # the hooks this block's saves would meet without streaming: an offloader's, or none
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
-        super().__init__(self._pack, self._unpack)
-
-    def _pack(self, t: Tensor) -> Any:
-        if t.untyped_storage().data_ptr() == self.ptr and t.dtype == self.buf.dtype:
-            return _SlotView(self.index, t.storage_offset() - self.buf.storage_offset(), t)
-        return (self.outer_unpack, self.outer_pack(t)) if self.outer_pack is not None else (None, t)
-
-    def _unpack(self, saved: Any) -> Tensor:
-        if isinstance(saved, _SlotView):
-            return self.streamer._slot_view(saved)
-        unpack, packed = saved
-        return unpack(packed) if unpack is not None else packed
 
 
 class LayerStreamer:
@@ -233,7 +129,7 @@ class LayerStreamer:
     #: Processes on this host streaming alike (a node's local ranks, ``sharded.py``); one here.
     local_world = 1
 
-    def __init__(self, root: nn.Module, layers: Optional[str], device: torch.device, precision: str = "32-true",
+    def __init__(self, root: nn.Module, layers: LayerPaths, device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1,
                  recompute_resident_from: Optional[int] = None, saved_blocks: Optional[int] = 0) -> None:
         check_precision(precision)
@@ -299,6 +195,9 @@ class LayerStreamer:
         self.saving = spread(len(self.blocks) if saved_blocks is None else saved_blocks, len(self.blocks))
         self._reading: dict[int, _Slot] = {}  # saving blocks in backward -> the slot their weights are in
         self._direct: set[int] = set()  # blocks whose grads this backward copied straight into grad_flat
+        self._buffers = [BufferWatch(b.module) for b in self.blocks]  # what each block's forward writes
+        self._hf_calls = TrainingCalls()
+        self._checkpointed = checkpointing_off([b.module for b in self.blocks], f"the blocks at {self.path!r}")
         if resident and self.preloads:  # forward starts loading streamed blocks while the resident ones compute
             self._hooks += [m.register_forward_pre_hook(self._preload) for m in list(self.container)[:resident]]
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
@@ -439,6 +338,7 @@ class LayerStreamer:
                 b.module.forward = own
             b.module._compiled_call_impl = compiled
             b.release()
+        checkpointing_on(self._checkpointed)
         self.slots, self.stage, self.grad_dev = [], None, None
 
     @property
@@ -469,111 +369,123 @@ class LayerStreamer:
         self._marks = (self.h2d_bytes, self.d2h_bytes)
 
     # -- forward -----------------------------------------------------------------------------------------
-    def _forward(self, index: int, *args: Any, **kwargs: Any) -> Tensor:
-        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
-            got = [type(a).__name__ for a in args] + [f"{k}=" for k in kwargs]
-            raise TypeError(f"layer streaming calls each {type(self.blocks[index].module).__name__} at {self.path!r} "
-                            f"with one tensor and expects one tensor back, but it was called with {got}. Pass the "
-                            "other inputs through the block's state, or set layers to blocks with forward(x) -> x.")
-        x = args[0]
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.blocks[index].params)):
-            self._calls[index] += 1
-            return _StreamedBlock.apply(self, index, x, self._anchor)
-        return self._run(index, x)
+    def _where(self, index: int) -> str:
+        return f"{type(self.blocks[index].module).__name__} at {self.path!r}"
 
-    def _run(self, index: int, x: Tensor, states: Optional[list[ChunkState]] = None) -> Tensor:
-        """Block ``index`` over ``x``, chunk by chunk on one resident slot. ``states`` (training) receives each
-        chunk's RNG/autocast state, which backward replays."""
+    def _forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        """The streamed block's ``forward``: called as its parent calls it, returning what the block returns."""
+        block = self.blocks[index]
+        training = torch.is_grad_enabled()
+        if training:
+            if getattr(block.module, "gradient_checkpointing", False) is True:  # turned on after streaming began
+                self._checkpointed += checkpointing_off([block.module], self._where(index))
+            args, kwargs = self._hf_calls.strip(args, kwargs, self._where(index))
+        call = CallFlat(args, kwargs)
+        tensors = call.take()
+        if training and (any(t.requires_grad for t in tensors) or any(p.requires_grad for p in block.params)):
+            self._calls[index] += 1
+            result = Result()
+            outs = StreamedBlock.apply(self, index, call, result, self._anchor, *tensors)
+            return result.flat.rebuild(outs)
+        flat, outs, _ = self._run(index, call, tensors)
+        return flat.rebuild(outs)
+
+    def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor],
+             states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined]:
+        """Block ``index`` over the call, chunk by chunk on one resident slot. ``states`` (training) receives each
+        chunk's RNG/autocast/buffer state, which backward replays. Returns the result's structure, its tensors
+        and the chunks' layout (kept for backward)."""
         slot = self._acquire(index)
         block = self.blocks[index]
-        pieces = split_rows(x, self.microbatches)
-        rows = Rows(pieces)
+        plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
+        joined = Joined(plan, self._where(index))
         with block.substituted(block.split(slot.buf)):
-            for k, piece in enumerate(pieces):
-                if states is not None:
-                    states.append(ChunkState(self.device))
-                rows.put(k, self._checked(index, piece, self._forwards[index][1](piece), len(pieces)))
+            for k, chunk in enumerate(plan.chunks(tensors)):
+                state = ChunkState(self.device, self._buffers[index]) if states is not None else None
+                joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+                if state is not None:
+                    state.ran()
+                    states.append(state)
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
-        return rows.out
+        flat, outs = joined.result()
+        joined.forget_values()
+        return flat, outs, joined
 
-    def _run_saving(self, index: int, x: Tensor) -> tuple[_Graph, Tensor]:
-        """Block ``index`` over ``x`` with autograd, chunk by chunk, from leaves standing in for its slot's
-        weights: what autograd saves goes through :class:`_SlotSaves`. Returns the graph and the output."""
+    def _run_saving(self, index: int, call: CallFlat, tensors: Sequence[Tensor]) -> tuple[Graph, Any, list[Tensor],
+                                                                                            Joined]:
+        """Block ``index`` over the call with autograd, chunk by chunk, from leaves standing in for its slot's
+        weights: what autograd saves goes through :class:`SlotSaves`. Returns the graph, the result's structure
+        and tensors (detached: the graph's ends are ports), and the chunks' layout."""
         slot = self._acquire(index)
         block = self.blocks[index]
-        saves = _SlotSaves(self, index, slot)
+        saves = SlotSaves(self, index, slot.buf)
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
-            anchor = torch.empty(0, device=x.device, requires_grad=True) if x.requires_grad else None
-            entry_port, exit_port = _Port(), _Port()
-            xd = _Enter.apply(x, anchor, entry_port) if anchor is not None else x.detach()
-            pieces = split_rows(xd, self.microbatches)
+            entered = [j for j, t in enumerate(tensors) if t.requires_grad]
+            anchor = torch.empty(0, device=self.device, requires_grad=True) if entered else None
+            entry_port, exit_port = Port(), Port()
+            cut = [t.detach() for t in tensors]
+            if anchor is not None:
+                for j, t in zip(entered, Enter.apply(anchor, entry_port, *(tensors[j] for j in entered))):
+                    cut[j] = t
+            plan = ChunkPlan(call, cut, self.microbatches, self._where(index))
+            joined = Joined(plan, self._where(index))
             with saves, block.substituted(leaves):
-                outs = [self._checked(index, p, self._forwards[index][1](p), len(pieces)) for p in pieces]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
-            graph = _Graph(_Exit.apply(out, exit_port), anchor, leaves, entry_port, exit_port)
+                for k, chunk in enumerate(plan.chunks(cut)):
+                    joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+            flat, outs = joined.result()
+            graph = Graph(Exit.apply(exit_port, *outs), anchor, leaves, entry_port, exit_port, entered, len(tensors))
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot)
-        return graph, out.detach()
-
-    def _checked(self, index: int, piece: Tensor, out: Any, chunks: int) -> Tensor:
-        name = f"{type(self.blocks[index].module).__name__} at {self.path!r}"
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{name} returned {type(out).__name__}; layer streaming needs blocks that return one "
-                            "tensor.")
-        if chunks > 1 and (out.dim() == 0 or len(out) != len(piece)):
-            raise ValueError(f"microbatches={self.microbatches} splits dim 0 of each block's input, but {name} "
-                             f"returned shape {tuple(out.shape)} for a chunk of shape {tuple(piece.shape)}. Blocks "
-                             "must keep dim 0 the batch (batch-first), or use microbatches=1.")
-        return out
+        joined.forget_values()
+        return graph, flat, [o.detach() for o in outs], joined
 
     # -- backward ----------------------------------------------------------------------------------------
-    def _backward(self, index: int, x: Tensor, grad: Tensor, states: list[ChunkState],
-                  need_x: bool) -> Optional[Tensor]:
+    def _backward(self, index: int, call: CallFlat, tensors: Sequence[Tensor], grads: list[Optional[Tensor]],
+                  states: list[ChunkState], layout: Joined, needs: Sequence[bool]) -> list[Optional[Tensor]]:
         """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
-        device and cross to the host once."""
+        device and cross to the host once. Returns the gradient of each of the call's tensors."""
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
         block = self.blocks[index]
-        pieces, grads = split_rows(x, self.microbatches), split_rows(grad, self.microbatches)
-        dev, gx = None, Rows(pieces)
+        plan = layout.plan
+        chunks = plan.chunks(tensors)
+        dev, gins = None, [None] * len(chunks)
         saved = 0  # a chunk's saves are freed before the next chunk's reuse their memory: counted per chunk
-        for k in reversed(range(len(pieces))):  # last chunk first, the order autograd would sum them in
-            counter = SavedBytes(x, pieces[k], slot.buf) if self.measure_saved else None
+        for k in reversed(range(len(chunks))):  # last chunk first, the order autograd would sum them in
+            counter = SavedBytes(*tensors, *chunks[k], slot.buf) if self.measure_saved else None
             with counter if counter is not None else contextlib.nullcontext():
-                gxk, wgrads = self._recompute(index, slot, pieces[k], grads[k], states[k], need_x)
+                gins[k], wgrads = self._recompute(index, slot, call, chunks[k], layout.grads_of_chunk(k, grads),
+                                                  states[k], needs)
             saved += counter.nbytes if counter is not None else 0
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
-            block.pack_grads(dev, wgrads, first=k == len(pieces) - 1)
-            if need_x:
-                gx.put(k, gxk)
+            block.pack_grads(dev, wgrads, first=k == len(chunks) - 1)
         if self.measure_saved:
             self.saved_bytes[index] = saved  # what the block saves over the whole batch, as a resident one would
         self._finish_backward(block, slot, dev)
-        return gx.out
+        return plan.join_grads(gins)
 
-    def _backward_saving(self, index: int, graph: _Graph, grad: Tensor) -> Optional[Tensor]:
+    def _backward_saving(self, index: int, graph: Graph, grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
-        block, need_x = self.blocks[index], graph.anchor is not None
-        wants = ([graph.anchor] if need_x else []) + [w for w in graph.leaves if w.requires_grad]
-        self._reading[index], graph.exit.grad = slot, grad
+        block = self.blocks[index]
+        wants = ([graph.anchor] if graph.anchor is not None else []) + [w for w in graph.leaves if w.requires_grad]
+        self._reading[index], graph.exit.grads = slot, tuple(grads)
         try:
-            grads = list(torch.autograd.grad(graph.root, wants, torch.empty_like(graph.root), allow_unused=True)
-                         ) if wants else []
+            got = list(torch.autograd.grad(graph.root, wants, torch.empty_like(graph.root), allow_unused=True)
+                       ) if wants else []
         finally:
             del self._reading[index]
-        gx = graph.enter.grad if need_x else None
-        it = iter(grads[1:] if need_x else grads)
+        it = iter(got[1:] if graph.anchor is not None else got)
         dev = self._grad_buffer(block)
         block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
         self._finish_backward(block, slot, dev)
-        return gx
+        return graph.input_grads()
 
-    def _slot_view(self, saved: _SlotView) -> Tensor:
+    def _slot_view(self, saved: SlotView) -> Tensor:
         """A saved view of block ``saved.index``'s weights, from the slot its backward acquired."""
         slot = self._reading.get(saved.index)
         if slot is None:
@@ -595,20 +507,24 @@ class LayerStreamer:
             self._drain_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._drain)
 
-    def _recompute(self, index: int, slot: _Slot, x: Tensor, grad: Tensor, state: ChunkState,
-                   need_x: bool) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
-        """One chunk's forward again, with autograd, from its recorded state: (input grad, weight grads)."""
+    def _recompute(self, index: int, slot: _Slot, call: CallFlat, chunk: list[Tensor],
+                   grads: list[Optional[Tensor]], state: ChunkState,
+                   needs: Sequence[bool]) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+        """One chunk's forward again, with autograd, from its recorded state: (the call's tensors' grads, the
+        weight grads)."""
         block = self.blocks[index]
         with state.replay():
-            xd = x.detach().requires_grad_(need_x)
+            ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
             with block.substituted(leaves):
-                out = self._forwards[index][1](xd)
-        wants = ([xd] if need_x else []) + [w for w in leaves if w.requires_grad]
-        grads = list(torch.autograd.grad(out, wants, grad, allow_unused=True)) if wants else []
-        gx = grads.pop(0) if need_x else None
-        it = iter(grads)
-        return gx, [next(it) if w.requires_grad else None for w in leaves]
+                outs = Flat(call.call(self._forwards[index][1], ins)).take()
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wants = [x for x in ins if x.requires_grad] + [w for w in leaves if w.requires_grad]
+        got = list(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs], allow_unused=True)
+                   ) if pairs and wants else [None] * len(wants)
+        it = iter(got)
+        gins = [next(it) if x.requires_grad else None for x in ins]
+        return gins, [next(it) if w.requires_grad else None for w in leaves]
 
     def _drain(self) -> None:
         self._drain_queued = False
@@ -732,21 +648,8 @@ def spread(count: int, total: int) -> frozenset[int]:
     return frozenset(int((j + 0.5) * total / count) for j in range(count)) if count else frozenset()
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts what autograd saves inside it, each storage once, less the storages of ``exclude`` (the block's
-    input, which streaming saves anyway, and the slot holding its weights)."""
-
-    def __init__(self, *exclude: Tensor) -> None:
-        self.nbytes = 0
-        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
-        super().__init__(self._pack, lambda t: t)
-
-    def _pack(self, t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.nbytes += storage.nbytes()
-        return t
+def _shape(chunk: Sequence[Tensor], call: CallFlat) -> tuple[int, ...]:
+    return tuple(chunk[call.first].shape) if chunk else ()
 
 
 def _land_grads(block: HostBlock, host: Tensor, done: Any, direct: bool, steppers: list[HostStepper]) -> None:

@@ -131,5 +131,21 @@ def test_layer_detection_and_errors():
             self.a = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
             self.b = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
 
-    with pytest.raises(ValueError, match="ambiguous"):
-        resolve_layers(Twins(), None)
+    twins = Twins()
+    label, blocks = resolve_layers(twins, None)  # equal longest lists (an encoder's, a decoder's): both stream
+    assert label == "a, b" and list(blocks) == [*twins.a, *twins.b]
+    assert list(resolve_layers(twins, ["b", "a"])[1]) == [*twins.b, *twins.a]
+    with pytest.raises(ValueError, match=r"name some blocks twice"):
+        resolve_layers(twins, ["a", "a"])
+
+    class Experts(nn.Module):  # an MoE block: its experts' list is part of the block, however long
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(8))
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Experts() for _ in range(2))
+
+    assert resolve_layers(MoE(), None)[0] == "layers"

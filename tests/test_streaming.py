@@ -13,6 +13,7 @@ from torch import nn
 from conftest import Classifier, ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
 from lightning_vdnn.models import GPT, GPTConfig
+from lightning_vdnn.block_calls import Joined
 from lightning_vdnn.streaming import LayerStreamer
 from lightning_vdnn.tasks import LanguageModel
 
@@ -277,17 +278,6 @@ class LBFGSModel(LM):
 def test_unsupported_optimizer_is_named():
     with pytest.raises(TypeError, match=r"LBFGS.*Supported: SGD, Adam, AdamW"):
         fit(LBFGSModel, loader(8), "l2l", max_steps=1)
-
-
-def test_streamed_block_called_with_other_arguments_is_a_type_error():
-    model = GPT(GPTConfig.from_name("gpt_tiny"))
-    streamer = LayerStreamer(model, "blocks", torch.device("cpu"))
-    x = torch.randn(2, 8, 128)
-    with pytest.raises(TypeError, match=r"each Block at 'blocks' with one tensor"):
-        model.blocks[0](x, x)
-    with pytest.raises(TypeError, match="with one tensor"):
-        model.blocks[0](x=x)
-    streamer.close()
 
 
 def test_weights_shared_with_outside_or_across_blocks_are_refused():
@@ -697,9 +687,8 @@ def test_a_saving_blocks_graph_holds_neither_its_input_nor_its_output(monkeypatc
     import weakref
 
     outs = []
-    checked = LayerStreamer._checked
-    monkeypatch.setattr(LayerStreamer, "_checked",
-                        lambda self, i, piece, out, n: outs.append(weakref.ref(out)) or checked(self, i, piece, out, n))
+    put = Joined.put
+    monkeypatch.setattr(Joined, "put", lambda self, k, out, given: outs.append(weakref.ref(out)) or put(self, k, out, given))
     torch.manual_seed(0)
     ref, got = GPT(GPTConfig.from_name("gpt_tiny")), GPT(GPTConfig.from_name("gpt_tiny"))
     got.load_state_dict(ref.state_dict())

@@ -1,0 +1,88 @@
+"""Buffers a forward writes (BatchNorm's running statistics and count), kept exact when that forward runs again.
+
+A recompute in backward (layer streaming, activation checkpointing of a resident block or a planned layer)
+runs a module's forward a second time. BatchNorm in training mode would update its running statistics and
+``num_batches_tracked`` again: twice per step instead of once, and the eval-mode model would differ from plain
+training's. :class:`BufferWatch` snapshots, before the forward, the buffers that forward writes and, for the
+replay, puts copies of those snapshots in their place: the replay reads what the forward read and writes into
+copies that are dropped, so the module's own buffers change once per step, as without the recompute.
+
+Which buffers a forward writes is learnt from the module: norm layers that track running statistics, and any
+other buffer whose value, version or identity the first watched forward changed (the first forward snapshots all
+of them, later ones only those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class BufferSnapshot:
+    """The values of a module's written buffers before one forward (empty where it writes none)."""
+
+    __slots__ = ("values", "versions", "tensors")
+
+    def __init__(self, values: dict[int, Tensor], versions: dict[int, int], tensors: dict[int, Tensor]) -> None:
+        self.values, self.versions, self.tensors = values, versions, tensors
+
+
+class BufferWatch:
+    """The buffers of ``module`` (and its submodules) that its forward writes, and their replay."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+        norms = {id(m) for m in module.modules() if getattr(m, "track_running_stats", False)}
+        self.written: set[int] = {i for i, (m, _) in enumerate(self.slots) if id(m) in norms}
+        self.learnt = not self.slots  # until a forward was watched, every buffer is snapshot
+
+    def _get(self, i: int) -> Tensor:
+        m, name = self.slots[i]
+        return m._buffers[name]
+
+    def snapshot(self) -> Optional[BufferSnapshot]:
+        """Before a forward that will be replayed; None when the module writes no buffer."""
+        watched = self.written if self.learnt else range(len(self.slots))
+        if not watched:
+            return None
+        tensors = {i: self._get(i) for i in watched}
+        with torch.no_grad():
+            return BufferSnapshot({i: t.clone() for i, t in tensors.items()}, {i: t._version for i, t in tensors.items()},
+                                  tensors)
+
+    def learn(self, snap: Optional[BufferSnapshot]) -> None:
+        """After that forward: the buffers it changed join :attr:`written`; the snapshot keeps only those."""
+        if snap is None or self.learnt:
+            return
+        for i, before in snap.values.items():
+            now = self._get(i)
+            if (now is not snap.tensors[i] or now._version != snap.versions[i] or now.shape != before.shape
+                    or not torch.equal(now, before)):
+                self.written.add(i)
+        self.learnt = True
+        for i in [i for i in snap.values if i not in self.written]:
+            del snap.values[i]
+        snap.tensors.clear()
+
+    @contextlib.contextmanager
+    def replayed(self, snap: Optional[BufferSnapshot]) -> Iterator[None]:
+        """Run the forward again with copies of the snapshot in place of the buffers it writes."""
+        if not self.written:
+            yield
+            return
+        values = snap.values if snap is not None else {}
+        own = {i: self._get(i) for i in self.written}
+        with torch.no_grad():
+            stand_in = {i: (values[i] if i in values else t).clone() for i, t in own.items()}
+        for i, t in stand_in.items():
+            m, name = self.slots[i]
+            m._buffers[name] = t
+        try:
+            yield
+        finally:
+            for i, t in own.items():
+                m, name = self.slots[i]
+                m._buffers[name] = t
