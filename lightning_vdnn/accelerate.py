@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.api import ActivationOffload, make_config, offload_activations, stream_layers
 from lightning_vdnn.config import MemorySpec, Policy
 from lightning_vdnn.report import MemoryReport
@@ -42,7 +43,7 @@ def prepare(
     prefetch_layers: int = 1,
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
-    layers: Optional[str] = None,
+    layers: LayerPaths = None,
     memory_budget: MemorySpec = None,
     device_placement: Optional[list[bool]] = None,
     layer_streaming: bool = False,

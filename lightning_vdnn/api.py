@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
-from lightning_vdnn.layers import offload_units
+from lightning_vdnn.layers import LayerPaths, offload_units
 from lightning_vdnn.offload import ActivationOffloader
 from lightning_vdnn.planner import AutoPlanner
 from lightning_vdnn.report import MemoryReport
@@ -33,7 +33,7 @@ def make_config(
     prefetch_layers: int = 1,
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
-    layers: Optional[str] = None,
+    layers: LayerPaths = None,
     memory_budget: MemorySpec = None,
 ) -> VDNNConfig:
     """The activation-offload part of :class:`VDNNConfig`, built (and so validated) from keyword arguments.
@@ -52,7 +52,7 @@ def make_config(
 def stream_layers(
     model: nn.Module,
     *optimizers: torch.optim.Optimizer,
-    layers: Optional[str] = None,
+    layers: LayerPaths = None,
     device: DeviceLike = "cuda",
     precision: str = "32-true",
     pin_memory: bool = True,
@@ -211,7 +211,7 @@ def offload_activations(
     prefetch_layers: int = 1,
     max_inflight_bytes: int = 2**28,
     pin_memory: bool = True,
-    layers: Optional[str] = None,
+    layers: LayerPaths = None,
     memory_budget: MemorySpec = None,
     device: DeviceLike = None,
 ) -> ActivationOffload:

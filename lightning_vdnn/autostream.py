@@ -20,7 +20,7 @@ from typing import Optional
 from torch import nn
 
 from lightning_vdnn.hostmem import ADAM_STATES
-from lightning_vdnn.layers import resolve_layers
+from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.planner import GiB
 
 #: Stream when the estimated state exceeds this share of the budget: the rest is the least the activations need
@@ -42,7 +42,7 @@ def training_state_bytes(module: nn.Module, precision: str = "32-true") -> int:
     return total
 
 
-def stream_reason(module: nn.Module, budget: int, precision: str, layers: Optional[str],
+def stream_reason(module: nn.Module, budget: int, precision: str, layers: LayerPaths,
                   batch_chunks: int = 1) -> Optional[str]:
     """Why ``module`` must stream its blocks to fit ``budget`` bytes (the message ``VDNNStrategy`` logs), or None
     when its state fits.

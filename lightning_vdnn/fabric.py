@@ -21,6 +21,7 @@ from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, SingleDeviceStrategy
 from torch import Tensor, nn
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.api import ActivationOffload, make_config
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.report import MemoryReport
@@ -76,7 +77,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         prefetch_layers: int = 1,
         max_inflight_bytes: int = 2**28,
         pin_memory: bool = True,
-        layers: Optional[str] = None,
+        layers: LayerPaths = None,
         memory_budget: MemorySpec = None,
         layer_streaming: bool = False,
         resident_blocks: int = 0,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.layers import wrap_forward
 
 #: What ``decide`` returns for a call to recompute: a context manager factory that times the recompute.
@@ -61,6 +62,7 @@ class Recomputer:
 
     def _wrap(self, module: nn.Module) -> None:
         decide = self._decide
+        watch = BufferWatch(module)  # BatchNorm's statistics: updated by the forward, not again by the recompute
 
         def forward(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             timer = decide()
@@ -75,7 +77,7 @@ class Recomputer:
             def call(*flat: Any) -> Any:
                 return inner(*flat[: len(args)], **rest, **dict(zip(names, flat[len(args):])))
 
-            return checkpoint(_replay(call, timer), *args, *(kwargs[k] for k in names), use_reentrant=False,
+            return checkpoint(_replay(call, timer, watch), *args, *(kwargs[k] for k in names), use_reentrant=False,
                               preserve_rng_state=True)
 
         self._restore[module] = wrap_forward(module, forward)
@@ -84,16 +86,19 @@ class Recomputer:
         self._restore.pop(module)()
 
 
-def _replay(run: Callable[..., Any], timer: Timer) -> Callable[..., Any]:
-    """``run``, the first call plain (the forward), the later ones (recomputes in backward) under ``timer``."""
-    calls = 0
+def _replay(run: Callable[..., Any], timer: Timer, watch: BufferWatch) -> Callable[..., Any]:
+    """``run``, the first call plain (the forward), the later ones (recomputes in backward) under ``timer``, with
+    the buffers that forward wrote as they were before it (``buffers.py``)."""
+    calls, snap = 0, watch.snapshot()
 
     def call(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
-            return run(*args)
-        with timer():
+            out = run(*args)
+            watch.learn(snap)
+            return out
+        with timer(), watch.replayed(snap):
             return run(*args)
 
     return call

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.autostream import stream_reason
 from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.chunking import BatchChunks
@@ -127,13 +128,13 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         max_inflight_bytes: int = 2**28,
         pin_memory: bool = True,
         layer_streaming: Optional[bool] = None,
-        layers: Optional[str] = None,
+        layers: LayerPaths = None,
         resident_blocks: ResidentSpec = None,
         memory_budget: MemorySpec = None,
         microbatches: int = 1,
         saved_blocks: SavedSpec = None,
         batch_chunks: int = 1,
-        chunk_layers: Optional[str] = None,
+        chunk_layers: LayerPaths = None,
         zero_stage: int = 0,
         offload_optimizer: bool = False,
         offload_params: bool = False,

@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import DDPStrategy
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.checkpoint import publish_dir, remove_published, version_dir
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
@@ -149,7 +150,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         prefetch_layers: int = 1,
         max_inflight_bytes: int = 2**28,
         pin_memory: bool = True,
-        layers: Optional[str] = None,
+        layers: LayerPaths = None,
         memory_budget: MemorySpec = None,
         layer_streaming: bool = False,
         resident_blocks: int = 0,
@@ -269,7 +270,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
 def _l2l_zero(
     activation_offload: Policy = "auto", *, zero_stage: Optional[int] = None, offload_optimizer: bool = False,
     offload_params: bool = False, min_offload_bytes: int = 2**20, prefetch_layers: int = 1,
-    max_inflight_bytes: int = 2**28, pin_memory: bool = True, layers: Optional[str] = None,
+    max_inflight_bytes: int = 2**28, pin_memory: bool = True, layers: LayerPaths = None,
     memory_budget: MemorySpec = None, layer_streaming: bool = True, resident_blocks: int = 0, microbatches: int = 1,
     fit_report: Optional[bool] = None, config: Optional[Union[_PATH, dict[str, Any]]] = None,
     vdnn_config: Optional[VDNNConfig] = None, load_full_weights: bool = False, logging_level: int = logging.WARN,

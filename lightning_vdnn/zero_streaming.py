@@ -32,6 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.checkpoint import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
 from lightning_vdnn.glue import OffloadHooks
@@ -87,7 +88,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         activation_offload: Policy = "none",
         *,
         zero_stage: int = 2,
-        layers: Optional[str] = None,
+        layers: LayerPaths = None,
         resident_blocks: int = 0,
         microbatches: int = 1,
         saved_blocks: Optional[int] = None,

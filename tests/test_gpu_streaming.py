@@ -164,3 +164,23 @@ def test_auto_saving_keeps_what_fits_the_budget_and_the_step_fits_it():
           f"measured {report.saved_measured_peak_bytes / 2**20:.0f} MiB")
     assert 0 < report.saved_blocks < 8
     assert report.saved_measured_peak_bytes <= budget and report.saved_predicted_peak_bytes <= budget
+
+
+@pytest.mark.parametrize("name, microbatches, policy", [
+    ("llama", 1, "none"), ("llama", 2, "none"), ("llama", 1, "all"), ("t5", 2, "none"), ("gpt2", 1, "none"),
+    ("resnet", 1, "none"), ("mixtral", 1, "none"),
+])
+def test_library_models_stream_on_cuda_like_plain(name, microbatches, policy):
+    """Unmodified library models (tiny configs) on real streams and pinned buffers: fp32, so the run is plain's to
+    rounding, BatchNorm statistics included."""
+    pytest.importorskip("transformers")
+    import test_streaming_models as lib
+
+    def train(strategy):
+        loader = torch.utils.data.DataLoader(lib.batches(lib.MODELS[name][1], 4), batch_size=None)
+        task, _ = fit(lambda: lib.Task(name, 0.0), loader, strategy, max_steps=4, **GPU)
+        return task
+
+    ref = train("auto")
+    got = train(VDNNStrategy(policy, layer_streaming=True, microbatches=microbatches, min_offload_bytes=0))
+    lib.assert_same_training(got, ref, tol=1e-4)

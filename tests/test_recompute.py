@@ -337,7 +337,7 @@ def test_short_last_batch_profiles_again_and_still_trains_like_plain(lm, injecte
 
 
 class TwinStacks(nn.Module):
-    """Two lists of three same-class blocks: which one is "the blocks" is a guess."""
+    """Two lists of three same-class blocks, as an encoder's and a decoder's: both are the blocks."""
 
     def __init__(self):
         super().__init__()
@@ -345,9 +345,9 @@ class TwinStacks(nn.Module):
         self.b = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
 
 
-def test_auto_plans_by_the_detected_blocks_and_guesses_nothing(lm):
-    """Without ``layers``, ``"auto"`` decides per repeated block (where recompute pays), while the fixed policies
-    and an ambiguous model keep one layer per leaf module."""
+def test_auto_plans_by_the_detected_blocks(lm):
+    """Without ``layers``, ``"auto"`` decides per repeated block (where recompute pays), every list of them when
+    several tie, while the fixed policies keep one layer per leaf module."""
     from lightning_vdnn.layers import offload_units
 
     module, trainer = fit(lm, token_loader(), VDNNStrategy("auto", min_offload_bytes=0), max_steps=1)
@@ -355,6 +355,6 @@ def test_auto_plans_by_the_detected_blocks_and_guesses_nothing(lm):
     assert names == ["(before the first layer)"] + [f"{BLOCKS}.{i}" for i in range(len(module.model.blocks))]
     _, trainer = fit(lm, token_loader(), VDNNStrategy("all", min_offload_bytes=0), max_steps=1)
     assert len(trainer.strategy.memory_report().layers) > len(names)  # leaf modules
-    assert offload_units(TwinStacks(), None, plans_recompute=True) is None
     twins = TwinStacks()
+    assert list(offload_units(twins, None, plans_recompute=True)) == [*twins.a, *twins.b]
     assert offload_units(twins, "b", plans_recompute=True) is twins.b

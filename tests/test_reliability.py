@@ -410,3 +410,17 @@ def test_saved_blocks_takes_a_number_or_auto_from_hydra():
     assert built("strategy.saved_blocks=auto").saved_blocks == "auto"
     assert built("strategy.saved_blocks=3").saved_blocks == 3
     assert built().saved_blocks is None and built().streamed_saves == 0
+
+
+def test_layers_takes_one_path_or_a_list_of_them_from_hydra():
+    """Several stacks (an encoder's and a decoder's blocks) stream as one sequence: ``layers`` is a path or a list."""
+    def built(*overrides: str) -> VDNNConfig:
+        return instantiate(compose_run("strategy=l2l", *overrides).strategy).config
+
+    assert built("strategy.layers=model.blocks").layers == "model.blocks"
+    both = built("strategy.layers=[model.encoder.block,model.decoder.block]")
+    assert both.layers == ("model.encoder.block", "model.decoder.block") == both.layer_paths
+    with pytest.raises(InstantiationException, match=r"layers='bad-path' is not a dotted attribute path"):
+        built("strategy.layers=[model.blocks,bad-path]")
+    with pytest.raises(InstantiationException, match=r"layers=\[\] must be a dotted path string"):
+        built("strategy.layers=[]")

@@ -1,0 +1,352 @@
+"""Layer streaming on models we did not write: Hugging Face Llama, Mistral, Mixtral, GPT-2, BERT, T5, ViT, ResNet and
+``torch.nn.TransformerEncoder``, built from tiny configs and left untouched. Each trains under ``l2l`` exactly as
+under plain Lightning: losses, parameters and buffers (BatchNorm's running statistics and count)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import fit
+from lightning_vdnn import VDNNStrategy
+
+tf = pytest.importorskip("transformers")
+tf.logging.set_verbosity_error()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, SEQ, BATCH = 64, 12, 4
+
+
+def _lm_kwargs(dropout: float) -> dict:
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, attention_dropout=dropout)
+
+
+#: name -> (build(dropout) -> model, kind of batch, blocks' path)
+MODELS = {
+    "llama": (lambda d: tf.LlamaForCausalLM(tf.LlamaConfig(**_lm_kwargs(d))), "tokens", "model.layers"),
+    "mistral": (lambda d: tf.MistralForCausalLM(tf.MistralConfig(**_lm_kwargs(d))), "tokens", "model.layers"),
+    "mixtral": (lambda d: tf.MixtralForCausalLM(tf.MixtralConfig(**_lm_kwargs(d), num_local_experts=4,
+                                                                 num_experts_per_tok=2)), "tokens", "model.layers"),
+    "gpt2": (lambda d: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                                        resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)),
+             "tokens", "transformer.h"),
+    "bert": (lambda d: tf.BertForMaskedLM(tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                                        num_attention_heads=4, intermediate_size=48,
+                                                        hidden_dropout_prob=d, attention_probs_dropout_prob=d)),
+             "masked", "bert.encoder.layer"),
+    "t5": (lambda d: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=3,
+                                                               num_heads=4, decoder_start_token_id=0, dropout_rate=d)),
+           "tokens", ["encoder.block", "decoder.block"]),
+    "vit": (lambda d: tf.ViTForImageClassification(tf.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                                intermediate_size=48, image_size=16, patch_size=4,
+                                                                num_labels=3, hidden_dropout_prob=d)),
+            "images", "vit.layers"),
+    "resnet": (lambda d: tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16],
+                                                                         depths=[1, 1, 1], num_labels=3)),
+               "images", "resnet.encoder.stages"),
+    "torch_encoder": (lambda d: TorchEncoder(d), "sequences", "encoder.layers"),
+}
+BATCHNORM = {"resnet"}
+
+
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder`` (batch first), called with a causal mask and ``is_causal``, as people do."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 48, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.encoder(self.proj(x), mask=mask, is_causal=True)[:, -1])
+
+
+def batches(kind: str, n: int = 3) -> list:
+    g = torch.Generator().manual_seed(7)
+    if kind in ("tokens", "masked"):
+        return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(n)]
+    if kind == "images":
+        return [(torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 3, (BATCH,), generator=g))
+                for _ in range(n)]
+    return [(torch.randn(BATCH, SEQ, 8, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(n)]
+
+
+class Task(L.LightningModule):
+    """The model's own loss where it has one (``labels=``), SGD with momentum; records the losses."""
+
+    def __init__(self, name: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        build, self.kind, _ = MODELS[name]
+        self.model = build(dropout)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.kind == "tokens":
+            loss = self.model(input_ids=batch, labels=batch).loss
+        elif self.kind == "masked":
+            loss = self.model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch).loss
+        elif self.kind == "images":
+            loss = self.model(pixel_values=batch[0], labels=batch[1]).loss
+        else:
+            loss = F.cross_entropy(self.model(batch[0]), batch[1])
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def l2l(**kw) -> VDNNStrategy:
+    return VDNNStrategy(kw.pop("activation_offload", "none"), layer_streaming=True, **kw)
+
+
+def train(name: str, strategy="auto", dropout: float = 0.0, steps: int = 3) -> Task:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = torch.utils.data.DataLoader(batches(MODELS[name][1], steps), batch_size=None)
+        task, _ = fit(lambda: Task(name, dropout), loader, strategy, max_steps=steps)
+    return task
+
+
+@functools.lru_cache(maxsize=None)
+def plain(name: str, dropout: float = 0.0) -> Task:
+    return train(name, dropout=dropout)
+
+
+def assert_same_training(got: Task, ref: Task, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=tol, atol=tol)
+    want = ref.model.state_dict()
+    for key, value in got.model.state_dict().items():  # parameters and buffers
+        torch.testing.assert_close(value, want[key], rtol=tol, atol=tol, msg=lambda m: f"{key}: {m}")
+
+
+SETTINGS = {
+    "auto-detected": {},
+    "named layers": "layers",
+    "resident_blocks=1": {"resident_blocks": 1},
+    "saved_blocks=1": {"saved_blocks": 1},
+    "offload_optimizer": {"offload_optimizer": True},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_library_model_streams_like_plain_training(name, setting):
+    kwargs = SETTINGS[setting]
+    if kwargs == "layers":
+        path = MODELS[name][2]  # under the LightningModule's ``model``
+        kwargs = {"layers": f"model.{path}" if isinstance(path, str) else [f"model.{p}" for p in path]}
+    dropout = 0.0 if name in BATCHNORM else 0.1  # dropout: each recompute replays the forward's draws
+    got = train(name, l2l(**kwargs), dropout=dropout)
+    assert_same_training(got, plain(name, dropout))
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - BATCHNORM))
+def test_library_model_microbatches_like_plain_training(name):
+    """Masks, rotary tables, position biases and padding masks reach every chunk; dropout is off, as chunks draw
+    their own masks. 2e-5: the chunks' weight gradients add up in another order than the whole batch's."""
+    got = train(name, l2l(microbatches=2))
+    assert_same_training(got, plain(name), tol=2e-5)
+
+
+def test_batchnorm_blocks_refuse_microbatches_with_the_alternative():
+    with pytest.raises(ValueError, match=r"microbatches=2 .*BatchNorm2d.* microbatches=1"):
+        train("resnet", l2l(microbatches=2))
+
+
+def test_batchnorm_statistics_change_once_per_step_under_recompute():
+    """The recompute in backward runs each block's forward again in training mode; its BatchNorm must not count
+    the batch twice: ``num_batches_tracked`` is the step count, the running statistics plain training's."""
+    got = train("resnet", l2l(), steps=3)
+    counts = {k: int(v) for k, v in got.model.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {3}
+    got.model.eval()
+    ref = plain("resnet").model.eval()
+    x = batches("images")[0][0]
+    torch.testing.assert_close(got.model(pixel_values=x).logits, ref(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resident_blocks_that_recompute_keep_batchnorm_exact():
+    """Resident blocks under activation checkpointing (``recompute.py``) replay their forward the same way."""
+    from lightning_vdnn.streaming import LayerStreamer
+
+    torch.manual_seed(0)
+    ref, got = Task("resnet"), Task("resnet")
+    got.load_state_dict(ref.state_dict())
+    streamer = LayerStreamer(got.model, None, torch.device("cpu"), resident=2, recompute_resident_from=0)
+    for x, y in batches("images"):
+        for task in (ref, got):
+            task.model(pixel_values=x, labels=y).loss.backward()
+    streamer.close()
+    for key, value in got.model.state_dict().items():
+        torch.testing.assert_close(value, ref.model.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def llama(dropout: float = 0.0, **config) -> nn.Module:
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**{**_lm_kwargs(dropout), **config}))
+
+
+def test_cache_is_dropped_from_training_calls_with_one_warning():
+    """``use_cache=True`` in a training forward: the layers get no cache (a recompute would write it twice), one
+    warning says so, as transformers does under gradient checkpointing; the run is plain's."""
+    from lightning_vdnn.streaming import LayerStreamer
+
+    ref, got = llama(use_cache=True), llama(use_cache=True)
+    ids = batches("tokens")[0]
+    streamer = LayerStreamer(got, None, torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"write its key/value cache twice.*use_cache=False, cache=None") as caught:
+        for _ in range(2):
+            got(input_ids=ids, labels=ids).loss.backward()
+    assert sum("cache twice" in str(w.message) for w in caught) == 1
+    for _ in range(2):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():  # no graph, no recompute: the cache is filled as usual
+        assert got(input_ids=ids, use_cache=True).past_key_values.get_seq_length() == SEQ
+    streamer.close()
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_attentions_and_hidden_states_are_returned_and_differentiable():
+    from lightning_vdnn.streaming import LayerStreamer
+
+    ref, got = llama(attn_implementation="eager"), llama(attn_implementation="eager")
+    ids = batches("tokens")[0]
+    streamer = LayerStreamer(got, None, torch.device("cpu"))
+    outs = [m(input_ids=ids, labels=ids, output_attentions=True, output_hidden_states=True) for m in (got, ref)]
+    for a, b in zip(outs[0].hidden_states + outs[0].attentions, outs[1].hidden_states + outs[1].attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for out in outs:  # a loss on an inner block's output reaches the blocks below it
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+    streamer.close()
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_enable_composes(when):
+    """``model.gradient_checkpointing_enable()`` (transformers' ``GradientCheckpointingLayer``) before or after
+    streaming starts: streamed blocks, which recompute anyway, run without it (one warning), the resident block
+    keeps it; the gradients are plain checkpointed training's."""
+    from lightning_vdnn.streaming import LayerStreamer
+
+    ref, got = llama(0.1), llama(0.1)
+    ref.gradient_checkpointing_enable()
+    if when == "before":
+        got.gradient_checkpointing_enable()
+    with pytest.warns(UserWarning, match="gradient checkpointing is on for"):
+        streamer = LayerStreamer(got, None, torch.device("cpu"), resident=1)
+        if when == "after":
+            got.gradient_checkpointing_enable()
+        ids = batches("tokens")[0]
+        torch.manual_seed(1)
+        got(input_ids=ids, labels=ids).loss.backward()
+    torch.manual_seed(1)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    assert got.model.layers[0].gradient_checkpointing and not got.model.layers[1].gradient_checkpointing
+    streamer.close()
+    assert all(layer.gradient_checkpointing for layer in got.model.layers)  # as the user left it
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_batch_dimension_that_cannot_be_told_is_named():
+    """A sequence-first tensor beside batch-first hidden states: microbatches cannot split it safely."""
+    from lightning_vdnn.streaming import LayerStreamer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, memory):
+            return self.proj(x) + memory.transpose(0, 1).mean(1, keepdim=True)
+
+    root = nn.ModuleDict({"blocks": nn.ModuleList(Block() for _ in range(2))})
+    streamer = LayerStreamer(root, "blocks", torch.device("cpu"), microbatches=2)
+    x = torch.randn(4, 6, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"memory has shape \(6, 4, 8\): its batch dimension cannot be told.*"
+                                         r"microbatches=1"):
+        root["blocks"][0](x, memory=torch.randn(6, 4, 8))
+    streamer.close()
+
+
+def test_sequence_first_blocks_refuse_microbatches():
+    layer = nn.TransformerEncoderLayer(16, 2, 32)  # batch_first=False
+    root = nn.ModuleDict({"enc": nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)})
+    from lightning_vdnn.streaming import LayerStreamer
+
+    with pytest.raises(ValueError, match=r"batch_first=False .* Build the model with batch_first=True"):
+        LayerStreamer(root, None, torch.device("cpu"), microbatches=2)
+
+
+def test_fabric_streams_a_library_model_like_plain_fabric():
+    from lightning.fabric import Fabric
+
+    def run(strategy):
+        fabric = Fabric(strategy=strategy, accelerator="cpu", devices=1)
+        model = llama(0.1)
+        model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        losses = []
+        torch.manual_seed(3)
+        for ids in batches("tokens"):
+            loss = model(input_ids=ids, labels=ids).loss
+            fabric.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if strategy != "auto":
+            fabric.strategy.synchronize()
+        return model, losses, fabric
+
+    (ref, ref_losses, _), (got, losses, fabric) = run("auto"), run("l2l")
+    assert fabric.strategy._streamers[0].path == "model.layers"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    fabric.strategy.teardown()
+
+
+def test_accelerate_streams_a_library_model_like_plain_accelerate():
+    from accelerate import Accelerator
+
+    import lightning_vdnn.accelerate as vdnn_accelerate
+
+    def run(stream: bool):
+        accelerator = Accelerator(cpu=True)
+        model = llama(0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if stream:
+            model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy="none", layer_streaming=True)
+        else:
+            model, opt = accelerator.prepare(model, opt)
+        losses = []
+        torch.manual_seed(3)
+        for ids in batches("tokens"):
+            loss = model(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if stream:
+            vdnn_accelerate.synchronize(model)
+            assert vdnn_accelerate.memory_report(model).streamed_h2d_bytes > 0
+        return model, losses
+
+    (ref, ref_losses), (got, losses) = run(False), run(True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    vdnn_accelerate.release(got)
