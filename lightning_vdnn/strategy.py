@@ -134,7 +134,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         microbatches: int = 1,
         saved_blocks: SavedSpec = None,
         batch_chunks: int = 1,
-        chunk_layers: LayerPaths = None,
+        chunk_layers: Optional[str] = None,
         zero_stage: int = 0,
         offload_optimizer: bool = False,
         offload_params: bool = False,

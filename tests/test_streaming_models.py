@@ -104,7 +104,7 @@ class Task(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return sgd(self)
 
 
 def l2l(**kw) -> VDNNStrategy:
@@ -292,30 +292,44 @@ def test_sequence_first_blocks_refuse_microbatches():
         LayerStreamer(root, None, torch.device("cpu"), microbatches=2)
 
 
+def loop(model: nn.Module, opt: torch.optim.Optimizer, backward) -> list[float]:
+    """A user's own training loop over an HF causal LM (dropout on: the recompute replays its draws)."""
+    losses = []
+    torch.manual_seed(3)
+    for ids in batches("tokens"):
+        loss = model(input_ids=ids, labels=ids).loss
+        backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_same_loop(got: nn.Module, losses: list[float], ref: nn.Module, ref_losses: list[float]) -> None:
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
 def test_fabric_streams_a_library_model_like_plain_fabric():
     from lightning.fabric import Fabric
 
     def run(strategy):
         fabric = Fabric(strategy=strategy, accelerator="cpu", devices=1)
         model = llama(0.1)
-        model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-        losses = []
-        torch.manual_seed(3)
-        for ids in batches("tokens"):
-            loss = model(input_ids=ids, labels=ids).loss
-            fabric.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        model, opt = fabric.setup(model, sgd(model))
+        losses = loop(model, opt, fabric.backward)
         if strategy != "auto":
             fabric.strategy.synchronize()
         return model, losses, fabric
 
     (ref, ref_losses, _), (got, losses, fabric) = run("auto"), run("l2l")
     assert fabric.strategy._streamers[0].path == "model.layers"
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
-    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loop(got, losses, ref, ref_losses)
     fabric.strategy.teardown()
 
 
@@ -327,26 +341,17 @@ def test_accelerate_streams_a_library_model_like_plain_accelerate():
     def run(stream: bool):
         accelerator = Accelerator(cpu=True)
         model = llama(0.1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = sgd(model)
         if stream:
             model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy="none", layer_streaming=True)
         else:
             model, opt = accelerator.prepare(model, opt)
-        losses = []
-        torch.manual_seed(3)
-        for ids in batches("tokens"):
-            loss = model(input_ids=ids, labels=ids).loss
-            accelerator.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        losses = loop(model, opt, accelerator.backward)
         if stream:
             vdnn_accelerate.synchronize(model)
             assert vdnn_accelerate.memory_report(model).streamed_h2d_bytes > 0
         return model, losses
 
     (ref, ref_losses), (got, losses) = run(False), run(True)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
-    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loop(got, losses, ref, ref_losses)
     vdnn_accelerate.release(got)
