@@ -103,7 +103,7 @@ def devices_status(spec: CaseSpec, devices: int) -> Optional[str]:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A model of the suite: a named config of ``lightning_vdnn.models`` (with overrides) and its batch."""
+    """A model of the suite: a named config of ``lightning_vdnn.examples.models`` (with overrides) and its batch."""
 
     family: str  # "gpt" or "vgg"
     config: str

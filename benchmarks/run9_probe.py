@@ -8,7 +8,7 @@ fast the host's fused AdamW over gpt_1b's 1.21B block parameters runs alone and 
 import sys, time, threading, torch
 sys.path.insert(0, ".")
 import lightning_vdnn
-from lightning_vdnn import pool as poolmod
+from lightning_vdnn.offload import host_pool as poolmod
 from benchmarks.workloads import build
 
 dev = torch.device("cuda")

@@ -85,7 +85,7 @@ def repeated(w: Workload, k: int) -> Workload:
 
 def build(name: str, device: torch.device) -> Workload:
     """The workload ``name`` (a key of ``SIZES``) with its batch on ``device``; seeded, so every case is alike."""
-    from lightning_vdnn.models import GPT, VGG, GPTConfig, VGGConfig
+    from lightning_vdnn.examples.models import GPT, VGG, GPTConfig, VGGConfig
 
     size = SIZES[name]
     torch.manual_seed(SEED)

@@ -5,19 +5,19 @@
 ``"l2l_zero"`` for layer streaming on several ranks) with
 Lightning and Fabric, so ``Trainer(strategy="vdnn_all")`` and ``Fabric(strategy="vdnn_all")`` work with no
 other change; ``offload_activations(model)`` does the same for a
-plain PyTorch loop, and ``lightning_vdnn.accelerate.prepare`` for Hugging Face Accelerate.
+plain PyTorch loop, and ``lightning_vdnn.integrations.accelerate.prepare`` for Hugging Face Accelerate.
 """
 
-from lightning_vdnn.api import ActivationOffload, offload_activations, stream_layers
+from lightning_vdnn.integrations.torch_loop import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
 from lightning_vdnn.loss import chunked_cross_entropy
-from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.report import LayerStats, MemoryReport, MemorySample
-from lightning_vdnn.retry import BudgetLowered, StepOutOfMemory
-from lightning_vdnn.fabric import VDNNFabricStrategy, register_fabric
-from lightning_vdnn.strategy import REGISTERED, VDNNStrategy, register
-from lightning_vdnn.zero import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
-from lightning_vdnn.zero_streaming import REGISTERED_L2L_ZERO, L2LZeroStrategy, register_l2l_zero
+from lightning_vdnn.offload.offloader import ActivationOffloader
+from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample
+from lightning_vdnn.planning.oom_retry import BudgetLowered, StepOutOfMemory
+from lightning_vdnn.integrations.fabric import VDNNFabricStrategy, register_fabric
+from lightning_vdnn.integrations.lightning_strategy import REGISTERED, VDNNStrategy, register
+from lightning_vdnn.integrations.deepspeed_strategy import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
+from lightning_vdnn.integrations.l2l_zero_strategy import REGISTERED_L2L_ZERO, L2LZeroStrategy, register_l2l_zero
 
 __version__ = "0.1.0"
 __all__ = [

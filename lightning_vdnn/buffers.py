@@ -21,6 +21,18 @@ import torch
 from torch import Tensor, nn
 
 
+def running_stats(module: nn.Module) -> list[Tensor]:
+    """Buffers that forward updates in place: BatchNorm/InstanceNorm running mean, variance and count."""
+    out = []
+    for m in module.modules():
+        if getattr(m, "track_running_stats", False):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                t = getattr(m, name, None)
+                if isinstance(t, Tensor):
+                    out.append(t)
+    return out
+
+
 class BufferSnapshot:
     """The values of a module's written buffers before one forward (empty where it writes none)."""
 
@@ -35,8 +47,8 @@ class BufferWatch:
 
     def __init__(self, module: nn.Module) -> None:
         self.slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
-        norms = {id(m) for m in module.modules() if getattr(m, "track_running_stats", False)}
-        self.written: set[int] = {i for i, (m, _) in enumerate(self.slots) if id(m) in norms}
+        norms = {id(t) for t in running_stats(module)}
+        self.written: set[int] = {i for i, (m, name) in enumerate(self.slots) if id(m._buffers[name]) in norms}
         self.learnt = not self.slots  # until a forward was watched, every buffer is snapshot
 
     def _get(self, i: int) -> Tensor:

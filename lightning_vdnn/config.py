@@ -87,7 +87,7 @@ class VDNNConfig:
             recompute and the large ones to keep (vDNN's ``vDNN_conv``); ``"none"`` installs the hooks and moves
             nothing (measures the hooks' overhead); ``"auto"`` offloads everything on the first step, measures each
             layer, then keeps, offloads or recomputes (activation checkpointing, in backward) each layer: the plan
-            of least predicted step time whose predicted peak fits ``memory_budget`` (see ``planner.py``). Only
+            of least predicted step time whose predicted peak fits ``memory_budget`` (see ``planning/activation_plan.py``). Only
             ``"auto"`` recomputes, and not under DeepSpeed ZeRO or with layer streaming; it plans per block
             (``layers``, or the model's unambiguous longest list of same-class blocks), else per leaf module.
         min_offload_bytes: saved tensors smaller than this stay on the device: their copy would cost more in
@@ -102,16 +102,16 @@ class VDNNConfig:
             stream one block at a time to the device (``layers`` names the blocks). ``None`` (the default): off,
             except that ``VDNNStrategy`` with ``activation_offload="auto"`` turns it on, with
             ``resident_blocks="auto"``, when the model's weights, gradients and Adam state alone would fill
-            ``memory_budget`` (``autostream.py``), which no activation plan can fix.
+            ``memory_budget`` (``planning/when_to_stream.py``), which no activation plan can fix.
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``, or a list of paths streamed as one
             sequence in order (``["encoder.block", "decoder.block"]``); ``None`` auto-detects them for layer
             streaming and ``"auto"`` (the longest lists of same-class blocks not nested in other blocks, all of
             them when several tie), and means leaf modules for the fixed policies.
         resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
             optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
-            to take work off the host optimizer, which bounds a streamed step (see ``streaming.py``).
+            to take work off the host optimizer, which bounds a streamed step (see ``streaming/streamer.py``).
             ``"auto"``: the most blocks that fit ``memory_budget``, chosen after a first step with every block
-            streamed (``residency.py``; ``VDNNStrategy`` on one device). ``None`` (the default): ``"auto"``
+            streamed (``planning/resident_blocks.py``; ``VDNNStrategy`` on one device). ``None`` (the default): ``"auto"``
             when layer streaming on one device is given a ``memory_budget``, else 0.
         memory_budget: device memory the step must fit into: bytes, ``"8GiB"``, ``"60%"`` of the device, or
             ``None`` for its capacity less a safety margin. What fits it: the ``"auto"`` activation planner,
@@ -127,27 +127,27 @@ class VDNNConfig:
             ``"none"`` keeps them on the device). Trades PCIe traffic or device memory for the recompute, about a
             third of a block's compute. Spread evenly over the streamed blocks. ``None`` (the default): every
             streamed block under ``"all"``/``"conv"``, none under ``"none"``/``"auto"``, except that a
-            ``resident_blocks`` chosen from the budget chooses them too (``residency.py``). ``"auto"`` (with
+            ``resident_blocks`` chosen from the budget chooses them too (``planning/resident_blocks.py``). ``"auto"`` (with
             ``"none"``, on one device, a fixed ``resident_blocks``): as many as keep the step within
             ``memory_budget`` (None: the device less a margin), chosen after a first step that recomputes them
-            all (``saving.py``).
+            all (``planning/saving_blocks.py``).
         batch_chunks: run the module at ``chunk_layers`` over this many dim-0 chunks of its batch, one after
-            another (``chunking.py``): with activations offloaded, the step's peak is the working set of its
+            another (``offload/batch_chunks.py``): with activations offloaded, the step's peak is the working set of its
             largest layers (a CNN's first convolutions), which shrinks k-fold; the bytes saved for backward do not.
             Not for BatchNorm inside it, nor with layer streaming (``microbatches`` does it for the blocks).
         chunk_layers: dotted path of the module ``batch_chunks`` splits the batch for, e.g. ``"model.features"``
             (the convolutional trunk of a VGG); it takes the batch first and returns one batch-first tensor.
         zero_stage: ZeRO stage, 0 for none. Without layer streaming, DeepSpeed's: 1 shards the optimizer state
-            across the ranks, 2 also the gradients, 3 also the parameters (``VDNNZeroStrategy``, ``zero.py``);
+            across the ranks, 2 also the gradients, 3 also the parameters (``VDNNZeroStrategy``, ``integrations/deepspeed_strategy.py``);
             activation offload runs inside it unchanged. With layer streaming (``L2LZeroStrategy``,
-            ``zero_streaming.py``), every stage >= 1 partitions the streamed blocks' host state (gradients,
+            ``integrations/l2l_zero_strategy.py``), every stage >= 1 partitions the streamed blocks' host state (gradients,
             optimizer state, the master weights each rank updates) across the ranks, and replicates the
             modules outside the blocks.
         offload_optimizer: keep the optimizer state, and run its step, in host memory (ZeRO-Offload; needs
             ``zero_stage`` >= 1). Frees device memory, costs host compute and PCIe traffic every step. With
             layer streaming on one device (no ``zero_stage``), whose blocks keep their state on the host
             anyway: the modules outside the blocks too (embeddings, norms, head: fp32 masters and optimizer
-            state on the host, stepped there after backward, device copies for compute; ``host_outside.py``).
+            state on the host, stepped there after backward, device copies for compute; ``streaming/host_outside.py``).
             Resident blocks are still stepped on the device.
         offload_params: keep the parameters in host memory, fetched per layer (ZeRO-Infinity; needs
             ``zero_stage=3``, the only stage that shards parameters). Not with layer streaming (likewise).

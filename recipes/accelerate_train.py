@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import lightning_vdnn.accelerate
-from lightning_vdnn.data import TextDataModule
-from lightning_vdnn.models import GPT, GPTConfig
+from lightning_vdnn.examples.data import TextDataModule
+from lightning_vdnn.examples.models import GPT, GPTConfig
 
 
 def parse_args() -> argparse.Namespace:

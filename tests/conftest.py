@@ -83,7 +83,7 @@ class TokenLM(L.LightningModule):
 
     def __init__(self, **overrides) -> None:
         super().__init__()
-        from lightning_vdnn.models import GPT, GPTConfig
+        from lightning_vdnn.examples.models import GPT, GPTConfig
 
         self.model = GPT(GPTConfig.from_name("gpt_tiny", **overrides))
         self.losses: list[float] = []

@@ -1,4 +1,4 @@
-"""``strategy="vdnn"`` streams the blocks when the model's own state would fill the budget (``autostream.py``)."""
+"""``strategy="vdnn"`` streams the blocks when the model's own state would fill the budget (``planning/when_to_stream.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import fit
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.autostream import STREAM_ABOVE, stream_reason, training_state_bytes
-from lightning_vdnn.models import GPT, GPTConfig
+from lightning_vdnn.planning.when_to_stream import STREAM_ABOVE, stream_reason, training_state_bytes
+from lightning_vdnn.examples.models import GPT, GPTConfig
 from test_residency import FakeMeter
 from test_streaming import STEPS, assert_same_run, lm, loader
 
@@ -65,7 +65,7 @@ def test_vdnn_streams_when_the_state_fills_the_budget_and_trains_exactly(as_if_o
     assert strategy.config.layer_streaming is None
     strategy.peak_meter = FakeMeter(strategy, floor=0)  # a CPU device has no peak to read
     said = []
-    monkeypatch.setattr("lightning_vdnn.strategy.rank_zero_info", said.append)
+    monkeypatch.setattr("lightning_vdnn.integrations.lightning_strategy.rank_zero_info", said.append)
     got, _ = fit(lm(), loader(), strategy, max_steps=4, **STEPS)
     assert_same_run(got, ref)
     assert strategy.config.layer_streaming is True and strategy.config.resident_blocks == "auto"

@@ -24,7 +24,7 @@ from torch import nn
 import kill_worker
 from conftest import ROOT, Classifier, ResidualCNN, TokenLM, checkout_env, fit, image_loader, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from lightning_vdnn.integrations.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from test_streaming import LM, l2l, lm
 
 
@@ -252,7 +252,7 @@ def _read(path: Path) -> int:
 
 
 def test_directory_checkpoint_is_published_by_one_atomic_rename(tmp_path, monkeypatch):
-    from lightning_vdnn.checkpoint import publish_dir, remove_published, version_dir
+    from lightning_vdnn.integrations.checkpoint_io import publish_dir, remove_published, version_dir
 
     path = tmp_path / "last.ckpt"
     first = _write(version_dir(path, "a"), 1)
@@ -285,7 +285,7 @@ def test_directory_checkpoint_is_published_by_one_atomic_rename(tmp_path, monkey
 
 
 def test_directory_checkpoint_replaces_an_in_place_one(tmp_path):
-    from lightning_vdnn.checkpoint import publish_dir, version_dir
+    from lightning_vdnn.integrations.checkpoint_io import publish_dir, version_dir
 
     path = _write(tmp_path / "epoch=0.ckpt", 1)  # an older DeepSpeed save, written in place
     publish_dir(_write(version_dir(path, "a"), 2), path, "a")

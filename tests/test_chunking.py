@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import Classifier, fit, image_loader
 from lightning_vdnn import VDNNConfig, VDNNStrategy
-from lightning_vdnn.models.vgg import VGG, VGGConfig
+from lightning_vdnn.examples.models.vgg import VGG, VGGConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,8 +119,8 @@ def test_a_module_that_does_not_return_the_batch_first_is_refused():
 
 def test_entry_points_without_chunking_refuse_it_rather_than_ignore_it():
     from lightning_vdnn import VDNNZeroStrategy
-    from lightning_vdnn.api import ActivationOffload
-    from lightning_vdnn.fabric import VDNNFabricStrategy
+    from lightning_vdnn.integrations.torch_loop import ActivationOffload
+    from lightning_vdnn.integrations.fabric import VDNNFabricStrategy
 
     config = VDNNConfig(batch_chunks=2, chunk_layers="features")
     for build, entry in [(lambda: VDNNZeroStrategy(zero_stage=2, vdnn_config=config), "VDNNZeroStrategy"),
@@ -134,7 +134,7 @@ def test_a_copy_of_a_chunked_module_runs_its_own_weights():
     """EMA or SWA callbacks deepcopy the model while it is chunked: the copy computes with its own weights."""
     import copy
 
-    from lightning_vdnn.chunking import BatchChunks
+    from lightning_vdnn.offload.batch_chunks import BatchChunks
 
     module = vgg()
     chunks = BatchChunks(module, "net.features", 4)

@@ -18,7 +18,7 @@ from torch import nn
 from conftest import Classifier, ResidualCNN, assert_same_params, image_loader, token_loader
 import lightning_vdnn
 from lightning_vdnn import VDNNFabricStrategy, VDNNStrategy, offload_activations
-from lightning_vdnn.models import GPT, GPTConfig
+from lightning_vdnn.examples.models import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -128,9 +128,9 @@ def test_plain_auto_plans_to_the_budget(budget):
 def _accelerate_prepare(**kw):
     from accelerate import Accelerator
 
-    import lightning_vdnn.accelerate
+    import lightning_vdnn.integrations.accelerate
 
-    return lightning_vdnn.accelerate.prepare(Accelerator(cpu=True), small_cnn(), **kw)
+    return lightning_vdnn.integrations.accelerate.prepare(Accelerator(cpu=True), small_cnn(), **kw)
 
 
 @pytest.mark.parametrize("entry", [
@@ -288,8 +288,8 @@ def test_fabric_streams_layers_and_matches_plain_fabric(tmp_path):
 def test_fabric_registers_what_it_supports(monkeypatch):
     from lightning.fabric.strategies import STRATEGY_REGISTRY
 
-    from lightning_vdnn import fabric as vdnn_fabric
-    from lightning_vdnn import strategy as vdnn_strategy
+    from lightning_vdnn.integrations import fabric as vdnn_fabric
+    from lightning_vdnn.integrations import lightning_strategy as vdnn_strategy
 
     monkeypatch.setitem(vdnn_strategy.REGISTERED, "vdnn_test_zero", ("ZeRO", {"zero_stage": 2}))
     names = vdnn_fabric.register_fabric()
@@ -303,7 +303,7 @@ def test_fabric_registers_what_it_supports(monkeypatch):
 def test_accelerate_matches_plain_accelerate():
     from accelerate import Accelerator
 
-    import lightning_vdnn.accelerate
+    import lightning_vdnn.integrations.accelerate
 
     def run(offload: bool):
         accelerator = Accelerator(cpu=True)
@@ -311,7 +311,7 @@ def test_accelerate_matches_plain_accelerate():
         model = gpt_tiny()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         if offload:
-            model, opt = lightning_vdnn.accelerate.prepare(accelerator, model, opt, policy="all", min_offload_bytes=0)
+            model, opt = lightning_vdnn.integrations.accelerate.prepare(accelerator, model, opt, policy="all", min_offload_bytes=0)
         else:
             model, opt = accelerator.prepare(model, opt)
         for _, (x, y) in zip(range(STEPS), token_loader()):
@@ -323,12 +323,12 @@ def test_accelerate_matches_plain_accelerate():
     ref, _ = run(False)
     got, accelerator = run(True)
     assert_same_params(got, ref)
-    report = lightning_vdnn.accelerate.memory_report(got)
+    report = lightning_vdnn.integrations.accelerate.memory_report(got)
     assert report.step == STEPS and report.offloaded_bytes > 0
     bare = accelerator.unwrap_model(got, keep_fp32_wrapper=False)
     assert bare.forward.__func__ is GPT.forward  # the forward wrapper comes off with Accelerate's
-    with pytest.raises(ValueError, match="was not prepared by lightning_vdnn.accelerate.prepare"):
-        lightning_vdnn.accelerate.memory_report(ref)
+    with pytest.raises(ValueError, match="was not prepared by lightning_vdnn.integrations.accelerate.prepare"):
+        lightning_vdnn.integrations.accelerate.memory_report(ref)
 
 
 # -- LightningCLI ---------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_accelerate_streams_layers_and_matches_plain_accelerate(policy):
     ``"all"`` the streamed blocks save their activations to the host instead of recomputing them."""
     from accelerate import Accelerator
 
-    import lightning_vdnn.accelerate as vdnn_accelerate
+    import lightning_vdnn.integrations.accelerate as vdnn_accelerate
 
     def run(stream: bool):
         accelerator = Accelerator(cpu=True)

@@ -21,7 +21,7 @@ BATCH = int(os.environ.get("VDNN_GPU_TEST_BATCH", "128"))
 class VGGTask(L.LightningModule):
     def __init__(self, name: str = "vgg16", steps_log: list | None = None) -> None:
         super().__init__()
-        from lightning_vdnn.models import VGG, VGGConfig
+        from lightning_vdnn.examples.models import VGG, VGGConfig
 
         self.net = VGG(VGGConfig.from_name(name))
         self.losses: list[float] = []
@@ -193,7 +193,7 @@ def test_real_oom_lowers_the_budget_and_training_matches_plain():
     memory, the budget is lowered and the batch runs again; the run ends where plain training ends."""
     import warnings
 
-    from lightning_vdnn.retry import BudgetLowered
+    from lightning_vdnn.planning.oom_retry import BudgetLowered
 
     ref, _, _ = train_mlp(VDNNStrategy("none"))
     _, _, floor = train_mlp(VDNNStrategy("all", min_offload_bytes=0), steps=1)
@@ -219,7 +219,7 @@ def test_real_oom_lowers_the_budget_and_training_matches_plain():
 
 
 def test_timeline_samples_device_memory_and_is_plotted(tmp_path, capsys):
-    from lightning_vdnn.report import TABLE_TITLE, TIMELINE_FILE
+    from lightning_vdnn.report.memory_report import TABLE_TITLE, TIMELINE_FILE
 
     _, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget="6GiB", fit_report=True),
                                  default_root_dir=tmp_path)
@@ -246,7 +246,7 @@ def test_auto_recomputes_on_cuda_exactly_and_keeps_the_budget(monkeypatch, caplo
     import dataclasses
 
     from conftest import TokenLM, token_loader
-    from lightning_vdnn.offload import ActivationOffloader
+    from lightning_vdnn.offload.offloader import ActivationOffloader
 
     measured = ActivationOffloader.layer_profile
     monkeypatch.setattr(ActivationOffloader, "layer_profile", lambda self: [

@@ -10,7 +10,7 @@ import torch
 
 from conftest import fit, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.tasks import LanguageModel, param_groups
+from lightning_vdnn.examples.tasks import LanguageModel, param_groups
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU = dict(accelerator="gpu", devices=1)
@@ -125,8 +125,8 @@ def test_offload_optimizer_keeps_the_outside_modules_state_on_the_host(budget):
 
 def test_vdnn_streams_a_model_whose_state_fills_the_budget_and_fits_it():
     """``strategy="vdnn"`` given a budget the weights, gradients and AdamW state alone would fill: it streams the
-    blocks (``autostream.py``), brings back as many as fit, and the steps measured after that stay within it."""
-    from lightning_vdnn.autostream import training_state_bytes
+    blocks (``planning/when_to_stream.py``), brings back as many as fit, and the steps measured after that stay within it."""
+    from lightning_vdnn.planning.when_to_stream import training_state_bytes
 
     big = lambda: LM(n_embd=1024, n_head=16, n_layer=8, block_size=64)  # noqa: E731
     budget = int(0.6 * training_state_bytes(big(), "bf16-mixed"))

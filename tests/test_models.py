@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_vdnn.data import SyntheticImageDataModule, TextDataModule, synthetic_text_bytes
-from lightning_vdnn.models import GPT, VGG, Block, GPTConfig, VGGConfig
-from lightning_vdnn.tasks import ImageClassifier, LanguageModel
+from lightning_vdnn.examples.data import SyntheticImageDataModule, TextDataModule, synthetic_text_bytes
+from lightning_vdnn.examples.models import GPT, VGG, Block, GPTConfig, VGGConfig
+from lightning_vdnn.examples.tasks import ImageClassifier, LanguageModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,7 +200,7 @@ def test_tasks_run_in_trainer(task, data, tmp_path) -> None:
 
 
 def test_text_falls_back_to_synthetic_text_without_stdlib(monkeypatch) -> None:
-    monkeypatch.setattr("lightning_vdnn.data.stdlib_source_bytes", lambda max_bytes: b"")
+    monkeypatch.setattr("lightning_vdnn.examples.data.stdlib_source_bytes", lambda max_bytes: b"")
     data = TextDataModule(seq_len=16, max_bytes=10_000)
     data.setup()
     assert bytes(data.train_set.tokens[:4].tolist()) == synthetic_text_bytes(4)

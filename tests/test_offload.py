@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.pool import HostBufferPool, size_class
+from lightning_vdnn.offload.offloader import ActivationOffloader
+from lightning_vdnn.offload.host_pool import HostBufferPool, size_class
 
 
 def grads(fn, offloader=None, seed=0):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import assert_same_params, fit, image_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.planner import AutoPlanner, Later, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
+from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
 
 MiB = 2**20
 KEEP, OFFLOAD, RECOMPUTE = 0, 1, 2
@@ -138,7 +138,7 @@ def test_forward_peak_model_keeps_what_backward_frees_in_time():
 def test_first_save_decides_for_a_tensor_saved_by_two_layers():
     """A ReLU output is saved by the ReLU and by the next Linear: if the plan keeps the ReLU's layer, the
     Linear's save must not move it anyway (else the plan's bytes move regardless)."""
-    from lightning_vdnn.offload import ActivationOffloader
+    from lightning_vdnn.offload.offloader import ActivationOffloader
 
     net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
     x = torch.randn(64, 256, requires_grad=True)
@@ -283,8 +283,8 @@ def test_layer_times_leave_out_waits_for_the_in_flight_cap():
     left out of the layer it stalled (inside the module or after it) and of the compute a copy can hide under."""
     import time
 
-    from lightning_vdnn.pool import CopyEngine
-    from lightning_vdnn.trace import PassTimeline
+    from lightning_vdnn.offload.host_pool import CopyEngine
+    from lightning_vdnn.offload.trace import PassTimeline
 
     eng = CopyEngine(torch.device("cpu"))
     tl = PassTimeline(eng)
@@ -339,7 +339,7 @@ def test_bad_warmup_names_the_value():
 def test_a_planner_for_the_host_plans_from_its_first_pass():
     """Warm-up is for a GPU's first step (library set-up, pinning); on the host the first pass is the profile."""
     from lightning_vdnn.config import parse_memory_budget
-    from lightning_vdnn.planner import UNBOUNDED
+    from lightning_vdnn.planning.activation_plan import UNBOUNDED
 
     p = AutoPlanner.for_device(None, torch.device("cpu"), recompute=False)
     assert (p.warmup, p.budget, p.recompute) == (0, UNBOUNDED, False)

@@ -15,9 +15,9 @@ from torch import nn
 
 from conftest import ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.offload import ActivationOffloader
-from lightning_vdnn.planner import predicted_peak
-from lightning_vdnn.report import layer_table
+from lightning_vdnn.offload.offloader import ActivationOffloader
+from lightning_vdnn.planning.activation_plan import predicted_peak
+from lightning_vdnn.report.memory_report import layer_table
 
 BLOCKS = "model.blocks"
 
@@ -115,7 +115,7 @@ def test_wrapped_forward_keeps_signature_and_survives_deepcopy():
     signature; closing restores the class's forward."""
     import inspect
 
-    from lightning_vdnn.recompute import Recomputer
+    from lightning_vdnn.offload.recompute import Recomputer
 
     layer, x = nn.Linear(4, 4), torch.randn(2, 4)
     wrapper = Recomputer(lambda: None)
@@ -268,7 +268,7 @@ def test_fixed_policies_and_unbounded_auto_never_recompute(lm):
 def test_plain_loop_auto_recomputes_too(injected):
     """``offload_activations(model, "auto")`` plans the same three ways and trains exactly as without it."""
     from lightning_vdnn import offload_activations
-    from lightning_vdnn.models import GPT, GPTConfig
+    from lightning_vdnn.examples.models import GPT, GPTConfig
 
     def loss_of(model, x, y):
         return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())

@@ -23,10 +23,10 @@ from torch import nn
 from conftest import TokenLM, fit, token_loader
 from test_streaming import LM
 from lightning_vdnn import REGISTERED, VDNNConfig, VDNNStrategy
-from lightning_vdnn import hostmem
-from lightning_vdnn.host_blocks import host_empty
-from lightning_vdnn.models import GPT, GPTConfig
-from lightning_vdnn.pool import HostBufferPool
+from lightning_vdnn.streaming import host_memory as hostmem
+from lightning_vdnn.streaming.host_state import host_empty
+from lightning_vdnn.examples.models import GPT, GPTConfig
+from lightning_vdnn.offload.host_pool import HostBufferPool
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

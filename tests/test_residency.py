@@ -16,10 +16,10 @@ import torch
 
 from conftest import fit
 from lightning_vdnn import VDNNConfig, VDNNStrategy, stream_layers
-from lightning_vdnn.models import GPT, GPTConfig
-from lightning_vdnn.planner import BudgetTooSmall
-from lightning_vdnn.residency import ResidencyPlanner, block_activations, block_costs, choose
-from lightning_vdnn.streaming import spread
+from lightning_vdnn.examples.models import GPT, GPTConfig
+from lightning_vdnn.planning.activation_plan import BudgetTooSmall
+from lightning_vdnn.planning.resident_blocks import ResidencyPlanner, block_activations, block_costs, choose
+from lightning_vdnn.streaming.streamer import spread
 from test_streaming import STEPS, LM, assert_same_run, l2l, lm, loader, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +144,7 @@ def test_widening_streams_what_the_host_hides_to_keep_what_was_recomputed_and_ca
 def test_a_resident_block_costs_its_weights_state_and_its_largest_phase(grads_in_forward, kind, per_parameter):
     """Under bf16 autocast a resident block holds fp32 weights (4 bytes a parameter) and AdamW's two moments (8)
     all step; then the largest of: forward, autocast's bf16 copy (2), beside the last step's gradient (4) unless
-    ``grads.py`` freed it; the optimizer step, its gradient and, for a multi-tensor kernel (``foreach``, torch's
+    ``integrations/early_grad_free.py`` freed it; the optimizer step, its gradient and, for a multi-tensor kernel (``foreach``, torch's
     default on CUDA), a temporary of its size (4). Keeping its activations adds the copy too, which
     backward then reads."""
     model = GPT(GPTConfig.from_name("gpt_tiny"))
@@ -466,7 +466,7 @@ def test_offload_params_with_layer_streaming_is_still_refused():
 def test_teardown_that_fails_still_unwraps_and_closes_the_rest(monkeypatch):
     """A streamer whose close raises (a failed host update surfaces there) still leaves the optimizer's own
     ``step`` and the offloader's hooks taken back, and the error reaches the user."""
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     close = LayerStreamer.close
 
@@ -490,7 +490,7 @@ def test_state_follows_its_parameter_as_torch_keeps_it(fused):
     """A block switched to the device takes its optimizer state along; ``step`` too where torch's kernel wants
     it beside the parameter (fused: a fused CUDA AdamW refuses a host ``step``). The way back is in
     ``test_gpu_streaming.py`` (a meta tensor has no data to copy back)."""
-    from lightning_vdnn.host_blocks import state_to_device
+    from lightning_vdnn.streaming.host_state import state_to_device
 
     p = torch.nn.Parameter(torch.randn(4))
     opt = torch.optim.AdamW([p], lr=0.1, fused=fused)

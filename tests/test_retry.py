@@ -10,8 +10,8 @@ import torch
 
 from conftest import Classifier, ResidualCNN, TokenLM, fit, image_loader, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.report import format_bytes
-from lightning_vdnn.retry import MAX_RETRIES, BudgetLowered, StepOutOfMemory
+from lightning_vdnn.report.memory_report import format_bytes
+from lightning_vdnn.planning.oom_retry import MAX_RETRIES, BudgetLowered, StepOutOfMemory
 
 INJECTED = "CUDA out of memory (injected)"
 

@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from conftest import Classifier, ResidualCNN, assert_same_params, fit, image_loader, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.offload import is_expensive
+from lightning_vdnn.offload.offloader import is_expensive
 
 POLICIES = ["all", "conv", "none"]
 

@@ -12,10 +12,10 @@ from torch import nn
 
 from conftest import Classifier, ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.models import GPT, GPTConfig
-from lightning_vdnn.block_calls import Joined
-from lightning_vdnn.streaming import LayerStreamer
-from lightning_vdnn.tasks import LanguageModel
+from lightning_vdnn.examples.models import GPT, GPTConfig
+from lightning_vdnn.streaming.calls import Joined
+from lightning_vdnn.streaming.streamer import LayerStreamer
+from lightning_vdnn.examples.tasks import LanguageModel
 
 STEPS = dict(gradient_clip_val=1.0, accumulate_grad_batches=2)
 
@@ -376,7 +376,7 @@ class StateDicts(L.Callback):
 def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, clip):
     """``optimizer.step()`` returns with block updates still queued on the worker (slowed here, so that they
     are): ``state_dict()`` taken right after must wait for them, not read half-updated host weights."""
-    from lightning_vdnn.host_optimizer import HostStepper
+    from lightning_vdnn.streaming.host_optimizer import HostStepper
 
     update = HostStepper._update
     monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
@@ -393,7 +393,7 @@ def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, cl
 def test_strategy_synchronize_lets_callbacks_read_parameters_directly(monkeypatch):
     """An EMA-like callback reading ``p.data`` right after the step sees final weights once it calls
     ``trainer.strategy.synchronize()`` (updates slowed so that they are still queued)."""
-    from lightning_vdnn.host_optimizer import HostStepper
+    from lightning_vdnn.streaming.host_optimizer import HostStepper
 
     class Clones(L.Callback):
         def __init__(self) -> None:
@@ -422,7 +422,7 @@ def test_clipping_queues_block_updates_at_the_step():
 
 def test_fused_host_update_rounds_like_a_multi_tensor_kernel():
     """GPU runs update the host blocks with torch's fused CPU kernel: close to the per-tensor loop, not equal."""
-    from lightning_vdnn.host_optimizer import HostStepper
+    from lightning_vdnn.streaming.host_optimizer import HostStepper
 
     torch.manual_seed(0)
     ref = GPT(GPTConfig.from_name("gpt_tiny"))
@@ -459,7 +459,7 @@ def test_host_update_worker_runs_the_lowest_block_first():
     """Once backward is over, queued block updates run first block first: the next forward's order."""
     import threading
 
-    from lightning_vdnn.host_optimizer import _LowestFirst
+    from lightning_vdnn.streaming.host_optimizer import _LowestFirst
 
     worker, gate, ran = _LowestFirst("test"), threading.Event(), []
     worker.submit(-1, gate.wait)  # holds the worker while the queue fills, as a long update would
@@ -592,7 +592,7 @@ def test_resident_blocks_must_leave_one_to_stream():
 
 # -- pinned host buffers: carved from power-of-two chunks, not each rounded up to one ------------------------------
 def test_pinned_arena_carves_aligned_disjoint_buffers_from_few_chunks(monkeypatch):
-    from lightning_vdnn import host_blocks
+    from lightning_vdnn.streaming import host_state as host_blocks
 
     made = []
 

@@ -178,8 +178,8 @@ def test_batchnorm_statistics_change_once_per_step_under_recompute():
 
 
 def test_resident_blocks_that_recompute_keep_batchnorm_exact():
-    """Resident blocks under activation checkpointing (``recompute.py``) replay their forward the same way."""
-    from lightning_vdnn.streaming import LayerStreamer
+    """Resident blocks under activation checkpointing (``offload/recompute.py``) replay their forward the same way."""
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     torch.manual_seed(0)
     ref, got = Task("resnet"), Task("resnet")
@@ -201,7 +201,7 @@ def llama(dropout: float = 0.0, **config) -> nn.Module:
 def test_cache_is_dropped_from_training_calls_with_one_warning():
     """``use_cache=True`` in a training forward: the layers get no cache (a recompute would write it twice), one
     warning says so, as transformers does under gradient checkpointing; the run is plain's."""
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     ref, got = llama(use_cache=True), llama(use_cache=True)
     ids = batches("tokens")[0]
@@ -220,7 +220,7 @@ def test_cache_is_dropped_from_training_calls_with_one_warning():
 
 
 def test_attentions_and_hidden_states_are_returned_and_differentiable():
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     ref, got = llama(attn_implementation="eager"), llama(attn_implementation="eager")
     ids = batches("tokens")[0]
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_enable_composes(when):
     """``model.gradient_checkpointing_enable()`` (transformers' ``GradientCheckpointingLayer``) before or after
     streaming starts: streamed blocks, which recompute anyway, run without it (one warning), the resident block
     keeps it; the gradients are plain checkpointed training's."""
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     ref, got = llama(0.1), llama(0.1)
     ref.gradient_checkpointing_enable()
@@ -264,7 +264,7 @@ def test_gradient_checkpointing_enable_composes(when):
 
 def test_a_batch_dimension_that_cannot_be_told_is_named():
     """A sequence-first tensor beside batch-first hidden states: microbatches cannot split it safely."""
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     class Block(nn.Module):
         def __init__(self):
@@ -286,7 +286,7 @@ def test_a_batch_dimension_that_cannot_be_told_is_named():
 def test_sequence_first_blocks_refuse_microbatches():
     layer = nn.TransformerEncoderLayer(16, 2, 32)  # batch_first=False
     root = nn.ModuleDict({"enc": nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)})
-    from lightning_vdnn.streaming import LayerStreamer
+    from lightning_vdnn.streaming.streamer import LayerStreamer
 
     with pytest.raises(ValueError, match=r"batch_first=False .* Build the model with batch_first=True"):
         LayerStreamer(root, None, torch.device("cpu"), microbatches=2)
@@ -336,7 +336,7 @@ def test_fabric_streams_a_library_model_like_plain_fabric():
 def test_accelerate_streams_a_library_model_like_plain_accelerate():
     from accelerate import Accelerator
 
-    import lightning_vdnn.accelerate as vdnn_accelerate
+    import lightning_vdnn.integrations.accelerate as vdnn_accelerate
 
     def run(stream: bool):
         accelerator = Accelerator(cpu=True)

@@ -20,7 +20,7 @@ pytest.importorskip("deepspeed")
 import zero_worker as worker  # noqa: E402  (tests/ is on sys.path through conftest's rootdir)
 from conftest import checkout_env  # noqa: E402
 from lightning_vdnn import VDNNConfig, VDNNStrategy, VDNNZeroStrategy  # noqa: E402
-from lightning_vdnn.zero import deepspeed_config  # noqa: E402
+from lightning_vdnn.integrations.deepspeed_strategy import deepspeed_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [2, 3]

@@ -21,8 +21,8 @@ from torch import nn
 import zero_streaming_worker as worker  # noqa: E402  (tests/ is on sys.path through conftest's rootdir)
 from conftest import checkout_env
 from lightning_vdnn import L2LZeroStrategy, VDNNConfig, VDNNStrategy, VDNNZeroStrategy
-from lightning_vdnn.hostmem import required_host_bytes
-from lightning_vdnn.sharded import Partition, ShardedLayerStreamer, state_numel
+from lightning_vdnn.streaming.host_memory import required_host_bytes
+from lightning_vdnn.streaming.sharded import Partition, ShardedLayerStreamer, state_numel
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2

@@ -28,8 +28,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
 from lightning_vdnn import L2LZeroStrategy
-from lightning_vdnn.sharded import state_numel
-from lightning_vdnn.tasks import LanguageModel
+from lightning_vdnn.streaming.sharded import state_numel
+from lightning_vdnn.examples.tasks import LanguageModel
 
 GLOBAL_BATCH, BATCHES_PER_EPOCH, EPOCHS, SEQ = 8, 4, 2, 16  # then one more epoch, resumed
 RUNS = {"stage2": dict(stage=2, gradient_clip_val=0.5, accumulate_grad_batches=1, microbatches=1),

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 
-from lightning_vdnn.strategy import VDNNStrategy
+from lightning_vdnn.integrations.lightning_strategy import VDNNStrategy
 
 #: Name of the schema in the ``strategy`` group (``defaults: [vdnn_schema, _self_]``).
 SCHEMA = "vdnn_schema"

@@ -1,0 +1,1 @@
+"""Entry points: Lightning (single device, DeepSpeed, multi-rank streaming, checkpoint IO), Fabric, Accelerate, plain PyTorch."""

@@ -1,0 +1,314 @@
+"""The Lightning hooks that run activation offload inside a strategy, shared by every strategy we ship.
+
+``VDNNStrategy`` (one device) and ``VDNNZeroStrategy`` (DeepSpeed ZeRO) differ in how they place the model
+and step the optimizer, not in how they offload: both wrap ``training_step`` in the offloader's
+``capture()``, close the pass after backward, feed the ``"auto"`` planner after the optimizer step and
+report (a table and a plot at the end of ``fit``). :class:`OffloadHooks` holds that once; it goes first in the
+bases so its hooks wrap the strategy's. Under ``"auto"`` on one device, an out-of-memory error in forward or
+backward runs the batch again under a lower budget (``planning/oom_retry.py``), and plans may recompute layers in backward
+(``offload/recompute.py``); not under DeepSpeed, whose ZeRO-3 gathers a layer's parameters in hooks a recompute would
+skip, nor with layer streaming, which already recomputes its blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import torch
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_vdnn.buffers import running_stats
+from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.streaming.host_state import optimizer_state_bytes
+from lightning_vdnn.layers import offload_units
+from lightning_vdnn.offload.offloader import ActivationOffloader
+from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
+from lightning_vdnn.report.memory_report import MemoryReport, print_report
+from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
+                                  cuda_allocated, lowered_message)
+from lightning_vdnn.units import UNBOUNDED, format_bytes
+
+T = TypeVar("T")
+
+
+class OffloadHooks:
+    """Mixin for a Lightning ``Strategy``: vDNN activation offload around its training step.
+
+    The strategy provides ``vdnn_config`` (a :class:`VDNNConfig`), ``root_device`` and ``lightning_module``,
+    and calls :meth:`_attach` once the model sits where it computes (``setup`` of a fit).
+    """
+
+    vdnn_config: VDNNConfig
+    _offloader: Optional[ActivationOffloader] = None
+    _planner: Optional[AutoPlanner] = None
+    _forward_peak: Optional[int] = None
+    _backward_peak: Optional[int] = None
+    _state_before: Optional[int] = None  # optimizer state on the device when the profiling step began
+    _last_report: Optional[MemoryReport] = None
+    _retry_oom = False  # strategies that may run a batch again after an OOM set it (not DeepSpeed: collectives)
+    _recompute = False  # strategies whose "auto" plans may recompute layers set it (not DeepSpeed: ZeRO-3 hooks)
+    _attempts: Optional[Attempts] = None
+    _norm_stats: Optional[list[Tensor]] = None
+
+    # -- set up and tear down ----------------------------------------------------------------------------
+    def _offload_layers(self) -> Optional[nn.Module]:
+        """The layers offload prefetches by and the planner decides by (``layers.offload_units``)."""
+        cfg = self.vdnn_config
+        return offload_units(self.lightning_module, cfg.layers,
+                             cfg.activation_offload == "auto" and self._plans_recompute())
+
+    def _plans_recompute(self) -> bool:
+        return self._recompute and getattr(self, "_streamer", None) is None
+
+    def _attach(self) -> None:
+        cfg = self.vdnn_config
+        self._offloader = ActivationOffloader(
+            self.root_device, policy=cfg.offload_policy, min_offload_bytes=cfg.min_offload_bytes,
+            prefetch_layers=cfg.prefetch_layers, pin_memory=cfg.pin_memory,
+            max_inflight_bytes=cfg.max_inflight_bytes,
+        )
+        self._offloader.attach(self.lightning_module, self._offload_layers())
+        self._attempts, self._norm_stats = None, None
+        if cfg.activation_offload == "auto":
+            self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute())
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._release()
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._release()
+        super().teardown()
+
+    def _release(self) -> None:
+        """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
+        if self._offloader is not None:
+            self._last_report = self.memory_report()
+        self._close_offloader()
+
+    def _close_offloader(self) -> None:
+        if self._offloader is not None:
+            self._offloader.close()
+            self._offloader, self._planner = None, None
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def _watching_cuda(self) -> bool:
+        return self._planner is not None and self._planner.watching and self.root_device.type == "cuda"
+
+    def _retries_oom(self) -> bool:
+        """OOM retry: ``"auto"``, automatic optimization, no layer streaming, and a strategy that allows it."""
+        return (self._retry_oom and self._planner is not None and self.lightning_module.automatic_optimization
+                and getattr(self, "_streamer", None) is None)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        if self._offloader is None:
+            return super().training_step(*args, **kwargs)
+        # time layers and sample memory only in the steps the planner measures (a fixed policy: the first)
+        self._offloader.watch = self._planner.watching if self._planner is not None else self._offloader.passes == 0
+        if not self._retries_oom():
+            self._attempts = None
+            return self._forward(*args, **kwargs)
+        if self._norm_stats is None:
+            self._norm_stats = running_stats(self.lightning_module)
+        snapshot = StepSnapshot(self._norm_stats, self.root_device,
+                                getattr(self.lightning_module.trainer, "_results", None))
+        self._attempts = Attempts(args, kwargs, snapshot, self._planner.budget)
+        return self._with_retries(lambda: self._forward(*args, **kwargs))
+
+    def _forward(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        if self._watching_cuda():
+            torch.cuda.reset_peak_memory_stats(self.root_device)
+            if self._planner.profiling and self._state_before is None:
+                self._state_before = optimizer_state_bytes(self.optimizers, device=self.root_device)
+        with self._offloader.capture():
+            return super().training_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._attempts is None:
+            if self._watching_cuda():
+                self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+            try:
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
+            finally:
+                if self._watching_cuda():
+                    self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
+                if self._offloader is not None:
+                    self._offloader.finish_pass()
+        while True:  # OOM retry: a failed backward runs forward again, then backward
+            try:
+                out = self._backward_once(closure_loss, optimizer, *args, **kwargs)
+                self._attempts = None
+                return out
+            except torch.OutOfMemoryError as err:
+                failure, at = str(err), cuda_allocated(self.root_device)
+            closure_loss.detach_()  # frees what the failed graph still holds
+            self._recover(failure, at)
+            out = self._rerun_training_step()
+            closure_loss = ClosureResult.from_training_step_output(
+                out, self.lightning_module.trainer.accumulate_grad_batches).closure_loss
+            if closure_loss is None:  # training_step skipped the batch this time: nothing to run backward on
+                self._offloader.finish_pass()
+                self._attempts = None
+                return closure_loss
+
+    def _rerun_training_step(self) -> STEP_OUTPUT:
+        """The failed batch's ``training_step`` again, from inside ``backward``: under its own hook name, so
+        that what it logs lands where the first attempt's did (which ``_recover`` took back out)."""
+        attempts, module = self._attempts, self.lightning_module
+        hook, module._current_fx_name = module._current_fx_name, "training_step"
+        try:
+            return self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
+        finally:
+            module._current_fx_name = hook
+
+    def _backward_once(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any,
+                       **kwargs: Any) -> Tensor:
+        """``Strategy.backward``, with this attempt's gradients kept apart until autograd has finished: merged
+        into the accumulated ones before ``on_after_backward`` (as plain training has them), or dropped."""
+        if self._watching_cuda():
+            self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        loss = self.precision_plugin.pre_backward(closure_loss, module)
+        stash = GradStash(module.parameters())
+        try:
+            self.precision_plugin.backward(loss, module, optimizer, *args, **kwargs)
+        except BaseException:
+            stash.drop()
+            raise
+        stash.merge()
+        if self._watching_cuda():
+            self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
+        self._offloader.finish_pass()
+        loss = self.precision_plugin.post_backward(loss, module)
+        self.post_backward(loss)
+        return loss
+
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        while True:
+            try:
+                return attempt()
+            except torch.OutOfMemoryError as err:
+                failure, at = str(err), cuda_allocated(self.root_device)
+            # the exception (and its traceback, which holds the failed forward's tensors) is gone here
+            self._recover(failure, at)
+
+    def _recover(self, failure: str, allocated: Optional[int]) -> None:
+        """After an OOM: forget the failed pass, free memory, lower the budget (or give up), restore the step's
+        state so the same batch runs again as if for the first time."""
+        attempts, planner, offloader = self._attempts, self._planner, self._offloader
+        offloader.abort_pass()
+        gc.collect()
+        if self.root_device.type == "cuda":
+            torch.cuda.empty_cache()
+        step = self.lightning_module.trainer.global_step
+        if planner.plan is None:
+            raise attempts.give_up(step, failure, "in the step that profiles the model, with every activation "
+                                   "offloaded: no plan to lower") from None
+        if attempts.retries >= MAX_RETRIES:
+            raise attempts.give_up(step, failure, f"{MAX_RETRIES} lower budgets tried") from None
+        old_budget, kept_before = planner.budget, planner.plan.kept_bytes
+        plan = planner.lower(allocated, LOWER_BY[attempts.retries])
+        if plan is None:
+            raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
+        attempts.budgets.append(planner.budget)
+        offloader.set_plan(planner.keep, planner.recomputed)
+        rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
+                       category=BudgetLowered)
+        attempts.snapshot.restore()
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._planner is not None and self._offloader is not None:
+            self._update_plan()
+        self._log_report()
+        return out
+
+    def _update_plan(self) -> None:
+        """Feed the planner the step just finished and apply a new plan, if any, to the next step."""
+        planner, offloader = self._planner, self._offloader
+        peak = None
+        if planner.watching:
+            cuda = self.root_device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
+        later = None
+        if planner.profiling and peak is not None and self._state_before is not None:
+            state = optimizer_state_bytes(self.optimizers, device=self.root_device) - self._state_before
+            held = 0 if self._frees_grads_early() else grad_bytes(self.lightning_module, self.root_device)
+            later = Later(state=state, grads=held,
+                          backward_peak=self._backward_peak)
+            self._state_before = None
+        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
+        offloader.set_plan(planner.keep, planner.recomputed)
+        if plan is not None:
+            rank_zero_info(plan_message(plan))
+
+    def _frees_grads_early(self) -> bool:
+        """Whether the last step's gradients are freed as the next batch starts (``integrations/early_grad_free.py``), not held through
+        its forward."""
+        return False
+
+    # -- the end of fit -----------------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        trainer = self.lightning_module.trainer
+        if self._offloader is None or not self._shows_report(trainer):
+            return
+        directory = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
+        report = self.memory_report()
+        if self.is_global_zero and report.layers:
+            print_report(report, Path(directory))
+
+    def _shows_report(self, trainer: Any) -> bool:
+        """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
+        the summary at the start of ``fit`` and this report at its end are the same kind of output."""
+        wanted = self.vdnn_config.fit_report
+        return wanted if wanted is not None else any(isinstance(cb, ModelSummary) for cb in trainer.callbacks)
+
+    # -- numbers -----------------------------------------------------------------------------------------
+    def _log_report(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self._offloader is None or trainer is None or not trainer.loggers:
+            return
+        step = trainer.global_step
+        if step % max(trainer.log_every_n_steps, 1) == 0:
+            metrics = self._offloader.report().metrics()
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    def memory_report(self) -> MemoryReport:
+        """Offload statistics of the latest training step on this rank (empty before training)."""
+        return self._offload_report()
+
+    def _offload_report(self) -> MemoryReport:
+        if self._offloader is None:
+            return self._last_report or MemoryReport(policy=self.vdnn_config.offload_policy)
+        report = self._offloader.report()
+        planner = self._planner
+        if planner is None:
+            return report
+        return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())))
+
+
+def plan_message(plan: Plan) -> str:
+    """The line logged when ``"auto"`` makes a plan."""
+    return (
+        f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
+        f"recomputed in backward, {format_bytes(plan.offloaded_bytes)} of activations go to the host per step "
+        f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
+            "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
+            f"within a budget of {format_bytes(plan.budget)}.")
+    )
+
+
+def grad_bytes(module: nn.Module, device: torch.device) -> int:
+    """Bytes of gradients on ``device``: held into the next forward, cleared only after ``training_step``."""
+    return sum(p.grad.nbytes for p in module.parameters() if p.grad is not None and p.grad.device == device)

@@ -1,0 +1,253 @@
+"""Activation offload and layer streaming in any PyTorch loop: ``with offload_activations(model):`` around
+the forward pass, ``stream_layers(model, optimizer)`` once before it.
+
+The Lightning strategy, the Fabric strategy and the Accelerate wiring are thin shells around the same two
+steps this module exposes: turn keyword arguments into a validated :class:`VDNNConfig`
+(:func:`make_config`) and attach an :class:`ActivationOffloader` to a module (:func:`attach_offloader`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.layers import LayerPaths, offload_units
+from lightning_vdnn.offload.offloader import ActivationOffloader
+from lightning_vdnn.planning.activation_plan import AutoPlanner
+from lightning_vdnn.report.memory_report import MemoryReport
+from lightning_vdnn.streaming.streamer import LayerStreamer
+
+DeviceLike = Union[str, torch.device, None]
+
+
+def make_config(
+    policy: Policy = "auto",
+    *,
+    min_offload_bytes: int = 2**20,
+    prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28,
+    pin_memory: bool = True,
+    layers: LayerPaths = None,
+    memory_budget: MemorySpec = None,
+) -> VDNNConfig:
+    """The activation-offload part of :class:`VDNNConfig`, built (and so validated) from keyword arguments.
+
+    Raises:
+        ValueError, TypeError: naming the bad value, e.g. ``policy='bogus' is not a policy; choose one of ...``.
+    """
+    try:
+        return VDNNConfig(activation_offload=policy, min_offload_bytes=min_offload_bytes,
+                          prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes,
+                          pin_memory=pin_memory, layers=layers, memory_budget=memory_budget)
+    except (ValueError, TypeError) as err:  # the entry points call it ``policy``; say so
+        raise type(err)(str(err).replace("activation_offload=", "policy=")) from None
+
+
+def stream_layers(
+    model: nn.Module,
+    *optimizers: torch.optim.Optimizer,
+    layers: LayerPaths = None,
+    device: DeviceLike = "cuda",
+    precision: str = "32-true",
+    pin_memory: bool = True,
+    resident_blocks: int = 0,
+    microbatches: int = 1,
+    saved_blocks: Optional[int] = 0,
+    eager_updates: bool = False,
+) -> LayerStreamer:
+    """L2L layer streaming for a plain PyTorch loop: from now on the blocks of ``model`` at ``layers`` keep
+    weights, gradients and optimizer state in host memory and stream to ``device`` one block ahead; the rest of
+    the model moves to ``device``. ``optimizers`` (built over ``model.parameters()`` as usual) step the blocks
+    on the host. Call ``close()`` on the result to get an ordinary module back.
+
+    ``precision`` is the autocast you run the forward under (``"bf16-mixed"`` streams bf16 copies). Block
+    updates run on a host worker at ``optimizer.step()``, first block first, so the next forward overlaps them.
+    With ``eager_updates=True`` and the backward inside ``optimizer.step(closure)`` (so its gradients are known
+    to be the step's), a block is updated as soon as its gradients land, while backward still runs; use it only
+    when the closure does not change gradients after backward (no clipping, no loss scaler).
+    ``saved_blocks`` streamed blocks (None: all) save their activations through whatever saved-tensor hooks
+    surround your forward (``offload_activations``, ``torch.autograd.graph.save_on_cpu``; none: kept on the
+    device) instead of recomputing them in backward.
+
+    Raises:
+        ValueError, TypeError: a wrong ``layers`` path (listing the candidates), an unsupported optimizer or
+            precision, a bad ``resident_blocks``/``microbatches``.
+    """
+    config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
+                        resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
+    config.refuse_auto_choices()
+    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision, pin_memory=pin_memory,
+                             resident=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
+    streamer.set_eager(eager_updates)
+    try:
+        streamer.attach_optimizers(optimizers)
+    except BaseException:
+        streamer.close()
+        raise
+    return streamer
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: the device of its first parameter or buffer (CPU for an empty module)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def attach_offloader(module: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> ActivationOffloader:
+    """An offloader running ``config`` on ``device`` (default: the module's), its layer hooks on ``module``.
+
+    ``config.layers`` names the repeated blocks under ``module`` that prefetch counts in; a wrong path raises
+    ``ValueError`` listing the candidates.
+    """
+    layers = offload_units(module, config.layers, config.activation_offload == "auto" and not config.layer_streaming)
+    offloader = ActivationOffloader(
+        torch.device(device) if device is not None else module_device(module), policy=config.offload_policy,
+        min_offload_bytes=config.min_offload_bytes, prefetch_layers=config.prefetch_layers,
+        pin_memory=config.pin_memory, max_inflight_bytes=config.max_inflight_bytes,
+    )
+    offloader.attach(module, layers)
+    return offloader
+
+
+class ActivationOffload:
+    """A model's offloader as a re-enterable context manager: enter it around each forward pass.
+
+    Entering starts a pass (and closes the previous one if :meth:`step_done` was not called); forward under
+    ``torch.no_grad()`` is left alone, since there is no backward to save anything for. With policy
+    ``"auto"``, each closed pass feeds the planner, which picks the layers the next pass keeps on the device,
+    offloads or recomputes in backward (as :class:`~lightning_vdnn.VDNNStrategy` does). Build it with
+    :func:`offload_activations`.
+    """
+
+    def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
+        config.refuse_chunks("offload_activations (a plain loop)")
+        self.model, self.config = model, config
+        self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
+        auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
+        self.planner = AutoPlanner.for_device(config.budget, self.offloader.device,
+                                              recompute=not config.layer_streaming) if auto else None
+        self._capture: Optional[contextlib.AbstractContextManager] = None
+        self._open = False  # a captured pass not closed yet
+        self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)
+
+    def __enter__(self) -> "ActivationOffload":
+        if self.offloader is None:
+            raise RuntimeError("This ActivationOffload was closed; call offload_activations(model) again.")
+        if self._capture is not None:
+            raise RuntimeError("offload_activations(model) is already active: do not nest it around one model.")
+        if torch.is_grad_enabled():
+            self.step_done()
+            # time layers (and, profiling, what a recompute would keep) in the steps the planner measures
+            self.offloader.watch = self.planner.watching if self.planner is not None else self.offloader.passes == 0
+            if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.offloader.device)
+            self._capture = self.offloader.capture()
+            self._capture.__enter__()
+            self._open = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.__exit__(*exc)
+            if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
+                self._forward_peak = torch.cuda.max_memory_allocated(self.offloader.device)
+
+    def step_done(self) -> None:
+        """Close this pass after backward, so :meth:`report` shows it now rather than at the next forward."""
+        if self.offloader is None or not self._open:
+            return
+        self._open = False
+        self.offloader.finish_pass()
+        if self.planner is not None:
+            self._update_plan(self.offloader, self.planner)
+
+    def _update_plan(self, offloader: ActivationOffloader, planner: AutoPlanner) -> None:
+        peak = None
+        if planner.watching:  # the step's device peak; on a CPU device, what stayed is what the planner fits
+            cuda = offloader.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
+        planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        offloader.set_plan(planner.keep, planner.recomputed)
+        self._forward_peak = None
+
+    def report(self) -> MemoryReport:
+        """Statistics of the last finished pass (see :meth:`step_done`), with the plan's numbers for "auto"."""
+        if self.offloader is None:
+            return MemoryReport(policy=self.config.offload_policy)
+        report, planner = self.offloader.report(), self.planner
+        if planner is None:
+            return report
+        return dataclasses.replace(report, **planner.report_fields(len(self.offloader.layer_bytes())))
+
+    def close(self) -> None:
+        """Remove the hooks and free the host buffers; the model trains as if never touched."""
+        if self.offloader is not None:
+            self.offloader.close()
+            self.offloader = None
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.offloader.device if self.offloader is not None else None
+
+
+_HANDLES: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
+
+
+def offload_activations(
+    model: nn.Module,
+    policy: Policy = "auto",
+    *,
+    min_offload_bytes: int = 2**20,
+    prefetch_layers: int = 1,
+    max_inflight_bytes: int = 2**28,
+    pin_memory: bool = True,
+    layers: LayerPaths = None,
+    memory_budget: MemorySpec = None,
+    device: DeviceLike = None,
+) -> ActivationOffload:
+    """Offload what autograd saves inside ``with`` to host memory, for plain PyTorch training loops.
+
+    Calling it again for the same model with the same arguments returns the same handle, so its host
+    buffers are reused and the call can sit inside the loop; other arguments replace the old handle.
+
+    Args:
+        model: the module whose forward runs inside ``with``; its leaf modules (or ``layers``) are the layers
+            prefetch counts in.
+        policy, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, memory_budget: as in
+            :class:`~lightning_vdnn.VDNNConfig` (``policy`` is its ``activation_offload``; ``memory_budget``
+            goes with ``"auto"``).
+        layers: dotted path under ``model`` to its repeated blocks, e.g. ``"blocks"``.
+        device: where the model computes; default, the device of its parameters.
+
+    Raises:
+        ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
+
+    Example::
+
+        for x, y in loader:
+            with lightning_vdnn.offload_activations(model, policy="all") as off:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward(); opt.step(); opt.zero_grad()
+        print(off.report())
+    """
+    config = make_config(policy, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
+                         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
+                         memory_budget=memory_budget)
+    handle = _HANDLES.get(model)
+    wanted = torch.device(device) if device is not None else module_device(model)
+    if handle is not None and handle.config == config and handle.device == wanted:
+        return handle
+    if handle is not None:
+        handle.close()
+    handle = _HANDLES[model] = ActivationOffload(model, config, wanted)
+    return handle

@@ -1,6 +1,0 @@
-"""Reference models: a GPT/Llama transformer (weight-heavy) and VGG (activation-heavy)."""
-
-from lightning_vdnn.models.gpt import GPT, Block, GPTConfig
-from lightning_vdnn.models.vgg import VGG, VGGConfig
-
-__all__ = ["GPT", "GPTConfig", "Block", "VGG", "VGGConfig"]

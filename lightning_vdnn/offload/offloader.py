@@ -1,0 +1,440 @@
+"""vDNN activation offload through ``torch.autograd.graph.saved_tensors_hooks``.
+
+While forward runs, every tensor autograd saves for backward (and the policy picks) is copied to a reusable
+host buffer on a side stream; the device memory is released as soon as that copy has finished. In backward,
+the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
+second side stream, so the copy runs while layer ``i`` computes. A tensor still alive on the device when
+backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
+
+The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
+tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
+
+A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
+(``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import threading
+import weakref
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
+from lightning_vdnn.offload.recompute_probe import LayerProbe
+from lightning_vdnn.offload.recompute import Recomputer, Timer
+from lightning_vdnn.report.memory_report import MemoryReport
+from lightning_vdnn.offload.spans import EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight, span_of  # noqa: F401
+from lightning_vdnn.offload.trace import LayerProfile, PassTimeline, PassTrace
+
+_Saved = tuple  # (entry, dtype, storage_offset, size, stride)
+Packed = Union[torch.Tensor, _Saved]
+
+
+class ActivationOffloader:
+    """Moves saved activations to host memory during forward and brings them back, prefetched, for backward.
+
+    Args:
+        device: where the model computes. On ``cpu`` the same code runs with inline copies into a separate
+            host buffer, so the whole path is testable without a GPU.
+        policy: ``"all"``, ``"conv"`` or ``"none"`` (see :class:`~lightning_vdnn.VDNNConfig`).
+        min_offload_bytes: smaller saved tensors stay on the device.
+        prefetch_layers: layers to prefetch ahead of backward.
+        pin_memory: page-locked host buffers (CUDA only).
+        max_inflight_bytes: device memory that may wait for its copy to the host. Past it, compute waits for
+            the oldest copy (on the GPU, not the CPU), so forward cannot outrun PCIe and fill the device.
+
+    Example::
+
+        offloader = ActivationOffloader(torch.device("cuda"), policy="all")
+        offloader.attach(model)
+        with offloader.capture():
+            loss = model(x).sum()
+        loss.backward()
+        offloader.finish_pass()
+    """
+
+    def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
+                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28) -> None:
+        if policy not in ("all", "conv", "none"):
+            raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
+        self.device = torch.device(device)
+        self.policy = policy
+        self.min_offload_bytes = min_offload_bytes
+        self.prefetch_layers = prefetch_layers
+        self.max_inflight_bytes = max_inflight_bytes
+        self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
+        self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
+        self._recomputer = Recomputer(self._recompute_timer)
+        self.watch = False  # time layers and sample memory in the passes that begin while set
+        self.engine = CopyEngine(self.device)
+        self.pool = HostBufferPool(pin_memory)
+        self._lock = threading.RLock()
+        self._module: Optional[nn.Module] = None
+        self._hooks: list = []
+        self._capturing = False
+        self._passes = 0
+        self._trace: Optional[PassTrace] = None
+        self._last: Optional[PassTrace] = None
+        self._watched: Optional[PassTrace] = None  # the latest finished pass that was watched
+        self._names: dict[int, str] = {}
+        self._reset_pass()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def attach(self, module: nn.Module, layers: Optional[nn.Module] = None) -> None:
+        """Mark layer boundaries with forward pre-hooks: one per block of ``layers``, else one per leaf module."""
+        self.detach()
+        self._module = module
+        bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
+        names = {id(m): name for name, m in module.named_modules()}
+        self._names = {id(m): names.get(id(m), type(m).__name__) for m in bounds}
+        for m in bounds:
+            self._hooks.append(m.register_forward_pre_hook(self._on_layer, with_kwargs=True))
+            self._hooks.append(m.register_forward_hook(self._on_layer_return))
+        if self.policy == "conv":
+            for m in module.modules():
+                if is_expensive(m):
+                    self._hooks.append(m.register_forward_pre_hook(self._on_expensive))
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._recomputer.close()
+        self._module = None
+
+    def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = ()) -> None:
+        """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
+        and the layers to recompute in backward, whose inputs stay too. Layers are those of the last pass."""
+        recompute = frozenset(recompute)
+        self.keep_layers = keep if not recompute else (keep or frozenset()) | recompute
+        self.recompute_layers = recompute
+        modules = self._last.modules if self._last is not None else []
+        self._recomputer.install(modules[g] for g in recompute if 0 < g < len(modules))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Offload what autograd saves inside this block (a forward pass)."""
+        self._begin_pass()
+        self._capturing = True
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._capturing = False
+            if self._trace is not None and self._trace.timeline is not None:
+                self._trace.timeline.end_forward()
+
+    def finish_pass(self) -> None:
+        """Call after backward: closes the pass's statistics and forgets its layers (buffers return to the pool
+        as autograd frees the graph). Inside ``capture`` (manual optimization), a new pass starts."""
+        with self._lock:
+            if self._trace is not None and self._trace.saved:  # a pass that saved nothing is no pass
+                self._trace.groups = len(self._groups)
+                self._last = self._trace
+                self._passes += 1
+                if self._trace.timeline is not None:
+                    self._watched = self._trace
+            self._trace = None
+            self._reset_pass()
+            if self._capturing:
+                self._begin_pass()
+
+    def abort_pass(self) -> None:
+        """Forget the pass in progress without counting it: a step that failed (out of memory) and runs again.
+        Copies in flight finish first; host buffers return to the pool as the failed graph is freed."""
+        if self.engine.is_cuda:
+            self.engine.d2h.synchronize()
+            self.engine.h2d.synchronize()
+        with self._lock:
+            self._trace = None
+            self._reset_pass()
+
+    def close(self) -> None:
+        """Wait for copies in flight and give host memory back (teardown, or after an exception)."""
+        self.detach()
+        self.abort_pass()
+        self.pool.clear()
+
+    def _begin_pass(self) -> None:
+        with self._lock:
+            if self._trace is not None:  # a forward without finish_pass (plain loops): close it now
+                self._capturing = False
+                self.finish_pass()
+            self._trace = PassTrace(self.engine)
+            self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
+            if self.watch:
+                self._trace.timeline = PassTimeline(self.engine)
+                if not self.recompute_layers:
+                    self._trace.probe = LayerProbe(self.min_offload_bytes)
+            module = self._module
+            self._params = set()
+            if module is not None:
+                for t in (*module.parameters(), *module.buffers()):
+                    self._params.add(t.untyped_storage().data_ptr())
+
+    def _reset_pass(self) -> None:
+        self._groups: list[list[Offloaded]] = [[]]
+        self._by_span: dict[tuple[int, int, int], Offloaded] = {}
+        # address keys -> (storage ref, kept by the plan, group of the first save); the ref is checked: freed
+        # addresses are reused
+        self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool, int]] = {}
+        self._expensive_inputs: dict[int, weakref.ref] = {}
+        self._pending: collections.deque[Offloaded] = collections.deque()
+        self._inflight = 0
+        self._frontier: Optional[int] = None
+        self._copied_groups: list[int] = []
+        self._params: set[int] = set()
+
+    def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
+            self._groups.append([])
+            trace, group = self._trace, len(self._groups) - 1
+            trace.names.append(self._names.get(id(module), type(module).__name__))
+            trace.modules.append(module)
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            trace.inputs.append(tuple(tuple(t.shape) for t in tensors))
+            if trace.timeline is not None:
+                trace.timeline.layer(group)
+            if trace.probe is not None:
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in tensors if not self._skips(t)])
+
+    def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
+        trace = self._trace
+        if self._capturing and trace is not None:
+            if trace.timeline is not None:
+                trace.timeline.layer_return(len(self._groups) - 1)
+            if trace.probe is not None:
+                trace.probe.exit(len(self._groups) - 1)
+
+    def _recompute_timer(self) -> Optional[Timer]:
+        """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
+        recomputes this layer, in a pass that records gradients)."""
+        if not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
+            return None
+        group = len(self._groups) - 1
+        if group not in self.recompute_layers:
+            return None
+        return functools.partial(self._trace.recompute_span, group)
+
+    def _on_expensive(self, module: nn.Module, args: tuple) -> None:
+        if self._capturing:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    storage = a.untyped_storage()
+                    self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
+
+    # -- forward: pack -----------------------------------------------------------------------------------
+    def _skips(self, t: torch.Tensor) -> bool:
+        """Saved as itself, never copied: another device, a layout not copied as bytes, or a weight (parameters,
+        their views and autocast copies)."""
+        if (t.device != self.device or t.layout != torch.strided or t.numel() == 0 or t.is_quantized
+                or t.is_nested or t.is_conj() or t.is_neg()):
+            return True
+        return t.untyped_storage().data_ptr() in self._params or is_weight(t)
+
+    def _pack(self, t: torch.Tensor) -> Packed:
+        if not self._capturing or self._skips(t):
+            return t
+        storage = t.untyped_storage()
+        key, nbytes = span_of(t)
+        with self._lock:
+            self._poll()
+            self._trace.saved += 1
+            if self._trace.probe is not None:
+                self._trace.probe.saved(key, nbytes, t, len(self._groups) - 1)
+            entry = self._by_span.get(key)
+            if entry is None or entry.src() is not storage:
+                group = len(self._groups) - 1
+                seen = self._kept.get(key)
+                if seen is not None and seen[0]() is not storage:
+                    seen = None  # a freed tensor's address, reused
+                if seen is not None and seen[1]:
+                    return t  # kept by the plan when first saved: a later save by an offloaded layer follows
+                wanted = self._wants(storage, nbytes)
+                planned_keep = wanted and self.keep_layers is not None and group in self.keep_layers
+                if not wanted or planned_keep:
+                    if seen is None:
+                        self._trace.kept_bytes += nbytes
+                        self._trace.kept_by_group[group] += nbytes
+                    self._kept[key] = (weakref.ref(storage), planned_keep, group if seen is None else seen[2])
+                    if wanted:
+                        self._trace.candidate_bytes[group] += nbytes
+                    return t
+                if seen is not None:  # kept by policy at its first save, wanted now (a conv's input): moved
+                    self._trace.kept_bytes -= nbytes
+                    self._trace.kept_by_group[seen[2]] -= nbytes
+                    del self._kept[key]
+                self._trace.candidate_bytes[group] += nbytes
+                entry = self._offload(storage, key[1], nbytes)
+                self._by_span[key] = entry
+        return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    def _wants(self, storage: torch.UntypedStorage, nbytes: int) -> bool:
+        if self.policy == "none" or nbytes < self.min_offload_bytes:
+            return False
+        if self.policy == "all":
+            return True
+        ref = self._expensive_inputs.get(storage.data_ptr())  # a freed input's address may be reused:
+        return ref is not None and ref() is storage          # the storage itself must match
+
+    def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
+        eng = self.engine
+        timeline = self._gpu_timeline
+        before = eng.record() if timeline is not None and self.pool.would_allocate(nbytes) else None
+        host, last_reader = self.pool.acquire(nbytes)
+        if before is not None:
+            timeline.stalled(before, eng.record())  # pinning new host memory blocks the CPU: not the layer's time
+        src = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, lo, (nbytes,), (1,))
+        produced = eng.record()
+        with eng.stream(eng.d2h):
+            if eng.is_cuda:
+                eng.d2h.wait_event(produced)
+                if last_reader is not None:
+                    eng.d2h.wait_event(last_reader)
+            start = eng.record(eng.d2h)
+            host[:nbytes].copy_(src, non_blocking=True)
+            done = eng.record(eng.d2h)
+        trace = self._trace
+        trace.d2h.append((start, done))
+        if trace.timeline is not None and not eng.is_cuda:
+            trace.timeline.copied(start, done)
+        trace.offloaded_bytes += nbytes
+        trace.offloaded_by_group[len(self._groups) - 1] += nbytes
+        trace.offloaded_tensors += 1
+        entry = Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
+        self._groups[-1].append(entry)
+        self._pending.append(entry)
+        self._inflight += nbytes
+        self._throttle()
+        return entry
+
+    @property
+    def _gpu_timeline(self) -> Optional[PassTimeline]:
+        """The watched pass's timeline on a GPU, where what stalls compute (copy waits, pinning) is not a layer's
+        time; None otherwise (a CPU device copies inline, and ``PassTimeline.copied`` counts that)."""
+        trace = self._trace
+        return trace.timeline if trace is not None and self.engine.is_cuda else None
+
+    def _poll(self) -> None:
+        """Let go of device sources whose copy to the host has finished (frees their memory)."""
+        while self._pending and self._pending[0].last_use.query():
+            self._release_source()
+
+    def _throttle(self) -> None:
+        """Past ``max_inflight_bytes``, the compute stream waits for the oldest copies, whose sources can then
+        be freed at once: later kernels are queued behind the wait, so reusing that memory is safe."""
+        timeline, before = self._gpu_timeline, None
+        while len(self._pending) > 1 and self._inflight > self.max_inflight_bytes:
+            if self.engine.is_cuda:
+                if timeline is not None and before is None:
+                    before = self.engine.record()
+                self.engine.current_stream().wait_event(self._pending[0].last_use)
+            self._release_source()
+        if before is not None:  # the profile's layer times leave the wait out: offload would look free otherwise
+            timeline.stalled(before, self.engine.record())
+
+    def _release_source(self) -> None:
+        entry = self._pending.popleft()
+        entry.pending = None
+        self._inflight -= entry.nbytes
+
+    # -- backward: unpack --------------------------------------------------------------------------------
+    def _unpack(self, saved: Packed) -> torch.Tensor:
+        trace = self._trace
+        if trace is not None and trace.timeline is not None:
+            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved[0].group)
+        if isinstance(saved, torch.Tensor):
+            return saved
+        entry, dtype, offset, shape, stride = saved
+        with self._lock:
+            storage = entry.dev()
+            if storage is None:
+                self._fetch(entry)  # not prefetched: this copy is exposed
+                storage = entry.dev()
+            self._prefetch_below(entry.group)
+            if entry.ready is not None:
+                self._wait(entry)
+            entry.hold, entry.used = None, True
+            self._poll()
+        out = torch.empty(0, dtype=dtype, device=self.device)
+        return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
+
+    def _prefetch_below(self, group: int) -> None:
+        """Keep the next ``prefetch_layers`` layers below ``group`` that need a copy on their way back."""
+        if self._frontier is None:
+            self._frontier = group
+        ahead = sum(1 for g in self._copied_groups if g < group)
+        while ahead < self.prefetch_layers and self._frontier > 0:
+            self._frontier -= 1
+            pending = [e for e in self._groups[self._frontier] if not e.used and e.hold is None]
+            if any([self._fetch(e) for e in pending]):
+                self._copied_groups.append(self._frontier)
+                ahead += 1
+
+    def _fetch(self, entry: Offloaded) -> bool:
+        """Make ``entry`` resident on the device; True if that took a host->device copy."""
+        resident = entry.dev()
+        if resident is not None:
+            entry.hold = resident  # keep it until backward uses it
+            return False
+        eng = self.engine
+        with eng.stream(eng.h2d):
+            if eng.is_cuda:
+                eng.h2d.wait_event(entry.last_use)
+            start = eng.record(eng.h2d)
+            dev = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+            dev.copy_(entry.host[: entry.nbytes], non_blocking=True)
+            done = eng.record(eng.h2d)
+        self._trace.h2d.append((start, done))
+        self._trace.prefetched_bytes += entry.nbytes
+        entry.hold, entry.dev, entry.dev_lo = dev, weakref.ref(dev.untyped_storage()), entry.lo
+        entry.ready = entry.last_use = done
+        return True
+
+    def _wait(self, entry: Offloaded) -> None:
+        """The consumer (current stream) waits for ``entry``'s copy; the wait is recorded as exposure."""
+        eng = self.engine
+        need = eng.record()
+        if eng.is_cuda:
+            stream = eng.current_stream()
+            stream.wait_event(entry.ready)
+            if isinstance(entry.hold, torch.Tensor):
+                entry.hold.record_stream(stream)  # allocated on the copy stream, freed after this one reads it
+        self._trace.waits.append((need, entry.ready))
+        entry.ready = None
+
+    @property
+    def passes(self) -> int:
+        """Forward/backward passes finished so far (aborted ones not counted)."""
+        return self._passes
+
+    def layer_bytes(self) -> list[int]:
+        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
+        trace = self._last
+        if trace is None:
+            return []
+        return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
+
+    def layer_profile(self) -> list[LayerProfile]:
+        """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
+        trace = self._last
+        return [] if trace is None else trace.profile()
+
+    # -- statistics --------------------------------------------------------------------------------------
+    def report(self) -> MemoryReport:
+        """Numbers of the last finished pass (an empty report before the first)."""
+        with self._lock:
+            trace = self._last
+        peak = torch.cuda.max_memory_allocated(self.device) if self.engine.is_cuda else None
+        common = dict(policy=self.policy, step=self._passes, peak_device_bytes=peak,
+                      host_pool_bytes=self.pool.reserved_bytes, host_pool_peak_bytes=self.pool.peak_in_use_bytes,
+                      host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
+        if trace is None:
+            return MemoryReport(**common)
+        return trace.report(self._watched, **common)

@@ -1,0 +1,433 @@
+"""What ``activation_offload="auto"`` does with each layer's saved activations, given a memory budget: keep them on
+the device, offload them to the host, or recompute the layer in backward.
+
+Profile. The first step offloads everything (safe: the least device memory it can take) and is measured (on a GPU
+the second: the first is a warm-up, slowed by library set-up and by pinning the host buffers, see ``warmup``): its
+peak, ``floor``; the peak when forward ends, ``forward_peak``; and per layer a :class:`LayerProfile` (``offload/trace.py``,
+``offload/recompute_probe.py``): the bytes it saves for backward ``b``, what it would still save if recomputed ``r`` (its inputs
+that no earlier layer saved, and what functional code after it saves), its forward compute time ``f``, the time
+``t`` one copy of ``b`` takes at the bandwidth the step's copies reached, and the compute ``w`` a copy can hide
+under. The profiling step runs before its optimizer step creates the optimizer state, which every later step holds
+through forward and backward: :class:`Later` raises the measured peaks by it. The plan is reused every step, and
+made again when the layers' input shapes change (an epoch's short last batch, a new sequence length) or a
+measured peak overshoots the prediction.
+
+Cost model: time a layer adds to a step over keeping everything on the device, and memory it holds over ``floor``.
+
+- keep: 0 ms; holds ``b`` from its forward until its backward.
+- offload: the copy time compute does not hide. The copy to the host runs beside the next layer's forward (``w``,
+  that layer's measured time) and the copy back, prefetched one layer ahead, beside that layer's backward (``2w``:
+  backward costs about twice forward), so ``max(0, t - w) + max(0, t - 2w)``; on a CPU device copies are inline,
+  ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
+- recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
+  rebuilds the rest, ``b - r``, all at once.
+
+Everything held is alive when forward ends and is freed as backward passes its layer, so with ``H(<=g)`` the bytes
+held by layers up to ``g`` and ``base = min(forward_peak, floor)``, the predicted peak is
+``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)``.
+
+Solver: minimise the summed cost subject to predicted peak <= budget. Every peak term is a prefix sum of held bytes,
+so a dynamic program over the layers in forward order, with the bytes held so far as its state, is exact; sizes are
+rounded up to granules (at most 1 MiB, at most 65536 of them in the budget), so it takes O(layers x 65536) steps,
+milliseconds. Not a greedy rule (vDNN's dynamic policy, Capuchin's ranking by cost per byte): a knapsack with
+sizes that differ has no greedy optimum. Not an ILP (Checkmate): it would add a solver dependency to optimise
+per-tensor graphs we do not schedule; at layer granularity the DP is already exact. How far from optimal: optimal
+for the model up to the rounding. Each size rounds up by less than a granule, so the predicted peak errs only on
+the safe side, by at most a granule per layer, and a plan that would fit only to the byte may be passed over.
+Among plans of equal predicted time it takes the one that keeps the most (keeping does no work the model could
+misjudge), and per layer keep, then offload, then recompute, toward the tail of forward (backward needs it first).
+
+What the model leaves out, caught by measuring the peak of the steps after each new plan (an overshoot is given
+back and the plan made again; when the plan made again is the same plan, the model cannot see what overshot,
+and the next steps run the profiling step's plan, which fit, keeping and recomputing nothing): copies queue on one
+stream, so a long copy spills into the next windows, or hides under several short layers; a recomputed layer
+whose input an earlier layer offloaded waits for that copy at the start of its backward. (The profiling step's
+layer times leave out compute's waits for the in-flight cap and for the host pinning buffers: with them every
+layer looked slow, offloading looked free and recomputing dear; runs 8 and 9 planned gpt_1b at 75% with no
+recompute.)
+
+``solve`` keeps the keep-or-offload model with step time proportional to the bytes moved (a GPU bound by PCIe):
+the subset-sum that keeps the most bytes that fit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Optional, Sequence, Union
+
+import numpy as np
+import psutil
+import torch
+
+from lightning_vdnn.config import MemoryBudget
+from lightning_vdnn.offload.trace import LayerProfile
+from lightning_vdnn.units import UNBOUNDED, GiB, MiB
+
+Decision = Literal["keep", "offload", "recompute"]
+_OFFLOAD, _KEEP, _RECOMPUTE = 0, 1, 2
+#: Most granules the budget is counted in: bounds the solver's work per layer.
+MAX_STATES = 2**16
+
+
+class BudgetTooSmall(ValueError):
+    """The budget is below the peak this model reaches even with every activation offloaded."""
+
+    @classmethod
+    def check(cls, floor: int, budget: int, reached: str, fixes: str) -> None:
+        """Raise when ``budget < floor``, the peak the step reaches ``reached`` ("with every block streamed"),
+        stating that minimum and what else would help (``fixes``)."""
+        if budget < floor:
+            raise cls(f"memory_budget={budget / GiB:.2f} GiB is below {floor / GiB:.2f} GiB, the peak this step "
+                      f"reaches {reached}. Raise memory_budget to at least {floor / GiB:.2f} GiB, {fixes}")
+
+
+@dataclass(frozen=True)
+class Later:
+    """What every step after the profiling one holds on the device that the profiling step did not, through all
+    of its forward and backward: the optimizer state its optimizer step created (``state``), and, through forward,
+    the gradients Lightning clears only after ``training_step`` (``grads``). Without it the first step's peak,
+    taken before that state existed, under-predicts the next steps by it.
+
+    Attributes:
+        state: bytes of optimizer state on the device created by the profiling step.
+        grads: bytes of gradients on the device still held when the next forward runs.
+        backward_peak: the profiling step's device peak when backward ended (before its optimizer step).
+    """
+
+    state: int
+    grads: int = 0
+    backward_peak: Optional[int] = None
+
+    def floor(self, peak: int, forward_peak: Optional[int]) -> tuple[int, Optional[int]]:
+        """The profiled ``peak`` and ``forward_peak`` as the next steps will reach them: the optimizer step's
+        own peak had the state already; forward and backward gain it."""
+        if self.backward_peak is None:
+            return peak, forward_peak
+        forward = None if forward_peak is None else forward_peak + self.state + self.grads
+        return max(peak, self.backward_peak + self.state, forward or 0), forward
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each layer (forward order) does with its saved activations, and what that is predicted to cost.
+
+    Attributes:
+        kept: layers whose saved activations stay on the device.
+        offloaded_bytes: bytes the offloaded layers move to the host each step.
+        kept_bytes: bytes left on the device: kept layers' and what recomputed layers still save.
+        predicted_peak: device memory the step is predicted to peak at (the model in this module's docstring).
+        budget: the budget it was made for.
+        recomputed: layers whose forward runs again in backward.
+        recomputed_bytes: bytes the recomputed layers no longer hold (rebuilt in backward).
+        added_ms: predicted step time the plan adds to keeping everything: exposed copies and recomputes.
+    """
+
+    kept: frozenset[int]
+    offloaded_bytes: int
+    kept_bytes: int
+    predicted_peak: int
+    budget: int
+    recomputed: frozenset[int] = frozenset()
+    recomputed_bytes: int = 0
+    added_ms: float = 0.0
+
+    @property
+    def on_device(self) -> frozenset[int]:
+        """Layers whose saves stay on the device: kept ones, and recomputed ones (their inputs)."""
+        return self.kept | self.recomputed
+
+    def decision(self, layer: int) -> Decision:
+        return "keep" if layer in self.kept else "recompute" if layer in self.recomputed else "offload"
+
+
+def _check_budget(floor: int, budget: int) -> None:
+    BudgetTooSmall.check(
+        floor, budget, "with every activation offloaded",
+        "make the step smaller (batch size, sequence length), run the largest layers in batch chunks (batch_chunks=4, "
+        "chunk_layers='<their module>', e.g. a CNN's 'model.features'), or, where weights and optimizer state "
+        "fill that peak, move them to host memory: layer streaming (strategy='l2l' with this memory_budget "
+        "keeps on the device as many blocks as fit).")
+
+
+def solve(group_bytes: Sequence[int], floor: int, budget: int, granule: int = MiB,
+          forward_peak: Optional[int] = None) -> Plan:
+    """Keep or offload only, step time proportional to the bytes moved: the plan that moves the fewest bytes while
+    ``max(floor, forward_peak + kept bytes) <= budget`` (``forward_peak`` defaults to ``floor``: the cautious model).
+
+    Raises:
+        BudgetTooSmall: ``budget < floor``; the message states the minimum.
+    """
+    return solve_layers([bytes_only(b) for b in group_bytes], floor, budget, granule, forward_peak)
+
+
+def bytes_only(saved_bytes: int) -> LayerProfile:
+    """A layer known only by its bytes: keep or offload, the copy costing in proportion to its size."""
+    return LayerProfile(int(saved_bytes), transfer_ms=int(saved_bytes) / MiB)
+
+
+def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int = MiB,
+                 forward_peak: Optional[int] = None) -> Plan:
+    """The plan of least added step time whose predicted peak fits ``budget`` (the model of this module).
+
+    Raises:
+        BudgetTooSmall: ``budget < floor``, the least peak any plan reaches; the message states it.
+        ValueError: ``granule`` < 1.
+    """
+    if granule < 1:
+        raise ValueError(f"granule={granule!r} must be a positive number of bytes (1 MiB is the default).")
+    _check_budget(floor, budget)
+    base = floor if forward_peak is None else min(forward_peak, floor)
+    room = budget - base
+    if sum(layer.saved_bytes for layer in layers) <= room:  # everything fits: keep it all, at no cost
+        return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
+    granule = _granule(room, granule)
+    choices = _dp(layers, room // granule, granule)
+    kept = frozenset(g for g, c in enumerate(choices) if c == _KEEP)
+    return _plan(layers, kept, frozenset(g for g, c in enumerate(choices) if c == _RECOMPUTE), floor, base, budget)
+
+
+def _granule(room: int, granule: int) -> int:
+    """Bytes per unit of the solver: at most ``granule``, finer for small budgets (at least 4096 units in the
+    budget), coarser for huge ones (at most ``MAX_STATES``); a power of two."""
+    fine = max(1, room // 4096)
+    unit = min(granule, 1 << (fine.bit_length() - 1))
+    coarse = -(-room // MAX_STATES)
+    return max(unit, 1 << (coarse - 1).bit_length()) if coarse > 1 else unit
+
+
+def _units(nbytes: int, granule: int) -> int:
+    return -(-int(nbytes) // granule)  # rounded up: predictions stay conservative
+
+
+def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> list[int]:
+    """Each layer's choice in a plan of least summed cost with held units <= ``capacity`` at the end and, at each
+    recomputed layer, held units so far + its rebuilt units <= ``capacity``. Exact for the rounded sizes."""
+    size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule))
+                             for p in layers)) + 1
+    cost = np.full(size, np.inf)
+    cost[0] = 0.0
+    choice = np.zeros((len(layers), size), dtype=np.int8)
+    moves = []
+    for g, layer in enumerate(layers):
+        best, pick = np.full(size, np.inf), choice[g]
+        keep = _units(layer.saved_bytes, granule)
+        options = [(_OFFLOAD, 0, layer.offload_ms, size), (_KEEP, keep, 0.0, size)]
+        if layer.recompute_bytes is not None:  # held so far + rebuilt must fit too: states above ``limit`` cannot
+            held = _units(layer.recompute_bytes, granule)
+            options.insert(0, (_RECOMPUTE, held, layer.forward_ms, capacity - _units(layer.rebuilt_bytes, granule) + 1))
+        for kind, units, ms, limit in options:  # later options win ties: recompute < offload < keep
+            if units >= size or limit <= units:
+                continue
+            end = min(size, limit)
+            candidate = cost[: end - units] + ms
+            better = candidate <= best[units:end]
+            best[units:end][better] = candidate[better]
+            pick[units:end][better] = kind
+        moves.append((keep, _units(layer.recompute_bytes or 0, granule)))
+        cost = best
+    state = int(np.flatnonzero(cost == cost.min())[-1])  # the least time; among equals, the most kept
+    out = [_OFFLOAD] * len(layers)
+    for g in reversed(range(len(layers))):
+        out[g] = int(choice[g, state])
+        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1]}[out[g]]
+    return out
+
+
+def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int,
+                   base: int) -> int:
+    """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes."""
+    held = top = 0
+    for g, layer in enumerate(layers):
+        if g in kept:
+            held += layer.saved_bytes
+        elif g in recomputed:
+            held += layer.recompute_bytes or 0
+            top = max(top, held + layer.rebuilt_bytes)
+    return max(floor, base + max(held, top))
+
+
+def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
+          budget: int) -> Plan:
+    on_device = kept | recomputed
+    offloaded = [p for g, p in enumerate(layers) if g not in on_device]
+    redone = [layers[g] for g in sorted(recomputed)]
+    return Plan(
+        kept=kept, recomputed=recomputed, budget=budget,
+        offloaded_bytes=sum(p.saved_bytes for p in offloaded),
+        kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone),
+        recomputed_bytes=sum(p.rebuilt_bytes for p in redone),
+        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base),
+        added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone),
+    )
+
+
+def least_times(layers: Sequence[LayerProfile], earlier: Sequence[Sequence[LayerProfile]]) -> list[LayerProfile]:
+    """``layers`` with each time the least of its own and those of the ``earlier`` passes of the same layers
+    (passes with other layers or shapes are passed over)."""
+    out = list(layers)
+    for other in earlier:
+        if len(other) != len(out) or any(p.inputs != q.inputs for p, q in zip(out, other)):
+            continue
+        out = [replace(p, forward_ms=min(p.forward_ms, q.forward_ms), transfer_ms=min(p.transfer_ms, q.transfer_ms),
+                       overlap_ms=min(p.overlap_ms, q.overlap_ms)) for p, q in zip(out, other)]
+    return out
+
+
+class AutoPlanner:
+    """Profile, plan, verify: the first pass offloads everything and measures; later passes run the plan and
+    re-plan when shapes change or the measured peak overshoots the budget.
+
+    Args:
+        budget: bytes the step may peak at on the device.
+        granule: rounding of sizes in the solver.
+        recompute: whether plans may recompute layers (off where something else owns the layers' forward:
+            layer streaming, DeepSpeed ZeRO-3's parameter hooks).
+        warmup: profiling passes before the one planned from. A device's first step times more than the layers:
+            library set-up and the allocators' growth (gpt_1b's layers take 0.6-2 s each in its first step,
+            1.6-3.7 ms once warm). Each layer's times are the least seen over the passes; the bytes and peaks are
+            the last pass's, which already holds the optimizer state (so :class:`Later` is not applied).
+    """
+
+    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True, warmup: int = 0) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup={warmup!r} must be a number of passes >= 0.")
+        self.budget = budget
+        self.granule = granule
+        self.recompute = recompute
+        self.warmup = warmup
+        self._profiles: list[list[LayerProfile]] = []  # the warm-up passes so far
+        self.plan: Optional[Plan] = None
+        self.measured_peak: Optional[int] = None
+        self._floor: Optional[int] = None
+        self._forward_peak: Optional[int] = None
+        self._layers: Optional[list[LayerProfile]] = None
+        self._slack = 0  # raised when a measured peak overshoots a prediction
+        self._since_plan = 0
+
+    @classmethod
+    def for_device(cls, budget: Optional[MemoryBudget], device: torch.device, recompute: bool = True) -> "AutoPlanner":
+        """The planner of steps on ``device``: the user's ``budget`` resolved there (:func:`device_budget`), and on a
+        GPU one warm-up pass before the profile (see ``warmup``)."""
+        return cls(device_budget(budget, device), recompute=recompute, warmup=int(device.type == "cuda"))
+
+    @property
+    def keep(self) -> Optional[frozenset[int]]:
+        """Layers whose saves stay on the device in the next pass (kept or recomputed); None: offload everything
+        (profiling)."""
+        return None if self.plan is None else self.plan.on_device
+
+    @property
+    def recomputed(self) -> frozenset[int]:
+        """Layers to recompute in the next pass's backward."""
+        return frozenset() if self.plan is None else self.plan.recomputed
+
+    @property
+    def profiling(self) -> bool:
+        return self.plan is None
+
+    @property
+    def watching(self) -> bool:
+        """Whether the next step's peak should be measured: profiling, or verifying a fresh plan."""
+        return self.plan is None or self._since_plan < 3
+
+    def observe(self, layers: Sequence[Union[int, LayerProfile]], peak: Optional[int],
+                forward_peak: Optional[int] = None, later: Optional[Later] = None) -> Optional[Plan]:
+        """Feed one finished step: its layers (profiles, or bytes alone), ``peak`` (None when not measured),
+        ``forward_peak`` (the peak before backward began) and, for the profiling step, what the steps after it
+        hold that it did not (``later``); returns a new plan if one was made."""
+        layers = [p if isinstance(p, LayerProfile) else bytes_only(p) for p in layers]
+        self._since_plan += 1
+        if self.plan is not None and self._changed(layers):  # new shapes: start over from a safe pass
+            self.plan = None
+            return None
+        if peak is None:
+            return None
+        self.measured_peak = peak
+        if self.plan is None:  # a profiling pass: everything was offloaded
+            if len(self._profiles) < self.warmup:
+                self._profiles.append(layers)
+                return None
+            warmed, self._profiles, self.warmup = self._profiles, [], 0  # once: later re-profiles plan at once
+            layers = least_times(layers, warmed)
+            if not self.recompute:
+                layers = [LayerProfile(p.saved_bytes, None, p.forward_ms, p.transfer_ms, p.overlap_ms, p.inputs)
+                          for p in layers]
+            if later is not None and not warmed:
+                peak, forward_peak = later.floor(peak, forward_peak)
+            self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
+            return self._replan()
+        if peak > self.budget and self.plan.on_device:  # under-predicted: give back the overshoot and re-plan
+            old = self.plan
+            self._slack += peak - old.predicted_peak + self.granule
+            new = self._replan()
+            if (new.kept, new.recomputed) == (old.kept, old.recomputed):  # blind to what overshot: the safe plan
+                self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
+            return self.plan
+        return None
+
+    def _changed(self, layers: list[LayerProfile]) -> bool:
+        """Other input shapes, or other bytes in a layer that ran as profiled (a recomputed one saves less)."""
+        old, redone = self._layers or [], self.recomputed
+        return len(layers) != len(old) or any(
+            p.inputs != q.inputs or (g not in redone and p.saved_bytes != q.saved_bytes)
+            for g, (p, q) in enumerate(zip(layers, old)))
+
+    def lower(self, failed_at: Optional[int] = None, fraction: float = 0.5) -> Optional[Plan]:
+        """The device ran out of memory in a step that ran the current plan: lower the budget so that the plan
+        keeps at most ``1 - fraction`` of the bytes the failing one kept on the device, make that plan and return
+        it; None when there is nothing left to lower (no plan yet: the profiling pass offloads everything; or a
+        plan that keeps nothing and recomputes nothing).
+
+        The new budget is the lower of the failing plan's predicted peak and ``failed_at`` (device memory
+        allocated when the error was raised, if measured: where the device really gave out) less ``fraction``
+        of the kept bytes, and no lower than the floor (the all-offloaded peak), where the plan keeps nothing,
+        as the profiling step did, which fit.
+        """
+        plan = self.plan
+        if plan is None or not (plan.kept_bytes or plan.recomputed) or self._floor is None:
+            return None
+        start = plan.predicted_peak if failed_at is None else min(plan.predicted_peak, failed_at)
+        target = start - int(plan.kept_bytes * fraction)
+        if target > self._floor:
+            self.budget = target
+            new = self._replan()
+            if new.kept_bytes <= plan.kept_bytes * (1 - fraction):
+                return new
+        self.budget = min(self.budget, max(target, self._floor))
+        layers = self._layers or []
+        self.plan = _plan(layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
+        self._since_plan = 0
+        return self.plan
+
+    def _replan(self) -> Plan:
+        assert self._floor is not None and self._layers is not None
+        floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
+        forward = None if self._forward_peak is None else self._forward_peak + self._slack
+        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward)
+        self._since_plan = 0
+        return self.plan
+
+    def report_fields(self, layers: int) -> dict:
+        """The plan's numbers for a ``MemoryReport`` of a pass of ``layers`` layers."""
+        plan = self.plan
+        fields = dict(policy="auto", budget_bytes=self.budget, measured_peak_bytes=self.measured_peak,
+                      predicted_peak_bytes=plan.predicted_peak if plan else None)
+        if plan is None:
+            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0)
+        return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
+                    layers_offloaded=max(0, layers - len(plan.on_device)))
+
+
+def device_budget(budget: Optional[MemoryBudget], device: torch.device) -> int:
+    """Bytes a step may use on ``device``: the user's budget, or its capacity less a safety margin (the larger
+    of 2 GiB and 10%, for the allocator's fragmentation and other processes). On a CPU device with no budget,
+    nothing needs to move: the host is the device."""
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        margin = max(2 * GiB, capacity // 10)
+    else:
+        capacity, margin = psutil.virtual_memory().total, 0
+        if budget is None:
+            return UNBOUNDED
+    return budget.resolve(capacity) if budget is not None else capacity - margin

@@ -1,0 +1,1 @@
+"""What a step did with memory: the report, its table and plot."""

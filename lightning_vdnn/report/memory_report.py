@@ -1,0 +1,386 @@
+"""What one step did with memory: numbers a user can log and compare, a per-layer table, a plot of one step."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
+
+from lightning_vdnn.units import UNBOUNDED, GiB, format_bytes
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+#: Title of the table printed at the end of ``fit``.
+TABLE_TITLE = "vDNN memory report"
+#: File name of the plot saved at the end of ``fit``, in the run's log directory.
+TIMELINE_FILE = "vdnn_memory_timeline.png"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer of the latest pass: what autograd saved for backward from the start of its forward until the
+    next layer's (functional ops between layers count for the layer before them), and where that went.
+
+    Attributes:
+        index: position in forward order (a layer called twice has two rows); plans index layers so.
+        name: the module's qualified name (``"(before the first layer)"`` for row 0).
+        saved_bytes: bytes of saved activations (each storage once), kept plus offloaded.
+        offloaded_bytes: bytes of those copied to host memory; the rest stayed on the device.
+        decision: ``"keep"``, ``"offload"`` or ``"recompute"``: the plan's choice under ``"auto"`` (a recomputed
+            layer's ``saved_bytes`` are what it still saves: its inputs and the code after it); under a fixed
+            policy, ``"offload"`` when anything of the layer moved.
+        forward_ms: the layer's forward compute in the latest watched step (the planner's profiling or
+            verification steps, a fixed policy's first step), from its forward pre-hook to its return, less the
+            time compute waited for copies or for the host to pin memory: what the planner takes a recompute to
+            cost. None if not measured. On a CPU device copies run inline and are left out as well.
+        recompute_ms: time its forward took again in backward in the latest pass (``"recompute"`` only, else
+            None), the inputs it brought back included.
+    """
+
+    index: int
+    name: str
+    saved_bytes: int
+    offloaded_bytes: int
+    decision: Literal["keep", "offload", "recompute"]
+    forward_ms: Optional[float] = None
+    recompute_ms: Optional[float] = None
+
+    @property
+    def kept_bytes(self) -> int:
+        return self.saved_bytes - self.offloaded_bytes
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """Device memory at one moment of a watched step: ``torch.cuda.memory_allocated()`` when ``layer`` began
+    its forward (phase ``"forward"``) or when backward unpacked one of its saved tensors (``"backward"``)."""
+
+    phase: Literal["forward", "backward"]
+    layer: str
+    allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Activation-offload statistics of the latest forward/backward pass.
+
+    Attributes:
+        step: how many forward/backward passes the offloader has finished.
+        policy: the offload policy that ran (``"auto"`` shows what it resolved to).
+        offloaded_bytes: bytes of saved activations copied to host memory (each storage once).
+        offloaded_tensors: how many storages were copied.
+        kept_bytes: bytes of saved activations left on the device (below threshold, or not chosen).
+        prefetched_bytes: bytes brought back to the device for backward (less than offloaded when a tensor was
+            still resident and reused without a copy).
+        d2h_ms / h2d_ms: time the copies took on their side streams.
+        exposed_copy_ms: time the compute stream waited for copies (on a CPU device, every copy is exposed).
+        hidden_copy_ms: copy time that overlapped with compute.
+        peak_device_bytes: ``torch.cuda.max_memory_allocated`` (since the last reset by the user), None on CPU.
+        host_pool_bytes: host memory the buffer pool holds (pinned if ``pinned``).
+        host_pool_peak_bytes: most host memory in use by offloaded tensors at once.
+        host_allocations: host buffers allocated so far; flat in the steady state.
+        recomputed_forwards: layer forwards run again in backward in the latest pass (``"auto"``'s recompute).
+        recompute_ms: time those recomputes took.
+        budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded,
+            layers_recomputed: the ``"auto"`` planner's budget and current plan (None for the fixed policies);
+            measured is the peak of the last step the planner watched.
+        streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
+            (None without it): block weights copied to the device and block gradients copied back in the last
+            optimizer step; worker time of the blocks' host updates since the step before (they run under
+            device work), and how much of it training waited for (the part not hidden).
+        microbatches: L2L's layer-major chunks per block (None without layer streaming).
+        resident_blocks: L2L's blocks kept on the device (None without layer streaming); with
+            ``resident_blocks="auto"``, ``resident_budget_bytes``, ``resident_predicted_peak_bytes`` and
+            ``resident_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the
+            last step measured for it (``planning/resident_blocks.py``; None otherwise, measured None on a CPU device).
+        resident_recomputed_blocks: of the resident blocks, those that recompute their activations in backward
+            rather than keep them (``"auto"`` makes more blocks resident that way).
+        saved_blocks: L2L's streamed blocks that save their activations instead of recomputing them (None without
+            layer streaming); with ``saved_blocks="auto"``, ``saved_budget_bytes``, ``saved_predicted_peak_bytes``
+            and ``saved_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the last
+            step measured for it (``planning/saving_blocks.py``).
+        layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
+            add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
+        timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
+            of forward and per unpack of backward; empty on a CPU device (nothing to sample).
+    """
+
+    step: int = 0
+    policy: str = "none"
+    offloaded_bytes: int = 0
+    offloaded_tensors: int = 0
+    kept_bytes: int = 0
+    prefetched_bytes: int = 0
+    d2h_ms: float = 0.0
+    h2d_ms: float = 0.0
+    exposed_copy_ms: float = 0.0
+    hidden_copy_ms: float = 0.0
+    peak_device_bytes: Optional[int] = None
+    host_pool_bytes: int = 0
+    host_pool_peak_bytes: int = 0
+    host_allocations: int = 0
+    pinned: bool = False
+    recomputed_forwards: int = 0
+    recompute_ms: float = 0.0
+    budget_bytes: Optional[int] = None
+    predicted_peak_bytes: Optional[int] = None
+    measured_peak_bytes: Optional[int] = None
+    layers_kept: Optional[int] = None
+    layers_offloaded: Optional[int] = None
+    layers_recomputed: Optional[int] = None
+    streamed_h2d_bytes: Optional[int] = None
+    streamed_d2h_bytes: Optional[int] = None
+    host_optimizer_ms: Optional[float] = None
+    host_update_wait_ms: Optional[float] = None
+    microbatches: Optional[int] = None
+    resident_blocks: Optional[int] = None
+    resident_recomputed_blocks: Optional[int] = None
+    resident_budget_bytes: Optional[int] = None
+    resident_predicted_peak_bytes: Optional[int] = None
+    resident_measured_peak_bytes: Optional[int] = None
+    saved_blocks: Optional[int] = None
+    saved_budget_bytes: Optional[int] = None
+    saved_predicted_peak_bytes: Optional[int] = None
+    saved_measured_peak_bytes: Optional[int] = None
+    layers: tuple[LayerStats, ...] = ()
+    timeline: tuple[MemorySample, ...] = ()
+
+    def metrics(self, prefix: str = "vdnn/") -> dict[str, float]:
+        """Flat numeric metrics for a Lightning logger (sizes in GiB, times in ms)."""
+        out = {
+            "offloaded_GiB": self.offloaded_bytes / GiB,
+            "kept_GiB": self.kept_bytes / GiB,
+            "prefetched_GiB": self.prefetched_bytes / GiB,
+            "exposed_copy_ms": self.exposed_copy_ms,
+            "hidden_copy_ms": self.hidden_copy_ms,
+            "recompute_ms": self.recompute_ms,
+            "host_pool_GiB": self.host_pool_bytes / GiB,
+        }
+        if self.peak_device_bytes is not None:
+            out["peak_device_GiB"] = self.peak_device_bytes / GiB
+        if self.streamed_h2d_bytes is not None:
+            out["streamed_h2d_GiB"] = self.streamed_h2d_bytes / GiB
+            out["streamed_d2h_GiB"] = (self.streamed_d2h_bytes or 0) / GiB
+        if self.host_optimizer_ms is not None:
+            out["host_optimizer_ms"] = self.host_optimizer_ms
+        if self.host_update_wait_ms is not None:
+            out["host_update_wait_ms"] = self.host_update_wait_ms
+        if self.resident_blocks is not None:
+            out["resident_blocks"] = self.resident_blocks
+            out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
+        if self.saved_blocks is not None:
+            out["saved_blocks"] = self.saved_blocks
+        return {prefix + k: float(v) for k, v in out.items()}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        peak = "n/a (CPU)" if self.peak_device_bytes is None else f"{self.peak_device_bytes / GiB:.2f} GiB"
+        return (
+            f"vDNN memory report (policy={self.policy}, passes={self.step})\n"
+            f"  activations offloaded  {self.offloaded_bytes / GiB:8.3f} GiB in {self.offloaded_tensors} tensors\n"
+            f"  activations kept       {self.kept_bytes / GiB:8.3f} GiB\n"
+            f"  copies d2h / h2d       {self.d2h_ms:8.1f} / {self.h2d_ms:.1f} ms "
+            f"(exposed {self.exposed_copy_ms:.1f} ms, hidden {self.hidden_copy_ms:.1f} ms)\n"
+            f"  peak device memory     {peak}\n"
+            f"  host pool              {self.host_pool_bytes / GiB:8.3f} GiB "
+            f"({'pinned' if self.pinned else 'pageable'}, {self.host_allocations} allocations)"
+            + (self._plan_line() if self.budget_bytes is not None else "")
+            + (self._stream_line() if self.streamed_h2d_bytes is not None else "")
+        )
+
+    def _plan_line(self) -> str:
+        gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+        budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
+        return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded, "
+                f"{self.layers_recomputed or 0} recomputed ({self.recomputed_forwards} recomputes, "
+                f"{self.recompute_ms:.1f} ms); "
+                f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
+                f"measured {gib(self.measured_peak_bytes)}")
+    def _stream_line(self) -> str:
+        opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
+        if self.host_update_wait_ms is not None:
+            opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
+        return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
+                f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
+                + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else "")
+                + (self._resident_line() if self.resident_blocks or self.resident_budget_bytes is not None else "")
+                + (self._saved_line() if self.saved_blocks or self.saved_budget_bytes is not None else ""))
+
+    def _resident_line(self) -> str:
+        redone = f", {self.resident_recomputed_blocks} recomputing" if self.resident_recomputed_blocks else ""
+        line = f"\n  resident blocks        {self.resident_blocks} on the device{redone}"
+        if self.resident_budget_bytes is None:
+            return line
+        return line + " (auto)" + _budget_tail(self.resident_budget_bytes, self.resident_predicted_peak_bytes,
+                                               self.resident_measured_peak_bytes)
+
+
+    def _saved_line(self) -> str:
+        line = f"\n  saving blocks          {self.saved_blocks} streamed blocks keep their activations, not recomputed"
+        if self.saved_budget_bytes is None:
+            return line
+        return line + " (auto)" + _budget_tail(self.saved_budget_bytes, self.saved_predicted_peak_bytes,
+                                               self.saved_measured_peak_bytes)
+
+
+def _budget_tail(budget: int, predicted: Optional[int], measured: Optional[int]) -> str:
+    gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+    shown = "none (CPU)" if budget >= UNBOUNDED else gib(budget)
+    return f": budget {shown}, predicted peak {gib(predicted)}, measured {gib(measured)}"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total
+
+
+# -- the end of fit: a table and a plot -----------------------------------------------------------------------
+def layer_table(report: MemoryReport, top: int = 10) -> "Table":
+    """A ``rich`` table: the ``top`` layers by saved bytes, the rest summed, totals, predicted vs measured peak;
+    a column of recompute times when the plan recomputes layers."""
+    from rich.table import Table
+
+    rows = sorted((r for r in report.layers if r.saved_bytes or r.decision == "recompute"),
+                  key=lambda r: r.saved_bytes, reverse=True)
+    timed = any(r.forward_ms is not None for r in report.layers)
+    redone = any(r.recompute_ms is not None for r in report.layers)
+    table = Table(title=f"{TABLE_TITLE} (policy={report.policy}): activations saved for backward",
+                  caption=_peak_caption(report), caption_justify="left")
+    columns = (("layer", "left", True), ("saved", "right", True), ("decision", "left", True),
+               ("forward ms", "right", timed), ("recompute ms", "right", redone))
+    for name, justify, shown in columns:
+        if shown:
+            table.add_column(name, justify=justify)
+
+    def add(name: str, saved: int, decision: str, group: Sequence[LayerStats]) -> None:
+        cells = [name, format_bytes(saved), decision]
+        for shown, ms in ((timed, [r.forward_ms for r in group]), (redone, [r.recompute_ms for r in group])):
+            ms = [t for t in ms if t is not None]
+            cells += [f"{sum(ms):.2f}" if ms else ""] if shown else []
+        table.add_row(*cells)
+
+    for r in rows[:top]:
+        add(r.name, r.saved_bytes, r.decision, [r])
+    rest = rows[top:]
+    if rest:
+        add(f"... {len(rest)} more layers", sum(r.saved_bytes for r in rest), _decisions(rest), rest)
+    table.add_section()
+    add(f"total ({len(report.layers)} layers)", report.kept_bytes + report.offloaded_bytes, _decisions(rows),
+        report.layers)
+    return table
+
+
+def _decisions(rows: Sequence[LayerStats]) -> str:
+    """``"3 keep, 5 offload"``, and ``", 2 recompute"`` when there are any."""
+    count = {d: sum(r.decision == d for r in rows) for d in ("keep", "offload", "recompute")}
+    return f"{count['keep']} keep, {count['offload']} offload" + (
+        f", {count['recompute']} recompute" if count["recompute"] else "")
+
+
+def _peak_caption(report: MemoryReport) -> str:
+    opt = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
+    moved = (f"kept on the device {format_bytes(report.kept_bytes)}, offloaded to the host "
+             f"{format_bytes(report.offloaded_bytes)}" + (
+                 f", {report.recomputed_forwards} layers recomputed in backward ({report.recompute_ms:.1f} ms)"
+                 if report.recomputed_forwards else "") + "\n")
+    if report.budget_bytes is None:
+        return moved + "peak device memory: " + ("not measured on a CPU device" if report.peak_device_bytes is None
+                                                 else format_bytes(report.peak_device_bytes))
+    budget = "none (CPU)" if report.budget_bytes >= UNBOUNDED else format_bytes(report.budget_bytes)
+    where = " (CPU: activations kept in place)" if report.peak_device_bytes is None else ""
+    return (moved + f"peak{where}: predicted {opt(report.predicted_peak_bytes)}, measured "
+            f"{opt(report.measured_peak_bytes)}; budget {budget}")
+
+
+def save_timeline(report: MemoryReport, path: "str | Path") -> Path:
+    """A PNG of memory through one step: on a GPU, ``torch.cuda.memory_allocated()`` sampled at each layer
+    boundary of forward and each unpack of backward (``report.timeline``); on a CPU, where there is nothing to
+    sample, the bytes saved for backward that stay in place and that move to the host, counted per layer as
+    forward adds them and backward frees them. The title says which."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    if report.timeline:
+        _plot_sampled(ax, report)
+    else:
+        _plot_counted(ax, report)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _unit(largest: float) -> tuple[str, int]:
+    return next(((u, s) for u, s in (("GiB", GiB), ("MiB", 2**20)) if largest >= s), ("KiB", 2**10))
+
+
+def _plan_lines(ax: object, report: MemoryReport, scale: int) -> None:
+    lines = (("budget", report.budget_bytes, "tab:red", "--"), ("predicted peak", report.predicted_peak_bytes,
+             "tab:purple", ":"), ("measured peak", report.measured_peak_bytes, "black", "-."))
+    for label, value, color, style in lines:
+        if value is not None and value < UNBOUNDED:
+            ax.axhline(value / scale, color=color, linestyle=style, linewidth=1, label=label)
+
+
+def _plot_sampled(ax: object, report: MemoryReport) -> None:
+    samples = report.timeline
+    unit, scale = _unit(max(s.allocated_bytes for s in samples))
+    ax.plot(range(len(samples)), [s.allocated_bytes / scale for s in samples], color="tab:blue",
+            label="allocated")
+    first_bwd = next((i for i, s in enumerate(samples) if s.phase == "backward"), None)
+    if first_bwd is not None:
+        ax.axvspan(first_bwd - 0.5, len(samples) - 0.5, color="0.93", label="backward")
+    _plan_lines(ax, report, scale)
+    ax.set_title(f"Device memory over one step (policy={report.policy})\ntorch.cuda.memory_allocated() sampled "
+                 "as each layer's forward begins, then at each unpack in backward", fontsize="medium")
+    ax.set_xlabel("sample (forward: layer boundaries; backward: saved tensors brought back)")
+    ax.set_ylabel(unit)
+
+
+def _plot_counted(ax: object, report: MemoryReport) -> None:
+    rows = report.layers
+    kept, moved, k, m = [], [], 0, 0
+    for r in rows:
+        k, m = k + r.kept_bytes, m + r.offloaded_bytes
+        kept.append(k)
+        moved.append(m)
+    kept += kept[-2::-1] + [0]  # backward walks back, freeing each layer's saved tensors
+    moved += moved[-2::-1] + [0]
+    unit, scale = _unit(max(k + m for k, m in zip(kept, moved)) or 1)
+    x = range(len(kept))
+    ax.fill_between(x, [v / scale for v in kept], step="mid", color="tab:blue", alpha=0.8,
+                    label="kept on the device")
+    ax.fill_between(x, [v / scale for v in kept], [(a + b) / scale for a, b in zip(kept, moved)], step="mid",
+                    color="tab:orange", alpha=0.6, label="offloaded to the host")
+    ax.axvspan(len(rows) - 0.5, len(kept) - 0.5, color="0.93", zorder=0, label="backward")
+    _plan_lines(ax, report, scale)
+    ax.set_title(f"Activations saved for backward over one step, per layer (policy={report.policy})\nCPU run: bytes "
+                 "counted by the offload hooks, not sampled device memory", fontsize="medium")
+    if len(rows) <= 24:
+        ax.set_xticks(range(len(kept)), [r.name for r in rows] + [f"bwd {r.name}" for r in reversed(rows)],
+                      rotation=90, fontsize="x-small")
+    ax.set_xlabel("forward, layer by layer, then backward")
+    ax.set_ylabel(unit)
+
+
+def print_report(report: MemoryReport, directory: "str | Path", top: int = 10) -> Path:
+    """Print :func:`layer_table` to the console and save :func:`save_timeline` in ``directory``."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(layer_table(report, top))
+    path = Path(directory) / TIMELINE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_timeline(report, path)
+    console.print(f"memory over one step: {path}")
+    return path

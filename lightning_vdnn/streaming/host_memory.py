@@ -1,0 +1,121 @@
+"""Will the host hold what layer streaming keeps there? Checked before any buffer is pinned.
+
+L2L moves the blocks' weights, gradients and optimizer state into host memory. If the host cannot hold
+them, the kernel's OOM killer ends the run some steps later with no message at all (pinned pages cannot
+be swapped out), so the estimate is compared with the memory available, to the host or to the cgroup of
+a container, whichever is less, and a run that cannot fit fails at setup, stating the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import psutil
+from torch import nn
+
+#: Optimizer state per parameter element, in parameters' worth: Adam-like optimizers keep two moments.
+ADAM_STATES = 2
+#: Where cgroup v2 (``memory.max``) or v1 (``memory/memory.limit_in_bytes``) files live.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class HostNeed:
+    """Host bytes layer streaming keeps: the blocks' weights, gradients, optimizer state, and staging buffers.
+
+    ``resident`` is the part the weights already occupy in host memory (a model built on the CPU), which
+    the memory available no longer counts and which streaming reuses.
+    """
+
+    weights: int
+    grads: int
+    optimizer: int
+    staging: int
+    resident: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.staging
+
+    @property
+    def new(self) -> int:
+        """Bytes still to be taken from the memory available."""
+        return self.total - self.resident
+
+
+def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADAM_STATES, shards: int = 1) -> HostNeed:
+    """What streaming ``blocks`` holds in host memory: per block one flat weight buffer and one gradient buffer,
+    ``optimizer_states`` parameters' worth of optimizer state (2 for Adam, 1 for SGD with momentum), and two
+    gradient staging buffers the size of the largest block. With the host state partitioned over ``shards``
+    ranks (``streaming/sharded.py``), each rank holds all the weights but 1/``shards`` of the rest."""
+    weights = resident = largest = 0
+    for block in blocks:
+        nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        weights += nbytes
+        largest = max(largest, nbytes)
+        resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
+    part = -(-weights // shards)
+    return HostNeed(weights=weights, grads=part, optimizer=optimizer_states * part,
+                    staging=2 * -(-largest // shards), resident=resident)
+
+
+def available_host_bytes() -> tuple[int, str]:
+    """Host memory a new allocation can get, and where the number comes from (the host or its cgroup)."""
+    host = psutil.virtual_memory().available
+    cgroup = cgroup_available_bytes()
+    if cgroup is not None and cgroup < host:
+        return cgroup, "the container's cgroup memory limit"
+    return host, "the host"
+
+
+def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
+    """The cgroup's limit less its usage (page cache it can drop not counted), or None without a limit."""
+    root = CGROUP_ROOT if root is None else root
+    for limit_file, usage_file, cache_key in (("memory.max", "memory.current", "inactive_file"),
+                                              ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                               "total_inactive_file")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
+            stat = (root / limit_file).with_name("memory.stat").read_text().split("\n")
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a page-rounded 2**63 - 1
+            return None
+        cache = next((int(line.split()[1]) for line in stat if line.startswith(cache_key + " ")), 0)
+        return max(int(limit) - (usage - cache), 0)
+    return None
+
+
+def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES,
+                      shards: int = 1, processes: int = 1) -> HostNeed:
+    """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
+
+    Args:
+        blocks: the blocks to stream (their parameters, wherever they are now).
+        where: names the blocks in the message, e.g. ``"the 24 blocks at 'model.blocks'"``.
+        optimizer_states: parameters' worth of optimizer state per parameter (Adam: 2).
+        shards: ranks the gradients and optimizer state are partitioned over (1: none).
+        processes: processes on this host streaming alike (a node's local ranks), each needing as much: each
+            one checks that all of them fit, since they pin their buffers at about the same time.
+    """
+    need = required_host_bytes(blocks, optimizer_states, shards)
+    available, source = available_host_bytes()
+    if need.new * processes > available:
+        over = f" / {shards} ranks" if shards > 1 else ""
+        each = f", for each of the {processes} processes on this host," if processes > 1 else ""
+        raise MemoryError(
+            f"layer streaming of {where} needs{each} {_size(need.total)} of host memory (weights {_size(need.weights)} + "
+            f"gradients {_size(need.grads)} + optimizer state {_size(need.optimizer)}, estimated at "
+            f"{optimizer_states}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
+            f"the weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "
+            "blocks, free host memory, or run on a host with more RAM."
+        )
+    return need
+
+
+def _size(nbytes: int) -> str:
+    """GiB with two decimals, or MiB below a quarter GiB (a small model's numbers would all read 0.00 GiB)."""
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"

@@ -1,0 +1,274 @@
+"""The host side of L2L's optimizer: each streamed block is updated on a worker thread, off the step's path.
+
+The user's optimizer keeps its class, hyper-parameters, param groups, state and schedule; what changes is
+*when* the blocks' share of ``optimizer.step()`` runs. A :class:`HostStepper` wraps ``optimizer.step``: the
+body steps only the modules that live on the device, while every block gets its own update job on a worker
+thread, run by a small optimizer of the same class over aliases of the block's host weights, sharing the
+user's per-parameter state dictionaries (so ``optimizer.state_dict()`` and checkpoints are unchanged).
+
+Two moments to start a block's update, both exactly what the plain optimizer would compute:
+
+* **eager**, during backward: when nothing may still change the gradients between backward and the step
+  (no gradient clipping, no loss scaler, the last micro-batch of an accumulation), a block is updated as soon
+  as its gradients have landed in host memory, while the device runs backward through the blocks before it.
+* **pipelined**, at the step: otherwise (clipping needs the global norm) every block is queued at
+  ``optimizer.step()``, first block first, and the next forward waits for each block only when it loads it.
+
+Anyone about to read a block's host weights calls :meth:`wait` (the streamer does before each copy to the
+device, and before a block's ``state_dict()`` or ``load_state_dict()``) or :meth:`wait_all` (checkpoints,
+teardown). A parameter read directly (``p.clone()``) between the step and the next forward may be stale.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import types
+from concurrent.futures import Future
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_vdnn.streaming.host_state import HostBlock
+
+#: Optimizer classes with a fused CPU kernel (one multi-threaded pass over a block, no per-tensor loop).
+_FUSED_ON_CPU: tuple[type, ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+#: Group keys that choose an implementation for the user's device, not a hyper-parameter.
+_IMPLEMENTATION_KEYS = frozenset({"params", "fused", "foreach", "capturable", "differentiable"})
+
+
+class _BlockOptimizer:
+    """A same-class optimizer over aliases of one block's host weights, one group per user group.
+
+    An alias is what :meth:`HostBlock.master_view` gives: the parameter's host weights (same storage, so the
+    update writes the master weights), or, with the block partitioned across ranks, this rank's 1-D range of
+    them (``streaming/sharded.py``); parameters with no range on this rank are not stepped here."""
+
+    def __init__(self, optimizer: Optimizer, block: HostBlock, owned: set[int], fused: bool) -> None:
+        self.block = block
+        self.groups: list[int] = []
+        self.params: list[Tensor] = []
+        self.keys: list[int] = []  # each param's index in the block
+        self.aliases: list[Tensor] = []
+        index = {id(p): k for k, p in enumerate(block.params)}
+        groups = []
+        for gi, group in enumerate(optimizer.param_groups):
+            mine = [(p, index[id(p)]) for p in group["params"] if id(p) in owned and id(p) in index]
+            mine = [(p, k, block.master_view(k)) for p, k in mine]
+            mine = [m for m in mine if m[2] is not None]
+            if not mine:
+                continue
+            self.groups.append(gi)
+            self.params += [p for p, _, _ in mine]
+            self.keys += [k for _, k, _ in mine]
+            self.aliases += [a for _, _, a in mine]
+            groups.append({**_hyper(group), "params": [a for _, _, a in mine]})
+        cls = type(optimizer)
+        self.optimizer: Optional[Optimizer] = None
+        if groups:
+            extra = {"fused": True} if fused and cls in _FUSED_ON_CPU else {}
+            self.optimizer = cls(groups, **extra)
+
+
+def _hyper(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in _IMPLEMENTATION_KEYS}
+
+
+class _LowestFirst:
+    """One worker thread that always runs the queued job with the lowest block index next.
+
+    During backward, gradients land last block first, so this runs the newest; once backward is over it runs
+    the rest first block first, the order in which the next forward reads them, so that forward starts as soon
+    as block 0 is updated instead of after every block is.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: list[tuple[int, int, Future, Callable[..., None], tuple]] = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        # not a daemon: at interpreter exit a daemon killed inside an update's kernel aborts the process;
+        # this one sees the main thread end, drains the queue and returns (a script may end right after step)
+        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[..., None], *args: Any) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the host optimizer worker is shut down")
+            heapq.heappush(self._jobs, (priority, next(self._order), fut, fn, args))
+            self._cv.notify()
+        return fut
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait(timeout=0.25)
+                    self._closed |= not threading.main_thread().is_alive()
+                if not self._jobs:
+                    return
+                _, _, fut, fn, args = heapq.heappop(self._jobs)
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as err:  # handed to whoever waits for this block
+                    fut.set_exception(err)
+
+
+class HostStepper:
+    """Runs the streamed blocks' share of ``optimizer.step()`` on a worker thread (see the module docstring).
+
+    Args:
+        optimizer: the user's optimizer; its ``step`` is wrapped until :meth:`close`.
+        blocks: the streamed blocks; their parameters in ``optimizer`` are stepped here.
+        eager: allow updates during backward (the strategy turns it off when clipping or a loss scaler could
+            still change the gradients after backward).
+        fused: update with torch's fused CPU kernel where the class has one (Adam, AdamW, SGD, Adagrad): one
+            multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
+            tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
+            comparisons against a plain CPU run turn it off.
+    """
+
+    def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,
+                 fused: bool = True) -> None:
+        self.optimizer, self.blocks, self.eager = optimizer, blocks, eager
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self._subs = [_BlockOptimizer(optimizer, b, owned, fused) for b in blocks]
+        self._block_params = [p for s in self._subs for p in s.params]
+        self._worker = _LowestFirst("l2l-step")
+        self._futures: dict[int, Future] = {}
+        self._updated: set[int] = set()  # blocks whose update for the coming step is already queued
+        self._in_step = False
+        self.update_ms = 0.0   # worker time of block updates not yet reported
+        self.wait_ms = 0.0     # time the training thread waited for them, not yet reported
+        self.eager_updates = 0  # block updates queued during backward so far
+        self._previous = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
+        optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
+        optimizer.zero_grad = types.MethodType(_wrapped_zero_grad(self, optimizer.zero_grad), optimizer)
+
+    # -- scheduling ----------------------------------------------------------------------------------------
+    def can_update_now(self) -> bool:
+        """True inside ``optimizer.step(closure)`` in eager mode: this backward's gradients are the step's."""
+        return self.eager and self._in_step
+
+    def submit(self, index: int) -> None:
+        """Queue block ``index``'s update with its current host gradients (once per step)."""
+        sub = self._subs[index]
+        if sub.optimizer is None or index in self._updated:
+            return
+        grads = [sub.block.grad_of(k) for k in sub.keys]
+        if all(g is None for g in grads):
+            return
+        hyper = [_hyper(self.optimizer.param_groups[gi]) for gi in sub.groups]
+        for alias, p in zip(sub.aliases, sub.params):
+            sub.optimizer.state[alias] = self.optimizer.state[p]  # the user's dict: init and updates land there
+        self._updated.add(index)
+        self.eager_updates += self._in_step  # queued during backward, not at the step
+        self._futures[index] = self._worker.submit(index, self._update, sub, grads, hyper)
+
+    def _update(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
+        start = time.perf_counter()
+        if sub.block.read_done is not None:
+            sub.block.read_done.synchronize()  # no copy to the device still reads the weights this writes
+        for group, h in zip(sub.optimizer.param_groups, hyper):
+            group.update(h)  # the schedule's current learning rate, and any other change the user made
+        for alias, g in zip(sub.aliases, grads):
+            alias.grad = g
+        try:
+            sub.optimizer.step()
+        finally:
+            for alias in sub.aliases:
+                alias.grad = None
+            sub.block.updates += 1  # fused kernels do not bump tensor versions: the device slot must reload
+        self.update_ms += (time.perf_counter() - start) * 1e3
+
+    def take_times(self) -> tuple[float, float]:
+        """Worker time spent on block updates, and training time spent waiting for them, since the last call."""
+        busy, waited, self.update_ms, self.wait_ms = self.update_ms, self.wait_ms, 0.0, 0.0
+        return busy, waited
+
+    # -- waiting -------------------------------------------------------------------------------------------
+    def wait(self, index: int) -> None:
+        """Block until block ``index``'s queued update has been written (before anyone reads its weights)."""
+        fut = self._futures.pop(index, None)
+        if fut is not None:
+            start = time.perf_counter()
+            fut.result()
+            self.wait_ms += (time.perf_counter() - start) * 1e3
+
+    def ready(self, index: int) -> bool:
+        """Whether block ``index`` has no update still being written (one that finished is waited for here)."""
+        fut = self._futures.get(index)
+        if fut is not None and not fut.done():
+            return False
+        self.wait(index)
+        return True
+
+    def wait_all(self) -> None:
+        for index in list(self._futures):
+            self.wait(index)
+
+    def close(self) -> None:
+        """Finish queued updates and give ``optimizer.step`` back."""
+        try:
+            self.wait_all()
+        finally:
+            self._worker.shutdown()
+            for name, previous in self._previous.items():
+                if previous is None:
+                    self.optimizer.__dict__.pop(name, None)
+                else:
+                    setattr(self.optimizer, name, previous)
+
+    # -- the wrapped step ----------------------------------------------------------------------------------
+    def _step(self, original: Callable[..., Any], closure: Optional[Callable[[], Any]], **kwargs: Any) -> Any:
+        loss = None
+        if closure is not None:  # run it here, as torch's step would, to know its backward is the step's
+            self._in_step = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._in_step = False
+        for index in range(len(self.blocks)):  # first block first: the next forward needs it first
+            self.submit(index)
+        self._updated.clear()
+        stashed = [(p, p.grad) for p in self._block_params if p.grad is not None]
+        for p, _ in stashed:
+            p.grad = None  # the body steps the device modules only; the jobs hold the block gradients
+        try:
+            original(**kwargs)
+        finally:
+            for p, g in stashed:
+                p.grad = g  # visible to callbacks after the step, until zero_grad
+        return loss
+
+
+def _wrapped_zero_grad(stepper: HostStepper, original: Callable[..., Any]) -> Callable[..., Any]:
+    def zero_grad(opt: Optimizer, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            stepper.wait_all()  # zeroing in place would rewrite gradients a queued update still reads
+        original(set_to_none=set_to_none)
+        for sub in stepper._subs:
+            sub.block.clear_grads(sub.keys, set_to_none)
+    return zero_grad
+
+
+def _wrapped_step(stepper: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    """``optimizer.step`` routed through ``stepper._step(original, closure)`` (``HostStepper``, and
+    ``host_outside.OutsideStepper``)."""
+    def step(opt: Optimizer, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+        return stepper._step(original, closure, **kwargs)
+    return step

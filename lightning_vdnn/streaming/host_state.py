@@ -1,0 +1,275 @@
+"""The host side of L2L layer streaming: each block's parameters and gradients as views of flat host buffers.
+
+Keeping one flat (pinned) buffer per block makes a block one host->device copy, and makes the
+``nn.Parameter`` objects the user's optimizer holds the host master weights themselves, so
+``state_dict()``, optimizer state and checkpoints never touch the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+
+def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
+    """A host buffer, page-locked if asked; falls back to pageable memory with one warning."""
+    if pin:
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError as err:
+            warnings.warn(f"lightning_vdnn: pinning host memory for layer streaming failed ({err}); using pageable "
+                          "memory, so weight copies are slower and synchronous.", stacklevel=3)
+    return torch.empty(numel, dtype=dtype)
+
+
+class PinnedArena:
+    """Pinned host buffers carved out of chunks whose sizes are powers of two.
+
+    torch's pinned allocator rounds every request up to a power of two: a gpt_1b block's 201 MB of weights take
+    256 MB, and so do its gradients, a quarter more host memory than streaming needs (at 96 blocks, what a
+    128 GiB host lacks). Chunks of at least :attr:`CHUNK` bytes lose only their tails. A buffer's views keep its
+    chunk alive; the arena holds only the chunk it is filling.
+    """
+
+    CHUNK = 2**30
+    ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._chunk: Optional[Tensor] = None
+        self._used = 0
+
+    def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """An uninitialised 1-D host buffer, page-locked when the arena pins (see :func:`host_empty`)."""
+        nbytes = numel * dtype.itemsize
+        if not self.pin:
+            return host_empty(numel, dtype, False)
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            chunk = host_empty(max(self.CHUNK, 1 << max(nbytes - 1, 0).bit_length()), torch.uint8, True)
+            if not self._pinned(chunk):  # pinning failed (host_empty warned): pageable from here on
+                self.pin = False
+                return host_empty(numel, dtype, False)
+            self._chunk, self._used = chunk, 0
+        out = self._chunk[self._used:self._used + nbytes].view(dtype)
+        self._used = -(-(self._used + nbytes) // self.ALIGN) * self.ALIGN
+        return out
+
+    @staticmethod
+    def _pinned(chunk: Tensor) -> bool:
+        return chunk.is_pinned()
+
+
+class HostBlock:
+    """One block's parameters as views of one flat host buffer, and their gradients likewise.
+
+    ``alloc(numel, dtype)`` makes the host buffers (default :func:`host_empty`; a streamer passes its
+    :class:`PinnedArena`'s)."""
+
+    def __init__(self, index: int, module: nn.Module, pin: bool,
+                 alloc: Optional[Callable[[int, torch.dtype], Tensor]] = None) -> None:
+        self.index, self.module = index, module
+        self._alloc = alloc or (lambda numel, dtype: host_empty(numel, dtype, pin))
+        self.updates = 0  # host optimizer steps so far (fused kernels do not bump tensor versions)
+        self.read_done: Any = None  # the last copy of ``flat`` to the device (an update must wait for it)
+        self.params: list[nn.Parameter] = list(module.parameters())
+        slot = {id(p): k for k, p in enumerate(self.params)}
+        self.refs = [(m, name, slot[id(p)]) for m in module.modules()
+                     for name, p in m._parameters.items() if p is not None]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"Block {index} ({type(module).__name__}) mixes parameter dtypes "
+                             f"{sorted(map(str, dtypes))}; layer streaming keeps one flat buffer per block and "
+                             "needs one dtype.")
+        self.dtype = dtypes.pop()
+        self.shapes = [p.shape for p in self.params]
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.numel = self.offsets[-1]
+        # what the device slots hold (``padded``), and what one load reads from / one gradient copy writes to
+        # the host: the whole block here; a rank's range of it when partitioned (``streaming/sharded.py``)
+        self.padded = self.load_numel = self.grad_numel = self.numel
+        self.flat = self._alloc(self.numel, self.dtype)
+        self.views = self.split(self.flat)
+        with torch.no_grad():
+            for p, v in zip(self.params, self.views):
+                v.copy_(p.detach())
+                p.data = v
+        self._init_grads(pin)
+
+    def _init_grads(self, pin: bool) -> None:
+        """The host gradient buffer: the whole block's, ``p.grad`` views of it once gradients land."""
+        self.grad_flat = self._alloc(self.numel, self.dtype)
+        self.grad_views = self.split(self.grad_flat)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = p.grad.to("cpu")
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat`` shaped like this block's parameters."""
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    @contextlib.contextmanager
+    def substituted(self, tensors: list[Tensor]) -> Iterator[None]:
+        """Run the block with ``tensors`` in place of its parameters (what ``functional_call`` does, without
+        calling ``module.forward``, which streaming replaces with the streamed forward itself)."""
+        saved = [m._parameters[name] for m, name, _ in self.refs]
+        for m, name, k in self.refs:
+            m._parameters[name] = tensors[k]
+        try:
+            yield
+        finally:
+            for (m, name, _), p in zip(self.refs, saved):
+                m._parameters[name] = p
+
+    def pack_grads(self, dev: Tensor, grads: list[Optional[Tensor]], first: bool) -> None:
+        """Write (first microbatch) or add (later ones) weight grads into the flat device buffer ``dev``."""
+        with torch.no_grad():
+            for view, g in zip(self.split(dev), grads):
+                if first:
+                    view.zero_() if g is None else view.copy_(g)
+                elif g is not None:
+                    view.add_(g)
+
+    def version(self) -> int:
+        """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
+        return sum(p._version for p in self.params) + self.updates
+
+    # -- what the host optimizer steps (``streaming/host_optimizer.py``): parameter ``k`` and its gradient -------------
+    def master_view(self, k: int) -> Optional[Tensor]:
+        """The host weights of parameter ``k`` the block's optimizer writes: all of them, as ``p``'s shape."""
+        return self.params[k].detach()
+
+    def grad_of(self, k: int) -> Optional[Tensor]:
+        """Parameter ``k``'s gradient, shaped like :meth:`master_view` (None before any has landed)."""
+        return self.params[k].grad
+
+    def clear_grads(self, keys: list[int], set_to_none: bool) -> None:
+        """``optimizer.zero_grad()`` ran over parameters ``keys``: ``p.grad`` is the record, nothing to do."""
+
+    def can_adopt(self) -> bool:
+        """Whether the next gradients may be copied straight into ``grad_flat`` (none yet, all trained)."""
+        return all(p.requires_grad for p in self.params) and all(p.grad is None for p in self.params)
+
+    def adopt(self) -> None:
+        """The gradients were copied straight into ``grad_flat``: point ``p.grad`` at them."""
+        for p, v in zip(self.params, self.grad_views):
+            p.grad = v
+
+    def accumulate(self, grads: Tensor) -> None:
+        """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
+        current = [p.grad for p in self.params]
+        trained = [p.requires_grad for p in self.params]
+        if all(g is None for g, t in zip(current, trained) if t) and all(trained):
+            self.grad_flat.copy_(grads)
+            for p, v in zip(self.params, self.grad_views):
+                p.grad = v
+            return
+        if all(g is v for g, v in zip(current, self.grad_views)):
+            self.grad_flat.add_(grads)
+            return
+        for p, g, v, new in zip(self.params, current, self.grad_views, self.split(grads)):
+            if not p.requires_grad:
+                continue
+            if g is None:
+                v.copy_(new)
+                p.grad = v
+            else:
+                g.add_(new)
+
+    def release(self) -> None:
+        """Give each parameter (and gradient) its own ordinary CPU storage again."""
+        with torch.no_grad():
+            for p in self.params:
+                p.data = p.data.clone()
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
+
+
+def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
+    done.synchronize()
+    with torch.no_grad():
+        block.accumulate(host)
+
+
+def adopt_grads(block: HostBlock, done: Any) -> None:
+    """The device copied the block's gradients straight into ``grad_flat``: make them the block's."""
+    done.synchronize()
+    block.adopt()
+
+
+def check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:
+    owner: dict[int, int] = {}
+    for i, block in enumerate(container):
+        params = list(block.parameters())
+        if not params:
+            raise ValueError(f"Block {i} at layers={path!r} ({type(block).__name__}) has no parameters to stream; "
+                             "point layers at the repeated blocks that hold the weights.")
+        for p in params:
+            if owner.setdefault(id(p), i) != i:
+                raise ValueError(f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter; layer "
+                                 "streaming keeps each block's weights in its own host buffer.")
+    inside = {id(m) for b in container for m in b.modules()}
+    for m in root.modules():
+        if id(m) in inside:
+            continue
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in owner:
+                raise ValueError(f"{type(m).__name__}.{name} outside layers={path!r} is a parameter of block "
+                                 f"{owner[id(p)]}; untie it or stream a container that holds both.")
+
+
+def move_except(root: nn.Module, device: torch.device, keep: set[int]) -> None:
+    """``root.to(device)`` for every parameter not in ``keep`` and every buffer (tied weights move once)."""
+    with torch.no_grad():
+        for m in root.modules():
+            for p in m._parameters.values():
+                if p is not None and id(p) not in keep and p.device != device:
+                    p.data = p.data.to(device)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(device)
+            for name, b in m._buffers.items():
+                if b is not None and b.device != device:
+                    m._buffers[name] = b.to(device)
+
+
+def state_to_host(optimizer: Optimizer, params: Iterable[Tensor]) -> None:
+    """The optimizer state of ``params`` in host memory: Lightning moves all state to the device on set-up and
+    when loading a checkpoint. ``step`` comes too: torch's fused and capturable kernels keep it beside the
+    parameter, and the host's fused kernel wants it on the host."""
+    state_to_device(optimizer, params, torch.device("cpu"))
+
+
+def state_to_device(optimizer: Optimizer, params: Iterable[Tensor], device: torch.device) -> None:
+    """The optimizer state of ``params`` on ``device``, where torch keeps it for a parameter there: per-element
+    tensors always; ``step`` only on the host or for a fused or capturable group (torch's other kernels read it
+    on the host, and a fused CUDA kernel refuses it there)."""
+    device = torch.device(device)
+    beside = {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
+    for p in params:
+        state = optimizer.state.get(p, {})
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.device == device:
+                continue
+            if key != "step" or device.type == "cpu" or id(p) in beside:
+                state[key] = value.to(device)
+
+
+def optimizer_state_bytes(optimizers: Iterable[Optimizer], params: Optional[Iterable[Tensor]] = None,
+                          device: Optional[torch.device] = None) -> int:
+    """Bytes of per-element optimizer state (not ``step`` counts) of ``params`` (default: every parameter with
+    state), on ``device`` only if given."""
+    total = 0
+    for opt in optimizers:
+        states = opt.state.values() if params is None else (opt.state.get(p, {}) for p in params)
+        for state in states:
+            if not isinstance(state, dict):
+                continue
+            total += sum(v.nbytes for k, v in state.items()
+                         if isinstance(v, Tensor) and k != "step" and (device is None or v.device == device))
+    return total
