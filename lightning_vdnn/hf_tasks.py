@@ -92,9 +92,9 @@ def load_config(source: Union[str, Path], **overrides: Any):
     if unknown:
         raise ValueError(f"overrides {unknown} are not fields of {type(config).__name__} (from {path}); "
                          "check the spelling against its config.json.")
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    # Built again rather than set on it: a config derives fields at construction (a Llama's head_dim from
+    # hidden_size), which a field set afterwards would leave stale.
+    return transformers.AutoConfig.for_model(model_type, **{**fields, **overrides}) if overrides else config
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -58,6 +58,7 @@ def test_a_local_config_directory_or_file_is_built(tmp_path):
     built = instantiate(compose_run(f"model.config={tmp_path / 'saved'}").model)
     assert isinstance(built, HFCausalLM) and len(built.model.model.layers) == 3
     assert built.model.config.hidden_size == 64 and next(built.parameters()).dtype == torch.float32
+    assert built.model.config.head_dim == 16  # derived from the overridden width, not llama_tiny's 32
     assert len(HFCausalLM(config=str(tmp_path / "cfg.json")).model.model.layers) == 1
 
 
