@@ -71,9 +71,14 @@ def _conv_stages(features: nn.Sequential) -> list[nn.Sequential]:
 
 
 def _units(w: Workload) -> nn.Module:
-    """The model's repeated units, in place: GPT's blocks; VGG's conv stages (``features`` regrouped)."""
+    """The model's repeated units, in place: GPT's blocks, a Llama's decoder layers; VGG's conv stages
+    (``features`` regrouped)."""
     if w.family == "gpt":
         return w.model.blocks
+    if w.family == "hf_llama":
+        from benchmarks.hf_workloads import blocks
+
+        return blocks(w.model)
     w.model.features = nn.Sequential(*_conv_stages(w.model.features))
     return w.model.features
 
@@ -83,6 +88,19 @@ def checkpoint(w: Workload, device: torch.device, n: int) -> StepClock:
     units = _units(w)
     for i, unit in enumerate(units):
         units[i] = Checkpointed(unit)
+    return plain(w, device, n)
+
+
+def hf_checkpoint(w: Workload, device: torch.device, n: int) -> StepClock:
+    """``transformers``' own checkpointing, as its users turn it on: ``gradient_checkpointing_enable`` (named
+    ``activation_checkpointing_enable`` in newer versions; ``lightning_vdnn.examples.hf_tasks.enable_checkpointing`` picks),
+    non-reentrant like ``checkpoint``."""
+    if not hasattr(w.model, "gradient_checkpointing_enable"):
+        raise NotImplementedError(f"hf_checkpoint is transformers' checkpointing; {w.name} is not a transformers model "
+                                  "(use 'checkpoint').")
+    from lightning_vdnn.examples.hf_tasks import enable_checkpointing
+
+    enable_checkpointing(w.model)
     return plain(w, device, n)
 
 
@@ -175,8 +193,9 @@ def plain_accum8(w: Workload, device: torch.device, n: int) -> StepClock:
     return timed_loop(step, n, device)
 
 
-PEERS = {"plain": plain, "plain_accum8": plain_accum8, "checkpoint": checkpoint, "save_on_cpu": save_on_cpu,
-         "zero3_offload": zero3_offload, "zero2_offload": zero2_offload, "fsdp2_offload": fsdp2_offload}
+PEERS = {"plain": plain, "plain_accum8": plain_accum8, "checkpoint": checkpoint, "hf_checkpoint": hf_checkpoint,
+         "save_on_cpu": save_on_cpu, "zero3_offload": zero3_offload, "zero2_offload": zero2_offload,
+         "fsdp2_offload": fsdp2_offload}
 
 
 def run_peer(name: str, w: Workload, device: torch.device, n: int) -> StepClock:

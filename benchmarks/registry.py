@@ -39,6 +39,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("plain", "peer", "raw PyTorch loop, everything on the GPU (the baseline of every ratio); DDP on N"),
     CaseSpec("lightning_plain", "lightning", "Trainer(strategy='auto'): Lightning's overhead against 'plain'"),
     CaseSpec("checkpoint", "peer", "torch.utils.checkpoint per block / conv stage, non-reentrant"),
+    CaseSpec("hf_checkpoint", "peer", "transformers' own per-layer activation checkpointing "
+             "(model.gradient_checkpointing_enable(), non-reentrant; Hugging Face models)"),
     CaseSpec("save_on_cpu", "peer", "torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward"),
     CaseSpec("zero3_offload", "peer", "DeepSpeed ZeRO-3, parameters and optimizer offloaded to pinned CPU"),
     CaseSpec("zero2_offload", "peer", "DeepSpeed ZeRO-2, optimizer offloaded to pinned CPU"),
@@ -103,13 +105,14 @@ def devices_status(spec: CaseSpec, devices: int) -> Optional[str]:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """A model of the suite: a named config of ``lightning_vdnn.examples.models`` (with overrides) and its batch."""
+    """A model of the suite: a named config of ``lightning_vdnn.examples.models`` (or of ``hf_workloads.CONFIGS``),
+    with overrides, and its batch."""
 
-    family: str  # "gpt" or "vgg"
+    family: str  # "gpt", "vgg" or "hf_llama" (a transformers LlamaForCausalLM)
     config: str
     batch: int
-    seq_len: int = 0  # GPT only
-    overrides: tuple[tuple[str, int], ...] = ()
+    seq_len: int = 0  # language models only
+    overrides: tuple[tuple[str, int], ...] = ()  # GPTConfig/VGGConfig fields, or LlamaConfig's for hf_llama
 
 
 SIZES: dict[str, ModelSize] = {
@@ -119,10 +122,15 @@ SIZES: dict[str, ModelSize] = {
     "gpt_tiny": ModelSize("gpt", "gpt_tiny", 2, 64),
     "gpt_deep_tiny": ModelSize("gpt", "gpt_tiny", 2, 64, overrides=(("n_layer", 16),)),
     "vgg_tiny": ModelSize("vgg", "vgg_tiny", 4),
+    "hf_llama_1b": ModelSize("hf_llama", "tinyllama_1b", 8, 1024),
+    "hf_llama_tiny": ModelSize("hf_llama", "tinyllama_1b", 2, 64, overrides=(
+        ("num_hidden_layers", 4), ("hidden_size", 64), ("intermediate_size", 176), ("num_attention_heads", 4),
+        ("num_key_value_heads", 2), ("vocab_size", 256))),
 }
 #: ``--tiny`` maps each model to its CPU-sized stand-in.
 TINY = {"gpt_1b": "gpt_tiny", "gpt_deep": "gpt_deep_tiny", "vgg16": "vgg_tiny",
-        "gpt_tiny": "gpt_tiny", "gpt_deep_tiny": "gpt_deep_tiny", "vgg_tiny": "vgg_tiny"}
+        "gpt_tiny": "gpt_tiny", "gpt_deep_tiny": "gpt_deep_tiny", "vgg_tiny": "vgg_tiny",
+        "hf_llama_1b": "hf_llama_tiny", "hf_llama_tiny": "hf_llama_tiny"}
 
 BASELINE = "plain"
 _BUDGET_RE = re.compile(r"^([0-9]*\.?[0-9]+)%$")

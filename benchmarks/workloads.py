@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.registry import SIZES
+from benchmarks.registry import SIZES, ModelSize
 
 SEED = 0
 GPT_LR = 1e-4
@@ -83,6 +83,18 @@ def repeated(w: Workload, k: int) -> Workload:
                                flops_per_step=w.flops_per_step * k)
 
 
+def _hf_llama(name: str, size: ModelSize, gen: torch.Generator, device: torch.device) -> Workload:
+    """A ``transformers`` Llama (``hf_workloads.py``), with the GPT models' batch and optimizer."""
+    from benchmarks import hf_workloads
+
+    model = hf_workloads.build_llama(size)
+    shape = (size.batch, size.seq_len)
+    x, y = (torch.randint(model.config.vocab_size, shape, generator=gen).to(device) for _ in range(2))
+    return Workload(name, "hf_llama", model, (x, y), hf_workloads.hf_loss, _adamw,
+                    {"type": "AdamW", "params": {"lr": GPT_LR}}, size.batch * size.seq_len, "tokens",
+                    float(hf_workloads.flops_per_token(model, size.seq_len)) * size.batch * size.seq_len)
+
+
 def build(name: str, device: torch.device) -> Workload:
     """The workload ``name`` (a key of ``SIZES``) with its batch on ``device``; seeded, so every case is alike."""
     from lightning_vdnn.examples.models import GPT, VGG, GPTConfig, VGGConfig
@@ -97,6 +109,8 @@ def build(name: str, device: torch.device) -> Workload:
         return Workload(name, "gpt", model, (x, y), gpt_loss, _adamw, {"type": "AdamW", "params": {"lr": GPT_LR}},
                         size.batch * size.seq_len, "tokens",
                         float(model.flops_per_token(size.seq_len)) * size.batch * size.seq_len)
+    if size.family == "hf_llama":
+        return _hf_llama(name, size, gen, device)
     cfg = VGGConfig.from_name(size.config, **dict(size.overrides))
     model = VGG(cfg).to(memory_format=torch.channels_last)
     images = torch.randn(size.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)

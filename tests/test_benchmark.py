@@ -122,6 +122,23 @@ def test_data_parallel_cases_measured_on_two_ranks(runs, dp_run):
     assert all(f"| {case} | ok |" in table for case in DP_CASES)
 
 
+@pytest.mark.slow
+def test_hf_llama_workload_trains_under_l2l_and_transformers_checkpointing(tmp_path):
+    """``hf_llama_1b`` at its ``--tiny`` size (a 4-block ``transformers`` Llama): the cases that need nothing but the
+    model, two steps each, so that the HF workload and its peer cannot rot between GPU runs. Same batch, same seed:
+    each case's losses are plain's."""
+    pytest.importorskip("transformers")
+    output, _ = _start(tmp_path, "hf_llama_1b", ["l2l", "hf_checkpoint"], "--steps", "2", "--warmup", "0"
+                       ).communicate(timeout=300)
+    rows = _rows(tmp_path)
+    for case in ("plain", "l2l", "hf_checkpoint"):
+        row = rows[case]
+        assert row["status"] == "ok", f"{case}: {row['status']}\n{row.get('traceback', output)}"
+        assert row["model"] == "hf_llama_tiny" and len(row["losses"]) == 2 and row["tflops"] > 0
+        assert row["losses"] == pytest.approx(rows["plain"]["losses"], rel=1e-5), case
+    assert rows["l2l"]["memory_report"]["streamed_h2d_bytes"] > 0
+
+
 def test_ranks_merge_into_one_row():
     """Slowest rank per step, largest device peak, summed host RSS, mean loss."""
     sys.path.insert(0, str(ROOT))
