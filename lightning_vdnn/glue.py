@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.host_blocks import optimizer_state_bytes
@@ -255,15 +255,24 @@ class OffloadHooks:
         return False
 
     # -- the end of fit -----------------------------------------------------------------------------------
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         trainer = self.lightning_module.trainer
         if self._offloader is None or not self._shows_report(trainer):
             return
-        directory = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
+        directory = self._report_dir(trainer)  # on every rank: log_dir broadcasts
         report = self.memory_report()
         if self.is_global_zero and report.layers:
-            print_report(report, Path(directory))
+            print_report(report, directory)
+
+    def _report_dir(self, trainer: Any) -> Optional[str]:
+        """Where the plot goes: ``report_dir``, else the logger's own log directory (remote or local, as the
+        logger writes it), else nowhere: without a logger Lightning writes no logs, and the PNG would land
+        beside the checkpoints or in the working directory, where nobody asked for a file."""
+        if self.vdnn_config.report_dir is not None:
+            return self.vdnn_config.report_dir
+        return trainer.log_dir if trainer.loggers else None
 
     def _shows_report(self, trainer: Any) -> bool:
         """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
