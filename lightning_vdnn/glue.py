@@ -282,14 +282,19 @@ class OffloadHooks:
 
     # -- numbers -----------------------------------------------------------------------------------------
     def _log_report(self) -> None:
+        """The step's offload numbers to the loggers, at the Trainer's cadence (``log_every_n_steps``; never with
+        0) and under the step Lightning logs this batch's metrics at: as Lightning's own monitors
+        (``DeviceStatsMonitor``, ``LearningRateMonitor``) log theirs. Not through ``self.log``, which would add
+        them to ``trainer.callback_metrics`` and ``logged_metrics``, which callbacks and user code read."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if self._offloader is None or trainer is None or not trainer.loggers:
             return
-        step = trainer.global_step
-        if step % max(trainer.log_every_n_steps, 1) == 0:
-            metrics = self._offloader.report().metrics()
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        if not trainer._logger_connector.should_update_logs:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # this batch's, until the loop counts it
+        metrics = self._offloader.report().metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def memory_report(self) -> MemoryReport:
         """Offload statistics of the latest training step on this rank (empty before training)."""
