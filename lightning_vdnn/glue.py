@@ -223,8 +223,9 @@ class OffloadHooks:
                        category=BudgetLowered)
         attempts.snapshot.restore()
 
+    @override
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        out = super().optimizer_step(optimizer, closure, model=model, **kwargs)
         if self._planner is not None and self._offloader is not None:
             self._update_plan()
         self._log_report()

@@ -219,6 +219,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             super()._initialize_deepspeed_inference(model)
 
     # -- checkpoints: DeepSpeed writes a directory of shards in place; published atomically instead ------------
+    @override
     def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Optional[Any] = None) -> None:
         """Every rank writes its shards into a fresh versioned directory beside ``filepath``; then the first
         rank of each node points ``filepath`` at it in one atomic rename (:func:`checkpoint.publish_dir`), so
@@ -226,12 +227,13 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         filepath = self.broadcast(str(filepath))
         tag = self.broadcast(f"v{uuid.uuid4().hex[:12]}")
         written = version_dir(filepath, tag)
-        super().save_checkpoint(checkpoint, written, storage_options)
+        super().save_checkpoint(checkpoint, written, storage_options=storage_options)
         self.barrier("vdnn_zero_checkpoint_written")
         if self.local_rank == 0:
             publish_dir(written, filepath, f"{tag}-{self.node_rank}")
         self.barrier("vdnn_zero_checkpoint_published")
 
+    @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero and not remove_published(filepath):
             super().remove_checkpoint(filepath)
