@@ -6,8 +6,10 @@ parses user input. Every check says which value was wrong and what would be righ
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 Policy = Literal["none", "all", "conv", "auto"]
@@ -27,6 +29,8 @@ MemorySpec = Union[int, str, None]
 #: ``resident_blocks``: a number of blocks, ``"auto"`` (chosen from ``memory_budget``), or None (see VDNNConfig).
 ResidentSpec = Union[int, Literal["auto"], None]
 SavedSpec = Union[int, Literal["auto"], None]
+#: ``report_dir``: a local path or any fsspec URL (``"s3://bucket/run"``), or None (the logger's log directory).
+ReportDir = Union[str, Path, None]
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class VDNNConfig:
             PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
             ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
             sweeps) gets a quiet end too.
+        report_dir: where ``fit_report`` saves its PNG: a path or any fsspec URL, written through fsspec as the
+            loggers write theirs. ``None`` (default): the logger's own log directory (``trainer.log_dir``); with
+            ``logger=False`` no PNG (the table is still printed): Lightning writes no logs then, and a file in the
+            checkpoint folder or the working directory would be one nobody asked for.
     """
 
     activation_offload: Policy = "auto"
@@ -174,9 +182,11 @@ class VDNNConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     fit_report: Optional[bool] = None
+    report_dir: ReportDir = None
 
     def __post_init__(self) -> None:
         self._check_types()
+        self._check_report_dir()
         if self.activation_offload not in POLICIES:
             raise ValueError(
                 f"activation_offload={self.activation_offload!r} is not a policy; choose one of {list(POLICIES)}."
@@ -362,6 +372,18 @@ class VDNNConfig:
                 raise TypeError(f"layers={layers!r} must be a dotted path string like 'model.blocks', a non-empty list "
                                 "of them, or None.")
             object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else tuple(layers))
+
+    def _check_report_dir(self) -> None:
+        where = self.report_dir
+        if where is None:
+            return
+        if not isinstance(where, (str, os.PathLike)) or not os.fspath(where):
+            raise TypeError(f"report_dir={where!r} must be a non-empty path or fsspec URL ('s3://bucket/run'), or None "
+                            "(the logger's log directory).")
+        if self.fit_report is False:
+            raise ValueError(f"report_dir={where!r} is where fit_report saves its plot, and fit_report=False saves "
+                             "none: drop report_dir, or set fit_report=True (None: follow enable_model_summary).")
+        object.__setattr__(self, "report_dir", os.fspath(where))
 
     @property
     def layer_paths(self) -> tuple[str, ...]:

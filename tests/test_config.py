@@ -50,6 +50,9 @@ def test_budget_resolves_against_capacity():
     (dict(layers=5), TypeError, "layers=5"),
     (dict(memory_budget="lots"), ValueError, "memory_budget='lots'"),
     (dict(fit_report="yes"), TypeError, "fit_report='yes' must be True, False or None"),
+    (dict(report_dir=3), TypeError, "report_dir=3 must be a non-empty path or fsspec URL"),
+    (dict(report_dir=""), TypeError, "report_dir='' must be a non-empty path"),
+    (dict(report_dir="plots", fit_report=False), ValueError, "report_dir='plots' is where fit_report saves its plot"),
 ])
 def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -3,6 +3,10 @@ table on the console and a PNG in the log directory, or silence when asked."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
+import fsspec
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger
@@ -73,10 +77,28 @@ def test_fit_prints_the_table_and_saves_the_timeline_in_the_log_dir(cnn, tmp_pat
     (None, True, True), (None, False, False), (False, True, False), (True, False, True),
 ])
 def test_report_follows_the_model_summary_unless_told(cnn, tmp_path, capsys, fit_report, summary, shown):
-    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=fit_report), max_steps=1, default_root_dir=tmp_path,
+    logger = CSVLogger(tmp_path)
+    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=fit_report), max_steps=1, logger=logger,
         enable_model_summary=summary)
     assert (TABLE_TITLE in capsys.readouterr().out) is shown
-    assert (tmp_path / TIMELINE_FILE).exists() is shown
+    assert (Path(logger.log_dir) / TIMELINE_FILE).exists() is shown
+
+
+def test_without_a_logger_the_plot_is_saved_only_where_asked(cnn, tmp_path, monkeypatch, capsys):
+    """``logger=False``: Lightning writes no logs, so no PNG beside the checkpoints or in the working directory;
+    the table is still printed, and ``report_dir`` (a path or an fsspec URL) says where a PNG should go."""
+    monkeypatch.chdir(tmp_path)
+    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=True), max_steps=1, default_root_dir=tmp_path / "root",
+        enable_checkpointing=True)
+    assert TABLE_TITLE in capsys.readouterr().out
+    assert not list(tmp_path.rglob(TIMELINE_FILE))
+    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=True, report_dir=tmp_path / "plots"), max_steps=1)
+    assert (tmp_path / "plots" / TIMELINE_FILE).read_bytes()[:8] == PNG_MAGIC
+    url = f"memory://{uuid.uuid4().hex}/plots"
+    fit(cnn, image_loader(), VDNNStrategy("all", fit_report=True, report_dir=url), max_steps=1)
+    with fsspec.open(f"{url}/{TIMELINE_FILE}", "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "root"]  # no local folder named "memory:"
 
 
 def test_table_sums_the_layers_beyond_the_top(cnn):

@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from typing_extensions import override
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -100,11 +101,12 @@ def remove_published(path: _PATH) -> bool:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` writing local checkpoints atomically (remote paths: Lightning's writer)."""
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         protocol = get_filesystem(path).protocol
         local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
         if storage_options is not None or not local:
-            return super().save_checkpoint(checkpoint, path, storage_options)
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         atomic_torch_save(checkpoint, path)
 
 

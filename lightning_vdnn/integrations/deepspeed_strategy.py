@@ -30,10 +30,11 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
 from lightning.pytorch.strategies.ddp import DDPStrategy
+from typing_extensions import override
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import publish_dir, remove_published, version_dir
-from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
@@ -97,9 +98,9 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
 
     Args:
         activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, layers,
-            memory_budget, fit_report: as in :class:`~lightning_vdnn.VDNNConfig`; each rank offloads (and, with
-            ``"auto"``, plans) its own activations; rank 0 prints the report. An out-of-memory error is not
-            retried here (a rank running its batch again would leave the others waiting in a collective).
+            memory_budget, fit_report, report_dir: as in :class:`~lightning_vdnn.VDNNConfig`; each rank offloads
+            (and, with ``"auto"``, plans) its own activations; rank 0 prints the report. An out-of-memory error is
+            not retried here (a rank running its batch again would leave the others waiting in a collective).
         zero_stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters. ``None``: the
             stage of ``config``, else 2.
         offload_optimizer: optimizer state and step in host memory (ZeRO-Offload). A ``torch.optim`` optimizer
@@ -156,6 +157,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         resident_blocks: int = 0,
         microbatches: int = 1,
         fit_report: Optional[bool] = None,
+        report_dir: ReportDir = None,
         config: Optional[Union[_PATH, dict[str, Any]]] = None,
         vdnn_config: Optional[VDNNConfig] = None,
         accelerator: Any = None,
@@ -174,6 +176,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             layer_streaming=layer_streaming, layers=layers, memory_budget=memory_budget, microbatches=microbatches,
             resident_blocks=resident_blocks, zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
+            report_dir=report_dir,
         )
         self.vdnn_config.refuse_chunks("VDNNZeroStrategy (DeepSpeed)")
         if not self.vdnn_config.zero_stage:
@@ -216,6 +219,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
             super()._initialize_deepspeed_inference(model)
 
     # -- checkpoints: DeepSpeed writes a directory of shards in place; published atomically instead ------------
+    @override
     def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Optional[Any] = None) -> None:
         """Every rank writes its shards into a fresh versioned directory beside ``filepath``; then the first
         rank of each node points ``filepath`` at it in one atomic rename (:func:`checkpoint.publish_dir`), so
@@ -223,12 +227,13 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         filepath = self.broadcast(str(filepath))
         tag = self.broadcast(f"v{uuid.uuid4().hex[:12]}")
         written = version_dir(filepath, tag)
-        super().save_checkpoint(checkpoint, written, storage_options)
+        super().save_checkpoint(checkpoint, written, storage_options=storage_options)
         self.barrier("vdnn_zero_checkpoint_written")
         if self.local_rank == 0:
             publish_dir(written, filepath, f"{tag}-{self.node_rank}")
         self.barrier("vdnn_zero_checkpoint_published")
 
+    @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero and not remove_published(filepath):
             super().remove_checkpoint(filepath)
@@ -272,7 +277,8 @@ def _l2l_zero(
     offload_params: bool = False, min_offload_bytes: int = 2**20, prefetch_layers: int = 1,
     max_inflight_bytes: int = 2**28, pin_memory: bool = True, layers: LayerPaths = None,
     memory_budget: MemorySpec = None, layer_streaming: bool = True, resident_blocks: int = 0, microbatches: int = 1,
-    fit_report: Optional[bool] = None, config: Optional[Union[_PATH, dict[str, Any]]] = None,
+    fit_report: Optional[bool] = None, report_dir: ReportDir = None,
+    config: Optional[Union[_PATH, dict[str, Any]]] = None,
     vdnn_config: Optional[VDNNConfig] = None, load_full_weights: bool = False, logging_level: int = logging.WARN,
     **lightning: Any,
 ) -> Any:
@@ -290,7 +296,7 @@ def _l2l_zero(
         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layer_streaming=layer_streaming,
         layers=layers, memory_budget=memory_budget, resident_blocks=resident_blocks, microbatches=microbatches,
         zero_stage=DEFAULT_STAGE if zero_stage is None else zero_stage, offload_optimizer=offload_optimizer,
-        offload_params=offload_params, fit_report=fit_report,
+        offload_params=offload_params, fit_report=fit_report, report_dir=report_dir,
     )
     if not vdnn_config.zero_stage:
         raise ValueError("VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For layer streaming on one "

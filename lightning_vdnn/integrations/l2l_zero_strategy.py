@@ -34,7 +34,7 @@ from torch.optim import Optimizer
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
-from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.sharded import Collectives, Partition, ShardedLayerStreamer, full_optimizer_state
@@ -53,7 +53,8 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     replicated (DDP). vDNN activation offload works on top, per rank.
 
     Args:
-        activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, memory_budget, fit_report:
+        activation_offload, min_offload_bytes, prefetch_layers, max_inflight_bytes, memory_budget, fit_report,
+            report_dir:
             vDNN on each rank, as in :class:`~lightning_vdnn.VDNNConfig` (default ``"none"``, as ``"l2l"``).
         zero_stage: 1, 2 or 3, all the same for the streamed blocks (partitioned host state) and for the
             modules outside them (replicated); see the module docstring.
@@ -98,6 +99,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         max_inflight_bytes: int = 2**28,
         memory_budget: MemorySpec = None,
         fit_report: Optional[bool] = None,
+        report_dir: ReportDir = None,
         vdnn_config: Optional[VDNNConfig] = None,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -113,6 +115,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
             layer_streaming=True, layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
             microbatches=microbatches, saved_blocks=saved_blocks, zero_stage=zero_stage, fit_report=fit_report,
+            report_dir=report_dir,
         )
         cfg = self.vdnn_config
         if not cfg.layer_streaming or not cfg.zero_stage:

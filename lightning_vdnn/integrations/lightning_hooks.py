@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_vdnn.buffers import running_stats
 from lightning_vdnn.config import VDNNConfig
@@ -225,8 +225,9 @@ class OffloadHooks:
                        category=BudgetLowered)
         attempts.snapshot.restore()
 
+    @override
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        out = super().optimizer_step(optimizer, closure, model=model, **kwargs)
         if self._planner is not None and self._offloader is not None:
             self._update_plan()
         self._log_report()
@@ -257,15 +258,24 @@ class OffloadHooks:
         return False
 
     # -- the end of fit -----------------------------------------------------------------------------------
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         trainer = self.lightning_module.trainer
         if self._offloader is None or not self._shows_report(trainer):
             return
-        directory = trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
+        directory = self._report_dir(trainer)  # on every rank: log_dir broadcasts
         report = self.memory_report()
         if self.is_global_zero and report.layers:
-            print_report(report, Path(directory))
+            print_report(report, directory)
+
+    def _report_dir(self, trainer: Any) -> Optional[str]:
+        """Where the plot goes: ``report_dir``, else the logger's own log directory (remote or local, as the
+        logger writes it), else nowhere: without a logger Lightning writes no logs, and the PNG would land
+        beside the checkpoints or in the working directory, where nobody asked for a file."""
+        if self.vdnn_config.report_dir is not None:
+            return self.vdnn_config.report_dir
+        return trainer.log_dir if trainer.loggers else None
 
     def _shows_report(self, trainer: Any) -> bool:
         """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
@@ -275,14 +285,19 @@ class OffloadHooks:
 
     # -- numbers -----------------------------------------------------------------------------------------
     def _log_report(self) -> None:
+        """The step's offload numbers to the loggers, at the Trainer's cadence (``log_every_n_steps``; never with
+        0) and under the step Lightning logs this batch's metrics at: as Lightning's own monitors
+        (``DeviceStatsMonitor``, ``LearningRateMonitor``) log theirs. Not through ``self.log``, which would add
+        them to ``trainer.callback_metrics`` and ``logged_metrics``, which callbacks and user code read."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if self._offloader is None or trainer is None or not trainer.loggers:
             return
-        step = trainer.global_step
-        if step % max(trainer.log_every_n_steps, 1) == 0:
-            metrics = self._offloader.report().metrics()
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        if not trainer._logger_connector.should_update_logs:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # this batch's, until the loop counts it
+        metrics = self._offloader.report().metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def memory_report(self) -> MemoryReport:
         """Offload statistics of the latest training step on this rank (empty before training)."""

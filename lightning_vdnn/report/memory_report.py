@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional, Sequence
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 
 #: Title of the table printed at the end of ``fit``.
 TABLE_TITLE = "vDNN memory report"
-#: File name of the plot saved at the end of ``fit``, in the run's log directory.
+#: File name of the plot saved at the end of ``fit``, in the logger's log directory (or ``report_dir``).
 TIMELINE_FILE = "vdnn_memory_timeline.png"
 
 
@@ -301,8 +302,9 @@ def _peak_caption(report: MemoryReport) -> str:
             f"{opt(report.measured_peak_bytes)}; budget {budget}")
 
 
-def save_timeline(report: MemoryReport, path: "str | Path") -> Path:
-    """A PNG of memory through one step: on a GPU, ``torch.cuda.memory_allocated()`` sampled at each layer
+def save_timeline(report: MemoryReport, path: "str | Path") -> str:
+    """A PNG of memory through one step, written to ``path`` (local, or any fsspec URL) through fsspec, as
+    Lightning's loggers and checkpoints are: on a GPU, ``torch.cuda.memory_allocated()`` sampled at each layer
     boundary of forward and each unpack of backward (``report.timeline``); on a CPU, where there is nothing to
     sample, the bytes saved for backward that stay in place and that move to the host, counted per layer as
     forward adds them and backward frees them. The title says which."""
@@ -315,8 +317,13 @@ def save_timeline(report: MemoryReport, path: "str | Path") -> Path:
     else:
         _plot_counted(ax, report)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    path = os.fspath(path)
+    fs = get_filesystem(path)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
 
 
@@ -373,14 +380,16 @@ def _plot_counted(ax: object, report: MemoryReport) -> None:
     ax.set_ylabel(unit)
 
 
-def print_report(report: MemoryReport, directory: "str | Path", top: int = 10) -> Path:
-    """Print :func:`layer_table` to the console and save :func:`save_timeline` in ``directory``."""
+def print_report(report: MemoryReport, directory: "str | Path | None", top: int = 10) -> Optional[str]:
+    """Print :func:`layer_table` to the console and save :func:`save_timeline` in ``directory`` (a path or an
+    fsspec URL; ``None``: no file, and a line saying how to get one). Returns the PNG's path, if any."""
     from rich.console import Console
 
     console = Console()
     console.print(layer_table(report, top))
-    path = Path(directory) / TIMELINE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_timeline(report, path)
+    if directory is None:
+        console.print("memory over one step: not saved (no logger to put it beside); report_dir=... saves it")
+        return None
+    path = save_timeline(report, os.path.join(os.fspath(directory), TIMELINE_FILE))
     console.print(f"memory over one step: {path}")
     return path
