@@ -52,7 +52,6 @@ the subset-sum that keeps the most bytes that fit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal, Optional, Sequence, Union
 

@@ -13,7 +13,7 @@ import contextlib
 from typing import Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_vdnn.buffers import BufferWatch

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.streaming.host_state import HostBlock, host_empty
 from lightning_vdnn.streaming.streamer import LayerStreamer
 

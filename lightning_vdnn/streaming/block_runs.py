@@ -1,0 +1,179 @@
+"""Running a streamed block's calls: forward from the block's device slot, chunk by chunk, and backward by
+recomputing it (or, for a saving block, through the graph its forward kept).
+
+A call comes in as the parent made it; :class:`~lightning_vdnn.streaming.calls.CallFlat` takes it apart, the
+autograd ``Function`` (``streaming/block_function.py``) carries its tensors, and the result goes back in the
+structure the block returned. :class:`BlockRuns` is mixed into
+:class:`~lightning_vdnn.streaming.streamer.LayerStreamer`, whose slots (``streaming/slots.py``) and gradient path
+(``streaming/gradient_path.py``) it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_vdnn.streaming.block_function import (Enter, Exit, Graph, Port, Result, SavedBytes, SlotSaves,
+                                                     SlotView, StreamedBlock)
+from lightning_vdnn.streaming.calls import CallFlat, ChunkPlan, Flat, Joined
+from lightning_vdnn.streaming.hf_conventions import checkpointing_off
+from lightning_vdnn.streaming.microbatches import ChunkState
+from lightning_vdnn.streaming.slots import Slot
+
+
+class BlockRuns:
+    """A streamed block's forward and backward (mixed into ``LayerStreamer``)."""
+
+    def _where(self, index: int) -> str:
+        return f"{type(self.blocks[index].module).__name__} at {self.path!r}"
+
+    def _forward(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        """The streamed block's ``forward``: called as its parent calls it, returning what the block returns."""
+        block = self.blocks[index]
+        training = torch.is_grad_enabled()
+        if training:
+            if getattr(block.module, "gradient_checkpointing", False) is True:  # turned on after streaming began
+                self._checkpointed += checkpointing_off([block.module], self._where(index))
+            args, kwargs = self._hf_calls.strip(args, kwargs, self._where(index))
+        call = CallFlat(args, kwargs)
+        tensors = call.take()
+        if training and (any(t.requires_grad for t in tensors) or any(p.requires_grad for p in block.params)):
+            self._calls[index] += 1
+            result = Result()
+            outs = StreamedBlock.apply(self, index, call, result, self._anchor, *tensors)
+            return result.flat.rebuild(outs)
+        flat, outs, _ = self._run(index, call, tensors)
+        return flat.rebuild(outs)
+
+    def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor],
+             states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined]:
+        """Block ``index`` over the call, chunk by chunk on one resident slot. ``states`` (training) receives each
+        chunk's RNG/autocast/buffer state, which backward replays. Returns the result's structure, its tensors
+        and the chunks' layout (kept for backward)."""
+        slot = self._acquire(index)
+        block = self.blocks[index]
+        plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
+        joined = Joined(plan, self._where(index))
+        with block.substituted(block.split(slot.buf)):
+            for k, chunk in enumerate(plan.chunks(tensors)):
+                state = ChunkState(self.device, self._buffers[index]) if states is not None else None
+                joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+                if state is not None:
+                    state.ran()
+                    states.append(state)
+        slot.free = self.engine.record()
+        self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
+        flat, outs = joined.result()
+        joined.forget_values()
+        return flat, outs, joined
+
+    def _run_saving(self, index: int, call: CallFlat, tensors: Sequence[Tensor]) -> tuple[Graph, Any, list[Tensor],
+                                                                                            Joined]:
+        """Block ``index`` over the call with autograd, chunk by chunk, from leaves standing in for its slot's
+        weights: what autograd saves goes through :class:`SlotSaves`. Returns the graph, the result's structure
+        and tensors (detached: the graph's ends are ports), and the chunks' layout."""
+        slot = self._acquire(index)
+        block = self.blocks[index]
+        saves = SlotSaves(self, index, slot.buf)
+        with torch.enable_grad():
+            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            entered = [j for j, t in enumerate(tensors) if t.requires_grad]
+            anchor = torch.empty(0, device=self.device, requires_grad=True) if entered else None
+            entry_port, exit_port = Port(), Port()
+            cut = [t.detach() for t in tensors]
+            if anchor is not None:
+                for j, t in zip(entered, Enter.apply(anchor, entry_port, *(tensors[j] for j in entered))):
+                    cut[j] = t
+            plan = ChunkPlan(call, cut, self.microbatches, self._where(index))
+            joined = Joined(plan, self._where(index))
+            with saves, block.substituted(leaves):
+                for k, chunk in enumerate(plan.chunks(cut)):
+                    joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+            flat, outs = joined.result()
+            graph = Graph(Exit.apply(exit_port, *outs), anchor, leaves, entry_port, exit_port, entered, len(tensors))
+        slot.free = self.engine.record()
+        self._prefetch(index, +1, slot)
+        joined.forget_values()
+        return graph, flat, [o.detach() for o in outs], joined
+
+    def _backward(self, index: int, call: CallFlat, tensors: Sequence[Tensor], grads: list[Optional[Tensor]],
+                  states: list[ChunkState], layout: Joined, needs: Sequence[bool]) -> list[Optional[Tensor]]:
+        """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
+        device and cross to the host once. Returns the gradient of each of the call's tensors."""
+        slot = self._acquire(index)
+        self._prefetch(index, -1, slot)
+        block = self.blocks[index]
+        plan = layout.plan
+        chunks = plan.chunks(tensors)
+        dev, gins = None, [None] * len(chunks)
+        saved = 0  # a chunk's saves are freed before the next chunk's reuse their memory: counted per chunk
+        for k in reversed(range(len(chunks))):  # last chunk first, the order autograd would sum them in
+            counter = SavedBytes(*tensors, *chunks[k], slot.buf) if self.measure_saved else None
+            with counter if counter is not None else contextlib.nullcontext():
+                gins[k], wgrads = self._recompute(index, slot, call, chunks[k], layout.grads_of_chunk(k, grads),
+                                                  states[k], needs)
+            saved += counter.nbytes if counter is not None else 0
+            if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
+                dev = self._grad_buffer(block)
+            block.pack_grads(dev, wgrads, first=k == len(chunks) - 1)
+        if self.measure_saved:
+            self.saved_bytes[index] = saved  # what the block saves over the whole batch, as a resident one would
+        self._finish_backward(block, slot, dev)
+        return plan.join_grads(gins)
+
+    def _backward_saving(self, index: int, graph: Graph, grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
+        slot = self._acquire(index)
+        self._prefetch(index, -1, slot)
+        block = self.blocks[index]
+        wants = ([graph.anchor] if graph.anchor is not None else []) + [w for w in graph.leaves if w.requires_grad]
+        self._reading[index], graph.exit.grads = slot, tuple(grads)
+        try:
+            got = list(torch.autograd.grad(graph.root, wants, torch.empty_like(graph.root), allow_unused=True)
+                       ) if wants else []
+        finally:
+            del self._reading[index]
+        it = iter(got[1:] if graph.anchor is not None else got)
+        dev = self._grad_buffer(block)
+        block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
+        self._finish_backward(block, slot, dev)
+        return graph.input_grads()
+
+    def _slot_view(self, saved: SlotView) -> Tensor:
+        """A saved view of block ``saved.index``'s weights, from the slot its backward acquired."""
+        slot = self._reading.get(saved.index)
+        if slot is None:
+            raise RuntimeError(self._once(saved.index))
+        return slot.buf.as_strided(saved.size, saved.stride, slot.buf.storage_offset() + saved.offset)
+
+    def _once(self, index: int) -> str:
+        return (f"layer streaming: block {index} at {self.path!r} saved its activations (saved_blocks), and they were "
+                "read a second time, or outside its backward (backward(retain_graph=True) run twice, or autograd.grad "
+                "on a tensor inside the block). A saving block supports one backward per forward; with saved_blocks=0 "
+                "every streamed block recomputes, which supports more.")
+
+    def _recompute(self, index: int, slot: Slot, call: CallFlat, chunk: list[Tensor],
+                   grads: list[Optional[Tensor]], state: ChunkState,
+                   needs: Sequence[bool]) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+        """One chunk's forward again, with autograd, from its recorded state: (the call's tensors' grads, the
+        weight grads)."""
+        block = self.blocks[index]
+        with state.replay():
+            ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
+            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            with block.substituted(leaves):
+                outs = Flat(call.call(self._forwards[index][1], ins)).take()
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wants = [x for x in ins if x.requires_grad] + [w for w in leaves if w.requires_grad]
+        got = list(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs], allow_unused=True)
+                   ) if pairs and wants else [None] * len(wants)
+        it = iter(got)
+        gins = [next(it) if x.requires_grad else None for x in ins]
+        return gins, [next(it) if w.requires_grad else None for w in leaves]
+
+
+def _shape(chunk: Sequence[Tensor], call: CallFlat) -> tuple[int, ...]:
+    return tuple(chunk[call.first].shape) if chunk else ()
