@@ -16,12 +16,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_vdnn.examples.tasks import param_groups, warmup_cosine
+from lightning_vdnn.examples.tasks import NextTokenTask
 
 #: Where the configs shipped with the package live: ``config="llama_tiny"`` is ``llama_tiny.json`` here.
 SHIPPED = Path(__file__).resolve().parents[1] / "conf" / "hf"
@@ -123,7 +122,7 @@ def build_causal_lm(source: Union[str, Path], attn_implementation: str = "sdpa",
         raise ValueError(f"{type(config).__name__} (from {source!r}) does not build a causal LM: {exc}") from exc
 
 
-class HFCausalLM(L.LightningModule):
+class HFCausalLM(NextTokenTask):
     """Next-token prediction with a Hugging Face causal LM; AdamW with warm-up + cosine, stepped every batch.
 
     Args:
@@ -170,29 +169,3 @@ class HFCausalLM(L.LightningModule):
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("test/loss", loss, sync_dist=True)
-        return loss
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Greedy next-token ids ``[B, T]`` for each position of ``x`` (or of ``(x, y)``'s ``x``)."""
-        return self(batch[0] if isinstance(batch, (tuple, list)) else batch).argmax(dim=-1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, hp.max_steps,
-                                                                               hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

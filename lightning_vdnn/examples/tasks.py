@@ -44,7 +44,40 @@ def _first(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-class LanguageModel(L.LightningModule):
+class NextTokenTask(L.LightningModule):
+    """What every next-token LightningModule here shares: the loss of ``(x, y)`` batches logged per stage, greedy
+    prediction and AdamW with warm-up + cosine stepped every batch. Subclasses build ``self.model``, save their
+    hyper-parameters (``lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``max_steps``, ``min_lr_ratio``) and
+    define ``forward(idx) -> logits`` and ``_loss(batch)``."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("test/loss", loss, sync_dist=True)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Greedy next-token ids ``[B, T]`` for each position of ``x`` (or of ``(x, y)``'s ``x``)."""
+        return self(_first(batch)).argmax(dim=-1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        schedule = warmup_cosine(hp.warmup_steps, hp.max_steps, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LanguageModel(NextTokenTask):
     """Next-token prediction with :class:`GPT`; AdamW with warm-up + cosine, stepped every batch."""
 
     def __init__(
@@ -81,31 +114,6 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         return self.model.loss(x, y, self.loss_chunks)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("test/loss", loss, sync_dist=True)
-        return loss
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Greedy next-token ids ``[B, T]`` for each position of ``x`` (or of ``(x, y)``'s ``x``)."""
-        return self.model(_first(batch)).argmax(dim=-1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        schedule = warmup_cosine(hp.warmup_steps, hp.max_steps, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class ImageClassifier(L.LightningModule):
