@@ -221,8 +221,9 @@ def test_real_oom_lowers_the_budget_and_training_matches_plain():
 def test_timeline_samples_device_memory_and_is_plotted(tmp_path, capsys):
     from lightning_vdnn.report.memory_report import TABLE_TITLE, TIMELINE_FILE
 
-    _, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget="6GiB", fit_report=True),
-                                 default_root_dir=tmp_path)
+    # no logger here (train_mlp), so the PNG goes only where report_dir says
+    _, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget="6GiB", fit_report=True,
+                                              report_dir=str(tmp_path)), default_root_dir=tmp_path)
     report = trainer.strategy.memory_report()
     phases = [s.phase for s in report.timeline]
     assert phases[0] == "forward" and "backward" in phases and phases == sorted(phases, key="forward".__ne__)
