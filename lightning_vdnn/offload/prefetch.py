@@ -50,7 +50,7 @@ class Prefetcher:
         if self.max_ahead_bytes is None:
             self._layers_below(groups, group, trace)
         else:
-            self._bytes_below(groups, trace)
+            self._bytes_below(groups, group, trace)
 
     def _layers_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         ahead = sum(1 for g in self._copied_groups if g < group)
@@ -61,8 +61,8 @@ class Prefetcher:
                 self._copied_groups.append(self._frontier)
                 ahead += 1
 
-    def _bytes_below(self, groups: list[list[Offloaded]], trace) -> None:
-        self._ahead = [e for e in self._ahead if not e.used]
+    def _bytes_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
+        self._ahead = [e for e in self._ahead if not e.used and e.group < group]  # not the one being read
         ahead = sum(e.nbytes for e in self._ahead)
         while self._frontier > 0:
             pending = [e for e in groups[self._frontier - 1] if not e.used and e.hold is None]
