@@ -188,6 +188,8 @@ class ActivationOffloader:
                 self.finish_pass()
             self._trace = PassTrace(self.engine)
             self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
+            if self.grouping == "tensor":
+                self._trace.names = []  # no layers: the report has no per-layer rows
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
                 if not self.recompute_layers:
@@ -373,7 +375,7 @@ class ActivationOffloader:
             self._prefetcher.below(self._groups, entry.group, self._trace)
             if entry.ready is not None:
                 self._prefetcher.wait(entry, self._trace)
-            entry.hold, entry.used = None, True
+            self._prefetcher.read(entry)
             self._poll()
         out = torch.empty(0, dtype=dtype, device=self.device)
         return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)

@@ -7,7 +7,9 @@ Backward reads saved tensors in roughly the reverse order forward saved them, so
   back, so the copy of layer ``i-1`` runs while layer ``i`` computes;
 * by bytes (no model, as ``torch.autograd.graph.save_on_cpu``): each saved span is its own group, and the
   spans saved before the one backward reads are copied back in reverse order of saving while the bytes
-  copied ahead and not yet read stay within ``max_ahead_bytes`` (at least one span ahead, however large).
+  copied ahead and not yet read stay within ``max_ahead_bytes`` (at least one span ahead, however large). A
+  span read stays on the device until backward reads one saved earlier: a span two nodes saved (a ReLU's
+  output that the next Linear saves too) is read twice in a row, and would otherwise be copied twice.
 
 Copies run on the engine's host->device stream on CUDA, inline on a CPU device.
 """
@@ -41,7 +43,10 @@ class Prefetcher:
     def reset(self) -> None:
         self._frontier: Optional[int] = None  # the lowest group a prefetch has reached
         self._copied_groups: list[int] = []    # groups whose prefetch took a copy (layer mode)
+        for e in getattr(self, "_read", ()):
+            e.hold = None
         self._ahead: list[Offloaded] = []      # spans copied ahead, maybe not read yet (per-tensor mode)
+        self._read: list[Offloaded] = []       # spans read and kept for a second read (per-tensor mode)
 
     def below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         """Backward reads ``group`` now: start the copies of the groups it will read next."""
@@ -50,7 +55,21 @@ class Prefetcher:
         if self.max_ahead_bytes is None:
             self._layers_below(groups, group, trace)
         else:
+            for e in self._read:
+                if e.group > group:  # backward has moved below it: its copy goes with autograd's reference
+                    e.hold = None
+            self._read = [e for e in self._read if e.group <= group]
             self._bytes_below(groups, group, trace)
+
+    def read(self, entry: Offloaded) -> None:
+        """Backward has read ``entry`` (after :meth:`below` and :meth:`wait`)."""
+        entry.used = True
+        if self.max_ahead_bytes is None:
+            entry.hold = None
+        elif isinstance(entry.hold, torch.Tensor):  # a copy we made (not the original storage): keep it a while
+            self._read.append(entry)
+        else:
+            entry.hold = None
 
     def _layers_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         ahead = sum(1 for g in self._copied_groups if g < group)
