@@ -5,8 +5,8 @@ host buffer on a side stream; the device memory is released as soon as that copy
 the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
 second side stream, so the copy runs while layer ``i`` computes. Without a model to mark layers
 (``grouping="tensor"``, as ``torch.autograd.graph.save_on_cpu``), each saved span is its own group and backward
-brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py``). A tensor still alive on the device when
-backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
+brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py``). A tensor still alive on
+the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
 tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
@@ -223,7 +223,8 @@ class ActivationOffloader:
             if trace.timeline is not None:
                 trace.timeline.layer(group)
             if trace.probe is not None:
-                trace.probe.enter(group, module, [(*span_of(t), t) for t in tensors if not never_copied(t, self.device, self._params)])
+                moved = [t for t in tensors if not never_copied(t, self.device, self._params)]
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved])
 
     def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
         trace = self._trace
@@ -317,11 +318,11 @@ class ActivationOffloader:
         trace.d2h.append((start, done))
         if trace.timeline is not None and not eng.is_cuda:
             trace.timeline.copied(start, done)
+        if self.grouping == "tensor":
+            self._groups.append([])  # one group per span: backward prefetches span by span
         trace.offloaded_bytes += nbytes
         trace.offloaded_by_group[len(self._groups) - 1] += nbytes
         trace.offloaded_tensors += 1
-        if self.grouping == "tensor":
-            self._groups.append([])  # one group per span: backward prefetches span by span
         entry = Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
         self._groups[-1].append(entry)
         self._pending.append(entry)
