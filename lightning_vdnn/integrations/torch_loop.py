@@ -1,5 +1,6 @@
 """Activation offload and layer streaming in any PyTorch loop: ``with offload_activations(model):`` around
-the forward pass, ``stream_layers(model, optimizer)`` once before it.
+the forward pass (or ``with offload_activations(policy="all"):`` without a model, as
+``torch.autograd.graph.save_on_cpu``), ``stream_layers(model, optimizer)`` once before it.
 
 The Lightning strategy, the Fabric strategy and the Accelerate wiring are thin shells around the same two
 steps this module exposes: turn keyword arguments into a validated :class:`VDNNConfig`
@@ -116,20 +117,55 @@ def attach_offloader(module: nn.Module, config: VDNNConfig, device: DeviceLike =
     return offloader
 
 
+def check_model_free(policy: object, memory_budget: MemorySpec = None, layers: LayerPaths = None) -> None:
+    """``offload_activations`` without a model offloads saved tensors one by one: refuse what needs the layers
+    (before the config's own checks, which would suggest ``"auto"`` for a budget).
+
+    Raises:
+        ValueError: ``policy="auto"`` or ``"conv"``, a ``memory_budget`` or ``layers``, naming the fix.
+    """
+    if policy == "auto" or memory_budget is not None:
+        raise ValueError(
+            f"offload_activations(policy={policy!r}, memory_budget={memory_budget!r}) without a model: the 'auto' "
+            "plan and a memory_budget need per-layer profiles of the model. Pass the model, "
+            "offload_activations(model, policy='auto', memory_budget=...), or use policy='all' without one.")
+    if policy == "conv":
+        raise ValueError("offload_activations(policy='conv') without a model: 'conv' offloads the inputs of "
+                         "convolution and linear layers, which needs the model's layers. Pass the model, "
+                         "offload_activations(model, policy='conv'), or use policy='all'.")
+    if layers:
+        raise ValueError(f"offload_activations(layers={layers!r}) without a model: layers are paths under the "
+                         "model. Pass the model, or leave layers out.")
+
+
+def model_free_offloader(config: VDNNConfig, device: torch.device) -> ActivationOffloader:
+    """An offloader running ``config`` on ``device`` with no model: every saved tensor the policy picks is its
+    own group, prefetched in reverse order of saving within ``max_inflight_bytes``."""
+    check_model_free(config.activation_offload, config.memory_budget, config.layers)
+    return ActivationOffloader(device, policy=config.offload_policy, min_offload_bytes=config.min_offload_bytes,
+                               prefetch_layers=config.prefetch_layers, pin_memory=config.pin_memory,
+                               max_inflight_bytes=config.max_inflight_bytes, grouping="tensor")
+
+
 class ActivationOffload:
     """A model's offloader as a re-enterable context manager: enter it around each forward pass.
 
     Entering starts a pass (and closes the previous one if :meth:`step_done` was not called); forward under
     ``torch.no_grad()`` is left alone, since there is no backward to save anything for. With policy
     ``"auto"``, each closed pass feeds the planner, which picks the layers the next pass keeps on the device,
-    offloads or recomputes in backward (as :class:`~lightning_vdnn.VDNNStrategy` does). Build it with
+    offloads or recomputes in backward (as :class:`~lightning_vdnn.VDNNStrategy` does). With ``model=None``, no
+    layers: saved tensors move one by one (see :func:`model_free_offloader`). Build it with
     :func:`offload_activations`.
     """
 
-    def __init__(self, model: nn.Module, config: VDNNConfig, device: DeviceLike = None) -> None:
+    def __init__(self, model: Optional[nn.Module], config: VDNNConfig, device: DeviceLike = None) -> None:
         config.refuse_chunks("offload_activations (a plain loop)")
         self.model, self.config = model, config
-        self.offloader: Optional[ActivationOffloader] = attach_offloader(model, config, device)
+        self.offloader: Optional[ActivationOffloader]
+        if model is None:
+            self.offloader = model_free_offloader(config, torch.device(device if device is not None else "cpu"))
+        else:
+            self.offloader = attach_offloader(model, config, device)
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
         self.planner = AutoPlanner.for_device(config.budget, self.offloader.device,
                                               recompute=not config.layer_streaming) if auto else None
@@ -141,11 +177,13 @@ class ActivationOffload:
         if self.offloader is None:
             raise RuntimeError("This ActivationOffload was closed; call offload_activations(model) again.")
         if self._capture is not None:
-            raise RuntimeError("offload_activations(model) is already active: do not nest it around one model.")
+            raise RuntimeError("offload_activations(model) is already active: do not nest it around one model "
+                               "(or, without a model, inside itself).")
         if torch.is_grad_enabled():
             self.step_done()
             # time layers (and, profiling, what a recompute would keep) in the steps the planner measures
-            self.offloader.watch = self.planner.watching if self.planner is not None else self.offloader.passes == 0
+            watch = self.planner.watching if self.planner is not None else self.offloader.passes == 0
+            self.offloader.watch = watch and self.model is not None  # no model: no layers to time
             if self.planner is not None and self.planner.watching and self.offloader.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.offloader.device)
             self._capture = self.offloader.capture()
@@ -192,7 +230,10 @@ class ActivationOffload:
         if self.offloader is not None:
             self.offloader.close()
             self.offloader = None
-        if _HANDLES.get(self.model) is self:
+        global _MODEL_FREE
+        if self.model is None and _MODEL_FREE is self:
+            _MODEL_FREE = None
+        elif self.model is not None and _HANDLES.get(self.model) is self:
             del _HANDLES[self.model]
 
     @property
@@ -201,11 +242,12 @@ class ActivationOffload:
 
 
 _HANDLES: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
+_MODEL_FREE: Optional[ActivationOffload] = None  # the handle of offload_activations() without a model
 
 
 def offload_activations(
-    model: nn.Module,
-    policy: Policy = "auto",
+    model: Optional[nn.Module] = None,
+    policy: Optional[Policy] = None,
     *,
     min_offload_bytes: int = 2**20,
     prefetch_layers: int = 1,
@@ -220,17 +262,24 @@ def offload_activations(
     Calling it again for the same model with the same arguments returns the same handle, so its host
     buffers are reused and the call can sit inside the loop; other arguments replace the old handle.
 
+    Without a model it works as ``torch.autograd.graph.save_on_cpu``, with the pool, the policy's size floor and
+    prefetch: every saved tensor of at least ``min_offload_bytes`` goes to the host, and in backward the ones
+    saved before the tensor being read come back ahead of use (reverse order of saving, at most
+    ``max_inflight_bytes`` ahead). Prefetch by layers and the ``"auto"`` planner need the model.
+
     Args:
         model: the module whose forward runs inside ``with``; its leaf modules (or ``layers``) are the layers
-            prefetch counts in.
+            prefetch counts in. None: no layers, tensors move one by one (see above).
         policy, min_offload_bytes, prefetch_layers, max_inflight_bytes, pin_memory, memory_budget: as in
             :class:`~lightning_vdnn.VDNNConfig` (``policy`` is its ``activation_offload``; ``memory_budget``
-            goes with ``"auto"``).
+            goes with ``"auto"``). ``policy`` defaults to ``"auto"`` with a model, ``"all"`` without one.
         layers: dotted path under ``model`` to its repeated blocks, e.g. ``"blocks"``.
-        device: where the model computes; default, the device of its parameters.
+        device: where the model computes; default, the device of its parameters (without a model: CUDA if
+            available, else the CPU; saved tensors on other devices are left alone).
 
     Raises:
-        ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
+        ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``); without
+            a model, ``policy="auto"``/``"conv"``, a ``memory_budget`` or ``layers`` (pass the model).
 
     Example::
 
@@ -239,10 +288,23 @@ def offload_activations(
                 loss = F.cross_entropy(model(x), y)
             loss.backward(); opt.step(); opt.zero_grad()
         print(off.report())
+
+        with lightning_vdnn.offload_activations(policy="all"):  # no model: as save_on_cpu, with prefetch
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
     """
+    if isinstance(model, str):
+        raise TypeError(f"offload_activations({model!r}): the first argument is the model; pass the policy by "
+                        f"keyword, offload_activations(policy={model!r}).")
+    if policy is None:
+        policy = "auto" if model is not None else "all"
+    if model is None:
+        check_model_free(policy, memory_budget, layers)
     config = make_config(policy, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
                          max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
                          memory_budget=memory_budget)
+    if model is None:
+        return _model_free_handle(config, device)
     handle = _HANDLES.get(model)
     wanted = torch.device(device) if device is not None else module_device(model)
     if handle is not None and handle.config == config and handle.device == wanted:
@@ -251,3 +313,18 @@ def offload_activations(
         handle.close()
     handle = _HANDLES[model] = ActivationOffload(model, config, wanted)
     return handle
+
+
+def _model_free_handle(config: VDNNConfig, device: DeviceLike) -> ActivationOffload:
+    """The one handle without a model (its host pool reused while the arguments stay the same)."""
+    global _MODEL_FREE
+    wanted = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if wanted.type == "cuda" and wanted.index is None:  # saved tensors say cuda:N; the offloader compares devices
+        wanted = torch.device("cuda", torch.cuda.current_device())
+    handle = _MODEL_FREE
+    if handle is not None and handle.config == config and handle.device == wanted:
+        return handle
+    if handle is not None:
+        handle.close()
+    _MODEL_FREE = ActivationOffload(None, config, wanted)
+    return _MODEL_FREE

@@ -3,8 +3,10 @@
 While forward runs, every tensor autograd saves for backward (and the policy picks) is copied to a reusable
 host buffer on a side stream; the device memory is released as soon as that copy has finished. In backward,
 the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
-second side stream, so the copy runs while layer ``i`` computes. A tensor still alive on the device when
-backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
+second side stream, so the copy runs while layer ``i`` computes. Without a model to mark layers
+(``grouping="tensor"``, as ``torch.autograd.graph.save_on_cpu``), each saved span is its own group and backward
+brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py``). A tensor still alive on
+the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
 tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
@@ -26,10 +28,12 @@ import torch
 from torch import nn
 
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
+from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recomputer, Timer
 from lightning_vdnn.report.memory_report import MemoryReport
-from lightning_vdnn.offload.spans import EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight, span_of  # noqa: F401
+from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
+                                          never_copied, span_of)
 from lightning_vdnn.offload.trace import LayerProfile, PassTimeline, PassTrace
 
 _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
@@ -47,7 +51,11 @@ class ActivationOffloader:
         prefetch_layers: layers to prefetch ahead of backward.
         pin_memory: page-locked host buffers (CUDA only).
         max_inflight_bytes: device memory that may wait for its copy to the host. Past it, compute waits for
-            the oldest copy (on the GPU, not the CPU), so forward cannot outrun PCIe and fill the device.
+            the oldest copy (on the GPU, not the CPU), so forward cannot outrun PCIe and fill the device. With
+            ``grouping="tensor"`` also the bound on bytes prefetched ahead of backward.
+        grouping: ``"layer"`` (the layers :meth:`attach` marks; prefetch counts layers) or ``"tensor"`` (no
+            model: each saved span is a group, prefetched in reverse order of saving; no ``"conv"`` policy,
+            which needs the layers, and no plan, which needs per-layer profiles).
 
     Example::
 
@@ -60,9 +68,16 @@ class ActivationOffloader:
     """
 
     def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
-                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28) -> None:
+                 prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28,
+                 grouping: str = "layer") -> None:
         if policy not in ("all", "conv", "none"):
             raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
+        if grouping not in ("layer", "tensor"):
+            raise ValueError(f"grouping={grouping!r} is not a grouping; choose 'layer' or 'tensor'.")
+        if grouping == "tensor" and policy == "conv":
+            raise ValueError("policy='conv' offloads the inputs of convolution and linear layers, which needs the "
+                             "model's layers; pass the model, or use policy='all'.")
+        self.grouping = grouping
         self.device = torch.device(device)
         self.policy = policy
         self.min_offload_bytes = min_offload_bytes
@@ -73,6 +88,8 @@ class ActivationOffloader:
         self._recomputer = Recomputer(self._recompute_timer)
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
+        self._prefetcher = Prefetcher(self.engine, prefetch_layers,
+                                      max_inflight_bytes if grouping == "tensor" else None)
         self.pool = HostBufferPool(pin_memory)
         self._lock = threading.RLock()
         self._module: Optional[nn.Module] = None
@@ -88,6 +105,9 @@ class ActivationOffloader:
     # -- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, module: nn.Module, layers: Optional[nn.Module] = None) -> None:
         """Mark layer boundaries with forward pre-hooks: one per block of ``layers``, else one per leaf module."""
+        if self.grouping == "tensor":
+            raise ValueError("This offloader groups saved tensors one by one (grouping='tensor'); build it with "
+                             "grouping='layer' to attach it to a model's layers.")
         self.detach()
         self._module = module
         bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
@@ -168,6 +188,8 @@ class ActivationOffloader:
                 self.finish_pass()
             self._trace = PassTrace(self.engine)
             self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
+            if self.grouping == "tensor":
+                self._trace.names = []  # no layers: the report has no per-layer rows
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
                 if not self.recompute_layers:
@@ -187,8 +209,7 @@ class ActivationOffloader:
         self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[Offloaded] = collections.deque()
         self._inflight = 0
-        self._frontier: Optional[int] = None
-        self._copied_groups: list[int] = []
+        self._prefetcher.reset()
         self._params: set[int] = set()
 
     def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -202,7 +223,8 @@ class ActivationOffloader:
             if trace.timeline is not None:
                 trace.timeline.layer(group)
             if trace.probe is not None:
-                trace.probe.enter(group, module, [(*span_of(t), t) for t in tensors if not self._skips(t)])
+                moved = [t for t in tensors if not never_copied(t, self.device, self._params)]
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved])
 
     def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
         trace = self._trace
@@ -230,16 +252,8 @@ class ActivationOffloader:
                     self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
 
     # -- forward: pack -----------------------------------------------------------------------------------
-    def _skips(self, t: torch.Tensor) -> bool:
-        """Saved as itself, never copied: another device, a layout not copied as bytes, or a weight (parameters,
-        their views and autocast copies)."""
-        if (t.device != self.device or t.layout != torch.strided or t.numel() == 0 or t.is_quantized
-                or t.is_nested or t.is_conj() or t.is_neg()):
-            return True
-        return t.untyped_storage().data_ptr() in self._params or is_weight(t)
-
     def _pack(self, t: torch.Tensor) -> Packed:
-        if not self._capturing or self._skips(t):
+        if not self._capturing or never_copied(t, self.device, self._params):
             return t
         storage = t.untyped_storage()
         key, nbytes = span_of(t)
@@ -304,6 +318,8 @@ class ActivationOffloader:
         trace.d2h.append((start, done))
         if trace.timeline is not None and not eng.is_cuda:
             trace.timeline.copied(start, done)
+        if self.grouping == "tensor":
+            self._groups.append([])  # one group per span: backward prefetches span by span
         trace.offloaded_bytes += nbytes
         trace.offloaded_by_group[len(self._groups) - 1] += nbytes
         trace.offloaded_tensors += 1
@@ -355,59 +371,15 @@ class ActivationOffloader:
         with self._lock:
             storage = entry.dev()
             if storage is None:
-                self._fetch(entry)  # not prefetched: this copy is exposed
+                self._prefetcher.fetch(entry, self._trace)  # not prefetched: this copy is exposed
                 storage = entry.dev()
-            self._prefetch_below(entry.group)
+            self._prefetcher.below(self._groups, entry.group, self._trace)
             if entry.ready is not None:
-                self._wait(entry)
-            entry.hold, entry.used = None, True
+                self._prefetcher.wait(entry, self._trace)
+            self._prefetcher.read(entry)
             self._poll()
         out = torch.empty(0, dtype=dtype, device=self.device)
         return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
-
-    def _prefetch_below(self, group: int) -> None:
-        """Keep the next ``prefetch_layers`` layers below ``group`` that need a copy on their way back."""
-        if self._frontier is None:
-            self._frontier = group
-        ahead = sum(1 for g in self._copied_groups if g < group)
-        while ahead < self.prefetch_layers and self._frontier > 0:
-            self._frontier -= 1
-            pending = [e for e in self._groups[self._frontier] if not e.used and e.hold is None]
-            if any([self._fetch(e) for e in pending]):
-                self._copied_groups.append(self._frontier)
-                ahead += 1
-
-    def _fetch(self, entry: Offloaded) -> bool:
-        """Make ``entry`` resident on the device; True if that took a host->device copy."""
-        resident = entry.dev()
-        if resident is not None:
-            entry.hold = resident  # keep it until backward uses it
-            return False
-        eng = self.engine
-        with eng.stream(eng.h2d):
-            if eng.is_cuda:
-                eng.h2d.wait_event(entry.last_use)
-            start = eng.record(eng.h2d)
-            dev = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
-            dev.copy_(entry.host[: entry.nbytes], non_blocking=True)
-            done = eng.record(eng.h2d)
-        self._trace.h2d.append((start, done))
-        self._trace.prefetched_bytes += entry.nbytes
-        entry.hold, entry.dev, entry.dev_lo = dev, weakref.ref(dev.untyped_storage()), entry.lo
-        entry.ready = entry.last_use = done
-        return True
-
-    def _wait(self, entry: Offloaded) -> None:
-        """The consumer (current stream) waits for ``entry``'s copy; the wait is recorded as exposure."""
-        eng = self.engine
-        need = eng.record()
-        if eng.is_cuda:
-            stream = eng.current_stream()
-            stream.wait_event(entry.ready)
-            if isinstance(entry.hold, torch.Tensor):
-                entry.hold.record_stream(stream)  # allocated on the copy stream, freed after this one reads it
-        self._trace.waits.append((need, entry.ready))
-        entry.ready = None
 
     @property
     def passes(self) -> int:

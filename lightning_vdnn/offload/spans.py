@@ -53,6 +53,16 @@ class Offloaded:
         self.release(self.host, self.last_use)
 
 
+def never_copied(t: torch.Tensor, device: torch.device, params: set[int]) -> bool:
+    """Saved as itself, never copied: on another device than ``device``, a layout not copied as bytes, or a
+    weight (storage in ``params``, the addresses of the model's parameters and buffers; parameters, their views
+    and autocast copies)."""
+    if (t.device != device or t.layout != torch.strided or t.numel() == 0 or t.is_quantized
+            or t.is_nested or t.is_conj() or t.is_neg()):
+        return True
+    return t.untyped_storage().data_ptr() in params or is_weight(t)
+
+
 def is_weight(t: torch.Tensor) -> bool:
     """A parameter, a view of one, or an autocast copy of one: weights, not activations."""
     return _is_param(t) or _is_param_cast(t)
