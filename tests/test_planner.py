@@ -11,7 +11,9 @@ import torch
 
 from conftest import assert_same_params, fit, image_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, BudgetTooSmall, LayerProfile, predicted_peak, solve, solve_layers
+from lightning_vdnn.offload.trace import LayerProfile
+from lightning_vdnn.planning.activation_plan import AutoPlanner, Later
+from lightning_vdnn.planning.activation_solver import BudgetTooSmall, predicted_peak, solve, solve_layers
 
 MiB = 2**20
 KEEP, OFFLOAD, RECOMPUTE = 0, 1, 2
@@ -339,7 +341,7 @@ def test_bad_warmup_names_the_value():
 def test_a_planner_for_the_host_plans_from_its_first_pass():
     """Warm-up is for a GPU's first step (library set-up, pinning); on the host the first pass is the profile."""
     from lightning_vdnn.config import parse_memory_budget
-    from lightning_vdnn.planning.activation_plan import UNBOUNDED
+    from lightning_vdnn.units import UNBOUNDED
 
     p = AutoPlanner.for_device(None, torch.device("cpu"), recompute=False)
     assert (p.warmup, p.budget, p.recompute) == (0, UNBOUNDED, False)

@@ -16,7 +16,7 @@ from torch import nn
 from conftest import ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
 from lightning_vdnn.offload.offloader import ActivationOffloader
-from lightning_vdnn.planning.activation_plan import predicted_peak
+from lightning_vdnn.planning.activation_solver import predicted_peak
 from lightning_vdnn.report.memory_report import layer_table
 
 BLOCKS = "model.blocks"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from lightning_vdnn.planning.activation_plan import BudgetTooSmall
+from lightning_vdnn.planning.activation_solver import BudgetTooSmall
 from lightning_vdnn.streaming.streamer import LayerStreamer, spread
 from lightning_vdnn.planning.watch import PeakMeter, WatchedSteps
 
