@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -101,6 +102,7 @@ class TextDataModule(L.LightningDataModule):
         """Stdlib sources, or deterministic synthetic text if this Python ships none."""
         return stdlib_source_bytes(self.max_bytes) or synthetic_text_bytes(self.max_bytes, self.seed)
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
             return
@@ -126,15 +128,19 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers, drop_last=shuffle, persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader(shuffle=False)
 
@@ -193,14 +199,18 @@ class SyntheticImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_vdnn.examples.tasks import NextTokenTask
 
@@ -153,6 +154,7 @@ class HFCausalLM(NextTokenTask):
         if gradient_checkpointing:
             enable_checkpointing(self.model)
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         """Refuse data whose token ids the embedding cannot hold, before a step fails with an index error."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -161,6 +163,7 @@ class HFCausalLM(NextTokenTask):
             raise ValueError(f"The data has {data_vocab} token ids but the model's vocab_size is {vocab}. Use a "
                              f"config with vocab_size >= {data_vocab}, or override it (model.vocab_size={data_vocab}).")
 
+    @override
     def forward(self, idx: Tensor) -> Tensor:
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]`` (no key/value cache: this is training)."""
         return self.model(input_ids=idx, use_cache=False).logits

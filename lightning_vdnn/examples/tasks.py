@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_vdnn.examples.models import GPT, VGG, GPTConfig, VGGConfig
 
@@ -50,25 +51,30 @@ class NextTokenTask(L.LightningModule):
     hyper-parameters (``lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``max_steps``, ``min_lr_ratio``) and
     define ``forward(idx) -> logits`` and ``_loss(batch)``."""
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("test/loss", loss, sync_dist=True)
         return loss
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Greedy next-token ids ``[B, T]`` for each position of ``x`` (or of ``(x, y)``'s ``x``)."""
         return self(_first(batch)).argmax(dim=-1)
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
@@ -107,6 +113,7 @@ class LanguageModel(NextTokenTask):
             for block in self.model.blocks:
                 block.compile()
 
+    @override
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
@@ -137,6 +144,7 @@ class ImageClassifier(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x.contiguous(memory_format=self.memory_format))
 
@@ -150,19 +158,24 @@ class ImageClassifier(L.LightningModule):
         self.log(f"{stage}/acc", acc, prog_bar=stage != "test", sync_dist=sync)
         return loss
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Predicted class ids ``[B]``."""
         return self(_first(batch)).argmax(dim=-1)
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)

@@ -12,14 +12,13 @@ parameters over.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
@@ -35,6 +34,7 @@ from typing_extensions import override
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import publish_dir, remove_published, version_dir
 from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
+from lightning_vdnn.integrations.adapters.deepspeed import device_rank
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
@@ -192,6 +192,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         )
 
     # -- where it may run --------------------------------------------------------------------------------
+    @override
     def setup_environment(self) -> None:
         # DeepSpeedStrategy refuses everything but CUDA; DeepSpeed itself also runs on CPUs, over gloo
         if not isinstance(self.accelerator, (CUDAAccelerator, CPUAccelerator)):
@@ -202,6 +203,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         _check_deepspeed_accelerator(self.root_device)
         DDPStrategy.setup_environment(self)
 
+    @override
     def setup_distributed(self) -> None:
         if self.root_device.type != "cpu":
             return super().setup_distributed()
@@ -210,10 +212,12 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    @override
     def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         with self._cpu_device_rank():
             return super()._setup_model_and_optimizer(*args, **kwargs)
 
+    @override
     def _initialize_deepspeed_inference(self, model: Any) -> None:
         with self._cpu_device_rank():
             super()._initialize_deepspeed_inference(model)
@@ -238,34 +242,21 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         if self.is_global_zero and not remove_published(filepath):
             super().remove_checkpoint(filepath)
 
-    @contextlib.contextmanager
-    def _cpu_device_rank(self) -> Iterator[None]:
-        """Lightning hands ``deepspeed.initialize`` ``device_rank=root_device.index``: None on a CPU, which
-        DeepSpeed compares with 0 (and below 0 it would train as world size 1). A CPU rank's device is its
-        local rank; the call is redirected for its duration only."""
-        import deepspeed
-
+    def _cpu_device_rank(self) -> contextlib.AbstractContextManager:
+        """On a CPU, ``deepspeed.initialize`` gets the rank's local rank as its device (``adapters/deepspeed.py``
+        says why Lightning's call cannot); elsewhere nothing changes."""
         if self.root_device.type != "cpu":
-            yield
-            return
-        initialize = deepspeed.initialize
-
-        def with_rank(*args: Any, **kwargs: Any) -> Any:
-            kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
-            return initialize(*args, **kwargs)
-
-        deepspeed.initialize = with_rank
-        try:
-            yield
-        finally:
-            deepspeed.initialize = initialize
+            return contextlib.nullcontext()
+        return device_rank(self.local_rank)
 
     # -- training ----------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)  # the DeepSpeed engine now holds the model
         if trainer.state.fn == "fit":
             self._attach()
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED_ZERO.items():

@@ -20,6 +20,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, SingleDeviceStrategy
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.torch_loop import ActivationOffload, make_config
@@ -120,10 +121,12 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         self._root_device = torch.device(devices[0])
         self._device_given = True
 
+    @override
     def module_to_device(self, module: nn.Module) -> None:
         if not self.config.layer_streaming:  # streamed blocks stay on the host: setup_module moves the rest
             super().module_to_device(module)
 
+    @override
     def setup_module(self, module: nn.Module) -> nn.Module:
         if self.config.layer_streaming:
             streamer = LayerStreamer.from_config(module, self.config, self.root_device,
@@ -134,6 +137,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         self._wrapped.append(wrapped)
         return wrapped
 
+    @override
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         for streamer in self._streamers:  # each takes the optimizers that hold its blocks
             streamer.attach_optimizers([optimizer])
@@ -141,14 +145,17 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
 
     # ``fabric.save``/``fabric.load`` hand over the module Fabric calls, which is our capture wrapper: the
     # checkpoint holds the user's module's keys (no ``module.`` prefix), so it loads into a plain model.
+    @override
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         self.synchronize()  # host updates still queued land before the weights are read
         return super().get_module_state_dict(_user_module(module))
 
+    @override
     def load_module_state_dict(self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True) -> None:
         self.synchronize()  # no queued update may land on top of the loaded weights
         super().load_module_state_dict(_user_module(module), state_dict, strict=strict)
 
+    @override
     def get_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
         self.synchronize()
         return super().get_optimizer_state(optimizer)
@@ -159,6 +166,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         for streamer in self._streamers:
             streamer.synchronize()
 
+    @override
     def backward(self, tensor: Tensor, module: Optional[nn.Module], *args: Any, **kwargs: Any) -> None:
         try:
             super().backward(tensor, module, *args, **kwargs)
@@ -174,6 +182,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         report = self._wrapped[index].offload.report()
         return dataclasses.replace(report, **self._streamers[index].stats()) if self._streamers else report
 
+    @override
     def teardown(self) -> None:
         try:
             for streamer in self._streamers:

@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
@@ -144,6 +145,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             self._comm = Collectives(dist.new_group(), self.root_device)
         return self._comm
 
+    @override
     def model_to_device(self) -> None:
         module = self.lightning_module
         precision = getattr(self.precision_plugin, "precision", "32-true")
@@ -155,11 +157,13 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in streamed]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
 
+    @override
     def configure_ddp(self) -> None:
         streamed = {id(p) for b in self._streamer.blocks for p in b.params}
         if any(p.requires_grad and id(p) not in streamed for p in self.lightning_module.parameters()):
             super().configure_ddp()  # else nothing for DDP to reduce, and it refuses such a module
 
+    @override
     def setup(self, trainer: Any) -> None:
         if trainer.state.fn == "predict" and self.world_size > 1:
             raise ValueError(
@@ -179,6 +183,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         how(self._streamer, params, float(clip_val))
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         # no collectives while tearing down: the other ranks may not be there
         self._failed = self._streamer is not None
@@ -213,12 +218,14 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
                 "this rank their weights and optimizer state are current only in its own range. Resume from the "
                 "last checkpoint saved before the failure.")
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         self._check_not_failed()
         if self._streamer is not None:
             self._streamer.gather_weights()
         return super().lightning_module_state_dict()
 
+    @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         self._check_not_failed()
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
@@ -230,6 +237,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         state = full_optimizer_state(optimizer, partitions, self._collectives())
         return state if self.is_global_zero else {}
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         if self._streamer is None:
             return super().load_optimizer_state_dict(checkpoint)
@@ -251,6 +259,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         report = self._offload_report()
         return report if self._streamer is None else dataclasses.replace(report, **self._streamer.stats())
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED_L2L_ZERO.items():

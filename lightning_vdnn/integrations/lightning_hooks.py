@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_vdnn.buffers import running_stats
 from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.integrations.adapters.lightning import LoggedResults, logging_step, running_hook, should_update_logs
 from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
@@ -80,10 +81,12 @@ class OffloadHooks:
         if cfg.activation_offload == "auto":
             self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute())
 
+    @override
     def on_exception(self, exception: BaseException) -> None:
         self._release()
         super().on_exception(exception)
 
+    @override
     def teardown(self) -> None:
         self._release()
         super().teardown()
@@ -108,6 +111,7 @@ class OffloadHooks:
         return (self._retry_oom and self._planner is not None and self.lightning_module.automatic_optimization
                 and getattr(self, "_streamer", None) is None)
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         if self._offloader is None:
             return super().training_step(*args, **kwargs)
@@ -118,8 +122,7 @@ class OffloadHooks:
             return self._forward(*args, **kwargs)
         if self._norm_stats is None:
             self._norm_stats = running_stats(self.lightning_module)
-        snapshot = StepSnapshot(self._norm_stats, self.root_device,
-                                getattr(self.lightning_module.trainer, "_results", None))
+        snapshot = StepSnapshot(self._norm_stats, self.root_device, LoggedResults(self.lightning_module.trainer))
         self._attempts = Attempts(args, kwargs, snapshot, self._planner.budget)
         return self._with_retries(lambda: self._forward(*args, **kwargs))
 
@@ -131,6 +134,7 @@ class OffloadHooks:
         with self._offloader.capture():
             return super().training_step(*args, **kwargs)
 
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         if self._attempts is None:
             if self._watching_cuda():
@@ -163,11 +167,8 @@ class OffloadHooks:
         """The failed batch's ``training_step`` again, from inside ``backward``: under its own hook name, so
         that what it logs lands where the first attempt's did (which ``_recover`` took back out)."""
         attempts, module = self._attempts, self.lightning_module
-        hook, module._current_fx_name = module._current_fx_name, "training_step"
-        try:
+        with running_hook(module, "training_step"):
             return self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
-        finally:
-            module._current_fx_name = hook
 
     def _backward_once(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any,
                        **kwargs: Any) -> Tensor:
@@ -292,9 +293,9 @@ class OffloadHooks:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if self._offloader is None or trainer is None or not trainer.loggers:
             return
-        if not trainer._logger_connector.should_update_logs:
+        if not should_update_logs(trainer):
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # this batch's, until the loop counts it
+        step = logging_step(trainer)
         metrics = self._offloader.report().metrics()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

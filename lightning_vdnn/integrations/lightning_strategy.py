@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.planning.when_to_stream import stream_reason
@@ -210,6 +211,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         self._device_given = True
 
     # -- lifecycle ---------------------------------------------------------------------------------------
+    @override
     def model_to_device(self) -> None:
         self._stream_if_state_fills_budget()
         if not self.config.layer_streaming:
@@ -242,6 +244,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         return LayerStreamer.from_config(self.lightning_module, self.config, self.root_device, self._precision(),
                                          resident, recompute_from)
 
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if self.config.batch_chunks > 1 and self._chunks is None:  # every stage: predict holds less too
@@ -275,6 +278,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         return [OutsideStepper(opt, params, pin=self.config.pin_memory and cuda, fused=cuda) for opt in self.optimizers
                 if any(id(p) in ids for g in opt.param_groups for p in g["params"])]
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         free_stale_grads(self.lightning_module.trainer, batch_idx)
@@ -313,16 +317,19 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             self._streamer.set_saving(count)
         self._saving.watch(step, self._streamer)
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._streamer is not None:
             self._streamer.synchronize()  # host updates still queued land before the weights are read
         return super().lightning_module_state_dict()
 
+    @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if self._streamer is not None:
             self._streamer.synchronize()
         return super().optimizer_state(optimizer)
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
         if self._streamer is None:
             return super().load_optimizer_state_dict(checkpoint)
@@ -369,6 +376,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if streamer is not None:
                 closing.callback(streamer.close)
 
+    @override
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         for name, (description, kwargs) in REGISTERED.items():

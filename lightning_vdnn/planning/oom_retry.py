@@ -15,8 +15,9 @@ again, after putting back what the failed attempt changed:
   gradients to None, and a run without accumulation hold nothing extra). The planner measures it like any
   other memory.
 
-- what ``self.log`` accumulated (Lightning's result collection, :class:`LoggedResults`), so a batch that runs
-  again is logged once, as plain training logs it.
+- what ``self.log`` accumulated (Lightning's result collection: the strategy hands in
+  ``integrations/adapters/lightning.LoggedResults``), so a batch that runs again is logged once, as plain
+  training logs it.
 
 Not put back: other state a user's ``training_step`` changes (its own counters, a torchmetrics ``Metric`` it
 updates itself). Retries are off under manual optimization (the step may already have stepped an
@@ -25,7 +26,7 @@ optimizer), layer streaming (blocks update during backward) and DeepSpeed (ranks
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -50,46 +51,27 @@ class BudgetLowered(UserWarning):
     """The ``"auto"`` planner lowered ``memory_budget`` after an out-of-memory error (one per lowering)."""
 
 
-class LoggedResults:
-    """The values ``self.log`` has accumulated in the running loop (Lightning's ``_ResultCollection``), put back
-    before a retry. Lightning replaces a logged value's state tensors on each update (``value = value + ...``),
-    never writes them in place, so holding the old tensors is a snapshot."""
-
-    _STATE = ("value", "cumulated_batch_size", "_forward_cache", "_update_count", "_computed", "has_reset")
-
-    def __init__(self, results: Optional[Any]) -> None:
-        self.results = results
-        self.saved = {} if results is None else {
-            key: (metric, {a: getattr(metric, a) for a in self._STATE if hasattr(metric, a)})
-            for key, metric in results.items()}
-
-    def restore(self) -> None:
-        if self.results is None:
-            return
-        for key in [k for k in self.results if k not in self.saved]:  # first logged by the failed attempt
-            del self.results[key]
-        for key, (metric, state) in self.saved.items():
-            self.results[key] = metric
-            for attr, value in state.items():
-                setattr(metric, attr, value)
+class Restorable(Protocol):
+    def restore(self) -> None: ...
 
 
 class StepSnapshot:
     """What a training step's forward changes besides autograd's graph, taken before its first attempt and put
-    back before each retry: the CPU (and device) RNG state, the running statistics of norm layers and what
-    ``self.log`` accumulated (``results``: the trainer's ``_results``, None outside a Trainer)."""
+    back before each retry: the CPU (and device) RNG state, the running statistics of norm layers and, given
+    as ``logged``, a snapshot of what ``self.log`` accumulated (anything with ``restore()``; None: nothing)."""
 
-    def __init__(self, stats: list[Tensor], device: torch.device, results: Optional[Any] = None) -> None:
+    def __init__(self, stats: list[Tensor], device: torch.device, logged: Optional[Restorable] = None) -> None:
         self.rng = RngState(device)
         self.stats = [(t, t.clone()) for t in stats]
-        self.logged = LoggedResults(results)
+        self.logged = logged
 
     def restore(self) -> None:
         self.rng.restore()
         with torch.no_grad():
             for t, saved in self.stats:
                 t.copy_(saved)
-        self.logged.restore()
+        if self.logged is not None:
+            self.logged.restore()
 
 
 class GradStash:
