@@ -22,7 +22,9 @@ import zero_streaming_worker as worker  # noqa: E402  (tests/ is on sys.path thr
 from conftest import checkout_env
 from lightning_vdnn import L2LZeroStrategy, VDNNConfig, VDNNStrategy, VDNNZeroStrategy
 from lightning_vdnn.streaming.host_memory import required_host_bytes
-from lightning_vdnn.streaming.sharded import Partition, ShardedLayerStreamer, state_numel
+from lightning_vdnn.streaming.partition import Partition
+from lightning_vdnn.streaming.sharded import ShardedLayerStreamer
+from lightning_vdnn.streaming.sharded_optimizer_state import state_numel
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS = 2

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
 from lightning_vdnn import L2LZeroStrategy
-from lightning_vdnn.streaming.sharded import state_numel
+from lightning_vdnn.streaming.sharded_optimizer_state import state_numel
 from lightning_vdnn.examples.tasks import LanguageModel
 
 GLOBAL_BATCH, BATCHES_PER_EPOCH, EPOCHS, SEQ = 8, 4, 2, 16  # then one more epoch, resumed

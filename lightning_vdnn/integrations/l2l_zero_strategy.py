@@ -38,7 +38,10 @@ from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.report.memory_report import MemoryReport
-from lightning_vdnn.streaming.sharded import Collectives, Partition, ShardedLayerStreamer, full_optimizer_state
+from lightning_vdnn.streaming.collectives import Collectives
+from lightning_vdnn.streaming.partition import Partition
+from lightning_vdnn.streaming.sharded import ShardedLayerStreamer
+from lightning_vdnn.streaming.sharded_optimizer_state import full_optimizer_state
 from lightning_vdnn.integrations.lightning_strategy import _changes_grads_after_backward
 
 #: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.

@@ -28,179 +28,27 @@ Every rank must issue the same collectives in the same order: the same number of
 and validation samplers pad to equal lengths; predict's does not, so the strategy refuses predict on
 several ranks), and a block's slot counts as current by a generation every rank advances at the same
 moments (each optimizer step, each ``load_state_dict``), never by a per-rank tensor version.
+
+The parts: ``collectives.py`` (the process group's collectives), ``partition.py`` (a block's ranges and the
+host block of one rank), ``sharded_optimizer_state.py`` (optimizer state whole or in ranges); this module is the
+streamer that ties them together.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths
-from lightning_vdnn.streaming.host_state import HostBlock, host_empty
+from lightning_vdnn.streaming.collectives import Collectives
+from lightning_vdnn.streaming.host_state import HostBlock
+from lightning_vdnn.streaming.partition import Partition, ShardedHostBlock
+from lightning_vdnn.streaming.sharded_optimizer_state import shard_optimizer_state
 from lightning_vdnn.streaming.streamer import LayerStreamer
-
-#: Per-parameter optimizer state that is one number rather than one per element (torch's Adam family, NAdam).
-SCALAR_STATE = frozenset({"step", "mu_product"})
-
-# torch >= 2.13 names them ``*_single`` and deprecates the older names, which it still has
-_ALL_GATHER: Callable[..., Any] = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER: Callable[..., Any] = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class Collectives:
-    """torch.distributed over one process group, for tensors on the device and in host memory.
-
-    Device tensors go to the backend as they are; host tensors too with gloo, while NCCL, which reads only
-    device memory, gets them through a device copy (checkpoints and set-up only, never per step).
-    """
-
-    def __init__(self, group: Any, device: torch.device) -> None:
-        self.group = group
-        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.src = dist.get_global_rank(group, 0)
-        self.hop = None if "gloo" in str(dist.get_backend(group)) else device
-
-    def all_gather(self, out: Tensor, shard: Tensor) -> None:
-        """``out`` (world x ``shard``) = every rank's ``shard``, in rank order."""
-        _ALL_GATHER(out, shard, group=self.group)
-
-    def reduce_scatter_mean(self, out: Tensor, full: Tensor) -> None:
-        """``out`` = this rank's ``1/world`` of ``full``, averaged over the ranks (DDP's gradient average)."""
-        _REDUCE_SCATTER(out, full, op=dist.ReduceOp.SUM, group=self.group)
-        out.div_(self.world)
-
-    def all_reduce_sum(self, value: Tensor) -> Tensor:
-        sent = value if self.hop is None else value.to(self.hop)
-        dist.all_reduce(sent, op=dist.ReduceOp.SUM, group=self.group)
-        return sent.to(value.device)
-
-    def broadcast_host(self, host: Tensor) -> None:
-        """``host`` (in host memory) becomes the first rank's."""
-        sent = host if self.hop is None else host.to(self.hop)
-        dist.broadcast(sent, src=self.src, group=self.group)
-        if sent is not host:
-            host.copy_(sent)
-
-    def gather_host(self, piece: Tensor, size: int) -> Tensor:
-        """Every rank's ``piece`` (at most ``size`` elements, zero-padded to it), concatenated in host memory."""
-        device = self.hop or piece.device
-        shard = torch.zeros(size, dtype=piece.dtype, device=device)
-        shard[: piece.numel()].copy_(piece)
-        out = torch.empty(size * self.world, dtype=piece.dtype, device=device)
-        self.all_gather(out, shard)
-        return out.cpu()
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-
-class Partition:
-    """Which range of one block's flat host buffer rank ``rank`` of ``world`` owns, and each parameter's part.
-
-    The buffer (``numel`` elements, parameter k at ``offsets[k]:offsets[k+1]``) is padded to ``padded``, a
-    multiple of ``world``, and cut into ranges of ``size``; this rank owns ``lo:hi`` (short or empty at the
-    end). ``pieces[k]`` is parameter k's intersection with it, in buffer coordinates. Kept after the streamer
-    closes: checkpoints consolidate the optimizer state by it.
-    """
-
-    def __init__(self, params: Iterable[nn.Parameter], offsets: list[int], rank: int, world: int) -> None:
-        self.params, self.offsets, self.rank, self.world = list(params), list(offsets), rank, world
-        self.numel = self.offsets[-1]
-        self.size = -(-self.numel // world)
-        self.padded = self.size * world
-        self.lo = min(rank * self.size, self.numel)
-        self.hi = min(self.lo + self.size, self.numel)
-        self.pieces: dict[int, tuple[int, int]] = {}
-        for k, (a, b) in enumerate(zip(self.offsets, self.offsets[1:])):
-            if max(a, self.lo) < min(b, self.hi):
-                self.pieces[k] = (max(a, self.lo), min(b, self.hi))
-
-    def local(self, k: int) -> slice:
-        """Parameter k's piece in range coordinates (into a buffer holding ``lo:hi``)."""
-        a, b = self.pieces[k]
-        return slice(a - self.lo, b - self.lo)
-
-    def within(self, k: int) -> slice:
-        """Parameter k's piece in the coordinates of the flattened parameter."""
-        a, b = self.pieces[k]
-        return slice(a - self.offsets[k], b - self.offsets[k])
-
-
-class ShardedHostBlock(HostBlock):
-    """A :class:`HostBlock` whose gradients, and the updates of whose weights, are this rank's range only."""
-
-    def __init__(self, index: int, module: nn.Module, pin: bool, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-        super().__init__(index, module, pin)
-
-    def _init_grads(self, pin: bool) -> None:
-        part = self.part = Partition(self.params, self.offsets, self.rank, self.world)
-        self.padded, self.load_numel, self.grad_numel = part.padded, part.size, part.size
-        self.grad_flat = host_empty(part.size, self.dtype, pin)
-        self.has_grad = [False] * len(self.params)
-        self.generation = 0  # advanced at the same moments on every rank: a loaded slot is current if equal
-        self.stale = False  # other ranks' ranges of ``flat`` changed since the last gather
-        with torch.no_grad():
-            for k, p in enumerate(self.params):
-                if p.grad is not None and k in part.pieces:  # a gradient from before streaming: keep our range
-                    self.grad_flat[part.local(k)].copy_(p.grad.detach().reshape(-1)[part.within(k)])
-                    self.has_grad[k] = True
-                p.grad = None
-
-    @property
-    def own(self) -> Tensor:
-        """This rank's range of the host weights."""
-        return self.flat[self.part.lo: self.part.hi]
-
-    def version(self) -> int:
-        return self.generation
-
-    def master_view(self, k: int) -> Optional[Tensor]:
-        if k not in self.part.pieces:
-            return None
-        a, b = self.part.pieces[k]
-        return self.flat[a:b]
-
-    def grad_of(self, k: int) -> Optional[Tensor]:
-        return self.grad_flat[self.part.local(k)] if self.has_grad[k] and k in self.part.pieces else None
-
-    def grads(self, ids: set[int]) -> list[Tensor]:
-        """This rank's gradient pieces of the parameters whose ``id`` is in ``ids``."""
-        return [self.grad_flat[self.part.local(k)] for k in self.part.pieces
-                if self.has_grad[k] and id(self.params[k]) in ids]
-
-    def clear_grads(self, keys: list[int], set_to_none: bool) -> None:
-        for k in keys:
-            if set_to_none:
-                self.has_grad[k] = False
-            elif self.has_grad[k]:
-                self.grad_flat[self.part.local(k)].zero_()
-
-    def can_adopt(self) -> bool:
-        return all(p.requires_grad for p in self.params) and not any(self.has_grad)
-
-    def adopt(self) -> None:
-        for k in self.part.pieces:
-            self.has_grad[k] = True
-
-    def accumulate(self, grads: Tensor) -> None:
-        """Add this rank's range of averaged gradients (``grads``) into the pieces: set when none, else add."""
-        for k in self.part.pieces:
-            if not self.params[k].requires_grad:
-                continue
-            span = self.part.local(k)
-            if self.has_grad[k]:
-                self.grad_flat[span].add_(grads[span])
-            else:
-                self.grad_flat[span].copy_(grads[span])
-                self.has_grad[k] = True
 
 
 class ShardedLayerStreamer(LayerStreamer):
@@ -344,75 +192,3 @@ class ShardedLayerStreamer(LayerStreamer):
         pieces = [g for b in self.blocks for g in b.grads({id(p) for p in params})]
         for g in pieces + [p.grad for p in params if id(p) not in ours and p.grad is not None]:
             g.clamp_(-clip_value, clip_value)
-
-
-# -- optimizer state: whole in checkpoints, partitioned in training ---------------------------------------
-def full_optimizer_state(optimizer: Optimizer, partitions: list[Partition], comm: Collectives) -> dict[str, Any]:
-    """Collective: ``optimizer.state_dict()`` with every block parameter's state whole, gathered from the ranks
-    that own its pieces: what one process would save."""
-    state = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    for part in partitions:
-        for k, whole in _gather_block_state(optimizer, part, comm).items():
-            i = index.get(id(part.params[k]))
-            if i is not None:
-                state["state"][i] = whole
-    return state
-
-
-def _gather_block_state(optimizer: Optimizer, part: Partition, comm: Collectives) -> dict[int, dict[str, Any]]:
-    """Parameter index in the block -> its whole state. Elementwise entries (1-D pieces here) are all-gathered
-    as one buffer per key; one-number entries (``step``) come from the first rank that has them."""
-    meta: dict[int, dict[str, tuple[str, Any]]] = {}
-    for k in part.pieces:
-        for key, value in optimizer.state.get(part.params[k], {}).items():
-            piece = isinstance(value, Tensor) and value.dim() == 1
-            kind = ("piece", value.dtype) if piece else ("value", value.cpu() if isinstance(value, Tensor) else value)
-            meta.setdefault(k, {})[key] = kind
-    merged: dict[int, dict[str, tuple[str, Any]]] = {}
-    for theirs in comm.all_gather_object(meta):
-        for k, entries in theirs.items():
-            for key, kind in entries.items():
-                merged.setdefault(k, {}).setdefault(key, kind)
-    out: dict[int, dict[str, Any]] = {k: {} for k in merged}
-    for k, entries in merged.items():
-        for key, (what, value) in entries.items():
-            if what == "value":
-                out[k][key] = value
-    for key, dtype in sorted({(key, kind[1]) for e in merged.values() for key, kind in e.items()
-                              if kind[0] == "piece"}, key=str):
-        mine = torch.zeros(part.hi - part.lo, dtype=dtype)
-        for k in part.pieces:
-            value = optimizer.state.get(part.params[k], {}).get(key)
-            if value is not None:
-                mine[part.local(k)].copy_(value)
-        whole = comm.gather_host(mine, part.size)
-        for k, entries in merged.items():
-            if entries.get(key, ("",))[0] == "piece" and entries[key][1] == dtype:
-                a, b = part.offsets[k], part.offsets[k + 1]
-                out[k][key] = whole[a:b].view(part.params[k].shape).clone()
-    return out
-
-
-def shard_optimizer_state(optimizer: Optimizer, partitions: list[Partition]) -> None:
-    """After ``optimizer.load_state_dict`` of whole state (ours or one process's): keep, in host memory, this
-    rank's piece of each block parameter's elementwise state, its one-number state, and nothing for a
-    parameter with no piece here."""
-    for part in partitions:
-        for k, p in enumerate(part.params):
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            if k not in part.pieces:
-                del optimizer.state[p]
-                continue
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and value.shape == p.shape and not (
-                        value.dim() == 0 and key in SCALAR_STATE):
-                    state[key] = value.detach().reshape(-1)[part.within(k)].to("cpu", copy=True)
-
-
-def state_numel(optimizer: Optimizer, params: Iterable[Tensor]) -> int:
-    """Elements of elementwise optimizer state held for ``params`` (one-number entries not counted)."""
-    return sum(v.numel() for p in params for v in optimizer.state.get(p, {}).values()
-               if isinstance(v, Tensor) and v.dim() > 0)
