@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -27,16 +26,18 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
+from lightning_vdnn.integrations.adapters.torch import ddp_ignore, ddp_unignore
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
+from lightning_vdnn.integrations.sharded_clipping import with_sharded_clipping
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.collectives import Collectives
 from lightning_vdnn.streaming.partition import Partition
@@ -87,6 +88,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     """
 
     strategy_name = "l2l_zero"
+    _plain_precision: Optional[Precision] = None  # the Trainer's plugin while fit clips through a subclass
 
     def __init__(
         self,
@@ -158,7 +160,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         self._failed = False
         streamed = {id(p) for b in self._streamer.blocks for p in b.params}
         names = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) in streamed]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+        ddp_ignore(module, names)
 
     @override
     def configure_ddp(self) -> None:
@@ -177,14 +179,10 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         if trainer.state.fn == "fit":
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
             self._streamer.attach_optimizers(self.optimizers)
-            plugin = self.precision_plugin  # clipping needs the norm over every rank's pieces
-            plugin.clip_grad_by_norm = functools.partial(self._clip, ShardedLayerStreamer.clip_grad_norm_)
-            plugin.clip_grad_by_value = functools.partial(self._clip, ShardedLayerStreamer.clip_grad_value_)
+            # clipping needs the norm over every rank's pieces: the plugin's class, clipping overridden
+            self._plain_precision = self.precision_plugin
+            self.precision_plugin = with_sharded_clipping(self.precision_plugin, self._streamer)
             self._attach()
-
-    def _clip(self, how: Any, optimizer: Optimizer, clip_val: float) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        how(self._streamer, params, float(clip_val))
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -206,12 +204,10 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
 
     def _unmark(self) -> None:
         """Take back what set-up put on the module and the precision plugin for the streamed blocks."""
-        module = self.lightning_module
-        module.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
-        for p in module.parameters():
-            p.__dict__.pop("_ddp_ignored", None)
-        for name in ("clip_grad_by_norm", "clip_grad_by_value"):
-            self.precision_plugin.__dict__.pop(name, None)
+        ddp_unignore(self.lightning_module)
+        plain, self._plain_precision = self._plain_precision, None
+        if plain is not None:
+            self.precision_plugin = plain
 
     # -- checkpoints: whole weights and optimizer state, as one process writes them --------------------------
     def _check_not_failed(self) -> None:
@@ -231,7 +227,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         self._check_not_failed()
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
+        optimizer = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         partitions = self._streamer.partitions if self._streamer is not None else self._partitions
         if not partitions:
             return super().optimizer_state(optimizer)

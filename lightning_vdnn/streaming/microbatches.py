@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_vdnn.buffers import BufferWatch
-from lightning_vdnn.rng import RngState
+from lightning_vdnn.rng import AutocastState, RngState
 
 
 def check_microbatches(microbatches: int, container: nn.Module, path: str) -> int:
@@ -52,9 +52,7 @@ class ChunkState:
     def __init__(self, device: torch.device, buffers: Optional[BufferWatch] = None) -> None:
         self.device_type = device.type
         self.rng = RngState(device)
-        self.autocast = torch.is_autocast_enabled(device.type)
-        self.dtype = torch.get_autocast_dtype(device.type)
-        self.cache = torch.is_autocast_cache_enabled()
+        self.autocast = AutocastState(device.type)
         self.watch = buffers
         self.buffers = buffers.snapshot() if buffers is not None else None
 
@@ -66,6 +64,5 @@ class ChunkState:
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         buffers = self.watch.replayed(self.buffers) if self.watch is not None else contextlib.nullcontext()
-        with self.rng.forked(), torch.enable_grad(), torch.autocast(
-                self.device_type, dtype=self.dtype, enabled=self.autocast, cache_enabled=self.cache), buffers:
+        with self.rng.forked(), torch.enable_grad(), self.autocast.replay(), buffers:
             yield

@@ -1,0 +1,39 @@
+"""What ``lightning_vdnn`` uses of torch's private (underscored) API, where torch has no public one.
+
+Written against torch 2.13.0 (``tests/test_adapters.py`` checks every name below, and fails naming the one
+that changed). Public torch API is used directly everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import _get_autocast_kwargs
+
+#: The torch release this module was written (and tested) against.
+WRITTEN_AGAINST = "2.13.0"
+
+#: What ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` puts on the module and on
+#: each ignored tensor (``ddp_unignore`` takes them back).
+DDP_IGNORE_LIST, DDP_IGNORED_FLAG = "_ddp_params_and_buffers_to_ignore", "_ddp_ignored"
+
+
+def autocast_kwargs(device_type: str) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+    """The autocast settings in force for ``device_type`` (None where it has no autocast) and for the CPU, as
+    ``torch.utils.checkpoint`` captures them for its recompute (``torch.autocast(**kwargs)`` replays them)."""
+    return _get_autocast_kwargs(device_type)
+
+
+def ddp_ignore(module: nn.Module, names: Iterable[str]) -> None:
+    """DDP neither broadcasts nor reduces the parameters and buffers ``names`` of ``module`` (set before it
+    wraps it). torch's only way to say so (pytorch/pytorch#43690) is this private static method."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+def ddp_unignore(module: nn.Module) -> None:
+    """Take back what :func:`ddp_ignore` put on ``module`` and its tensors."""
+    module.__dict__.pop(DDP_IGNORE_LIST, None)
+    for t in (*module.parameters(), *module.buffers()):
+        t.__dict__.pop(DDP_IGNORED_FLAG, None)
