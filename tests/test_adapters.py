@@ -1,0 +1,204 @@
+"""The adapters (``integrations/adapters/``) hold every use of another library's private state. These tests check
+each private name they rely on, as the library now has it, and fail naming what changed; the version tests
+fail on any upgrade, so that someone re-reads the adapter against the new release before bumping
+``WRITTEN_AGAINST``. Also the public hooks used instead of patches: the Precision subclass for clipping across
+ranks, and RNG/autocast replay through ``torch.utils.checkpoint``'s helpers."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import deepspeed
+import lightning
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_vdnn.integrations.adapters import deepspeed as ds_adapter
+from lightning_vdnn.integrations.adapters import lightning as pl_adapter
+from lightning_vdnn.integrations.adapters import torch as torch_adapter
+from lightning_vdnn.integrations.sharded_clipping import ShardedClipping, with_sharded_clipping
+from lightning_vdnn.rng import AutocastState, RngState
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+@pytest.mark.parametrize("adapter, installed", [
+    (pl_adapter, lightning.__version__), (ds_adapter, deepspeed.__version__), (torch_adapter, torch.__version__)])
+def test_adapter_was_written_against_the_installed_release(adapter, installed):
+    assert _release(installed) == adapter.WRITTEN_AGAINST, (
+        f"{adapter.__name__} was written against {adapter.WRITTEN_AGAINST}, and {_release(installed)} is installed. "
+        f"Re-check every private name it uses against the new release (the other tests here name the ones that "
+        f"broke), then set WRITTEN_AGAINST = {_release(installed)!r}.")
+
+
+# -- lightning ---------------------------------------------------------------------------------------------
+def _trainer() -> Trainer:
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_lightning_module_files_logs_under_current_fx_name():
+    module = LightningModule()
+    assert "_current_fx_name" in vars(module), "LightningModule no longer sets _current_fx_name in __init__"
+    assert "self._current_fx_name" in inspect.getsource(LightningModule.log), (
+        "LightningModule.log no longer reads self._current_fx_name: adapters/lightning.running_hook is void")
+    with pl_adapter.running_hook(module, "training_step"):
+        assert module._current_fx_name == "training_step"
+    assert module._current_fx_name is None
+
+
+def test_trainer_logging_privates_exist():
+    assert isinstance(inspect.getattr_static(_LoggerConnector, "should_update_logs"), property), (
+        "_LoggerConnector.should_update_logs is no longer a property")
+    trainer = _trainer()
+    assert isinstance(pl_adapter.should_update_logs(trainer), bool)
+    assert pl_adapter.logging_step(trainer) == 0, "fit_loop.epoch_loop._batches_that_stepped is gone"
+    assert hasattr(trainer, "_results"), "Trainer._results (the running loop's _ResultCollection) is gone"
+
+
+def test_result_metric_keeps_the_state_logged_results_snapshots():
+    results = _ResultCollection(training=True)
+    results.log("training_step", "loss", torch.tensor(1.0), on_step=True, on_epoch=True, batch_size=1)
+    metric = results["training_step.loss"]
+    missing = [a for a in pl_adapter.RESULT_METRIC_STATE if not hasattr(metric, a)]
+    assert not missing, f"_ResultMetric lost {missing}: LoggedResults would not put them back"
+    before = metric.value
+    results.log("training_step", "loss", torch.tensor(2.0), on_step=True, on_epoch=True, batch_size=1)
+    assert metric.value is not before and before.item() == 1.0, (
+        "_ResultMetric.update now writes its state in place: LoggedResults must clone it to snapshot it")
+
+
+def test_logged_results_restore_what_a_failed_attempt_logged():
+    class Holder:
+        _results = _ResultCollection(training=True)
+
+    trainer = Holder()
+    log = trainer._results.log
+    log("training_step", "loss", torch.tensor(1.0), on_step=False, on_epoch=True, batch_size=2)
+    expected = trainer._results["training_step.loss"].compute().clone()
+    snapshot = pl_adapter.LoggedResults(trainer)
+    log("training_step", "loss", torch.tensor(5.0), on_step=False, on_epoch=True, batch_size=2)
+    log("training_step", "other", torch.tensor(3.0), on_step=False, on_epoch=True, batch_size=2)
+    snapshot.restore()
+    assert list(trainer._results) == ["training_step.loss"]
+    trainer._results["training_step.loss"]._computed = None
+    torch.testing.assert_close(trainer._results["training_step.loss"].compute(), expected)
+    pl_adapter.LoggedResults(None).restore()  # outside a Trainer: nothing to put back
+
+
+@pytest.mark.parametrize("name, params", sorted(pl_adapter.DEEPSPEED_PRIVATE_OVERRIDES.items()))
+def test_deepspeed_strategy_private_methods_we_override(name, params):
+    method = getattr(DeepSpeedStrategy, name, None)
+    assert method is not None, f"DeepSpeedStrategy.{name} is gone: VDNNZeroStrategy overrides it"
+    got = tuple(inspect.signature(method).parameters)[1:]
+    assert got == params, f"DeepSpeedStrategy.{name}{got} changed from {params}: update VDNNZeroStrategy"
+
+
+# -- deepspeed ---------------------------------------------------------------------------------------------
+def test_lightning_hands_deepspeed_the_device_rank_the_adapter_replaces():
+    for name in ("_setup_model_and_optimizer", "_initialize_deepspeed_inference"):
+        source = inspect.getsource(getattr(DeepSpeedStrategy, name))
+        assert "deepspeed.initialize(" in source and "device_rank=self.root_device.index" in source, (
+            f"DeepSpeedStrategy.{name} no longer calls deepspeed.initialize(args=Namespace(device_rank=...)): "
+            "adapters/deepspeed.device_rank may be unneeded or void")
+    assert "args" in inspect.signature(deepspeed.initialize).parameters
+    engine = inspect.getsource(deepspeed.runtime.engine.DeepSpeedEngine._set_distributed_vars)
+    assert "args.device_rank" in engine, "DeepSpeedEngine no longer reads args.device_rank"
+
+
+def test_device_rank_redirects_initialize_for_the_block_only(monkeypatch):
+    calls = []
+
+    def initialize(*args, **kwargs):
+        calls.append(kwargs)
+        return "engine"
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    with ds_adapter.device_rank(3):
+        assert deepspeed.initialize(args=argparse.Namespace(device_rank=None), config={}) == "engine"
+    assert deepspeed.initialize is initialize
+    assert calls[0]["args"].device_rank == 3 and calls[0]["config"] == {}
+
+
+# -- torch -------------------------------------------------------------------------------------------------
+def test_autocast_kwargs_as_checkpoint_captures_them():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        device, cpu = torch_adapter.autocast_kwargs("cpu")
+    assert cpu == {"enabled": True, "dtype": torch.bfloat16, "cache_enabled": torch.is_autocast_cache_enabled()}
+    assert device == cpu
+    assert torch_adapter.autocast_kwargs("cpu")[1]["enabled"] is False
+
+
+def test_ddp_ignore_marks_what_ddp_reads():
+    assert "module." + torch_adapter.DDP_IGNORE_LIST in inspect.getsource(DistributedDataParallel.__init__), (
+        f"DistributedDataParallel no longer reads module.{torch_adapter.DDP_IGNORE_LIST}")
+    module = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    torch_adapter.ddp_ignore(module, ["0.weight", "1.running_mean"])
+    assert getattr(module, torch_adapter.DDP_IGNORE_LIST) == ["0.weight", "1.running_mean"]
+    ignored = [n for n, t in (*module.named_parameters(), *module.named_buffers())
+               if getattr(t, torch_adapter.DDP_IGNORED_FLAG, False)]
+    assert ignored == ["0.weight", "1.running_mean"]
+    torch_adapter.ddp_unignore(module)
+    assert not hasattr(module, torch_adapter.DDP_IGNORE_LIST)
+    assert not any(hasattr(t, torch_adapter.DDP_IGNORED_FLAG) for t in (*module.parameters(), *module.buffers()))
+
+
+# -- the public hooks used instead -------------------------------------------------------------------------
+def test_rng_state_replays_and_rewinds_as_checkpoint_would():
+    torch.manual_seed(0)
+    state = RngState(torch.device("cpu"))
+    first = torch.rand(4)
+    after = torch.get_rng_state()
+    with state.forked():
+        assert torch.equal(torch.rand(4), first)
+    assert torch.equal(torch.get_rng_state(), after), "forked() must leave the outer stream where it was"
+    state.restore()
+    assert torch.equal(torch.rand(4), first)
+
+
+def test_autocast_state_replays_outside_autocast():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = AutocastState("cpu")
+        expected = a @ b
+    with state.replay():
+        got = a @ b
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert (a @ b).dtype == torch.float32
+    with AutocastState("cpu").replay():
+        assert (a @ b).dtype == torch.float32
+
+
+class _Streamer:
+    def __init__(self):
+        self.calls = []
+
+    def clip_grad_norm_(self, params, max_norm):
+        self.calls.append(("norm", len(params), max_norm))
+
+    def clip_grad_value_(self, params, clip_value):
+        self.calls.append(("value", len(params), clip_value))
+
+
+@pytest.mark.parametrize("plugin", [Precision(), MixedPrecision("bf16-mixed", "cpu")])
+def test_sharded_clipping_is_the_plugin_with_clipping_overridden(plugin):
+    streamer, model = _Streamer(), nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipping = with_sharded_clipping(plugin, streamer)
+    assert isinstance(clipping, type(plugin)) and isinstance(clipping, ShardedClipping)
+    assert type(clipping).__qualname__ == type(plugin).__qualname__  # the checkpoint key of its state
+    assert vars(plugin).items() <= vars(clipping).items()
+    clipping.clip_gradients(optimizer, 0.5, "norm")
+    clipping.clip_gradients(optimizer, 2, "value")
+    assert streamer.calls == [("norm", 2, 0.5), ("value", 2, 2.0)]
+    assert "streamer" not in vars(plugin)
+    assert type(with_sharded_clipping(plugin, streamer)) is type(clipping)
