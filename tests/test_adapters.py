@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
+import accelerate
 import deepspeed
 import lightning
 import pytest
@@ -21,6 +22,7 @@ from lightning.pytorch.trainer.connectors.logger_connector.result import _Result
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_vdnn.integrations.adapters import accelerate as acc_adapter
 from lightning_vdnn.integrations.adapters import deepspeed as ds_adapter
 from lightning_vdnn.integrations.adapters import lightning as pl_adapter
 from lightning_vdnn.integrations.adapters import torch as torch_adapter
@@ -33,7 +35,8 @@ def _release(version: str) -> str:
 
 
 @pytest.mark.parametrize("adapter, installed", [
-    (pl_adapter, lightning.__version__), (ds_adapter, deepspeed.__version__), (torch_adapter, torch.__version__)])
+    (pl_adapter, lightning.__version__), (ds_adapter, deepspeed.__version__), (torch_adapter, torch.__version__),
+    (acc_adapter, accelerate.__version__)])
 def test_adapter_was_written_against_the_installed_release(adapter, installed):
     assert _release(installed) == adapter.WRITTEN_AGAINST, (
         f"{adapter.__name__} was written against {adapter.WRITTEN_AGAINST}, and {_release(installed)} is installed. "
@@ -127,6 +130,45 @@ def test_device_rank_redirects_initialize_for_the_block_only(monkeypatch):
         assert deepspeed.initialize(args=argparse.Namespace(device_rank=None), config={}) == "engine"
     assert deepspeed.initialize is initialize
     assert calls[0]["args"].device_rank == 3 and calls[0]["config"] == {}
+
+
+# -- accelerate --------------------------------------------------------------------------------------------
+def test_unwrap_model_peels_a_forward_wrapped_as_accelerate_wraps_it():
+    from accelerate.utils import extract_model_from_parallel
+
+    source = inspect.getsource(extract_model_from_parallel)
+    assert acc_adapter.ORIGINAL_FORWARD in source and "__wrapped__" in source, (
+        f"extract_model_from_parallel no longer follows __wrapped__ back to {acc_adapter.ORIGINAL_FORWARD}")
+    model, entered = nn.Linear(2, 2), []
+
+    class Around:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return None
+
+    acc_adapter.wrap_forward(model, Around)
+    model(torch.zeros(1, 2))
+    assert entered == [True]
+    unwrapped = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    unwrapped(torch.zeros(1, 2))
+    assert entered == [True], "accelerator.unwrap_model left our forward wrapper on the model"
+
+
+def test_after_backward_runs_after_accelerators_backward():
+    params = list(inspect.signature(accelerate.Accelerator.backward).parameters)
+    assert params == ["self", "loss", "kwargs"], f"Accelerator.backward{params} changed: adapters/accelerate"
+    calls = []
+
+    class Fake:
+        def backward(self, loss, **kwargs):
+            calls.append(("backward", loss))
+
+    fake = Fake()
+    acc_adapter.after_backward(fake, lambda: calls.append("done"))
+    fake.backward(1)
+    assert calls == [("backward", 1), "done"]
 
 
 # -- torch -------------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ prepared optimizers step those blocks on the host.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any, Optional
 
@@ -23,6 +22,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from lightning_vdnn.layers import LayerPaths
+from lightning_vdnn.integrations.adapters.accelerate import after_backward, wrap_forward
 from lightning_vdnn.integrations.torch_loop import ActivationOffload, make_config, offload_activations, stream_layers
 from lightning_vdnn.config import MemorySpec, Policy
 from lightning_vdnn.report.memory_report import MemoryReport
@@ -106,38 +106,23 @@ def prepare(
 
 
 def _wrap_forward(model: nn.Module, handle: ActivationOffload) -> None:
-    """Wrap the instance's forward as Accelerate's mixed precision does: ``__wrapped__`` leads back to the
-    class's function and ``_original_forward`` marks it, so ``accelerator.unwrap_model`` peels ours off too."""
-    forward = model.forward
-    func = getattr(forward, "__func__", None)
-
-    @functools.wraps(func or forward)
-    def captured(*args: Any, **kwargs: Any) -> Any:
-        with handle:
-            return forward(*args, **kwargs)
-
-    if func is not None:
-        model.__dict__.setdefault("_original_forward", forward)
-    model.forward = captured
+    """The model's forward runs inside ``handle`` (its saved-tensor hooks), unwrappable as Accelerate's own."""
+    wrap_forward(model, lambda: handle)
 
 
 def _wrap_backward(accelerator: Accelerator, handle: ActivationOffload) -> None:
+    """After each ``accelerator.backward``, every handle of this accelerator closes its pass."""
     handles = _BY_ACCELERATOR.get(accelerator)
     if handles is not None:
         handles.append(handle)
         return
     handles = _BY_ACCELERATOR[accelerator] = [handle]
-    backward = accelerator.backward
 
-    @functools.wraps(backward)
-    def backward_then_finish(loss: Any, **kwargs: Any) -> None:
-        try:
-            backward(loss, **kwargs)
-        finally:
-            for h in handles:
-                h.step_done()
+    def finish() -> None:
+        for h in handles:
+            h.step_done()
 
-    accelerator.backward = backward_then_finish
+    after_backward(accelerator, finish)
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
