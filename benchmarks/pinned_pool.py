@@ -4,9 +4,9 @@
     python benchmarks/pinned_pool.py --batch 1 --seq 128    # CPU: pageable memory (no CUDA), says so
 
 Replays the host side of a vDNN step: the sizes of the activations ``gpt_1b`` saves in one training step
-(traced once on the meta device under bf16, those of ``--min-bytes`` or more, as the offloader moves them),
-each copied device -> host in forward order and host -> device in backward order on side streams, its host
-buffer freed after its copy back. Two ways to get the host buffers, each in its own process:
+(traced in bf16 on the GPU, or on the meta device without one; those of ``--min-bytes`` or more, as the
+offloader moves them), each copied device -> host in forward order and host -> device in backward order on
+side streams, its host buffer freed after its copy back. Two ways to get the host buffers, each in its own process:
 
 * ``pool``: ``HostBufferPool`` (size classes of four per power of two, buffers kept and reused);
 * ``torch``: ``torch.empty(n, dtype=uint8, pin_memory=True)`` per tensor, freed with ``del``: torch's caching
@@ -39,12 +39,16 @@ from lightning_vdnn.offload.host_pool import HostBufferPool  # noqa: E402
 MiB = 2**20
 
 
-def saved_sizes(model: str, batch: int, seq: int, min_bytes: int) -> list[int]:
-    """Bytes of each activation ``model`` saves for backward in one step, in the order forward saves them."""
+def saved_sizes(model: str, batch: int, seq: int, min_bytes: int, device: str) -> list[int]:
+    """Bytes of each activation ``model`` saves for backward in one step, in the order forward saves them:
+    traced on ``device`` ("cuda": the kernels a real step runs; "meta": no memory, but attention takes the math
+    path there and saves its whole score matrix, which flash attention does not)."""
     from lightning_vdnn.examples.models.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
         net = GPT(GPTConfig.from_name(model, block_size=max(seq, 1))).to(torch.bfloat16)
+    if device != "meta":
+        net = net.to_empty(device=device)  # the weights' values do not change what is saved
     weights = {id(p) for p in net.parameters()}
     sizes: list[int] = []
 
@@ -55,7 +59,10 @@ def saved_sizes(model: str, batch: int, seq: int, min_bytes: int) -> list[int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(torch.zeros(batch, seq, dtype=torch.long, device="meta"))
+        net(torch.zeros(batch, seq, dtype=torch.long, device=device))
+    del net
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return sizes
 
 
@@ -144,15 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     batch, seq = args.batch or (8 if cuda else 1), args.seq or (1024 if cuda else 128)
-    sizes = saved_sizes(args.model, batch, seq, args.min_bytes)
+    sizes = saved_sizes(args.model, batch, seq, args.min_bytes, "cuda" if cuda else "meta")
     if not sizes:
         raise SystemExit(f"{args.model} at batch {batch} x {seq} saves nothing of {args.min_bytes} bytes or more.")
     if args.variant is not None:  # a child: one variant, one line of JSON
         print(json.dumps(run_variant(args.variant, sizes, args.steps)))
         return
     if not cuda:
-        print("No CUDA device: host buffers are pageable (nothing is pinned) and the copies are host memcpy, so "
-              "these numbers only show the script works; run it on a GPU machine to compare the allocators.")
+        print("No CUDA device: host buffers are pageable (nothing is pinned), the copies are host memcpy and the "
+              "sizes come from the meta device (attention's full score matrix included), so these numbers only "
+              "show the script works; run it on a GPU machine to compare the allocators.")
     print(f"{args.model}, batch {batch} x {seq}: {len(sizes)} saved tensors per step, "
           f"{sum(sizes) / 2**30:.2f} GiB, {len(set(sizes))} distinct sizes; {args.steps} steps")
     rows = [_child(v, argv or sys.argv[1:]) for v in ("pool", "torch")]
