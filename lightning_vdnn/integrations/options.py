@@ -30,7 +30,7 @@ def config_hints() -> dict[str, Any]:
     return typing.get_type_hints(VDNNConfig)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashable, by identity
 class Entry:
     """One entry point's view of the options.
 
@@ -168,28 +168,29 @@ _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(VDNNConfig))
 _ALL = frozenset({"common", "offload", "streaming", "chunks", "zero", "report"})
 _POLICY = {"activation_offload": "policy"}
 
-#: The entry points. Only what differs from ``VDNNConfig`` is written here, each with its reason.
+#: The entry points. Only what differs from ``VDNNConfig`` is written here, each with its reason. Resident blocks
+#: chosen from a budget switch blocks between steps on one device, which only VDNNStrategy does: the others
+#: start from ``resident_blocks=0`` (a ``memory_budget`` then plans the activations alone).
+_FIXED_RESIDENT = {"resident_blocks": 0}
 VDNN_STRATEGY = Entry("VDNNStrategy", _ALL, positional=("activation_offload",))
 VDNN_ZERO = Entry(
     "VDNNZeroStrategy", _ALL - {"chunks"}, positional=("activation_offload",),
-    defaults={"zero_stage": None})  # None: the DeepSpeed config's stage, else 2
+    defaults={**_FIXED_RESIDENT, "zero_stage": None})  # None: the DeepSpeed config's stage, else 2
 L2L_ZERO = Entry(
     "L2LZeroStrategy", _ALL - {"chunks"}, positional=("activation_offload",),
-    defaults={"activation_offload": "none",  # as "l2l": streamed blocks recompute, nothing to offload
+    defaults={**_FIXED_RESIDENT, "activation_offload": "none",  # as "l2l": streamed blocks recompute
               "zero_stage": 2},
     fixed={"layer_streaming": True})
-# Resident blocks chosen from a budget switch blocks between steps, which only VDNNStrategy does: the entry
-# points below start from 0 (a memory_budget then plans the activations alone, as it did before).
 FABRIC = Entry("VDNNFabricStrategy", frozenset({"common", "offload", "streaming"}), positional=("activation_offload",),
-               defaults={"resident_blocks": 0})
+               defaults=_FIXED_RESIDENT)
 ACCELERATE = Entry("accelerate.prepare", frozenset({"common", "offload", "streaming"}), renamed=_POLICY,
-                   defaults={"resident_blocks": 0})
+                   defaults=_FIXED_RESIDENT)
 OFFLOAD_ACTIVATIONS = Entry(
     "offload_activations", frozenset({"common", "offload"}), renamed=_POLICY, positional=("policy",),
     defaults={"activation_offload": None})  # None: "auto" with a model, "all" without one
 STREAM_LAYERS = Entry(
     "stream_layers", frozenset({"common", "streaming"}),
-    defaults={"resident_blocks": 0, "saved_blocks": 0},  # 0: every streamed block recomputes (no hooks known)
+    defaults={**_FIXED_RESIDENT, "saved_blocks": 0},  # 0: every streamed block recomputes (no hooks known)
     fixed={"layer_streaming": True, "activation_offload": "none"})
 ENTRIES = (VDNN_STRATEGY, VDNN_ZERO, L2L_ZERO, FABRIC, ACCELERATE, OFFLOAD_ACTIVATIONS, STREAM_LAYERS)
 
@@ -202,4 +203,6 @@ def one_of(config: Optional[VDNNConfig], entry: Entry, args: tuple[Any, ...], op
     if config is None:
         return entry.config(args, options, **resolved)
     given = entry.given(args, options)
+    if not given:
+        return config
     return entry.build({**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **given})
