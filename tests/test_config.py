@@ -285,7 +285,8 @@ def test_every_strategy_file_is_typed_and_builds_its_registered_name(name):
 
     from lightning_vdnn.conf.schema import SCHEMAS
 
-    raw = OmegaConf.to_container(OmegaConf.load(Path(lightning_vdnn.conf.__file__).parent / "strategy" / f"{name}.yaml"))
+    path = Path(lightning_vdnn.conf.__file__).parent / "strategy" / f"{name}.yaml"
+    raw = OmegaConf.to_container(OmegaConf.load(path))
     schema = [s for s, (_, target, _) in SCHEMAS.items() if target == raw["_target_"]]
     assert raw["defaults"] == [schema[0], "_self_"], name
     composed = compose_strategy(f"strategy={name}")

@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from lightning_vdnn.integrations.checkpoint_io import publish_dir, remove_published, version_dir
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.integrations.options import VDNN_ZERO, one_of
+from lightning_vdnn.integrations.options import VDNN_ZERO, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 
 DEFAULT_STAGE = 2
@@ -144,7 +144,7 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
     ) -> None:
         user = self._load_config(_plain(config))  # Lightning's: reads a path; None: $PL_DEEPSPEED_CONFIG_PATH
         stage = {} if options.get("zero_stage") is not None else {"zero_stage": _stage_of(user)}
-        self.vdnn_config = one_of(vdnn_config, VDNN_ZERO, args, options, **stage)
+        self.vdnn_config = config_from(vdnn_config, VDNN_ZERO, args, options, **stage)
         self.vdnn_config.refuse_chunks("VDNNZeroStrategy (DeepSpeed)")
         cfg = self.vdnn_config
         if not cfg.zero_stage:

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.precision import Precision
 from lightning.fabric.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 
-from lightning_vdnn.integrations.options import FABRIC, one_of
+from lightning_vdnn.integrations.options import FABRIC, config_from
 from lightning_vdnn.integrations.torch_loop import ActivationOffload
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.report.memory_report import MemoryReport
@@ -68,7 +68,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
     def __init__(self, *args: Any, device: Union[str, torch.device, None] = None,
                  accelerator: Optional[Accelerator] = None, checkpoint_io: Optional[CheckpointIO] = None,
                  precision: Optional[Precision] = None, config: Optional[VDNNConfig] = None, **options: Any) -> None:
-        self.config = one_of(config, FABRIC, args, options)
+        self.config = config_from(config, FABRIC, args, options)
         self.config.refuse_chunks("VDNNFabricStrategy")
         if self.config.zero_stage:
             raise ValueError(f"zero_stage={self.config.zero_stage}: DeepSpeed ZeRO is Lightning-only "

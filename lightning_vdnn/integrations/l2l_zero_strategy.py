@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.integrations.options import L2L_ZERO, one_of
+from lightning_vdnn.integrations.options import L2L_ZERO, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.sharded import Collectives, Partition, ShardedLayerStreamer, full_optimizer_state
@@ -63,7 +63,8 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             modules outside them (replicated); see the module docstring.
         layers, resident_blocks, microbatches, saved_blocks, pin_memory: layer streaming, as in
             :class:`~lightning_vdnn.VDNNStrategy`. Resident blocks are replicated like the modules outside.
-        vdnn_config: a ready :class:`VDNNConfig` (``layer_streaming=True``, ``zero_stage`` >= 1); options given as well replace its values.
+        vdnn_config: a ready :class:`VDNNConfig` (``layer_streaming=True``, ``zero_stage`` >= 1); options given
+            as well replace its values.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, **ddp_kwargs: as in Lightning's ``DDPStrategy`` (``ddp_kwargs`` go
             to ``DistributedDataParallel`` for the replicated modules).
@@ -102,7 +103,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         options = {k: ddp_kwargs.pop(k) for k in list(ddp_kwargs) if _is_option(k)}
-        self.vdnn_config = one_of(vdnn_config, L2L_ZERO, args, options)
+        self.vdnn_config = config_from(vdnn_config, L2L_ZERO, args, options)
         cfg = self.vdnn_config
         if not cfg.layer_streaming or not cfg.zero_stage:
             raise ValueError(

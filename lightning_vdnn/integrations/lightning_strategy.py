@@ -18,7 +18,7 @@ from lightning_vdnn.planning.when_to_stream import stream_reason
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.offload.batch_chunks import BatchChunks
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.integrations.options import VDNN_STRATEGY, one_of
+from lightning_vdnn.integrations.options import VDNN_STRATEGY, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
@@ -110,7 +110,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     def __init__(self, *args: Any, device: Union[str, torch.device, None] = None, accelerator: Any = None,
                  checkpoint_io: Optional[CheckpointIO] = None, precision_plugin: Optional[Precision] = None,
                  config: Optional[VDNNConfig] = None, **options: Any) -> None:
-        self.config = one_of(config, VDNN_STRATEGY, args, options)
+        self.config = config_from(config, VDNN_STRATEGY, args, options)
         if self.config.zero_stage and self.config.layer_streaming:
             raise ValueError(
                 f"layer_streaming=True with zero_stage={self.config.zero_stage} streams the blocks on several ranks, "

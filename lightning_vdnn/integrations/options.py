@@ -118,26 +118,24 @@ class Entry:
             return f"{message}; here it is called {self.renamed[key]!r}."
         if key in self.fixed:
             return f"{message}: {self.name} always runs with {key}={self.fixed[key]!r}; drop it."
-        close = difflib.get_close_matches(key, list(self.fields), n=1)
         if key in _FIELD_NAMES:
             takers = [e.name for e in ENTRIES if key in e.fields]
             return (f"{message}: {key} is a VDNNConfig option of {', '.join(takers)}, which {self.name} does not "
                     f"implement. Drop it, or use one of those.")
+        close = difflib.get_close_matches(key, list(self.fields), n=1)
         if close:
             return f"{message}; did you mean {close[0]!r}?"
         return f"{message}. It takes: {', '.join(self.fields)}."
 
-    def parameters(self, keyword_only: bool = True) -> list[inspect.Parameter]:
+    def parameters(self) -> list[inspect.Parameter]:
         """The options as ``inspect.Parameter``s, typed from the fields; ``positional`` ones first."""
-        hints = config_hints()
-        params = []
+        hints, params, P = config_hints(), [], inspect.Parameter
         for arg, f in self.fields.items():
             default, hint = self.default(f), hints[f.name]
             if default is None and not _allows_none(hint):
                 hint = Optional[hint]  # None here means "the entry point decides" (see its docstring)
-            kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if arg in self.positional or not keyword_only
-                    else inspect.Parameter.KEYWORD_ONLY)
-            params.append(inspect.Parameter(arg, kind, default=default, annotation=hint))
+            kind = P.POSITIONAL_OR_KEYWORD if arg in self.positional else P.KEYWORD_ONLY
+            params.append(P(arg, kind, default=default, annotation=hint))
         return sorted(params, key=lambda p: p.kind)  # stable: positional ones first, in their order
 
     def signed(self, func: F) -> F:
@@ -152,7 +150,8 @@ class Entry:
         first = [p for p in options if p.kind == p.POSITIONAL_OR_KEYWORD]
         rest = [p for p in options if p.kind == p.KEYWORD_ONLY]
         hints = typing.get_type_hints(func)
-        head, star, tail = ([p.replace(annotation=hints.get(p.name, p.annotation)) for p in ps] for ps in (head, star, tail))
+        head, star, tail = ([p.replace(annotation=hints.get(p.name, p.annotation)) for p in ps]
+                            for ps in (head, star, tail))
         func.__signature__ = inspect.Signature([*head, *first, *star, *rest, *tail],  # type: ignore[attr-defined]
                                                return_annotation=hints.get("return", inspect.Signature.empty))
         func.__annotations__ = {**{p.name: p.annotation for p in func.__signature__.parameters.values()},
@@ -195,7 +194,7 @@ STREAM_LAYERS = Entry(
 ENTRIES = (VDNN_STRATEGY, VDNN_ZERO, L2L_ZERO, FABRIC, ACCELERATE, OFFLOAD_ACTIVATIONS, STREAM_LAYERS)
 
 
-def one_of(config: Optional[VDNNConfig], entry: Entry, args: tuple[Any, ...], options: Mapping[str, Any],
+def config_from(config: Optional[VDNNConfig], entry: Entry, args: tuple[Any, ...], options: Mapping[str, Any],
            **resolved: Any) -> VDNNConfig:
     """The config the arguments describe: ``config`` (a ready one) with the options given replacing its values,
     else the options over the entry point's defaults, ``resolved`` replacing values the entry point worked out
