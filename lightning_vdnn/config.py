@@ -308,14 +308,14 @@ class VDNNConfig:
         """The declared types and lower bounds (``option(..., ge=)``), for every field that has a plain one."""
         hints = _hints()
         for f in fields(self):
-            value, hint, why = getattr(self, f.name), hints[f.name], f.metadata["why"]
+            value, hint, why = getattr(self, f.name), hints[f.name], f.metadata.get("why", "")
             if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"{f.name}={value!r} must be an int.")
             if hint is bool and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True or False.")
             if hint == Optional[bool] and value is not None and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True, False or None ({why}).")
-            bound = f.metadata["ge"]
+            bound = f.metadata.get("ge")
             if bound is not None and value < bound:
                 must = "a positive integer" if bound == 1 else f">= {bound}"
                 raise ValueError(f"{f.name}={value!r} must be {must}" + (f" ({why})." if why else "."))

@@ -165,6 +165,10 @@ def _allows_none(hint: Any) -> bool:
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(VDNNConfig))
 _ALL = frozenset({"common", "offload", "streaming", "chunks", "zero", "report"})
+for _field in dataclasses.fields(VDNNConfig):  # a field without a scope would reach no entry point
+    if _field.metadata.get("scope") not in _ALL:
+        raise TypeError(f"VDNNConfig.{_field.name} declares no scope of {sorted(_ALL)}: declare it with "
+                        "option(default, scope) (config.py), so that the entry points of that scope take it.")
 _POLICY = {"activation_offload": "policy"}
 
 #: The entry points. Only what differs from ``VDNNConfig`` is written here, each with its reason. Resident blocks
