@@ -14,10 +14,13 @@ from lightning_vdnn.loss import chunked_cross_entropy
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample
 from lightning_vdnn.planning.oom_retry import BudgetLowered, StepOutOfMemory
-from lightning_vdnn.integrations.fabric import VDNNFabricStrategy, register_fabric
-from lightning_vdnn.integrations.lightning_strategy import REGISTERED, VDNNStrategy, register
-from lightning_vdnn.integrations.deepspeed_strategy import REGISTERED_ZERO, VDNNZeroStrategy, register_zero
-from lightning_vdnn.integrations.l2l_zero_strategy import REGISTERED_L2L_ZERO, L2LZeroStrategy, register_l2l_zero
+from lightning_vdnn.integrations.fabric import VDNNFabricStrategy
+from lightning_vdnn.integrations.lightning_strategy import VDNNStrategy
+from lightning_vdnn.integrations.deepspeed_strategy import VDNNZeroStrategy
+from lightning_vdnn.integrations.l2l_zero_strategy import L2LZeroStrategy
+from lightning_vdnn.integrations.registry import (
+    REGISTERED, REGISTERED_L2L_ZERO, REGISTERED_ZERO, register, register_fabric, register_l2l_zero, register_zero,
+    strategy_for)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "chunked_cross_entropy",
     "offload_activations",
     "stream_layers",
+    "strategy_for",
     "parse_memory_budget",
 ]
 

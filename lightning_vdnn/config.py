@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+import functools
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
+from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.units import MemoryBudget, MemorySpec, parse_memory_budget  # noqa: F401  (read from here)
 
 Policy = Literal["none", "all", "conv", "auto"]
@@ -25,6 +28,18 @@ ResidentSpec = Union[int, Literal["auto"], None]
 SavedSpec = Union[int, Literal["auto"], None]
 #: ``report_dir``: a local path or any fsspec URL (``"s3://bucket/run"``), or None (the logger's log directory).
 ReportDir = Union[str, Path, None]
+
+
+def option(default: Any, scope: str, *, ge: Optional[int] = None, why: str = "") -> Any:
+    """A field of :class:`VDNNConfig`: its default; ``scope``, which entry points take it
+    (``integrations/options.py``: ``"offload"``, ``"streaming"``, ``"chunks"``, ``"zero"``, ``"report"``, or
+    ``"common"`` to both engines); ``ge``, its lower bound; ``why``, what a bound or ``None`` means."""
+    return field(default=default, metadata={"scope": scope, "ge": ge, "why": why})
+
+
+@functools.lru_cache(maxsize=None)
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(VDNNConfig)
 
 
 def _not_built(feature: str, argument: str) -> NotImplementedError:
@@ -119,24 +134,25 @@ class VDNNConfig:
             checkpoint folder or the working directory would be one nobody asked for.
     """
 
-    activation_offload: Policy = "auto"
-    min_offload_bytes: int = 2**20
-    prefetch_layers: int = 1
-    max_inflight_bytes: int = 2**28
-    pin_memory: bool = True
-    layer_streaming: Optional[bool] = None
-    layers: Union[None, str, tuple[str, ...]] = None
-    resident_blocks: ResidentSpec = None
-    memory_budget: MemorySpec = None
-    microbatches: int = 1
-    saved_blocks: SavedSpec = None
-    batch_chunks: int = 1
-    chunk_layers: Optional[str] = None
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    fit_report: Optional[bool] = None
-    report_dir: ReportDir = None
+    activation_offload: Policy = option("auto", "offload")
+    min_offload_bytes: int = option(2**20, "offload", ge=0)
+    prefetch_layers: int = option(1, "offload", ge=1, why="1 is vDNN's one layer ahead")
+    max_inflight_bytes: int = option(2**28, "offload", ge=0)
+    pin_memory: bool = option(True, "common")
+    layer_streaming: Optional[bool] = option(None, "streaming", why="off, unless strategy='vdnn' needs it to fit "
+                                                                    "the budget")
+    layers: LayerPaths = option(None, "common")
+    resident_blocks: ResidentSpec = option(None, "streaming")
+    memory_budget: MemorySpec = option(None, "offload")
+    microbatches: int = option(1, "streaming", ge=1)
+    saved_blocks: SavedSpec = option(None, "streaming")
+    batch_chunks: int = option(1, "chunks", ge=1, why="1 runs the batch whole")
+    chunk_layers: Optional[str] = option(None, "chunks")
+    zero_stage: int = option(0, "zero")
+    offload_optimizer: bool = option(False, "zero")
+    offload_params: bool = option(False, "zero")
+    fit_report: Optional[bool] = option(None, "report", why="follow the Trainer's enable_model_summary")
+    report_dir: ReportDir = option(None, "report")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -145,20 +161,12 @@ class VDNNConfig:
             raise ValueError(
                 f"activation_offload={self.activation_offload!r} is not a policy; choose one of {list(POLICIES)}."
             )
-        if self.min_offload_bytes < 0:
-            raise ValueError(f"min_offload_bytes={self.min_offload_bytes} must be >= 0.")
-        if self.max_inflight_bytes < 0:
-            raise ValueError(f"max_inflight_bytes={self.max_inflight_bytes} must be >= 0.")
-        if self.prefetch_layers < 1:
-            raise ValueError(f"prefetch_layers={self.prefetch_layers} must be >= 1 (1 is vDNN's one layer ahead).")
         for path in self.layer_paths:
             if not _PATH_RE.match(path):
                 raise ValueError(
                     f"layers={path!r} is not a dotted attribute path; use e.g. 'model.blocks', a list of such paths, "
                     "or None to detect.")
         parse_memory_budget(self.memory_budget)
-        if self.microbatches < 1:
-            raise ValueError(f"microbatches={self.microbatches} must be a positive integer.")
         self._check_resident()
         self._check_saved_blocks()
         if self.microbatches > 1 and not self.layer_streaming:
@@ -185,8 +193,6 @@ class VDNNConfig:
 
     def _check_chunks(self) -> None:
         chunks, path = self.batch_chunks, self.chunk_layers
-        if chunks < 1:
-            raise ValueError(f"batch_chunks={chunks} must be a positive integer (1 runs the batch whole).")
         if path is not None and (not isinstance(path, str) or not _PATH_RE.match(path)):
             raise ValueError(f"chunk_layers={path!r} is not a dotted attribute path; use e.g. 'model.features'.")
         if (chunks > 1) != (path is not None):
@@ -299,27 +305,25 @@ class VDNNConfig:
         return self.resident_blocks if isinstance(self.resident_blocks, int) else 0
 
     def _check_types(self) -> None:
-        expect = {"min_offload_bytes": int, "prefetch_layers": int, "max_inflight_bytes": int, "microbatches": int,
-                  "batch_chunks": int, "zero_stage": int,
-                  "pin_memory": bool, "offload_optimizer": bool, "offload_params": bool}
+        """The declared types and lower bounds (``option(..., ge=)``), for every field that has a plain one."""
+        hints = _hints()
         for f in fields(self):
-            value = getattr(self, f.name)
-            kind = expect.get(f.name)
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            value, hint, why = getattr(self, f.name), hints[f.name], f.metadata.get("why", "")
+            if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"{f.name}={value!r} must be an int.")
-            if kind is bool and not isinstance(value, bool):
+            if hint is bool and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True or False.")
-        if self.layer_streaming is not None and not isinstance(self.layer_streaming, bool):
-            raise TypeError(f"layer_streaming={self.layer_streaming!r} must be True, False or None (off, unless "
-                            "strategy='vdnn' needs it to fit the budget).")
+            if hint == Optional[bool] and value is not None and not isinstance(value, bool):
+                raise TypeError(f"{f.name}={value!r} must be True, False or None ({why}).")
+            bound = f.metadata.get("ge")
+            if bound is not None and value < bound:
+                must = "a positive integer" if bound == 1 else f">= {bound}"
+                raise ValueError(f"{f.name}={value!r} must be {must}" + (f" ({why})." if why else "."))
         resident = self.resident_blocks
         if resident is not None and (isinstance(resident, bool) or not isinstance(resident, (int, str))):
             raise TypeError(f"resident_blocks={resident!r} must be an int, 'auto' or None.")
         if not isinstance(self.activation_offload, str):
             raise TypeError(f"activation_offload={self.activation_offload!r} must be one of {list(POLICIES)}.")
-        if self.fit_report is not None and not isinstance(self.fit_report, bool):
-            raise TypeError(f"fit_report={self.fit_report!r} must be True, False or None (follow the Trainer's "
-                            "enable_model_summary).")
         layers = self.layers
         if layers is not None and not isinstance(layers, str):
             if not isinstance(layers, Sequence) or not layers or not all(isinstance(p, str) for p in layers):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import lightning_vdnn
+import lightning_vdnn.conf
 from lightning_vdnn import MemoryBudget, VDNNConfig, VDNNStrategy, parse_memory_budget
 from lightning_vdnn.layers import resolve_layers
 
@@ -152,3 +156,153 @@ def test_layer_detection_and_errors():
             self.layers = nn.ModuleList(Experts() for _ in range(2))
 
     assert resolve_layers(MoE(), None)[0] == "layers"
+
+
+# -- one definition: every entry point's arguments, signature and Hydra schema come from VDNNConfig's fields ----
+def _entry_points():
+    import lightning_vdnn.accelerate
+    from lightning_vdnn import L2LZeroStrategy, VDNNFabricStrategy, VDNNZeroStrategy, offload_activations, stream_layers
+    from lightning_vdnn.integrations import options
+
+    return {options.VDNN_STRATEGY: VDNNStrategy, options.VDNN_ZERO: VDNNZeroStrategy,
+            options.L2L_ZERO: L2LZeroStrategy, options.FABRIC: VDNNFabricStrategy,
+            options.ACCELERATE: lightning_vdnn.accelerate.prepare, options.OFFLOAD_ACTIVATIONS: offload_activations,
+            options.STREAM_LAYERS: stream_layers}
+
+
+def test_every_field_declares_its_scope_and_reaches_the_entry_points_of_that_scope():
+    """Adding a field is one line in ``VDNNConfig``: its scope puts it in every entry point that takes it."""
+    import dataclasses
+
+    from lightning_vdnn.integrations.options import ENTRIES, VDNN_STRATEGY
+
+    scopes = {"common", "offload", "streaming", "chunks", "zero", "report"}
+    for f in dataclasses.fields(VDNNConfig):
+        assert f.metadata.get("scope") in scopes, f"{f.name}: declare it with option(default, scope)"
+        assert [e.name for e in ENTRIES if f.metadata["scope"] in e.scopes and f.name not in e.fixed]
+    assert [f.name for f in VDNN_STRATEGY.fields.values()] == [f.name for f in dataclasses.fields(VDNNConfig)]
+
+
+def test_signatures_are_generated_from_the_fields():
+    """``inspect.signature`` (IDEs, ``help``, LightningCLI) shows each option with the default it really has:
+    the field's, unless the entry point's table says otherwise."""
+    import dataclasses
+    import inspect
+
+    defaults = {f.name: f.default for f in dataclasses.fields(VDNNConfig)}
+    for entry, call in _entry_points().items():
+        params = inspect.signature(call).parameters
+        assert not [p for p in params.values() if p.kind == p.VAR_KEYWORD and p.name == "options"]
+        for arg, f in entry.fields.items():
+            assert params[arg].default == entry.defaults.get(f.name, defaults[f.name]), (entry.name, arg)
+        for arg in entry.positional:
+            assert params[arg].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert "__new__" not in VDNNStrategy.__dict__  # a class call builds that class; strategy_for picks one
+
+
+def test_built_with_no_arguments_each_entry_has_the_declared_defaults():
+    from lightning_vdnn import L2LZeroStrategy, VDNNFabricStrategy, VDNNZeroStrategy
+
+    assert VDNNStrategy().config == VDNNConfig()
+    assert VDNNFabricStrategy().config == VDNNConfig(resident_blocks=0)
+    assert VDNNZeroStrategy().vdnn_config == VDNNConfig(zero_stage=2, resident_blocks=0)
+    assert L2LZeroStrategy().config == VDNNConfig("none", layer_streaming=True, zero_stage=2, resident_blocks=0)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: VDNNStrategy(activation_offlod="all"),
+     r"VDNNStrategy\(\) got an unexpected keyword argument 'activation_offlod'; did you mean 'activation_offload'"),
+    (lambda: VDNNStrategy(prefetch_layer=2), r"did you mean 'prefetch_layers'\?"),
+    (lambda: VDNNStrategy("all", "conv"), r"takes 1 positional option\(s\) \(activation_offload\) but 2 were given"),
+    (lambda: VDNNStrategy("all", activation_offload="conv"), r"multiple values for argument 'activation_offload'"),
+    (lambda: VDNNStrategy(bogus=1), r"unexpected keyword argument 'bogus'\. It takes: activation_offload, "),
+    (lambda: _entry_points_by_name()["VDNNFabricStrategy"](batch_chunks=2),
+     r"'batch_chunks': batch_chunks is a VDNNConfig option of VDNNStrategy, which VDNNFabricStrategy does not"),
+    (lambda: _entry_points_by_name()["offload_activations"](activation_offload="all"),
+     r"offload_activations\(\) got an unexpected keyword argument 'activation_offload'; here it is called 'policy'"),
+    (lambda: _entry_points_by_name()["stream_layers"](None, microbatch=2), r"did you mean 'microbatches'\?"),
+    (lambda: _entry_points_by_name()["L2LZeroStrategy"](resident_block=1), r"did you mean 'resident_blocks'\?"),
+    (lambda: _entry_points_by_name()["VDNNZeroStrategy"](layer_streamin=True), r"did you mean 'layer_streaming'\?"),
+])
+def test_an_unknown_or_misspelt_option_names_the_close_match(call, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call()
+
+
+def _entry_points_by_name():
+    return {e.name: call for e, call in _entry_points().items()}
+
+
+def test_a_ready_config_with_options_takes_the_options():
+    """``config=`` and options together: the options replace the config's values (none is silently ignored)."""
+    base = VDNNConfig("all", min_offload_bytes=0)
+    assert VDNNStrategy(config=base).config is base
+    assert VDNNStrategy("conv", config=base).config == VDNNConfig("conv", min_offload_bytes=0)
+    with pytest.raises(ValueError, match=r"prefetch_layers=0 must be a positive integer"):
+        VDNNStrategy(config=base, prefetch_layers=0)
+
+
+def test_strategy_for_picks_the_class_from_the_config():
+    from lightning_vdnn import L2LZeroStrategy, VDNNZeroStrategy, strategy_for
+
+    assert type(strategy_for(VDNNConfig("all"))) is VDNNStrategy
+    assert type(strategy_for(VDNNConfig(zero_stage=3))) is VDNNZeroStrategy
+    streams = strategy_for(VDNNConfig(layer_streaming=True, zero_stage=1), process_group_backend="gloo")
+    assert type(streams) is L2LZeroStrategy and streams.config.zero_stage == 1
+    with pytest.raises(ValueError, match=r"L2LZeroStrategy \(strategy='l2l_zero'\).*L2LZeroStrategy\(zero_stage=2"):
+        VDNNStrategy(layer_streaming=True, zero_stage=2)
+
+
+# -- Hydra: every strategy file is checked against the schema generated for its class -----------------------
+STRATEGY_FILES = sorted(p.stem for p in (Path(lightning_vdnn.conf.__file__).parent / "strategy").glob("*.yaml"))
+
+
+def compose_strategy(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="lightning_vdnn.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides)).strategy
+
+
+def test_schemas_are_generated_from_the_options():
+    import dataclasses
+
+    from lightning_vdnn.conf.schema import SCHEMAS, strategy_schema
+
+    for name, (entry, target, extras) in SCHEMAS.items():
+        schema = strategy_schema(entry, target, extras)
+        assert [f.name for f in dataclasses.fields(schema)] == ["_target_", *entry.fields, *extras], name
+
+
+@pytest.mark.parametrize("name", [n for n in STRATEGY_FILES if n != "plain"])
+def test_every_strategy_file_is_typed_and_builds_its_registered_name(name):
+    """Each file names its class's schema (so a typo fails at compose, before training), sets only keys the
+    schema has, and builds what its registered name builds."""
+    from hydra.errors import ConfigCompositionException
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import StrategyRegistry
+    from omegaconf import OmegaConf
+
+    from lightning_vdnn.conf.schema import SCHEMAS
+
+    path = Path(lightning_vdnn.conf.__file__).parent / "strategy" / f"{name}.yaml"
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    schema = [s for s, (_, target, _) in SCHEMAS.items() if target == raw["_target_"]]
+    assert raw["defaults"] == [schema[0], "_self_"], name
+    composed = compose_strategy(f"strategy={name}")
+    assert set(raw) - {"defaults"} <= set(composed)
+    assert OmegaConf.get_type(composed).__name__ == raw["_target_"].rsplit(".", 1)[1] + "Conf"
+    with pytest.raises(ConfigCompositionException, match="layer_strem"):
+        compose_strategy(f"strategy={name}", "strategy.layer_strem=true")
+    with pytest.raises(ConfigCompositionException, match="min_offload_bytes"):
+        compose_strategy(f"strategy={name}", "strategy.min_offload_bytes=lots")
+    built = instantiate(composed)
+    assert type(built).__name__ == raw["_target_"].rsplit(".", 1)[1]
+    assert name in lightning_vdnn.REGISTERED or name in lightning_vdnn.REGISTERED_ZERO or (
+        name in lightning_vdnn.REGISTERED_L2L_ZERO)
+    registered = StrategyRegistry.get(name)
+    assert getattr(built, "vdnn_config", built.config) == getattr(registered, "vdnn_config", registered.config)
+
+
+def test_plain_strategy_file_is_lightnings_own():
+    assert STRATEGY_FILES.count("plain") == 1 and compose_strategy("strategy=plain").name == "auto"

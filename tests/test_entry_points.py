@@ -139,8 +139,8 @@ def _accelerate_prepare(**kw):
     _accelerate_prepare,
 ], ids=["plain", "fabric", "accelerate"])
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(policy="bogus"), r"policy='bogus' is not a policy; choose one of"),
-    (dict(policy="all", prefetch_layers=0), r"prefetch_layers=0 must be >= 1"),
+    (dict(policy="bogus"), r"(policy|activation_offload)='bogus' is not a policy; choose one of"),
+    (dict(policy="all", prefetch_layers=0), r"prefetch_layers=0 must be a positive integer"),
     (dict(policy="all", layers="no such path"), r"layers='no such path' is not a dotted attribute path"),
 ])
 def test_bad_arguments_raise_naming_the_value(entry, kwargs, message):
@@ -288,11 +288,10 @@ def test_fabric_streams_layers_and_matches_plain_fabric(tmp_path):
 def test_fabric_registers_what_it_supports(monkeypatch):
     from lightning.fabric.strategies import STRATEGY_REGISTRY
 
-    from lightning_vdnn.integrations import fabric as vdnn_fabric
-    from lightning_vdnn.integrations import lightning_strategy as vdnn_strategy
+    from lightning_vdnn.integrations import registry
 
-    monkeypatch.setitem(vdnn_strategy.REGISTERED, "vdnn_test_zero", ("ZeRO", {"zero_stage": 2}))
-    names = vdnn_fabric.register_fabric()
+    monkeypatch.setitem(registry.REGISTERED, "vdnn_test_zero", ("ZeRO", {"zero_stage": 2}))
+    names = registry.register_fabric()
     assert {"vdnn", "vdnn_all", "vdnn_conv", "vdnn_none", "l2l"} <= set(names)
     assert "vdnn_test_zero" not in names and "vdnn_test_zero" not in STRATEGY_REGISTRY
     for name in names:

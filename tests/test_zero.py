@@ -168,13 +168,14 @@ def test_every_policy_runs_inside_zero3(runs, reference, policy):
 # -- names, configs, errors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_registered_names_and_hydra_configs(stage):
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     name = f"vdnn_zero{stage}"
     assert name in StrategyRegistry
     trainer = L.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
-    from_yaml = instantiate(OmegaConf.load(ROOT / "lightning_vdnn" / "conf" / "strategy" / f"{name}.yaml"))
+    with initialize_config_module(config_module="lightning_vdnn.conf", version_base="1.3"):  # typed by its schema
+        from_yaml = instantiate(compose(config_name="config", overrides=[f"strategy={name}"]).strategy)
     for strategy in (trainer.strategy, from_yaml):
         assert isinstance(strategy, VDNNZeroStrategy)
         assert strategy.vdnn_config.zero_stage == strategy.config["zero_optimization"]["stage"] == stage

@@ -15,12 +15,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import StrategyRegistry
-from omegaconf import OmegaConf
 from torch import nn
 
 import zero_streaming_worker as worker  # noqa: E402  (tests/ is on sys.path through conftest's rootdir)
 from conftest import checkout_env
-from lightning_vdnn import L2LZeroStrategy, VDNNConfig, VDNNStrategy, VDNNZeroStrategy
+from lightning_vdnn import L2LZeroStrategy, VDNNConfig, VDNNStrategy, VDNNZeroStrategy, strategy_for
 from lightning_vdnn.streaming.host_memory import required_host_bytes
 from lightning_vdnn.streaming.partition import Partition
 from lightning_vdnn.streaming.sharded import ShardedLayerStreamer
@@ -261,28 +260,40 @@ def test_host_memory_estimate_counts_one_range_of_gradients_and_state():
 
 
 # -- names, configs, errors ----------------------------------------------------------------------------
-def test_registered_name_hydra_configs_and_the_other_classes_build_it():
+def compose_strategy(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="lightning_vdnn.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides)).strategy
+
+
+def test_registered_name_hydra_config_and_strategy_for_build_it():
     assert "l2l_zero" in StrategyRegistry
     trainer = L.Trainer(strategy="l2l_zero", accelerator="cpu", devices=2, logger=False)
-    conf = ROOT / "lightning_vdnn" / "conf" / "strategy"
-    zero3 = OmegaConf.load(conf / "vdnn_zero3.yaml")
-    zero3.layer_streaming = True
-    built = [trainer.strategy, instantiate(OmegaConf.load(conf / "l2l_zero.yaml")), instantiate(zero3),
-             VDNNZeroStrategy("all", zero_stage=3, layer_streaming=True, layers="model.blocks"),
-             VDNNStrategy("all", layer_streaming=True, zero_stage=1, microbatches=2)]
+    built = [trainer.strategy, instantiate(compose_strategy("strategy=l2l_zero")),
+             instantiate(compose_strategy("strategy=l2l_zero", "strategy.zero_stage=3")),
+             strategy_for(VDNNConfig("all", zero_stage=3, layer_streaming=True, layers="model.blocks")),
+             L2LZeroStrategy("all", zero_stage=1, microbatches=2)]
     for strategy in built:
         assert isinstance(strategy, L2LZeroStrategy) and strategy.config.layer_streaming
     assert trainer.strategy.world_size == 2 and trainer.strategy.config.zero_stage == 2
-    assert [s.config.zero_stage for s in built[2:]] == [3, 3, 1]
+    assert [s.config.zero_stage for s in built[1:]] == [2, 3, 3, 1]
     assert built[3].config.layers == "model.blocks" and built[4].config.microbatches == 2
-    assert isinstance(instantiate(OmegaConf.load(conf / "vdnn_zero3.yaml")), VDNNZeroStrategy)
+    assert isinstance(instantiate(compose_strategy("strategy=vdnn_zero3")), VDNNZeroStrategy)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: VDNNZeroStrategy("all", zero_stage=3, layer_streaming=True),
+    lambda: VDNNStrategy("all", layer_streaming=True, zero_stage=1),
+    lambda: instantiate(compose_strategy("strategy=vdnn_zero2", "strategy.layer_streaming=true")),
+])
+def test_the_other_classes_name_the_class_that_streams_across_ranks(build):
+    """No class call returns another class: layer streaming with a ZeRO stage names ``L2LZeroStrategy``."""
+    with pytest.raises(Exception, match=r"is L2LZeroStrategy \(strategy='l2l_zero'\).*strategy_for"):
+        build()
 
 
 @pytest.mark.parametrize("build, error, pattern", [
-    (lambda: VDNNZeroStrategy(layer_streaming=True, config={"zero_optimization": {"stage": 2}}), ValueError,
-     r"config=\{.*\} configures DeepSpeed's engine, and with layer_streaming=True no DeepSpeed engine runs"),
-    (lambda: VDNNZeroStrategy(layer_streaming=True, load_full_weights=True), ValueError,
-     r"load_full_weights=True configures DeepSpeed's engine.*Drop load_full_weights"),
     (lambda: VDNNZeroStrategy(layer_streaming=True, zero_stage=3, offload_params=True), NotImplementedError,
      r"offload_params=True with layer_streaming=True and zero_stage=3: the streamed blocks' .* Drop offload_params"),
     (lambda: VDNNConfig(layer_streaming=True, zero_stage=1, offload_optimizer=True), NotImplementedError,
@@ -290,8 +301,7 @@ def test_registered_name_hydra_configs_and_the_other_classes_build_it():
     (lambda: L2LZeroStrategy(vdnn_config=VDNNConfig(layer_streaming=True)), ValueError,
      r"needs layer_streaming=True and zero_stage=1, 2 or 3, not layer_streaming=True, zero_stage=0.*'l2l'"),
     (lambda: L2LZeroStrategy(zero_stage=4), ValueError, r"zero_stage=4 is not a ZeRO stage"),
-    (lambda: VDNNStrategy(layer_streaming=True, zero_stage=2, device="cpu"), ValueError,
-     r"device='cpu' picks one device.*Trainer\(accelerator=..., devices=N\)"),
+    (lambda: L2LZeroStrategy(layer_streaming=True), TypeError, r"L2LZeroStrategy always runs with layer_streaming"),
     (lambda: L.Trainer(strategy="l2l", accelerator="cpu", devices=2, logger=False), ValueError,
      r"VDNNStrategy trains on one device.*For layer streaming on several devices.*strategy='l2l_zero'"),
     (lambda: ShardedLayerStreamer(nn.Module(), None, torch.device("cpu"), None, precision="16-mixed"), ValueError,

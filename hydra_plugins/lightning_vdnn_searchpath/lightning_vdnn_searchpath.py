@@ -15,6 +15,6 @@ class LightningVDNNSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         # The strategy files' defaults name ``vdnn_schema`` from Hydra's ConfigStore, which Hydra copies before
         # it reads any file: the schema must be registered now, not when the files' package is first imported.
-        import lightning_vdnn.conf  # noqa: F401  (registers strategy/vdnn_schema)
+        import lightning_vdnn.conf  # noqa: F401  (registers the strategy schemas, strategy/*_schema)
 
         search_path.append(provider="lightning_vdnn", path=SEARCH_PATH)

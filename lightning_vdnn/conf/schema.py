@@ -1,27 +1,34 @@
-"""The strategy group's schema: a typo or a wrongly typed value in a Hydra override fails at compose time.
+"""The strategy group's schemas: a typo or a wrongly typed value in a Hydra override fails at compose time.
 
-Without it, ``strategy.activation_offlod=all`` is refused with advice to append it (``+``), which then fails
-only when the strategy is built, and ``strategy=l2l strategy.min_offload_bytes=0`` is refused although the
-argument exists. The schema is generated from ``VDNNStrategy.__init__``, so it cannot drift from it; the
-group's YAML files list it first in their defaults. Values are still checked by :class:`VDNNConfig` when the
-strategy is built (``recipes/train.py`` builds it before loading any data).
+Without them, ``strategy.activation_offlod=all`` is refused with advice to append it (``+``), which then fails
+only when the strategy is built. Each schema is generated from the options its class takes
+(``integrations/options.py``, from :class:`~lightning_vdnn.VDNNConfig`'s fields), so it cannot drift from them;
+every strategy YAML but ``plain`` names its class's schema first in its defaults. Values are still checked by
+``VDNNConfig`` when the strategy is built (``recipes/train.py`` builds it before loading any data).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import typing
 from typing import Any, Literal, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 
-from lightning_vdnn.integrations.lightning_strategy import VDNNStrategy
+from lightning_vdnn.integrations.options import L2L_ZERO, VDNN_STRATEGY, VDNN_ZERO, Entry, config_hints
 
-#: Name of the schema in the ``strategy`` group (``defaults: [vdnn_schema, _self_]``).
+#: Schema name in the ``strategy`` group -> (the class's entry, its ``_target_``, constructor arguments besides
+#: the options that a YAML may set: the DeepSpeed ``config``, ...; objects Lightning fills in are left out).
+SCHEMAS: dict[str, tuple[Entry, str, tuple[str, ...]]] = {
+    "vdnn_schema": (VDNN_STRATEGY, "lightning_vdnn.VDNNStrategy", ()),
+    "vdnn_zero_schema": (VDNN_ZERO, "lightning_vdnn.VDNNZeroStrategy",
+                         ("config", "load_full_weights", "logging_level", "process_group_backend")),
+    "l2l_zero_schema": (L2L_ZERO, "lightning_vdnn.L2LZeroStrategy", ("process_group_backend",)),
+}
+#: The schema of ``VDNNStrategy`` (``defaults: [vdnn_schema, _self_]``).
 SCHEMA = "vdnn_schema"
-#: Constructor arguments that are objects Lightning fills in, not configuration.
-_NOT_CONFIG = frozenset({"self", "device", "accelerator", "checkpoint_io", "precision_plugin", "config"})
 
 
 def _field_type(hint: Any) -> Any:
@@ -37,18 +44,28 @@ def _field_type(hint: Any) -> Any:
     return Any
 
 
-def strategy_schema(cls: type = VDNNStrategy, target: str = "lightning_vdnn.VDNNStrategy") -> type:
-    """A dataclass with ``_target_`` and one typed field per configuration argument of ``cls.__init__``."""
-    hints = typing.get_type_hints(cls.__init__)
+def strategy_schema(entry: Entry, target: str, extras: tuple[str, ...] = ()) -> type:
+    """A dataclass with ``_target_``, one typed field per option ``entry`` takes (with its default), and the
+    ``extras`` of the class's constructor."""
+    hints = config_hints()
     fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target))]
-    for name, param in inspect.signature(cls.__init__).parameters.items():
-        if name in _NOT_CONFIG or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        default = "???" if param.default is param.empty else param.default  # "???": OmegaConf's MISSING
-        fields.append((name, _field_type(hints.get(name, Any)), dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(f"{cls.__name__}Conf", fields)
+    for arg, f in entry.fields.items():
+        default = entry.default(f)
+        kind = _field_type(hints[f.name])
+        fields.append((arg, Optional[kind] if default is None and kind is not Any else kind,
+                       dataclasses.field(default=default)))
+    params = inspect.signature(_target(target)).parameters
+    for name in extras:
+        fields.append((name, _field_type(params[name].annotation), dataclasses.field(default=params[name].default)))
+    return dataclasses.make_dataclass(f"{target.rsplit('.', 1)[1]}Conf", fields)
+
+
+def _target(path: str) -> Any:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def register() -> None:
-    """Store the schema as ``strategy/vdnn_schema`` (done on ``import lightning_vdnn.conf``)."""
-    ConfigStore.instance().store(group="strategy", name=SCHEMA, node=strategy_schema())
+    """Store the schemas in the ``strategy`` group (done on ``import lightning_vdnn.conf``)."""
+    for name, (entry, target, extras) in SCHEMAS.items():
+        ConfigStore.instance().store(group="strategy", name=name, node=strategy_schema(entry, target, extras))

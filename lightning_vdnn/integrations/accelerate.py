@@ -21,10 +21,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from lightning_vdnn.layers import LayerPaths
+from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.integrations.options import ACCELERATE, OFFLOAD_ACTIVATIONS
 from lightning_vdnn.integrations.adapters.accelerate import after_backward, wrap_forward
-from lightning_vdnn.integrations.torch_loop import ActivationOffload, make_config, offload_activations, stream_layers
-from lightning_vdnn.config import MemorySpec, Policy
+from lightning_vdnn.integrations.torch_loop import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
@@ -35,22 +35,9 @@ _STREAMERS: "weakref.WeakKeyDictionary[nn.Module, LayerStreamer]" = weakref.Weak
 _PRECISION = {"no": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
 
-def prepare(
-    accelerator: Accelerator,
-    *objects: Any,
-    policy: Policy = "auto",
-    min_offload_bytes: int = 2**20,
-    prefetch_layers: int = 1,
-    max_inflight_bytes: int = 2**28,
-    pin_memory: bool = True,
-    layers: LayerPaths = None,
-    memory_budget: MemorySpec = None,
-    device_placement: Optional[list[bool]] = None,
-    layer_streaming: bool = False,
-    resident_blocks: int = 0,
-    microbatches: int = 1,
-    saved_blocks: Optional[int] = None,
-) -> Any:
+@ACCELERATE.signed
+def prepare(accelerator: Accelerator, *objects: Any, device_placement: Optional[list[bool]] = None,
+            **options: Any) -> Any:
     """``accelerator.prepare(*objects)``, with vDNN activation offload wired into every model among them.
 
     Returns what ``accelerator.prepare`` returns (one object, or a tuple in the order given). The arguments
@@ -68,17 +55,9 @@ def prepare(
         accelerator.backward(loss_fn(model(x), y))   # closes the offload pass
         print(lightning_vdnn.integrations.accelerate.memory_report(model))
     """
-    kwargs = dict(min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-                  max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
-                  memory_budget=memory_budget)
-    config = make_config(policy, **kwargs)  # fail before Accelerate moves or wraps anything
-    stream = dict(layer_streaming=layer_streaming, resident_blocks=resident_blocks, microbatches=microbatches,
-                  saved_blocks=saved_blocks)
-    streaming = dataclasses.replace(config, **stream)  # validates them
-    if layer_streaming:
-        streaming.refuse_auto_choices()
-    saved_blocks = streaming.streamed_saves  # None (all) or a number, under the policy
-    if layer_streaming:
+    config = ACCELERATE.config((), options)  # fail before Accelerate moves or wraps anything
+    if config.layer_streaming:
+        config.refuse_auto_choices()
         if accelerator.num_processes > 1:
             raise ValueError(f"layer_streaming=True trains on one device, but Accelerate runs "
                              f"{accelerator.num_processes} processes. Launch one process, or leave layer "
@@ -93,16 +72,23 @@ def prepare(
     for obj in outputs:
         if isinstance(obj, nn.Module):
             inner = accelerator.unwrap_model(obj, keep_fp32_wrapper=True)  # the user's module, out of DDP & co.
-            if layer_streaming:
+            if config.layer_streaming:
                 _STREAMERS[obj] = _STREAMERS[inner] = stream_layers(
-                    inner, *optimizers, layers=layers, device=accelerator.device, pin_memory=pin_memory,
-                    precision=_PRECISION.get(str(accelerator.mixed_precision), "32-true"),
-                    resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
-            handle = offload_activations(inner, policy, device=accelerator.device, **kwargs)
+                    inner, *optimizers, layers=config.layers, device=accelerator.device,
+                    pin_memory=config.pin_memory, precision=_PRECISION.get(str(accelerator.mixed_precision),
+                                                                           "32-true"),
+                    resident_blocks=config.resident_blocks, microbatches=config.microbatches,
+                    saved_blocks=config.streamed_saves)  # None (all) or a number, under the policy
+            handle = offload_activations(inner, **_offload_options(config), device=accelerator.device)
             _wrap_forward(obj, handle)
             _BY_MODEL[obj] = _BY_MODEL[inner] = handle
             _wrap_backward(accelerator, handle)
     return prepared
+
+
+def _offload_options(config: VDNNConfig) -> dict[str, Any]:
+    """``config``'s activation offload as ``offload_activations`` takes it (the blocks are the streamer's)."""
+    return {arg: getattr(config, f.name) for arg, f in OFFLOAD_ACTIVATIONS.fields.items()}
 
 
 def _wrap_forward(model: nn.Module, handle: ActivationOffload) -> None:

@@ -5,9 +5,8 @@ is per sample (activations) to host memory. The two compose: the offloader's sav
 DeepSpeed engine's forward, and parameters (which ZeRO-3 gathers and frees per layer) are never offloaded.
 Lightning's ``DeepSpeedStrategy`` does the rest (launch, engine, precision, checkpoints); this module only
 builds its config from :class:`~lightning_vdnn.VDNNConfig`, lets it run on CPUs (gloo), and adds the hooks.
-With ``layer_streaming=True`` the class builds ``zero_streaming.L2LZeroStrategy`` instead (DDP, the streamed
-blocks' host state partitioned across the ranks), since DeepSpeed's engine would take the streamed
-parameters over.
+Layer streaming on several ranks is ``L2LZeroStrategy`` (DDP, the streamed blocks' host state partitioned
+across the ranks), since DeepSpeed's engine would take the streamed parameters over.
 """
 
 from __future__ import annotations
@@ -27,22 +26,16 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from typing_extensions import override
 
-from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import publish_dir, remove_published, version_dir
-from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
+from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.integrations.options import VDNN_ZERO, config_from
 from lightning_vdnn.integrations.adapters.deepspeed import device_rank
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 
-#: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
-REGISTERED_ZERO = {
-    f"vdnn_zero{stage}": (f"vDNN activation offload ('auto') inside DeepSpeed ZeRO stage {stage}",
-                          {"zero_stage": stage})
-    for stage in (1, 2, 3)
-}
 DEFAULT_STAGE = 2
 
 
@@ -108,12 +101,11 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         offload_params: parameters in host memory between uses (ZeRO-Infinity); needs ``zero_stage=3``.
         config: a DeepSpeed config (dict or JSON path; default the ``PL_DEEPSPEED_CONFIG_PATH`` variable) for
             everything else (buckets, overlap, NVMe); the arguments above fill in ``zero_optimization``.
-        vdnn_config: a ready :class:`VDNNConfig`, instead of the keyword arguments.
-        layer_streaming, resident_blocks, microbatches: ``layer_streaming=True`` builds, instead of this class,
-            :class:`~lightning_vdnn.integrations.l2l_zero_strategy.L2LZeroStrategy` (``strategy="l2l_zero"``): DDP with the
-            streamed blocks' host state partitioned across the ranks, since DeepSpeed's engine would take the
-            streamed parameters over. A DeepSpeed ``config`` or ``load_full_weights`` is refused then
-            (``ValueError``). Without layer streaming, ``resident_blocks`` or ``microbatches`` > 1 raise.
+        vdnn_config: a ready :class:`VDNNConfig`; options given as well replace its values.
+        layer_streaming: ``True`` raises ``ValueError`` naming :class:`~lightning_vdnn.L2LZeroStrategy`
+            (``strategy="l2l_zero"``), which streams layers on several ranks (DeepSpeed's engine would take the
+            streamed parameters over); :func:`~lightning_vdnn.strategy_for` picks the class from a config.
+            ``resident_blocks``, ``microbatches`` > 1 and ``saved_blocks`` need it, and raise here.
         accelerator, parallel_devices, cluster_environment, precision_plugin, process_group_backend,
             logging_level, load_full_weights, timeout: as in Lightning's ``DeepSpeedStrategy``.
 
@@ -134,30 +126,10 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
 
     strategy_name = "vdnn_zero"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        config = kwargs.get("vdnn_config")
-        if not (kwargs.get("layer_streaming") or (config is not None and config.layer_streaming)):
-            return super().__new__(cls)
-        return _l2l_zero(*args, **kwargs)  # not an instance of cls: Python does not call __init__ on it
-
+    @VDNN_ZERO.signed
     def __init__(
         self,
-        activation_offload: Policy = "auto",
-        *,
-        zero_stage: Optional[int] = None,
-        offload_optimizer: bool = False,
-        offload_params: bool = False,
-        min_offload_bytes: int = 2**20,
-        prefetch_layers: int = 1,
-        max_inflight_bytes: int = 2**28,
-        pin_memory: bool = True,
-        layers: LayerPaths = None,
-        memory_budget: MemorySpec = None,
-        layer_streaming: bool = False,
-        resident_blocks: int = 0,
-        microbatches: int = 1,
-        fit_report: Optional[bool] = None,
-        report_dir: ReportDir = None,
+        *args: Any,
         config: Optional[Union[_PATH, dict[str, Any]]] = None,
         vdnn_config: Optional[VDNNConfig] = None,
         accelerator: Any = None,
@@ -168,22 +140,23 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         logging_level: int = logging.WARN,
         load_full_weights: bool = False,
         timeout: Optional[timedelta] = default_pg_timeout,
+        **options: Any,
     ) -> None:
         user = self._load_config(_plain(config))  # Lightning's: reads a path; None: $PL_DEEPSPEED_CONFIG_PATH
-        self.vdnn_config = vdnn_config or VDNNConfig(
-            activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
-            prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
-            layer_streaming=layer_streaming, layers=layers, memory_budget=memory_budget, microbatches=microbatches,
-            resident_blocks=resident_blocks, zero_stage=_stage_of(user) if zero_stage is None else zero_stage,
-            offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
-            report_dir=report_dir,
-        )
+        stage = {} if options.get("zero_stage") is not None else {"zero_stage": _stage_of(user)}
+        self.vdnn_config = config_from(vdnn_config, VDNN_ZERO, args, options, **stage)
         self.vdnn_config.refuse_chunks("VDNNZeroStrategy (DeepSpeed)")
-        if not self.vdnn_config.zero_stage:
+        cfg = self.vdnn_config
+        if not cfg.zero_stage:
+            where = "layer streaming on one device use VDNNStrategy (strategy='l2l')" if cfg.layer_streaming else (
+                "one device without DeepSpeed use VDNNStrategy (strategy='vdnn')")
+            raise ValueError(f"VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For {where}.")
+        if cfg.layer_streaming:
             raise ValueError(
-                "VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For one device without DeepSpeed "
-                "use VDNNStrategy (strategy='vdnn')."
-            )
+                f"layer_streaming=True with zero_stage={cfg.zero_stage} is L2LZeroStrategy (strategy='l2l_zero'), "
+                "not DeepSpeed's engine, which would take the streamed parameters over. Use "
+                f"lightning_vdnn.L2LZeroStrategy(zero_stage={cfg.zero_stage}, ...) (in Hydra: strategy=l2l_zero), or "
+                "lightning_vdnn.strategy_for(config), which picks the class from a VDNNConfig.")
         super().__init__(
             accelerator=accelerator, config=deepspeed_config(self.vdnn_config, user),
             parallel_devices=parallel_devices, cluster_environment=cluster_environment,
@@ -256,44 +229,6 @@ class VDNNZeroStrategy(OffloadHooks, DeepSpeedStrategy):
         if trainer.state.fn == "fit":
             self._attach()
 
-    @override
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        for name, (description, kwargs) in REGISTERED_ZERO.items():
-            strategy_registry.register(name, cls, description=description, override=True, **kwargs)
-
-
-def _l2l_zero(
-    activation_offload: Policy = "auto", *, zero_stage: Optional[int] = None, offload_optimizer: bool = False,
-    offload_params: bool = False, min_offload_bytes: int = 2**20, prefetch_layers: int = 1,
-    max_inflight_bytes: int = 2**28, pin_memory: bool = True, layers: LayerPaths = None,
-    memory_budget: MemorySpec = None, layer_streaming: bool = True, resident_blocks: int = 0, microbatches: int = 1,
-    fit_report: Optional[bool] = None, report_dir: ReportDir = None,
-    config: Optional[Union[_PATH, dict[str, Any]]] = None,
-    vdnn_config: Optional[VDNNConfig] = None, load_full_weights: bool = False, logging_level: int = logging.WARN,
-    **lightning: Any,
-) -> Any:
-    """``VDNNZeroStrategy(layer_streaming=True, ...)``: the same arguments, as an ``L2LZeroStrategy``."""
-    from lightning_vdnn.integrations.l2l_zero_strategy import l2l_zero_from
-
-    for name, value in (("config", config), ("load_full_weights", load_full_weights or None)):
-        if value is not None:
-            raise ValueError(
-                f"{name}={value!r} configures DeepSpeed's engine, and with layer_streaming=True no DeepSpeed engine "
-                "runs: L2LZeroStrategy partitions the streamed blocks itself and replicates the rest with DDP. "
-                f"Drop {name}.")
-    vdnn_config = vdnn_config or VDNNConfig(
-        activation_offload=activation_offload, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-        max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layer_streaming=layer_streaming,
-        layers=layers, memory_budget=memory_budget, resident_blocks=resident_blocks, microbatches=microbatches,
-        zero_stage=DEFAULT_STAGE if zero_stage is None else zero_stage, offload_optimizer=offload_optimizer,
-        offload_params=offload_params, fit_report=fit_report, report_dir=report_dir,
-    )
-    if not vdnn_config.zero_stage:
-        raise ValueError("VDNNZeroStrategy needs zero_stage=1, 2 or 3, not zero_stage=0. For layer streaming on one "
-                         "device use VDNNStrategy (strategy='l2l').")
-    return l2l_zero_from(vdnn_config, **lightning)
-
 
 def _check_deepspeed_accelerator(device: torch.device) -> None:
     """DeepSpeed picks its accelerator once per process, by itself; it must be the Trainer's device type."""
@@ -307,7 +242,3 @@ def _check_deepspeed_accelerator(device: torch.device) -> None:
             f"choose the Trainer's accelerator to match."
         )
 
-
-def register_zero() -> None:
-    """Register ``vdnn_zero1``/``2``/``3`` with Lightning (done on ``import lightning_vdnn``)."""
-    VDNNZeroStrategy.register_strategies(StrategyRegistry)

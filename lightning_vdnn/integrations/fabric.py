@@ -18,21 +18,15 @@ import torch
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.precision import Precision
-from lightning.fabric.strategies import STRATEGY_REGISTRY, SingleDeviceStrategy
+from lightning.fabric.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_vdnn.layers import LayerPaths
-from lightning_vdnn.integrations.torch_loop import ActivationOffload, make_config
-from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.integrations.options import FABRIC, config_from
+from lightning_vdnn.integrations.torch_loop import ActivationOffload
+from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.report.memory_report import MemoryReport
-from lightning_vdnn.integrations.lightning_strategy import REGISTERED
 from lightning_vdnn.streaming.streamer import LayerStreamer
-
-#: The configuration fields Fabric supports: activation offload and layer streaming (not ZeRO).
-FABRIC_FIELDS = frozenset({"activation_offload", "min_offload_bytes", "prefetch_layers", "max_inflight_bytes",
-                           "pin_memory", "layers", "memory_budget", "layer_streaming", "resident_blocks",
-                           "microbatches", "saved_blocks"})
 
 
 class _CapturedForward(nn.Module):
@@ -60,6 +54,7 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
             :class:`~lightning_vdnn.VDNNStrategy`. The host update runs at ``optimizer.step()`` (your loop may
             clip with ``fabric.clip_gradients`` between backward and step), first block first, so the next
             forward overlaps it.
+        config: a ready :class:`~lightning_vdnn.VDNNConfig`; options given as well replace its values.
         device: normally left to ``Fabric(accelerator=..., devices=1)``.
 
     Example::
@@ -70,31 +65,11 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         print(fabric.strategy.memory_report())
     """
 
-    def __init__(
-        self,
-        activation_offload: Policy = "auto",
-        *,
-        min_offload_bytes: int = 2**20,
-        prefetch_layers: int = 1,
-        max_inflight_bytes: int = 2**28,
-        pin_memory: bool = True,
-        layers: LayerPaths = None,
-        memory_budget: MemorySpec = None,
-        layer_streaming: bool = False,
-        resident_blocks: int = 0,
-        microbatches: int = 1,
-        saved_blocks: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        accelerator: Optional[Accelerator] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision: Optional[Precision] = None,
-        config: Optional[VDNNConfig] = None,
-    ) -> None:
-        self.config = config or dataclasses.replace(make_config(
-            activation_offload, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-            max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
-            memory_budget=memory_budget), layer_streaming=layer_streaming, resident_blocks=resident_blocks,
-            microbatches=microbatches, saved_blocks=saved_blocks)
+    @FABRIC.signed
+    def __init__(self, *args: Any, device: Union[str, torch.device, None] = None,
+                 accelerator: Optional[Accelerator] = None, checkpoint_io: Optional[CheckpointIO] = None,
+                 precision: Optional[Precision] = None, config: Optional[VDNNConfig] = None, **options: Any) -> None:
+        self.config = config_from(config, FABRIC, args, options)
         self.config.refuse_chunks("VDNNFabricStrategy")
         if self.config.zero_stage:
             raise ValueError(f"zero_stage={self.config.zero_stage}: DeepSpeed ZeRO is Lightning-only "
@@ -198,24 +173,3 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
 def _user_module(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, _CapturedForward) else module
 
-
-def fabric_supported(init_params: dict[str, Any]) -> bool:
-    """Whether a registered name's arguments are all activation offload, and valid (built) today."""
-    if not set(init_params) <= FABRIC_FIELDS:
-        return False
-    try:
-        VDNNConfig(**init_params)
-    except (ValueError, TypeError, NotImplementedError):
-        return False
-    return True
-
-
-def register_fabric() -> list[str]:
-    """Register the names of ``lightning_vdnn.integrations.lightning_strategy.REGISTERED`` that Fabric supports; returns them."""
-    names = []
-    for name, (description, init_params) in REGISTERED.items():
-        if fabric_supported(init_params):
-            STRATEGY_REGISTRY.register(name, VDNNFabricStrategy, description=description, override=True,
-                                       **init_params)
-            names.append(name)
-    return names

@@ -11,14 +11,16 @@ parameters over. What ``zero_stage`` means here:
 * **the modules outside the blocks** (embeddings, final norm, head, and ``resident_blocks``): replicated at
   every stage, gradients averaged by DDP's reducer (the streamed parameters are excluded from it).
 
-``VDNNZeroStrategy(layer_streaming=True, ...)`` and ``VDNNStrategy(layer_streaming=True, zero_stage=k)`` build
-this strategy; its registered name is ``"l2l_zero"``.
+Its registered name is ``"l2l_zero"``; ``strategy_for(config)`` builds it for a config with layer streaming and a
+ZeRO stage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+from dataclasses import fields
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -28,13 +30,13 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
-from lightning_vdnn.config import MemorySpec, Policy, ReportDir, VDNNConfig
+from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.integrations.options import L2L_ZERO, config_from
 from lightning_vdnn.integrations.adapters.torch import ddp_ignore, ddp_unignore
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.sharded_clipping import with_sharded_clipping
@@ -45,11 +47,12 @@ from lightning_vdnn.streaming.sharded import ShardedLayerStreamer
 from lightning_vdnn.streaming.sharded_optimizer_state import full_optimizer_state
 from lightning_vdnn.integrations.lightning_strategy import _changes_grads_after_backward
 
-#: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
-REGISTERED_L2L_ZERO = {
-    "l2l_zero": ("L2L layer streaming on several ranks, each keeping 1/N of the blocks' host state (ZeRO)",
-                 {"zero_stage": 2}),
-}
+_FIELDS = frozenset(f.name for f in fields(VDNNConfig))
+
+
+def _is_option(keyword: str) -> bool:
+    """A ``VDNNConfig`` field or a near miss of one (checked as an option); other keywords go to DDP."""
+    return keyword in _FIELDS or bool(difflib.get_close_matches(keyword, _FIELDS, n=1, cutoff=0.8))
 
 
 class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
@@ -65,7 +68,8 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
             modules outside them (replicated); see the module docstring.
         layers, resident_blocks, microbatches, saved_blocks, pin_memory: layer streaming, as in
             :class:`~lightning_vdnn.VDNNStrategy`. Resident blocks are replicated like the modules outside.
-        vdnn_config: a ready :class:`VDNNConfig` (``layer_streaming=True``, ``zero_stage`` >= 1) instead.
+        vdnn_config: a ready :class:`VDNNConfig` (``layer_streaming=True``, ``zero_stage`` >= 1); options given
+            as well replace its values.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
             process_group_backend, timeout, **ddp_kwargs: as in Lightning's ``DDPStrategy`` (``ddp_kwargs`` go
             to ``DistributedDataParallel`` for the replicated modules).
@@ -90,22 +94,10 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
     strategy_name = "l2l_zero"
     _plain_precision: Optional[Precision] = None  # the Trainer's plugin while fit clips through a subclass
 
+    @L2L_ZERO.signed
     def __init__(
         self,
-        activation_offload: Policy = "none",
-        *,
-        zero_stage: int = 2,
-        layers: LayerPaths = None,
-        resident_blocks: int = 0,
-        microbatches: int = 1,
-        saved_blocks: Optional[int] = None,
-        pin_memory: bool = True,
-        min_offload_bytes: int = 2**20,
-        prefetch_layers: int = 1,
-        max_inflight_bytes: int = 2**28,
-        memory_budget: MemorySpec = None,
-        fit_report: Optional[bool] = None,
-        report_dir: ReportDir = None,
+        *args: Any,
         vdnn_config: Optional[VDNNConfig] = None,
         accelerator: Any = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -116,13 +108,8 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         **ddp_kwargs: Any,
     ) -> None:
-        self.vdnn_config = vdnn_config or VDNNConfig(
-            activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
-            prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
-            layer_streaming=True, layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
-            microbatches=microbatches, saved_blocks=saved_blocks, zero_stage=zero_stage, fit_report=fit_report,
-            report_dir=report_dir,
-        )
+        options = {k: ddp_kwargs.pop(k) for k in list(ddp_kwargs) if _is_option(k)}
+        self.vdnn_config = config_from(vdnn_config, L2L_ZERO, args, options)
         cfg = self.vdnn_config
         if not cfg.layer_streaming or not cfg.zero_stage:
             raise ValueError(
@@ -257,20 +244,3 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         """This rank's activation offload and layer-streaming statistics of the latest training step."""
         report = self._offload_report()
         return report if self._streamer is None else dataclasses.replace(report, **self._streamer.stats())
-
-    @override
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        for name, (description, kwargs) in REGISTERED_L2L_ZERO.items():
-            strategy_registry.register(name, cls, description=description, override=True, **kwargs)
-
-
-def l2l_zero_from(config: VDNNConfig, **lightning: Any) -> L2LZeroStrategy:
-    """The strategy another class's arguments asked for (layer streaming with a ZeRO stage): ``lightning``
-    holds the Lightning-side arguments it was given that are set (accelerator, plugins...)."""
-    return L2LZeroStrategy(vdnn_config=config, **{k: v for k, v in lightning.items() if v is not None})
-
-
-def register_l2l_zero() -> None:
-    """Register ``l2l_zero`` with Lightning (done on ``import lightning_vdnn``)."""
-    L2LZeroStrategy.register_strategies(StrategyRegistry)

@@ -10,16 +10,16 @@ from typing import Any, Optional, Union
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.planning.when_to_stream import stream_reason
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.offload.batch_chunks import BatchChunks
-from lightning_vdnn.config import MemorySpec, Policy, ReportDir, ResidentSpec, SavedSpec, VDNNConfig
+from lightning_vdnn.config import VDNNConfig
+from lightning_vdnn.integrations.options import VDNN_STRATEGY, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
@@ -30,17 +30,6 @@ from lightning_vdnn.planning.resident_blocks import AutoResidency, PeakMeter, di
 from lightning_vdnn.planning.saving_blocks import AutoSaving
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
-#: Names registered in Lightning's ``StrategyRegistry`` on ``import lightning_vdnn``.
-REGISTERED = {
-    "vdnn": ("vDNN activation offload planned to fit the device ('auto'); the blocks stream (L2L) when the "
-             "model's own state does not fit", {"activation_offload": "auto"}),
-    "vdnn_all": ("vDNN: offload every saved activation to host memory", {"activation_offload": "all"}),
-    "vdnn_conv": ("vDNN: offload the inputs of Conv/Linear/attention layers", {"activation_offload": "conv"}),
-    "vdnn_none": ("vDNN hooks installed, nothing moved (overhead baseline)", {"activation_offload": "none"}),
-    "l2l": ("L2L: block weights, grads and optimizer state in host memory, streamed one block ahead",
-            {"layer_streaming": True, "activation_offload": "none"}),
-}
-
 
 class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     """Train a model whose activations do not fit on the device, by keeping them in host memory.
@@ -48,6 +37,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     Activations that autograd saves for backward are copied to pinned host memory on a side stream while
     forward produces them and prefetched back one layer ahead of backward (vDNN, Rhu et al. 2016). The user's
     LightningModule is untouched: the hooks wrap its ``training_step``.
+
+    Takes every option of :class:`~lightning_vdnn.VDNNConfig` by keyword (its defaults; ``activation_offload``
+    also by position), or ``config=``, a ready one; a misspelt keyword raises ``TypeError`` naming the closest.
 
     Args:
         activation_offload: ``"all"``, ``"conv"``, ``"none"`` or ``"auto"`` (see :class:`VDNNConfig`).
@@ -93,9 +85,10 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.
         zero_stage, offload_optimizer, offload_params: DeepSpeed ZeRO, which is
             :class:`~lightning_vdnn.VDNNZeroStrategy` (``strategy="vdnn_zero2"``); a ZeRO stage here raises
-            ``ValueError`` pointing there, so a one-device run can never silently drop it. With
-            ``layer_streaming=True``, a ZeRO stage builds :class:`~lightning_vdnn.L2LZeroStrategy` instead of
-            this class: layer streaming on several ranks, the blocks' host state partitioned across them.
+            ``ValueError`` pointing there, so a one-device run can never silently drop it; with
+            ``layer_streaming=True`` it points to :class:`~lightning_vdnn.L2LZeroStrategy` (``strategy="l2l_zero"``).
+            :func:`~lightning_vdnn.strategy_for` picks the class a ``VDNNConfig`` needs.
+        config: a ready :class:`VDNNConfig`; options given as well replace its values.
         device: the device to train on; normally left to the Trainer's ``accelerator``/``devices``.
 
     Raises:
@@ -114,50 +107,17 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     _retry_oom = True  # one device: a batch can run again after an out-of-memory error (``planning/oom_retry.py``)
     _recompute = True  # "auto" plans may recompute layers in backward (``offload/recompute.py``)
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        config = kwargs.get("config")
-        streams = kwargs.get("layer_streaming") or (config is not None and config.layer_streaming)
-        if not (streams and (kwargs.get("zero_stage") or (config is not None and config.zero_stage))):
-            return super().__new__(cls)
-        return _l2l_zero(*args, **kwargs)  # not an instance of cls: Python does not call __init__ on it
-
-    def __init__(
-        self,
-        activation_offload: Policy = "auto",
-        *,
-        min_offload_bytes: int = 2**20,
-        prefetch_layers: int = 1,
-        max_inflight_bytes: int = 2**28,
-        pin_memory: bool = True,
-        layer_streaming: Optional[bool] = None,
-        layers: LayerPaths = None,
-        resident_blocks: ResidentSpec = None,
-        memory_budget: MemorySpec = None,
-        microbatches: int = 1,
-        saved_blocks: SavedSpec = None,
-        batch_chunks: int = 1,
-        chunk_layers: Optional[str] = None,
-        zero_stage: int = 0,
-        offload_optimizer: bool = False,
-        offload_params: bool = False,
-        fit_report: Optional[bool] = None,
-        report_dir: ReportDir = None,
-        device: Union[str, torch.device, None] = None,
-        accelerator: Any = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
-        config: Optional[VDNNConfig] = None,
-    ) -> None:
-        self.config = config or VDNNConfig(
-            activation_offload=activation_offload, min_offload_bytes=min_offload_bytes,
-            prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory,
-            layer_streaming=layer_streaming,
-            layers=layers, resident_blocks=resident_blocks, memory_budget=memory_budget,
-            microbatches=microbatches, saved_blocks=saved_blocks, batch_chunks=batch_chunks,
-            chunk_layers=chunk_layers, zero_stage=zero_stage,
-            offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
-            report_dir=report_dir,
-        )
+    @VDNN_STRATEGY.signed
+    def __init__(self, *args: Any, device: Union[str, torch.device, None] = None, accelerator: Any = None,
+                 checkpoint_io: Optional[CheckpointIO] = None, precision_plugin: Optional[Precision] = None,
+                 config: Optional[VDNNConfig] = None, **options: Any) -> None:
+        self.config = config_from(config, VDNN_STRATEGY, args, options)
+        if self.config.zero_stage and self.config.layer_streaming:
+            raise ValueError(
+                f"layer_streaming=True with zero_stage={self.config.zero_stage} streams the blocks on several ranks, "
+                "which is L2LZeroStrategy (strategy='l2l_zero'), not VDNNStrategy (one device). Use "
+                f"lightning_vdnn.L2LZeroStrategy(zero_stage={self.config.zero_stage}, ...), or "
+                "lightning_vdnn.strategy_for(config), which picks the class from a VDNNConfig.")
         if self.config.zero_stage:
             raise ValueError(
                 f"zero_stage={self.config.zero_stage} needs DeepSpeed, and VDNNStrategy trains on one device "
@@ -199,7 +159,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             raise ValueError(
                 f"VDNNStrategy trains on one device, but the Trainer asked for {len(devices)} ({devices}). For layer "
                 "streaming on several devices, each keeping 1/N of the blocks' host state, use strategy='l2l_zero' "
-                "(or VDNNStrategy(layer_streaming=True, zero_stage=2)); else devices=1."
+                "(L2LZeroStrategy(zero_stage=2, ...)); else devices=1."
             )
         if len(devices) > 1:
             raise ValueError(
@@ -376,26 +336,6 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if streamer is not None:
                 closing.callback(streamer.close)
 
-    @override
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        for name, (description, kwargs) in REGISTERED.items():
-            strategy_registry.register(name, cls, description=description, override=True, **kwargs)
-
-
-def _l2l_zero(activation_offload: Policy = "auto", *, device: Any = None, config: Optional[VDNNConfig] = None,
-              accelerator: Any = None, checkpoint_io: Optional[CheckpointIO] = None,
-              precision_plugin: Optional[Precision] = None, **fields: Any) -> Any:
-    """``VDNNStrategy(layer_streaming=True, zero_stage=k, ...)``: the same arguments, as an ``L2LZeroStrategy``."""
-    from lightning_vdnn.integrations.l2l_zero_strategy import l2l_zero_from
-
-    if device is not None:
-        raise ValueError(f"device={device!r} picks one device, and layer_streaming=True with a zero_stage trains on "
-                         "several: drop device and choose them with Trainer(accelerator=..., devices=N).")
-    config = config or VDNNConfig(activation_offload=activation_offload, **fields)
-    return l2l_zero_from(config, accelerator=accelerator, checkpoint_io=checkpoint_io,
-                         precision_plugin=precision_plugin)
-
 
 def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
     """Whether something may still rewrite gradients between backward and the step (clipping, a loss
@@ -407,7 +347,3 @@ def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
     return bool(trainer.gradient_clip_val) or getattr(precision, "scaler", None) is not None or (
         is_overridden("configure_gradient_clipping", module, LightningModule))
 
-
-def register() -> None:
-    """Register the strategy names with Lightning (done on ``import lightning_vdnn``)."""
-    VDNNStrategy.register_strategies(StrategyRegistry)

@@ -3,8 +3,8 @@ the forward pass (or ``with offload_activations(policy="all"):`` without a model
 ``torch.autograd.graph.save_on_cpu``), ``stream_layers(model, optimizer)`` once before it.
 
 The Lightning strategy, the Fabric strategy and the Accelerate wiring are thin shells around the same two
-steps this module exposes: turn keyword arguments into a validated :class:`VDNNConfig`
-(:func:`make_config`) and attach an :class:`ActivationOffloader` to a module (:func:`attach_offloader`).
+steps: turn keyword arguments into a validated :class:`VDNNConfig` (``integrations/options.py``) and attach an
+:class:`ActivationOffloader` to a module (:func:`attach_offloader`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from lightning_vdnn.config import MemorySpec, Policy, VDNNConfig
+from lightning_vdnn.config import MemorySpec, VDNNConfig
+from lightning_vdnn.integrations.options import OFFLOAD_ACTIVATIONS, STREAM_LAYERS
 from lightning_vdnn.layers import LayerPaths, offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner
@@ -27,41 +28,9 @@ from lightning_vdnn.streaming.streamer import LayerStreamer
 DeviceLike = Union[str, torch.device, None]
 
 
-def make_config(
-    policy: Policy = "auto",
-    *,
-    min_offload_bytes: int = 2**20,
-    prefetch_layers: int = 1,
-    max_inflight_bytes: int = 2**28,
-    pin_memory: bool = True,
-    layers: LayerPaths = None,
-    memory_budget: MemorySpec = None,
-) -> VDNNConfig:
-    """The activation-offload part of :class:`VDNNConfig`, built (and so validated) from keyword arguments.
-
-    Raises:
-        ValueError, TypeError: naming the bad value, e.g. ``policy='bogus' is not a policy; choose one of ...``.
-    """
-    try:
-        return VDNNConfig(activation_offload=policy, min_offload_bytes=min_offload_bytes,
-                          prefetch_layers=prefetch_layers, max_inflight_bytes=max_inflight_bytes,
-                          pin_memory=pin_memory, layers=layers, memory_budget=memory_budget)
-    except (ValueError, TypeError) as err:  # the entry points call it ``policy``; say so
-        raise type(err)(str(err).replace("activation_offload=", "policy=")) from None
-
-
-def stream_layers(
-    model: nn.Module,
-    *optimizers: torch.optim.Optimizer,
-    layers: LayerPaths = None,
-    device: DeviceLike = "cuda",
-    precision: str = "32-true",
-    pin_memory: bool = True,
-    resident_blocks: int = 0,
-    microbatches: int = 1,
-    saved_blocks: Optional[int] = 0,
-    eager_updates: bool = False,
-) -> LayerStreamer:
+@STREAM_LAYERS.signed
+def stream_layers(model: nn.Module, *optimizers: torch.optim.Optimizer, device: DeviceLike = "cuda",
+                  precision: str = "32-true", eager_updates: bool = False, **options: Any) -> LayerStreamer:
     """L2L layer streaming for a plain PyTorch loop: from now on the blocks of ``model`` at ``layers`` keep
     weights, gradients and optimizer state in host memory and stream to ``device`` one block ahead; the rest of
     the model moves to ``device``. ``optimizers`` (built over ``model.parameters()`` as usual) step the blocks
@@ -80,11 +49,11 @@ def stream_layers(
         ValueError, TypeError: a wrong ``layers`` path (listing the candidates), an unsupported optimizer or
             precision, a bad ``resident_blocks``/``microbatches``.
     """
-    config = VDNNConfig(activation_offload="none", layer_streaming=True, layers=layers, pin_memory=pin_memory,
-                        resident_blocks=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
+    config = STREAM_LAYERS.config((), options)
     config.refuse_auto_choices()
-    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision, pin_memory=pin_memory,
-                             resident=resident_blocks, microbatches=microbatches, saved_blocks=saved_blocks)
+    streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision,
+                             pin_memory=config.pin_memory, resident=config.fixed_resident,
+                             microbatches=config.microbatches, saved_blocks=config.saved_blocks)
     streamer.set_eager(eager_updates)
     try:
         streamer.attach_optimizers(optimizers)
@@ -245,18 +214,9 @@ _HANDLES: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.We
 _MODEL_FREE: Optional[ActivationOffload] = None  # the handle of offload_activations() without a model
 
 
-def offload_activations(
-    model: Optional[nn.Module] = None,
-    policy: Optional[Policy] = None,
-    *,
-    min_offload_bytes: int = 2**20,
-    prefetch_layers: int = 1,
-    max_inflight_bytes: int = 2**28,
-    pin_memory: bool = True,
-    layers: LayerPaths = None,
-    memory_budget: MemorySpec = None,
-    device: DeviceLike = None,
-) -> ActivationOffload:
+@OFFLOAD_ACTIVATIONS.signed
+def offload_activations(model: Optional[nn.Module] = None, *args: Any, device: DeviceLike = None,
+                        **options: Any) -> ActivationOffload:
     """Offload what autograd saves inside ``with`` to host memory, for plain PyTorch training loops.
 
     Calling it again for the same model with the same arguments returns the same handle, so its host
@@ -296,13 +256,12 @@ def offload_activations(
     if isinstance(model, str):
         raise TypeError(f"offload_activations({model!r}): the first argument is the model; pass the policy by "
                         f"keyword, offload_activations(policy={model!r}).")
-    if policy is None:
-        policy = "auto" if model is not None else "all"
+    values = OFFLOAD_ACTIVATIONS.values(args, options)
+    if values["activation_offload"] is None:
+        values["activation_offload"] = "auto" if model is not None else "all"
     if model is None:
-        check_model_free(policy, memory_budget, layers)
-    config = make_config(policy, min_offload_bytes=min_offload_bytes, prefetch_layers=prefetch_layers,
-                         max_inflight_bytes=max_inflight_bytes, pin_memory=pin_memory, layers=layers,
-                         memory_budget=memory_budget)
+        check_model_free(values["activation_offload"], values["memory_budget"], values["layers"])
+    config = OFFLOAD_ACTIVATIONS.build(values)
     if model is None:
         return _model_free_handle(config, device)
     handle = _HANDLES.get(model)
