@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_call_hooks
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
@@ -110,16 +111,12 @@ class ActivationOffloader:
                              "grouping='layer' to attach it to a model's layers.")
         self.detach()
         self._module = module
-        bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
+        bounds = list(layers) if layers is not None else compiled_leaves(module)
         names = {id(m): name for name, m in module.named_modules()}
         self._names = {id(m): names.get(id(m), type(m).__name__) for m in bounds}
-        for m in bounds:
-            self._hooks.append(m.register_forward_pre_hook(self._on_layer, with_kwargs=True))
-            self._hooks.append(m.register_forward_hook(self._on_layer_return))
-        if self.policy == "conv":
-            for m in module.modules():
-                if is_expensive(m):
-                    self._hooks.append(m.register_forward_pre_hook(self._on_expensive))
+        self._hooks += [register_call_hooks(m, self._on_layer, self._on_layer_return) for m in bounds]
+        if self.policy == "conv":  # inside a compiled region the hook does nothing (``compiled.py``)
+            self._hooks += [register_call_hooks(m, self._on_expensive) for m in module.modules() if is_expensive(m)]
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -213,6 +210,8 @@ class ActivationOffloader:
         self._params: set[int] = set()
 
     def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if compiling():  # inside a compiled region: no layer (``compiled.py``)
+            return
         if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
             self._groups.append([])
             trace, group = self._trace, len(self._groups) - 1
@@ -227,6 +226,8 @@ class ActivationOffloader:
                 trace.probe.enter(group, module, [(*span_of(t), t) for t in moved])
 
     def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
+        if compiling():
+            return
         trace = self._trace
         if self._capturing and trace is not None:
             if trace.timeline is not None:
@@ -237,21 +238,22 @@ class ActivationOffloader:
     def _recompute_timer(self) -> Optional[Timer]:
         """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
         recomputes this layer, in a pass that records gradients)."""
-        if not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
+        if compiling() or not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
             return None
         group = len(self._groups) - 1
         if group not in self.recompute_layers:
             return None
         return functools.partial(self._trace.recompute_span, group)
 
-    def _on_expensive(self, module: nn.Module, args: tuple) -> None:
-        if self._capturing:
+    def _on_expensive(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not compiling() and self._capturing:
             for a in args:
                 if isinstance(a, torch.Tensor):
                     storage = a.untyped_storage()
                     self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
 
     # -- forward: pack -----------------------------------------------------------------------------------
+    @eager
     def _pack(self, t: torch.Tensor) -> Packed:
         if not self._capturing or never_copied(t, self.device, self._params):
             return t
@@ -361,6 +363,7 @@ class ActivationOffloader:
         self._inflight -= entry.nbytes
 
     # -- backward: unpack --------------------------------------------------------------------------------
+    @eager
     def _unpack(self, saved: Packed) -> torch.Tensor:
         trace = self._trace
         if trace is not None and trace.timeline is not None:
