@@ -32,16 +32,17 @@ from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recomputer, Timer
-from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
                                           never_copied, span_of)
-from lightning_vdnn.offload.trace import LayerProfile, PassTimeline, PassTrace
+from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
+
+__all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
 _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
 Packed = Union[torch.Tensor, _Saved]
 
 
-class ActivationOffloader:
+class ActivationOffloader(PassRecords):
     """Moves saved activations to host memory during forward and brings them back, prefetched, for backward.
 
     Args:
@@ -383,33 +384,3 @@ class ActivationOffloader:
             self._poll()
         out = torch.empty(0, dtype=dtype, device=self.device)
         return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
-
-    @property
-    def passes(self) -> int:
-        """Forward/backward passes finished so far (aborted ones not counted)."""
-        return self._passes
-
-    def layer_bytes(self) -> list[int]:
-        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
-        trace = self._last
-        if trace is None:
-            return []
-        return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
-
-    def layer_profile(self) -> list[LayerProfile]:
-        """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
-        trace = self._last
-        return [] if trace is None else trace.profile()
-
-    # -- statistics --------------------------------------------------------------------------------------
-    def report(self) -> MemoryReport:
-        """Numbers of the last finished pass (an empty report before the first)."""
-        with self._lock:
-            trace = self._last
-        peak = torch.cuda.max_memory_allocated(self.device) if self.engine.is_cuda else None
-        common = dict(policy=self.policy, step=self._passes, peak_device_bytes=peak,
-                      host_pool_bytes=self.pool.reserved_bytes, host_pool_peak_bytes=self.pool.peak_in_use_bytes,
-                      host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
-        if trace is None:
-            return MemoryReport(**common)
-        return trace.report(self._watched, **common)
