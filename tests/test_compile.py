@@ -37,15 +37,15 @@ class CompiledLlama(L.LightningModule):
     (each decoder layer ``.compile()``d, the module tree unchanged); records its losses and the graphs compiled
     by the end of each step."""
 
-    def __init__(self, how: str) -> None:
+    def __init__(self, how: str, backend: str = BACKEND) -> None:
         super().__init__()
         self.model = build_causal_lm("llama_tiny", num_hidden_layers=2, hidden_size=64, intermediate_size=128)
         self.run = self.model
         if how == "whole":
-            self.run = torch.compile(self.model, backend=BACKEND)
+            self.run = torch.compile(self.model, backend=backend)
         else:
             for block in self.model.model.layers:
-                block.compile(backend=BACKEND)
+                block.compile(backend=backend)
         self.losses: list[float] = []
         self.graphs: list[int] = []
 
@@ -152,16 +152,24 @@ def test_a_compiled_block_is_one_leaf():
     assert not any(m is inner for m in leaves for b in blocks for inner in b.modules() if inner is not b)
 
 
-@pytest.mark.parametrize("how", ["whole", "regional"])
-def test_l2l_trains_a_compiled_model_exactly(one_thread, how):
+#: one streamed block saves its activations (a compiled forward with autograd, under the slot's and the
+#: offloader's saved-tensor hooks), the other recomputes
+SAVING = dict(layer_streaming=True, activation_offload="all", min_offload_bytes=0, saved_blocks=1)
+
+
+@pytest.mark.parametrize("how, options", [("whole", None), ("regional", None), ("regional", SAVING)],
+                         ids=["whole", "regional", "regional-saving-offloaded"])
+def test_l2l_trains_a_compiled_model_exactly(one_thread, how, options):
     """Layer streaming runs each compiled block's compiled call from its slot: no break, two graphs per block class
     (forward without autograd, the recompute with it), none after the first step. A model compiled as a whole breaks
     at each streamed block call, by design (the call is ``torch.compiler.disable``d), and at nothing of ours."""
     ref, _ = plain(how)
-    module, breaks, _ = train(how, "l2l")
+    module, breaks, trainer = train(how, "l2l" if options is None else VDNNStrategy(**options))
     assert_same_training(module, ref)
     assert breaks.ours() == [], breaks.ours()[0]
     assert module.graphs[0] == module.graphs[-1]
+    if options is not None:
+        assert trainer.strategy.memory_report().offloaded_bytes > 0
     if how == "regional":
         assert breaks.breaks == [] and module.graphs[-1] == 2
         for block in module.model.model.layers:  # the user's compiled call back after fit
@@ -169,6 +177,27 @@ def test_l2l_trains_a_compiled_model_exactly(one_thread, how):
             assert "forward" not in vars(block)
     else:
         assert any("torch.compiler.disable" in m for _, m in breaks.breaks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy, rel", [("vdnn_all", 1e-4), ("l2l", 2e-2)])
+def test_gpu_compiled_blocks_with_inductor(strategy, rel):
+    """On a GPU, inductor, bf16: compiled blocks train as compiled plain (l2l's slots hold bf16 weights, plain
+    casts them under autocast: rounding apart), with no graph break of ours."""
+    def run(name):
+        with dynamo_watch() as breaks:
+            module, _ = fit(lambda: CompiledLlama("regional", "inductor"), token_loader(n=16, batch=4, seq=64),
+                            strategy=name if name == "auto" else VDNNStrategy(
+                                **{"vdnn_all": dict(activation_offload="all", min_offload_bytes=0),
+                                   "l2l": dict(layer_streaming=True, activation_offload="none")}[name]),
+                            accelerator="gpu", precision="bf16-mixed", max_steps=4)
+        return module, breaks
+
+    ref, _ = run("auto")
+    module, breaks = run(strategy)
+    assert module.losses == pytest.approx(ref.losses, rel=rel)
+    assert breaks.ours() == [] and module.graphs[1] == module.graphs[-1]
 
 
 def test_call_hooks_run_around_a_compiled_call_and_come_off():
