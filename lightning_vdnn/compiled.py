@@ -1,7 +1,7 @@
 """Our module hooks and compiled models: they run around a compiled module's call, never inside a compiled region.
 
-``Module.compile()`` compiles the module's whole ``_call_impl``, its forward hooks included, and ``torch.compile(model)``
-traces every submodule's hooks with the model. A hook with Python side effects (layer marks, timers, storage
+``Module.compile()`` compiles the module's whole ``_call_impl``, its forward hooks included, and
+``torch.compile(model)`` traces every submodule's hooks with the model. A hook with Python side effects (layer marks, timers, storage
 addresses) traced by Dynamo either breaks the graph or is guarded on, and recompiles whenever its state changes.
 So our hooks keep out of compiled code two ways:
 
