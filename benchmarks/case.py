@@ -38,6 +38,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
+    p.add_argument("--compile", action="store_true", help="compile the model's blocks (workloads.compiled)")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
     p.add_argument("--profile", action="store_true",
                    help="run one extra step under torch.profiler (not timed); its summary is the row's 'profile'")
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
     from benchmarks.measure import profiling, summarize
     from benchmarks.registry import devices_status, split_case
-    from benchmarks.workloads import build, chunked_loss, repeated
+    from benchmarks.workloads import build, chunked_loss, compiled, repeated
 
     spec, _ = split_case(args.case)
     refusal = devices_status(spec, args.devices)
@@ -89,6 +90,8 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
     w = repeated(build(args.model, device), spec.accumulate)
     if spec.loss_chunks:
         w = chunked_loss(w, spec.loss_chunks)
+    if args.compile:
+        w = compiled(w)
     request = _profile_request(args)
     n = args.warmup + args.steps + (request is not None)
     row.update(unit=w.unit, items_per_step=w.items_per_step, flops_per_step=w.flops_per_step)
@@ -157,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
     row = {"case": args.case, "model": args.model, "status": "error: did not finish", "devices": args.devices,
-           "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget,
+           "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget, "compiled": args.compile,
            "profile_step": args.profile_step, **environment(device)}
     if args.devices > 1:
         parallel.init_group(device)

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py --model gpt_1b --out bench_out/gpt_1b --budget 25%,50%,75%
     python benchmarks/run.py --model gpt_tiny --tiny --out /tmp/bench   # CPU, seconds
+    python benchmarks/run.py --model gpt_1b --compile --cases plain,vdnn_all,vdnn@75% --out bench_out/compiled
     python benchmarks/run.py --model gpt_1b --devices 2 --cases plain,zero3_offload,vdnn_zero3 --out bench_out/x2
 
 With ``--devices N`` every case runs data parallel on N devices under ``torchrun`` (same per-device batch, so
@@ -56,6 +57,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1,
                    help="data-parallel devices per case (default 1); N>1 launches each case with torchrun")
     p.add_argument("--timeout", type=float, default=None, help="seconds per case (default 1200; 300 --tiny)")
+    p.add_argument("--compile", action="store_true",
+                   help="every case and peer with the model's blocks compiled (block.compile(); VGG whole), "
+                        "ratios against compiled plain; warm-up steps take the compilation")
     p.add_argument("--fail-case", default=None, help="debug: make this case crash, to test containment")
     p.add_argument("--profile", action="store_true",
                    help="each case runs one extra, untimed step under torch.profiler; results.md gets a table of "
@@ -112,6 +116,7 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
                     "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
     cmd += ["--profile"] if args.profile else []
+    cmd += ["--compile"] if args.compile else []
     cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
     cmd += ["--trace-dir", str(args.trace_dir)] if args.trace_dir is not None else []
     return cmd + (["--inject-crash"] if case == args.fail_case else [])
@@ -202,6 +207,9 @@ def _notes(rows: list[dict]) -> list[str]:
     if by.get("lightning_plain", {}).get("time_ratio"):
         notes.append(f"Lightning's overhead over the raw loop (lightning_plain / plain step time): "
                      f"{by['lightning_plain']['time_ratio']:.3f}x.")
+    if any(r.get("compiled") for r in rows):
+        notes.append("--compile: every case and peer ran with the model's blocks compiled (block.compile()), "
+                     "ratios are to compiled plain.")
     if by.get(BASELINE, {}).get("status") != "ok":
         notes.append(f"plain did not run ({by.get(BASELINE, {}).get('status', 'not run')}): no ratios.")
     if capacity_used:

@@ -83,6 +83,23 @@ def repeated(w: Workload, k: int) -> Workload:
                                flops_per_step=w.flops_per_step * k)
 
 
+def compiled(w: Workload) -> Workload:
+    """``w`` with its model compiled as torch recommends for repeated blocks: each block by itself
+    (``block.compile()``, GPT's blocks, a Llama's decoder layers), the module tree unchanged, so every case (layer
+    streaming included) finds the blocks where it looks; VGG, which has none, whole (``model.compile()``)."""
+    if w.family == "gpt":
+        units = list(w.model.blocks)
+    elif w.family == "hf_llama":
+        from benchmarks import hf_workloads
+
+        units = list(hf_workloads.blocks(w.model))
+    else:
+        units = [w.model]
+    for unit in units:
+        unit.compile()
+    return w
+
+
 def _hf_llama(name: str, size: ModelSize, gen: torch.Generator, device: torch.device) -> Workload:
     """A ``transformers`` Llama (``hf_workloads.py``), with the GPT models' batch and optimizer."""
     from benchmarks import hf_workloads

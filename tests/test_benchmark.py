@@ -176,6 +176,23 @@ def test_budget_expansion():
         "plain", "vdnn", "vdnn@25%", "vdnn@50%", "checkpoint", "l2l@10%"]
 
 
+def test_compile_flag_compiles_every_case_s_blocks(tmp_path):
+    """``--compile`` reaches each case's process, which compiles the model's blocks (the tree unchanged); the
+    table says the ratios are to compiled plain. (A --tiny --compile run on a CPU takes minutes: inductor.)"""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from benchmarks import case, run
+    from benchmarks.workloads import build, compiled
+
+    args = run.parse_args(["--tiny", "--compile", "--cases", "plain,l2l_mb8", "--out", str(tmp_path)])
+    cmd = run.case_command(args, "l2l_mb8", None)
+    assert "--compile" in cmd and case.parse_args(cmd[cmd.index("--case"):]).compile
+    w = compiled(build("gpt_tiny", torch.device("cpu")))
+    assert all(block._compiled_call_impl is not None for block in w.model.blocks)
+    assert "ratios are to compiled plain" in " ".join(run._notes([{"case": "plain", "status": "ok", "compiled": True}]))
+
+
 @pytest.mark.parametrize("cases,message", [
     ("plain,bogus", "unknown case 'bogus'; valid cases: plain, lightning_plain"),
     ("plain@50%", "case 'plain' takes no memory budget"),

@@ -27,20 +27,22 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_call_hooks
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recomputer, Timer
-from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
                                           never_copied, span_of)
-from lightning_vdnn.offload.trace import LayerProfile, PassTimeline, PassTrace
+from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
+
+__all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
 _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
 Packed = Union[torch.Tensor, _Saved]
 
 
-class ActivationOffloader:
+class ActivationOffloader(PassRecords):
     """Moves saved activations to host memory during forward and brings them back, prefetched, for backward.
 
     Args:
@@ -110,16 +112,12 @@ class ActivationOffloader:
                              "grouping='layer' to attach it to a model's layers.")
         self.detach()
         self._module = module
-        bounds = list(layers) if layers is not None else [m for m in module.modules() if not list(m.children())]
+        bounds = list(layers) if layers is not None else compiled_leaves(module)
         names = {id(m): name for name, m in module.named_modules()}
         self._names = {id(m): names.get(id(m), type(m).__name__) for m in bounds}
-        for m in bounds:
-            self._hooks.append(m.register_forward_pre_hook(self._on_layer, with_kwargs=True))
-            self._hooks.append(m.register_forward_hook(self._on_layer_return))
-        if self.policy == "conv":
-            for m in module.modules():
-                if is_expensive(m):
-                    self._hooks.append(m.register_forward_pre_hook(self._on_expensive))
+        self._hooks += [register_call_hooks(m, self._on_layer, self._on_layer_return) for m in bounds]
+        if self.policy == "conv":  # inside a compiled region the hook does nothing (``compiled.py``)
+            self._hooks += [register_call_hooks(m, self._on_expensive) for m in module.modules() if is_expensive(m)]
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -213,6 +211,8 @@ class ActivationOffloader:
         self._params: set[int] = set()
 
     def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if compiling():  # inside a compiled region: no layer (``compiled.py``)
+            return
         if self._capturing:  # one group per layer call, offloaded or not: plans index layers by position
             self._groups.append([])
             trace, group = self._trace, len(self._groups) - 1
@@ -227,6 +227,8 @@ class ActivationOffloader:
                 trace.probe.enter(group, module, [(*span_of(t), t) for t in moved])
 
     def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
+        if compiling():
+            return
         trace = self._trace
         if self._capturing and trace is not None:
             if trace.timeline is not None:
@@ -237,21 +239,22 @@ class ActivationOffloader:
     def _recompute_timer(self) -> Optional[Timer]:
         """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
         recomputes this layer, in a pass that records gradients)."""
-        if not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
+        if compiling() or not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
             return None
         group = len(self._groups) - 1
         if group not in self.recompute_layers:
             return None
         return functools.partial(self._trace.recompute_span, group)
 
-    def _on_expensive(self, module: nn.Module, args: tuple) -> None:
-        if self._capturing:
+    def _on_expensive(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not compiling() and self._capturing:
             for a in args:
                 if isinstance(a, torch.Tensor):
                     storage = a.untyped_storage()
                     self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
 
     # -- forward: pack -----------------------------------------------------------------------------------
+    @eager
     def _pack(self, t: torch.Tensor) -> Packed:
         if not self._capturing or never_copied(t, self.device, self._params):
             return t
@@ -361,6 +364,7 @@ class ActivationOffloader:
         self._inflight -= entry.nbytes
 
     # -- backward: unpack --------------------------------------------------------------------------------
+    @eager
     def _unpack(self, saved: Packed) -> torch.Tensor:
         trace = self._trace
         if trace is not None and trace.timeline is not None:
@@ -380,33 +384,3 @@ class ActivationOffloader:
             self._poll()
         out = torch.empty(0, dtype=dtype, device=self.device)
         return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
-
-    @property
-    def passes(self) -> int:
-        """Forward/backward passes finished so far (aborted ones not counted)."""
-        return self._passes
-
-    def layer_bytes(self) -> list[int]:
-        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
-        trace = self._last
-        if trace is None:
-            return []
-        return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
-
-    def layer_profile(self) -> list[LayerProfile]:
-        """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
-        trace = self._last
-        return [] if trace is None else trace.profile()
-
-    # -- statistics --------------------------------------------------------------------------------------
-    def report(self) -> MemoryReport:
-        """Numbers of the last finished pass (an empty report before the first)."""
-        with self._lock:
-            trace = self._last
-        peak = torch.cuda.max_memory_allocated(self.device) if self.engine.is_cuda else None
-        common = dict(policy=self.policy, step=self._passes, peak_device_bytes=peak,
-                      host_pool_bytes=self.pool.reserved_bytes, host_pool_peak_bytes=self.pool.peak_in_use_bytes,
-                      host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
-        if trace is None:
-            return MemoryReport(**common)
-        return trace.report(self._watched, **common)

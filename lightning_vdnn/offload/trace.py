@@ -251,3 +251,37 @@ def _samples(watched: Optional[PassTrace]) -> tuple[MemorySample, ...]:
     names = watched.names
     return tuple(MemorySample(phase, names[g] if g < len(names) else "", n)
                  for phase, g, n in watched.timeline.samples)
+
+
+class PassRecords:
+    """The finished passes' numbers, as the planner and the report read them (mixed into
+    :class:`~lightning_vdnn.offload.offloader.ActivationOffloader`, whose state they are)."""
+
+    @property
+    def passes(self) -> int:
+        """Forward/backward passes finished so far (aborted ones not counted)."""
+        return self._passes
+
+    def layer_bytes(self) -> list[int]:
+        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
+        trace = self._last
+        if trace is None:
+            return []
+        return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
+
+    def layer_profile(self) -> list[LayerProfile]:
+        """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
+        trace = self._last
+        return [] if trace is None else trace.profile()
+
+    def report(self) -> MemoryReport:
+        """Numbers of the last finished pass (an empty report before the first)."""
+        with self._lock:
+            trace = self._last
+        peak = torch.cuda.max_memory_allocated(self.device) if self.engine.is_cuda else None
+        common = dict(policy=self.policy, step=self._passes, peak_device_bytes=peak,
+                      host_pool_bytes=self.pool.reserved_bytes, host_pool_peak_bytes=self.pool.peak_in_use_bytes,
+                      host_allocations=self.pool.allocations, pinned=self.pool.pin_memory)
+        if trace is None:
+            return MemoryReport(**common)
+        return trace.report(self._watched, **common)

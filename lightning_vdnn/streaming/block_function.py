@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_vdnn.compiled import eager
 from lightning_vdnn.streaming.calls import CallFlat, Flat
 
 if TYPE_CHECKING:
@@ -151,11 +152,13 @@ class SlotSaves(torch.autograd.graph.saved_tensors_hooks):
         self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
         super().__init__(self._pack, self._unpack)
 
+    @eager
     def _pack(self, t: Tensor) -> Any:
         if t.untyped_storage().data_ptr() == self.ptr and t.dtype == self.buf.dtype:
             return SlotView(self.index, t.storage_offset() - self.buf.storage_offset(), t)
         return (self.outer_unpack, self.outer_pack(t)) if self.outer_pack is not None else (None, t)
 
+    @eager
     def _unpack(self, saved: Any) -> Tensor:
         if isinstance(saved, SlotView):
             return self.streamer._slot_view(saved)
@@ -172,6 +175,7 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         self._seen = {t.untyped_storage().data_ptr() for t in exclude}
         super().__init__(self._pack, lambda t: t)
 
+    @eager
     def _pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in self._seen:

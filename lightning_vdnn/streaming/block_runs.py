@@ -60,7 +60,7 @@ class BlockRuns:
         with block.substituted(block.split(slot.buf)):
             for k, chunk in enumerate(plan.chunks(tensors)):
                 state = ChunkState(self.device, self._buffers[index]) if states is not None else None
-                joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+                joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
                 if state is not None:
                     state.ran()
                     states.append(state)
@@ -91,7 +91,7 @@ class BlockRuns:
             joined = Joined(plan, self._where(index))
             with saves, block.substituted(leaves):
                 for k, chunk in enumerate(plan.chunks(cut)):
-                    joined.put(k, call.call(self._forwards[index][1], chunk), _shape(chunk, call))
+                    joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
             flat, outs = joined.result()
             graph = Graph(Exit.apply(exit_port, *outs), anchor, leaves, entry_port, exit_port, entered, len(tensors))
         slot.free = self.engine.record()
@@ -165,7 +165,7 @@ class BlockRuns:
             ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
             leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
             with block.substituted(leaves):
-                outs = Flat(call.call(self._forwards[index][1], ins)).take()
+                outs = Flat(call.call(self._forwards[index].run, ins)).take()
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         wants = [x for x in ins if x.requires_grad] + [w for w in leaves if w.requires_grad]
         got = list(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs], allow_unused=True)

@@ -18,8 +18,11 @@ import dataclasses
 import itertools
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.utils._pytree as pytree
-from torch import Tensor
+from torch import Tensor, nn
+
+from lightning_vdnn.compiled import inner_call, set_inner_call
 
 
 class _Fields:
@@ -269,3 +272,38 @@ class Joined:
         """Keep the layout (which leaves are per row) for backward, not the tensors."""
         self.rows = [Rows(self.sizes) if r is not None else None for r in self.rows]
         self.kept = [None] * len(self.kept)
+
+
+class StreamedCall:
+    """A block's call taken over by streaming: ``module(...)`` runs ``streamed`` (the streamed forward, eagerly),
+    and :attr:`run` is what runs the block itself inside it, from whichever weights stand in its parameters.
+
+    A block compiled by itself (``block.compile()``) keeps its compiled call as :attr:`run`: each chunk, recompute
+    and saving forward runs compiled, hooks included, as ``Module.compile`` compiles them (a recompute runs them
+    again, as activation checkpointing does); ``streamed`` takes the compiled call's place, under our hooks'
+    boundaries (``compiled.py``). Any other block's instance ``forward`` is replaced, and :attr:`run` is its own.
+    The streamed call is never compiled (``torch.compiler.disable``): inside a model compiled as a whole each block
+    call is a graph break by design, the block running eagerly in it unless compiled by itself.
+    """
+
+    def __init__(self, module: nn.Module, streamed: Any) -> None:
+        self.module = module
+        self.own = vars(module).get("forward")
+        self.compiled = inner_call(getattr(module, "_compiled_call_impl", None))
+        streamed = torch.compiler.disable(streamed)
+        if self.compiled is not None:
+            self.run = self.compiled
+            set_inner_call(module, streamed)
+        else:
+            self.run = module.forward
+            module.forward = streamed
+
+    def restore(self) -> None:
+        """The block's own call back."""
+        if self.compiled is not None:
+            set_inner_call(self.module, self.compiled)
+        elif self.own is None:
+            vars(self.module).pop("forward", None)
+        else:
+            self.module.forward = self.own
+

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_vdnn.compiled import compiling
 from lightning_vdnn.streaming.host_state import HostBlock
 
 #: Most device slots a streamer holds (each is one block in the compute dtype: gpt_1b's 0.1 GB).
@@ -69,6 +70,8 @@ class SlotLoads:
     def _preload(self, *_: Any) -> None:
         """Forward pre-hook of the resident blocks: the first streamed blocks into the slots, as far as their
         host updates are done."""
+        if compiling():  # inside a compiled region: nothing to trace (``compiled.py``)
+            return
         if torch._C._current_graph_task_id() != -1 and not self.eager_updates:
             return  # a resident block's recompute in backward: the streamed blocks' updates come at the step
         for index in range(min(len(self.slots), len(self.blocks))):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Optional
 
@@ -43,11 +42,13 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.buffers import BufferWatch
+from lightning_vdnn.compiled import register_call_hooks
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
 from lightning_vdnn.streaming.block_runs import BlockRuns
+from lightning_vdnn.streaming.calls import StreamedCall
 from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory
@@ -175,14 +176,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self._hf_calls = TrainingCalls()
         self._checkpointed = checkpointing_off([b.module for b in self.blocks], f"the blocks at {self.path!r}")
         if resident and self.preloads:  # forward starts loading streamed blocks while the resident ones compute
-            self._hooks += [m.register_forward_pre_hook(self._preload) for m in list(self.container)[:resident]]
-        if any(b.module._compiled_call_impl is not None for b in self.blocks):
-            warnings.warn(f"lightning_vdnn: the blocks at {self.path!r} were compiled with Module.compile(); layer "
-                          "streaming runs them eagerly (compilation is restored at teardown).", stacklevel=2)
+            self._hooks += [register_call_hooks(m, self._preload) for m in list(self.container)[:resident]]
         for b in self.blocks:
-            self._forwards.append((b.module.__dict__.get("forward"), b.module.forward, b.module._compiled_call_impl))
-            b.module._compiled_call_impl = None  # the streamed forward runs the block's own forward eagerly
-            b.module.forward = functools.partial(self._forward, b.index)
+            self._forwards.append(StreamedCall(b.module, functools.partial(self._forward, b.index)))
             self._hooks += [b.module.register_state_dict_pre_hook(functools.partial(self._before_read, b.index)),
                             b.module.register_load_state_dict_pre_hook(functools.partial(self._before_write, b.index))]
 
@@ -287,12 +283,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             self.steppers = []
         for handle in self._hooks:
             handle.remove()
-        for b, (own, _, compiled) in zip(self.blocks, self._forwards):
-            if own is None:
-                b.module.__dict__.pop("forward", None)
-            else:
-                b.module.forward = own
-            b.module._compiled_call_impl = compiled
+        for b, taken in zip(self.blocks, self._forwards):
+            taken.restore()
             b.release()
         checkpointing_on(self._checkpointed)
         self.slots, self.stage, self.grad_dev = [], None, None
