@@ -54,6 +54,9 @@ class SegmentFacts:
         input_bytes: its inputs that no earlier layer saved: what a segment starting here saves as it starts.
         own_input_bytes: of those, the bytes this layer saves itself (part of its ``saved_bytes``).
         tail_bytes: what the code after it saves before the next layer (held when a segment ends here).
+        inner_storage_bytes: the storages its forward saves that nothing saved or took in before it, whole and
+            each once (views of one buffer, as attention's q, k and v, overlap as spans): what a recompute rebuilds.
+        own_input_storage_bytes: the storages of its inputs that it saves itself, whole and each once.
     """
 
     starts: bool
@@ -62,6 +65,8 @@ class SegmentFacts:
     input_bytes: int = 0
     own_input_bytes: int = 0
     tail_bytes: int = 0
+    inner_storage_bytes: Optional[int] = None
+    own_input_storage_bytes: Optional[int] = None
 
 
 def _segment_unfit(module: nn.Module) -> bool:
@@ -105,6 +110,9 @@ class LayerProbe:
         self._no_start: set[int] = {0}
         self._no_join: set[int] = {0, 1}
         self._output: tuple[int, list] = (-1, [])  # (layer, weak refs to the tensors it returned)
+        self._storages: dict[int, list] = {}  # address -> [storage ref, layer, taken in (not saved) by it]
+        self._inner_st: dict[int, int] = collections.defaultdict(int)
+        self._own_in_st: dict[int, int] = collections.defaultdict(int)
 
     def recompute_bytes(self, group: int) -> Optional[int]:
         """Bytes layer ``group`` would still save if recomputed; None if it may not be."""
@@ -114,7 +122,9 @@ class LayerProbe:
         """What layer ``group`` contributes to a recomputed segment (:class:`SegmentFacts`)."""
         return SegmentFacts(starts=group not in self._no_start, joins=group not in self._no_join,
                             reach=self._reach.get(group, group), input_bytes=self._in.get(group, 0),
-                            own_input_bytes=self._own_in.get(group, 0), tail_bytes=self._tail.get(group, 0))
+                            own_input_bytes=self._own_in.get(group, 0), tail_bytes=self._tail.get(group, 0),
+                            inner_storage_bytes=self._inner_st.get(group, 0),
+                            own_input_storage_bytes=self._own_in_st.get(group, 0))
 
     def enter(self, group: int, module: nn.Module, inputs: list[tuple[Span, int, torch.Tensor]],
               tensors: Optional[list[torch.Tensor]] = None) -> None:
@@ -130,6 +140,9 @@ class LayerProbe:
         if not self._chained(group, tensors if tensors is not None else [t for _, _, t in inputs]):
             self._no_join.add(group)
         self._versions = [(t, t._version) for _, _, t in inputs if not t.is_inference()]  # no counter there
+        for _, _, t in inputs:
+            if self._storage(t) is None:
+                self._storages[t.untyped_storage().data_ptr()] = [weakref.ref(t.untyped_storage()), group, True]
         for span, nbytes, t in inputs:
             owner = self._owner(span, t)
             if owner is not None and owner[1] == group:
@@ -170,6 +183,8 @@ class LayerProbe:
         inside = self._inside and group == self._group
         if not inside:
             self._tail_saves[group] += 1
+        else:
+            self._count_storage(t, group)
         if owner is None:
             self._first[span] = [weakref.ref(t.untyped_storage()), group, "inner" if inside else "tail", True]
             if not inside and nbytes >= self.min_bytes:
@@ -189,6 +204,22 @@ class LayerProbe:
         elif kind == "inner" and (first != group or not inside):
             self._block(first, "a tensor it saves inside is saved again after it")
             self._reach_to(first, group if inside else group + 1)
+
+    def _storage(self, t: torch.Tensor) -> Optional[list]:
+        seen = self._storages.get(t.untyped_storage().data_ptr())
+        return seen if seen is not None and seen[0]() is t.untyped_storage() else None
+
+    def _count_storage(self, t: torch.Tensor, group: int) -> None:
+        """A save inside layer ``group``: its whole storage counts once, for the first layer that saved it."""
+        storage, seen = t.untyped_storage(), self._storage(t)
+        if storage.nbytes() < self.min_bytes:
+            return
+        if seen is None:
+            self._storages[storage.data_ptr()] = [weakref.ref(storage), group, False]
+            self._inner_st[group] += storage.nbytes()
+        elif seen[2] and seen[1] == group:  # its own input, saved by itself
+            seen[2] = False
+            self._own_in_st[group] += storage.nbytes()
 
     def _reach_to(self, group: int, later: int) -> None:
         self._reach[group] = max(self._reach.get(group, group), later)

@@ -211,6 +211,9 @@ def segment_bytes(layers: Sequence[LayerProfile], first: int, end: int) -> tuple
     save)."""
     head, tail = layers[first].segment, layers[end - 1].segment
     held = head.input_bytes + tail.tail_bytes
+    facts = [p.segment for p in layers[first:end]]
+    if all(f.inner_storage_bytes is not None for f in facts):  # whole storages, each once: what is allocated
+        return held, sum(f.inner_storage_bytes for f in facts) + sum(f.own_input_storage_bytes or 0 for f in facts[1:])
     saved = sum(p.saved_bytes for p in layers[first:end])
     return held, max(0, saved - head.own_input_bytes - tail.tail_bytes)
 
