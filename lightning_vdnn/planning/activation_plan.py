@@ -21,10 +21,18 @@ Cost model: time a layer adds to a step over keeping everything on the device, a
   ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
 - recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
   rebuilds the rest, ``b - r``, all at once.
+- recompute a segment, layers ``[i, j)`` under one checkpoint (``offload/recompute.py``): their ``f`` summed; holds
+  layer ``i``'s inputs and what the code after layer ``j - 1`` saves; its backward rebuilds the storages the run
+  saved, each once (``activation_solver.segment_bytes``). Where one layer alone frees nothing (a CNN's leaf
+  modules, each saving its input), a run frees all but its first input.
 
 Everything held is alive when forward ends and is freed as backward passes its layer, so with ``H(<=g)`` the bytes
 held by layers up to ``g`` and ``base = min(forward_peak, floor)``, the predicted peak is
-``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)``.
+``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)`` (a segment counts as one layer).
+
+Solver with segments: the same dynamic program, where a layer ``g`` may also end a segment that started at any
+``i`` up to ``MAX_SEGMENT`` layers back, from the costs before ``i`` (a DP over boundaries, as Chen et al.'s sqrt(n)
+checkpointing and Checkmate choose what to rebuild, here with the held bytes as state).
 
 Solver: minimise the summed cost subject to predicted peak <= budget. Every peak term is a prefix sum of held bytes,
 so a dynamic program over the layers in forward order, with the bytes held so far as its state, is exact; sizes are
