@@ -327,3 +327,37 @@ def test_a_model_that_no_longer_chains_its_layers_is_told_what_changed():
         net(x).sum().backward()
     off.finish_pass()
     off.close()
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vgg_segments_on_cuda_train_like_plain_within_the_budget(dear_copies):
+    """VGG with BatchNorm, leaf layers, copies made dear: at a budget halfway between the all-offloaded peak and
+    plain's, the plan recomputes segments; fp32 training equals plain and the measured peak keeps the budget (2%)."""
+    import lightning as L
+
+    from lightning_vdnn.examples.models.vgg import VGG, VGGConfig
+
+    def run(strategy, steps=5):
+        L.seed_everything(0, verbose=False)
+        module = Classifier(VGG(VGGConfig.from_name("vgg_tiny", batch_norm=True, image_size=64)))
+        trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, max_steps=steps, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(64 * steps, 3, 64, 64, generator=g),
+                                              torch.randint(0, 10, (64 * steps,), generator=g))
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=64))
+        return module, trainer, torch.cuda.max_memory_allocated()
+
+    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0))
+    _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0), steps=1)
+    budget = floor + (plain_peak - floor) // 2
+    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget))
+    report = trainer.strategy.memory_report()
+    print(f"\nplain {plain_peak / MiB:.1f} MiB, floor {floor / MiB:.1f} MiB, budget {budget / MiB:.1f} MiB\n{report}")
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
+    assert_same_params(got, ref, rtol=1e-3, atol=1e-5)
+    assert report.segments and report.budget_kept
