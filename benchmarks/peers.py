@@ -91,6 +91,35 @@ def checkpoint(w: Workload, device: torch.device, n: int) -> StepClock:
     return plain(w, device, n)
 
 
+def _runs(layers: list[nn.Module], count: int) -> list[nn.Module]:
+    """``layers`` in ``count`` runs of about equal length, each recomputed under a checkpoint, as
+    ``checkpoint_sequential`` cuts them, but a run never starts with an in-place layer (VGG's ReLU(inplace=True)
+    would change the run's saved input: the cut moves past it)."""
+    cuts, size = [0], len(layers) / count
+    for k in range(1, count):
+        cut = max(round(k * size), cuts[-1] + 1)
+        while cut < len(layers) and getattr(layers[cut], "inplace", False):
+            cut += 1
+        if cut < len(layers):
+            cuts.append(cut)
+    return [Checkpointed(nn.Sequential(*layers[a:b])) for a, b in zip(cuts, cuts[1:] + [len(layers)])]
+
+
+def checkpoint_sequential(w: Workload, device: torch.device, n: int) -> StepClock:
+    """``checkpoint_sequential`` over the chain of layers, in round(sqrt(n)) segments: VGG's conv trunk by leaf
+    module (no repeated blocks), GPT's blocks."""
+    if w.family == "gpt":
+        blocks = list(w.model.blocks)
+        w.model.blocks = nn.ModuleList(_runs(blocks, max(1, round(len(blocks) ** 0.5))))
+    elif w.family == "vgg":
+        layers = list(w.model.features)
+        w.model.features = nn.Sequential(*_runs(layers, max(1, round(len(layers) ** 0.5))))
+    else:
+        raise NotImplementedError(f"checkpoint_sequential needs a chain of layers (GPT's blocks, VGG's trunk); "
+                                  f"{w.name} has none here (use 'checkpoint').")
+    return plain(w, device, n)
+
+
 def hf_checkpoint(w: Workload, device: torch.device, n: int) -> StepClock:
     """``transformers``' own checkpointing, as its users turn it on: ``gradient_checkpointing_enable`` (named
     ``activation_checkpointing_enable`` in newer versions; ``lightning_vdnn.examples.hf_tasks.enable_checkpointing`` picks),
@@ -194,6 +223,7 @@ def plain_accum8(w: Workload, device: torch.device, n: int) -> StepClock:
 
 
 PEERS = {"plain": plain, "plain_accum8": plain_accum8, "checkpoint": checkpoint, "hf_checkpoint": hf_checkpoint,
+         "checkpoint_sequential": checkpoint_sequential,
          "save_on_cpu": save_on_cpu, "zero3_offload": zero3_offload, "zero2_offload": zero2_offload,
          "fsdp2_offload": fsdp2_offload}
 

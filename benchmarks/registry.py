@@ -39,6 +39,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("plain", "peer", "raw PyTorch loop, everything on the GPU (the baseline of every ratio); DDP on N"),
     CaseSpec("lightning_plain", "lightning", "Trainer(strategy='auto'): Lightning's overhead against 'plain'"),
     CaseSpec("checkpoint", "peer", "torch.utils.checkpoint per block / conv stage, non-reentrant"),
+    CaseSpec("checkpoint_sequential", "peer", "checkpoint_sequential's sqrt(n) equal runs over VGG's trunk (leaf "
+             "modules) or GPT's blocks, each under a non-reentrant checkpoint (no run starts at an in-place ReLU)"),
     CaseSpec("hf_checkpoint", "peer", "transformers' own per-layer activation checkpointing "
              "(model.gradient_checkpointing_enable(), non-reentrant; Hugging Face models)"),
     CaseSpec("save_on_cpu", "peer", "torch.autograd.graph.save_on_cpu(pin_memory=True) around the forward"),

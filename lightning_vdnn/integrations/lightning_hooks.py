@@ -221,7 +221,7 @@ class OffloadHooks:
         if plan is None:
             raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
         attempts.budgets.append(planner.budget)
-        offloader.set_plan(planner.keep, planner.recomputed)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments)
         rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
                        category=BudgetLowered)
         attempts.snapshot.restore()
@@ -249,7 +249,7 @@ class OffloadHooks:
                           backward_peak=self._backward_peak)
             self._state_before = None
         plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
-        offloader.set_plan(planner.keep, planner.recomputed)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments)
         if plan is not None:
             rank_zero_info(plan_message(plan))
 

@@ -12,7 +12,8 @@ The unit of copying is the byte span of a tensor's storage that the saved view c
 tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
 
 A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
-(``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks).
+(``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks), one by
+one or as segments, runs of consecutive layers under one checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
-from lightning_vdnn.offload.recompute import Recomputer, Timer
+from lightning_vdnn.offload.recompute import Recomputer, SegmentRunner, Timer
 from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
                                           never_copied, span_of)
 from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
@@ -88,6 +89,8 @@ class ActivationOffloader(PassRecords):
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
         self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
         self._recomputer = Recomputer(self._recompute_timer)
+        self._segments = SegmentRunner()
+        self._one_by_one: frozenset[int] = frozenset()  # recomputed layers not in a segment
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self._prefetcher = Prefetcher(self.engine, prefetch_layers,
@@ -126,14 +129,20 @@ class ActivationOffloader(PassRecords):
         self._recomputer.close()
         self._module = None
 
-    def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = ()) -> None:
+    def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = (),
+                 segments: Sequence[tuple[int, int]] = ()) -> None:
         """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
-        and the layers to recompute in backward, whose inputs stay too. Layers are those of the last pass."""
-        recompute = frozenset(recompute)
+        the layers to recompute in backward, whose inputs stay too, and of those the runs ``[start, end)``
+        recomputed as one segment each. Layers are those of the last pass."""
+        segments = tuple((int(a), int(b)) for a, b in segments)
+        inside = frozenset(g for a, b in segments for g in range(a, b))
+        recompute = frozenset(recompute) | inside
         self.keep_layers = keep if not recompute else (keep or frozenset()) | recompute
         self.recompute_layers = recompute
+        self._one_by_one = recompute - inside
         modules = self._last.modules if self._last is not None else []
-        self._recomputer.install(modules[g] for g in recompute if 0 < g < len(modules))
+        self._recomputer.install(modules[g] for g in self._one_by_one if 0 < g < len(modules))
+        self._segments.install(segments)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -142,7 +151,12 @@ class ActivationOffloader(PassRecords):
         self._capturing = True
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield
+                try:
+                    yield
+                except BaseException:
+                    self._segments.abort()  # its checkpoint's hooks sit above these
+                    raise
+                self._segments.finish()
         finally:
             self._capturing = False
             if self._trace is not None and self._trace.timeline is not None:
@@ -224,7 +238,9 @@ class ActivationOffloader(PassRecords):
                 trace.timeline.layer(group)
             if trace.probe is not None:
                 moved = [t for t in tensors if not never_copied(t, self.device, self._params)]
-                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved])
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved], tensors)
+            if self._segments.segments and torch.is_grad_enabled():
+                self._segments.enter(group, module, args, kwargs, self._segment_timer)
 
     def _on_layer_return(self, module: nn.Module, args: tuple, output: object) -> None:
         if compiling():
@@ -234,7 +250,8 @@ class ActivationOffloader(PassRecords):
             if trace.timeline is not None:
                 trace.timeline.layer_return(len(self._groups) - 1)
             if trace.probe is not None:
-                trace.probe.exit(len(self._groups) - 1)
+                trace.probe.exit(len(self._groups) - 1, output)
+            self._segments.exit(len(self._groups) - 1, output)
 
     def _recompute_timer(self) -> Optional[Timer]:
         """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
@@ -242,8 +259,11 @@ class ActivationOffloader(PassRecords):
         if compiling() or not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
             return None
         group = len(self._groups) - 1
-        if group not in self.recompute_layers:
+        if group not in self._one_by_one:
             return None
+        return functools.partial(self._trace.recompute_span, group)
+
+    def _segment_timer(self, group: int) -> Timer:
         return functools.partial(self._trace.recompute_span, group)
 
     def _on_expensive(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

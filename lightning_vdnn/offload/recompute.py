@@ -19,11 +19,15 @@ asks ``decide`` at each call. It is removed when the plan changes (:meth:`Recomp
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from typing import Any, Callable, ContextManager, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils.checkpoint import _checkpoint_without_reentrant_generator as _checkpoint_generator
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.layers import wrap_forward
@@ -102,3 +106,151 @@ def _replay(run: Callable[..., Any], timer: Timer, watch: BufferWatch) -> Callab
             return run(*args)
 
     return call
+
+
+class SegmentRunner:
+    """Runs each planned segment, a run of consecutive layers ``[start, end)``, under one non-reentrant checkpoint:
+    its first layer's tensor inputs are saved (through the offloader's hooks: kept or offloaded), nothing from inside
+    the run is, and the first saved tensor backward needs runs the whole run again (Chen et al.'s sqrt(n)
+    checkpointing, on boundaries a plan chooses).
+
+    The run is not one function of the user's code: its layers are called one by one by the model's forward. The
+    checkpoint opens as the first layer's forward starts (``torch.utils.checkpoint``'s own generator, entered and left
+    around the run) and closes as the last one returns; the recompute calls the recorded layers again in order,
+    each on the previous one's output (the profiling pass checked that the run is such a chain: each later layer
+    takes the previous one's output, and the code between saves nothing, ``offload/recompute_probe.py``), with
+    the RNG and autocast state of the forward and each layer's written buffers replayed (``buffers.py``). Other
+    tensors a later layer takes (an attention mask, rotary tables) need no gradient and are held as given.
+    """
+
+    def __init__(self) -> None:
+        self.segments: dict[int, int] = {}  # start -> end (exclusive)
+        self._watches: dict[nn.Module, BufferWatch] = {}
+        self._open: Optional[_OpenSegment] = None
+
+    def install(self, segments: Iterable[tuple[int, int]]) -> None:
+        """Run exactly these segments from the next pass on."""
+        self.abort()
+        self.segments = {start: end for start, end in segments}
+        self._watches.clear()
+
+    def enter(self, group: int, module: nn.Module, args: tuple, kwargs: dict, timer: Callable[[int], Timer]) -> None:
+        """Layer ``group`` starts (a pass that records gradients): open its segment, or join the open one."""
+        seg = self._open
+        if seg is not None and group < seg.end:
+            seg.add(module, args, kwargs, self._watch(module))
+            return
+        if seg is not None:
+            self.abort()
+            raise RuntimeError(f"Layer {group} started while the recomputed segment of layers [{seg.start}, "
+                               f"{seg.end}) was still open: the model's forward no longer calls its layers as in the "
+                               "pass the plan was made from. Run the plan again from a new profile "
+                               "(activation_offload='auto' re-profiles when input shapes change).")
+        end = self.segments.get(group)
+        if end is not None:
+            self._open = _OpenSegment(group, end, timer(group))
+            self._open.add(module, args, kwargs, self._watch(module))
+
+    def exit(self, group: int, output: Any) -> None:
+        """Layer ``group`` returned ``output``: the next layer of the segment takes it; the last one closes it."""
+        seg = self._open
+        if seg is None:
+            return
+        seg.returned(output)
+        if group == seg.end - 1:
+            self._open = None
+            seg.close()
+
+    def finish(self) -> None:
+        """Forward is over: a segment still open never reached its last layer."""
+        seg = self._open
+        if seg is not None:
+            self.abort()
+            raise RuntimeError(f"Forward ended inside the recomputed segment of layers [{seg.start}, {seg.end}): the "
+                               "model's forward no longer calls its layers as in the pass the plan was made from.")
+
+    def abort(self) -> None:
+        """Leave an open segment's checkpoint (a failed forward): its hooks come off autograd's stack."""
+        seg, self._open = self._open, None
+        if seg is not None:
+            seg.gen.close()
+
+    def _watch(self, module: nn.Module) -> BufferWatch:
+        if module not in self._watches:
+            self._watches[module] = BufferWatch(module)
+        return self._watches[module]
+
+
+class _Call:
+    """One layer call of a segment as the recompute makes it again: its arguments with the tensors it gets from the
+    run (the segment's inputs, the previous layer's output) left out, and its buffers' snapshot."""
+
+    __slots__ = ("module", "spec", "leaves", "links", "watch", "snap")
+
+    def __init__(self, module: nn.Module, spec: Any, leaves: list, links: dict[int, int], watch: BufferWatch) -> None:
+        self.module, self.spec, self.leaves, self.links, self.watch = module, spec, leaves, links, watch
+        self.snap = watch.snapshot()
+
+
+class _OpenSegment:
+    def __init__(self, start: int, end: int, timer: Timer) -> None:
+        self.start, self.end, self.timer = start, end, timer
+        self.calls: list[_Call] = []
+        self._returned: list[weakref.ref] = []
+        self.gen: Any = None
+
+    def add(self, module: nn.Module, args: tuple, kwargs: dict, watch: BufferWatch) -> None:
+        leaves, spec = tree_flatten((args, kwargs))
+        links: dict[int, int] = {}  # argument leaf -> the run's tensor it is (first call: its inputs; else outputs)
+        if not self.calls:
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            links = {i: n for n, i in enumerate(i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor))}
+            self.gen = _open_checkpoint(self._replay, tensors)
+        else:
+            out = {id(r()): n for n, r in enumerate(self._returned) if r() is not None}
+            for i, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and id(t) in out:
+                    links[i] = out[id(t)]
+                elif isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise RuntimeError(
+                        f"A layer of the recomputed segment [{self.start}, {self.end}) takes a tensor that needs a "
+                        "gradient and is not the previous layer's output: the model's forward no longer chains "
+                        "these layers as in the pass the plan was made from.")
+        self.calls.append(_Call(module, spec, [None if i in links else t for i, t in enumerate(leaves)], links,
+                                watch))
+
+    def returned(self, output: Any) -> None:
+        call = self.calls[-1]
+        call.watch.learn(call.snap)
+        self._returned = [weakref.ref(t) if isinstance(t, torch.Tensor) else _dead for t in tree_leaves(output)]
+
+    def close(self) -> None:
+        try:
+            next(self.gen)
+        except StopIteration:
+            pass
+
+    def _replay(self, *inputs: torch.Tensor) -> None:
+        """The recompute in backward: every layer again, each on what the one before returned."""
+        given: list = list(inputs)
+        with self.timer():
+            for call in self.calls:
+                leaves = list(call.leaves)
+                for i, n in call.links.items():
+                    leaves[i] = given[n]
+                args, kwargs = tree_unflatten(leaves, call.spec)
+                with call.watch.replayed(call.snap):
+                    given = tree_leaves(call.module.forward(*args, **kwargs))
+
+
+def _dead() -> None:
+    return None
+
+
+def _open_checkpoint(fn: Callable[..., Any], tensors: list[torch.Tensor]) -> Any:
+    """``torch.utils.checkpoint``'s non-reentrant checkpoint of ``fn(*tensors)``, entered: the forward runs from now
+    until the returned generator is advanced again."""
+    early_stop = (True,) if "early_stop" in inspect.signature(_checkpoint_generator).parameters else ()
+    gen = _checkpoint_generator(fn, True, noop_context_fn, "default", False, *early_stop, *tensors)
+    next(gen)
+    return gen

@@ -18,19 +18,60 @@ A layer is not recomputed when that would change what other layers save, or what
 - it holds running statistics (BatchNorm): a second forward would update them twice;
 - its ``forward`` is already replaced on the instance, or it is compiled: something else owns its forward;
 - it is the part of forward before the first layer: no module to run again.
+
+A run of consecutive layers recomputed as one segment (``offload/recompute.py``: :class:`SegmentRunner`) is looser:
+inside it, saves again by a later layer of the run, in-place changes of an inner layer's input and BatchNorm (its
+buffers are replayed, ``buffers.py``) are fine. What a segment needs is in :class:`SegmentFacts`: the run is a
+chain (each layer after the first takes the previous one's output, the code between them saves nothing), and no
+tensor saved inside it is saved again after it.
 """
 
 from __future__ import annotations
 
 import collections
 import weakref
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lightning_vdnn.buffers import running_stats
 from lightning_vdnn.offload.spans import Span
+
+
+@dataclass(frozen=True)
+class SegmentFacts:
+    """What a layer contributes to a recomputed segment (a run of consecutive layers, its input saved, everything
+    inside rebuilt in backward).
+
+    Attributes:
+        starts: a segment may start here: a module that can run again, that does not modify its input in place.
+        joins: a segment that holds the previous layer may continue into this one: the code between them saved
+            nothing, and each tensor it takes that needs a gradient is the previous layer's output.
+        reach: a segment holding this layer must end after layer ``reach``: the last layer (or, as ``g + 1``, the
+            code after layer ``g``) that saves again a tensor this layer saved or took as input.
+        input_bytes: its inputs that no earlier layer saved: what a segment starting here saves as it starts.
+        own_input_bytes: of those, the bytes this layer saves itself (part of its ``saved_bytes``).
+        tail_bytes: what the code after it saves before the next layer (held when a segment ends here).
+        inner_storage_bytes: the storages its forward saves that nothing saved or took in before it, whole and
+            each once (views of one buffer, as attention's q, k and v, overlap as spans): what a recompute rebuilds.
+        own_input_storage_bytes: the storages of its inputs that it saves itself, whole and each once.
+    """
+
+    starts: bool
+    joins: bool
+    reach: int
+    input_bytes: int = 0
+    own_input_bytes: int = 0
+    tail_bytes: int = 0
+    inner_storage_bytes: Optional[int] = None
+    own_input_storage_bytes: Optional[int] = None
+
+
+def _segment_unfit(module: nn.Module) -> bool:
+    """Whether something else owns ``module``'s forward: it cannot be run again as part of a segment."""
+    return "forward" in vars(module) or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def _unfit(module: nn.Module) -> Optional[str]:
@@ -60,53 +101,128 @@ class LayerProbe:
         self._group = 0
         self._inside = False
         self._versions: list[tuple[torch.Tensor, int]] = []
+        # segments (SegmentFacts): per layer
+        self._in: dict[int, int] = collections.defaultdict(int)
+        self._own_in: dict[int, int] = collections.defaultdict(int)
+        self._tail: dict[int, int] = collections.defaultdict(int)
+        self._tail_saves: dict[int, int] = collections.defaultdict(int)
+        self._reach: dict[int, int] = {}
+        self._no_start: set[int] = {0}
+        self._no_join: set[int] = {0, 1}
+        self._output: tuple[int, list] = (-1, [])  # (layer, weak refs to the tensors it returned)
+        self._storages: dict[int, list] = {}  # address -> [storage ref, layer, taken in (not saved) by it]
+        self._inner_st: dict[int, int] = collections.defaultdict(int)
+        self._own_in_st: dict[int, int] = collections.defaultdict(int)
 
     def recompute_bytes(self, group: int) -> Optional[int]:
         """Bytes layer ``group`` would still save if recomputed; None if it may not be."""
         return None if group in self.blocked else self._bytes.get(group, 0)
 
-    def enter(self, group: int, module: nn.Module, inputs: list[tuple[Span, int, torch.Tensor]]) -> None:
-        """Layer ``group`` (``module``) starts with these tensor inputs (span, bytes, tensor)."""
+    def segment_facts(self, group: int) -> SegmentFacts:
+        """What layer ``group`` contributes to a recomputed segment (:class:`SegmentFacts`)."""
+        return SegmentFacts(starts=group not in self._no_start, joins=group not in self._no_join,
+                            reach=self._reach.get(group, group), input_bytes=self._in.get(group, 0),
+                            own_input_bytes=self._own_in.get(group, 0), tail_bytes=self._tail.get(group, 0),
+                            inner_storage_bytes=self._inner_st.get(group, 0),
+                            own_input_storage_bytes=self._own_in_st.get(group, 0))
+
+    def enter(self, group: int, module: nn.Module, inputs: list[tuple[Span, int, torch.Tensor]],
+              tensors: Optional[list[torch.Tensor]] = None) -> None:
+        """Layer ``group`` (``module``) starts with these tensor inputs (span, bytes, tensor) of the ones it takes
+        (``tensors``, all of them: a segment's chain is checked on those)."""
         self._group, self._inside = group, True
         reason = _unfit(module)
         if reason is not None:
             self._block(group, reason)
+        if _segment_unfit(module):
+            self._no_start.add(group)
+            self._no_join.update((group, group + 1))
+        if not self._chained(group, tensors if tensors is not None else [t for _, _, t in inputs]):
+            self._no_join.add(group)
         self._versions = [(t, t._version) for _, _, t in inputs if not t.is_inference()]  # no counter there
+        for _, _, t in inputs:
+            if self._storage(t) is None:
+                self._storages[t.untyped_storage().data_ptr()] = [weakref.ref(t.untyped_storage()), group, True]
         for span, nbytes, t in inputs:
             owner = self._owner(span, t)
             if owner is not None and owner[1] == group:
                 continue  # the same tensor twice
             if owner is not None and owner[2] == "inner":
                 self._block(owner[1], "a tensor it saves is the input of a later layer")
+                self._reach_to(owner[1], group)
+            if owner is not None and owner[2] == "input" and owner[3]:  # inside a segment it would not be saved
+                self._reach_to(owner[1], group)
             if owner is None or (owner[2] == "input" and not owner[3]):  # nobody saved it: the checkpoint will
                 if nbytes >= self.min_bytes:
                     self._bytes[group] += nbytes
+                    self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
 
-    def exit(self, group: int) -> None:
-        """Layer ``group``'s forward returned: later saves are the code after it."""
+    def exit(self, group: int, output: Any = None) -> None:
+        """Layer ``group``'s forward returned ``output``: later saves are the code after it."""
         if any(t._version != v for t, v in self._versions):
             self._block(group, "its forward modifies an input in place")
+            self._no_start.add(group)
         self._versions, self._inside = [], False
+        leaves = torch.utils._pytree.tree_leaves(output)
+        self._output = (group, [weakref.ref(t) for t in leaves if isinstance(t, torch.Tensor)])
+
+    def _chained(self, group: int, tensors: list[torch.Tensor]) -> bool:
+        """Whether layer ``group`` continues a chain from the layer before: that one returned right before it, the
+        code between saved nothing, and every tensor it takes that needs a gradient is one that layer returned."""
+        last, refs = self._output
+        if last != group - 1 or self._tail_saves.get(last, 0):
+            return False
+        returned = {id(r()) for r in refs if r() is not None}
+        return all(id(t) in returned for t in tensors if t.requires_grad)
 
     def saved(self, span: Span, nbytes: int, t: torch.Tensor, group: int) -> None:
         """Autograd saved ``t`` (covering ``span``) while layer ``group`` (or the code after it) ran."""
         owner = self._owner(span, t)
         inside = self._inside and group == self._group
+        if not inside:
+            self._tail_saves[group] += 1
+        else:
+            self._count_storage(t, group)
         if owner is None:
             self._first[span] = [weakref.ref(t.untyped_storage()), group, "inner" if inside else "tail", True]
             if not inside and nbytes >= self.min_bytes:
                 self._bytes[group] += nbytes
+                self._tail[group] += nbytes
             return
         _, first, kind, saved = owner
         if kind == "input":
-            if first == group:
+            if first == group and not saved and inside and nbytes >= self.min_bytes:
+                self._own_in[group] += nbytes
+            if first == group and inside:
                 owner[3] = True  # its own input, saved by itself: counted when it started
-            elif not saved:
+                return
+            if first != group and not saved:
                 self._block(first, "a later layer saves its input, which it does not save itself")
+            self._reach_to(first, group if inside else group + 1)
         elif kind == "inner" and (first != group or not inside):
             self._block(first, "a tensor it saves inside is saved again after it")
+            self._reach_to(first, group if inside else group + 1)
+
+    def _storage(self, t: torch.Tensor) -> Optional[list]:
+        seen = self._storages.get(t.untyped_storage().data_ptr())
+        return seen if seen is not None and seen[0]() is t.untyped_storage() else None
+
+    def _count_storage(self, t: torch.Tensor, group: int) -> None:
+        """A save inside layer ``group``: its whole storage counts once, for the first layer that saved it."""
+        storage, seen = t.untyped_storage(), self._storage(t)
+        if storage.nbytes() < self.min_bytes:
+            return
+        if seen is None:
+            self._storages[storage.data_ptr()] = [weakref.ref(storage), group, False]
+            self._inner_st[group] += storage.nbytes()
+        elif seen[2] and seen[1] == group:  # its own input, saved by itself
+            seen[2] = False
+            self._own_in_st[group] += storage.nbytes()
+
+    def _reach_to(self, group: int, later: int) -> None:
+        self._reach[group] = max(self._reach.get(group, group), later)
 
     def _owner(self, span: Span, t: torch.Tensor) -> Optional[list]:
         owner = self._first.get(span)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_vdnn.offload.host_pool import CopyEngine, completed, elapsed_ms
-from lightning_vdnn.offload.recompute_probe import LayerProbe
+from lightning_vdnn.offload.recompute_probe import LayerProbe, SegmentFacts
 from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample, union_length
 
 #: Name of layer 0: what autograd saves before the first layer boundary.
@@ -43,6 +43,7 @@ class LayerProfile:
         transfer_ms: one copy of ``saved_bytes``, either way, at the measured bandwidth (``t``).
         overlap_ms: compute a copy can hide under: the next layer's forward (``w``); 0 where copies are inline.
         inputs: shapes of its tensor inputs: the planner starts over when they change.
+        segment: what it contributes to a run of layers recomputed as one segment; None: it cannot be in one.
     """
 
     saved_bytes: int
@@ -51,6 +52,7 @@ class LayerProfile:
     transfer_ms: float = 0.0
     overlap_ms: float = 0.0
     inputs: tuple = ()
+    segment: Optional[SegmentFacts] = None
 
     def __post_init__(self) -> None:
         for name in ("saved_bytes", "recompute_bytes"):
@@ -223,7 +225,7 @@ class PassTrace:
             out.append(LayerProfile(
                 saved, self.probe.recompute_bytes(g) if self.probe is not None else None, forward_ms=module[g],
                 transfer_ms=saved * ms_per_byte, overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
-                inputs=inputs[g]))
+                inputs=inputs[g], segment=self.probe.segment_facts(g) if self.probe is not None else None))
         return out
 
     def _recompute_ms(self) -> dict[int, float]:

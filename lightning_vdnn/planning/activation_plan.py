@@ -21,10 +21,18 @@ Cost model: time a layer adds to a step over keeping everything on the device, a
   ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
 - recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
   rebuilds the rest, ``b - r``, all at once.
+- recompute a segment, layers ``[i, j)`` under one checkpoint (``offload/recompute.py``): their ``f`` summed; holds
+  layer ``i``'s inputs and what the code after layer ``j - 1`` saves; its backward rebuilds the storages the run
+  saved, each once (``activation_solver.segment_bytes``). Where one layer alone frees nothing (a CNN's leaf
+  modules, each saving its input), a run frees all but its first input.
 
 Everything held is alive when forward ends and is freed as backward passes its layer, so with ``H(<=g)`` the bytes
 held by layers up to ``g`` and ``base = min(forward_peak, floor)``, the predicted peak is
-``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)``.
+``max(floor, base + H(all), max over recomputed g of base + H(<=g) + b_g - r_g)`` (a segment counts as one layer).
+
+Solver with segments: the same dynamic program, where a layer ``g`` may also end a segment that started at any
+``i`` up to ``MAX_SEGMENT`` layers back, from the costs before ``i`` (a DP over boundaries, as Chen et al.'s sqrt(n)
+checkpointing and Checkmate choose what to rebuild, here with the held bytes as state).
 
 Solver: minimise the summed cost subject to predicted peak <= budget. Every peak term is a prefix sum of held bytes,
 so a dynamic program over the layers in forward order, with the bytes held so far as its state, is exact; sizes are
@@ -62,6 +70,13 @@ from lightning_vdnn.config import MemoryBudget
 from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.planning.activation_solver import Plan, _plan, bytes_only, least_times, solve_layers
 from lightning_vdnn.units import UNBOUNDED, GiB, MiB
+
+#: Plans made again after measured peaks over the budget before the planner settles for the profiling step's plan
+#: (keep nothing, recompute nothing), which fit.
+MAX_REPLANS = 3
+#: How far over its budget a measured peak may be and the budget still count as kept (``MemoryReport``): the
+#: allocator's rounding and the step's small tensors the model does not count.
+BUDGET_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class Later:
@@ -118,6 +133,7 @@ class AutoPlanner:
         self._forward_peak: Optional[int] = None
         self._layers: Optional[list[LayerProfile]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
+        self.replans = 0  # plans made again because a measured peak overshot the budget
         self._since_plan = 0
 
     @classmethod
@@ -136,6 +152,11 @@ class AutoPlanner:
     def recomputed(self) -> frozenset[int]:
         """Layers to recompute in the next pass's backward."""
         return frozenset() if self.plan is None else self.plan.recomputed
+
+    @property
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        """Runs of recomputed layers ``[start, end)`` recomputed as one segment in the next pass."""
+        return () if self.plan is None else self.plan.segments
 
     @property
     def profiling(self) -> bool:
@@ -174,9 +195,11 @@ class AutoPlanner:
             return self._replan()
         if peak > self.budget and self.plan.on_device:  # under-predicted: give back the overshoot and re-plan
             old = self.plan
+            self.replans += 1
             self._slack += peak - old.predicted_peak + self.granule
             new = self._replan()
-            if (new.kept, new.recomputed) == (old.kept, old.recomputed):  # blind to what overshot: the safe plan
+            if (new.kept, new.recomputed, new.segments) == (old.kept, old.recomputed, old.segments) or \
+                    self.replans > MAX_REPLANS:  # blind to what overshot, or still over: the safe plan
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
         return None
@@ -227,11 +250,20 @@ class AutoPlanner:
         """The plan's numbers for a ``MemoryReport`` of a pass of ``layers`` layers."""
         plan = self.plan
         fields = dict(policy="auto", budget_bytes=self.budget, measured_peak_bytes=self.measured_peak,
-                      predicted_peak_bytes=plan.predicted_peak if plan else None)
+                      predicted_peak_bytes=plan.predicted_peak if plan else None, budget_replans=self.replans,
+                      budget_kept=self.budget_kept)
         if plan is None:
-            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0)
+            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0, segments=0)
         return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
-                    layers_offloaded=max(0, layers - len(plan.on_device)))
+                    layers_offloaded=max(0, layers - len(plan.on_device)), segments=len(plan.segments))
+
+    @property
+    def budget_kept(self) -> Optional[bool]:
+        """Whether the last measured peak stayed within :data:`BUDGET_TOLERANCE` over the budget (None: not
+        measured, or no budget)."""
+        if self.measured_peak is None or self.budget >= UNBOUNDED:
+            return None
+        return self.measured_peak <= self.budget * (1 + BUDGET_TOLERANCE)
 
 
 def device_budget(budget: Optional[MemoryBudget], device: torch.device) -> int:

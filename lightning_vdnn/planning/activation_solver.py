@@ -13,9 +13,13 @@ from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.units import GiB, MiB
 
 Decision = Literal["keep", "offload", "recompute"]
-_OFFLOAD, _KEEP, _RECOMPUTE = 0, 1, 2
+_OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT = 0, 1, 2, 3
 #: Most granules the budget is counted in: bounds the solver's work per layer.
 MAX_STATES = 2**16
+#: Most layers in one recomputed segment: bounds the solver's work per layer (a longer run rebuilds so much at
+#: once in backward that a plan rarely wants it).
+MAX_SEGMENT = 32
+Segment = tuple[int, int]  # layers [start, end), recomputed as one
 
 
 class BudgetTooSmall(ValueError):
@@ -43,6 +47,8 @@ class Plan:
         recomputed: layers whose forward runs again in backward.
         recomputed_bytes: bytes the recomputed layers no longer hold (rebuilt in backward).
         added_ms: predicted step time the plan adds to keeping everything: exposed copies and recomputes.
+        segments: runs of consecutive recomputed layers ``[start, end)`` recomputed as one (their layers are in
+            ``recomputed`` too); the other recomputed layers are recomputed one by one.
     """
 
     kept: frozenset[int]
@@ -53,6 +59,7 @@ class Plan:
     recomputed: frozenset[int] = frozenset()
     recomputed_bytes: int = 0
     added_ms: float = 0.0
+    segments: tuple[Segment, ...] = ()
 
     @property
     def on_device(self) -> frozenset[int]:
@@ -104,9 +111,10 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
     if sum(layer.saved_bytes for layer in layers) <= room:  # everything fits: keep it all, at no cost
         return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
     granule = _granule(room, granule)
-    choices = _dp(layers, room // granule, granule)
+    choices, segments = _dp(layers, room // granule, granule)
     kept = frozenset(g for g, c in enumerate(choices) if c == _KEEP)
-    return _plan(layers, kept, frozenset(g for g, c in enumerate(choices) if c == _RECOMPUTE), floor, base, budget)
+    return _plan(layers, kept, frozenset(g for g, c in enumerate(choices) if c == _RECOMPUTE), floor, base, budget,
+                 segments)
 
 
 def _granule(room: int, granule: int) -> int:
@@ -122,46 +130,109 @@ def _units(nbytes: int, granule: int) -> int:
     return -(-int(nbytes) // granule)  # rounded up: predictions stay conservative
 
 
-def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> list[int]:
+def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[list[int], tuple[Segment, ...]]:
     """Each layer's choice in a plan of least summed cost with held units <= ``capacity`` at the end and, at each
-    recomputed layer, held units so far + its rebuilt units <= ``capacity``. Exact for the rounded sizes."""
+    recomputed layer or segment, held units so far + its rebuilt units <= ``capacity``; and the segments. Exact for
+    the rounded sizes."""
     size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule))
                              for p in layers)) + 1
     cost = np.full(size, np.inf)
     cost[0] = 0.0
+    before = [cost]  # cost before each layer: a segment ending at g starts from the one before its start
     choice = np.zeros((len(layers), size), dtype=np.int8)
+    start = np.zeros((len(layers), size), dtype=np.int32)
     moves = []
     for g, layer in enumerate(layers):
         best, pick = np.full(size, np.inf), choice[g]
         keep = _units(layer.saved_bytes, granule)
-        options = [(_OFFLOAD, 0, layer.offload_ms, size), (_KEEP, keep, 0.0, size)]
+        options = [(_OFFLOAD, 0, layer.offload_ms, size, g), (_KEEP, keep, 0.0, size, g)]
         if layer.recompute_bytes is not None:  # held so far + rebuilt must fit too: states above ``limit`` cannot
             held = _units(layer.recompute_bytes, granule)
-            options.insert(0, (_RECOMPUTE, held, layer.forward_ms, capacity - _units(layer.rebuilt_bytes, granule) + 1))
-        for kind, units, ms, limit in options:  # later options win ties: recompute < offload < keep
+            options.insert(0, (_RECOMPUTE, held, layer.forward_ms,
+                               capacity - _units(layer.rebuilt_bytes, granule) + 1, g))
+        options[:0] = [(_SEGMENT, _units(h, granule), ms, capacity - _units(r, granule) + 1, s)
+                       for s, h, r, ms in segments_ending(layers, g)]
+        for kind, units, ms, limit, first in options:  # later options win ties: segment < recompute < offload < keep
             if units >= size or limit <= units:
                 continue
             end = min(size, limit)
-            candidate = cost[: end - units] + ms
+            candidate = before[first][: end - units] + ms
             better = candidate <= best[units:end]
             best[units:end][better] = candidate[better]
             pick[units:end][better] = kind
+            start[g, units:end][better] = first
         moves.append((keep, _units(layer.recompute_bytes or 0, granule)))
-        cost = best
+        before.append(best)
+        if len(before) > MAX_SEGMENT + 1:
+            before[-MAX_SEGMENT - 2] = None  # no segment reaches back that far
+    cost = before[-1]
     state = int(np.flatnonzero(cost == cost.min())[-1])  # the least time; among equals, the most kept
-    out = [_OFFLOAD] * len(layers)
-    for g in reversed(range(len(layers))):
-        out[g] = int(choice[g, state])
-        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1]}[out[g]]
+    out, segments, g = [_OFFLOAD] * len(layers), [], len(layers) - 1
+    while g >= 0:
+        kind = int(choice[g, state])
+        if kind == _SEGMENT:
+            first = int(start[g, state])
+            held = segment_bytes(layers, first, g + 1)[0]
+            out[first: g + 1] = [_SEGMENT] * (g + 1 - first)
+            segments.append((first, g + 1))
+            state -= _units(held, granule)
+            g = first - 1
+            continue
+        out[g] = kind
+        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1]}[kind]
+        g -= 1
+    return out, tuple(reversed(segments))
+
+
+def segments_ending(layers: Sequence[LayerProfile], last: int) -> list[tuple[int, int, int, float]]:
+    """The segments of two or more layers that end with layer ``last`` and may be recomputed as one, as (start,
+    bytes held, bytes rebuilt, recompute ms): each layer after the first continues the chain
+    (``SegmentFacts.joins``), the first may start one, and no tensor saved inside is saved again after it."""
+    out: list[tuple[int, int, int, float]] = []
+    facts = layers[last].segment
+    if facts is None or not facts.joins:
+        return out
+    reach, ms = facts.reach, layers[last].forward_ms
+    for first in range(last - 1, max(-1, last - MAX_SEGMENT), -1):
+        facts = layers[first].segment
+        if facts is None:
+            break
+        reach, ms = max(reach, facts.reach), ms + layers[first].forward_ms
+        if facts.starts and reach <= last:
+            out.append((first, *segment_bytes(layers, first, last + 1), ms))
+        if not facts.joins:
+            break
     return out
 
 
+def segment_bytes(layers: Sequence[LayerProfile], first: int, end: int) -> tuple[int, int]:
+    """Bytes segment ``[first, end)`` holds from its forward to its backward (its first layer's inputs, what the code
+    after its last one saves) and the bytes its recompute rebuilds at once in backward (everything else its layers
+    save)."""
+    head, tail = layers[first].segment, layers[end - 1].segment
+    held = head.input_bytes + tail.tail_bytes
+    facts = [p.segment for p in layers[first:end]]
+    if all(f.inner_storage_bytes is not None for f in facts):  # whole storages, each once: what is allocated
+        return held, sum(f.inner_storage_bytes for f in facts) + sum(f.own_input_storage_bytes or 0 for f in facts[1:])
+    saved = sum(p.saved_bytes for p in layers[first:end])
+    return held, max(0, saved - head.own_input_bytes - tail.tail_bytes)
+
+
 def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int,
-                   base: int) -> int:
-    """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes."""
+                   base: int, segments: Sequence[Segment] = ()) -> int:
+    """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes (a segment
+    counts as one layer, its last)."""
     held = top = 0
+    starts = {first: end for first, end in segments}
+    inside = {g for first, end in segments for g in range(first, end)}
     for g, layer in enumerate(layers):
-        if g in kept:
+        if g in starts:
+            seg_held, rebuilt = segment_bytes(layers, g, starts[g])
+            held += seg_held
+            top = max(top, held + rebuilt)
+        elif g in inside:
+            continue
+        elif g in kept:
             held += layer.saved_bytes
         elif g in recomputed:
             held += layer.recompute_bytes or 0
@@ -170,17 +241,22 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
 
 
 def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
-          budget: int) -> Plan:
+          budget: int, segments: Sequence[Segment] = ()) -> Plan:
+    inside = frozenset(g for first, end in segments for g in range(first, end))
+    recomputed = recomputed | inside
     on_device = kept | recomputed
     offloaded = [p for g, p in enumerate(layers) if g not in on_device]
-    redone = [layers[g] for g in sorted(recomputed)]
+    redone = [layers[g] for g in sorted(recomputed - inside)]
+    seg = [segment_bytes(layers, first, end) for first, end in segments]
     return Plan(
-        kept=kept, recomputed=recomputed, budget=budget,
+        kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments),
         offloaded_bytes=sum(p.saved_bytes for p in offloaded),
-        kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone),
-        recomputed_bytes=sum(p.rebuilt_bytes for p in redone),
-        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base),
-        added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone),
+        kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone)
+        + sum(h for h, _ in seg),
+        recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg),
+        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base, segments),
+        added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone)
+        + sum(layers[g].forward_ms for g in inside),
     )
 
 

@@ -86,6 +86,9 @@ class MemoryReport:
         budget_bytes, predicted_peak_bytes, measured_peak_bytes, layers_kept, layers_offloaded,
             layers_recomputed: the ``"auto"`` planner's budget and current plan (None for the fixed policies);
             measured is the peak of the last step the planner watched.
+        segments: of the recomputed layers, the runs recomputed as one segment each (``"auto"`` only).
+        budget_replans: plans made again because a measured peak went over the budget (``"auto"`` only).
+        budget_kept: whether the measured peak stayed within 2% over the budget (None: not measured, no budget).
         streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
             (None without it): block weights copied to the device and block gradients copied back in the last
             optimizer step; worker time of the blocks' host updates since the step before (they run under
@@ -130,6 +133,9 @@ class MemoryReport:
     layers_kept: Optional[int] = None
     layers_offloaded: Optional[int] = None
     layers_recomputed: Optional[int] = None
+    segments: Optional[int] = None
+    budget_replans: Optional[int] = None
+    budget_kept: Optional[bool] = None
     streamed_h2d_bytes: Optional[int] = None
     streamed_d2h_bytes: Optional[int] = None
     host_optimizer_ms: Optional[float] = None
@@ -167,6 +173,8 @@ class MemoryReport:
             out["host_optimizer_ms"] = self.host_optimizer_ms
         if self.host_update_wait_ms is not None:
             out["host_update_wait_ms"] = self.host_update_wait_ms
+        if self.budget_kept is not None:
+            out["budget_kept"] = self.budget_kept
         if self.resident_blocks is not None:
             out["resident_blocks"] = self.resident_blocks
             out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
@@ -196,10 +204,10 @@ class MemoryReport:
         gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
         return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded, "
-                f"{self.layers_recomputed or 0} recomputed ({self.recomputed_forwards} recomputes, "
-                f"{self.recompute_ms:.1f} ms); "
+                f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments)} "
+                f"({self.recomputed_forwards} recomputes, {self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
-                f"measured {gib(self.measured_peak_bytes)}")
+                f"measured {gib(self.measured_peak_bytes)}{_kept(self)}")
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
         if self.host_update_wait_ms is not None:
@@ -225,6 +233,20 @@ class MemoryReport:
             return line
         return line + " (auto)" + _budget_tail(self.saved_budget_bytes, self.saved_predicted_peak_bytes,
                                                self.saved_measured_peak_bytes)
+
+
+def _in_segments(segments: Optional[int]) -> str:
+    return f" ({segments} as segments)" if segments else ""
+
+
+def _kept(report: MemoryReport) -> str:
+    """Whether the measured peak kept the budget, and the plans made again to keep it."""
+    if report.budget_kept is None:
+        return ""
+    over = report.measured_peak_bytes / report.budget_bytes - 1
+    verdict = "within budget" if report.budget_kept else f"OVER budget by {over:.1%}"
+    again = report.budget_replans or 0
+    return f" ({verdict}" + (f", after {again} re-plans)" if again else ")")
 
 
 def _budget_tail(budget: int, predicted: Optional[int], measured: Optional[int]) -> str:
@@ -299,7 +321,8 @@ def _peak_caption(report: MemoryReport) -> str:
     budget = "none (CPU)" if report.budget_bytes >= UNBOUNDED else format_bytes(report.budget_bytes)
     where = " (CPU: activations kept in place)" if report.peak_device_bytes is None else ""
     return (moved + f"peak{where}: predicted {opt(report.predicted_peak_bytes)}, measured "
-            f"{opt(report.measured_peak_bytes)}; budget {budget}")
+            f"{opt(report.measured_peak_bytes)}{_kept(report)}; budget {budget}"
+            + (f"; {report.segments} recomputed segments" if report.segments else ""))
 
 
 def save_timeline(report: MemoryReport, path: "str | Path") -> str:
