@@ -45,7 +45,7 @@ class HostNeed:
         return self.total - self.resident
 
 
-def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADAM_STATES, shards: int = 1) -> HostNeed:
+def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = ADAM_STATES, shards: int = 1) -> HostNeed:
     """What streaming ``blocks`` holds in host memory: per block one flat weight buffer and one gradient buffer,
     ``optimizer_states`` parameters' worth of optimizer state (2 for Adam, 1 for SGD with momentum), and two
     gradient staging buffers the size of the largest block. With the host state partitioned over ``shards``
@@ -57,7 +57,7 @@ def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADA
         largest = max(largest, nbytes)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
     part = -(-weights // shards)
-    return HostNeed(weights=weights, grads=part, optimizer=optimizer_states * part,
+    return HostNeed(weights=weights, grads=part, optimizer=int(optimizer_states * part),
                     staging=2 * -(-largest // shards), resident=resident)
 
 
@@ -89,7 +89,7 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
     return None
 
 
-def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES,
+def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: float = ADAM_STATES,
                       shards: int = 1, processes: int = 1) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
@@ -109,7 +109,7 @@ def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states:
         raise MemoryError(
             f"layer streaming of {where} needs{each} {_size(need.total)} of host memory (weights {_size(need.weights)} + "
             f"gradients {_size(need.grads)} + optimizer state {_size(need.optimizer)}, estimated at "
-            f"{optimizer_states}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
+            f"{optimizer_states:g}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
             f"the weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "
             "blocks, free host memory, or run on a host with more RAM."
         )
