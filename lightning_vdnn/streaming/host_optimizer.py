@@ -182,6 +182,10 @@ class HostStepper:
         self.update_ms = 0.0   # worker time of block updates not yet reported
         self.wait_ms = 0.0     # time the training thread waited for them, not yet reported
         self.eager_updates = 0  # block updates queued during backward so far
+        # Wrapped on the instance, not through ``register_step_pre_hook``: ``zero_grad`` has no public hook, and
+        # the step must run the closure (its backward is the step's, for eager updates) before every step
+        # pre-hook, while ``host_outside.OutsideStepper``, installed first, must run inside it, after that
+        # backward: pre-hooks run in registration order and cannot nest. ``close`` restores both.
         self._previous = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
         optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
         optimizer.zero_grad = types.MethodType(_wrapped_zero_grad(self, optimizer.zero_grad), optimizer)
