@@ -50,9 +50,8 @@ class _BlockOptimizer:
     them (``streaming/sharded.py``); parameters with no range on this rank are not stepped here."""
 
     def __init__(self, optimizer: Optimizer, block: HostBlock, owned: set[int], fused: bool,
-                 one_pass: bool = False) -> None:
+                 one_pass: bool = False) -> None:  # one_pass: the stepper's AdamPass updates it, no optimizer here
         self.block = block
-        self.one_pass = one_pass  # updated by the stepper's :class:`AdamPass`, not by a same-class optimizer
         self.groups: list[int] = []
         self.group_of: list[int] = []  # each param's position in ``groups``
         self.params: list[Tensor] = []
@@ -88,7 +87,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
     if not fits(optimizer):
         if wants:
             raise ValueError(
-                f"host_optimizer={backend!r} with host_state_dtype={state_dtype} runs Adam/AdamW only, and the "
+                f"host_optimizer={backend!r} with host_state_dtype={_name(state_dtype)!r} runs Adam/AdamW only, and the "
                 f"optimizer is {type(optimizer).__name__}"
                 f"{' with amsgrad or maximize' if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else ''}. "
                 "Use host_optimizer='auto' and host_state_dtype='fp32' with it, or torch.optim.AdamW.")
@@ -98,6 +97,10 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
     if backend == "auto":
         backend = choose_backend(state_dtype) if fused else "torch"
     return AdamPass(backend, state_dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def _hyper(group: dict) -> dict:
@@ -164,7 +167,15 @@ class HostStepper:
         fused: update with torch's fused CPU kernel where the class has one (Adam, AdamW, SGD, Adagrad): one
             multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
             tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
-            comparisons against a plain CPU run turn it off.
+            comparisons against a plain CPU run turn it off. For Adam and AdamW it is the one pass of
+            ``streaming/host_update.py`` (bit for bit the fused optimizer, and it writes the blocks' compute-dtype
+            copies as it goes).
+        backend: the one pass's kernel, ``"torch"`` or ``"deepspeed"``; ``"auto"`` times both (GPU runs). Anything
+            but ``"auto"`` runs the one pass on a CPU device too.
+        state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).
+
+    Raises:
+        ValueError: a backend or bf16 moments asked for an optimizer other than Adam/AdamW (or with AMSGrad).
     """
 
     def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,

@@ -128,9 +128,9 @@ class AdamPass:
     def _deepspeed(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor,
                    v: Tensor) -> None:
         decoupled = _decoupled(optimizer, group)
-        key = (id(group), decoupled)
         beta1, beta2 = (_num(b) for b in group["betas"])
-        if key not in self._ids:  # one DeepSpeed optimizer per group: it keeps each group's beta powers
+        key = (beta1, beta2, decoupled)  # ``group`` is a per-step snapshot: keyed by what DeepSpeed keeps
+        if key not in self._ids:  # one DeepSpeed optimizer per pair of betas: it caches their powers
             self._ids[key] = next(_IDS)
             self._op.create_adam(self._ids[key], _num(group["lr"]), beta1, beta2, group["eps"],
                                  group["weight_decay"], decoupled, False)

@@ -134,7 +134,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         kept = f" after the {resident} resident ones" if resident else ""
         check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
                           shards=self.world, processes=self.local_world,
-                          optimizer_states=state_parameters(self.host_state_dtype))
+                          optimizer_states=state_parameters(self.host_state_dtype), copy_ratio=self._copy_ratio(
+                              precision, streamed))
         pin = self._pin = pin_memory and self.device.type == "cuda"
         self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
@@ -212,6 +213,14 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                    microbatches=config.microbatches, recompute_resident_from=recompute_from,
                    saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
                    host_state_dtype=config.host_state_dtype)
+
+    def _copy_ratio(self, precision: str, blocks: list[nn.Module]) -> float:
+        """Bytes of the compute-dtype copy the host update may write (``attach_optimizers``) per weight byte,
+        counted before pinning whether or not the optimizer turns out to write one."""
+        if not self.host_copies or self.device.type != "cuda":
+            return 0.0
+        weights = next(blocks[0].parameters())
+        return compute_dtype(precision, weights.dtype).itemsize / weights.element_size()
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
