@@ -245,6 +245,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             self.steppers.append(stepper)
             if self.host_copies and stepper.update_pass is not None and self.dtype != self.host_dtype:
                 add_copies(self.blocks, self.dtype, self._pin)  # the update writes what loads copy
+                self.stage = None  # loads copy bf16 and cast nothing on the device: no fp32 staging buffer
             self._hooks.append(opt.register_step_pre_hook(self._before_step))
             self._hooks.append(opt.register_step_post_hook(self._after_step))
 
