@@ -18,7 +18,8 @@ from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.planning.when_to_stream import stream_reason
 from lightning_vdnn.integrations.checkpoint_io import AtomicByDefault
 from lightning_vdnn.offload.batch_chunks import BatchChunks
-from lightning_vdnn.config import MemorySpec, Policy, ReportDir, ResidentSpec, SavedSpec, VDNNConfig
+from lightning_vdnn.config import (HostBackend, HostStateDtype, MemorySpec, Policy, ReportDir, ResidentSpec, SavedSpec,
+                                   VDNNConfig)
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
@@ -87,6 +88,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             step in the logger's log directory (none with ``logger=False``); ``None`` (default) does so when the
             Trainer summarizes the model (``enable_model_summary``, on by default).
         report_dir: where that PNG goes instead: a path or any fsspec URL (see :class:`VDNNConfig`).
+        host_optimizer, host_state_dtype: with ``layer_streaming``, the blocks' host Adam kernel and the precision
+            of its moments (``streaming/host_update.py``; see :class:`VDNNConfig`).
         offload_optimizer: with ``layer_streaming`` (one device), the modules outside the blocks keep fp32 masters
             and optimizer state in host memory and are stepped there (``streaming/host_outside.py``); the device holds
             their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.
@@ -141,6 +144,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         offload_params: bool = False,
         fit_report: Optional[bool] = None,
         report_dir: ReportDir = None,
+        host_optimizer: HostBackend = "auto",
+        host_state_dtype: HostStateDtype = "fp32",
         device: Union[str, torch.device, None] = None,
         accelerator: Any = None,
         checkpoint_io: Optional[CheckpointIO] = None,
@@ -155,7 +160,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             microbatches=microbatches, saved_blocks=saved_blocks, batch_chunks=batch_chunks,
             chunk_layers=chunk_layers, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_params=offload_params, fit_report=fit_report,
-            report_dir=report_dir,
+            report_dir=report_dir, host_optimizer=host_optimizer, host_state_dtype=host_state_dtype,
         )
         if self.config.zero_stage:
             raise ValueError(
