@@ -44,6 +44,24 @@ def main() -> None:
     adam = rate(opt.step, 28 * n)
     print(f"AdamW (fused, 28 bytes/param):    {adam:6.1f} GB/s (gpt_1b's 1.21B block parameters at this rate: "
           f"{28 * 1.21e9 / (adam * 1e9):.3f} s)")
+    one_pass(n)
+
+
+def one_pass(n: int) -> None:
+    """L2L's host update (``streaming/host_update.py``) in each mode: bytes it moves per parameter, and its rate."""
+    from lightning_vdnn.streaming.host_update import AdamPass, deepspeed_built
+
+    opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-4)
+    w, g, copy = torch.rand(n), torch.rand(n) * 1e-3, torch.empty(n, dtype=torch.bfloat16)
+    for backend in ("torch", "deepspeed") if deepspeed_built() else ("torch",):
+        for moments in (torch.float32, torch.bfloat16):
+            update, state = AdamPass(backend, moments), {}
+            update.count(w, g, copy)
+            per_param = update.take_bytes() / n
+            best = rate(lambda: update.update(opt, opt.param_groups[0], w, w, g, state, copy), int(per_param * n))
+            print(f"one pass {backend:9s} {str(moments)[6:]:8s} moments + bf16 copy ({per_param:.0f} bytes/param): "
+                  f"{best:6.1f} GB/s, gpt_1b's 1.21B block parameters in {per_param * 1.21e9 / (best * 1e9):.3f} s")
+            update.close()
 
 
 if __name__ == "__main__":

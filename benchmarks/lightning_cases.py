@@ -69,6 +69,11 @@ class RepeatBatch:
         return self.n
 
 
+#: ``l2l`` cases of the host update's options (``VDNNConfig.host_optimizer``, ``host_state_dtype``).
+HOST_UPDATES = {"l2l_torch": ("torch", "fp32"), "l2l_ds": ("deepspeed", "fp32"), "l2l_bf16s": ("auto", "bf16"),
+                "l2l_ds_bf16s": ("deepspeed", "bf16")}
+
+
 def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     """``"auto"`` for ``lightning_plain``; else the registered name, or its class with ``memory_budget``.
 
@@ -82,6 +87,12 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     extra = {}
+    if name in HOST_UPDATES:  # l2l with the blocks' host update on another kernel, or bf16 moments
+        from lightning_vdnn import VDNNConfig, VDNNStrategy
+
+        backend, moments = HOST_UPDATES[name]
+        return VDNNStrategy(config=VDNNConfig(**StrategyRegistry["l2l"]["init_params"], host_optimizer=backend,
+                                              host_state_dtype=moments))
     if mix := MIXED.match(name):  # R resident (the first K keeping theirs), S streamed saving
         return _mixed(int(mix[2]), int(mix[3]), int(mix[4] or 0), mix[1], memory_budget)
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident

@@ -88,6 +88,13 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              "recomputed (activation_offload='all', saved_blocks=0), the head's and embeddings' optimizer on the "
              "host (offload_optimizer=True), "
              "the loss in 8 chunks (GPT)", data_parallel=False, loss_chunks=8),
+    CaseSpec("l2l_torch", "lightning", "l2l with the blocks' host Adam on torch's fused CPU kernel "
+             "(host_optimizer='torch'; 'l2l' times it against DeepSpeed's at start-up)", data_parallel=False),
+    CaseSpec("l2l_ds", "lightning", "l2l with the blocks' host Adam on DeepSpeed's CPU Adam kernel "
+             "(host_optimizer='deepspeed')", data_parallel=False),
+    CaseSpec("l2l_bf16s", "lightning", "l2l with Adam's moments in bf16 in host memory, fp32 master weights "
+             "(host_state_dtype='bf16')", data_parallel=False),
+    CaseSpec("l2l_ds_bf16s", "lightning", "l2l_bf16s on DeepSpeed's CPU Adam kernel", data_parallel=False),
     CaseSpec("l2l_zero", "lightning", "Trainer(strategy='l2l_zero'): L2L on every rank, each rank keeping and "
              "updating 1/N of the blocks' host state (DDP for the rest)"),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",

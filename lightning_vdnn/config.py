@@ -20,6 +20,11 @@ from lightning_vdnn.units import MemoryBudget, MemorySpec, parse_memory_budget  
 Policy = Literal["none", "all", "conv", "auto"]
 POLICIES: tuple[str, ...] = ("none", "all", "conv", "auto")
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
+#: ``host_optimizer`` and ``host_state_dtype`` (layer streaming's host update, ``streaming/host_update.py``).
+HostBackend = Literal["auto", "torch", "deepspeed"]
+HOST_BACKENDS: tuple[str, ...] = ("auto", "torch", "deepspeed")
+HostStateDtype = Literal["fp32", "bf16"]
+HOST_STATE_DTYPES: tuple[str, ...] = ("fp32", "bf16")
 
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
@@ -128,6 +133,14 @@ class VDNNConfig:
             PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
             ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
             sweeps) gets a quiet end too.
+        host_optimizer: with layer streaming, the kernel of the blocks' host Adam/AdamW update: ``"torch"``
+            (torch's fused CPU kernel), ``"deepspeed"`` (DeepSpeed's CPU Adam, its AVX kernel), or ``"auto"``
+            (default): on a GPU run the faster of the two, timed at start-up; on a CPU device torch's per-tensor
+            loop, bit for bit plain training. Either writes the bf16 copy the device loads in the same pass.
+        host_state_dtype: with layer streaming, the precision of Adam's two moments in host memory: ``"fp32"``
+            (default, exact) or ``"bf16"`` (the fp32 master weights stay; the moments are rounded to nearest bf16
+            after each update: 8 bytes less host memory and traffic per parameter, a loss curve within about 1%
+            of fp32 states in the tests). Adam/AdamW only.
         report_dir: where ``fit_report`` saves its PNG: a path or any fsspec URL, written through fsspec as the
             loggers write theirs. ``None`` (default): the logger's own log directory (``trainer.log_dir``); with
             ``logger=False`` no PNG (the table is still printed): Lightning writes no logs then, and a file in the
@@ -153,6 +166,9 @@ class VDNNConfig:
     offload_params: bool = option(False, "zero")
     fit_report: Optional[bool] = option(None, "report", why="follow the Trainer's enable_model_summary")
     report_dir: ReportDir = option(None, "report")
+    # -- layer streaming's host update (``streaming/host_update.py``); checked in ``_check_host_update`` --
+    host_optimizer: HostBackend = option("auto", "streaming", why="'auto' measures torch's fused AdamW against DeepSpeed's CPU Adam")
+    host_state_dtype: HostStateDtype = option("fp32", "streaming", why="'fp32' is exact; 'bf16' halves Adam's moments")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -178,6 +194,19 @@ class VDNNConfig:
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
         self._check_built()
+        self._check_host_update()
+
+    def _check_host_update(self) -> None:
+        if self.host_optimizer not in HOST_BACKENDS:
+            raise ValueError(f"host_optimizer={self.host_optimizer!r} is not a host update backend; choose one of "
+                             f"{list(HOST_BACKENDS)}.")
+        if self.host_state_dtype not in HOST_STATE_DTYPES:
+            raise ValueError(f"host_state_dtype={self.host_state_dtype!r} is not understood; choose one of "
+                             f"{list(HOST_STATE_DTYPES)} (fp32: exact; bf16: Adam's moments in bf16).")
+        if (self.host_optimizer != "auto" or self.host_state_dtype != "fp32") and self.layer_streaming is False:
+            raise ValueError(f"host_optimizer={self.host_optimizer!r} and host_state_dtype={self.host_state_dtype!r} "
+                             "choose how layer streaming updates its blocks on the host, and layer_streaming is "
+                             "off. Set layer_streaming=True (strategy 'l2l'), or drop them.")
 
     def refuse_chunks(self, entry: str) -> None:
         """Entry points other than ``VDNNStrategy`` do not chunk: refuse rather than ignore ``batch_chunks``.

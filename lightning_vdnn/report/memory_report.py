@@ -93,6 +93,9 @@ class MemoryReport:
             (None without it): block weights copied to the device and block gradients copied back in the last
             optimizer step; worker time of the blocks' host updates since the step before (they run under
             device work), and how much of it training waited for (the part not hidden).
+        host_update_bytes: host memory the blocks' one-pass Adam/AdamW updates (``streaming/host_update.py``)
+            queued in the last optimizer step read and write: weights, gradient, moments, and the bf16 copy the
+            device loads (None without layer streaming, 0 for a same-class optimizer, whose passes are torch's).
         microbatches: L2L's layer-major chunks per block (None without layer streaming).
         resident_blocks: L2L's blocks kept on the device (None without layer streaming); with
             ``resident_blocks="auto"``, ``resident_budget_bytes``, ``resident_predicted_peak_bytes`` and
@@ -140,6 +143,7 @@ class MemoryReport:
     streamed_d2h_bytes: Optional[int] = None
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
+    host_update_bytes: Optional[int] = None
     microbatches: Optional[int] = None
     resident_blocks: Optional[int] = None
     resident_recomputed_blocks: Optional[int] = None
@@ -175,6 +179,8 @@ class MemoryReport:
             out["host_update_wait_ms"] = self.host_update_wait_ms
         if self.budget_kept is not None:
             out["budget_kept"] = self.budget_kept
+        if self.host_update_bytes is not None:
+            out["host_update_GiB"] = self.host_update_bytes / GiB
         if self.resident_blocks is not None:
             out["resident_blocks"] = self.resident_blocks
             out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
@@ -212,6 +218,8 @@ class MemoryReport:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
         if self.host_update_wait_ms is not None:
             opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
+        if self.host_update_bytes:
+            opt += f", {self.host_update_bytes / GiB:.3f} GiB of host memory read and written"
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
                 f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
                 + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else "")

@@ -34,10 +34,11 @@ class HostNeed:
     optimizer: int
     staging: int
     resident: int = 0
+    copies: int = 0  # the weights in the slots' narrower dtype, written by the host update (``host_update.py``)
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.staging
+        return self.weights + self.grads + self.optimizer + self.staging + self.copies
 
     @property
     def new(self) -> int:
@@ -45,11 +46,13 @@ class HostNeed:
         return self.total - self.resident
 
 
-def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADAM_STATES, shards: int = 1) -> HostNeed:
+def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = ADAM_STATES, shards: int = 1,
+                        copy_ratio: float = 0.0) -> HostNeed:
     """What streaming ``blocks`` holds in host memory: per block one flat weight buffer and one gradient buffer,
     ``optimizer_states`` parameters' worth of optimizer state (2 for Adam, 1 for SGD with momentum), and two
     gradient staging buffers the size of the largest block. With the host state partitioned over ``shards``
-    ranks (``streaming/sharded.py``), each rank holds all the weights but 1/``shards`` of the rest."""
+    ranks (``streaming/sharded.py``), each rank holds all the weights but 1/``shards`` of the rest. ``copy_ratio``:
+    bytes of the compute-dtype copy per weight byte (0.5 for bf16 slots over fp32 weights, 0 without one)."""
     weights = resident = largest = 0
     for block in blocks:
         nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -57,8 +60,8 @@ def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: int = ADA
         largest = max(largest, nbytes)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
     part = -(-weights // shards)
-    return HostNeed(weights=weights, grads=part, optimizer=optimizer_states * part,
-                    staging=2 * -(-largest // shards), resident=resident)
+    return HostNeed(weights=weights, grads=part, optimizer=int(optimizer_states * part),
+                    staging=2 * -(-largest // shards), resident=resident, copies=int(copy_ratio * weights))
 
 
 def available_host_bytes() -> tuple[int, str]:
@@ -89,8 +92,8 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
     return None
 
 
-def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: int = ADAM_STATES,
-                      shards: int = 1, processes: int = 1) -> HostNeed:
+def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: float = ADAM_STATES,
+                      shards: int = 1, processes: int = 1, copy_ratio: float = 0.0) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
     Args:
@@ -101,7 +104,7 @@ def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states:
         processes: processes on this host streaming alike (a node's local ranks), each needing as much: each
             one checks that all of them fit, since they pin their buffers at about the same time.
     """
-    need = required_host_bytes(blocks, optimizer_states, shards)
+    need = required_host_bytes(blocks, optimizer_states, shards, copy_ratio)
     available, source = available_host_bytes()
     if need.new * processes > available:
         over = f" / {shards} ranks" if shards > 1 else ""
@@ -109,7 +112,9 @@ def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states:
         raise MemoryError(
             f"layer streaming of {where} needs{each} {_size(need.total)} of host memory (weights {_size(need.weights)} + "
             f"gradients {_size(need.grads)} + optimizer state {_size(need.optimizer)}, estimated at "
-            f"{optimizer_states}x the weights{over}, + staging {_size(need.staging)}), {_size(need.new)} more than "
+            f"{optimizer_states:g}x the weights{over}, + staging {_size(need.staging)}"
+            + (f" + the weights' compute-dtype copy {_size(need.copies)}" if need.copies else "") + "), "
+            f"{_size(need.new)} more than "
             f"the weights already hold, but {source} has {_size(available)} available. Use a smaller model or fewer "
             "blocks, free host memory, or run on a host with more RAM."
         )

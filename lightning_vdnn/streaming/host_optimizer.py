@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.streaming.host_state import HostBlock
+from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
 
 #: Optimizer classes with a fused CPU kernel (one multi-threaded pass over a block, no per-tensor loop).
 _FUSED_ON_CPU: tuple[type, ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -48,9 +49,11 @@ class _BlockOptimizer:
     update writes the master weights), or, with the block partitioned across ranks, this rank's 1-D range of
     them (``streaming/sharded.py``); parameters with no range on this rank are not stepped here."""
 
-    def __init__(self, optimizer: Optimizer, block: HostBlock, owned: set[int], fused: bool) -> None:
+    def __init__(self, optimizer: Optimizer, block: HostBlock, owned: set[int], fused: bool,
+                 one_pass: bool = False) -> None:  # one_pass: the stepper's AdamPass updates it, no optimizer here
         self.block = block
         self.groups: list[int] = []
+        self.group_of: list[int] = []  # each param's position in ``groups``
         self.params: list[Tensor] = []
         self.keys: list[int] = []  # each param's index in the block
         self.aliases: list[Tensor] = []
@@ -62,6 +65,7 @@ class _BlockOptimizer:
             mine = [m for m in mine if m[2] is not None]
             if not mine:
                 continue
+            self.group_of += [len(self.groups)] * len(mine)
             self.groups.append(gi)
             self.params += [p for p, _, _ in mine]
             self.keys += [k for _, k, _ in mine]
@@ -69,9 +73,34 @@ class _BlockOptimizer:
             groups.append({**_hyper(group), "params": [a for _, _, a in mine]})
         cls = type(optimizer)
         self.optimizer: Optional[Optimizer] = None
-        if groups:
+        self.active = bool(groups)
+        if groups and not one_pass:
             extra = {"fused": True} if fused and cls in _FUSED_ON_CPU else {}
             self.optimizer = cls(groups, **extra)
+
+
+def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
+    """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
+    pass wherever it computes what the fused optimizer would (Adam, AdamW on a GPU run), and wherever DeepSpeed's
+    kernel or bf16 moments are asked for; a CPU run's default stays torch's per-tensor loop (bit for bit plain)."""
+    wants = backend != "auto" or state_dtype != torch.float32
+    if not fits(optimizer):
+        if wants:
+            raise ValueError(
+                f"host_optimizer={backend!r} with host_state_dtype={_name(state_dtype)!r} runs Adam/AdamW only, and the "
+                f"optimizer is {type(optimizer).__name__}"
+                f"{' with amsgrad or maximize' if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else ''}. "
+                "Use host_optimizer='auto' and host_state_dtype='fp32' with it, or torch.optim.AdamW.")
+        return None
+    if not (fused or wants):
+        return None
+    if backend == "auto":
+        backend = choose_backend(state_dtype) if fused else "torch"
+    return AdamPass(backend, state_dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def _hyper(group: dict) -> dict:
@@ -138,14 +167,24 @@ class HostStepper:
         fused: update with torch's fused CPU kernel where the class has one (Adam, AdamW, SGD, Adagrad): one
             multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
             tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
-            comparisons against a plain CPU run turn it off.
+            comparisons against a plain CPU run turn it off. For Adam and AdamW it is the one pass of
+            ``streaming/host_update.py`` (bit for bit the fused optimizer, and it writes the blocks' compute-dtype
+            copies as it goes).
+        backend: the one pass's kernel, ``"torch"`` or ``"deepspeed"``; ``"auto"`` times both (GPU runs). Anything
+            but ``"auto"`` runs the one pass on a CPU device too.
+        state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).
+
+    Raises:
+        ValueError: a backend or bf16 moments asked for an optimizer other than Adam/AdamW (or with AMSGrad).
     """
 
     def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,
-                 fused: bool = True) -> None:
+                 fused: bool = True, backend: str = "torch", state_dtype: torch.dtype = torch.float32) -> None:
         self.optimizer, self.blocks, self.eager = optimizer, blocks, eager
+        self.update_pass = _update_pass(optimizer, fused, backend, state_dtype)
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        self._subs = [_BlockOptimizer(optimizer, b, owned, fused) for b in blocks]
+        one_pass = self.update_pass is not None
+        self._subs = [_BlockOptimizer(optimizer, b, owned, fused, one_pass) for b in blocks]
         self._block_params = [p for s in self._subs for p in s.params]
         self._worker = _LowestFirst("l2l-step")
         self._futures: dict[int, Future] = {}
@@ -154,6 +193,10 @@ class HostStepper:
         self.update_ms = 0.0   # worker time of block updates not yet reported
         self.wait_ms = 0.0     # time the training thread waited for them, not yet reported
         self.eager_updates = 0  # block updates queued during backward so far
+        # Wrapped on the instance, not through ``register_step_pre_hook``: ``zero_grad`` has no public hook, and
+        # the step must run the closure (its backward is the step's, for eager updates) before every step
+        # pre-hook, while ``host_outside.OutsideStepper``, installed first, must run inside it, after that
+        # backward: pre-hooks run in registration order and cannot nest. ``close`` restores both.
         self._previous = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
         optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
         optimizer.zero_grad = types.MethodType(_wrapped_zero_grad(self, optimizer.zero_grad), optimizer)
@@ -166,14 +209,20 @@ class HostStepper:
     def submit(self, index: int) -> None:
         """Queue block ``index``'s update with its current host gradients (once per step)."""
         sub = self._subs[index]
-        if sub.optimizer is None or index in self._updated:
+        if not sub.active or index in self._updated:
             return
         grads = [sub.block.grad_of(k) for k in sub.keys]
         if all(g is None for g in grads):
             return
         hyper = [_hyper(self.optimizer.param_groups[gi]) for gi in sub.groups]
-        for alias, p in zip(sub.aliases, sub.params):
-            sub.optimizer.state[alias] = self.optimizer.state[p]  # the user's dict: init and updates land there
+        if sub.optimizer is not None:
+            for alias, p in zip(sub.aliases, sub.params):
+                sub.optimizer.state[alias] = self.optimizer.state[p]  # the user's dict: init and updates land there
+        if self.update_pass is not None:
+            copies = sub.block.copy_views()
+            for k, alias, g in zip(sub.keys, sub.aliases, grads):
+                if g is not None:
+                    self.update_pass.count(alias, g, None if copies is None else copies[k])
         self._updated.add(index)
         self.eager_updates += self._in_step  # queued during backward, not at the step
         self._futures[index] = self._worker.submit(index, self._update, sub, grads, hyper)
@@ -182,6 +231,18 @@ class HostStepper:
         start = time.perf_counter()
         if sub.block.read_done is not None:
             sub.block.read_done.synchronize()  # no copy to the device still reads the weights this writes
+        in_sync = sub.block.copy_current()
+        try:
+            if sub.optimizer is None:
+                self._one_pass(sub, grads, hyper)
+            else:
+                self._same_class(sub, grads, hyper)
+        finally:
+            sub.block.updates += 1  # fused kernels do not bump tensor versions: the device slot must reload
+        sub.block.copy_written(in_sync and sub.optimizer is None)
+        self.update_ms += (time.perf_counter() - start) * 1e3
+
+    def _same_class(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
         for group, h in zip(sub.optimizer.param_groups, hyper):
             group.update(h)  # the schedule's current learning rate, and any other change the user made
         for alias, g in zip(sub.aliases, grads):
@@ -191,8 +252,19 @@ class HostStepper:
         finally:
             for alias in sub.aliases:
                 alias.grad = None
-            sub.block.updates += 1  # fused kernels do not bump tensor versions: the device slot must reload
-        self.update_ms += (time.perf_counter() - start) * 1e3
+
+    def _one_pass(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
+        """Each parameter's update in one pass, writing the block's compute-dtype copy as it goes."""
+        copies = sub.block.copy_views()
+        for p, k, alias, g, gi in zip(sub.params, sub.keys, sub.aliases, grads, sub.group_of):
+            if g is not None:
+                self.update_pass.update(self.optimizer, hyper[gi], p, alias, g, self.optimizer.state[p],
+                                        None if copies is None else copies[k])
+
+    def host_update_bytes(self) -> int:
+        """Host bytes the one-pass updates read and wrote since the last call (0 for a same-class optimizer,
+        whose passes are torch's to count)."""
+        return 0 if self.update_pass is None else self.update_pass.take_bytes()
 
     def take_times(self) -> tuple[float, float]:
         """Worker time spent on block updates, and training time spent waiting for them, since the last call."""
@@ -226,6 +298,8 @@ class HostStepper:
             self.wait_all()
         finally:
             self._worker.shutdown()
+            if self.update_pass is not None:
+                self.update_pass.close()
             for name, previous in self._previous.items():
                 if previous is None:
                     self.optimizer.__dict__.pop(name, None)

@@ -76,6 +76,10 @@ class HostBlock:
         self._alloc = alloc or (lambda numel, dtype: host_empty(numel, dtype, pin))
         self.updates = 0  # host optimizer steps so far (fused kernels do not bump tensor versions)
         self.read_done: Any = None  # the last copy of ``flat`` to the device (an update must wait for it)
+        #: the weights in the slots' dtype, when it is narrower (bf16): written in the update's pass, and what a
+        #: load copies (half the bytes of ``flat``); None: loads copy ``flat`` and cast on the device
+        self.copy: Optional[Tensor] = None
+        self.copy_version = -1
         self.params: list[nn.Parameter] = list(module.parameters())
         slot = {id(p): k for k, p in enumerate(self.params)}
         self.refs = [(m, name, slot[id(p)]) for m in module.modules()
@@ -140,6 +144,28 @@ class HostBlock:
         """Changes whenever a parameter is written in place (optimizer step, ``load_state_dict``)."""
         return sum(p._version for p in self.params) + self.updates
 
+    # -- the compute-dtype copy a device slot loads, written by the host update (``streaming/host_update.py``) --
+    def copy_views(self) -> Optional[list[Tensor]]:
+        """Views of :attr:`copy` shaped like the parameters, or None without one."""
+        return None if self.copy is None else self.split(self.copy)
+
+    def copy_current(self) -> bool:
+        """Whether :attr:`copy` holds the current weights (nothing wrote them since it was made)."""
+        return self.copy is not None and self.copy_version == self.version()
+
+    def copy_written(self, current: bool) -> None:
+        """An update ran: :attr:`copy` is current if it was before and the update wrote it too."""
+        if self.copy is not None:
+            self.copy_version = self.version() if current else -1
+
+    def fresh_copy(self) -> Tensor:
+        """:attr:`copy`, cast again from the weights when anything else wrote them (a checkpoint's load, another
+        optimizer): round to nearest, what the device's cast of the fp32 weights gives."""
+        if not self.copy_current():
+            self.copy.copy_(self.flat)
+            self.copy_version = self.version()
+        return self.copy
+
     # -- what the host optimizer steps (``streaming/host_optimizer.py``): parameter ``k`` and its gradient -------------
     def master_view(self, k: int) -> Optional[Tensor]:
         """The host weights of parameter ``k`` the block's optimizer writes: all of them, as ``p``'s shape."""
@@ -184,11 +210,20 @@ class HostBlock:
 
     def release(self) -> None:
         """Give each parameter (and gradient) its own ordinary CPU storage again."""
+        self.copy = None
         with torch.no_grad():
             for p in self.params:
                 p.data = p.data.clone()
                 if p.grad is not None:
                     p.grad = p.grad.clone()
+
+
+def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> None:
+    """Give each block without one a host copy of its weights in ``dtype`` (the slots'), from one arena."""
+    arena = PinnedArena(pin)
+    for block in blocks:
+        if block.copy is None:
+            block.copy = arena.empty(block.numel, dtype)
 
 
 def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:

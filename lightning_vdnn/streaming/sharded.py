@@ -70,6 +70,7 @@ class ShardedLayerStreamer(LayerStreamer):
     """
 
     preloads = False  # every load is an all-gather: all ranks load the same blocks in the same order
+    host_copies = False  # a load copies this rank's range of the fp32 weights (``_fill``), not a whole-block copy
 
     def __init__(self, root: nn.Module, layers: LayerPaths, device: torch.device, comm: Collectives,
                  precision: str = "32-true", pin_memory: bool = True, resident: int = 0,

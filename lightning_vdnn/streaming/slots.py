@@ -109,10 +109,10 @@ class SlotLoads:
 
     def _fill(self, block: HostBlock, buf: Tensor) -> None:
         """Hook (``streaming/sharded.py``), on the h2d stream: the block's host weights into ``buf``, in the compute dtype."""
-        self._to_device(block.flat, buf[: block.numel])
+        self._to_device(block.flat if block.copy is None else block.fresh_copy(), buf[: block.numel])
 
     def _to_device(self, host: Tensor, dst: Tensor) -> None:
-        if self.stage is None:
+        if self.stage is None or host.dtype == dst.dtype:
             dst.copy_(host, non_blocking=True)
         else:
             staged = self.stage[: host.numel()]

@@ -53,7 +53,9 @@ from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory
 from lightning_vdnn.streaming.host_optimizer import HostStepper
-from lightning_vdnn.streaming.host_state import HostBlock, PinnedArena, check_sharing, move_except, state_to_host
+from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, move_except,
+                                                 state_to_host)
+from lightning_vdnn.streaming.host_update import STATE_DTYPES, state_parameters
 from lightning_vdnn.streaming.microbatches import check_microbatches
 from lightning_vdnn.streaming.precision import check_precision, compute_dtype
 from lightning_vdnn.streaming.slots import Slot, SlotLoads
@@ -105,11 +107,16 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
     world = 1
     #: Processes on this host streaming alike (a node's local ranks, ``streaming/sharded.py``); one here.
     local_world = 1
+    #: Whether the host update writes the blocks' weights in the slots' dtype for the loads to copy (off where a
+    #: load copies a rank's range of the fp32 weights: ``streaming/sharded.py``).
+    host_copies = True
 
     def __init__(self, root: nn.Module, layers: LayerPaths, device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1,
-                 recompute_resident_from: Optional[int] = None, saved_blocks: Optional[int] = 0) -> None:
+                 recompute_resident_from: Optional[int] = None, saved_blocks: Optional[int] = 0,
+                 host_optimizer: str = "auto", host_state_dtype: str = "fp32") -> None:
         check_precision(precision)
+        self.host_optimizer, self.host_state_dtype = host_optimizer, STATE_DTYPES[host_state_dtype]
         self.path, self.container = resolve_layers(root, layers)
         if not 0 <= resident < len(self.container):
             raise ValueError(
@@ -127,8 +134,10 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
         check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
-                          shards=self.world, processes=self.local_world)
-        pin = pin_memory and self.device.type == "cuda"
+                          shards=self.world, processes=self.local_world,
+                          optimizer_states=state_parameters(self.host_state_dtype), copy_ratio=self._copy_ratio(
+                              precision, streamed))
+        pin = self._pin = pin_memory and self.device.type == "cuda"
         self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
@@ -198,7 +207,16 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         return cls(root, config.layers, device, precision=precision, pin_memory=config.pin_memory,
                    resident=config.fixed_resident if resident is None else resident,
                    microbatches=config.microbatches, recompute_resident_from=recompute_from,
-                   saved_blocks=config.streamed_saves)
+                   saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
+                   host_state_dtype=config.host_state_dtype)
+
+    def _copy_ratio(self, precision: str, blocks: list[nn.Module]) -> float:
+        """Bytes of the compute-dtype copy the host update may write (``attach_optimizers``) per weight byte,
+        counted before pinning whether or not the optimizer turns out to write one."""
+        if not self.host_copies or self.device.type != "cuda":
+            return 0.0
+        weights = next(blocks[0].parameters())
+        return compute_dtype(precision, weights.dtype).itemsize / weights.element_size()
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
@@ -218,7 +236,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             self.keep_state_on_host(opt)
             # fused on a GPU run, where the plain optimizer would use a multi-tensor kernel too; on a CPU device
             # the per-tensor loop, which is what plain training runs there (bit-for-bit comparable)
-            self.steppers.append(HostStepper(opt, self.blocks, eager=self.eager_updates, fused=self.engine.is_cuda))
+            stepper = HostStepper(opt, self.blocks, eager=self.eager_updates, fused=self.engine.is_cuda,
+                                  backend=self.host_optimizer, state_dtype=self.host_state_dtype)
+            self.steppers.append(stepper)
+            if self.host_copies and stepper.update_pass is not None and self.dtype != self.host_dtype:
+                add_copies(self.blocks, self.dtype, self._pin)  # the update writes what loads copy
+                self.stage = None  # loads copy bf16 and cast nothing on the device: no fp32 staging buffer
             self._hooks.append(opt.register_step_pre_hook(self._before_step))
             self._hooks.append(opt.register_step_post_hook(self._after_step))
 
@@ -303,7 +326,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         if self._last_step is not None:
             return {**self._last_step, **fixed}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,
-                "host_update_wait_ms": None, **fixed}
+                "host_update_wait_ms": None, "host_update_bytes": None, **fixed}
 
     def _before_step(self, *_: Any) -> None:
         self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
@@ -313,7 +336,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         times = [s.take_times() for s in self.steppers]
         busy, waited = sum(t[0] for t in times), sum(t[1] for t in times)
         self._last_step = {"streamed_h2d_bytes": self.h2d_bytes - h2d, "streamed_d2h_bytes": self.d2h_bytes - d2h,
-                           "host_optimizer_ms": busy, "host_update_wait_ms": waited}
+                           "host_optimizer_ms": busy, "host_update_wait_ms": waited,
+                           "host_update_bytes": sum(s.host_update_bytes() for s in self.steppers)}
         self._marks = (self.h2d_bytes, self.d2h_bytes)
 
     # -- slots -------------------------------------------------------------------------------------------

@@ -1,0 +1,209 @@
+"""One Adam(W) update of a streamed block's host weights, in one pass over host memory, with its byte count.
+
+L2L's step is bound by host DRAM, not by arithmetic: an fp32 AdamW reads weight, gradient and two moments and
+writes three (28 bytes a parameter). :class:`AdamPass` runs the update a cache-sized piece at a time, so that
+whatever else the update needs is done while the piece is still in cache instead of in a second pass:
+
+* the compute-dtype copy the device loads (bf16 for ``bf16-mixed``) is written from the fresh weights (2 bytes,
+  instead of a later 4-byte read of the fp32 weights for every load);
+* with ``state_dtype=torch.bfloat16`` the moments are kept in bf16 (the fp32 master weights stay): a piece is
+  widened into fp32 scratch, updated, and rounded back to nearest, 8 bytes instead of 16 per parameter moved
+  and held (the precision-aware optimizer recipe of Megatron-LM; see ``docs/streaming.md`` for its numerics).
+
+Two kernels do the arithmetic: torch's fused CPU Adam(W) (``torch._fused_adam(w)_``, what
+``torch.optim.AdamW(fused=True)`` runs, so ``"torch"`` with fp32 states is bit for bit that optimizer) or
+DeepSpeed's CPU Adam (``deepspeed.ops.op_builder.CPUAdamBuilder``, its AVX kernel; 0.19.8 has no update-and-copy
+entry point and no fp32-weights/bf16-states pairing, hence the pieces). :func:`choose_backend` times both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+#: Host update backends (``VDNNConfig.host_optimizer``).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "deepspeed")
+#: Precisions of Adam's moments in host memory (``VDNNConfig.host_state_dtype``).
+STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: Elements per piece: its three fp32 scratch buffers (weights, moments) stay in a server CPU's last-level cache.
+#: A multiple of every SIMD width, so a piece's vector/scalar split is the whole tensor's.
+PIECE = 1 << 20
+log = logging.getLogger(__name__)
+_IDS = itertools.count(2**20)  # DeepSpeed's optimizer ids (its own DeepSpeedCPUAdam counts from 0)
+
+
+def fits(optimizer: Optimizer) -> bool:
+    """Whether :class:`AdamPass` computes what ``optimizer`` would: torch's Adam or AdamW, no AMSGrad or
+    ``maximize`` (the fused kernels take them, DeepSpeed's not; such groups keep the same-class optimizer)."""
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and not any(
+        g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups)
+
+
+def _decoupled(optimizer: Optimizer, group: dict) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+
+
+class AdamPass:
+    """Adam(W) updates of host fp32 weights from their gradients, piece by piece (see the module docstring).
+
+    Args:
+        backend: ``"torch"`` or ``"deepspeed"``.
+        state_dtype: dtype of the moments in host memory; fp32 states loaded from a checkpoint are narrowed on
+            their first update, and torch widens bf16 ones when a plain optimizer loads them.
+    """
+
+    def __init__(self, backend: str, state_dtype: torch.dtype = torch.float32) -> None:
+        if backend not in ("torch", "deepspeed"):
+            raise ValueError(f"host_optimizer={backend!r} is not a backend; choose 'torch' or 'deepspeed'.")
+        self.backend, self.state_dtype = backend, state_dtype
+        self.bytes = 0  # host bytes the updates queued since the last :meth:`take_bytes` read and write
+        self._op, self._ids = (load_deepspeed() if backend == "deepspeed" else None), {}
+        self._scratch: list[Tensor] = []
+
+    def count(self, weights: Tensor, grad: Tensor, out: Optional[Tensor]) -> None:
+        """Add one update's host bytes to :attr:`bytes`: it reads weights, gradient and two moments and writes
+        weights, moments and ``out`` (fp32: 28 bytes a parameter, +2 for a bf16 copy; bf16 moments: 8 fewer).
+        Counted when the update is queued, so that a step's count does not depend on the worker's timing."""
+        state = self.state_dtype.itemsize
+        self.bytes += weights.numel() * (2 * (weights.element_size() + 2 * state) + grad.element_size()
+                                         + (out.element_size() if out is not None else 0))
+
+    def take_bytes(self) -> int:
+        moved, self.bytes = self.bytes, 0
+        return moved
+
+    @torch.no_grad()
+    def update(self, optimizer: Optimizer, group: dict, param: Tensor, weights: Tensor, grad: Tensor,
+               state: dict, out: Optional[Tensor] = None) -> None:
+        """One step of ``param`` (the user's, whose ``state`` dict this fills as torch's Adam does) from ``grad``
+        on its host ``weights``; ``out``, if given, receives the new weights in its dtype."""
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(weights, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(weights, dtype=self.state_dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dtype != self.state_dtype:  # a checkpoint's fp32 moments, or torch's widened ones
+                state[key] = state[key].to(self.state_dtype)
+        if not isinstance(state["step"], Tensor):
+            state["step"] = torch.tensor(float(state["step"]))
+        state["step"] += 1
+        w, g, m, v = (t.reshape(-1) for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
+        o = out.reshape(-1) if out is not None else None
+        for a in range(0, w.numel(), PIECE):
+            b = min(a + PIECE, w.numel())
+            self._piece(optimizer, group, state["step"], w[a:b], g[a:b], m[a:b], v[a:b],
+                        o[a:b] if o is not None else None)
+
+    def _piece(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor, v: Tensor,
+               out: Optional[Tensor]) -> None:
+        narrow = m.dtype != torch.float32
+        m32, v32 = (self._wide(0, m), self._wide(1, v)) if narrow else (m, v)
+        g32 = g if g.dtype == torch.float32 else self._wide(2, g)
+        if self._op is not None:
+            self._deepspeed(optimizer, group, step, w, g32, m32, v32)
+        else:
+            kernel = torch._fused_adamw_ if _decoupled(optimizer, group) else torch._fused_adam_
+            beta1, beta2 = group["betas"]
+            kernel([w], [g32], [m32], [v32], [], [step], lr=_num(group["lr"]), beta1=_num(beta1),
+                   beta2=_num(beta2), weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                   maximize=False)
+        if narrow:
+            m.copy_(m32)  # round to nearest
+            v.copy_(v32)
+        if out is not None:
+            out.copy_(w)
+
+    def _wide(self, slot: int, t: Tensor) -> Tensor:
+        while len(self._scratch) <= slot:
+            self._scratch.append(torch.empty(PIECE, dtype=torch.float32))
+        return self._scratch[slot][: t.numel()].copy_(t)
+
+    def _deepspeed(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor,
+                   v: Tensor) -> None:
+        decoupled = _decoupled(optimizer, group)
+        beta1, beta2 = (_num(b) for b in group["betas"])
+        key = (beta1, beta2, decoupled)  # ``group`` is a per-step snapshot: keyed by what DeepSpeed keeps
+        if key not in self._ids:  # one DeepSpeed optimizer per pair of betas: it caches their powers
+            self._ids[key] = next(_IDS)
+            self._op.create_adam(self._ids[key], _num(group["lr"]), beta1, beta2, group["eps"],
+                                 group["weight_decay"], decoupled, False)
+        self._op.adam_update(self._ids[key], int(step.item()), _num(group["lr"]), beta1, beta2, group["eps"],
+                             group["weight_decay"], True, w, g, m, v)
+
+    def close(self) -> None:
+        for opt_id in self._ids.values():
+            self._op.destroy_adam(opt_id)
+        self._ids = {}
+
+
+def state_parameters(state_dtype: torch.dtype) -> float:
+    """Adam's two moments in parameters' (fp32) worth, for the host memory check."""
+    return 2 * state_dtype.itemsize / 4
+
+
+def _num(x: Any) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)
+
+
+def load_deepspeed() -> Any:
+    """DeepSpeed's CPU Adam extension (built on first use, cached in ``~/.cache/torch_extensions``)."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        return CPUAdamBuilder().load(verbose=False)
+    except Exception as err:  # ImportError, or the build failed (no compiler, no ninja)
+        raise RuntimeError(f"host_optimizer='deepspeed' needs DeepSpeed's cpu_adam extension, which failed to load "
+                           f"({type(err).__name__}: {err}). Install deepspeed with a C++ compiler and ninja, or use "
+                           "host_optimizer='torch'.") from err
+
+
+def deepspeed_built() -> bool:
+    """Whether DeepSpeed's CPU Adam is built already (installed prebuilt, or JIT-built in torch's extension
+    cache): ``"auto"`` never starts a build, which takes minutes."""
+    try:
+        import importlib.util
+
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = CPUAdamBuilder()
+        if importlib.util.find_spec(builder.absolute_name()) is not None:
+            return True
+        return os.path.exists(os.path.join(_get_build_directory(builder.name, False), builder.name + ".so"))
+    except Exception:  # no deepspeed, or an op builder that names things otherwise
+        return False
+
+
+def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3) -> str:
+    """``"auto"``: the faster of torch's and DeepSpeed's kernel over ``numel`` parameters (best of ``repeat``),
+    torch's when DeepSpeed's is not built or does not load."""
+    if not deepspeed_built():
+        return "torch"
+    try:
+        load_deepspeed()
+    except RuntimeError:
+        return "torch"
+    opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-4)
+    group = opt.param_groups[0]
+    best = {}
+    for backend in ("torch", "deepspeed"):
+        upd = AdamPass(backend, state_dtype)
+        w, g, state = torch.zeros(numel), torch.full((numel,), 1e-3), {}
+        times = []
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            upd.update(opt, group, w, w, g, state)
+            times.append(time.perf_counter() - start)
+        upd.close()
+        best[backend] = min(times[1:])
+    chosen = min(best, key=best.get)
+    log.info("lightning_vdnn: host update on %s's CPU Adam (%.1f ms against %.1f ms over %d parameters)", chosen,
+             best[chosen] * 1e3, max(best.values()) * 1e3, numel)
+    return chosen

@@ -1,0 +1,42 @@
+"""The host update's modes on a CUDA device: bf16 slots load the bf16 copy the update writes. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import fit, token_loader
+from lightning_vdnn import VDNNConfig, VDNNStrategy
+from lightning_vdnn.examples.tasks import LanguageModel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GPU = dict(accelerator="gpu", devices=1, precision="bf16-mixed")
+
+
+class LM(LanguageModel):
+    def __init__(self) -> None:
+        super().__init__("gpt_tiny", warmup_steps=2, max_steps=6)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+@pytest.mark.parametrize("backend, moments, per_param", [("torch", "fp32", 30), ("deepspeed", "fp32", 30),
+                                                         ("torch", "bf16", 22)])
+def test_bf16_slots_load_the_copy_the_update_writes(backend, moments, per_param):
+    """Loads copy 2 bytes a parameter (the bf16 copy), the update counts 28 (+2 for the copy; bf16 moments 20 + 2)
+    bytes a parameter, and the run stays within bf16 rounding of plain training."""
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
+    ref, _ = fit(LM, token_loader(n=48), max_steps=6, **GPU)
+    config = VDNNConfig(activation_offload="none", layer_streaming=True, host_optimizer=backend,
+                        host_state_dtype=moments)
+    got, trainer = fit(LM, token_loader(n=48), VDNNStrategy(config=config), max_steps=6, **GPU)
+    report = trainer.strategy.memory_report()
+    numel = sum(p.numel() for p in got.model.blocks.parameters())
+    assert report.host_update_bytes == per_param * numel
+    assert report.streamed_h2d_bytes % (2 * numel // len(got.model.blocks)) == 0  # whole bf16 blocks
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=0)
