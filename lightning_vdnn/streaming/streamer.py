@@ -48,6 +48,7 @@ from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
 from lightning_vdnn.streaming.block_runs import BlockRuns
+from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
 from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory
@@ -174,6 +175,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self._buffers = [BufferWatch(b.module) for b in self.blocks]  # what each block's forward writes
         self._hf_calls = TrainingCalls()
         self._checkpointed = checkpointing_off([b.module for b in self.blocks], f"the blocks at {self.path!r}")
+        lm = find_causal_lm(root, self.container) if self.microbatches > 1 else None
+        self._head = ChunkedHead(lm, self.microbatches) if lm is not None else None  # its logits a chunk at a time
         if resident and self.preloads:  # forward starts loading streamed blocks while the resident ones compute
             self._hooks += [m.register_forward_pre_hook(self._preload) for m in list(self.container)[:resident]]
         if any(b.module._compiled_call_impl is not None for b in self.blocks):
@@ -295,6 +298,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             b.module._compiled_call_impl = compiled
             b.release()
         checkpointing_on(self._checkpointed)
+        if self._head is not None:
+            self._head.close()
         self.slots, self.stage, self.grad_dev = [], None, None
 
     @property
