@@ -4,6 +4,9 @@ blocks' inputs go to the host (``activation_offload="all"``), and training still
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
 
 import lightning as L
@@ -213,3 +216,39 @@ def test_device_resident_saved_bytes_do_not_grow_with_depth():
     kept_8, moved_8 = _saved_bytes(8, "all")
     assert kept_8 == kept_2
     assert moved_8 - moved_2 == 6 * 4 * 32 * 128 * 4
+
+
+def _bench(tmp_path, model: str, cases: str) -> dict[str, dict]:
+    from conftest import ROOT, checkout_env
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny", "--model", model, "--cases", cases,
+           "--steps", "2", "--warmup", "0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    return {row["case"]: row for row in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt_1b", "hf_llama_1b"])
+def test_lean_microbatch_case_runs_against_plain_accumulation(tmp_path, model):
+    """``l2l_mb8_lean`` at ``--tiny``: the GPT's loss in chunks, the HF Llama's through ``labels=``."""
+    rows = _bench(tmp_path, model, "plain_accum8,l2l_mb8_lean")
+    for case in ("plain_accum8", "l2l_mb8_lean"):
+        assert rows[case]["status"] == "ok", rows[case].get("traceback", rows[case]["status"])
+    assert rows["l2l_mb8_lean"]["memory_report"]["microbatches"] == 8
+    if model == "gpt_1b":  # the same loss (the HF case's labels drop each row's last target)
+        assert rows["l2l_mb8_lean"]["losses"] == pytest.approx(rows["plain_accum8"]["losses"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_largest_model_script_trains_on_the_cpu_with_a_falling_loss(tmp_path):
+    from conftest import ROOT, checkout_env
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "largest.py"), "--tiny", "--out", str(tmp_path)],
+                          cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = json.loads((tmp_path / "largest.json").read_text())
+    assert row["blocks"] > 4 and row["params"] > 1e6 and len(row["losses"]) == 5
+    assert row["losses"][-1] < row["losses"][0] and row["host_rss_bytes"] > 0 and row["tokens_per_s"] > 0
+    assert row["device_peak_bytes"] is None  # the CPU: nothing to measure
