@@ -12,7 +12,8 @@ from whichever slot holds the block when backward reads them, so nothing is reco
 ``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
 (``streaming/microbatches.py``): weights stream as often as unsplit, gradients once per block, block
 internals are 1/k.
-Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
+Modules outside the blocks (embeddings, final norm, head) stay on the device; under microbatches a Hugging Face
+causal LM's head and loss run a chunk of tokens at a time (``streaming/chunked_head.py``). On a CPU device the same code
 runs with inline copies, which is how the tests check it without a GPU. On several ranks,
 ``streaming/sharded.py`` partitions each block's host state across them by overriding the few hooks marked below.
 
@@ -79,7 +80,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             starts with them, which gives the host time to finish updating the streamed blocks.
         microbatches: chunks along dim 0 that each block runs one after another with its weights resident
             (layer-major): block internals hold 1/k of the batch, weights stream as often as with 1. Modules
-            outside the blocks see the whole batch.
+            outside the blocks see the whole batch, except a ``transformers`` causal LM's head and loss in a call
+            with labels, which run k chunks of tokens (``streaming/chunked_head.py``).
         recompute_resident_from: resident blocks from this index on save only their inputs and recompute in
             backward (``torch.utils.checkpoint``), as the streamed ones do: more of them fit a budget
             (``planning/resident_blocks.py``). None: every resident block keeps its activations.
