@@ -257,3 +257,19 @@ def test_largest_model_script_trains_on_the_cpu_with_a_falling_loss(tmp_path):
     assert row["blocks"] > 4 and row["params"] > 1e6 and len(row["losses"]) == 5
     assert row["losses"][-1] < row["losses"][0] and row["host_rss_bytes"] > 0 and row["tokens_per_s"] > 0
     assert row["device_peak_bytes"] is None  # the CPU: nothing to measure
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_hf_llama_chunked_head_bf16_matches_plain_and_never_holds_the_batch_logits():
+    """On a GPU under bf16-mixed: the losses of plain training within bf16's tolerance (as the GPU streaming tests),
+    and the head never made more than a chunk's logits."""
+    kw = dict(accelerator="gpu", devices=1, precision="bf16-mixed")
+    data = lambda: torch.utils.data.DataLoader(labelled_batches(4), batch_size=None)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fit(HFTask, data(), max_steps=4, **kw)[0]
+        got = fit(HFTask, data(), l2l(microbatches=3, activation_offload="all", min_offload_bytes=0), max_steps=4,
+                  **kw)[0]
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
+    assert got.head_tokens == BATCH * SEQ // 3 and ref.head_tokens == BATCH * SEQ
