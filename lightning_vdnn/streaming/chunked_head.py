@@ -16,8 +16,8 @@ What it needs, and what the caller gets:
 
 - The model's loss is ``transformers``' causal LM loss (``ForCausalLMLoss``: the ``...ForCausalLM`` and
   ``...LMHeadModel`` classes), its head a module (``get_output_embeddings()``) whose output goes to the loss as it is.
-  A model that changes the logits in between (Gemma 2's final soft-capping) raises ``RuntimeError`` naming the fix;
-  a custom ``model.loss_function`` is left alone (the head then runs whole).
+  A model that changes the logits in between raises ``RuntimeError`` naming the fix (Gemma 2's final soft-capping
+  is recognised from its config and left whole); a custom ``model.loss_function`` is left alone (head whole).
 - The output's ``logits`` is ``None`` in such a call: not materialised, that being the point. A call without
   labels (compute the loss yourself) or without autograd (validation, generation) runs the head whole and returns
   the logits, as before.
@@ -58,7 +58,7 @@ def _chunkable(lm: nn.Module, head: Any, container: nn.Module) -> bool:
         return False  # the user's own loss: what it computes is not known here
     if getattr(getattr(lm, "config", None), "final_logit_softcapping", None) is not None:
         return False  # the logits change between head and loss (Gemma 2)
-    if not isinstance(head, nn.Module) or any(m is head for m in container.modules()):
+    if not isinstance(getattr(head, "weight", None), Tensor) or any(m is head for m in container.modules()):
         return False
     try:
         source = inspect.getsource(type(lm).forward)
@@ -137,7 +137,7 @@ class ChunkedHead:
         call = self._calls[-1] if self._calls else None
         if call is None or not call.chunked or call.proxy is not None or args or kwargs:
             return self._plain(hidden, *args, **kwargs)
-        vocab = self.head.weight.shape[0] if hasattr(self.head, "weight") else 1
+        vocab = self.head.weight.shape[0]
         call.hidden = hidden
         # what the library code holds as logits: no memory (a broadcast zero), never read (see _chunked_loss)
         call.proxy = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
