@@ -32,6 +32,14 @@ def hf_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
 
+def labels_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The model's own loss through ``labels=``: ``hf_loss``'s targets placed one later, since ``transformers``
+    shifts labels itself (the last target is dropped: it would follow the sequence)."""
+    x, y = batch
+    labels = torch.cat([y[:, :1], y[:, :-1]], dim=1)  # position 0 is never a target after the shift
+    return model(input_ids=x, labels=labels, use_cache=False).loss
+
+
 def build_llama(size: ModelSize) -> nn.Module:
     """``LlamaForCausalLM`` in fp32 (cases cast as their users would) from ``CONFIGS[size.config]`` and overrides."""
     from transformers import AutoModelForCausalLM, LlamaConfig

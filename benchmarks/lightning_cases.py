@@ -99,6 +99,9 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
         name, extra = "l2l", {"resident_blocks": int(name[len("l2l_r"):])}
     elif name == "l2l_lean":  # l2l at its least device memory (the loss in chunks is the workload's)
         name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True, "saved_blocks": 0}
+    elif name == "l2l_mb8_lean":  # l2l_lean with 8 layer-major microbatches (the chunked loss is the workload's)
+        name, extra = "l2l", {"activation_offload": "all", "offload_optimizer": True, "saved_blocks": 0,
+                              "microbatches": 8}
     elif name == "l2l_all":  # every streamed block's activations to the host, none recomputed
         name, extra = "l2l", {"activation_offload": "all"}
     elif mb := re.fullmatch(r"l2l_mb(\d+)(?:_(keep|off)(\d+)|_(auto))?", name):  # l2l_mbK: K batches, layer-major;

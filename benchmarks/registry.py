@@ -22,8 +22,9 @@ class CaseSpec:
         accumulate: optimizer steps cover this many of the model's batches (the batch repeated along dim 0):
             gradient accumulation for a raw loop, layer-major ``microbatches`` for L2L. Compare its tokens/s
             (or images/s) with ``plain``; its step time covers ``accumulate`` batches.
-        loss_chunks: GPT only: the loss's logits made this many pieces of the tokens at a time
-            (``lightning_vdnn.chunked_cross_entropy``); 0 leaves the workload's loss alone.
+        loss_chunks: the loss's logits made this many pieces of the tokens at a time (GPT:
+            ``lightning_vdnn.chunked_cross_entropy``; a Hugging Face LM: its own loss through ``labels=``, which
+            layer streaming with microbatches runs in chunks); 0 leaves the workload's loss alone.
     """
 
     name: str
@@ -95,6 +96,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("l2l_bf16s", "lightning", "l2l with Adam's moments in bf16 in host memory, fp32 master weights "
              "(host_state_dtype='bf16')", data_parallel=False),
     CaseSpec("l2l_ds_bf16s", "lightning", "l2l_bf16s on DeepSpeed's CPU Adam kernel", data_parallel=False),
+    CaseSpec("l2l_mb8_lean", "lightning", "l2l_mb8 at its least device memory: l2l_lean's settings (block inputs "
+             "to the host, internals recomputed, the head's and embeddings' optimizer on the host) with the head and "
+             "loss in 8 chunks of tokens (GPT: GPT.loss; Hugging Face: labels=, chunked by the streamer)",
+             data_parallel=False, accumulate=8, loss_chunks=8),
     CaseSpec("l2l_zero", "lightning", "Trainer(strategy='l2l_zero'): L2L on every rank, each rank keeping and "
              "updating 1/N of the blocks' host state (DDP for the rest)"),
     CaseSpec("vdnn_zero2", "lightning", "Trainer(strategy='vdnn_zero2'): vDNN + DeepSpeed ZeRO-2",

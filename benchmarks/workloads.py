@@ -68,9 +68,15 @@ def flat_weights(model: nn.Module) -> None:
 
 
 def chunked_loss(w: Workload, chunks: int) -> Workload:
-    """``w`` with its GPT loss made ``chunks`` pieces of the tokens at a time (``GPT.loss``)."""
+    """``w`` with its loss made ``chunks`` pieces of the tokens at a time: the GPT's ``GPT.loss``; a Hugging Face
+    LM's own loss (``labels=``), which layer streaming with microbatches runs in chunks (``streaming/chunked_head.py``;
+    elsewhere it is the whole-batch loss)."""
+    if w.family == "hf_llama":
+        from benchmarks import hf_workloads
+
+        return dataclasses.replace(w, loss=hf_workloads.labels_loss)
     if w.family != "gpt":
-        raise NotImplementedError(f"a loss in chunks is for the GPT models; {w.name} is a {w.family}.")
+        raise NotImplementedError(f"a loss in chunks is for the language models; {w.name} is a {w.family}.")
     return dataclasses.replace(w, loss=lambda model, batch: model.loss(*batch, chunks))
 
 

@@ -12,7 +12,8 @@ from whichever slot holds the block when backward reads them, so nothing is reco
 ``microbatches=k`` each block runs its input in k chunks along dim 0 while its weights stay in the slot
 (``streaming/microbatches.py``): weights stream as often as unsplit, gradients once per block, block
 internals are 1/k.
-Modules outside the blocks (embeddings, final norm, head) stay on the device. On a CPU device the same code
+Modules outside the blocks (embeddings, final norm, head) stay on the device; under microbatches a Hugging Face
+causal LM's head and loss run a chunk of tokens at a time (``streaming/chunked_head.py``). On a CPU device the same code
 runs with inline copies, which is how the tests check it without a GPU. On several ranks,
 ``streaming/sharded.py`` partitions each block's host state across them by overriding the few hooks marked below.
 
@@ -49,6 +50,7 @@ from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
 from lightning_vdnn.streaming.block_runs import BlockRuns
 from lightning_vdnn.streaming.calls import StreamedCall
+from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
 from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory
@@ -81,7 +83,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             starts with them, which gives the host time to finish updating the streamed blocks.
         microbatches: chunks along dim 0 that each block runs one after another with its weights resident
             (layer-major): block internals hold 1/k of the batch, weights stream as often as with 1. Modules
-            outside the blocks see the whole batch.
+            outside the blocks see the whole batch, except a ``transformers`` causal LM's head and loss in a call
+            with labels, which run k chunks of tokens (``streaming/chunked_head.py``).
         recompute_resident_from: resident blocks from this index on save only their inputs and recompute in
             backward (``torch.utils.checkpoint``), as the streamed ones do: more of them fit a budget
             (``planning/resident_blocks.py``). None: every resident block keeps its activations.
@@ -184,6 +187,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self._buffers = [BufferWatch(b.module) for b in self.blocks]  # what each block's forward writes
         self._hf_calls = TrainingCalls()
         self._checkpointed = checkpointing_off([b.module for b in self.blocks], f"the blocks at {self.path!r}")
+        lm = find_causal_lm(root, self.container) if self.microbatches > 1 else None
+        self._head = ChunkedHead(lm, self.microbatches) if lm is not None else None  # its logits a chunk at a time
         if resident and self.preloads:  # forward starts loading streamed blocks while the resident ones compute
             self._hooks += [register_call_hooks(m, self._preload) for m in list(self.container)[:resident]]
         for b in self.blocks:
@@ -310,6 +315,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             taken.restore()
             b.release()
         checkpointing_on(self._checkpointed)
+        if self._head is not None:
+            self._head.close()
         self.slots, self.stage, self.grad_dev = [], None, None
 
     @property
