@@ -167,7 +167,7 @@ class VDNNConfig:
     fit_report: Optional[bool] = option(None, "report", why="follow the Trainer's enable_model_summary")
     report_dir: ReportDir = option(None, "report")
     # -- layer streaming's host update (``streaming/host_update.py``); checked in ``_check_host_update`` --
-    host_optimizer: HostBackend = option("auto", "streaming", why="'auto' measures torch's fused AdamW against DeepSpeed's CPU Adam")
+    host_optimizer: HostBackend = option("auto", "streaming", why="'auto': torch's fused optimizer over each block")
     host_state_dtype: HostStateDtype = option("fp32", "streaming", why="'fp32' is exact; 'bf16' halves Adam's moments")
 
     def __post_init__(self) -> None:

@@ -155,7 +155,7 @@ def test_the_update_writes_the_compute_dtype_copy_and_a_load_state_dict_recasts_
     model = GPT(GPTConfig.from_name("gpt_tiny"))
     streamer = LayerStreamer(model, "blocks", torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stepper = HostStepper(opt, streamer.blocks, fused=True)
+    stepper = HostStepper(opt, streamer.blocks, fused=True, backend="torch")
     streamer.steppers.append(stepper)
     add_copies(streamer.blocks, torch.bfloat16, pin=False)
     block = streamer.blocks[0]

@@ -81,8 +81,9 @@ class _BlockOptimizer:
 
 def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
-    pass wherever it computes what the fused optimizer would (Adam, AdamW on a GPU run), and wherever DeepSpeed's
-    kernel or bf16 moments are asked for; a CPU run's default stays torch's per-tensor loop (bit for bit plain)."""
+    pass where DeepSpeed's kernel or bf16 moments are asked for. The default stays the same-class optimizer (torch's
+    fused kernel over each block on a GPU run): on the H200 the piecewise pass ran the gpt_1b step at 0.62 s
+    against 0.40 s (``benchmarks/README.md``, run 15)."""
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
@@ -92,7 +93,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
                 f"{' with amsgrad or maximize' if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else ''}. "
                 "Use host_optimizer='auto' and host_state_dtype='fp32' with it, or torch.optim.AdamW.")
         return None
-    if not (fused or wants):
+    if not wants:
         return None
     if backend == "auto":
         backend = choose_backend(state_dtype) if fused else "torch"
@@ -167,11 +168,9 @@ class HostStepper:
         fused: update with torch's fused CPU kernel where the class has one (Adam, AdamW, SGD, Adagrad): one
             multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
             tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
-            comparisons against a plain CPU run turn it off. For Adam and AdamW it is the one pass of
-            ``streaming/host_update.py`` (bit for bit the fused optimizer, and it writes the blocks' compute-dtype
-            copies as it goes).
-        backend: the one pass's kernel, ``"torch"`` or ``"deepspeed"``; ``"auto"`` times both (GPU runs). Anything
-            but ``"auto"`` runs the one pass on a CPU device too.
+            comparisons against a plain CPU run turn it off.
+        backend: ``"auto"``, the same-class optimizer (fused as above); ``"torch"`` or ``"deepspeed"``, the one pass
+            of ``streaming/host_update.py`` with that kernel (it writes the blocks' compute-dtype copies as it goes).
         state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).
 
     Raises:
@@ -179,7 +178,7 @@ class HostStepper:
     """
 
     def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,
-                 fused: bool = True, backend: str = "torch", state_dtype: torch.dtype = torch.float32) -> None:
+                 fused: bool = True, backend: str = "auto", state_dtype: torch.dtype = torch.float32) -> None:
         self.optimizer, self.blocks, self.eager = optimizer, blocks, eager
         self.update_pass = _update_pass(optimizer, fused, backend, state_dtype)
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
