@@ -74,11 +74,6 @@ from lightning_vdnn.units import UNBOUNDED, GiB, MiB
 #: Plans made again after measured peaks over the budget before the planner settles for the profiling step's plan
 #: (keep nothing, recompute nothing), which fit.
 MAX_REPLANS = 3
-#: Plans made again because a measured peak came in under its prediction by more than :data:`CREDIT_MARGIN` of the
-#: budget while the plan still paid for memory (recomputed or offloaded layers): the profile over-counts (saved
-#: tensors that share storage with what the step holds anyway), and each such byte costs a recompute.
-MAX_CREDITS = 2
-CREDIT_MARGIN = 0.02
 #: How far over its budget a measured peak may be and the budget still count as kept (``MemoryReport``): the
 #: allocator's rounding and the step's small tensors the model does not count.
 BUDGET_TOLERANCE = 0.02
@@ -139,7 +134,6 @@ class AutoPlanner:
         self._layers: Optional[list[LayerProfile]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
         self.replans = 0  # plans made again because a measured peak overshot the budget
-        self.credits = 0  # plans made again because a measured peak came in under the prediction
         self._since_plan = 0
 
     @classmethod
@@ -208,22 +202,7 @@ class AutoPlanner:
                     self.replans > MAX_REPLANS:  # blind to what overshot, or still over: the safe plan
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
-        return self._credit(peak)
-
-    def _credit(self, peak: int) -> Optional[Plan]:
-        """A fresh plan's measured peak well under its prediction, while it still recomputes or offloads: give the
-        difference back (less a margin) and plan again, at most :data:`MAX_CREDITS` times and never after an
-        overshoot; the next verification catches a credit that was too generous."""
-        old = self.plan
-        paying = bool(old.recomputed) or len(old.on_device) < len(self._layers or ())
-        margin = int(CREDIT_MARGIN * min(self.budget, old.predicted_peak))
-        gap = old.predicted_peak - peak
-        if not paying or self.replans or self.credits >= MAX_CREDITS or gap <= margin:
-            return None
-        self.credits += 1
-        self._slack -= gap - margin
-        new = self._replan()
-        return None if (new.kept, new.recomputed, new.segments) == (old.kept, old.recomputed, old.segments) else new
+        return None
 
     def _changed(self, layers: list[LayerProfile]) -> bool:
         """Other input shapes, or other bytes in a layer that ran as profiled (a recomputed one saves less)."""
@@ -271,7 +250,7 @@ class AutoPlanner:
         """The plan's numbers for a ``MemoryReport`` of a pass of ``layers`` layers."""
         plan = self.plan
         fields = dict(policy="auto", budget_bytes=self.budget, measured_peak_bytes=self.measured_peak,
-                      predicted_peak_bytes=plan.predicted_peak if plan else None, budget_replans=self.replans + self.credits,
+                      predicted_peak_bytes=plan.predicted_peak if plan else None, budget_replans=self.replans,
                       budget_kept=self.budget_kept)
         if plan is None:
             return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0, segments=0)
