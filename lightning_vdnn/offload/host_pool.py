@@ -8,9 +8,9 @@ allocates nothing.
 Why not torch's caching host allocator (``torch.empty(..., pin_memory=True)``), which also keeps pinned blocks
 for reuse: ``benchmarks/pinned_pool.py`` replays a ``gpt_1b`` step's saved activations through both. On a CPU
 there is nothing to pin and the result says nothing about the choice (a loaded 2-core machine, batch 1 x 64,
-48 tensors of 1 MiB: 2.0 s per step with the pool, 1.5 s with torch.empty, both noise-bound). On an H200 the
-pool's later steps take X ms against torch's Y ms, holding A GiB of pinned memory against B GiB, so the pool
-stays (it would give way to torch's allocator were that as fast and held no more).
+48 tensors of 1 MiB: 2.0 s per step with the pool, 1.5 s with torch.empty, both noise-bound). It has not yet
+run on a GPU (``benchmarks/README.md`` keeps that open): until it shows torch's allocator as fast and no larger,
+the pool stays.
 """
 
 from __future__ import annotations
