@@ -133,14 +133,14 @@ class VDNNConfig:
             PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
             ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
             sweeps) gets a quiet end too.
-        host_optimizer: with layer streaming, the kernel of the blocks' host Adam/AdamW update: ``"torch"``
-            (torch's fused CPU kernel), ``"deepspeed"`` (DeepSpeed's CPU Adam, its AVX kernel), or ``"auto"``
-            (default): on a GPU run the faster of the two, timed at start-up; on a CPU device torch's per-tensor
-            loop, bit for bit plain training. Either writes the bf16 copy the device loads in the same pass.
+        host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default), the user's
+            optimizer class over each block (fused on a GPU run; on a CPU device torch's per-tensor loop, bit for
+            bit plain); ``"torch"`` or ``"deepspeed"``: one pass per parameter on that kernel (DeepSpeed's CPU Adam),
+            writing the bf16 copy the device loads. Slower than ``"auto"`` on the H200 so far (benchmarks, run 15).
         host_state_dtype: with layer streaming, the precision of Adam's two moments in host memory: ``"fp32"``
             (default, exact) or ``"bf16"`` (the fp32 master weights stay; the moments are rounded to nearest bf16
-            after each update: 8 bytes less host memory and traffic per parameter, a loss curve within about 1%
-            of fp32 states in the tests). Adam/AdamW only.
+            after each update: 8 bytes less host memory and traffic per parameter, losses within 0.1% of fp32
+            states in the tests; runs the one pass). Adam/AdamW only.
         report_dir: where ``fit_report`` saves its PNG: a path or any fsspec URL, written through fsspec as the
             loggers write theirs. ``None`` (default): the logger's own log directory (``trainer.log_dir``); with
             ``logger=False`` no PNG (the table is still printed): Lightning writes no logs then, and a file in the

@@ -219,7 +219,7 @@ def test_real_oom_lowers_the_budget_and_training_matches_plain():
 
 
 def test_timeline_samples_device_memory_and_is_plotted(tmp_path, capsys):
-    from lightning_vdnn.report.memory_report import TABLE_TITLE, TIMELINE_FILE
+    from lightning_vdnn.report.end_of_fit import TABLE_TITLE, TIMELINE_FILE
 
     # no logger here (train_mlp), so the PNG goes only where report_dir says
     _, trainer, peak = train_mlp(VDNNStrategy("auto", min_offload_bytes=0, memory_budget="6GiB", fit_report=True,

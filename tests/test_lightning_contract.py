@@ -17,7 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import Logger
 
 from conftest import Classifier, ResidualCNN, TokenLM, fit, image_loader, token_loader
-from lightning_vdnn.report.memory_report import TIMELINE_FILE
+from lightning_vdnn.report.end_of_fit import TIMELINE_FILE
 
 #: strategy name -> (module, loader): ``l2l`` streams blocks, so it trains the GPT; the others the CNN.
 CASES = {

@@ -17,7 +17,7 @@ from conftest import ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_solver import predicted_peak
-from lightning_vdnn.report.memory_report import layer_table
+from lightning_vdnn.report.end_of_fit import layer_table
 
 BLOCKS = "model.blocks"
 

@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from conftest import fit, image_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.report.memory_report import TABLE_TITLE, TIMELINE_FILE, LayerStats, layer_table
+from lightning_vdnn.report.end_of_fit import TABLE_TITLE, TIMELINE_FILE, layer_table
+from lightning_vdnn.report.memory_report import LayerStats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -32,7 +32,8 @@ from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
-from lightning_vdnn.report.memory_report import MemoryReport, print_report
+from lightning_vdnn.report.end_of_fit import print_report
+from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message)
 from lightning_vdnn.units import UNBOUNDED, format_bytes
