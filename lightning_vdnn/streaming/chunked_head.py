@@ -2,7 +2,7 @@
 
 ``LlamaForCausalLM(...)(input_ids, labels=labels)`` runs its head (``lm_head``) and its loss inside ``forward``,
 after the last block: the logits of the whole batch exist at once (8 x 8 x 1024 tokens of a 32000-word vocabulary
-are 16 GiB in bf16, again in fp32 for the loss, again for their gradient), while the streamed blocks run 1/k of the
+are 16 GiB in bf16, again in fp32 for the loss, again for their gradient), while each streamed block sees 1/k of the
 batch. :class:`ChunkedHead` makes that tail one more stage run chunk by chunk: in a training call that passes
 ``labels`` (or ``shift_labels``), the head only records its input, and the loss is the sum over ``k`` chunks of
 tokens of ``head(chunk)`` and the model's own loss function on it, each under activation checkpointing (backward

@@ -82,8 +82,8 @@ class _BlockOptimizer:
 def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
     pass where DeepSpeed's kernel or bf16 moments are asked for. The default stays the same-class optimizer (torch's
-    fused kernel over each block on a GPU run): on the H200 the piecewise pass ran the gpt_1b step at 0.62 s
-    against 0.40 s (``benchmarks/README.md``, run 15)."""
+    fused kernel over each block on a GPU run), which measured faster than the piecewise pass
+    (``benchmarks/README.md``)."""
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
