@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
+from lightning_vdnn.examples.tasks import LanguageModel
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,19 @@ def token_loader(n: int = 24, batch: int = 8, seq: int = 64, seed: int = 0) -> t
     data = torch.randint(0, 256, (n, seq + 1), generator=g)
     ds = torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:])
     return torch.utils.data.DataLoader(ds, batch_size=batch)
+
+
+class RecordingGPT(LanguageModel):
+    """The examples' ``gpt_tiny`` LightningModule, recording every training loss in ``losses``."""
+
+    def __init__(self, warmup_steps: int = 2, max_steps: int = 6, **overrides) -> None:
+        super().__init__("gpt_tiny", warmup_steps=warmup_steps, max_steps=max_steps, **overrides)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
 
 
 def fit(module_fn, loader, strategy="auto", max_steps: int = 3, seed: int = 0, **trainer_kwargs):

@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import fit, token_loader
+from conftest import RecordingGPT, fit, token_loader
 from lightning_vdnn import VDNNConfig, VDNNStrategy
-from lightning_vdnn.examples.tasks import LanguageModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU = dict(accelerator="gpu", devices=1, precision="bf16-mixed")
-
-
-class LM(LanguageModel):
-    def __init__(self) -> None:
-        super().__init__("gpt_tiny", warmup_steps=2, max_steps=6)
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.item())
-        return loss
+LM = RecordingGPT
 
 
 @pytest.mark.parametrize("backend, moments, per_param", [("torch", "fp32", 30), ("deepspeed", "fp32", 30),

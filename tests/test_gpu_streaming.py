@@ -8,23 +8,13 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import fit, token_loader
+from conftest import RecordingGPT, fit, token_loader
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.examples.tasks import LanguageModel, param_groups
+from lightning_vdnn.examples.tasks import param_groups
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPU = dict(accelerator="gpu", devices=1)
-
-
-class LM(LanguageModel):
-    def __init__(self, **overrides) -> None:
-        super().__init__("gpt_tiny", warmup_steps=2, max_steps=6, **overrides)
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.item())
-        return loss
+LM = RecordingGPT
 
 
 @pytest.mark.parametrize("clip, microbatches, policy, saved", [  # updates at the step / in backward

@@ -7,10 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import assert_same_params, fit, token_loader
+from conftest import RecordingGPT, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNConfig, VDNNStrategy
 from lightning_vdnn.examples.models import GPT, GPTConfig
-from lightning_vdnn.examples.tasks import LanguageModel
 from lightning_vdnn.streaming import host_update
 from lightning_vdnn.streaming.host_optimizer import HostStepper
 from lightning_vdnn.streaming.host_state import add_copies
@@ -20,15 +19,9 @@ from lightning_vdnn.streaming.streamer import LayerStreamer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class LM(LanguageModel):
-    def __init__(self, warmup_steps: int = 2, max_steps: int = 12) -> None:
-        super().__init__("gpt_tiny", warmup_steps=warmup_steps, max_steps=max_steps)
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.item())
-        return loss
+class LM(RecordingGPT):
+    def __init__(self, **overrides) -> None:
+        super().__init__(max_steps=12, **overrides)
 
 
 class Passes(L.Callback):

@@ -4,6 +4,7 @@ blocks' inputs go to the host (``activation_offload="all"``), and training still
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,9 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same_params, fit
+from conftest import RecordingGPT, assert_same_params, fit
 from lightning_vdnn import VDNNStrategy
-from lightning_vdnn.examples.tasks import LanguageModel
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
 tf = pytest.importorskip("transformers")
@@ -167,15 +167,7 @@ def test_a_custom_loss_function_is_left_alone():
         streamer.close()
 
 
-class LM(LanguageModel):
-    def __init__(self, **kw) -> None:
-        super().__init__("gpt_tiny", warmup_steps=2, max_steps=4, **kw)
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.item())
-        return loss
+LM = functools.partial(RecordingGPT, max_steps=4)
 
 
 def gpt_batches(n: int = 4, batch: int = 4, seq: int = 32) -> torch.utils.data.DataLoader:
