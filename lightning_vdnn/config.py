@@ -18,13 +18,13 @@ from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.units import MemoryBudget, MemorySpec, parse_memory_budget  # noqa: F401  (read from here)
 
 Policy = Literal["none", "all", "conv", "auto"]
-POLICIES: tuple[str, ...] = ("none", "all", "conv", "auto")
+POLICIES: tuple[str, ...] = typing.get_args(Policy)
 ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
 #: ``host_optimizer`` and ``host_state_dtype`` (layer streaming's host update, ``streaming/host_update.py``).
 HostBackend = Literal["auto", "torch", "deepspeed"]
-HOST_BACKENDS: tuple[str, ...] = ("auto", "torch", "deepspeed")
+HOST_BACKENDS: tuple[str, ...] = typing.get_args(HostBackend)
 HostStateDtype = Literal["fp32", "bf16"]
-HOST_STATE_DTYPES: tuple[str, ...] = ("fp32", "bf16")
+HOST_STATE_DTYPES: tuple[str, ...] = typing.get_args(HostStateDtype)
 
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
@@ -136,7 +136,7 @@ class VDNNConfig:
         host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default), the user's
             optimizer class over each block (fused on a GPU run; on a CPU device torch's per-tensor loop, bit for
             bit plain); ``"torch"`` or ``"deepspeed"``: one pass per parameter on that kernel (DeepSpeed's CPU Adam),
-            writing the bf16 copy the device loads. Slower than ``"auto"`` on the H200 so far (benchmarks, run 15).
+            writing the bf16 copy the device loads. Slower than ``"auto"`` as measured so far (``benchmarks/README.md``).
         host_state_dtype: with layer streaming, the precision of Adam's two moments in host memory: ``"fp32"``
             (default, exact) or ``"bf16"`` (the fp32 master weights stay; the moments are rounded to nearest bf16
             after each update: 8 bytes less host memory and traffic per parameter, losses within 0.1% of fp32

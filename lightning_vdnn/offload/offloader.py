@@ -261,9 +261,10 @@ class ActivationOffloader(PassRecords):
         group = len(self._groups) - 1
         if group not in self._one_by_one:
             return None
-        return functools.partial(self._trace.recompute_span, group)
+        return self._segment_timer(group)
 
     def _segment_timer(self, group: int) -> Timer:
+        """What times the recompute of layer ``group``, alone or as a segment's first layer."""
         return functools.partial(self._trace.recompute_span, group)
 
     def _on_expensive(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
