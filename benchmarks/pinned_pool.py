@@ -1,6 +1,7 @@
 """Does the offloader's pinned pool (``offload/host_pool.py``) beat torch's caching host allocator?
 
     python benchmarks/pinned_pool.py                        # CUDA: gpt_1b, batch 8 x 1024 tokens, 20 steps
+    python benchmarks/pinned_pool.py --model vgg16 --batch 256 --seq 224   # VGG-16: sizes that are no powers of two
     python benchmarks/pinned_pool.py --batch 1 --seq 128    # CPU: pageable memory (no CUDA), says so
 
 Replays the host side of a vDNN step: the sizes of the activations ``gpt_1b`` saves in one training step
@@ -44,9 +45,12 @@ def saved_sizes(model: str, batch: int, seq: int, min_bytes: int, device: str) -
     traced on ``device`` ("cuda": the kernels a real step runs; "meta": no memory, but attention takes the math
     path there and saves its whole score matrix, which flash attention does not)."""
     from lightning_vdnn.examples.models.gpt import GPT, GPTConfig
+    from lightning_vdnn.examples.models.vgg import VGG, VGGConfig
 
+    vgg = model in VGGConfig.names()
     with torch.device("meta"):
-        net = GPT(GPTConfig.from_name(model, block_size=max(seq, 1))).to(torch.bfloat16)
+        config = VGGConfig.from_name(model, image_size=seq) if vgg else GPTConfig.from_name(model, block_size=max(seq, 1))
+        net = (VGG(config) if vgg else GPT(config)).to(torch.bfloat16)
     if device != "meta":
         net = net.to_empty(device=device)  # the weights' values do not change what is saved
     weights = {id(p) for p in net.parameters()}
@@ -59,7 +63,8 @@ def saved_sizes(model: str, batch: int, seq: int, min_bytes: int, device: str) -
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(torch.zeros(batch, seq, dtype=torch.long, device=device))
+        net(torch.zeros(batch, 3, seq, seq, dtype=torch.bfloat16, device=device) if vgg
+            else torch.zeros(batch, seq, dtype=torch.long, device=device))
     del net
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt_1b")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CUDA, 1 on CPU")
-    parser.add_argument("--seq", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
+    parser.add_argument("--seq", type=int, default=None, help="tokens (a VGG: image side); default 1024 on CUDA, 128 on CPU")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--min-bytes", type=int, default=MiB, help="the offloader's min_offload_bytes")
     parser.add_argument("--json", default=None, help="also write the rows here")
