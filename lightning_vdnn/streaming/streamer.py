@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Optional
 
@@ -48,12 +49,13 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
+from lightning_vdnn.streaming.bf16_grads import GRAD_DTYPE, Bf16GradBlock
 from lightning_vdnn.streaming.block_runs import BlockRuns
 from lightning_vdnn.streaming.calls import StreamedCall
 from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
 from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
-from lightning_vdnn.streaming.host_memory import check_host_memory
+from lightning_vdnn.streaming.host_memory import check_host_memory, held_host_bytes
 from lightning_vdnn.streaming.host_optimizer import HostStepper
 from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, move_except,
                                                  state_to_host)
@@ -136,10 +138,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
-        check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
-                          shards=self.world, processes=self.local_world,
-                          optimizer_states=state_parameters(self.host_state_dtype), copy_ratio=self._copy_ratio(
-                              precision, streamed))
+        self.grad_dtype = self._grad_dtype(precision, streamed)
+        self.lean_grads = self.grad_dtype != next(streamed[0].parameters()).dtype  # ``streaming/bf16_grads.py``
+        self.host_copies = self._check_host(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}", precision)
         pin = self._pin = pin_memory and self.device.type == "cuda"
         self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
@@ -155,8 +156,11 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
         loaded = max(b.load_numel for b in self.blocks)
         self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
-        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
-        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.host_dtype) for _ in range(2)]
+        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)  # fp32: microbatches sum here
+        # bf16 host gradients: the fp32 sum is rounded into this on the device, then copied (half the PCIe bytes)
+        self.grad_low = (None if self.grad_dtype == self.host_dtype else
+                         torch.empty(size, dtype=self.grad_dtype, device=self.device))
+        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.grad_dtype) for _ in range(2)]
         self._arena = None
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
@@ -215,6 +219,38 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                    saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
                    host_state_dtype=config.host_state_dtype)
 
+    def _grad_dtype(self, precision: str, blocks: list[nn.Module]) -> torch.dtype:
+        """bf16 with the lean host state (bf16 moments) over fp32 weights (``streaming/bf16_grads.py``), else the
+        weights' dtype."""
+        weights = next(blocks[0].parameters()).dtype
+        if self.host_state_dtype != GRAD_DTYPE or weights != torch.float32:
+            return weights
+        if str(precision) == "16-mixed":
+            raise ValueError(
+                "host_state_dtype='bf16' keeps the blocks' gradients in bf16 host buffers, not in p.grad, and "
+                "precision='16-mixed' has a loss scaler that unscales and checks p.grad. Use precision='bf16-mixed' "
+                "(no loss scaler) or '32-true', or host_state_dtype='fp32'.")
+        return GRAD_DTYPE
+
+    def _check_host(self, blocks: list[nn.Module], where: str, precision: str) -> bool:
+        """Raise ``MemoryError`` if the host cannot hold the blocks' state (``streaming/host_memory.py``), checked
+        before pinning; return whether the host update may write the compute-dtype copies the loads read: not
+        where only they do not fit (loads then copy the fp32 weights and cast them on the device)."""
+        ratio = self._copy_ratio(precision, blocks)
+        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=self.grad_dtype.itemsize / 4,
+                      optimizer_states=state_parameters(self.host_state_dtype))
+        try:
+            check_host_memory(blocks, where, copy_ratio=ratio, **kwargs)
+            return self.host_copies
+        except MemoryError:
+            if not ratio:
+                raise
+        check_host_memory(blocks, where, **kwargs)  # raises, with the numbers, if not even that fits
+        warnings.warn(f"lightning_vdnn: the host cannot also hold a {ratio:g}x copy of the weights of {where} in the "
+                      "compute dtype; loads copy the fp32 weights and cast them on the device (twice the bytes over "
+                      "PCIe per load).", stacklevel=3)
+        return False
+
     def _copy_ratio(self, precision: str, blocks: list[nn.Module]) -> float:
         """Bytes of the compute-dtype copy the host update may write (``attach_optimizers``) per weight byte,
         counted before pinning whether or not the optimizer turns out to write one."""
@@ -225,7 +261,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
-        return HostBlock(index, module, pin, self._arena.empty)
+        return (Bf16GradBlock if self.lean_grads else HostBlock)(index, module, pin, self._arena.empty)
 
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
@@ -317,7 +353,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         checkpointing_on(self._checkpointed)
         if self._head is not None:
             self._head.close()
-        self.slots, self.stage, self.grad_dev = [], None, None
+        self.slots, self.stage, self.grad_dev, self.grad_low = [], None, None, None
 
     @property
     def resident(self) -> int:
@@ -327,8 +363,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
     def stats(self) -> dict[str, Any]:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
         before, and how long training waited for them (totals so far before the first step); the microbatches,
-        the resident blocks and the saving ones."""
+        the resident blocks and the saving ones; the host bytes the blocks' state holds now."""
         fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident,
+                 "host_state_bytes": held_host_bytes(self.blocks, self.grad_host, [s.optimizer for s in self.steppers]),
                  "resident_recomputed_blocks": self.resident - self.recompute_from, "saved_blocks": len(self.saving)}
         if self._last_step is not None:
             return {**self._last_step, **fixed}
