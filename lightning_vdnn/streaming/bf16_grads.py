@@ -33,6 +33,23 @@ from lightning_vdnn.streaming.host_state import HostBlock
 GRAD_DTYPE = torch.bfloat16
 
 
+def host_grad_dtype(state_dtype: torch.dtype, weights: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype of the blocks' host gradients: bf16 in the lean host state (bf16 moments) over fp32 weights,
+    else the weights'.
+
+    Raises:
+        ValueError: bf16 gradients with ``precision="16-mixed"``, whose loss scaler needs them in ``p.grad``.
+    """
+    if state_dtype != GRAD_DTYPE or weights != torch.float32:
+        return weights
+    if str(precision) == "16-mixed":
+        raise ValueError(
+            "host_state_dtype='bf16' keeps the blocks' gradients in bf16 host buffers, not in p.grad, and "
+            "precision='16-mixed' has a loss scaler that unscales and checks p.grad. Use precision='bf16-mixed' "
+            "(no loss scaler) or '32-true', or host_state_dtype='fp32'.")
+    return GRAD_DTYPE
+
+
 class GradientAccumulationError(RuntimeError):
     """A second backward's gradients arrived for a block before the optimizer step, with bf16 host gradients."""
 
@@ -73,15 +90,20 @@ class Bf16GradBlock(HostBlock):
         self.has_grad = [True] * len(self.params)
         self.zeroed = [False] * len(self.params)
 
-    def accumulate(self, grads: Tensor) -> None:
-        """Set each trained parameter's gradient from the flat bf16 ``grads``; refuse to add to one already there."""
+    def check_accumulation(self, again: bool) -> None:
         trained = [k for k, p in enumerate(self.params) if p.requires_grad]
-        if not all(self._empty(k) for k in trained):
+        if again or not all(self._empty(k) for k in trained):
             raise GradientAccumulationError(
-                f"block {self.index} received a second backward's gradients before the optimizer step, and its host "
+                f"block {self.index} received a second backward's gradients before the optimizer step (or ran twice in "
+                "one forward), and its host "
                 "gradients are bf16 (host_state_dtype='bf16'): adding them there would round the sum to bf16 at "
                 "every step of the accumulation. Use microbatches=k instead of accumulate_grad_batches (the k "
                 "chunks are summed in fp32 on the device), or host_state_dtype='fp32'.")
+
+    def accumulate(self, grads: Tensor) -> None:
+        """Set each trained parameter's gradient from the flat bf16 ``grads`` (:meth:`check_accumulation` refused
+        adding to one already there)."""
+        trained = [k for k, p in enumerate(self.params) if p.requires_grad]
         for k, new in zip(range(len(self.params)), self.split(grads)):
             if k in trained:
                 self.grad_views[k].copy_(new)

@@ -61,6 +61,8 @@ class GradientPath:
             dev = self.grad_low[: dev.numel()].copy_(dev)
         produced = eng.record()
         direct = block.index not in self._direct and block.can_adopt()
+        if not direct:
+            block.check_accumulation(again=block.index in self._direct)  # raises here, not later on the worker
         if direct:
             self._direct.add(block.index)
             host = block.grad_flat[: dev.numel()]

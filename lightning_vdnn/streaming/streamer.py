@@ -49,7 +49,7 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
-from lightning_vdnn.streaming.bf16_grads import GRAD_DTYPE, Bf16GradBlock
+from lightning_vdnn.streaming.bf16_grads import Bf16GradBlock, host_grad_dtype
 from lightning_vdnn.streaming.block_runs import BlockRuns
 from lightning_vdnn.streaming.calls import StreamedCall
 from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
@@ -138,11 +138,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
-        self.grad_dtype = self._grad_dtype(precision, streamed)
-        self.lean_grads = self.grad_dtype != next(streamed[0].parameters()).dtype  # ``streaming/bf16_grads.py``
+        weights = next(streamed[0].parameters()).dtype
+        self.grad_dtype = host_grad_dtype(self.host_state_dtype, weights, precision)
+        self.lean_grads = self.grad_dtype != weights  # bf16 gradients of fp32 weights: ``streaming/bf16_grads.py``
         self.host_copies = self._check_host(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}", precision)
         pin = self._pin = pin_memory and self.device.type == "cuda"
-        self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
+        self._arena = PinnedArena(pin, self._arena_bytes(streamed))  # dropped below: the views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
@@ -219,19 +220,6 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                    saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
                    host_state_dtype=config.host_state_dtype)
 
-    def _grad_dtype(self, precision: str, blocks: list[nn.Module]) -> torch.dtype:
-        """bf16 with the lean host state (bf16 moments) over fp32 weights (``streaming/bf16_grads.py``), else the
-        weights' dtype."""
-        weights = next(blocks[0].parameters()).dtype
-        if self.host_state_dtype != GRAD_DTYPE or weights != torch.float32:
-            return weights
-        if str(precision) == "16-mixed":
-            raise ValueError(
-                "host_state_dtype='bf16' keeps the blocks' gradients in bf16 host buffers, not in p.grad, and "
-                "precision='16-mixed' has a loss scaler that unscales and checks p.grad. Use precision='bf16-mixed' "
-                "(no loss scaler) or '32-true', or host_state_dtype='fp32'.")
-        return GRAD_DTYPE
-
     def _check_host(self, blocks: list[nn.Module], where: str, precision: str) -> bool:
         """Raise ``MemoryError`` if the host cannot hold the blocks' state (``streaming/host_memory.py``), checked
         before pinning; return whether the host update may write the compute-dtype copies the loads read: not
@@ -258,6 +246,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             return 0.0
         weights = next(blocks[0].parameters())
         return compute_dtype(precision, weights.dtype).itemsize / weights.element_size()
+
+    def _arena_bytes(self, blocks: list[nn.Module]) -> Optional[int]:
+        """Hook (``streaming/sharded.py``): the bytes :meth:`_new_block` and the gradient staging ask the arena for."""
+        sizes = [sum(p.numel() for p in m.parameters()) for m in blocks]
+        weights, grads = next(blocks[0].parameters()).element_size(), self.grad_dtype.itemsize
+        return sum(n * (weights + grads) for n in sizes) + 2 * max(sizes) * grads
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
