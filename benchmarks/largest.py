@@ -13,7 +13,8 @@ writes for the loads on a GPU with bf16 moments (2 B), left out when only it doe
 and cast on the device); the modules outside the blocks (fp32 masters and gradients pinned, Adam on the host:
 ``offload_optimizer``), the block inputs in the pinned activation pool, and the process itself (CUDA context,
 libraries, Python: ``--reserve-gib``); what is left of the memory available must be at least ``--margin-gib``.
-So ``--params 10e9 --host-state bf16`` needs about 10 B per parameter, 107 GiB with everything for 10.1B parameters, on a 125 GiB host.
+So ``--params 10e9 --host-state bf16`` needs about 10 B per parameter: 107 GiB with everything for 10.1B
+parameters, on a 125 GiB host.
 
 ``GPT`` builds its blocks one after another in host memory (never on the device); ``strategy="l2l"`` then moves
 each into its pinned host buffer. Training runs the lean settings: block inputs to the host

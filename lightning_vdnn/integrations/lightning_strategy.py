@@ -81,7 +81,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             Trainer summarizes the model (``enable_model_summary``, on by default).
         report_dir: where that PNG goes instead: a path or any fsspec URL (see :class:`VDNNConfig`).
         host_optimizer, host_state_dtype: with ``layer_streaming``, the blocks' host Adam kernel and the precision
-            of its moments (``streaming/host_update.py``; see :class:`VDNNConfig`).
+            of its moments and of the blocks' host gradients (``streaming/host_update.py``,
+            ``streaming/bf16_grads.py``; see :class:`VDNNConfig`).
         offload_optimizer: with ``layer_streaming`` (one device), the modules outside the blocks keep fp32 masters
             and optimizer state in host memory and are stepped there (``streaming/host_outside.py``); the device holds
             their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.

@@ -108,7 +108,8 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
 
 
 def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: float = ADAM_STATES,
-                      shards: int = 1, processes: int = 1, copy_ratio: float = 0.0, grad_ratio: float = 1.0) -> HostNeed:
+                      shards: int = 1, processes: int = 1, copy_ratio: float = 0.0,
+                      grad_ratio: float = 1.0) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
     Args:
