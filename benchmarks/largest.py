@@ -2,32 +2,43 @@
 
     python benchmarks/largest.py --out bench_out/largest                       # GPU: fill the host's RAM
     python benchmarks/largest.py --out bench_out/largest --params 10e9 --host-state bf16
-    python benchmarks/largest.py --tiny --out /tmp/largest                     # CPU, seconds
+    python benchmarks/largest.py --tiny --out /tmp/largest [--host-state bf16] # CPU, seconds
 
 The model is ``gpt_1b``'s family at ``--width`` (default 4096, 32 heads), with as many blocks as the host memory
-available takes (``--host-fraction`` of it, less a reserve) at the host bytes per block parameter of the host
-state (fp32 weights, gradients and Adam moments: 16 B; ``--host-state bf16``, where the strategy offers
-``host_state_dtype``: 12 B), or as many as ``--params`` asks for. ``GPT`` builds its blocks one after another in
-host memory (never on the device); ``strategy="l2l"`` then moves each into its pinned host buffer. Training runs
-the lean settings: block inputs to the host (``activation_offload="all"``), every block recomputed
-(``saved_blocks=0``), the embeddings' and head's optimizer on the host (``offload_optimizer=True``), the loss in
-``--loss-chunks`` pieces. It repeats one batch, so the loss must fall; the script exits 1 if it does not.
+available takes, or as many as ``--params`` asks for. The host bytes are planned item by item before anything is
+built, and the plan is printed: per block parameter the fp32 weights (4 B), the gradients (fp32 4 B; bf16 2 B with
+``--host-state bf16``, ``streaming/bf16_grads.py``) and Adam's moments (8 B; bf16 4 B), pinned as
+``PinnedArena`` carves them (its chunks counted, not the bytes asked for); the bf16 copy of the weights the update
+writes for the loads on a GPU with bf16 moments (2 B), left out when only it does not fit (loads then copy fp32
+and cast on the device); the modules outside the blocks (fp32 masters and gradients pinned, Adam on the host:
+``offload_optimizer``), the block inputs in the pinned activation pool, and the process itself (CUDA context,
+libraries, Python: ``--reserve-gib``); what is left of the memory available must be at least ``--margin-gib``.
+So ``--params 10e9 --host-state bf16`` needs about 10 B per parameter: 107 GiB with everything for 10.1B
+parameters, on a 125 GiB host.
 
-Prints and writes (``--out/largest.json``) the parameter count, host RSS (now and peak), the device's peak
-allocation and tokens/s over the steps after the first.
+``GPT`` builds its blocks one after another in host memory (never on the device); ``strategy="l2l"`` then moves
+each into its pinned host buffer. Training runs the lean settings: block inputs to the host
+(``activation_offload="all"``), every block recomputed (``saved_blocks=0``), the embeddings' and head's optimizer
+on the host (``offload_optimizer=True``), the loss in ``--loss-chunks`` pieces. It repeats one batch, so the loss
+must fall; the script exits 1 if it does not.
+
+Prints and writes (``--out/largest.json``) the plan, the parameter count, the seconds building the model took,
+host RSS (now and peak), the device's peak allocation and tokens/s over the steps after the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make ``lightning_vdnn`` of this checkout importable
@@ -37,10 +48,8 @@ import lightning as L  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-#: Host bytes per block parameter: fp32 weights + fp32 gradients + Adam's two moments in the host state's dtype.
-HOST_BYTES = {"fp32": 4 + 4 + 8, "bf16": 4 + 4 + 4}
-#: Host memory left to the process itself (CUDA context, libraries, pinned staging, activation pool).
-RESERVE = 6 * 2**30
+#: Host bytes per block parameter of each part of the host state: (weights, gradients, Adam's two moments).
+HOST_BYTES = {"fp32": (4, 4, 8), "bf16": (4, 2, 4)}
 GiB = 2**30
 
 
@@ -50,8 +59,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="gpt_tiny's shape on the CPU, 64 MiB of host state")
     p.add_argument("--params", type=float, default=None, help="parameter target (e.g. 10e9); default: fill the host")
     p.add_argument("--host-state", choices=list(HOST_BYTES), default="fp32",
-                   help="dtype of the host Adam moments (bf16 needs the strategy's host_state_dtype)")
-    p.add_argument("--host-fraction", type=float, default=0.85, help="share of available host memory to fill")
+                   help="host state: fp32 (exact), or bf16 Adam moments and bf16 gradients (host_state_dtype='bf16')")
+    p.add_argument("--reserve-gib", type=float, default=6.0,
+                   help="host memory of the process itself: CUDA context, libraries, Python")
+    p.add_argument("--margin-gib", type=float, default=6.0, help="host memory the plan must leave free")
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
@@ -84,24 +95,117 @@ def block_params(config) -> tuple[int, int]:
     return block, sum(p.numel() for p in one.parameters()) - block
 
 
-def choose_layers(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(blocks, parameters of the model, host bytes it needs) for ``--params``, else for the host memory available."""
+@dataclasses.dataclass
+class Plan:
+    """The model and its host bytes, item by item (``items``, in bytes), against the memory ``available``."""
+
+    blocks: int
+    params: int
+    copies: bool  # whether the host keeps the bf16 copy of the weights the loads read
+    items: dict
+    available: int
+    source: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    def __str__(self) -> str:
+        unit, size = ("GiB", GiB) if self.available >= GiB else ("MiB", 2**20)  # --tiny's would all read 0.0 GiB
+        parts = ", ".join(f"{k} {v / size:.1f}" for k, v in self.items.items())
+        return (f"largest: plan {self.blocks} blocks, {self.params / 1e6:,.1f}M parameters; host {unit}: {parts}; "
+                f"total {self.total / size:.1f} of {self.available / size:.1f} available ({self.source}), "
+                f"{(self.available - self.total) / size:.1f} left; bf16 weight copies "
+                f"{'kept' if self.copies else 'none (loads cast the fp32 weights on the device)'}")
+
+
+def plan_host(args: argparse.Namespace, n_layer: int, copies: bool, available: int, source: str) -> Plan:
+    """What ``n_layer`` blocks take in host memory (see the module docstring), pinned the way the streamer pins."""
+    from lightning_vdnn.streaming.host_state import PinnedArena
+
+    cuda = not args.tiny
+    block, outside = block_params(gpt_config(args, 1))
+    weights, grads, moments = HOST_BYTES[args.host_state]
+    asked = [n for _ in range(n_layer) for n in (weights * block, grads * block)] + [grads * block] * 2
+    pinned = PinnedArena.footprint(asked, total=sum(asked)) if cuda else sum(asked)
+    items = {"weights+grads (pinned)": pinned, "moments": moments * block * n_layer}
+    if copies:
+        items["bf16 copies (pinned)"] = PinnedArena.footprint([2 * block] * n_layer, total=2 * block * n_layer)
+    pow2 = (lambda n: 1 << max(n - 1, 0).bit_length()) if cuda else (lambda n: n)  # torch's pinned allocator
+    items["outside blocks"] = sum(2 * pow2(4 * n) + 8 * n for n in outside_sizes(gpt_config(args, 1)))
+    items["block inputs (pinned)"] = n_layer * pow2(4 * args.batch * args.seq * args.width)
+    items["process"] = int(args.reserve_gib * GiB) if cuda else 0
+    return Plan(n_layer, n_layer * block + outside, copies, items, available, source)
+
+
+def choose_layers(args: argparse.Namespace) -> Plan:
+    """The plan for ``--params`` (with the bf16 copies where they fit too), else the most blocks that fit."""
     from lightning_vdnn.streaming.host_memory import available_host_bytes
 
     block, outside = block_params(gpt_config(args, 1))
-    per_block = HOST_BYTES[args.host_state] * block
-    outside_bytes = 16 * outside  # fp32 master weights and Adam moments on the host (offload_optimizer)
     available, source = available_host_bytes()
-    usable = 64 * 2**20 if args.tiny else int(available * args.host_fraction) - RESERVE
-    fits = (usable - outside_bytes) // per_block
-    n = fits if args.params is None else math.ceil((args.params - outside) / block)
-    if n < 1 or n > fits:
-        raise SystemExit(f"largest: {max(n, 1)} blocks of {block / 1e6:.1f}M parameters need "
-                         f"{(max(n, 1) * per_block + outside_bytes) / GiB:.1f} GiB of host memory at "
-                         f"{HOST_BYTES[args.host_state]} B per parameter ({args.host_state} host state), but "
-                         f"{source} has {available / GiB:.1f} GiB available ({usable / GiB:.1f} GiB usable). "
-                         "Lower --params or --width, use --host-state bf16, or run on a host with more RAM.")
-    return n, n * block + outside, n * per_block + outside_bytes
+    if args.tiny:
+        available, source = 64 * 2**20 + 16 * outside, "--tiny's 64 MiB of block state"
+    margin = 0 if args.tiny else int(args.margin_gib * GiB)
+    one_pass = args.host_state != "fp32" and not args.tiny  # only the one-pass update writes copies, on a GPU
+    fits = lambda plan: plan.total + margin <= available  # noqa: E731
+    if args.params is not None:
+        n = max(math.ceil((args.params - outside) / block), 1)
+        plans = [plan_host(args, n, c, available, source) for c in ([True, False] if one_pass else [False])]
+    else:
+        plans = []
+        for copies in ([True, False] if one_pass else [False]):
+            n = 1
+            while fits(plan_host(args, n * 2, copies, available, source)):
+                n *= 2
+            hi = n * 2
+            while hi - n > 1:  # the most blocks that fit, by bisection
+                mid = (n + hi) // 2
+                n, hi = (mid, hi) if fits(plan_host(args, mid, copies, available, source)) else (n, mid)
+            plans.append(plan_host(args, n, copies, available, source))
+        plans.sort(key=lambda plan: -plan.blocks)  # the most blocks; with copies on a tie (listed first)
+    for plan in plans:
+        if fits(plan):
+            return plan
+    plan = plans[-1]
+    raise SystemExit(f"{plan}\nlargest: that leaves less than the {margin / GiB:.1f} GiB margin. Lower --params or "
+                     "--width, use --host-state bf16, or run on a host with more RAM.")
+
+
+def outside_sizes(config) -> list[int]:
+    """Element counts of the parameters outside the blocks, on the meta device."""
+    from lightning_vdnn.examples.models import GPT
+
+    with torch.device("meta"):
+        one = GPT(dataclasses.replace(config, n_layer=1))
+    inside = {id(p) for p in one.blocks.parameters()}
+    return [p.numel() for p in one.parameters() if id(p) not in inside]
+
+
+@contextlib.contextmanager
+def parallel_init() -> Iterator[None]:
+    """``GPT``'s init with every N(0, std) fill spread over the cores, and no Kaiming init of ``nn.Linear`` first.
+
+    torch fills a tensor from one generator on one core (about 50M values a second): a 10B model's two passes
+    (``nn.Linear``'s own init, then ``GPT.reset_parameters``, which re-initialises every ``Linear``) would take
+    minutes of the run. Here each fill is cut into pieces, each from its own generator seeded from torch's.
+    """
+    normal, linear_init = torch.nn.init.normal_, torch.nn.Linear.reset_parameters
+    pool = ThreadPoolExecutor(torch.get_num_threads())
+
+    @torch.no_grad()
+    def fill(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, generator=None) -> torch.Tensor:
+        pieces = tensor.detach().view(-1).split(1 << 22)
+        seeds = torch.randint(2**62, (len(pieces),), generator=generator).tolist()
+        list(pool.map(lambda p, s: p.normal_(mean, std, generator=torch.Generator().manual_seed(s)), pieces, seeds))
+        return tensor
+
+    torch.nn.init.normal_, torch.nn.Linear.reset_parameters = fill, lambda self: None  # GPT's init sets them all
+    try:
+        yield
+    finally:
+        torch.nn.init.normal_, torch.nn.Linear.reset_parameters = normal, linear_init
+        pool.shutdown()
 
 
 def strategy_kwargs(args: argparse.Namespace) -> dict:
@@ -121,12 +225,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lightning_vdnn import VDNNStrategy
     from lightning_vdnn.examples.tasks import LanguageModel
 
+    from lightning_vdnn.streaming.streamer import LayerStreamer
+
     cuda = torch.cuda.is_available() and not args.tiny
-    n_layer, params, need = choose_layers(args)
-    print(f"largest: {n_layer} blocks, {params / 1e6:,.1f}M parameters, {need / GiB:.1f} GiB of host state", flush=True)
+    plan = choose_layers(args)
+    n_layer, params = plan.blocks, plan.params
+    print(plan, flush=True)
+    LayerStreamer.host_copies = plan.copies  # the plan's choice, not the streamer's own estimate (no margin there)
     torch.manual_seed(0)
-    task = LanguageModel(gpt_config(args, n_layer), lr=args.lr, warmup_steps=1, max_steps=args.steps,
-                         loss_chunks=args.loss_chunks)  # built on the CPU, block by block
+    start = time.perf_counter()
+    with parallel_init():  # built on the CPU, block by block
+        task = LanguageModel(gpt_config(args, n_layer), lr=args.lr, warmup_steps=1, max_steps=args.steps,
+                             loss_chunks=args.loss_chunks)
+    build_s = time.perf_counter() - start
+    print(f"largest: model built on the host in {build_s:.1f} s ({build_s / params * 1e9:.2f} s per 1e9 "
+          "parameters)", flush=True)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(task.config.vocab_size, (args.batch, args.seq + 1), generator=g)
     batch = (tokens[:, :-1], tokens[:, 1:])  # the same batch every step: the loss must fall
@@ -137,8 +250,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         enable_model_summary=False, callbacks=[clock])
     trainer.fit(task, torch.utils.data.DataLoader([batch] * args.steps, batch_size=None))
     timed = clock.times[1:] or clock.times
-    row = {"blocks": n_layer, "params": params, "width": args.width, "host_state": args.host_state,
-           "host_state_bytes": need, "losses": clock.losses,
+    row = {"blocks": n_layer, "params": params, "outside_params": sum(outside_sizes(gpt_config(args, 1))),
+           "width": args.width, "host_state": args.host_state,
+           "plan_bytes": plan.items, "plan_total_bytes": plan.total, "available_bytes": plan.available,
+           "weight_copies": plan.copies, "build_s": build_s, "host_state_bytes": clock.host_state_bytes,
+           "losses": clock.losses,
            "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
            "step_s": sorted(timed)[len(timed) // 2],
            "host_rss_bytes": psutil.Process().memory_info().rss,
@@ -163,6 +279,7 @@ class Clock(L.Callback):
         self.cuda = cuda
         self.times: list[float] = []
         self.losses: list[float] = []
+        self.host_state_bytes: Optional[int] = None
         self._start = 0.0
 
     def on_train_batch_start(self, *_) -> None:
@@ -175,6 +292,7 @@ class Clock(L.Callback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
         self.losses.append(float(outputs["loss"]))
+        self.host_state_bytes = trainer.strategy.memory_report().host_state_bytes  # while the optimizer is attached
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class RepeatBatch:
 
 #: ``l2l`` cases of the host update's options (``VDNNConfig.host_optimizer``, ``host_state_dtype``).
 HOST_UPDATES = {"l2l_torch": ("torch", "fp32"), "l2l_ds": ("deepspeed", "fp32"), "l2l_bf16s": ("auto", "bf16"),
-                "l2l_ds_bf16s": ("deepspeed", "bf16")}
+                "l2l_bf16g": ("torch", "bf16"), "l2l_ds_bf16s": ("deepspeed", "bf16")}
 
 
 def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
@@ -87,7 +87,7 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     extra = {}
-    if name in HOST_UPDATES:  # l2l with the blocks' host update on another kernel, or bf16 moments
+    if name in HOST_UPDATES:  # l2l with the blocks' host update on another kernel, or the lean bf16 host state
         from lightning_vdnn import VDNNConfig, VDNNStrategy
 
         backend, moments = HOST_UPDATES[name]

@@ -93,8 +93,10 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              "(host_optimizer='torch'; 'l2l' times it against DeepSpeed's at start-up)", data_parallel=False),
     CaseSpec("l2l_ds", "lightning", "l2l with the blocks' host Adam on DeepSpeed's CPU Adam kernel "
              "(host_optimizer='deepspeed')", data_parallel=False),
-    CaseSpec("l2l_bf16s", "lightning", "l2l with Adam's moments in bf16 in host memory, fp32 master weights "
-             "(host_state_dtype='bf16')", data_parallel=False),
+    CaseSpec("l2l_bf16s", "lightning", "l2l with the lean host state: Adam's moments and the blocks' gradients in "
+             "bf16 in host memory, fp32 master weights (host_state_dtype='bf16')", data_parallel=False),
+    CaseSpec("l2l_bf16g", "lightning", "l2l_bf16s on torch's fused CPU Adam kernel: against l2l_torch, what bf16 "
+             "moments and gradients change (host_optimizer='torch', host_state_dtype='bf16')", data_parallel=False),
     CaseSpec("l2l_ds_bf16s", "lightning", "l2l_bf16s on DeepSpeed's CPU Adam kernel", data_parallel=False),
     CaseSpec("l2l_mb8_lean", "lightning", "l2l_mb8 at its least device memory: l2l_lean's settings (block inputs "
              "to the host, internals recomputed, the head's and embeddings' optimizer on the host) with the head and "

@@ -137,10 +137,13 @@ class VDNNConfig:
             optimizer class over each block (fused on a GPU run; on a CPU device torch's per-tensor loop, bit for
             bit plain); ``"torch"`` or ``"deepspeed"``: one pass per parameter on that kernel (DeepSpeed's CPU Adam),
             writing the bf16 copy the device loads. Slower than ``"auto"`` as measured so far (``benchmarks/README.md``).
-        host_state_dtype: with layer streaming, the precision of Adam's two moments in host memory: ``"fp32"``
-            (default, exact) or ``"bf16"`` (the fp32 master weights stay; the moments are rounded to nearest bf16
-            after each update: 8 bytes less host memory and traffic per parameter, losses within 0.1% of fp32
-            states in the tests; runs the one pass). Adam/AdamW only.
+        host_state_dtype: with layer streaming, the precision of the blocks' host state: ``"fp32"`` (default,
+            exact) or ``"bf16"``, the lean state: the fp32 master weights stay; Adam's two moments are rounded to
+            nearest bf16 after each update, and the gradients are summed in fp32 on the device (microbatches
+            included), rounded to bf16 once and kept in bf16 on the host (``streaming/bf16_grads.py``): 10 bytes of
+            host memory per parameter instead of 16, losses within 0.1% of fp32 states in the tests; runs the one
+            pass. Adam/AdamW only; block parameters' ``p.grad`` stays None during training, and
+            ``accumulate_grad_batches`` > 1, gradient clipping and ``16-mixed`` raise (use ``microbatches``).
         report_dir: where ``fit_report`` saves its PNG: a path or any fsspec URL, written through fsspec as the
             loggers write theirs. ``None`` (default): the logger's own log directory (``trainer.log_dir``); with
             ``logger=False`` no PNG (the table is still printed): Lightning writes no logs then, and a file in the
@@ -168,7 +171,7 @@ class VDNNConfig:
     report_dir: ReportDir = option(None, "report")
     # -- layer streaming's host update (``streaming/host_update.py``); checked in ``_check_host_update`` --
     host_optimizer: HostBackend = option("auto", "streaming", why="'auto': torch's fused optimizer over each block")
-    host_state_dtype: HostStateDtype = option("fp32", "streaming", why="'fp32' is exact; 'bf16' halves Adam's moments")
+    host_state_dtype: HostStateDtype = option("fp32", "streaming", why="'fp32' is exact; 'bf16' halves moments, gradients")
 
     def __post_init__(self) -> None:
         self._check_types()

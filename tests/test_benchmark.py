@@ -367,3 +367,22 @@ def test_profile_flag_checks_its_step(tmp_path):
     proc = subprocess.run(RUN + ["--model", "gpt_tiny", "--tiny", "--cases", "plain", "--out", str(tmp_path),
                                  "--profile-step", "9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "profile step 9 is out of range" in proc.stderr
+
+
+@pytest.mark.slow
+def test_largest_model_script_plans_and_trains_the_lean_host_state_on_the_cpu(tmp_path):
+    """``--host-state bf16``: bf16 gradients and moments (10 bytes a block parameter, not 16), the plan printed
+    before building, and the host state the run holds exactly what the plan counted for the blocks."""
+    from conftest import checkout_env
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "largest.py"), "--tiny", "--host-state", "bf16",
+                           "--out", str(tmp_path)], cwd=ROOT, env=checkout_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.index("largest: plan") < done.stdout.index("model built")
+    row = json.loads((tmp_path / "largest.json").read_text())
+    plan = row["plan_bytes"]
+    assert row["host_state"] == "bf16" and not row["weight_copies"] and row["losses"][-1] < row["losses"][0]
+    assert row["host_state_bytes"] == plan["weights+grads (pinned)"] + plan["moments"]
+    assert plan["moments"] == 4 * (row["params"] - row["outside_params"])  # two bf16 moments per block parameter
+    assert row["plan_total_bytes"] <= row["available_bytes"] and row["build_s"] > 0

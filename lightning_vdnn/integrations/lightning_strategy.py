@@ -81,7 +81,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             Trainer summarizes the model (``enable_model_summary``, on by default).
         report_dir: where that PNG goes instead: a path or any fsspec URL (see :class:`VDNNConfig`).
         host_optimizer, host_state_dtype: with ``layer_streaming``, the blocks' host Adam kernel and the precision
-            of its moments (``streaming/host_update.py``; see :class:`VDNNConfig`).
+            of its moments and of the blocks' host gradients (``streaming/host_update.py``,
+            ``streaming/bf16_grads.py``; see :class:`VDNNConfig`).
         offload_optimizer: with ``layer_streaming`` (one device), the modules outside the blocks keep fp32 masters
             and optimizer state in host memory and are stepped there (``streaming/host_outside.py``); the device holds
             their compute copies. Otherwise DeepSpeed's ZeRO-Offload, below.
@@ -212,6 +213,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         if self.config.batch_chunks > 1 and self._chunks is None:  # every stage: predict holds less too
             self._chunks = BatchChunks(self.lightning_module, self.config.chunk_layers, self.config.batch_chunks)
         if self._streamer is not None and trainer.state.fn == "fit":
+            if self._streamer.lean_grads:
+                _check_bf16_grads(trainer)
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
             if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
                 self._outside = self._step_outside_on_host()
@@ -337,6 +340,26 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                 closing.callback(stepper.close)
             if streamer is not None:
                 closing.callback(streamer.close)
+
+
+def _check_bf16_grads(trainer: Any) -> None:
+    """bf16 host gradients (``streaming/bf16_grads.py``) are set once per step and are not ``p.grad``: refuse what
+    would add to them or read ``p.grad`` for them, before the first step rather than in it."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if trainer.accumulate_grad_batches > 1:
+        raise ValueError(
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} with host_state_dtype='bf16': the blocks' "
+            "host gradients are bf16, and summing batches into them would round the sum to bf16 at every batch. "
+            f"Use microbatches={trainer.accumulate_grad_batches} (the chunks are summed in fp32 on the device) with "
+            "accumulate_grad_batches=1, or host_state_dtype='fp32'.")
+    if trainer.gradient_clip_val or is_overridden("configure_gradient_clipping", trainer.lightning_module,
+                                                  LightningModule):
+        raise ValueError(
+            "gradient clipping with host_state_dtype='bf16': the blocks' gradients live in bf16 host buffers, not in "
+            "p.grad, so Lightning's clipping would leave them out of the norm. Use host_state_dtype='fp32' to clip, "
+            "or drop gradient_clip_val.")
 
 
 def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:

@@ -69,9 +69,11 @@ def slots_freed(streamer: LayerStreamer) -> list[int]:
     host, staged = streamer.host_dtype.itemsize, streamer.stage is not None
     resident = streamer.resident
 
-    def buffers(k: int) -> int:  # the slots, the gradient buffer, the cast staging buffer
+    low = streamer.grad_low.element_size() if streamer.grad_low is not None else 0  # bf16 host gradients
+
+    def buffers(k: int) -> int:  # the slots, the gradient buffers, the cast staging buffer
         most = max(numels[k:], default=0)
         slots = streamer.slot_count(len(numels) - k, resident + k)
-        return slots * most * streamer.dtype.itemsize + most * host + (most * host if staged else 0)
+        return slots * most * streamer.dtype.itemsize + most * (host + low) + (most * host if staged else 0)
 
     return [buffers(0) - buffers(k) for k in range(len(numels))]

@@ -88,6 +88,9 @@ class MemoryReport:
         host_update_bytes: host memory the blocks' one-pass Adam/AdamW updates (``streaming/host_update.py``)
             queued in the last optimizer step read and write: weights, gradient, moments, and the bf16 copy the
             device loads (None without layer streaming, 0 for a same-class optimizer, whose passes are torch's).
+        host_state_bytes: host memory the streamed blocks' state holds (None without layer streaming): fp32
+            weights, gradients (fp32, or bf16 with ``host_state_dtype="bf16"``), the compute-dtype copies the loads
+            read, gradient staging, and the optimizer state of the block parameters.
         microbatches: L2L's layer-major chunks per block (None without layer streaming).
         resident_blocks: L2L's blocks kept on the device (None without layer streaming); with
             ``resident_blocks="auto"``, ``resident_budget_bytes``, ``resident_predicted_peak_bytes`` and
@@ -136,6 +139,7 @@ class MemoryReport:
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
     host_update_bytes: Optional[int] = None
+    host_state_bytes: Optional[int] = None
     microbatches: Optional[int] = None
     resident_blocks: Optional[int] = None
     resident_recomputed_blocks: Optional[int] = None
@@ -173,6 +177,8 @@ class MemoryReport:
             out["budget_kept"] = self.budget_kept
         if self.host_update_bytes is not None:
             out["host_update_GiB"] = self.host_update_bytes / GiB
+        if self.host_state_bytes is not None:
+            out["host_state_GiB"] = self.host_state_bytes / GiB
         if self.resident_blocks is not None:
             out["resident_blocks"] = self.resident_blocks
             out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
@@ -214,6 +220,7 @@ class MemoryReport:
             opt += f", {self.host_update_bytes / GiB:.3f} GiB of host memory read and written"
         return (f"\n  layer streaming        {self.streamed_h2d_bytes / GiB:8.3f} GiB weights in, "
                 f"{(self.streamed_d2h_bytes or 0) / GiB:.3f} GiB grads out per step; optimizer step {opt}"
+                + (f"; host state {self.host_state_bytes / GiB:.3f} GiB" if self.host_state_bytes else "")
                 + (f"; {self.microbatches} microbatches per block" if (self.microbatches or 1) > 1 else "")
                 + (self._resident_line() if self.resident_blocks or self.resident_budget_bytes is not None else "")
                 + (self._saved_line() if self.saved_blocks or self.saved_budget_bytes is not None else ""))

@@ -2,7 +2,8 @@
 
 Backward packs a block's weight gradients into one flat device buffer, copies it to the host on the
 device-to-host stream (straight into the block's ``grad_flat`` when it has no gradient yet, else into a staging
-buffer a worker adds from), and, when they are the step's final gradients, queues the block's host update right
+buffer a worker adds from; rounded to bf16 on the device first where the host keeps them in bf16,
+``streaming/bf16_grads.py``), and, when they are the step's final gradients, queues the block's host update right
 behind them. :class:`GradientPath` is mixed into :class:`~lightning_vdnn.streaming.streamer.LayerStreamer`;
 ``streaming/sharded.py`` overrides :meth:`GradientPath._reduce`.
 """
@@ -55,8 +56,13 @@ class GradientPath:
         final gradients, the block's host update is queued right behind them."""
         eng = self.engine
         dev = self._reduce(block, dev)
+        if self.grad_low is not None and block.grad_flat.dtype == self.grad_low.dtype:
+            # bf16 host gradients: the fp32 sum rounded to nearest once, here (``streaming/bf16_grads.py``)
+            dev = self.grad_low[: dev.numel()].copy_(dev)
         produced = eng.record()
         direct = block.index not in self._direct and block.can_adopt()
+        if not direct:
+            block.check_accumulation(again=block.index in self._direct)  # raises here, not later on the worker
         if direct:
             self._direct.add(block.index)
             host = block.grad_flat[: dev.numel()]

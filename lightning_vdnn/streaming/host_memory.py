@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import psutil
-from torch import nn
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
 #: Optimizer state per parameter element, in parameters' worth: Adam-like optimizers keep two moments.
 ADAM_STATES = 2
@@ -47,12 +48,14 @@ class HostNeed:
 
 
 def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = ADAM_STATES, shards: int = 1,
-                        copy_ratio: float = 0.0) -> HostNeed:
+                        copy_ratio: float = 0.0, grad_ratio: float = 1.0) -> HostNeed:
     """What streaming ``blocks`` holds in host memory: per block one flat weight buffer and one gradient buffer,
     ``optimizer_states`` parameters' worth of optimizer state (2 for Adam, 1 for SGD with momentum), and two
     gradient staging buffers the size of the largest block. With the host state partitioned over ``shards``
     ranks (``streaming/sharded.py``), each rank holds all the weights but 1/``shards`` of the rest. ``copy_ratio``:
-    bytes of the compute-dtype copy per weight byte (0.5 for bf16 slots over fp32 weights, 0 without one)."""
+    bytes of the compute-dtype copy per weight byte (0.5 for bf16 slots over fp32 weights, 0 without one);
+    ``grad_ratio``: bytes of a host gradient (and its staging) per weight byte (0.5 for bf16 gradients of fp32
+    weights, ``streaming/bf16_grads.py``)."""
     weights = resident = largest = 0
     for block in blocks:
         nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -60,8 +63,20 @@ def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = A
         largest = max(largest, nbytes)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
     part = -(-weights // shards)
-    return HostNeed(weights=weights, grads=part, optimizer=int(optimizer_states * part),
-                    staging=2 * -(-largest // shards), resident=resident, copies=int(copy_ratio * weights))
+    return HostNeed(weights=weights, grads=int(grad_ratio * part), optimizer=int(optimizer_states * part),
+                    staging=int(grad_ratio * 2 * -(-largest // shards)), resident=resident,
+                    copies=int(copy_ratio * weights))
+
+
+def held_host_bytes(blocks: Iterable[Any], staging: Iterable[Tensor], optimizers: Iterable[Optimizer]) -> int:
+    """Host bytes the streamed blocks' state holds now: weights, gradients, compute-dtype copies (``HostBlock``),
+    the gradient ``staging`` buffers, and the optimizers' per-element state of the blocks' parameters."""
+    from lightning_vdnn.streaming.host_state import optimizer_state_bytes
+
+    blocks = list(blocks)
+    held = sum(t.nbytes for b in blocks for t in (b.flat, b.grad_flat, b.copy) if t is not None)
+    held += sum(t.nbytes for t in staging)
+    return held + optimizer_state_bytes(optimizers, [p for b in blocks for p in b.params])
 
 
 def available_host_bytes() -> tuple[int, str]:
@@ -93,7 +108,8 @@ def cgroup_available_bytes(root: Optional[Path] = None) -> Optional[int]:
 
 
 def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states: float = ADAM_STATES,
-                      shards: int = 1, processes: int = 1, copy_ratio: float = 0.0) -> HostNeed:
+                      shards: int = 1, processes: int = 1, copy_ratio: float = 0.0,
+                      grad_ratio: float = 1.0) -> HostNeed:
     """Raise ``MemoryError`` if the host cannot hold what streaming ``blocks`` needs; else return the estimate.
 
     Args:
@@ -103,8 +119,9 @@ def check_host_memory(blocks: Iterable[nn.Module], where: str, optimizer_states:
         shards: ranks the gradients and optimizer state are partitioned over (1: none).
         processes: processes on this host streaming alike (a node's local ranks), each needing as much: each
             one checks that all of them fit, since they pin their buffers at about the same time.
+        copy_ratio, grad_ratio: as in :func:`required_host_bytes`.
     """
-    need = required_host_bytes(blocks, optimizer_states, shards, copy_ratio)
+    need = required_host_bytes(blocks, optimizer_states, shards, copy_ratio, grad_ratio)
     available, source = available_host_bytes()
     if need.new * processes > available:
         over = f" / {shards} ranks" if shards > 1 else ""

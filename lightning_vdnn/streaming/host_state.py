@@ -32,36 +32,72 @@ class PinnedArena:
 
     torch's pinned allocator rounds every request up to a power of two: a gpt_1b block's 201 MB of weights take
     256 MB, and so do its gradients, a quarter more host memory than streaming needs (at 96 blocks, what a
-    128 GiB host lacks). Chunks of at least :attr:`CHUNK` bytes lose only their tails. A buffer's views keep its
-    chunk alive; the arena holds only the chunk it is filling.
+    128 GiB host lacks). Chunks of at least :attr:`CHUNK` bytes lose only their tails, and a buffer goes into the
+    first chunk with room for it. Given the ``total`` bytes that will be asked for, a new chunk is the largest
+    power of two the requests still to come fill (the rest in ever smaller ones): a 4096-wide block's 805 MB of
+    weights would otherwise leave a fifth of each 1 GiB chunk empty. A buffer's views keep its chunk alive; the
+    arena holds its chunks only until it is dropped.
     """
 
     CHUNK = 2**30
     ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
 
-    def __init__(self, pin: bool) -> None:
+    def __init__(self, pin: bool, total: Optional[int] = None) -> None:
         self.pin = pin
-        self._chunk: Optional[Tensor] = None
-        self._used = 0
+        self._plan = _Chunks(self.CHUNK, self.ALIGN, total)
+        self._chunks: list[Tensor] = []
 
     def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
         """An uninitialised 1-D host buffer, page-locked when the arena pins (see :func:`host_empty`)."""
         nbytes = numel * dtype.itemsize
         if not self.pin:
             return host_empty(numel, dtype, False)
-        if self._chunk is None or self._used + nbytes > self._chunk.numel():
-            chunk = host_empty(max(self.CHUNK, 1 << max(nbytes - 1, 0).bit_length()), torch.uint8, True)
+        k, start = self._plan.place(nbytes)
+        if k == len(self._chunks):
+            chunk = host_empty(self._plan.sizes[k], torch.uint8, True)
             if not self._pinned(chunk):  # pinning failed (host_empty warned): pageable from here on
                 self.pin = False
                 return host_empty(numel, dtype, False)
-            self._chunk, self._used = chunk, 0
-        out = self._chunk[self._used:self._used + nbytes].view(dtype)
-        self._used = -(-(self._used + nbytes) // self.ALIGN) * self.ALIGN
-        return out
+            self._chunks.append(chunk)
+        return self._chunks[k][start:start + nbytes].view(dtype)
+
+    @classmethod
+    def footprint(cls, requests: Iterable[int], total: Optional[int] = None) -> int:
+        """Bytes the chunks for ``requests`` (byte counts, in order) pin: what :meth:`empty` would take."""
+        plan = _Chunks(cls.CHUNK, cls.ALIGN, total)
+        for nbytes in requests:
+            plan.place(nbytes)
+        return sum(plan.sizes)
 
     @staticmethod
     def _pinned(chunk: Tensor) -> bool:
         return chunk.is_pinned()
+
+
+class _Chunks:
+    """Where :class:`PinnedArena`'s buffers go: chunk sizes and fill levels, no memory."""
+
+    def __init__(self, chunk: int, align: int, total: Optional[int]) -> None:
+        self.chunk, self.align, self.left = chunk, align, total
+        self.sizes: list[int] = []
+        self.used: list[int] = []
+
+    def place(self, nbytes: int) -> tuple[int, int]:
+        """(chunk index, byte offset) of the next buffer of ``nbytes``; index ``len(sizes) - 1`` is new if it was
+        just added."""
+        k = next((i for i, (size, used) in enumerate(zip(self.sizes, self.used)) if used + nbytes <= size), None)
+        if k is None:
+            size = max(self.chunk, 1 << max(nbytes - 1, 0).bit_length())
+            if self.left is not None and self.left > size:
+                size = 1 << (self.left.bit_length() - 1)  # the largest power of two the requests to come fill
+            k = len(self.sizes)
+            self.sizes.append(size)
+            self.used.append(0)
+        start = self.used[k]
+        self.used[k] = -(-(start + nbytes) // self.align) * self.align
+        if self.left is not None:
+            self.left -= nbytes
+        return k, start
 
 
 class HostBlock:
@@ -187,6 +223,10 @@ class HostBlock:
         for p, v in zip(self.params, self.grad_views):
             p.grad = v
 
+    def check_accumulation(self, again: bool) -> None:
+        """Hook (``streaming/bf16_grads.py``): raise if gradients may not be added to this block's (``again``: a
+        second call of the block in this backward)."""
+
     def accumulate(self, grads: Tensor) -> None:
         """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
         current = [p.grad for p in self.params]
@@ -220,7 +260,8 @@ class HostBlock:
 
 def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> None:
     """Give each block without one a host copy of its weights in ``dtype`` (the slots'), from one arena."""
-    arena = PinnedArena(pin)
+    blocks = [b for b in blocks if b.copy is None]
+    arena = PinnedArena(pin, total=sum(b.numel * dtype.itemsize for b in blocks))
     for block in blocks:
         if block.copy is None:
             block.copy = arena.empty(block.numel, dtype)

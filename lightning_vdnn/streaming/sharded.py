@@ -96,6 +96,9 @@ class ShardedLayerStreamer(LayerStreamer):
                    resident=config.fixed_resident, microbatches=config.microbatches, local_world=local_world,
                    saved_blocks=config.streamed_saves)
 
+    def _arena_bytes(self, blocks: list[nn.Module]) -> Optional[int]:
+        return None  # the blocks' buffers are not the arena's (``ShardedHostBlock``): only the gradient staging is
+
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         return ShardedHostBlock(index, module, pin, self.rank, self.world)
 

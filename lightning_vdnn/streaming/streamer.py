@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Optional
 
@@ -48,12 +49,13 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.recompute import Recomputer
+from lightning_vdnn.streaming.bf16_grads import Bf16GradBlock, host_grad_dtype
 from lightning_vdnn.streaming.block_runs import BlockRuns
 from lightning_vdnn.streaming.calls import StreamedCall
 from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
 from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
-from lightning_vdnn.streaming.host_memory import check_host_memory
+from lightning_vdnn.streaming.host_memory import check_host_memory, held_host_bytes
 from lightning_vdnn.streaming.host_optimizer import HostStepper
 from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, move_except,
                                                  state_to_host)
@@ -136,12 +138,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
         kept = f" after the {resident} resident ones" if resident else ""
-        check_host_memory(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}",  # before pinning
-                          shards=self.world, processes=self.local_world,
-                          optimizer_states=state_parameters(self.host_state_dtype), copy_ratio=self._copy_ratio(
-                              precision, streamed))
+        weights = next(streamed[0].parameters()).dtype
+        self.grad_dtype = host_grad_dtype(self.host_state_dtype, weights, precision)
+        self.lean_grads = self.grad_dtype != weights  # bf16 gradients of fp32 weights: ``streaming/bf16_grads.py``
+        self.host_copies = self._check_host(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}", precision)
         pin = self._pin = pin_memory and self.device.type == "cuda"
-        self._arena = PinnedArena(pin)  # dropped at close: the blocks' views keep their chunks
+        self._arena = PinnedArena(pin, self._arena_bytes(streamed))  # dropped below: the views keep their chunks
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
@@ -155,8 +157,11 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
         loaded = max(b.load_numel for b in self.blocks)
         self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
-        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)
-        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.host_dtype) for _ in range(2)]
+        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)  # fp32: microbatches sum here
+        # bf16 host gradients: the fp32 sum is rounded into this on the device, then copied (half the PCIe bytes)
+        self.grad_low = (None if self.grad_dtype == self.host_dtype else
+                         torch.empty(size, dtype=self.grad_dtype, device=self.device))
+        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.grad_dtype) for _ in range(2)]
         self._arena = None
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
@@ -215,6 +220,25 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                    saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
                    host_state_dtype=config.host_state_dtype)
 
+    def _check_host(self, blocks: list[nn.Module], where: str, precision: str) -> bool:
+        """Raise ``MemoryError`` if the host cannot hold the blocks' state (``streaming/host_memory.py``), checked
+        before pinning; return whether the host update may write the compute-dtype copies the loads read: not
+        where only they do not fit (loads then copy the fp32 weights and cast them on the device)."""
+        ratio = self._copy_ratio(precision, blocks)
+        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=self.grad_dtype.itemsize / 4,
+                      optimizer_states=state_parameters(self.host_state_dtype))
+        try:
+            check_host_memory(blocks, where, copy_ratio=ratio, **kwargs)
+            return self.host_copies
+        except MemoryError:
+            if not ratio:
+                raise
+        check_host_memory(blocks, where, **kwargs)  # raises, with the numbers, if not even that fits
+        warnings.warn(f"lightning_vdnn: the host cannot also hold a {ratio:g}x copy of the weights of {where} in the "
+                      "compute dtype; loads copy the fp32 weights and cast them on the device (twice the bytes over "
+                      "PCIe per load).", stacklevel=3)
+        return False
+
     def _copy_ratio(self, precision: str, blocks: list[nn.Module]) -> float:
         """Bytes of the compute-dtype copy the host update may write (``attach_optimizers``) per weight byte,
         counted before pinning whether or not the optimizer turns out to write one."""
@@ -223,9 +247,15 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         weights = next(blocks[0].parameters())
         return compute_dtype(precision, weights.dtype).itemsize / weights.element_size()
 
+    def _arena_bytes(self, blocks: list[nn.Module]) -> Optional[int]:
+        """Hook (``streaming/sharded.py``): the bytes :meth:`_new_block` and the gradient staging ask the arena for."""
+        sizes = [sum(p.numel() for p in m.parameters()) for m in blocks]
+        weights, grads = next(blocks[0].parameters()).element_size(), self.grad_dtype.itemsize
+        return sum(n * (weights + grads) for n in sizes) + 2 * max(sizes) * grads
+
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
-        return HostBlock(index, module, pin, self._arena.empty)
+        return (Bf16GradBlock if self.lean_grads else HostBlock)(index, module, pin, self._arena.empty)
 
     # -- public ------------------------------------------------------------------------------------------
     def attach_optimizers(self, optimizers: Iterable[Optimizer]) -> None:
@@ -317,7 +347,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         checkpointing_on(self._checkpointed)
         if self._head is not None:
             self._head.close()
-        self.slots, self.stage, self.grad_dev = [], None, None
+        self.slots, self.stage, self.grad_dev, self.grad_low = [], None, None, None
 
     @property
     def resident(self) -> int:
@@ -327,8 +357,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
     def stats(self) -> dict[str, Any]:
         """Bytes streamed in the last optimizer step, worker time of the blocks' host updates since the step
         before, and how long training waited for them (totals so far before the first step); the microbatches,
-        the resident blocks and the saving ones."""
+        the resident blocks and the saving ones; the host bytes the blocks' state holds now."""
         fixed = {"microbatches": self.microbatches, "resident_blocks": self.resident,
+                 "host_state_bytes": held_host_bytes(self.blocks, self.grad_host, [s.optimizer for s in self.steppers]),
                  "resident_recomputed_blocks": self.resident - self.recompute_from, "saved_blocks": len(self.saving)}
         if self._last_step is not None:
             return {**self._last_step, **fixed}
