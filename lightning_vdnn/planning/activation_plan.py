@@ -60,7 +60,7 @@ the subset-sum that keeps the most bytes that fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import psutil
@@ -187,8 +187,7 @@ class AutoPlanner:
             warmed, self._profiles, self.warmup = self._profiles, [], 0  # once: later re-profiles plan at once
             layers = least_times(layers, warmed)
             if not self.recompute:
-                layers = [LayerProfile(p.saved_bytes, None, p.forward_ms, p.transfer_ms, p.overlap_ms, p.inputs)
-                          for p in layers]
+                layers = [replace(p, recompute_bytes=None, segment=None) for p in layers]
             if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
