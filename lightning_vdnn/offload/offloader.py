@@ -9,7 +9,9 @@ brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py
 the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
-tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
+tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly. What a save
+holds on the device counts per storage, whole and once (``offload/ledger.py``, which also keeps each pass's
+record of what was kept and what moved): a storage stays allocated while any view of it is saved.
 
 A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
 (``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks), one by
