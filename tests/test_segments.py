@@ -333,17 +333,31 @@ def test_a_model_that_no_longer_chains_its_layers_is_told_what_changed():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_vgg_segments_on_cuda_train_like_plain_within_the_budget(dear_copies):
-    """VGG with BatchNorm, leaf layers, copies made dear: at a budget halfway between the all-offloaded peak and
-    plain's, the plan recomputes segments; fp32 training equals plain and the measured peak keeps the budget (2%)."""
+    """VGG with BatchNorm, leaf layers, copies made dear: at a budget halfway between the planner's own floor (its
+    all-offloaded profile, measured as it measures it) and plain's peak, the plan recomputes segments, the measured
+    peak keeps the budget (2%), and fp32 training matches plain as closely as plain matches itself.
+
+    cuDNN runs deterministic algorithms (its default ones differ run to run beyond 1e-4 over five steps), and the
+    budget comes from the same runs' floor, so it is above it under these algorithms too. Max pooling's backward
+    has no deterministic kernel: plain runs twice, and its own spread widens the tolerance."""
     import lightning as L
 
     from lightning_vdnn.examples.models.vgg import VGG, VGGConfig
 
-    def run(strategy, steps=5):
+    floors: list[int] = []
+
+    class Floor(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            planner = trainer.strategy._planner
+            if planner is not None and planner._floor is not None:
+                floors.append(planner._floor)
+
+    def run(strategy, steps=5, callbacks=()):
         L.seed_everything(0, verbose=False)
         module = Classifier(VGG(VGGConfig.from_name("vgg_tiny", batch_norm=True, image_size=64)))
         trainer = L.Trainer(strategy=strategy, accelerator="gpu", devices=1, max_steps=steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=list(callbacks))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         g = torch.Generator().manual_seed(0)
@@ -352,12 +366,25 @@ def test_vgg_segments_on_cuda_train_like_plain_within_the_budget(dear_copies):
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=64))
         return module, trainer, torch.cuda.max_memory_allocated()
 
-    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0))
-    _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0), steps=1)
-    budget = floor + (plain_peak - floor) // 2
-    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget))
+    def spread(a, b):
+        losses = (torch.tensor(a.losses) - torch.tensor(b.losses)).abs().max().item()
+        params = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+        return losses, params
+
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0))
+        again, _, _ = run(VDNNStrategy("none", min_offload_bytes=0))
+        run(VDNNStrategy("auto", min_offload_bytes=0), steps=3, callbacks=[Floor()])  # no budget: profile only
+        floor = floors[-1]
+        assert floor < plain_peak
+        budget = floor + (plain_peak - floor) // 2
+        got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget))
     report = trainer.strategy.memory_report()
-    print(f"\nplain {plain_peak / MiB:.1f} MiB, floor {floor / MiB:.1f} MiB, budget {budget / MiB:.1f} MiB\n{report}")
-    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
-    assert_same_params(got, ref, rtol=1e-3, atol=1e-5)
+    (loss_spread, param_spread), (loss_diff, param_diff) = spread(ref, again), spread(got, ref)
+    print(f"\nplain {plain_peak / MiB:.1f} MiB, floor {floor / MiB:.1f} MiB, budget {budget / MiB:.1f} MiB; plain "
+          f"against itself: losses {loss_spread:.2e}, parameters {param_spread:.2e}; vdnn against plain: losses "
+          f"{loss_diff:.2e}, parameters {param_diff:.2e}\n{report}")
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4,
+                               atol=max(1e-5, 4 * loss_spread))
+    assert_same_params(got, ref, rtol=1e-3, atol=max(1e-5, 4 * param_spread))
     assert report.segments and report.budget_kept

@@ -9,7 +9,9 @@ brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py
 the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
-tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly.
+tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly. What a save
+holds on the device counts per storage, whole and once (``offload/ledger.py``, which also keeps each pass's
+record of what was kept and what moved): a storage stays allocated while any view of it is saved.
 
 A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
 (``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks), one by
@@ -30,6 +32,7 @@ from torch import nn
 
 from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_call_hooks
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
+from lightning_vdnn.offload.ledger import SaveLedger
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recomputer, SegmentRunner, Timer
@@ -199,6 +202,7 @@ class ActivationOffloader(PassRecords):
                 self._capturing = False
                 self.finish_pass()
             self._trace = PassTrace(self.engine)
+            self._ledger = SaveLedger(self._trace)
             self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
             if self.grouping == "tensor":
                 self._trace.names = []  # no layers: the report has no per-layer rows
@@ -214,10 +218,7 @@ class ActivationOffloader(PassRecords):
 
     def _reset_pass(self) -> None:
         self._groups: list[list[Offloaded]] = [[]]
-        self._by_span: dict[tuple[int, int, int], Offloaded] = {}
-        # address keys -> (storage ref, kept by the plan, group of the first save); the ref is checked: freed
-        # addresses are reused
-        self._kept: dict[tuple[int, int, int], tuple[weakref.ref, bool, int]] = {}
+        self._ledger = SaveLedger(self._trace)
         self._expensive_inputs: dict[int, weakref.ref] = {}
         self._pending: collections.deque[Offloaded] = collections.deque()
         self._inflight = 0
@@ -283,34 +284,17 @@ class ActivationOffloader(PassRecords):
         key, nbytes = span_of(t)
         with self._lock:
             self._poll()
-            self._trace.saved += 1
-            if self._trace.probe is not None:
-                self._trace.probe.saved(key, nbytes, t, len(self._groups) - 1)
-            entry = self._by_span.get(key)
-            if entry is None or entry.src() is not storage:
-                group = len(self._groups) - 1
-                seen = self._kept.get(key)
-                if seen is not None and seen[0]() is not storage:
-                    seen = None  # a freed tensor's address, reused
-                if seen is not None and seen[1]:
-                    return t  # kept by the plan when first saved: a later save by an offloaded layer follows
-                wanted = self._wants(storage, nbytes)
-                planned_keep = wanted and self.keep_layers is not None and group in self.keep_layers
-                if not wanted or planned_keep:
-                    if seen is None:
-                        self._trace.kept_bytes += nbytes
-                        self._trace.kept_by_group[group] += nbytes
-                    self._kept[key] = (weakref.ref(storage), planned_keep, group if seen is None else seen[2])
-                    if wanted:
-                        self._trace.candidate_bytes[group] += nbytes
+            trace, group = self._trace, len(self._groups) - 1
+            trace.saved += 1
+            if trace.probe is not None:
+                trace.probe.saved(key, nbytes, t, group)
+            entry = self._ledger.moved(key, storage)
+            if entry is None:
+                if not self._ledger.decide(key, storage, nbytes, group, self._wants(storage, nbytes),
+                                           self.keep_layers):
                     return t
-                if seen is not None:  # kept by policy at its first save, wanted now (a conv's input): moved
-                    self._trace.kept_bytes -= nbytes
-                    self._trace.kept_by_group[seen[2]] -= nbytes
-                    del self._kept[key]
-                self._trace.candidate_bytes[group] += nbytes
                 entry = self._offload(storage, key[1], nbytes)
-                self._by_span[key] = entry
+                self._ledger.add_moved(key, entry)
         return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
     def _wants(self, storage: torch.UntypedStorage, nbytes: int) -> bool:

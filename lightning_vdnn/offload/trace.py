@@ -34,16 +34,19 @@ class LayerProfile:
     """One layer (a call of a layer module, forward order) as the solver sees it.
 
     Attributes:
-        saved_bytes: what its forward saves for backward that offload could move (``b``).
+        saved_bytes: what its forward saves for backward that offload could move (``b``), as device memory: each
+            storage whole and once, for the layer whose save first keeps it alive (``offload/ledger.py``).
         recompute_bytes: what it still saves when its forward runs again in backward (``r``): its inputs that no
             earlier layer saved, and what code between it and the next layer saves. None: it cannot be
             recomputed (the part before the first layer, BatchNorm running statistics, an input modified in
             place, tensors a later layer saves too; see ``offload/recompute_probe.py``).
         forward_ms: its forward's compute: what a recompute costs again (``f``).
-        transfer_ms: one copy of ``saved_bytes``, either way, at the measured bandwidth (``t``).
+        transfer_ms: one copy of ``copied_bytes``, either way, at the measured bandwidth (``t``).
         overlap_ms: compute a copy can hide under: the next layer's forward (``w``); 0 where copies are inline.
         inputs: shapes of its tensor inputs: the planner starts over when they change.
         segment: what it contributes to a run of layers recomputed as one segment; None: it cannot be in one.
+        copied_bytes: what offloading it copies to the host, span by span (views of one storage are copied
+            apiece, so this can exceed ``saved_bytes``); None: ``saved_bytes``.
     """
 
     saved_bytes: int
@@ -53,9 +56,10 @@ class LayerProfile:
     overlap_ms: float = 0.0
     inputs: tuple = ()
     segment: Optional[SegmentFacts] = None
+    copied_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for name in ("saved_bytes", "recompute_bytes"):
+        for name in ("saved_bytes", "recompute_bytes", "copied_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
                 raise ValueError(f"LayerProfile {name}={value!r} must be a byte count >= 0.")
@@ -69,6 +73,11 @@ class LayerProfile:
         """Copy time not hidden: out beside the next layer's forward, back beside its backward (twice as long)."""
         t, w = self.transfer_ms, self.overlap_ms
         return max(0.0, t - w) + max(0.0, t - 2 * w)
+
+    @property
+    def offload_bytes(self) -> int:
+        """Bytes offloading it copies to the host (``copied_bytes``, else ``saved_bytes``)."""
+        return self.saved_bytes if self.copied_bytes is None else self.copied_bytes
 
     @property
     def rebuilt_bytes(self) -> int:
@@ -165,7 +174,10 @@ class PassTrace:
         self.start = engine.record()
         self.saved = self.offloaded_bytes = self.offloaded_tensors = self.kept_bytes = self.prefetched_bytes = 0
         self.groups = 0
-        self.candidate_bytes: dict[int, int] = collections.defaultdict(int)  # per layer: what "all" would move
+        # per layer, of what the policy would move (``offload/ledger.py``): device bytes, each storage once (what
+        # keeping the layer holds), and bytes copied, each span once (what moving it copies)
+        self.candidate_bytes: dict[int, int] = collections.defaultdict(int)
+        self.copy_bytes: dict[int, int] = collections.defaultdict(int)
         self.kept_by_group: dict[int, int] = collections.defaultdict(int)
         self.offloaded_by_group: dict[int, int] = collections.defaultdict(int)
         self.names: list[str] = [BEFORE_FIRST_LAYER]
@@ -213,7 +225,8 @@ class PassTrace:
         (transfer at the bandwidth its copies reached) and, if it recomputed nothing, recompute sizes."""
         inputs = self.inputs + [()] * (self.groups - len(self.inputs))
         if self.timeline is None:
-            return [LayerProfile(self.candidate_bytes.get(g, 0), inputs=inputs[g]) for g in range(self.groups)]
+            return [LayerProfile(self.candidate_bytes.get(g, 0), inputs=inputs[g],
+                                 copied_bytes=self.copy_bytes.get(g, 0)) for g in range(self.groups)]
         moved = self.offloaded_bytes + self.prefetched_bytes
         ms_per_byte = (elapsed_ms(self.d2h) + elapsed_ms(self.h2d)) / moved if moved else 0.0
         compute, module = self.timeline.compute_ms(), self.timeline.module_ms()
@@ -221,10 +234,11 @@ class PassTrace:
         module += [0.0] * (self.groups - len(module))
         out = []
         for g in range(self.groups):
-            saved = self.candidate_bytes.get(g, 0)
+            copied = self.copy_bytes.get(g, 0)
             out.append(LayerProfile(
-                saved, self.probe.recompute_bytes(g) if self.probe is not None else None, forward_ms=module[g],
-                transfer_ms=saved * ms_per_byte, overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
+                self.candidate_bytes.get(g, 0), self.probe.recompute_bytes(g) if self.probe is not None else None,
+                forward_ms=module[g], transfer_ms=copied * ms_per_byte, copied_bytes=copied,
+                overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
                 inputs=inputs[g], segment=self.probe.segment_facts(g) if self.probe is not None else None))
         return out
 
@@ -265,7 +279,8 @@ class PassRecords:
         return self._passes
 
     def layer_bytes(self) -> list[int]:
-        """Bytes per layer (forward order) of the last pass that its policy would offload, kept or not."""
+        """Device bytes per layer (forward order, each storage once) of the last pass that its policy would offload,
+        kept or not."""
         trace = self._last
         if trace is None:
             return []

@@ -4,9 +4,10 @@ the device, offload them to the host, or recompute the layer in backward.
 Profile. The first step offloads everything (safe: the least device memory it can take) and is measured (on a GPU
 the second: the first is a warm-up, slowed by library set-up and by pinning the host buffers, see ``warmup``): its
 peak, ``floor``; the peak when forward ends, ``forward_peak``; and per layer a :class:`LayerProfile` (``offload/trace.py``,
-``offload/recompute_probe.py``): the bytes it saves for backward ``b``, what it would still save if recomputed ``r`` (its inputs
+``offload/recompute_probe.py``): the bytes it saves for backward ``b`` (device memory: each saved storage whole
+and once, ``offload/ledger.py``), what it would still save if recomputed ``r`` (its inputs
 that no earlier layer saved, and what functional code after it saves), its forward compute time ``f``, the time
-``t`` one copy of ``b`` takes at the bandwidth the step's copies reached, and the compute ``w`` a copy can hide
+``t`` one copy of its saves takes (span by span, as the offloader copies them) at the bandwidth the step's copies reached, and the compute ``w`` a copy can hide
 under. The profiling step runs before its optimizer step creates the optimizer state, which every later step holds
 through forward and backward: :class:`Later` raises the measured peaks by it. The plan is reused every step, and
 made again when the layers' input shapes change (an epoch's short last batch, a new sequence length) or a
@@ -60,7 +61,7 @@ the subset-sum that keeps the most bytes that fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import psutil
@@ -187,8 +188,7 @@ class AutoPlanner:
             warmed, self._profiles, self.warmup = self._profiles, [], 0  # once: later re-profiles plan at once
             layers = least_times(layers, warmed)
             if not self.recompute:
-                layers = [LayerProfile(p.saved_bytes, None, p.forward_ms, p.transfer_ms, p.overlap_ms, p.inputs)
-                          for p in layers]
+                layers = [replace(p, recompute_bytes=None, segment=None) for p in layers]
             if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak

@@ -40,8 +40,9 @@ class Plan:
 
     Attributes:
         kept: layers whose saved activations stay on the device.
-        offloaded_bytes: bytes the offloaded layers move to the host each step.
-        kept_bytes: bytes left on the device: kept layers' and what recomputed layers still save.
+        offloaded_bytes: bytes the offloaded layers copy to the host each step (span by span).
+        kept_bytes: bytes left on the device (each saved storage whole and once): kept layers' and what
+            recomputed layers still save.
         predicted_peak: device memory the step is predicted to peak at (the model in this module's docstring).
         budget: the budget it was made for.
         recomputed: layers whose forward runs again in backward.
@@ -250,7 +251,7 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
     seg = [segment_bytes(layers, first, end) for first, end in segments]
     return Plan(
         kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments),
-        offloaded_bytes=sum(p.saved_bytes for p in offloaded),
+        offloaded_bytes=sum(p.offload_bytes for p in offloaded),
         kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone)
         + sum(h for h, _ in seg),
         recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg),

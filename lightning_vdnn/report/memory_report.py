@@ -18,8 +18,10 @@ class LayerStats:
     Attributes:
         index: position in forward order (a layer called twice has two rows); plans index layers so.
         name: the module's qualified name (``"(before the first layer)"`` for row 0).
-        saved_bytes: bytes of saved activations (each storage once), kept plus offloaded.
-        offloaded_bytes: bytes of those copied to host memory; the rest stayed on the device.
+        saved_bytes: bytes of saved activations, kept plus offloaded.
+        offloaded_bytes: bytes of those copied to host memory (each span of storage a saved view covers once:
+            views of one storage are copied apiece); the rest stayed on the device (each storage whole and once:
+            a storage stays allocated while any view of it is saved).
         decision: ``"keep"``, ``"offload"`` or ``"recompute"``: the plan's choice under ``"auto"`` (a recomputed
             layer's ``saved_bytes`` are what it still saves: its inputs and the code after it); under a fixed
             policy, ``"offload"`` when anything of the layer moved.
@@ -61,9 +63,10 @@ class MemoryReport:
     Attributes:
         step: how many forward/backward passes the offloader has finished.
         policy: the offload policy that ran (``"auto"`` shows what it resolved to).
-        offloaded_bytes: bytes of saved activations copied to host memory (each storage once).
-        offloaded_tensors: how many storages were copied.
-        kept_bytes: bytes of saved activations left on the device (below threshold, or not chosen).
+        offloaded_bytes: bytes of saved activations copied to host memory (each span once).
+        offloaded_tensors: how many spans were copied.
+        kept_bytes: bytes of saved activations left on the device (below threshold, or not chosen), each storage
+            whole and once.
         prefetched_bytes: bytes brought back to the device for backward (less than offloaded when a tensor was
             still resident and reused without a copy).
         d2h_ms / h2d_ms: time the copies took on their side streams.
