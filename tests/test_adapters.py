@@ -194,6 +194,41 @@ def test_ddp_ignore_marks_what_ddp_reads():
     assert not any(hasattr(t, torch_adapter.DDP_IGNORED_FLAG) for t in (*module.parameters(), *module.buffers()))
 
 
+def test_optimizer_zero_grad_still_has_no_public_hook():
+    """``around_zero_grad`` wraps the instance's ``zero_grad`` because torch has no hook for it (it has for
+    ``step``: ``streaming/step_hooks.py`` uses those); once torch adds one, use it and drop the wrapper."""
+    hooks = [n for n in dir(torch.optim.Optimizer) if n.startswith("register") and "zero_grad" in n]
+    assert not hooks, f"torch.optim.Optimizer now has {hooks}: use it instead of adapters.torch.around_zero_grad"
+    params = inspect.signature(torch.optim.Optimizer.zero_grad).parameters
+    assert list(params) == ["self", "set_to_none"] and params["set_to_none"].default is True, (
+        f"Optimizer.zero_grad{inspect.signature(torch.optim.Optimizer.zero_grad)} changed its signature, which "
+        "adapters.torch.around_zero_grad repeats")
+
+
+def test_around_zero_grad_runs_the_override_once_between_the_callbacks():
+    calls = []
+
+    class Counting(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(("zero_grad", set_to_none))
+            super().zero_grad(set_to_none)
+
+    p = nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    opt = Counting([p], lr=0.1)
+    undo = torch_adapter.around_zero_grad(opt, lambda s: calls.append(("before", s)),
+                                          lambda s: calls.append(("after", s)))
+    opt.zero_grad(set_to_none=False)
+    opt.zero_grad()
+    assert calls == [("before", False), ("zero_grad", False), ("after", False),
+                     ("before", True), ("zero_grad", True), ("after", True)]
+    assert p.grad is None
+    undo()
+    assert "zero_grad" not in opt.__dict__
+    opt.zero_grad()
+    assert calls[-1] == ("zero_grad", True) and len(calls) == 7
+
+
 # -- the public hooks used instead -------------------------------------------------------------------------
 def test_rng_state_replays_and_rewinds_as_checkpoint_would():
     torch.manual_seed(0)

@@ -39,9 +39,9 @@ def free_stale_grads(trainer: Any, batch_idx: int) -> bool:
     """At the start of batch ``batch_idx``: set the optimizers' gradients to None now if Lightning will zero
     them in this batch (the first of an accumulation window) and :func:`frees_early`; returns whether it did.
 
-    Layer streaming wraps ``zero_grad`` on the instance (``host_optimizer.py``); with ``set_to_none`` on one
-    device the wrapper adds nothing to this (a block's ``p.grad`` is its record), and its queued updates hold
-    their own references to the gradients they read."""
+    Layer streaming wraps ``zero_grad`` on the instance (``integrations/adapters/torch.py``); with
+    ``set_to_none`` on one device the wrapper adds nothing to this (a block's ``p.grad`` is its record), and its
+    queued updates hold their own references to the gradients they read."""
     if batch_idx % trainer.accumulate_grad_batches or not frees_early(trainer):
         return False
     for optimizer in trainer.optimizers:

@@ -216,9 +216,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if self._streamer.lean_grads:
                 _check_bf16_grads(trainer)
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
-            if self.config.offload_optimizer:  # first: its step wrapper runs inside the blocks' (after backward)
-                self._outside = self._step_outside_on_host()
             self._streamer.attach_optimizers(self.optimizers)
+            if self.config.offload_optimizer:  # after: its step hook runs once the blocks' updates are queued
+                self._outside = self._step_outside_on_host()
             if self.config.auto_resident or self.config.saved_blocks == "auto":  # one or the other (config.py)
                 meter = self.peak_meter or PeakMeter(self.root_device)
                 budget = device_budget(self.config.budget, self.root_device)
@@ -268,6 +268,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             self._streamer = switch(streamer, choice, self.optimizers, self._build_streamer)
             if self._streamer is not streamer:
                 self._eager_before += eager
+                for outside in self._outside:
+                    outside.rehook()  # after the new streamer's hooks, as at setup
             rank_zero_info(f"lightning_vdnn resident_blocks='auto': {choice.describe(len(streamer.container))}.")
             if planner is not None:  # blocks first: activations get what they leave, measured afresh
                 planner.plan = None
@@ -336,7 +338,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if chunks is not None:
                 closing.callback(chunks.close)
             closing.callback(self._close_offloader)
-            for stepper in reversed(outside):  # after the blocks' steppers, which wrap it
+            for stepper in reversed(outside):
                 closing.callback(stepper.close)
             if streamer is not None:
                 closing.callback(streamer.close)

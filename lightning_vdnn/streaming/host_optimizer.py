@@ -1,10 +1,12 @@
 """The host side of L2L's optimizer: each streamed block is updated on a worker thread, off the step's path.
 
 The user's optimizer keeps its class, hyper-parameters, param groups, state and schedule; what changes is
-*when* the blocks' share of ``optimizer.step()`` runs. A :class:`HostStepper` wraps ``optimizer.step``: the
-body steps only the modules that live on the device, while every block gets its own update job on a worker
-thread, run by a small optimizer of the same class over aliases of the block's host weights, sharing the
-user's per-parameter state dictionaries (so ``optimizer.state_dict()`` and checkpoints are unchanged).
+*when* the blocks' share of ``optimizer.step()`` runs. Through torch's step hooks (``streaming/step_hooks.py``;
+nothing of the optimizer is replaced but ``zero_grad``, which has no hook: ``integrations/adapters/torch.py``),
+a :class:`HostStepper` lets the optimizer's own update step only the modules that live on the device, while
+every block gets its own update job on a worker thread, run by a small optimizer of the same class over
+aliases of the block's host weights, sharing the user's per-parameter state dictionaries (so
+``optimizer.state_dict()`` and checkpoints are unchanged).
 
 Two moments to start a block's update, both exactly what the plain optimizer would compute:
 
@@ -21,20 +23,22 @@ teardown). A parameter read directly (``p.clone()``) between the step and the ne
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
 import time
-import types
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_vdnn.integrations.adapters.torch import around_zero_grad
 from lightning_vdnn.streaming.host_state import HostBlock
 from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
+from lightning_vdnn.streaming.step_hooks import StepHooks
 
 #: Optimizer classes with a fused CPU kernel (one multi-threaded pass over a block, no per-tensor loop).
 _FUSED_ON_CPU: tuple[type, ...] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -161,7 +165,7 @@ class HostStepper:
     """Runs the streamed blocks' share of ``optimizer.step()`` on a worker thread (see the module docstring).
 
     Args:
-        optimizer: the user's optimizer; its ``step`` is wrapped until :meth:`close`.
+        optimizer: the user's optimizer; hooked (``step``, ``zero_grad``) until :meth:`close`.
         blocks: the streamed blocks; their parameters in ``optimizer`` are stepped here.
         eager: allow updates during backward (the strategy turns it off when clipping or a loss scaler could
             still change the gradients after backward).
@@ -192,17 +196,17 @@ class HostStepper:
         self.update_ms = 0.0   # worker time of block updates not yet reported
         self.wait_ms = 0.0     # time the training thread waited for them, not yet reported
         self.eager_updates = 0  # block updates queued during backward so far
-        # Wrapped on the instance, not through ``register_step_pre_hook``: ``zero_grad`` has no public hook, and
-        # the step must run the closure (its backward is the step's, for eager updates) before every step
-        # pre-hook, while ``host_outside.OutsideStepper``, installed first, must run inside it, after that
-        # backward: pre-hooks run in registration order and cannot nest. ``close`` restores both.
-        self._previous = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
-        optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
-        optimizer.zero_grad = types.MethodType(_wrapped_zero_grad(self, optimizer.zero_grad), optimizer)
+        self._stashed: list[tuple[Tensor, Tensor]] = []
+        # torch's public step hooks: block jobs queued (and their gradients hidden from the body, which then
+        # steps the device modules only) after the step's backward, gradients back after the step
+        # (``streaming/step_hooks.py``). ``zero_grad`` has none: the torch adapter wraps it (see ``_before_zero``).
+        self._hooks = StepHooks(optimizer, self._submit_all, self._restore_grads, self._stepping_backward)
+        self._unwrap_zero_grad = around_zero_grad(optimizer, self._before_zero, self._after_zero)
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def can_update_now(self) -> bool:
-        """True inside ``optimizer.step(closure)`` in eager mode: this backward's gradients are the step's."""
+        """True inside ``optimizer.step(closure)``'s closure in eager mode: this backward's gradients are the
+        step's (whoever calls the step: Lightning, Fabric, a plain loop)."""
         return self.eager and self._in_step
 
     def submit(self, index: int) -> None:
@@ -292,56 +296,46 @@ class HostStepper:
             self.wait(index)
 
     def close(self) -> None:
-        """Finish queued updates and give ``optimizer.step`` back."""
+        """Finish queued updates and remove the hooks from the optimizer."""
         try:
             self.wait_all()
         finally:
             self._worker.shutdown()
             if self.update_pass is not None:
                 self.update_pass.close()
-            for name, previous in self._previous.items():
-                if previous is None:
-                    self.optimizer.__dict__.pop(name, None)
-                else:
-                    setattr(self.optimizer, name, previous)
+            self._hooks.remove()
+            self._unwrap_zero_grad()
 
-    # -- the wrapped step ----------------------------------------------------------------------------------
-    def _step(self, original: Callable[..., Any], closure: Optional[Callable[[], Any]], **kwargs: Any) -> Any:
-        loss = None
-        if closure is not None:  # run it here, as torch's step would, to know its backward is the step's
-            self._in_step = True
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            finally:
-                self._in_step = False
-        for index in range(len(self.blocks)):  # first block first: the next forward needs it first
+    # -- inside optimizer.step and zero_grad ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stepping_backward(self) -> Iterator[None]:
+        """Around ``optimizer.step(closure)``'s closure: its backward's gradients are the step's."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+
+    def _submit_all(self) -> None:
+        """The step's gradients exist: queue every block not queued yet during backward, first block first (the
+        next forward needs it first), and hide the block gradients from the optimizer's own update."""
+        for index in range(len(self.blocks)):
             self.submit(index)
         self._updated.clear()
-        stashed = [(p, p.grad) for p in self._block_params if p.grad is not None]
-        for p, _ in stashed:
-            p.grad = None  # the body steps the device modules only; the jobs hold the block gradients
-        try:
-            original(**kwargs)
-        finally:
-            for p, g in stashed:
-                p.grad = g  # visible to callbacks after the step, until zero_grad
-        return loss
+        self._stashed = [(p, p.grad) for p in self._block_params if p.grad is not None]
+        for p, _ in self._stashed:
+            p.grad = None  # the jobs hold them
 
+    def _restore_grads(self) -> None:
+        """After the step: the block gradients visible again (to callbacks, clipping logs), until ``zero_grad``."""
+        stashed, self._stashed = self._stashed, []
+        for p, g in stashed:
+            p.grad = g
 
-def _wrapped_zero_grad(stepper: HostStepper, original: Callable[..., Any]) -> Callable[..., Any]:
-    def zero_grad(opt: Optimizer, set_to_none: bool = True) -> None:
+    def _before_zero(self, set_to_none: bool) -> None:
         if not set_to_none:
-            stepper.wait_all()  # zeroing in place would rewrite gradients a queued update still reads
-        original(set_to_none=set_to_none)
-        for sub in stepper._subs:
+            self.wait_all()  # zeroing in place would rewrite gradients a queued update still reads
+
+    def _after_zero(self, set_to_none: bool) -> None:
+        for sub in self._subs:
             sub.block.clear_grads(sub.keys, set_to_none)
-    return zero_grad
-
-
-def _wrapped_step(stepper: Any, original: Callable[..., Any]) -> Callable[..., Any]:
-    """``optimizer.step`` routed through ``stepper._step(original, closure)`` (``HostStepper``, and
-    ``host_outside.OutsideStepper``)."""
-    def step(opt: Optimizer, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
-        return stepper._step(original, closure, **kwargs)
-    return step

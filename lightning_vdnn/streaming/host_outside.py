@@ -9,27 +9,30 @@ checkpoints are unchanged), and the masters are copied back into the device para
 copies. The device saves the optimizer state (8 bytes per parameter with Adam); the step waits for the update,
 a small share of an L2L model's parameters.
 
+It acts through torch's step hooks (``streaming/step_hooks.py``), nothing of the optimizer replaced; installed
+after the blocks' :class:`~lightning_vdnn.streaming.host_optimizer.HostStepper`, its update runs after theirs are
+queued, so that the blocks' jobs overlap it.
+
 A device parameter written by anyone else (``load_state_dict``, a resumed checkpoint, your own code) is the
 newer value: its master is refreshed from it before the next update.
 """
 
 from __future__ import annotations
 
-import types
-from typing import Any, Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_vdnn.streaming.host_state import host_empty, state_to_host
-from lightning_vdnn.streaming.host_optimizer import _FUSED_ON_CPU, _hyper, _wrapped_step
+from lightning_vdnn.streaming.host_optimizer import _FUSED_ON_CPU, _hyper
+from lightning_vdnn.streaming.step_hooks import StepHooks
 
 
 class OutsideStepper:
-    """Steps ``params`` of ``optimizer`` on the host (see the module docstring); wraps ``optimizer.step`` until
-    :meth:`close`. Install it before the blocks' :class:`~lightning_vdnn.streaming.host_optimizer.HostStepper`, so that
-    this wrapper runs inside theirs, after the closure's backward.
+    """Steps ``params`` of ``optimizer`` on the host (see the module docstring); hooks ``optimizer.step`` until
+    :meth:`close`. Install it after the blocks' :class:`~lightning_vdnn.streaming.host_optimizer.HostStepper`.
 
     Args:
         optimizer: the user's optimizer.
@@ -56,8 +59,8 @@ class OutsideStepper:
         self.sub: Optional[Optimizer] = type(optimizer)(groups, **extra) if self.params else None
         self._versions = [p._version for p in self.params]
         self.keep_state_on_host()
-        self._previous = optimizer.__dict__.get("step")
-        optimizer.step = types.MethodType(_wrapped_step(self, optimizer.step), optimizer)
+        self._stashed: list[tuple[nn.Parameter, Tensor]] = []
+        self._hooks = StepHooks(optimizer, self._step_on_host, self._restore_grads)
 
     def _add(self, p: nn.Parameter, pin: bool) -> Tensor:
         master = host_empty(p.numel(), p.dtype, pin).view(p.shape)
@@ -72,29 +75,28 @@ class OutsideStepper:
         state_to_host(self.optimizer, self.params)
 
     def close(self) -> None:
-        """Give ``optimizer.step`` back; the device parameters hold the masters' values already."""
-        if self._previous is None:
-            self.optimizer.__dict__.pop("step", None)
-        else:
-            self.optimizer.step = self._previous
+        """Remove the hooks; the device parameters hold the masters' values already."""
+        self._hooks.remove()
 
-    def _step(self, original: Callable[..., Any], closure: Optional[Callable[[], Any]], **kwargs: Any) -> Any:
-        loss = None
-        if closure is not None:  # not inside a HostStepper, which runs the closure itself
-            with torch.enable_grad():
-                loss = closure()
+    def rehook(self) -> None:
+        """Hooks again, now after any registered since (a rebuilt streamer's ``HostStepper``)."""
+        self._hooks.remove()
+        self._hooks = StepHooks(self.optimizer, self._step_on_host, self._restore_grads)
+
+    def _step_on_host(self) -> None:
+        """Inside the step, after its backward: the host update, and the gradients hidden from the optimizer's own
+        update, which steps what stays on the device."""
         stepping = [k for k, p in enumerate(self.params) if p.grad is not None]
         if stepping:
             self._update(stepping)
-        stashed = [(p, p.grad) for p in self.params if p.grad is not None]
-        for p, _ in stashed:
-            p.grad = None  # the body steps what stays on the device
-        try:
-            original(**kwargs)
-        finally:
-            for p, g in stashed:
-                p.grad = g
-        return loss
+        self._stashed = [(p, p.grad) for p in self.params if p.grad is not None]
+        for p, _ in self._stashed:
+            p.grad = None
+
+    def _restore_grads(self) -> None:
+        stashed, self._stashed = self._stashed, []
+        for p, g in stashed:
+            p.grad = g
 
     @torch.no_grad()
     def _update(self, stepping: list[int]) -> None:

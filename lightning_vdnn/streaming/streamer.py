@@ -269,6 +269,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                 raise TypeError(f"layer streaming cannot step {type(opt).__name__} over the blocks at {self.path!r}: "
                                 f"it needs an elementwise optimizer. Supported: {names}.")
             self.keep_state_on_host(opt)
+            # first: host gradients complete before the stepper's pre-hook queues the blocks' updates
+            self._hooks.append(opt.register_step_pre_hook(self._before_step))
+            self._hooks.append(opt.register_step_post_hook(self._after_step))
             # fused on a GPU run, where the plain optimizer would use a multi-tensor kernel too; on a CPU device
             # the per-tensor loop, which is what plain training runs there (bit-for-bit comparable)
             stepper = HostStepper(opt, self.blocks, eager=self.eager_updates, fused=self.engine.is_cuda,
@@ -277,8 +280,6 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             if self.host_copies and stepper.update_pass is not None and self.dtype != self.host_dtype:
                 add_copies(self.blocks, self.dtype, self._pin)  # the update writes what loads copy
                 self.stage = None  # loads copy bf16 and cast nothing on the device: no fp32 staging buffer
-            self._hooks.append(opt.register_step_pre_hook(self._before_step))
-            self._hooks.append(opt.register_step_post_hook(self._after_step))
 
     def load_optimizer_states(self, optimizers: Iterable[Optimizer], states: Iterable[dict]) -> None:
         """``optimizer.load_state_dict`` for each, the blocks' state kept in host memory. Not Lightning's loading,

@@ -6,10 +6,12 @@ that changed). Public torch API is used directly everywhere else.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import functools
+from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from torch.utils.checkpoint import _get_autocast_kwargs
 
 #: The torch release this module was written (and tested) against.
@@ -37,3 +39,32 @@ def ddp_unignore(module: nn.Module) -> None:
     module.__dict__.pop(DDP_IGNORE_LIST, None)
     for t in (*module.parameters(), *module.buffers()):
         t.__dict__.pop(DDP_IGNORED_FLAG, None)
+
+
+def around_zero_grad(optimizer: Optimizer, before: Callable[[bool], None],
+                     after: Callable[[bool], None]) -> Callable[[], None]:
+    """Call ``before(set_to_none)`` and ``after(set_to_none)`` around each ``optimizer.zero_grad`` (the class's
+    own, a subclass's override included, called once as the caller asked); returns what undoes it.
+
+    ``torch.optim.Optimizer`` has public hooks around ``step`` and ``state_dict`` but none around
+    ``zero_grad`` (its signature: ``zero_grad(self, set_to_none=True)``), so this instance's method is wrapped.
+    Layer streaming needs it twice: zeroing in place rewrites host gradients a queued block update still reads
+    (``before`` waits for it), and a block whose gradients are not in ``p.grad`` (``streaming/sharded.py``)
+    clears its own record (``after``)."""
+    previous = optimizer.__dict__.get("zero_grad")
+    zero_grad = optimizer.zero_grad
+
+    @functools.wraps(zero_grad)
+    def zero_grad_between(set_to_none: bool = True) -> None:
+        before(set_to_none)
+        zero_grad(set_to_none=set_to_none)
+        after(set_to_none)
+
+    optimizer.zero_grad = zero_grad_between
+
+    def undo() -> None:
+        if previous is None:
+            optimizer.__dict__.pop("zero_grad", None)
+        else:
+            optimizer.zero_grad = previous
+    return undo
