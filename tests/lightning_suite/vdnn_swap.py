@@ -10,6 +10,7 @@ picks its strategy, accelerator or device count tests that choice, not ours.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Any
 
@@ -38,7 +39,7 @@ def pytest_configure(config: Any) -> None:
         return
     import lightning.pytorch as pl
 
-    import lightning_vdnn  # noqa: F401  (registers the names)
+    importlib.import_module("lightning_vdnn")  # registers the strategy names
 
     original = pl.Trainer.__init__
 
