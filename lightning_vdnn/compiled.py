@@ -15,6 +15,7 @@ So our hooks keep out of compiled code two ways:
 from __future__ import annotations
 
 import itertools
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -96,11 +97,30 @@ class CallHooks:
             call = call.inner
 
 
+class OwnHook:
+    """A hook of one module, inert in a copy of it: ``copy.deepcopy(module)`` during fit (a user saving a
+    snapshot, EMA and weight-averaging callbacks) shares it rather than copying the offloader or streamer behind
+    it (locks, CUDA streams, pinned buffers: not copyable), and the copy, never planned or measured, runs as a
+    plain module."""
+
+    def __init__(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        self.module, self.hook = weakref.ref(module), hook
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        return self.hook(module, *args) if module is self.module() else None
+
+    def __deepcopy__(self, memo: dict) -> "OwnHook":
+        return self
+
+
 def register_call_hooks(module: nn.Module, pre: Optional[PreHook] = None,
                         post: Optional[PostHook] = None) -> CallHooks:
     """``pre(module, args, kwargs)`` before and ``post(module, args, output)`` after each call of ``module``: as
-    forward hooks on a module that is not compiled, around the compiled call on one that is."""
+    forward hooks on a module that is not compiled, around the compiled call on one that is. A copy of
+    ``module`` does not run them (:class:`OwnHook`)."""
     key = next(_ids)
+    pre = None if pre is None else OwnHook(module, pre)
+    post = None if post is None else OwnHook(module, post)
     if not is_compiled(module):
         handles = []
         if pre is not None:

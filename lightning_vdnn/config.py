@@ -14,12 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
+from lightning_vdnn import config_rules
 from lightning_vdnn.layers import LayerPaths
 from lightning_vdnn.units import MemoryBudget, MemorySpec, parse_memory_budget  # noqa: F401  (read from here)
 
 Policy = Literal["none", "all", "conv", "auto"]
 POLICIES: tuple[str, ...] = typing.get_args(Policy)
-ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
+ZeroStage = Literal[0, 1, 2, 3]
+ZERO_STAGES: tuple[int, ...] = typing.get_args(ZeroStage)
 #: ``host_optimizer`` and ``host_state_dtype`` (layer streaming's host update, ``streaming/host_update.py``).
 HostBackend = Literal["auto", "torch", "deepspeed"]
 HOST_BACKENDS: tuple[str, ...] = typing.get_args(HostBackend)
@@ -35,11 +37,12 @@ SavedSpec = Union[int, Literal["auto"], None]
 ReportDir = Union[str, Path, None]
 
 
-def option(default: Any, scope: str, *, ge: Optional[int] = None, why: str = "") -> Any:
+def option(default: Any, scope: str, *, ge: Optional[int] = None, why: str = "", what: str = "understood") -> Any:
     """A field of :class:`VDNNConfig`: its default; ``scope``, which entry points take it
     (``integrations/options.py``: ``"offload"``, ``"streaming"``, ``"chunks"``, ``"zero"``, ``"report"``, or
-    ``"common"`` to both engines); ``ge``, its lower bound; ``why``, what a bound or ``None`` means."""
-    return field(default=default, metadata={"scope": scope, "ge": ge, "why": why})
+    ``"common"`` to both engines); ``ge``, its lower bound; ``why``, what a bound, ``None`` or a choice means;
+    ``what``, for a ``Literal`` field, what a value outside it is not (``"x='y' is not a policy"``)."""
+    return field(default=default, metadata={"scope": scope, "ge": ge, "why": why, "what": what})
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,11 +50,14 @@ def _hints() -> dict[str, Any]:
     return typing.get_type_hints(VDNNConfig)
 
 
-def _not_built(feature: str, argument: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{argument} needs {feature}, which this version of lightning_vdnn does not implement yet. "
-        f"Remove {argument.split('=')[0]} (activation offload works without it)."
-    )
+def _check_choice(name: str, value: Any, choices: tuple, what: str, why: str) -> None:
+    """A ``Literal`` field: the value's type, then its membership, each message naming the choices."""
+    if isinstance(value, bool) or not isinstance(value, type(choices[0])):
+        must = "an int" if isinstance(choices[0], int) else f"one of {list(choices)}"
+        raise TypeError(f"{name}={value!r} must be {must}.")
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not {what}; choose one of {list(choices)}"
+                         + (f" ({why})." if why else "."))
 
 
 @dataclass(frozen=True)
@@ -150,7 +156,7 @@ class VDNNConfig:
             checkpoint folder or the working directory would be one nobody asked for.
     """
 
-    activation_offload: Policy = option("auto", "offload")
+    activation_offload: Policy = option("auto", "offload", what="a policy")
     min_offload_bytes: int = option(2**20, "offload", ge=0)
     prefetch_layers: int = option(1, "offload", ge=1, why="1 is vDNN's one layer ahead")
     max_inflight_bytes: int = option(2**28, "offload", ge=0)
@@ -164,52 +170,77 @@ class VDNNConfig:
     saved_blocks: SavedSpec = option(None, "streaming")
     batch_chunks: int = option(1, "chunks", ge=1, why="1 runs the batch whole")
     chunk_layers: Optional[str] = option(None, "chunks")
-    zero_stage: int = option(0, "zero")
+    zero_stage: ZeroStage = option(0, "zero", what="a ZeRO stage")
     offload_optimizer: bool = option(False, "zero")
     offload_params: bool = option(False, "zero")
     fit_report: Optional[bool] = option(None, "report", why="follow the Trainer's enable_model_summary")
     report_dir: ReportDir = option(None, "report")
-    # -- layer streaming's host update (``streaming/host_update.py``); checked in ``_check_host_update`` --
-    host_optimizer: HostBackend = option("auto", "streaming", why="'auto': torch's fused optimizer over each block")
-    host_state_dtype: HostStateDtype = option("fp32", "streaming", why="'fp32' is exact; 'bf16' halves moments, gradients")
+    # -- layer streaming's host update (``streaming/host_update.py``) --
+    host_optimizer: HostBackend = option("auto", "streaming", what="a host update backend",
+                                         why="'auto': the user's optimizer over each block")
+    host_state_dtype: HostStateDtype = option("fp32", "streaming", why="fp32: exact; bf16: Adam's moments and the blocks' gradients in bf16")
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._check_report_dir()
-        if self.activation_offload not in POLICIES:
-            raise ValueError(
-                f"activation_offload={self.activation_offload!r} is not a policy; choose one of {list(POLICIES)}."
-            )
         for path in self.layer_paths:
             if not _PATH_RE.match(path):
                 raise ValueError(
                     f"layers={path!r} is not a dotted attribute path; use e.g. 'model.blocks', a list of such paths, "
                     "or None to detect.")
+        path = self.chunk_layers
+        if path is not None and (not isinstance(path, str) or not _PATH_RE.match(path)):
+            raise ValueError(f"chunk_layers={path!r} is not a dotted attribute path; use e.g. 'model.features'.")
         parse_memory_budget(self.memory_budget)
-        self._check_resident()
-        self._check_saved_blocks()
-        if self.microbatches > 1 and not self.layer_streaming:
-            raise ValueError(
-                f"microbatches={self.microbatches} splits the batch inside each streamed block, so it needs layer "
-                "streaming: use strategy='l2l' (or layer_streaming=True), or microbatches=1."
-            )
-        self._check_chunks()
-        if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"zero_stage={self.zero_stage} is not a ZeRO stage; choose one of {list(ZERO_STAGES)}.")
-        self._check_built()
-        self._check_host_update()
+        self._check_block_counts()
+        config_rules.check(self)  # the fields against each other, now that each is well formed
 
-    def _check_host_update(self) -> None:
-        if self.host_optimizer not in HOST_BACKENDS:
-            raise ValueError(f"host_optimizer={self.host_optimizer!r} is not a host update backend; choose one of "
-                             f"{list(HOST_BACKENDS)}.")
-        if self.host_state_dtype not in HOST_STATE_DTYPES:
-            raise ValueError(f"host_state_dtype={self.host_state_dtype!r} is not understood; choose one of "
-                             f"{list(HOST_STATE_DTYPES)} (fp32: exact; bf16: Adam's moments in bf16).")
-        if (self.host_optimizer != "auto" or self.host_state_dtype != "fp32") and self.layer_streaming is False:
-            raise ValueError(f"host_optimizer={self.host_optimizer!r} and host_state_dtype={self.host_state_dtype!r} "
-                             "choose how layer streaming updates its blocks on the host, and layer_streaming is "
-                             "off. Set layer_streaming=True (strategy 'l2l'), or drop them.")
+    def _check_types(self) -> None:
+        """The declared types, choices (``Literal``) and lower bounds (``option(..., ge=)``) of every field
+        that has a plain one."""
+        hints = _hints()
+        for f in fields(self):
+            value, hint, why = getattr(self, f.name), hints[f.name], f.metadata.get("why", "")
+            if typing.get_origin(hint) is Literal:
+                _check_choice(f.name, value, typing.get_args(hint), f.metadata["what"], why)
+            if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{f.name}={value!r} must be an int.")
+            if hint is bool and not isinstance(value, bool):
+                raise TypeError(f"{f.name}={value!r} must be True or False.")
+            if hint == Optional[bool] and value is not None and not isinstance(value, bool):
+                raise TypeError(f"{f.name}={value!r} must be True, False or None ({why}).")
+            bound = f.metadata.get("ge")
+            if bound is not None and value < bound:
+                must = "a positive integer" if bound == 1 else f">= {bound}"
+                raise ValueError(f"{f.name}={value!r} must be {must}" + (f" ({why})." if why else "."))
+        layers = self.layers
+        if layers is not None and not isinstance(layers, str):
+            if not isinstance(layers, Sequence) or not layers or not all(isinstance(p, str) for p in layers):
+                raise TypeError(f"layers={layers!r} must be a dotted path string like 'model.blocks', a non-empty list "
+                                "of them, or None.")
+            object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else tuple(layers))
+        where = self.report_dir
+        if where is not None and (not isinstance(where, (str, os.PathLike)) or not os.fspath(where)):
+            raise TypeError(f"report_dir={where!r} must be a non-empty path or fsspec URL ('s3://bucket/run'), or None "
+                            "(the logger's log directory).")
+        if where is not None:
+            object.__setattr__(self, "report_dir", os.fspath(where))
+
+    def _check_block_counts(self) -> None:
+        """``resident_blocks`` and ``saved_blocks``: a number of blocks >= 0, ``"auto"`` or None."""
+        resident, saved = self.resident_blocks, self.saved_blocks
+        if resident is not None and (isinstance(resident, bool) or not isinstance(resident, (int, str))):
+            raise TypeError(f"resident_blocks={resident!r} must be an int, 'auto' or None.")
+        if isinstance(resident, str) and resident != "auto":
+            raise ValueError(f"resident_blocks={resident!r} is not understood; give a number of blocks (an int >= 0), "
+                             "'auto' to choose it from memory_budget, or None.")
+        if isinstance(resident, int) and resident < 0:
+            raise ValueError(f"resident_blocks={resident} must be >= 0 (0 streams every block), or 'auto'.")
+        if saved is None or saved == "auto":
+            return
+        if isinstance(saved, bool) or not isinstance(saved, int):
+            raise TypeError(f"saved_blocks={saved!r} must be an int (a number of streamed blocks), 'auto' or None.")
+        if saved < 0:
+            raise ValueError(f"saved_blocks={saved} must be >= 0 (0 recomputes every streamed block), or None.")
 
     def refuse_chunks(self, entry: str) -> None:
         """Entry points other than ``VDNNStrategy`` do not chunk: refuse rather than ignore ``batch_chunks``.
@@ -217,83 +248,7 @@ class VDNNConfig:
         Raises:
             NotImplementedError: ``batch_chunks`` > 1.
         """
-        if self.batch_chunks > 1:
-            raise NotImplementedError(
-                f"batch_chunks={self.batch_chunks} is built for VDNNStrategy (the Lightning Trainer on one device), "
-                f"not for {entry}. Use Trainer(strategy=VDNNStrategy(batch_chunks=..., chunk_layers=...)), or "
-                "batch_chunks=1.")
-
-    def _check_chunks(self) -> None:
-        chunks, path = self.batch_chunks, self.chunk_layers
-        if path is not None and (not isinstance(path, str) or not _PATH_RE.match(path)):
-            raise ValueError(f"chunk_layers={path!r} is not a dotted attribute path; use e.g. 'model.features'.")
-        if (chunks > 1) != (path is not None):
-            raise ValueError(
-                f"batch_chunks={chunks} and chunk_layers={path!r} go together: batch_chunks > 1 splits the batch "
-                "of the module chunk_layers names. Give both, e.g. batch_chunks=4, chunk_layers='model.features', "
-                "or neither.")
-        if chunks > 1 and self.layer_streaming:
-            raise ValueError(
-                f"batch_chunks={chunks} with layer streaming: the streamed blocks split their batch with "
-                f"microbatches={chunks} instead; use that, and batch_chunks=1.")
-
-    def _check_resident(self) -> None:
-        value = self.resident_blocks
-        if isinstance(value, str) and value != "auto":
-            raise ValueError(f"resident_blocks={value!r} is not understood; give a number of blocks (an int >= 0), "
-                             "'auto' to choose it from memory_budget, or None.")
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"resident_blocks={value} must be >= 0 (0 streams every block), or 'auto'.")
-        if value and not self.layer_streaming:
-            raise ValueError(
-                f"resident_blocks={value!r} says how many blocks layer streaming leaves on the device, "
-                "and layer_streaming is off (every block is resident). Set layer_streaming=True (strategy 'l2l') "
-                "or drop resident_blocks."
-            )
-        if value == "auto" and self.zero_stage:
-            raise NotImplementedError(
-                f"resident_blocks='auto' with zero_stage={self.zero_stage}: choosing the resident blocks from a "
-                "budget is built for one device (VDNNStrategy), where no other rank has to agree. Give "
-                "resident_blocks a number of blocks, or train on one device."
-            )
-
-    def _check_saved_blocks(self) -> None:
-        value = self.saved_blocks
-        if value is None:
-            return
-        if value == "auto":
-            self._check_auto_saved()
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"saved_blocks={value!r} must be an int (a number of streamed blocks), 'auto' or None.")
-        if value < 0:
-            raise ValueError(f"saved_blocks={value} must be >= 0 (0 recomputes every streamed block), or None.")
-        if not self.layer_streaming:
-            raise ValueError(f"saved_blocks={value} says how many streamed blocks save their activations rather "
-                             "than recompute them, and layer_streaming is off. Set layer_streaming=True (strategy "
-                             "'l2l'), or drop saved_blocks.")
-        if value and (self.activation_offload == "auto" or self.auto_resident):
-            raise ValueError(
-                f"saved_blocks={value} with activation_offload={self.activation_offload!r} and "
-                f"resident_blocks={self.resident_blocks!r}: the budget's plan counts every streamed block as "
-                "recomputed, so blocks that keep their activations could overflow it. Use a fixed policy ('all' "
-                "moves them to the host, 'none' keeps them) with a fixed resident_blocks, or saved_blocks=0.")
-
-    def _check_auto_saved(self) -> None:
-        """``saved_blocks="auto"`` counts saves kept on the device, alone: refuse what it would not count."""
-        if not self.layer_streaming:
-            raise ValueError("saved_blocks='auto' chooses how many streamed blocks keep their activations, and "
-                             "layer_streaming is off. Set layer_streaming=True (strategy 'l2l'), or drop it.")
-        if self.activation_offload != "none":
-            raise ValueError(
-                f"saved_blocks='auto' with activation_offload={self.activation_offload!r}: it fits the activations "
-                "that saving blocks keep on the device, so it needs activation_offload='none' (as strategy='l2l'). "
-                "With 'all' or 'conv' give saved_blocks a number of blocks.")
-        if self.resident_blocks == "auto" or self.zero_stage:
-            raise NotImplementedError(
-                f"saved_blocks='auto' with resident_blocks={self.resident_blocks!r} and zero_stage="
-                f"{self.zero_stage}: choosing the saving blocks is built for one device with a fixed number of "
-                "resident blocks. Give resident_blocks a number (0 streams every block), or saved_blocks a number.")
+        config_rules.refuse_chunks(self, entry)
 
     def refuse_auto_choices(self) -> None:
         """Entry points other than ``VDNNStrategy`` take a fixed number of resident blocks and saving blocks.
@@ -301,16 +256,7 @@ class VDNNConfig:
         Raises:
             NotImplementedError: ``resident_blocks`` or ``saved_blocks`` is chosen from the budget.
         """
-        if self.saved_blocks == "auto":
-            raise NotImplementedError(
-                "saved_blocks='auto' chooses the saving blocks from the memory the first step leaves, which is "
-                "built for the Lightning Trainer's VDNNStrategy. Here give saved_blocks a number of blocks.")
-        if self.auto_resident:
-            raise NotImplementedError(
-                f"resident_blocks={self.resident_blocks!r} with memory_budget={self.memory_budget!r} chooses the "
-                "resident blocks from the budget, which is built for the Lightning Trainer's VDNNStrategy (it "
-                "switches blocks to the device between steps). Here give resident_blocks a number of blocks (0 "
-                "streams every one).")
+        config_rules.refuse_auto_choices(self)
 
     @property
     def streamed_saves(self) -> Optional[int]:
@@ -336,88 +282,10 @@ class VDNNConfig:
         block streamed)."""
         return self.resident_blocks if isinstance(self.resident_blocks, int) else 0
 
-    def _check_types(self) -> None:
-        """The declared types and lower bounds (``option(..., ge=)``), for every field that has a plain one."""
-        hints = _hints()
-        for f in fields(self):
-            value, hint, why = getattr(self, f.name), hints[f.name], f.metadata.get("why", "")
-            if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{f.name}={value!r} must be an int.")
-            if hint is bool and not isinstance(value, bool):
-                raise TypeError(f"{f.name}={value!r} must be True or False.")
-            if hint == Optional[bool] and value is not None and not isinstance(value, bool):
-                raise TypeError(f"{f.name}={value!r} must be True, False or None ({why}).")
-            bound = f.metadata.get("ge")
-            if bound is not None and value < bound:
-                must = "a positive integer" if bound == 1 else f">= {bound}"
-                raise ValueError(f"{f.name}={value!r} must be {must}" + (f" ({why})." if why else "."))
-        resident = self.resident_blocks
-        if resident is not None and (isinstance(resident, bool) or not isinstance(resident, (int, str))):
-            raise TypeError(f"resident_blocks={resident!r} must be an int, 'auto' or None.")
-        if not isinstance(self.activation_offload, str):
-            raise TypeError(f"activation_offload={self.activation_offload!r} must be one of {list(POLICIES)}.")
-        layers = self.layers
-        if layers is not None and not isinstance(layers, str):
-            if not isinstance(layers, Sequence) or not layers or not all(isinstance(p, str) for p in layers):
-                raise TypeError(f"layers={layers!r} must be a dotted path string like 'model.blocks', a non-empty list "
-                                "of them, or None.")
-            object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else tuple(layers))
-
-    def _check_report_dir(self) -> None:
-        where = self.report_dir
-        if where is None:
-            return
-        if not isinstance(where, (str, os.PathLike)) or not os.fspath(where):
-            raise TypeError(f"report_dir={where!r} must be a non-empty path or fsspec URL ('s3://bucket/run'), or None "
-                            "(the logger's log directory).")
-        if self.fit_report is False:
-            raise ValueError(f"report_dir={where!r} is where fit_report saves its plot, and fit_report=False saves "
-                             "none: drop report_dir, or set fit_report=True (None: follow enable_model_summary).")
-        object.__setattr__(self, "report_dir", os.fspath(where))
-
     @property
     def layer_paths(self) -> tuple[str, ...]:
         """``layers`` as a tuple of paths (empty: detect)."""
         return () if self.layers is None else (self.layers,) if isinstance(self.layers, str) else self.layers
-
-    def _check_built(self) -> None:
-        """Refuse, loudly, what later milestones will build, rather than ignore it."""
-        self._check_zero_offload()
-        if (self.memory_budget is not None and self.activation_offload != "auto" and not self.auto_resident
-                and self.saved_blocks != "auto"):
-            fix = (f"resident_blocks='auto' (layer streaming then keeps on the device the most blocks that fit), not "
-                   f"{self.resident_blocks!r}" if self.layer_streaming and not self.zero_stage else "")
-            raise ValueError(
-                f"memory_budget={self.memory_budget!r} is what the planner fits the step into, and the planner runs "
-                f"with activation_offload='auto', not {self.activation_offload!r}. Use activation_offload='auto'"
-                + (f", or {fix}." if fix else ".")
-            )
-
-    def _check_zero_offload(self) -> None:
-        """Optimizer and parameter offload are DeepSpeed's (ZeRO-Offload, ZeRO-Infinity): they need its stages."""
-        if self.layer_streaming and self.zero_stage and (self.offload_optimizer or self.offload_params):
-            flag = "offload_optimizer" if self.offload_optimizer else "offload_params"
-            raise NotImplementedError(
-                f"{flag}=True with layer_streaming=True and zero_stage={self.zero_stage}: the streamed blocks' "
-                "weights, gradients and optimizer state already live in host memory, partitioned across the "
-                "ranks; moving the modules outside the blocks there too (DeepSpeed's offload) is not built. "
-                f"Drop {flag}=True, or stream more of the model (layers=...)."
-            )
-        if self.offload_optimizer and not self.zero_stage and not self.layer_streaming:
-            raise ValueError(
-                "offload_optimizer=True keeps the optimizer state on the host through DeepSpeed ZeRO-Offload, which "
-                "needs zero_stage=1, 2 or 3, not zero_stage=0. Set zero_stage (strategy='vdnn_zero2'), or use "
-                "layer_streaming=True, which keeps its blocks' optimizer state on the host, and with "
-                "offload_optimizer=True the other modules' too."
-            )
-        if self.offload_params and self.zero_stage != 3:
-            if self.layer_streaming and not self.zero_stage:
-                raise _not_built("parameter offload of the non-streamed parameters", "offload_params=True")
-            raise ValueError(
-                f"offload_params=True needs zero_stage=3 (only ZeRO-3 shards, and so can offload, the "
-                f"parameters), not zero_stage={self.zero_stage}. Use zero_stage=3 (strategy='vdnn_zero3'), or "
-                "offload_params=False to keep the parameters on the device."
-            )
 
     @property
     def offload_policy(self) -> str:

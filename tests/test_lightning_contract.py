@@ -6,6 +6,7 @@ loop, logging and checkpointing tests assert on (issue 21, item 7)."""
 from __future__ import annotations
 
 import functools
+from copy import deepcopy
 import uuid
 from unittest import mock
 
@@ -216,3 +217,41 @@ def test_storage_options_reach_the_checkpoint_io_as_lightning_passes_them(name, 
         with mock.patch.object(TorchCheckpointIO, "save_checkpoint") as save:
             trainer.save_checkpoint(path, storage_options={"acl": "private"})
         save.assert_called_once_with(mock.ANY, path, storage_options={"acl": "private"})
+
+
+def snapshotting(module: L.LightningModule, copies: list[torch.nn.Module]) -> L.LightningModule:
+    """``module`` whose ``training_step`` first deep-copies its network and runs the copy on the batch, as a
+    user's snapshot or an EMA callback does (Lightning's ``test_model_checkpoint_manual_opt`` copies a layer)."""
+    step = module.training_step
+
+    @functools.wraps(step)
+    def training_step(batch, batch_idx):
+        copy = deepcopy(module.net)
+        with torch.no_grad():
+            copy.loss = torch.nn.functional.cross_entropy(copy(batch[0]), batch[1])
+        copies.append(copy)
+        return step(batch, batch_idx)
+
+    module.training_step = training_step
+    return module
+
+
+@pytest.mark.parametrize("name", ["vdnn_all", "vdnn"])
+def test_a_deep_copy_of_the_module_during_fit_is_plain_lightnings(name):
+    """``copy.deepcopy`` of the module inside ``training_step`` works (the hooks are shared, not copied with
+    the offloader's locks and streams) and the copy is a plain module: the same weights, buffers and forward
+    as plain Lightning's copy at every step, and nothing of it reaches the offloader's trace."""
+    copies, modules = {}, {}
+    for strategy in ("auto", name):
+        copies[strategy] = got = []
+        modules[strategy], trainer = fit(lambda: snapshotting(Classifier(ResidualCNN()), got), image_loader(),
+                                         strategy)
+    assert len(copies[name]) == len(copies["auto"]) == 3
+    for plain, ours in zip(copies["auto"], copies[name]):
+        assert plain.state_dict().keys() == ours.state_dict().keys()
+        for key, value in plain.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], value, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(ours.loss, plain.loss)
+    for (key, value), theirs in zip(modules["auto"].state_dict().items(), modules[name].state_dict().values()):
+        torch.testing.assert_close(theirs, value, msg=lambda m: f"{key}: {m}")
+    assert trainer.strategy.memory_report().layers  # the original network was still measured

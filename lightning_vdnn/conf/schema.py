@@ -32,12 +32,12 @@ SCHEMA = "vdnn_schema"
 
 
 def _field_type(hint: Any) -> Any:
-    """The closest type OmegaConf can enforce: Literal -> str, Optional[x] kept, other unions -> Any."""
+    """The closest type OmegaConf can enforce: Literal -> its values' type, Optional[x] kept, other unions -> Any."""
     if hint in (int, float, bool, str):
         return hint
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        return str
+        return type(args[0])  # VDNNConfig checks the value itself
     if origin is Union and len(args) == 2 and type(None) in args:
         inner = _field_type(next(a for a in args if a is not type(None)))
         return Optional[inner] if inner is not Any else Any
