@@ -114,7 +114,9 @@ def test_auto_with_budget_trains_like_plain(cnn, fraction):
     assert_same_params(got, ref)
     report = trainer.strategy.memory_report()
     assert report.policy == "auto" and report.budget_bytes == budget
-    assert report.predicted_peak_bytes <= budget and report.offloaded_bytes > 0
+    assert report.predicted_peak_bytes <= budget
+    # what did not fit was moved or rebuilt: which of the two the plan picks depends on the measured times
+    assert report.offloaded_bytes > 0 or report.layers_recomputed > 0
     if fraction:
         assert report.layers_kept > 0 and report.kept_bytes > 0  # both paths ran
         assert report.offloaded_bytes < total
