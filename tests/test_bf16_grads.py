@@ -43,6 +43,8 @@ class Seen(L.Callback):
         self.blocks = streamer.blocks
         self.staging = [t.dtype for t in streamer.grad_host]
         self.grads = [p.grad for b in streamer.blocks for p in b.params]
+        self.buffers = [(b.numel, b.flat.dtype, b.grad_flat.dtype, b.grad_flat.nbytes,
+                         {b.grad_of(k).dtype for k in range(len(b.params))}) for b in streamer.blocks]
         self.report = trainer.strategy.memory_report()
 
 
@@ -64,9 +66,9 @@ def test_host_gradient_buffers_are_bf16_and_the_report_counts_their_bytes():
     _, trainer = fit(LM, loader(24), l2l(host_state_dtype="bf16"), max_steps=2, callbacks=[seen])
     numel = sum(b.numel for b in seen.blocks)
     largest = max(b.numel for b in seen.blocks)
-    for b in seen.blocks:
-        assert b.grad_flat.dtype == torch.bfloat16 and b.grad_flat.nbytes == 2 * b.numel
-        assert b.flat.dtype == torch.float32 and all(b.grad_of(k).dtype == torch.bfloat16 for k in range(len(b.params)))
+    for n, weights, grads, grad_bytes, grad_views in seen.buffers:
+        assert grads == torch.bfloat16 and grad_bytes == 2 * n
+        assert weights == torch.float32 and grad_views == {torch.bfloat16}
     assert seen.staging == [torch.bfloat16] * 2
     assert all(g is None for g in seen.grads)  # a bf16 gradient cannot be an fp32 parameter's p.grad
     # fp32 weights 4 + bf16 gradients 2 + two bf16 moments 4 bytes per parameter, + two bf16 staging buffers
@@ -110,7 +112,7 @@ def test_a_second_backward_before_the_step_is_refused_in_plain_torch_too():
     streamer.close()
 
 
-def test_zero_grad_and_the_end_of_streaming_treat_the_bf16_gradients_as_plain_ones():
+def test_zero_grad_treats_the_bf16_gradients_as_plain_ones_and_the_end_of_streaming_lets_them_go():
     model, streamer, opt = _streamer_and_optimizer()
     block = streamer.blocks[0]
     x = torch.randint(0, 256, (2, 16))
@@ -128,11 +130,12 @@ def test_zero_grad_and_the_end_of_streaming_treat_the_bf16_gradients_as_plain_on
     assert all(block.grad_of(k) is None for k in range(len(block.params)))
     model(x).square().mean().backward()
     streamer.wait_grads()
-    kept = block.grad_flat.float()
+    weights = [p.detach().clone() for p in model.blocks[0].parameters()]
     streamer.close()
     params = list(model.blocks[0].parameters())
-    assert all(p.grad.dtype == torch.float32 for p in params)  # handed back widened, as fp32 p.grad
-    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in params]), kept)
+    assert all(p.grad is None for p in params)  # not widened at the end: the host is fullest then
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, weights))
+    assert block.flat is None and block.grad_flat is None  # the host buffers are let go
 
 
 def test_the_weights_copy_is_dropped_when_only_it_does_not_fit(monkeypatch):
@@ -152,10 +155,11 @@ def test_the_weights_copy_is_dropped_when_only_it_does_not_fit(monkeypatch):
 
 def test_a_pinned_arena_told_the_total_fills_large_chunks_with_little_left_over():
     """A 4096-wide block's fp32 weights and bf16 gradients, 50 blocks: without the total, every 805 MB buffer
-    leaves a fifth of a 1 GiB chunk empty; with it, the chunks are a few large powers of two."""
+    leaves a fifth of a 1 GiB chunk empty; with it, the chunks are powers of two up to ``MAX_CHUNK`` (8 GiB, so that
+    releasing the blocks gives memory back as it goes), each losing less than one buffer."""
     numel = 12 * 4096**2
     requests = [n for _ in range(50) for n in (4 * numel, 2 * numel)] + [2 * numel] * 2
     data = sum(requests)
     assert PinnedArena.footprint(requests) > data + 18 * 2**30
     planned = PinnedArena.footprint(requests, total=data)
-    assert data < planned < data + 1.5 * 2**30
+    assert data < planned < data + 2.5 * 2**30

@@ -110,10 +110,10 @@ class Bf16GradBlock(HostBlock):
                 self.has_grad[k], self.zeroed[k] = True, False
 
     def release(self) -> None:
-        """As :meth:`HostBlock.release`, the gradients handed back as fp32 ``p.grad`` (widened from bf16)."""
+        """As :meth:`HostBlock.release`; the bf16 gradients go with the host buffers and ``p.grad`` stays None, as
+        during training: widening them to fp32 would take 4 more bytes a parameter just when the host is fullest."""
         super().release()
-        for p, v, has in zip(self.params, self.grad_views, self.has_grad):
-            p.grad = v.to(p.dtype) if has else None
+        self.has_grad = [False] * len(self.params)
 
     def grads(self, ids: set[int]) -> list[Tensor]:
         """The bf16 gradients of the parameters whose ``id`` is in ``ids`` (clipping, ``streaming/sharded.py``'s

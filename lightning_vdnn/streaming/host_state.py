@@ -27,6 +27,14 @@ def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
     return torch.empty(numel, dtype=dtype)
 
 
+def give_back_pinned() -> None:
+    """Return the pinned memory torch's caching host allocator holds unused to the OS (freed buffers stay cached
+    otherwise); a no-op where this torch has no ``torch.accelerator.empty_host_cache`` or CUDA is not started."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        empty()
+
+
 class PinnedArena:
     """Pinned host buffers carved out of chunks whose sizes are powers of two.
 
@@ -40,11 +48,13 @@ class PinnedArena:
     """
 
     CHUNK = 2**30
+    #: chunks no larger, so that releasing the blocks one after another gives memory back as it goes
+    MAX_CHUNK = 2**33
     ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
 
     def __init__(self, pin: bool, total: Optional[int] = None) -> None:
         self.pin = pin
-        self._plan = _Chunks(self.CHUNK, self.ALIGN, total)
+        self._plan = _Chunks(self.CHUNK, self.ALIGN, total, self.MAX_CHUNK)
         self._chunks: list[Tensor] = []
 
     def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
@@ -64,7 +74,7 @@ class PinnedArena:
     @classmethod
     def footprint(cls, requests: Iterable[int], total: Optional[int] = None) -> int:
         """Bytes the chunks for ``requests`` (byte counts, in order) pin: what :meth:`empty` would take."""
-        plan = _Chunks(cls.CHUNK, cls.ALIGN, total)
+        plan = _Chunks(cls.CHUNK, cls.ALIGN, total, cls.MAX_CHUNK)
         for nbytes in requests:
             plan.place(nbytes)
         return sum(plan.sizes)
@@ -77,8 +87,8 @@ class PinnedArena:
 class _Chunks:
     """Where :class:`PinnedArena`'s buffers go: chunk sizes and fill levels, no memory."""
 
-    def __init__(self, chunk: int, align: int, total: Optional[int]) -> None:
-        self.chunk, self.align, self.left = chunk, align, total
+    def __init__(self, chunk: int, align: int, total: Optional[int], largest: Optional[int] = None) -> None:
+        self.chunk, self.align, self.left, self.largest = chunk, align, total, largest
         self.sizes: list[int] = []
         self.used: list[int] = []
 
@@ -90,6 +100,8 @@ class _Chunks:
             size = max(self.chunk, 1 << max(nbytes - 1, 0).bit_length())
             if self.left is not None and self.left > size:
                 size = 1 << (self.left.bit_length() - 1)  # the largest power of two the requests to come fill
+                if self.largest is not None:
+                    size = max(min(size, self.largest), 1 << max(nbytes - 1, 0).bit_length())
             k = len(self.sizes)
             self.sizes.append(size)
             self.used.append(0)
@@ -249,13 +261,17 @@ class HostBlock:
                 g.add_(new)
 
     def release(self) -> None:
-        """Give each parameter (and gradient) its own ordinary CPU storage again."""
+        """Give each parameter (and gradient) its own ordinary CPU storage again and let go of the host buffers:
+        released block by block, the pinned chunks go back as they empty, so the end of streaming never holds
+        the model's state twice (at the largest models that is more than the host has)."""
         self.copy = None
         with torch.no_grad():
             for p in self.params:
                 p.data = p.data.clone()
                 if p.grad is not None:
                     p.grad = p.grad.clone()
+        self.flat = self.grad_flat = None
+        self.views, self.grad_views = [], []
 
 
 def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> None:

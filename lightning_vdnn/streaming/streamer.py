@@ -57,8 +57,8 @@ from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory, held_host_bytes
 from lightning_vdnn.streaming.host_optimizer import HostStepper
-from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, move_except,
-                                                 state_to_host)
+from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, give_back_pinned,
+                                                 move_except, state_to_host)
 from lightning_vdnn.streaming.host_update import STATE_DTYPES, state_parameters
 from lightning_vdnn.streaming.microbatches import check_microbatches
 from lightning_vdnn.streaming.precision import check_precision, compute_dtype
@@ -342,9 +342,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             self.steppers = []
         for handle in self._hooks:
             handle.remove()
+        self.grad_host = []
         for b, taken in zip(self.blocks, self._forwards):
             taken.restore()
             b.release()
+            if self._pin:
+                give_back_pinned()  # the chunks this block emptied: the next block's clones need the room
         checkpointing_on(self._checkpointed)
         if self._head is not None:
             self._head.close()
