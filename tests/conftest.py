@@ -138,6 +138,16 @@ def fit(module_fn, loader, strategy="auto", max_steps: int = 3, seed: int = 0, *
     return module, trainer
 
 
+def made_storages(args: tuple, kwargs: dict | None, out: object) -> dict[int, torch.UntypedStorage]:
+    """The storages an op (``__torch_dispatch__``'s ``func(*args, **kwargs)`` giving ``out``) made, by address: not
+    views or aliases of its inputs."""
+    from torch.utils._pytree import tree_leaves
+
+    given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    return {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given}
+
+
 def assert_same_params(a: nn.Module, b: nn.Module, rtol: float = 1e-5, atol: float = 1e-7) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import Classifier, TokenLM, assert_same_params, fit, image_loader, token_loader
+from conftest import Classifier, TokenLM, assert_same_params, fit, image_loader, made_storages, token_loader
 from lightning_vdnn import VDNNStrategy
 from lightning_vdnn.offload import recompute
 from lightning_vdnn.offload.offloader import ActivationOffloader
@@ -252,7 +252,6 @@ def test_predicted_peak_matches_the_bytes_counted_on_cpu(monkeypatch, dear_copie
     recompute rebuilds at once (counted as the storages its recompute leaves held): the predicted peak above the
     floor is within 10% of the counted one."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
     rebuilt: dict[int, int] = {}
 
@@ -265,10 +264,8 @@ def test_predicted_peak_matches_the_bytes_counted_on_cpu(monkeypatch, dear_copie
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                    self.made.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+            for address, storage in made_storages(args, kwargs, out).items():
+                self.made.setdefault(address, storage)
             return out
 
     replay = recompute._OpenSegment._replay

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import made_storages
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_solver import solve_layers
 
@@ -106,10 +106,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
-                self.live.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+        for address, storage in made_storages(args, kwargs, out).items():
+            self.live.setdefault(address, storage)
         self.live = {p: s for p, s in self.live.items() if torch._C._storage_Use_Count(s._cdata) > 1}
         self.peak = max(self.peak, sum(s.nbytes() for s in self.live.values()))
         return out

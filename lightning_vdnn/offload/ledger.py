@@ -47,7 +47,7 @@ class SaveLedger:
         self.trace = trace
         self._moved: dict[Span, Offloaded] = {}
         self._kept: dict[Span, list] = {}  # span -> [storage ref, kept by the plan, group of its first save]
-        self._decided: dict[int, list] = {}  # address -> [storage ref, group, kept by the plan]: first wanted save
+        self._decided: dict[int, list] = {}  # address -> [storage ref, kept by the plan]: first wanted save
         self._held: dict[int, list] = {}  # address -> [storage ref, group, spans kept]: what stays on the device
 
     def moved(self, key: Span, storage: torch.UntypedStorage) -> Optional[Offloaded]:
@@ -71,11 +71,10 @@ class SaveLedger:
             return False
         first = _alive(self._decided.get(addr), storage)
         if first is None:
-            first = self._decided[addr] = [weakref.ref(storage), group,
-                                           keep_layers is not None and group in keep_layers]
+            first = self._decided[addr] = [weakref.ref(storage), keep_layers is not None and group in keep_layers]
             trace.candidate_bytes[group] += storage.nbytes()
         trace.copy_bytes[group] += nbytes
-        if first[2]:
+        if first[1]:
             self._keep(key, storage, group, True, seen)
             return False
         if seen is not None:  # kept by policy at its first save, wanted now (a conv's input): moved

@@ -13,8 +13,8 @@ master weights: 4 of 12 bytes per parameter. Here it is bf16, 2 bytes, and half 
 
 A bf16 tensor cannot be an fp32 parameter's ``p.grad`` (torch checks the dtype), so, as with
 ``streaming/sharded.py``, a block parameter's ``p.grad`` stays None during training: the host update reads the
-buffer (:meth:`Bf16GradBlock.grad_of`), and :meth:`Bf16GradBlock.release` hands the gradients back as fp32
-``p.grad`` when streaming ends. Summing a second backward's gradients into the buffer before the step (Lightning's
+buffer (:meth:`Bf16GradBlock.grad_of`), and the gradients go with the host buffers when streaming ends
+(:meth:`Bf16GradBlock.release`). Summing a second backward's gradients into the buffer before the step (Lightning's
 ``accumulate_grad_batches``, or two ``backward()`` calls) would round the running sum to bf16 at every addition,
 which is not the fp32 accumulation of plain training; that is refused, pointing at ``microbatches``, which sums
 in fp32 on the device instead.
@@ -103,9 +103,8 @@ class Bf16GradBlock(HostBlock):
     def accumulate(self, grads: Tensor) -> None:
         """Set each trained parameter's gradient from the flat bf16 ``grads`` (:meth:`check_accumulation` refused
         adding to one already there)."""
-        trained = [k for k, p in enumerate(self.params) if p.requires_grad]
-        for k, new in zip(range(len(self.params)), self.split(grads)):
-            if k in trained:
+        for k, (p, new) in enumerate(zip(self.params, self.split(grads))):
+            if p.requires_grad:
                 self.grad_views[k].copy_(new)
                 self.has_grad[k], self.zeroed[k] = True, False
 

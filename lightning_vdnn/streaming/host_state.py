@@ -97,11 +97,12 @@ class _Chunks:
         just added."""
         k = next((i for i, (size, used) in enumerate(zip(self.sizes, self.used)) if used + nbytes <= size), None)
         if k is None:
-            size = max(self.chunk, 1 << max(nbytes - 1, 0).bit_length())
+            fits = 1 << max(nbytes - 1, 0).bit_length()  # the smallest power of two this buffer fits
+            size = max(self.chunk, fits)
             if self.left is not None and self.left > size:
                 size = 1 << (self.left.bit_length() - 1)  # the largest power of two the requests to come fill
                 if self.largest is not None:
-                    size = max(min(size, self.largest), 1 << max(nbytes - 1, 0).bit_length())
+                    size = max(min(size, self.largest), fits)
             k = len(self.sizes)
             self.sizes.append(size)
             self.used.append(0)
@@ -279,8 +280,7 @@ def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> No
     blocks = [b for b in blocks if b.copy is None]
     arena = PinnedArena(pin, total=sum(b.numel * dtype.itemsize for b in blocks))
     for block in blocks:
-        if block.copy is None:
-            block.copy = arena.empty(block.numel, dtype)
+        block.copy = arena.empty(block.numel, dtype)
 
 
 def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
