@@ -16,7 +16,8 @@ A layer is not recomputed when that would change what other layers save, or what
 - a later layer saves one of its inputs that it does not save itself (the same, the other way round);
 - its forward modifies an input in place (the checkpoint's saved input would be stale in backward);
 - it holds running statistics (BatchNorm): a second forward would update them twice;
-- its ``forward`` is already replaced on the instance, or it is compiled: something else owns its forward;
+- its ``forward`` is already replaced on the instance: something else owns its forward (a module compiled by
+  itself is recomputed around its compiled call, ``offload/recompute.py``; not in a segment);
 - it is the part of forward before the first layer: no module to run again.
 
 A run of consecutive layers recomputed as one segment (``offload/recompute.py``: :class:`SegmentRunner`) is looser:
@@ -78,8 +79,6 @@ def _unfit(module: nn.Module) -> Optional[str]:
     """Why ``module`` may not run under a checkpoint whatever the pass does (None: it may)."""
     if "forward" in vars(module):
         return "its forward is replaced on the instance (layer streaming, another wrapper)"
-    if getattr(module, "_compiled_call_impl", None) is not None:
-        return "it is compiled (torch.compile)"
     if running_stats(module):
         return "it updates running statistics (BatchNorm), which a second forward would update twice"
     return None
