@@ -65,6 +65,11 @@ def test_trainer_logging_privates_exist():
     trainer = _trainer()
     assert isinstance(pl_adapter.should_update_logs(trainer), bool)
     assert pl_adapter.logging_step(trainer) == 0, "fit_loop.epoch_loop._batches_that_stepped is gone"
+    assert pl_adapter.accumulating(trainer) is False, "fit_loop._should_accumulate() is gone or changed"
+    source = inspect.getsource(_LoggerConnector.update_train_step_metrics)
+    assert "_should_accumulate()" in source and "should_update_logs" in source, (
+        "Lightning's step metrics no longer skip accumulating batches, or no longer follow should_update_logs: "
+        "report/callbacks.MemoryMonitor logs where they do, and must follow")
     assert hasattr(trainer, "_results"), "Trainer._results (the running loop's _ResultCollection) is gone"
 
 

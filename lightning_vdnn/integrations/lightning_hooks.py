@@ -3,7 +3,7 @@
 ``VDNNStrategy`` (one device) and ``VDNNZeroStrategy`` (DeepSpeed ZeRO) differ in how they place the model
 and step the optimizer, not in how they offload: both wrap ``training_step`` in the offloader's
 ``capture()``, close the pass after backward, feed the ``"auto"`` planner after the optimizer step and
-report (a table and a plot at the end of ``fit``). :class:`OffloadHooks` holds that once; it goes first in the
+report (a table and a plot at the end of ``fit``, ``report/callbacks.py``). :class:`OffloadHooks` holds that once; it goes first in the
 bases so its hooks wrap the strategy's. It overrides no ``backward``: the pass is closed in Lightning's
 ``post_backward`` hook. Under ``"auto"`` on one device, an out-of-memory error in forward or backward runs the batch
 again under a lower budget (``planning/oom_retry.py``; backward from the Trainer's precision plugin, extended for it
@@ -30,13 +30,13 @@ from typing_extensions import override
 
 from lightning_vdnn.buffers import running_stats
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.integrations.adapters.lightning import LoggedResults, logging_step, running_hook, should_update_logs
+from lightning_vdnn.integrations.adapters.lightning import LoggedResults, running_hook
 from lightning_vdnn.integrations.precision_plugins import RetriedBackward, extended
 from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
-from lightning_vdnn.report.end_of_fit import print_report
+from lightning_vdnn.report.callbacks import MemorySummary
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message)
@@ -244,7 +244,6 @@ class OffloadHooks:
         out = super().optimizer_step(optimizer, closure, model=model, **kwargs)
         if self._planner is not None and self._offloader is not None:
             self._update_plan()
-        self._log_report()
         return out
 
     def _update_plan(self) -> None:
@@ -276,42 +275,24 @@ class OffloadHooks:
     def on_train_end(self) -> None:
         super().on_train_end()
         trainer = self.lightning_module.trainer
-        if self._offloader is None or not self._shows_report(trainer):
-            return
-        directory = self._report_dir(trainer)  # on every rank: log_dir broadcasts
-        report = self.memory_report()
-        if self.is_global_zero and report.layers:
-            print_report(report, directory)
-
-    def _report_dir(self, trainer: Any) -> Optional[str]:
-        """Where the plot goes: ``report_dir``, else the logger's own log directory (remote or local, as the
-        logger writes it), else nowhere: without a logger Lightning writes no logs, and the PNG would land
-        beside the checkpoints or in the working directory, where nobody asked for a file."""
-        if self.vdnn_config.report_dir is not None:
-            return self.vdnn_config.report_dir
-        return trainer.log_dir if trainer.loggers else None
+        if self._offloader is not None and self._shows_report(trainer):
+            MemorySummary().on_train_end(trainer, self.lightning_module)
 
     def _shows_report(self, trainer: Any) -> bool:
-        """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
-        the summary at the start of ``fit`` and this report at its end are the same kind of output."""
+        """Whether the strategy prints the report itself: not when the Trainer has a ``MemorySummary`` (it has
+        printed it); else ``fit_report``, or when that is None, whether the Trainer summarizes the model
+        (``enable_model_summary``): the summary at the start of ``fit`` and this report at its end are the same
+        kind of output."""
+        if any(isinstance(cb, MemorySummary) for cb in trainer.callbacks):
+            return False
         wanted = self.vdnn_config.fit_report
         return wanted if wanted is not None else any(isinstance(cb, ModelSummary) for cb in trainer.callbacks)
 
     # -- numbers -----------------------------------------------------------------------------------------
-    def _log_report(self) -> None:
-        """The step's offload numbers to the loggers, at the Trainer's cadence (``log_every_n_steps``; never with
-        0) and under the step Lightning logs this batch's metrics at: as Lightning's own monitors
-        (``DeviceStatsMonitor``, ``LearningRateMonitor``) log theirs. Not through ``self.log``, which would add
-        them to ``trainer.callback_metrics`` and ``logged_metrics``, which callbacks and user code read."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if self._offloader is None or trainer is None or not trainer.loggers:
-            return
-        if not should_update_logs(trainer):
-            return
-        step = logging_step(trainer)
-        metrics = self._offloader.report().metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+    def step_metrics(self) -> dict[str, float]:
+        """The latest training step's offload numbers (``MemoryReport.metrics()``), which
+        :class:`~lightning_vdnn.MemoryMonitor` logs; empty outside ``fit``."""
+        return self._offloader.report().metrics() if self._offloader is not None else {}
 
     def memory_report(self) -> MemoryReport:
         """Offload statistics of the latest training step on this rank (empty before training)."""
