@@ -261,3 +261,16 @@ def test_a_deep_copy_of_the_module_during_fit_is_plain_lightnings(name):
     for (key, value), theirs in zip(modules["auto"].state_dict().items(), modules[name].state_dict().values()):
         torch.testing.assert_close(theirs, value, msg=lambda m: f"{key}: {m}")
     assert trainer.strategy.memory_report().layers  # the original network was still measured
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_our_timing_takes_nothing_from_a_patched_clock(name):
+    """Lightning's ``ThroughputMonitor`` tests patch ``time.perf_counter`` with a fixed list of times, one per call
+    they expect: a fit calls it as often under our strategies as under plain (our per-layer timing keeps its own
+    reference to the clock)."""
+    counts = {}
+    for strategy in ("auto", name):
+        with mock.patch("time.perf_counter", return_value=1.0) as clock:
+            run(name, strategy, [])
+        counts[strategy] = clock.call_count
+    assert counts[name] == counts["auto"]
