@@ -13,6 +13,7 @@ from lightning_vdnn.config import MemoryBudget, VDNNConfig, parse_memory_budget
 from lightning_vdnn.loss import chunked_cross_entropy
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample
+from lightning_vdnn.report.callbacks import MemoryMonitor, MemorySummary
 from lightning_vdnn.planning.oom_retry import BudgetLowered, StepOutOfMemory
 from lightning_vdnn.integrations.fabric import VDNNFabricStrategy
 from lightning_vdnn.integrations.lightning_strategy import VDNNStrategy
@@ -30,8 +31,10 @@ __all__ = [
     "L2LZeroStrategy",
     "LayerStats",
     "MemoryBudget",
+    "MemoryMonitor",
     "MemoryReport",
     "MemorySample",
+    "MemorySummary",
     "REGISTERED",
     "REGISTERED_L2L_ZERO",
     "REGISTERED_ZERO",

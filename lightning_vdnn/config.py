@@ -138,7 +138,9 @@ class VDNNConfig:
         fit_report: at the end of ``fit``, print a per-layer table of saved activations (``rich``) and save a
             PNG of memory over one step in the run's log directory (rank 0). ``None`` follows the Trainer's
             ``enable_model_summary``: whoever silences the summary at the start of fit (tests, benchmarks,
-            sweeps) gets a quiet end too.
+            sweeps) gets a quiet end too. A :class:`~lightning_vdnn.MemorySummary` in the Trainer's ``callbacks``
+            prints it instead, whatever this says. The per-step numbers reach the loggers only through
+            :class:`~lightning_vdnn.MemoryMonitor`.
         host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default), the user's
             optimizer class over each block (fused on a GPU run; on a CPU device torch's per-tensor loop, bit for
             bit plain); ``"torch"`` or ``"deepspeed"``: one pass per parameter on that kernel (DeepSpeed's CPU Adam),

@@ -65,6 +65,11 @@ def test_trainer_logging_privates_exist():
     trainer = _trainer()
     assert isinstance(pl_adapter.should_update_logs(trainer), bool)
     assert pl_adapter.logging_step(trainer) == 0, "fit_loop.epoch_loop._batches_that_stepped is gone"
+    assert pl_adapter.accumulating(trainer) is False, "fit_loop._should_accumulate() is gone or changed"
+    source = inspect.getsource(_LoggerConnector.update_train_step_metrics)
+    assert "_should_accumulate()" in source and "should_update_logs" in source, (
+        "Lightning's step metrics no longer skip accumulating batches, or no longer follow should_update_logs: "
+        "report/callbacks.MemoryMonitor logs where they do, and must follow")
     assert hasattr(trainer, "_results"), "Trainer._results (the running loop's _ResultCollection) is gone"
 
 
@@ -279,3 +284,46 @@ def test_sharded_clipping_is_the_plugin_with_clipping_overridden(plugin):
     assert streamer.calls == [("norm", 2, 0.5), ("value", 2, 2.0)]
     assert "streamer" not in vars(plugin)
     assert type(with_sharded_clipping(plugin, streamer)) is type(clipping)
+
+
+def test_strategy_backward_runs_the_precision_plugins_backward_between_its_hooks():
+    """Our strategies override no ``backward``: they close the offload pass in ``post_backward`` and retry an
+    OOM from the precision plugin's ``backward`` (``integrations/precision_plugins.py``). Both rest on
+    ``Strategy.backward`` calling these, in this order, with the loss the plugin's ``pre_backward`` returned."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from lightning_vdnn.integrations.precision_plugins import RetriedBackward, extended
+
+    calls, loss = [], torch.ones(())
+
+    class Recording(Precision):
+        def pre_backward(self, tensor, module):
+            calls.append("plugin.pre_backward")
+            return tensor * 2
+
+        def backward(self, tensor, model, optimizer, *args, **kwargs):
+            calls.append(("plugin.backward", tensor.item(), args, kwargs))
+
+        def post_backward(self, tensor, module):
+            calls.append("plugin.post_backward")
+            return tensor
+
+    class Strategy(SingleDeviceStrategy):
+        def pre_backward(self, closure_loss):
+            calls.append(("pre_backward", closure_loss is loss))
+
+        def post_backward(self, closure_loss):
+            calls.append("post_backward")
+
+    def retry(tensor, backward, plugin):
+        calls.append("retry")
+        backward(tensor)
+        return True
+
+    strategy = Strategy(device="cpu", precision_plugin=extended(Recording(), RetriedBackward, retry=retry))
+    strategy.connect(LightningModule())
+    strategy.backward(loss, None, "arg", key=1)
+    assert calls == [("pre_backward", True), "plugin.pre_backward", "retry", ("plugin.backward", 2.0, ("arg",),
+                     {"key": 1}), "plugin.post_backward", "post_backward"], (
+        "Strategy.backward changed how it calls the strategy's pre/post_backward and the precision plugin: "
+        "re-read integrations/lightning_hooks.py (pass bookkeeping) and precision_plugins.py (OOM retry)")

@@ -18,6 +18,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import Logger
 
 from conftest import Classifier, ResidualCNN, TokenLM, fit, image_loader, token_loader
+from lightning_vdnn import MemoryMonitor
 from lightning_vdnn.report.end_of_fit import TIMELINE_FILE
 
 #: strategy name -> (module, loader): ``l2l`` streams blocks, so it trains the GPT; the others the CNN.
@@ -149,18 +150,23 @@ class StepLogger(Logger):
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-@pytest.mark.parametrize("every", [1, 2, 3, 0])
-def test_metrics_reach_the_logger_at_lightnings_steps(name, every):
-    """The module's metrics reach the logger exactly as under plain; ours (``vdnn/...``) only at the steps
-    Lightning logs at (``log_every_n_steps``; 0: never), under the same step numbers."""
+@pytest.mark.parametrize("every, accumulate", [(1, 1), (2, 1), (3, 1), (0, 1), (1, 2)])
+def test_metrics_reach_the_logger_at_lightnings_steps(name, every, accumulate):
+    """Without ``MemoryMonitor``, the logger gets exactly plain's calls (Lightning's tests count them). With it,
+    plain's calls too, and ours (``vdnn/...``, a call of their own) only at the steps Lightning logs at
+    (``log_every_n_steps``; 0: never; not in the middle of gradient accumulation), under the same step numbers."""
     loggers = {}
-    for strategy in ("auto", name):
+    for strategy, callbacks in (("auto", []), (name, []), (name + "+monitor", [MemoryMonitor()])):
         loggers[strategy] = StepLogger()
-        run(name, strategy, [], log=True, logger=loggers[strategy], log_every_n_steps=every, max_steps=5)
-    plain, ours = loggers["auto"].calls, loggers[name].calls
-    theirs = [(step, keys) for step, keys in ours if not any(k.startswith("vdnn/") for k in keys)]
+        run(name, strategy.split("+")[0], [], log=True, logger=loggers[strategy], log_every_n_steps=every,
+            max_steps=5, callbacks=callbacks, accumulate_grad_batches=accumulate)
+    plain, ours, monitored = (loggers[k].calls for k in ("auto", name, name + "+monitor"))
+    assert ours == plain
+    theirs = [(step, keys) for step, keys in monitored if not any(k.startswith("vdnn/") for k in keys)]
     assert theirs == plain
-    assert [step for step, keys in ours if any(k.startswith("vdnn/") for k in keys)] == [step for step, _ in plain]
+    mine = [(step, keys) for step, keys in monitored if any(k.startswith("vdnn/") for k in keys)]
+    assert [step for step, _ in mine] == [step for step, _ in plain]
+    assert all(all(k.startswith("vdnn/") for k in keys) and "vdnn/offloaded_GiB" in keys for _, keys in mine)
     assert len(plain) == (0 if every == 0 else 5 // every)
 
 
@@ -255,3 +261,16 @@ def test_a_deep_copy_of_the_module_during_fit_is_plain_lightnings(name):
     for (key, value), theirs in zip(modules["auto"].state_dict().items(), modules[name].state_dict().values()):
         torch.testing.assert_close(theirs, value, msg=lambda m: f"{key}: {m}")
     assert trainer.strategy.memory_report().layers  # the original network was still measured
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_our_timing_takes_nothing_from_a_patched_clock(name):
+    """Lightning's ``ThroughputMonitor`` tests patch ``time.perf_counter`` with a fixed list of times, one per call
+    they expect: a fit calls it as often under our strategies as under plain (our per-layer timing keeps its own
+    reference to the clock)."""
+    counts = {}
+    for strategy in ("auto", name):
+        with mock.patch("time.perf_counter", return_value=1.0) as clock:
+            run(name, strategy, [])
+        counts[strategy] = clock.call_count
+    assert counts[name] == counts["auto"]

@@ -12,7 +12,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import fit, image_loader
-from lightning_vdnn import VDNNStrategy
+from lightning_vdnn import MemorySummary, VDNNStrategy
 from lightning_vdnn.report.end_of_fit import TABLE_TITLE, TIMELINE_FILE, layer_table
 from lightning_vdnn.report.memory_report import LayerStats
 
@@ -83,6 +83,26 @@ def test_report_follows_the_model_summary_unless_told(cnn, tmp_path, capsys, fit
         enable_model_summary=summary)
     assert (TABLE_TITLE in capsys.readouterr().out) is shown
     assert (Path(logger.log_dir) / TIMELINE_FILE).exists() is shown
+
+
+@pytest.mark.parametrize("fit_report", [None, False, True])
+def test_a_memory_summary_callback_prints_once_as_told(cnn, tmp_path, capsys, fit_report):
+    """The user's ``MemorySummary`` prints whatever ``fit_report`` says, with its ``top`` and ``report_dir``, and
+    the strategy then prints none of its own; neither touches ``trainer.callbacks`` or the logger."""
+    summary, logger = MemorySummary(top=2, report_dir=tmp_path / "plots"), CSVLogger(tmp_path)
+    _, trainer = fit(cnn, image_loader(), VDNNStrategy("all", fit_report=fit_report), max_steps=1, logger=logger,
+                     enable_model_summary=True, callbacks=[summary])
+    out = capsys.readouterr().out
+    assert out.count(TABLE_TITLE) == 1 and "more layers" in out
+    assert (tmp_path / "plots" / TIMELINE_FILE).read_bytes()[:8] == PNG_MAGIC
+    assert not (Path(logger.log_dir) / TIMELINE_FILE).exists()
+    assert [type(cb) for cb in trainer.callbacks].count(MemorySummary) == 1
+
+
+@pytest.mark.parametrize("top", [0, 1.5, True])
+def test_memory_summary_refuses_a_bad_top(top):
+    with pytest.raises(ValueError, match=rf"MemorySummary\(top={top!r}\).*int >= 1"):
+        MemorySummary(top=top)
 
 
 def test_without_a_logger_the_plot_is_saved_only_where_asked(cnn, tmp_path, monkeypatch, capsys):

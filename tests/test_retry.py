@@ -4,12 +4,17 @@ plain training does: same steps, losses, parameters and BatchNorm statistics. OO
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import DoublePrecision, MixedPrecision
+from lightning.pytorch.strategies import Strategy
 
 from conftest import Classifier, ResidualCNN, TokenLM, fit, image_loader, token_loader
 from lightning_vdnn import VDNNStrategy
+from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.report.memory_report import format_bytes
 from lightning_vdnn.planning.oom_retry import MAX_RETRIES, BudgetLowered, StepOutOfMemory
 
@@ -169,3 +174,54 @@ def test_a_retried_batch_is_logged_once(one_thread, where):
         torch.testing.assert_close(got.callback_metrics[name], ref.callback_metrics[name], rtol=1e-5, atol=0,
                                    msg=lambda m: f"{name}: {m}")
     assert got.callback_metrics["seen"].item() == got.global_step
+
+
+class PluginSeen(L.Callback):
+    """The precision plugin the Trainer runs backward through, as a callback sees it during fit."""
+
+    def on_train_batch_end(self, trainer, *args):
+        self.plugin = trainer.precision_plugin
+
+
+@pytest.mark.parametrize("plugin", [
+    lambda: MixedPrecision("bf16-mixed", "cpu"),
+    lambda: MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**4)),
+    lambda: DoublePrecision(),
+], ids=["bf16-mixed", "scaled", "64-true"])
+def test_oom_in_backward_retries_under_the_users_precision_plugin(one_thread, plugin):
+    """The retry runs from the precision plugin's ``backward`` (no ``Strategy.backward`` override): under a
+    plugin that scales the loss, casts or changes dtype, the run ends where plain training with the same plugin
+    does, the Trainer's plugin is still of the user's class (and holds the same scaler) during fit, and the
+    user's own plugin object is back in place after it."""
+    steps, seen = 4, PluginSeen()
+    budget = budget_for_half(cnn, image_loader())
+    ref, _ = fit(cnn, image_loader(), max_steps=steps, plugins=[plugin()])
+    given = plugin()
+    got, trainer, lowered = fit_recording(failing(cnn, lambda m: m.net.head, {2}, "backward"), image_loader(),
+                                          VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget),
+                                          max_steps=steps, plugins=[given], callbacks=[seen])
+    assert len(lowered) == 1 and trainer.global_step == steps
+    losses = list(got.losses)
+    assert losses[2] == losses[3]  # training_step ran twice for the batch whose backward failed
+    del losses[2]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref.losses), rtol=1e-5, atol=0)
+    assert_same_state(got, ref)
+    assert isinstance(seen.plugin, type(given)) and seen.plugin is not given
+    assert type(seen.plugin).__qualname__ == type(given).__qualname__  # the key its checkpoint state is filed under
+    assert getattr(seen.plugin, "scaler", None) is getattr(given, "scaler", None)
+    assert trainer.precision_plugin is given
+
+
+def test_lightnings_own_patch_of_strategy_backward_sees_every_backward(one_thread):
+    """Lightning's tests wrap the strategy's backward (``mock.patch.object(Strategy, "backward",
+    wraps=trainer.strategy.backward)``): with an override of ours, ``super().backward`` was the mock and
+    recursed. Each batch's backward goes through it once, and through the precision plugin's too."""
+    budget = budget_for_half(cnn, image_loader())
+    for strategy in (VDNNStrategy("all"), VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget)):
+        L.seed_everything(0)
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        with mock.patch.object(Strategy, "backward", wraps=trainer.strategy.backward) as backward:
+            trainer.fit(cnn(), image_loader())
+        assert backward.call_count == 3 and trainer.global_step == 3
+    assert "backward" not in vars(type(trainer.strategy)) and "backward" not in vars(OffloadHooks)

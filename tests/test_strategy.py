@@ -170,12 +170,38 @@ def test_wrong_layers_path_fails_before_training(lm):
         fit(lm, token_loader(), strategy("all", layers="model.layers"))
 
 
-def test_memory_report_is_logged(cnn, tmp_path):
+def test_memory_report_is_logged_by_the_memory_monitor(cnn, tmp_path):
+    """``MemoryMonitor`` logs the per-step numbers; a Trainer without it logs only what plain Lightning does."""
     from lightning.pytorch.loggers import CSVLogger
 
-    fit(cnn, image_loader(), strategy("all"), logger=CSVLogger(tmp_path), log_every_n_steps=1)
-    text = next(tmp_path.rglob("metrics.csv")).read_text()
+    from lightning_vdnn import MemoryMonitor
+
+    fit(cnn, image_loader(), strategy("all"), logger=CSVLogger(tmp_path / "monitored"), log_every_n_steps=1,
+        callbacks=[MemoryMonitor()])
+    text = next((tmp_path / "monitored").rglob("metrics.csv")).read_text()
     assert "vdnn/offloaded_GiB" in text and "vdnn/exposed_copy_ms" in text
+    fit(cnn, image_loader(), strategy("all"), logger=CSVLogger(tmp_path / "plain"), log_every_n_steps=1)
+    assert not list((tmp_path / "plain").rglob("metrics.csv"))  # the module logs nothing, and neither do we
+
+
+@pytest.mark.parametrize("callback", ["MemoryMonitor", "MemorySummary"])
+def test_memory_callbacks_refuse_a_strategy_that_is_not_ours(cnn, callback, tmp_path):
+    import lightning_vdnn
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.loggers import CSVLogger
+
+    with pytest.raises(MisconfigurationException, match=rf"{callback} shows .* trainer.strategy is "
+                       r"SingleDeviceStrategy\. Use one of them"):
+        fit(cnn, image_loader(), callbacks=[getattr(lightning_vdnn, callback)()], logger=CSVLogger(tmp_path))
+
+
+def test_memory_monitor_without_a_logger_is_refused(cnn):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_vdnn import MemoryMonitor
+
+    with pytest.raises(MisconfigurationException, match=r"MemoryMonitor with Trainer\(logger=False\)"):
+        fit(cnn, image_loader(), strategy("all"), callbacks=[MemoryMonitor()])
 
 
 def test_more_than_one_device_is_refused():

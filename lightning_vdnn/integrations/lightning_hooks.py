@@ -3,9 +3,11 @@
 ``VDNNStrategy`` (one device) and ``VDNNZeroStrategy`` (DeepSpeed ZeRO) differ in how they place the model
 and step the optimizer, not in how they offload: both wrap ``training_step`` in the offloader's
 ``capture()``, close the pass after backward, feed the ``"auto"`` planner after the optimizer step and
-report (a table and a plot at the end of ``fit``). :class:`OffloadHooks` holds that once; it goes first in the
-bases so its hooks wrap the strategy's. Under ``"auto"`` on one device, an out-of-memory error in forward or
-backward runs the batch again under a lower budget (``planning/oom_retry.py``), and plans may recompute layers in backward
+report (a table and a plot at the end of ``fit``, ``report/callbacks.py``). :class:`OffloadHooks` holds that once; it goes first in the
+bases so its hooks wrap the strategy's. It overrides no ``backward``: the pass is closed in Lightning's
+``post_backward`` hook. Under ``"auto"`` on one device, an out-of-memory error in forward or backward runs the batch
+again under a lower budget (``planning/oom_retry.py``; backward from the Trainer's precision plugin, extended for it
+in ``integrations/precision_plugins.py``), and plans may recompute layers in backward
 (``offload/recompute.py``); not under DeepSpeed, whose ZeRO-3 gathers a layer's parameters in hooks a recompute would
 skip, nor with layer streaming, which already recomputes its blocks.
 """
@@ -19,6 +21,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
@@ -27,12 +30,13 @@ from typing_extensions import override
 
 from lightning_vdnn.buffers import running_stats
 from lightning_vdnn.config import VDNNConfig
-from lightning_vdnn.integrations.adapters.lightning import LoggedResults, logging_step, running_hook, should_update_logs
+from lightning_vdnn.integrations.adapters.lightning import LoggedResults, running_hook
+from lightning_vdnn.integrations.precision_plugins import RetriedBackward, extended
 from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
-from lightning_vdnn.report.end_of_fit import print_report
+from lightning_vdnn.report.callbacks import MemorySummary
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message)
@@ -58,6 +62,8 @@ class OffloadHooks:
     _retry_oom = False  # strategies that may run a batch again after an OOM set it (not DeepSpeed: collectives)
     _recompute = False  # strategies whose "auto" plans may recompute layers set it (not DeepSpeed: ZeRO-3 hooks)
     _attempts: Optional[Attempts] = None
+    _closure_loss: Optional[Tensor] = None  # the loss the running backward started from, while it may be retried
+    _user_precision: Optional[Precision] = None  # the Trainer's plugin while fit runs backward through ours
     _norm_stats: Optional[list[Tensor]] = None
 
     # -- set up and tear down ----------------------------------------------------------------------------
@@ -81,6 +87,9 @@ class OffloadHooks:
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
             self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute())
+        if self._retries_oom() and self._user_precision is None:  # a failed backward runs again from the plugin's
+            self._user_precision = self.precision_plugin
+            self.precision_plugin = extended(self._user_precision, RetriedBackward, retry=self._retry_backward)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -99,6 +108,8 @@ class OffloadHooks:
         self._close_offloader()
 
     def _close_offloader(self) -> None:
+        if self._user_precision is not None:
+            self.precision_plugin, self._user_precision = self._user_precision, None
         if self._offloader is not None:
             self._offloader.close()
             self._offloader, self._planner = None, None
@@ -136,33 +147,57 @@ class OffloadHooks:
             return super().training_step(*args, **kwargs)
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._watching_cuda():
+            self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+        # the loss autograd runs from: an OOM retry detaches it (it holds the failed graph) before running again
+        self._closure_loss = closure_loss if self._attempts is not None else None
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._watching_cuda():
+            self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
+        if self._offloader is not None:
+            self._offloader.finish_pass()
+        super().post_backward(closure_loss)
+
+    def _retry_backward(self, loss: Tensor, backward: Callable[[Tensor], None], plugin: Precision) -> bool:
+        """The precision plugin's ``backward(loss)`` (``precision_plugins.RetriedBackward``), with this attempt's
+        gradients kept apart until autograd has finished: merged into the accumulated ones (as plain training
+        has them), or dropped. After an OOM: re-plan, run ``training_step`` again, then backward on its loss.
+        Returns False when the re-run ``training_step`` skipped the batch."""
         if self._attempts is None:
-            if self._watching_cuda():
-                self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
+            backward(loss)
+            return True
+        module = self.lightning_module
+        while True:
+            stash = GradStash(module.parameters())
             try:
-                return super().backward(closure_loss, optimizer, *args, **kwargs)
-            finally:
-                if self._watching_cuda():
-                    self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
-                if self._offloader is not None:
-                    self._offloader.finish_pass()
-        while True:  # OOM retry: a failed backward runs forward again, then backward
-            try:
-                out = self._backward_once(closure_loss, optimizer, *args, **kwargs)
-                self._attempts = None
-                return out
+                backward(loss)
             except torch.OutOfMemoryError as err:
+                stash.drop()
                 failure, at = str(err), cuda_allocated(self.root_device)
-            closure_loss.detach_()  # frees what the failed graph still holds
+            except BaseException:
+                stash.drop()
+                raise
+            else:
+                stash.merge()
+                self._attempts = self._closure_loss = None
+                return True
+            for held in (self._closure_loss, loss):  # what the failed graph hangs from, here and in Lightning's loop
+                if held is not None:
+                    held.detach_()
+            loss = self._closure_loss = None
             self._recover(failure, at)
             out = self._rerun_training_step()
-            closure_loss = ClosureResult.from_training_step_output(
-                out, self.lightning_module.trainer.accumulate_grad_batches).closure_loss
+            closure_loss = ClosureResult.from_training_step_output(out, module.trainer.accumulate_grad_batches
+                                                                   ).closure_loss
             if closure_loss is None:  # training_step skipped the batch this time: nothing to run backward on
-                self._offloader.finish_pass()
                 self._attempts = None
-                return closure_loss
+                return False
+            self.pre_backward(closure_loss)
+            loss = plugin.pre_backward(closure_loss, module)
 
     def _rerun_training_step(self) -> STEP_OUTPUT:
         """The failed batch's ``training_step`` again, from inside ``backward``: under its own hook name, so
@@ -170,29 +205,6 @@ class OffloadHooks:
         attempts, module = self._attempts, self.lightning_module
         with running_hook(module, "training_step"):
             return self._with_retries(lambda: self._forward(*attempts.args, **attempts.kwargs))
-
-    def _backward_once(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any,
-                       **kwargs: Any) -> Tensor:
-        """``Strategy.backward``, with this attempt's gradients kept apart until autograd has finished: merged
-        into the accumulated ones before ``on_after_backward`` (as plain training has them), or dropped."""
-        if self._watching_cuda():
-            self._forward_peak = torch.cuda.max_memory_allocated(self.root_device)
-        module = self.lightning_module
-        self.pre_backward(closure_loss)
-        loss = self.precision_plugin.pre_backward(closure_loss, module)
-        stash = GradStash(module.parameters())
-        try:
-            self.precision_plugin.backward(loss, module, optimizer, *args, **kwargs)
-        except BaseException:
-            stash.drop()
-            raise
-        stash.merge()
-        if self._watching_cuda():
-            self._backward_peak = torch.cuda.max_memory_allocated(self.root_device)
-        self._offloader.finish_pass()
-        loss = self.precision_plugin.post_backward(loss, module)
-        self.post_backward(loss)
-        return loss
 
     def _with_retries(self, attempt: Callable[[], T]) -> T:
         while True:
@@ -232,7 +244,6 @@ class OffloadHooks:
         out = super().optimizer_step(optimizer, closure, model=model, **kwargs)
         if self._planner is not None and self._offloader is not None:
             self._update_plan()
-        self._log_report()
         return out
 
     def _update_plan(self) -> None:
@@ -264,42 +275,24 @@ class OffloadHooks:
     def on_train_end(self) -> None:
         super().on_train_end()
         trainer = self.lightning_module.trainer
-        if self._offloader is None or not self._shows_report(trainer):
-            return
-        directory = self._report_dir(trainer)  # on every rank: log_dir broadcasts
-        report = self.memory_report()
-        if self.is_global_zero and report.layers:
-            print_report(report, directory)
-
-    def _report_dir(self, trainer: Any) -> Optional[str]:
-        """Where the plot goes: ``report_dir``, else the logger's own log directory (remote or local, as the
-        logger writes it), else nowhere: without a logger Lightning writes no logs, and the PNG would land
-        beside the checkpoints or in the working directory, where nobody asked for a file."""
-        if self.vdnn_config.report_dir is not None:
-            return self.vdnn_config.report_dir
-        return trainer.log_dir if trainer.loggers else None
+        if self._offloader is not None and self._shows_report(trainer):
+            MemorySummary().on_train_end(trainer, self.lightning_module)
 
     def _shows_report(self, trainer: Any) -> bool:
-        """``fit_report``, or when it is None, whether the Trainer summarizes the model (``enable_model_summary``):
-        the summary at the start of ``fit`` and this report at its end are the same kind of output."""
+        """Whether the strategy prints the report itself: not when the Trainer has a ``MemorySummary`` (it has
+        printed it); else ``fit_report``, or when that is None, whether the Trainer summarizes the model
+        (``enable_model_summary``): the summary at the start of ``fit`` and this report at its end are the same
+        kind of output."""
+        if any(isinstance(cb, MemorySummary) for cb in trainer.callbacks):
+            return False
         wanted = self.vdnn_config.fit_report
         return wanted if wanted is not None else any(isinstance(cb, ModelSummary) for cb in trainer.callbacks)
 
     # -- numbers -----------------------------------------------------------------------------------------
-    def _log_report(self) -> None:
-        """The step's offload numbers to the loggers, at the Trainer's cadence (``log_every_n_steps``; never with
-        0) and under the step Lightning logs this batch's metrics at: as Lightning's own monitors
-        (``DeviceStatsMonitor``, ``LearningRateMonitor``) log theirs. Not through ``self.log``, which would add
-        them to ``trainer.callback_metrics`` and ``logged_metrics``, which callbacks and user code read."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if self._offloader is None or trainer is None or not trainer.loggers:
-            return
-        if not should_update_logs(trainer):
-            return
-        step = logging_step(trainer)
-        metrics = self._offloader.report().metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+    def step_metrics(self) -> dict[str, float]:
+        """The latest training step's offload numbers (``MemoryReport.metrics()``), which
+        :class:`~lightning_vdnn.MemoryMonitor` logs; empty outside ``fit``."""
+        return self._offloader.report().metrics() if self._offloader is not None else {}
 
     def memory_report(self) -> MemoryReport:
         """Offload statistics of the latest training step on this rank (empty before training)."""

@@ -5,17 +5,19 @@ range of them in host memory, so the norm must be summed over the ranks' pieces
 (``ShardedLayerStreamer.clip_grad_norm_``). Lightning clips through the precision plugin
 (``Precision.clip_grad_by_norm`` / ``clip_grad_by_value``, called by ``LightningModule.clip_gradients``), and
 the plugin is whichever the Trainer chose for ``precision=``; :func:`with_sharded_clipping` gives the strategy
-that plugin's class with the two methods overridden, the plugin's settings and state unchanged.
+that plugin's class with the two methods overridden, the plugin's settings and state unchanged
+(``precision_plugins.extended``).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Union
 
 from lightning.pytorch.plugins.precision import Precision
 from torch.optim import Optimizer
 from typing_extensions import override
+
+from lightning_vdnn.integrations.precision_plugins import extended
 
 
 class ShardedClipping(Precision):
@@ -35,20 +37,7 @@ class ShardedClipping(Precision):
 def with_sharded_clipping(plugin: Precision, streamer: Any) -> Precision:
     """A plugin of ``plugin``'s class plus :class:`ShardedClipping`, sharing its settings and state (scaler,
     dtype): the strategy uses it during ``fit`` and puts ``plugin`` back afterwards."""
-    cls = _with_clipping(type(plugin))
-    clipping = cls.__new__(cls)
-    clipping.__dict__.update(vars(plugin))
-    clipping.streamer = streamer
-    return clipping
-
-
-@functools.cache
-def _with_clipping(base: type) -> type:
-    if issubclass(base, ShardedClipping):
-        return base
-    cls = type(f"ShardedClipping{base.__name__}", (ShardedClipping, base), {"__module__": __name__})
-    cls.__qualname__ = base.__qualname__  # checkpoints file the plugin's state under it: keep them portable
-    return cls
+    return extended(plugin, ShardedClipping, streamer=streamer)
 
 
 def _params(optimizer: Optimizer) -> list[Any]:

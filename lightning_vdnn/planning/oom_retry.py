@@ -1,9 +1,10 @@
 """Out of memory in ``"auto"`` mode: lower the budget, re-plan, and run the same batch again.
 
 A CUDA out-of-memory error in a step that ran a plan says the plan kept more on the device than the device
-had room for (a prediction that erred, fragmentation, another process). The strategy (``integrations/lightning_hooks.py``) catches
-it around forward and backward, has the planner lower its budget (``AutoPlanner.lower``), and runs the batch
-again, after putting back what the failed attempt changed:
+had room for (a prediction that erred, fragmentation, another process). The strategy
+(``integrations/lightning_hooks.py``) catches it around forward and backward (backward from the precision
+plugin, ``integrations/precision_plugins.py``), has the planner lower its budget (``AutoPlanner.lower``), and
+runs the batch again, after putting back what the failed attempt changed:
 
 - the RNG state, so dropout draws the same masks as the attempt that failed (and as plain training);
 - the running statistics of normalization layers (BatchNorm updates them in forward);

@@ -27,7 +27,6 @@ import contextlib
 import heapq
 import itertools
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator, Optional
 
@@ -36,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.integrations.adapters.torch import around_zero_grad
+from lightning_vdnn.offload.host_pool import host_clock
 from lightning_vdnn.streaming.host_state import HostBlock
 from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
 from lightning_vdnn.streaming.step_hooks import StepHooks
@@ -231,7 +231,7 @@ class HostStepper:
         self._futures[index] = self._worker.submit(index, self._update, sub, grads, hyper)
 
     def _update(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
-        start = time.perf_counter()
+        start = host_clock()
         if sub.block.read_done is not None:
             sub.block.read_done.synchronize()  # no copy to the device still reads the weights this writes
         in_sync = sub.block.copy_current()
@@ -243,7 +243,7 @@ class HostStepper:
         finally:
             sub.block.updates += 1  # fused kernels do not bump tensor versions: the device slot must reload
         sub.block.copy_written(in_sync and sub.optimizer is None)
-        self.update_ms += (time.perf_counter() - start) * 1e3
+        self.update_ms += (host_clock() - start) * 1e3
 
     def _same_class(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
         for group, h in zip(sub.optimizer.param_groups, hyper):
@@ -279,9 +279,9 @@ class HostStepper:
         """Block until block ``index``'s queued update has been written (before anyone reads its weights)."""
         fut = self._futures.pop(index, None)
         if fut is not None:
-            start = time.perf_counter()
+            start = host_clock()
             fut.result()
-            self.wait_ms += (time.perf_counter() - start) * 1e3
+            self.wait_ms += (host_clock() - start) * 1e3
 
     def ready(self, index: int) -> bool:
         """Whether block ``index`` has no update still being written (one that finished is waited for here)."""

@@ -29,13 +29,15 @@ SELECTION = ("loops", "checkpointing", "trainer/logging_", "trainer/optimization
 DESELECT = "not ddp and not spawn and not multiprocess and not distributed"
 
 
-def run_pass(tests: Path, swap: str, out: Path, extra_path: list[str], timeout: int) -> dict:
-    """One pytest run with ``VDNN_SWAP=swap``; its outcome per test id."""
+def run_pass(tests: Path, swap: str, out: Path, extra_path: list[str], timeout: int,
+             selection: tuple[str, ...] = SELECTION) -> dict:
+    """One pytest run of ``selection`` (paths under ``tests_pytorch``) with ``VDNN_SWAP=swap``; its outcome per
+    test id."""
     xml = out / f"{swap}.xml"
     env = {**os.environ, "VDNN_SWAP": swap, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), *extra_path])}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "vdnn_swap", "-o", "addopts=",
            "-W", "ignore::DeprecationWarning", "-k", DESELECT, f"--junitxml={xml}",
-           *(f"tests_pytorch/{s}" for s in SELECTION)]
+           *(f"tests_pytorch/{s}" for s in selection)]
     start = time.time()
     with open(out / f"{swap}.log", "w") as log:
         subprocess.run(cmd, cwd=tests / "tests", env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
@@ -63,6 +65,8 @@ def main() -> None:
                         help="'plain' (the baseline) first, then strategy names")
     parser.add_argument("--extra-path", nargs="*", default=[],
                         help="folders put on PYTHONPATH: test-only packages Lightning's tests import (cloudpickle)")
+    parser.add_argument("--select", nargs="+", default=list(SELECTION),
+                        help="folders or files under tests_pytorch to run (default: the whole selection)")
     parser.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per pass")
     parser.add_argument("--reuse", action="store_true",
                         help="read a pass's results from --out where its XML is there (passes run apart, in parallel)")
@@ -73,7 +77,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     passes = {swap: ({"seconds": 0, "outcomes": outcomes(args.out / f"{swap}.xml")}
                      if args.reuse and (args.out / f"{swap}.xml").exists()
-                     else run_pass(args.tests, swap, args.out, args.extra_path, args.timeout)) for swap in args.swaps}
+                     else run_pass(args.tests, swap, args.out, args.extra_path, args.timeout,
+                              tuple(args.select))) for swap in args.swaps}
     base = failing(passes[args.swaps[0]]["outcomes"])
     summary = {"baseline": args.swaps[0], "baseline_failures": sorted(base)}
     for swap, result in passes.items():

@@ -39,8 +39,15 @@ def running_hook(module: Any, name: str) -> Iterator[None]:
 
 def should_update_logs(trainer: Any) -> bool:
     """Whether this step is one the Trainer logs at (``log_every_n_steps``): the logger connector decides,
-    and only privately; Lightning's own monitors (``LearningRateMonitor``) ask it the same way."""
+    and only privately; Lightning's own monitors (``LearningRateMonitor``, ``DeviceStatsMonitor``) ask it the
+    same way."""
     return trainer._logger_connector.should_update_logs
+
+
+def accumulating(trainer: Any) -> bool:
+    """Whether the running batch accumulates gradients without an optimizer step: Lightning logs no step
+    metrics in such a batch (``_LoggerConnector.update_train_step_metrics``), and only the fit loop knows."""
+    return trainer.fit_loop._should_accumulate()
 
 
 def logging_step(trainer: Any) -> int:
