@@ -14,7 +14,7 @@ master weights: 4 of 12 bytes per parameter. Here it is bf16, 2 bytes, and half 
 A bf16 tensor cannot be an fp32 parameter's ``p.grad`` (torch checks the dtype), so, as with
 ``streaming/sharded.py``, a block parameter's ``p.grad`` stays None during training: the host update reads the
 buffer (:meth:`Bf16GradBlock.grad_of`), and the gradients go with the host buffers when streaming ends
-(:meth:`Bf16GradBlock.release`). Summing a second backward's gradients into the buffer before the step (Lightning's
+(:meth:`Bf16GradBlock._release_grads`). Summing a second backward's gradients into the buffer before the step (Lightning's
 ``accumulate_grad_batches``, or two ``backward()`` calls) would round the running sum to bf16 at every addition,
 which is not the fp32 accumulation of plain training; that is refused, pointing at ``microbatches``, which sums
 in fp32 on the device instead.
@@ -108,10 +108,9 @@ class Bf16GradBlock(HostBlock):
                 self.grad_views[k].copy_(new)
                 self.has_grad[k], self.zeroed[k] = True, False
 
-    def release(self) -> None:
-        """As :meth:`HostBlock.release`; the bf16 gradients go with the host buffers and ``p.grad`` stays None, as
-        during training: widening them to fp32 would take 4 more bytes a parameter just when the host is fullest."""
-        super().release()
+    def _release_grads(self) -> None:
+        """The bf16 gradients go with the host buffers and ``p.grad`` stays None, as during training: widening them
+        to fp32 would take 4 more bytes a parameter just when the host is fullest."""
         self.has_grad = [False] * len(self.params)
 
     def grads(self, ids: set[int]) -> list[Tensor]:
