@@ -22,7 +22,7 @@ in fp32 on the device instead.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -48,6 +48,23 @@ def host_grad_dtype(state_dtype: torch.dtype, weights: torch.dtype, precision: s
             "precision='16-mixed' has a loss scaler that unscales and checks p.grad. Use precision='bf16-mixed' "
             "(no loss scaler) or '32-true', or host_state_dtype='fp32'.")
     return GRAD_DTYPE
+
+
+def clipping_refused(how: str, drop: str = "the clipping") -> ValueError:
+    """The error for ``how`` (a clipping call) with bf16 host gradients: what is wrong, and the two ways out."""
+    return ValueError(
+        f"{how} with host_state_dtype='bf16': the streamed blocks' gradients live in bf16 host buffers, not in p.grad, "
+        f"so clipping would silently leave them out of the norm. Use host_state_dtype='fp32' to clip, or drop {drop}.")
+
+
+def check_clipping(streamers: Iterable[Any], params: Iterable[Tensor], how: str) -> None:
+    """Raise :func:`clipping_refused` if any of ``params`` is a block parameter of one of ``streamers``
+    (:class:`~lightning_vdnn.streaming.streamer.LayerStreamer`) whose gradients are bf16 host buffers: every entry
+    point's clipping calls this before torch's ``clip_grad_norm_``/``clip_grad_value_``, which read ``p.grad``."""
+    ids = {id(p) for p in params}
+    for streamer in streamers:
+        if streamer.lean_grads and any(id(p) in ids for b in streamer.blocks for p in b.params):
+            raise clipping_refused(how)
 
 
 class GradientAccumulationError(RuntimeError):
