@@ -359,8 +359,7 @@ def _check_bf16_grads(trainer: Any) -> None:
             "accumulate_grad_batches=1, or host_state_dtype='fp32'.")
     if trainer.gradient_clip_val or is_overridden("configure_gradient_clipping", trainer.lightning_module,
                                                   LightningModule):
-        raise clipping_refused("gradient clipping (gradient_clip_val or configure_gradient_clipping)",
-                               drop="gradient_clip_val")
+        raise clipping_refused("gradient clipping", drop="gradient_clip_val (or configure_gradient_clipping)")
 
 
 def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
