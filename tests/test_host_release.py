@@ -167,12 +167,18 @@ def test_a_chunk_that_cannot_be_page_locked_falls_back_to_pageable_memory_with_a
 
 @pytest.mark.slow
 def test_the_largest_model_script_records_its_numbers_before_teardown(tmp_path, monkeypatch):
-    """A teardown that fails (the kernel's OOM killer, here a raised MemoryError) leaves ``largest.json`` and the
-    table row written: they are written as the last step ends."""
+    """A teardown that fails (the kernel's OOM killer, here a MemoryError raised by the streamer's close) leaves
+    ``largest.json`` and the table row written: they are written as the last step ends."""
     from benchmarks import largest
 
     monkeypatch.setattr(LayerStreamer, "host_copies", LayerStreamer.host_copies)  # the script sets it
-    monkeypatch.setattr(LayerStreamer, "close", lambda self: (_ for _ in ()).throw(MemoryError("teardown")))
+    close = LayerStreamer.close
+
+    def fails(self):  # released (no worker threads left behind for later tests), then the "OOM"
+        close(self)
+        raise MemoryError("teardown")
+
+    monkeypatch.setattr(LayerStreamer, "close", fails)
     with pytest.raises(MemoryError, match="teardown"):
         largest.main(["--tiny", "--steps", "3", "--out", str(tmp_path)])
     row = json.loads((tmp_path / "largest.json").read_text())
