@@ -23,7 +23,8 @@ on the host (``offload_optimizer=True``), the loss in ``--loss-chunks`` pieces. 
 must fall; the script exits 1 if it does not.
 
 Prints and writes (``--out/largest.json``) the plan, the parameter count, the seconds building the model took,
-host RSS (now and peak), the device's peak allocation and tokens/s over the steps after the first.
+host RSS (now and peak), the device's peak allocation and tokens/s over the steps after the first, as soon as the
+last step ends (so a teardown that fails leaves them); then the teardown's seconds and the host RSS after it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make ``lightning_vdnn`` of this checkout importable
@@ -243,40 +244,66 @@ def main(argv: Optional[list[str]] = None) -> int:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(task.config.vocab_size, (args.batch, args.seq + 1), generator=g)
     batch = (tokens[:, :-1], tokens[:, 1:])  # the same batch every step: the loss must fall
-    clock = Clock(cuda)
+    row: dict = {}
+
+    def report() -> None:  # after the last step, before teardown: the numbers survive a teardown that fails
+        row.update(result_row(args, plan, clock, build_s, cuda))
+        write_row(args.out, row)
+        print(summary(row, clock.losses), flush=True)
+
+    clock = Clock(cuda, on_end=report)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=args.steps,
                         precision="bf16-mixed" if cuda else "32-true", strategy=VDNNStrategy(**strategy_kwargs(args)),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
     trainer.fit(task, torch.utils.data.DataLoader([batch] * args.steps, batch_size=None))
-    timed = clock.times[1:] or clock.times
-    row = {"blocks": n_layer, "params": params, "outside_params": sum(outside_sizes(gpt_config(args, 1))),
-           "width": args.width, "host_state": args.host_state,
-           "plan_bytes": plan.items, "plan_total_bytes": plan.total, "available_bytes": plan.available,
-           "weight_copies": plan.copies, "build_s": build_s, "host_state_bytes": clock.host_state_bytes,
-           "losses": clock.losses,
-           "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
-           "step_s": sorted(timed)[len(timed) // 2],
-           "host_rss_bytes": psutil.Process().memory_info().rss,
-           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "device_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "largest.json").write_text(json.dumps(row, indent=1))
-    peak = "n/a (CPU)" if row["device_peak_bytes"] is None else f"{row['device_peak_bytes'] / GiB:.2f} GiB"
-    print(f"| {params / 1e6:,.1f}M | {n_layer} x {args.width} | {args.host_state} | "
-          f"{row['host_rss_bytes'] / GiB:.1f} GiB (peak {row['host_peak_rss_bytes'] / GiB:.1f}) | {peak} | "
-          f"{row['tokens_per_s']:,.0f} tokens/s | losses {', '.join(f'{x:.3f}' for x in clock.losses)} |")
+    row["teardown_s"] = time.perf_counter() - clock.ended
+    row["host_rss_after_teardown_bytes"] = psutil.Process().memory_info().rss
+    row["host_peak_rss_with_teardown_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    write_row(args.out, row)
+    print(f"largest: teardown {row['teardown_s']:.1f} s, host RSS after it "
+          f"{row['host_rss_after_teardown_bytes'] / GiB:.1f} GiB, peak over the run "
+          f"{row['host_peak_rss_with_teardown_bytes'] / GiB:.1f} GiB", flush=True)
     if not clock.losses or clock.losses[-1] >= clock.losses[0]:
         print(f"largest: the loss did not fall over {args.steps} steps: {clock.losses}", file=sys.stderr)
         return 1
     return 0
 
 
+def result_row(args: argparse.Namespace, plan: Plan, clock: "Clock", build_s: float, cuda: bool) -> dict:
+    """What ``largest.json`` records of the run, read at the end of the last step."""
+    timed = clock.times[1:] or clock.times
+    return {"blocks": plan.blocks, "params": plan.params, "outside_params": sum(outside_sizes(gpt_config(args, 1))),
+            "width": args.width, "host_state": args.host_state,
+            "plan_bytes": plan.items, "plan_total_bytes": plan.total, "available_bytes": plan.available,
+            "weight_copies": plan.copies, "build_s": build_s, "host_state_bytes": clock.host_state_bytes,
+            "losses": clock.losses,
+            "tokens_per_s": args.batch * args.seq * len(timed) / sum(timed),
+            "step_s": sorted(timed)[len(timed) // 2],
+            "host_rss_bytes": psutil.Process().memory_info().rss,
+            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "device_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def write_row(out: Path, row: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "largest.json").write_text(json.dumps(row, indent=1))
+
+
+def summary(row: dict, losses: list[float]) -> str:
+    """The row of the benchmark notes' table."""
+    peak = "n/a (CPU)" if row["device_peak_bytes"] is None else f"{row['device_peak_bytes'] / GiB:.2f} GiB"
+    return (f"| {row['params'] / 1e6:,.1f}M | {row['blocks']} x {row['width']} | {row['host_state']} | "
+            f"{row['host_rss_bytes'] / GiB:.1f} GiB (peak {row['host_peak_rss_bytes'] / GiB:.1f}) | {peak} | "
+            f"{row['tokens_per_s']:,.0f} tokens/s | losses {', '.join(f'{x:.3f}' for x in losses)} |")
+
+
 class Clock(L.Callback):
     """Per training batch: wall time (the device synchronized) and the loss."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self, cuda: bool, on_end: Callable[[], None]) -> None:
+        self.cuda, self.on_end = cuda, on_end
+        self.ended = 0.0  # when training ended (teardown starts after it)
         self.times: list[float] = []
         self.losses: list[float] = []
         self.host_state_bytes: Optional[int] = None
@@ -293,6 +320,10 @@ class Clock(L.Callback):
         self.times.append(time.perf_counter() - self._start)
         self.losses.append(float(outputs["loss"]))
         self.host_state_bytes = trainer.strategy.memory_report().host_state_bytes  # while the optimizer is attached
+
+    def on_train_end(self, trainer, module) -> None:  # before the strategy's teardown releases the host state
+        self.on_end()
+        self.ended = time.perf_counter()
 
 
 if __name__ == "__main__":

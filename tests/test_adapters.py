@@ -176,6 +176,28 @@ def test_after_backward_runs_after_accelerators_backward():
     assert calls == [("backward", 1), "done"]
 
 
+def test_before_clipping_checks_the_parameters_accelerators_clipping_gets():
+    for name, want in (("clip_grad_norm_", ["self", "parameters", "max_norm", "norm_type"]),
+                       ("clip_grad_value_", ["self", "parameters", "clip_value"])):
+        params = list(inspect.signature(getattr(accelerate.Accelerator, name)).parameters)
+        assert params == want, f"Accelerator.{name}{params} changed: adapters/accelerate.before_clipping"
+    calls = []
+
+    class Fake:
+        def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+            calls.append(("norm", list(parameters), max_norm))
+
+        def clip_grad_value_(self, parameters, clip_value):
+            calls.append(("value", list(parameters), clip_value))
+
+    fake, p = Fake(), torch.zeros(1)
+    acc_adapter.before_clipping(fake, lambda params, how: calls.append((how, params)))
+    fake.clip_grad_norm_(iter([p]), 1.0)  # a generator reaches both as the same list
+    fake.clip_grad_value_(p, 0.5)
+    assert calls == [("accelerator.clip_grad_norm_", [p]), ("norm", [p], 1.0),
+                     ("accelerator.clip_grad_value_", [p]), ("value", [p], 0.5)]
+
+
 # -- torch -------------------------------------------------------------------------------------------------
 def test_autocast_kwargs_as_checkpoint_captures_them():
     with torch.autocast("cpu", dtype=torch.bfloat16):

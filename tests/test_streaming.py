@@ -592,22 +592,14 @@ def test_resident_blocks_must_leave_one_to_stream():
 
 # -- pinned host buffers: carved from power-of-two chunks, not each rounded up to one ------------------------------
 def test_pinned_arena_carves_aligned_disjoint_buffers_from_few_chunks(monkeypatch):
-    from lightning_vdnn.streaming import host_state as host_blocks
+    from lightning_vdnn.streaming import pinned_arena
 
-    made = []
+    made = []  # a CPU machine cannot page-lock: count what would be
+    monkeypatch.setattr(pinned_arena, "lock", lambda chunk: made.append(chunk.nbytes))
 
-    def fake_pinned(numel, dtype, pin):  # a CPU machine cannot pin: count what would be
-        if not pin:
-            return torch.empty(numel, dtype=dtype)
-        made.append(numel)
-        raw = torch.zeros(numel + 4096, dtype=dtype)  # page-aligned, as pinned memory is
-        return raw[(-raw.data_ptr()) % 4096:][:numel]
-
-    class Arena(host_blocks.PinnedArena):
+    class Arena(pinned_arena.PinnedArena):
         CHUNK = 2**16
-        _pinned = staticmethod(lambda chunk: True)
 
-    monkeypatch.setattr(host_blocks, "host_empty", fake_pinned)
     arena = Arena(pin=True)
     sizes = [3000, 5000, 1, 7000, 40000, 100000]  # fp32 elements; the last is larger than a chunk
     bufs = [arena.empty(n, torch.float32) for n in sizes]

@@ -23,14 +23,17 @@ from torch import nn
 
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.integrations.options import ACCELERATE, OFFLOAD_ACTIVATIONS
-from lightning_vdnn.integrations.adapters.accelerate import after_backward, wrap_forward
+from lightning_vdnn.integrations.adapters.accelerate import after_backward, before_clipping, wrap_forward
 from lightning_vdnn.integrations.torch_loop import ActivationOffload, offload_activations, stream_layers
 from lightning_vdnn.report.memory_report import MemoryReport
+from lightning_vdnn.streaming.bf16_grads import check_clipping
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
 _BY_MODEL: "weakref.WeakKeyDictionary[nn.Module, ActivationOffload]" = weakref.WeakKeyDictionary()
 _BY_ACCELERATOR: "weakref.WeakKeyDictionary[Accelerator, list[ActivationOffload]]" = weakref.WeakKeyDictionary()
 _STREAMERS: "weakref.WeakKeyDictionary[nn.Module, LayerStreamer]" = weakref.WeakKeyDictionary()
+#: each accelerator's streamers, which its clipping checks (``streaming/bf16_grads.py``)
+_STREAMED_BY: "weakref.WeakKeyDictionary[Accelerator, list[LayerStreamer]]" = weakref.WeakKeyDictionary()
 #: Accelerate's ``mixed_precision`` as the precision string layer streaming sizes its device copies by.
 _PRECISION = {"no": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
@@ -44,7 +47,7 @@ def prepare(accelerator: Accelerator, *objects: Any, device_placement: Optional[
     after ``objects`` are those of :func:`lightning_vdnn.offload_activations`, validated before anything is
     prepared; ``layer_streaming``, ``resident_blocks``, ``microbatches`` and ``saved_blocks`` are L2L's (one
     process only; block updates run at ``optimizer.step()``, so ``accelerator.clip_grad_norm_`` between backward
-    and step is fine).
+    and step is fine, except with ``host_state_dtype="bf16"``, whose bf16 host gradients it refuses to clip).
 
     Raises:
         ValueError, TypeError: for a bad argument, naming it (``policy='bogus' is not a policy; ...``).
@@ -78,12 +81,24 @@ def prepare(accelerator: Accelerator, *objects: Any, device_placement: Optional[
                     pin_memory=config.pin_memory, precision=_PRECISION.get(str(accelerator.mixed_precision),
                                                                            "32-true"),
                     resident_blocks=config.resident_blocks, microbatches=config.microbatches,
-                    saved_blocks=config.streamed_saves)  # None (all) or a number, under the policy
+                    saved_blocks=config.streamed_saves,  # None (all) or a number, under the policy
+                    host_optimizer=config.host_optimizer, host_state_dtype=config.host_state_dtype)
+                _check_clipping(accelerator, _STREAMERS[obj])
             handle = offload_activations(inner, **_offload_options(config), device=accelerator.device)
             _wrap_forward(obj, handle)
             _BY_MODEL[obj] = _BY_MODEL[inner] = handle
             _wrap_backward(accelerator, handle)
     return prepared
+
+
+def _check_clipping(accelerator: Accelerator, streamer: LayerStreamer) -> None:
+    """``accelerator.clip_grad_norm_``/``clip_grad_value_`` refuse the blocks' bf16 host gradients, which they
+    would skip (they read ``p.grad``)."""
+    streamers = _STREAMED_BY.get(accelerator)
+    if streamers is None:
+        streamers = _STREAMED_BY[accelerator] = []
+        before_clipping(accelerator, lambda params, how: check_clipping(streamers, params, how))
+    streamers.append(streamer)
 
 
 def _offload_options(config: VDNNConfig) -> dict[str, Any]:
@@ -138,3 +153,6 @@ def release(model: nn.Module) -> None:
     streamer = _STREAMERS.pop(model, None)
     if streamer is not None:
         streamer.close()
+        for streamers in _STREAMED_BY.values():
+            if streamer in streamers:
+                streamers.remove(streamer)

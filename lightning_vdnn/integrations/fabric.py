@@ -26,6 +26,7 @@ from lightning_vdnn.integrations.options import FABRIC, config_from
 from lightning_vdnn.integrations.torch_loop import ActivationOffload
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.report.memory_report import MemoryReport
+from lightning_vdnn.streaming.bf16_grads import check_clipping
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
 
@@ -52,8 +53,8 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
             given to ``fabric.setup``; ``"auto"`` plans each model to fit ``memory_budget``.
         layer_streaming, resident_blocks, microbatches, saved_blocks: L2L, as in
             :class:`~lightning_vdnn.VDNNStrategy`. The host update runs at ``optimizer.step()`` (your loop may
-            clip with ``fabric.clip_gradients`` between backward and step), first block first, so the next
-            forward overlaps it.
+            clip with ``fabric.clip_gradients`` between backward and step, except with ``host_state_dtype="bf16"``,
+            whose bf16 host gradients it refuses to clip), first block first, so the next forward overlaps it.
         config: a ready :class:`~lightning_vdnn.VDNNConfig`; options given as well replace its values.
         device: normally left to ``Fabric(accelerator=..., devices=1)``.
 
@@ -117,6 +118,19 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
         for streamer in self._streamers:  # each takes the optimizers that hold its blocks
             streamer.attach_optimizers([optimizer])
         return super().setup_optimizer(optimizer)
+
+    # bf16 host gradients are not p.grad, which Fabric's clipping reads: refused (``streaming/bf16_grads.py``)
+    @override
+    def clip_gradients_norm(self, module: nn.Module, optimizer: torch.optim.Optimizer, max_norm: Union[float, int],
+                            norm_type: Union[float, int] = 2.0, error_if_nonfinite: bool = True) -> Tensor:
+        check_clipping(self._streamers, self.precision.main_params(optimizer), "fabric.clip_gradients(max_norm=...)")
+        return super().clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+
+    @override
+    def clip_gradients_value(self, module: nn.Module, optimizer: torch.optim.Optimizer,
+                             clip_val: Union[float, int]) -> None:
+        check_clipping(self._streamers, self.precision.main_params(optimizer), "fabric.clip_gradients(clip_val=...)")
+        return super().clip_gradients_value(module, optimizer, clip_val)
 
     # ``fabric.save``/``fabric.load`` hand over the module Fabric calls, which is our capture wrapper: the
     # checkpoint holds the user's module's keys (no ``module.`` prefix), so it loads into a plain model.

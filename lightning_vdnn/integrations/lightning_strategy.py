@@ -22,6 +22,7 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.integrations.options import VDNN_STRATEGY, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
+from lightning_vdnn.streaming.bf16_grads import clipping_refused
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, device_budget
@@ -358,10 +359,7 @@ def _check_bf16_grads(trainer: Any) -> None:
             "accumulate_grad_batches=1, or host_state_dtype='fp32'.")
     if trainer.gradient_clip_val or is_overridden("configure_gradient_clipping", trainer.lightning_module,
                                                   LightningModule):
-        raise ValueError(
-            "gradient clipping with host_state_dtype='bf16': the blocks' gradients live in bf16 host buffers, not in "
-            "p.grad, so Lightning's clipping would leave them out of the norm. Use host_state_dtype='fp32' to clip, "
-            "or drop gradient_clip_val.")
+        raise clipping_refused("gradient clipping", drop="gradient_clip_val (or configure_gradient_clipping)")
 
 
 def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:

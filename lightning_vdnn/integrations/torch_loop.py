@@ -43,7 +43,10 @@ def stream_layers(model: nn.Module, *optimizers: torch.optim.Optimizer, device: 
     when the closure does not change gradients after backward (no clipping, no loss scaler).
     ``saved_blocks`` streamed blocks (None: all) save their activations through whatever saved-tensor hooks
     surround your forward (``offload_activations``, ``torch.autograd.graph.save_on_cpu``; none: kept on the
-    device) instead of recomputing them in backward.
+    device) instead of recomputing them in backward. Clip with ``streamer.clip_grad_norm_`` /
+    ``streamer.clip_grad_value_`` (torch's, after the blocks' gradients landed): with ``host_state_dtype="bf16"`` the
+    blocks' gradients are bf16 host buffers, not ``p.grad``, which ``torch.nn.utils.clip_grad_norm_`` would skip
+    without a word; the streamer's refuses instead.
 
     Raises:
         ValueError, TypeError: a wrong ``layers`` path (listing the candidates), an unsupported optimizer or
@@ -53,7 +56,8 @@ def stream_layers(model: nn.Module, *optimizers: torch.optim.Optimizer, device: 
     config.refuse_auto_choices()
     streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision,
                              pin_memory=config.pin_memory, resident=config.fixed_resident,
-                             microbatches=config.microbatches, saved_blocks=config.saved_blocks)
+                             microbatches=config.microbatches, saved_blocks=config.saved_blocks,
+                             host_optimizer=config.host_optimizer, host_state_dtype=config.host_state_dtype)
     streamer.set_eager(eager_updates)
     try:
         streamer.attach_optimizers(optimizers)

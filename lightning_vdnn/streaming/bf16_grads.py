@@ -14,7 +14,7 @@ master weights: 4 of 12 bytes per parameter. Here it is bf16, 2 bytes, and half 
 A bf16 tensor cannot be an fp32 parameter's ``p.grad`` (torch checks the dtype), so, as with
 ``streaming/sharded.py``, a block parameter's ``p.grad`` stays None during training: the host update reads the
 buffer (:meth:`Bf16GradBlock.grad_of`), and the gradients go with the host buffers when streaming ends
-(:meth:`Bf16GradBlock.release`). Summing a second backward's gradients into the buffer before the step (Lightning's
+(:meth:`Bf16GradBlock._release_grads`). Summing a second backward's gradients into the buffer before the step (Lightning's
 ``accumulate_grad_batches``, or two ``backward()`` calls) would round the running sum to bf16 at every addition,
 which is not the fp32 accumulation of plain training; that is refused, pointing at ``microbatches``, which sums
 in fp32 on the device instead.
@@ -22,7 +22,7 @@ in fp32 on the device instead.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -48,6 +48,23 @@ def host_grad_dtype(state_dtype: torch.dtype, weights: torch.dtype, precision: s
             "precision='16-mixed' has a loss scaler that unscales and checks p.grad. Use precision='bf16-mixed' "
             "(no loss scaler) or '32-true', or host_state_dtype='fp32'.")
     return GRAD_DTYPE
+
+
+def clipping_refused(how: str, drop: str = "the clipping") -> ValueError:
+    """The error for ``how`` (a clipping call) with bf16 host gradients: what is wrong, and the two ways out."""
+    return ValueError(
+        f"{how} with host_state_dtype='bf16': the streamed blocks' gradients live in bf16 host buffers, not in p.grad, "
+        f"so clipping would silently leave them out of the norm. Use host_state_dtype='fp32' to clip, or drop {drop}.")
+
+
+def check_clipping(streamers: Iterable[Any], params: Iterable[Tensor], how: str) -> None:
+    """Raise :func:`clipping_refused` if any of ``params`` is a block parameter of one of ``streamers``
+    (:class:`~lightning_vdnn.streaming.streamer.LayerStreamer`) whose gradients are bf16 host buffers: every entry
+    point's clipping calls this before torch's ``clip_grad_norm_``/``clip_grad_value_``, which read ``p.grad``."""
+    ids = {id(p) for p in params}
+    for streamer in streamers:
+        if streamer.lean_grads and any(id(p) in ids for b in streamer.blocks for p in b.params):
+            raise clipping_refused(how)
 
 
 class GradientAccumulationError(RuntimeError):
@@ -108,10 +125,9 @@ class Bf16GradBlock(HostBlock):
                 self.grad_views[k].copy_(new)
                 self.has_grad[k], self.zeroed[k] = True, False
 
-    def release(self) -> None:
-        """As :meth:`HostBlock.release`; the bf16 gradients go with the host buffers and ``p.grad`` stays None, as
-        during training: widening them to fp32 would take 4 more bytes a parameter just when the host is fullest."""
-        super().release()
+    def _release_grads(self) -> None:
+        """The bf16 gradients go with the host buffers and ``p.grad`` stays None, as during training: widening them
+        to fp32 would take 4 more bytes a parameter just when the host is fullest."""
         self.has_grad = [False] * len(self.params)
 
     def grads(self, ids: set[int]) -> list[Tensor]:

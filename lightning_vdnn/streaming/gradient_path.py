@@ -5,15 +5,18 @@ device-to-host stream (straight into the block's ``grad_flat`` when it has no gr
 buffer a worker adds from; rounded to bf16 on the device first where the host keeps them in bf16,
 ``streaming/bf16_grads.py``), and, when they are the step's final gradients, queues the block's host update right
 behind them. :class:`GradientPath` is mixed into :class:`~lightning_vdnn.streaming.streamer.LayerStreamer`;
-``streaming/sharded.py`` overrides :meth:`GradientPath._reduce`.
+``streaming/sharded.py`` overrides :meth:`GradientPath._reduce` and the clipping. A plain loop clips through
+:meth:`GradientPath.clip_grad_norm_`, which refuses bf16 host gradients (torch's own would skip them silently).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+
+from lightning_vdnn.streaming.bf16_grads import check_clipping
 
 from lightning_vdnn.streaming.host_optimizer import HostStepper
 from lightning_vdnn.streaming.host_state import HostBlock, accumulate_from, adopt_grads
@@ -82,6 +85,22 @@ class GradientPath:
         if not direct:
             self._host_busy[turn] = fut
         self._pending.append(fut)
+
+    def clip_grad_norm_(self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` for a plain loop, after the blocks' gradients landed; refused (with the
+        fix) where they are bf16 host buffers (``host_state_dtype='bf16'``), which torch's would silently skip."""
+        parameters = list(parameters)
+        check_clipping([self], parameters, "clip_grad_norm_")
+        self.wait_grads()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
+
+    def clip_grad_value_(self, parameters: Iterable[Tensor], clip_value: float) -> None:
+        """``torch.nn.utils.clip_grad_value_``, checked as :meth:`clip_grad_norm_`."""
+        parameters = list(parameters)
+        check_clipping([self], parameters, "clip_grad_value_")
+        self.wait_grads()
+        torch.nn.utils.clip_grad_value_(parameters, clip_value)
 
     def _reduce(self, block: HostBlock, dev: Tensor) -> Tensor:
         """Hook (``streaming/sharded.py``): the device gradients this process copies to the host: all of the block's."""

@@ -305,6 +305,9 @@ class HostStepper:
                 self.update_pass.close()
             self._hooks.remove()
             self._unwrap_zero_grad()
+            # the block optimizers alias the host buffers: let go of them now, not when a cycle is collected, so
+            # the end of streaming frees each pinned chunk as soon as it is released (``streaming/host_release.py``)
+            self._subs, self._block_params, self._stashed = [], [], []
 
     # -- inside optimizer.step and zero_grad ---------------------------------------------------------------
     @contextlib.contextmanager

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_vdnn.streaming.pinned_arena import PinnedArena
+
 
 def host_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
     """A host buffer, page-locked if asked; falls back to pageable memory with one warning."""
@@ -33,84 +35,6 @@ def give_back_pinned() -> None:
     empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
     if empty is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         empty()
-
-
-class PinnedArena:
-    """Pinned host buffers carved out of chunks whose sizes are powers of two.
-
-    torch's pinned allocator rounds every request up to a power of two: a gpt_1b block's 201 MB of weights take
-    256 MB, and so do its gradients, a quarter more host memory than streaming needs (at 96 blocks, what a
-    128 GiB host lacks). Chunks of at least :attr:`CHUNK` bytes lose only their tails, and a buffer goes into the
-    first chunk with room for it. Given the ``total`` bytes that will be asked for, a new chunk is the largest
-    power of two the requests still to come fill (the rest in ever smaller ones): a 4096-wide block's 805 MB of
-    weights would otherwise leave a fifth of each 1 GiB chunk empty. A buffer's views keep its chunk alive; the
-    arena holds its chunks only until it is dropped.
-    """
-
-    CHUNK = 2**30
-    #: chunks no larger, so that releasing the blocks one after another gives memory back as it goes
-    MAX_CHUNK = 2**33
-    ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
-
-    def __init__(self, pin: bool, total: Optional[int] = None) -> None:
-        self.pin = pin
-        self._plan = _Chunks(self.CHUNK, self.ALIGN, total, self.MAX_CHUNK)
-        self._chunks: list[Tensor] = []
-
-    def empty(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """An uninitialised 1-D host buffer, page-locked when the arena pins (see :func:`host_empty`)."""
-        nbytes = numel * dtype.itemsize
-        if not self.pin:
-            return host_empty(numel, dtype, False)
-        k, start = self._plan.place(nbytes)
-        if k == len(self._chunks):
-            chunk = host_empty(self._plan.sizes[k], torch.uint8, True)
-            if not self._pinned(chunk):  # pinning failed (host_empty warned): pageable from here on
-                self.pin = False
-                return host_empty(numel, dtype, False)
-            self._chunks.append(chunk)
-        return self._chunks[k][start:start + nbytes].view(dtype)
-
-    @classmethod
-    def footprint(cls, requests: Iterable[int], total: Optional[int] = None) -> int:
-        """Bytes the chunks for ``requests`` (byte counts, in order) pin: what :meth:`empty` would take."""
-        plan = _Chunks(cls.CHUNK, cls.ALIGN, total, cls.MAX_CHUNK)
-        for nbytes in requests:
-            plan.place(nbytes)
-        return sum(plan.sizes)
-
-    @staticmethod
-    def _pinned(chunk: Tensor) -> bool:
-        return chunk.is_pinned()
-
-
-class _Chunks:
-    """Where :class:`PinnedArena`'s buffers go: chunk sizes and fill levels, no memory."""
-
-    def __init__(self, chunk: int, align: int, total: Optional[int], largest: Optional[int] = None) -> None:
-        self.chunk, self.align, self.left, self.largest = chunk, align, total, largest
-        self.sizes: list[int] = []
-        self.used: list[int] = []
-
-    def place(self, nbytes: int) -> tuple[int, int]:
-        """(chunk index, byte offset) of the next buffer of ``nbytes``; index ``len(sizes) - 1`` is new if it was
-        just added."""
-        k = next((i for i, (size, used) in enumerate(zip(self.sizes, self.used)) if used + nbytes <= size), None)
-        if k is None:
-            fits = 1 << max(nbytes - 1, 0).bit_length()  # the smallest power of two this buffer fits
-            size = max(self.chunk, fits)
-            if self.left is not None and self.left > size:
-                size = 1 << (self.left.bit_length() - 1)  # the largest power of two the requests to come fill
-                if self.largest is not None:
-                    size = max(min(size, self.largest), fits)
-            k = len(self.sizes)
-            self.sizes.append(size)
-            self.used.append(0)
-        start = self.used[k]
-        self.used[k] = -(-(start + nbytes) // self.align) * self.align
-        if self.left is not None:
-            self.left -= nbytes
-        return k, start
 
 
 class HostBlock:
@@ -261,26 +185,58 @@ class HostBlock:
             else:
                 g.add_(new)
 
-    def release(self) -> None:
-        """Give each parameter (and gradient) its own ordinary CPU storage again and let go of the host buffers:
-        released block by block, the pinned chunks go back as they empty, so the end of streaming never holds
-        the model's state twice (at the largest models that is more than the host has)."""
-        self.copy = None
+    # -- the end of streaming (``streaming/host_release.py``): part by part, as their pinned chunks are freed ----------
+    def buffers(self) -> dict[str, Optional[Tensor]]:
+        """The host buffers this block holds, by part (None once released)."""
+        return {"copy": self.copy, "grads": self.grad_flat, "weights": self.flat}
+
+    def kept_bytes(self, part: str) -> int:
+        """Bytes releasing ``part`` copies into ordinary memory: the weights, and the gradients in ``p.grad``."""
+        if part == "weights":
+            return sum(p.nbytes for p in self.params if _within(p, self.flat))
+        if part == "grads":
+            return sum(p.grad.nbytes for p in self.params if p.grad is not None and _within(p.grad, self.grad_flat))
+        return 0  # the compute-dtype copy is dropped
+
+    def release_part(self, part: str) -> None:
+        """Give the parameters (``"weights"``) or their gradients (``"grads"``) that live in that buffer their own
+        ordinary storage, or drop the compute-dtype ``"copy"``, and let go of the buffer."""
         with torch.no_grad():
-            for p in self.params:
-                p.data = p.data.clone()
-                if p.grad is not None:
-                    p.grad = p.grad.clone()
-        self.flat = self.grad_flat = None
-        self.views, self.grad_views = [], []
+            if part == "copy":
+                self.copy = None
+            elif part == "grads" and self.grad_flat is not None:
+                self._release_grads()
+                self.grad_flat, self.grad_views = None, []
+            elif part == "weights" and self.flat is not None:
+                for p in self.params:
+                    if _within(p, self.flat):
+                        p.data = p.data.clone()
+                self.flat, self.views = None, []
+
+    def _release_grads(self) -> None:
+        for p in self.params:
+            if p.grad is not None and _within(p.grad, self.grad_flat):
+                p.grad = p.grad.clone()
+
+    def release(self) -> None:
+        """Every part at once: ordinary CPU parameters (and gradients) again, the host buffers let go."""
+        for part in self.buffers():
+            self.release_part(part)
 
 
-def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> None:
-    """Give each block without one a host copy of its weights in ``dtype`` (the slots'), from one arena."""
+def _within(t: Tensor, buffer: Optional[Tensor]) -> bool:
+    """Whether ``t`` is a view of ``buffer``'s storage (an arena's chunk, shared with other blocks' buffers)."""
+    return buffer is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
+def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> PinnedArena:
+    """Give each block without one a host copy of its weights in ``dtype`` (the slots'), from one arena, returned:
+    its chunks stay page-locked until it frees them (``streaming/host_release.py``)."""
     blocks = [b for b in blocks if b.copy is None]
     arena = PinnedArena(pin, total=sum(b.numel * dtype.itemsize for b in blocks))
     for block in blocks:
         block.copy = arena.empty(block.numel, dtype)
+    return arena
 
 
 def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:

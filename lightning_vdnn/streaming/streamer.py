@@ -57,10 +57,12 @@ from lightning_vdnn.streaming.gradient_path import GradientPath
 from lightning_vdnn.streaming.hf_conventions import TrainingCalls, checkpointing_off, checkpointing_on
 from lightning_vdnn.streaming.host_memory import check_host_memory, held_host_bytes
 from lightning_vdnn.streaming.host_optimizer import HostStepper
-from lightning_vdnn.streaming.host_state import (HostBlock, PinnedArena, add_copies, check_sharing, give_back_pinned,
-                                                 move_except, state_to_host)
+from lightning_vdnn.streaming.host_release import release_blocks
+from lightning_vdnn.streaming.host_state import (HostBlock, add_copies, check_sharing, give_back_pinned, move_except,
+                                                 state_to_host)
 from lightning_vdnn.streaming.host_update import STATE_DTYPES, state_parameters
 from lightning_vdnn.streaming.microbatches import check_microbatches
+from lightning_vdnn.streaming.pinned_arena import PinnedArena
 from lightning_vdnn.streaming.precision import check_precision, compute_dtype
 from lightning_vdnn.streaming.slots import Slot, SlotLoads
 
@@ -143,7 +145,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self.lean_grads = self.grad_dtype != weights  # bf16 gradients of fp32 weights: ``streaming/bf16_grads.py``
         self.host_copies = self._check_host(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}", precision)
         pin = self._pin = pin_memory and self.device.type == "cuda"
-        self._arena = PinnedArena(pin, self._arena_bytes(streamed))  # dropped below: the views keep their chunks
+        self._arena = PinnedArena(pin, self._arena_bytes(streamed))  # kept: close() frees its chunks one by one
+        self._arenas = [self._arena]
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
         self.host_dtype = self.blocks[0].dtype
@@ -162,7 +165,6 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self.grad_low = (None if self.grad_dtype == self.host_dtype else
                          torch.empty(size, dtype=self.grad_dtype, device=self.device))
         self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.grad_dtype) for _ in range(2)]
-        self._arena = None
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
         self._pending: list[Future] = []
@@ -278,7 +280,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                                   backend=self.host_optimizer, state_dtype=self.host_state_dtype)
             self.steppers.append(stepper)
             if self.host_copies and stepper.update_pass is not None and self.dtype != self.host_dtype:
-                add_copies(self.blocks, self.dtype, self._pin)  # the update writes what loads copy
+                self._arenas.append(add_copies(self.blocks, self.dtype, self._pin))  # the update writes what loads copy
                 self.stage = None  # loads copy bf16 and cast nothing on the device: no fp32 staging buffer
 
     def load_optimizer_states(self, optimizers: Iterable[Optimizer], states: Iterable[dict]) -> None:
@@ -343,11 +345,12 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         for handle in self._hooks:
             handle.remove()
         self.grad_host = []
-        for b, taken in zip(self.blocks, self._forwards):
+        for taken in self._forwards:
             taken.restore()
-            b.release()
-            if self._pin:
-                give_back_pinned()  # the chunks this block emptied: the next block's clones need the room
+        release_blocks(self.blocks, self._arenas)  # a chunk at a time: never the model's state twice
+        self._arena, self._arenas = None, []
+        if self._pin:
+            give_back_pinned()  # pinned buffers outside the arenas (a sharded block's gradients)
         checkpointing_on(self._checkpointed)
         if self._head is not None:
             self._head.close()

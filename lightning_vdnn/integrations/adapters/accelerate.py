@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 #: The Accelerate release this module was written (and tested) against.
 WRITTEN_AGAINST = "1.16.0"
@@ -48,3 +48,24 @@ def after_backward(accelerator: Any, done: Callable[[], None]) -> None:
             done()
 
     accelerator.backward = backward_then_done
+
+
+#: ``Accelerator``'s clipping methods; their first argument is the parameters (an iterable, or one tensor).
+CLIPPING = ("clip_grad_norm_", "clip_grad_value_")
+
+
+def before_clipping(accelerator: Any, check: Callable[[list, str], None]) -> None:
+    """Call ``check(parameters, "accelerator.<method>")`` before each of ``accelerator``'s :data:`CLIPPING` methods
+    (signatures ``clip_grad_norm_(parameters, max_norm, norm_type=2)``, ``clip_grad_value_(parameters,
+    clip_value)``). Accelerate has no hook there, so this instance's methods are wrapped; ``parameters`` is made a
+    list first, as a generator could be read only once."""
+    for name in CLIPPING:
+        method = getattr(accelerator, name)
+
+        @functools.wraps(method)
+        def checked(parameters: Any, *args: Any, _method: Callable = method, _name: str = name, **kwargs: Any) -> Any:
+            parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+            check(parameters, f"accelerator.{_name}")
+            return _method(parameters, *args, **kwargs)
+
+        setattr(accelerator, name, checked)
