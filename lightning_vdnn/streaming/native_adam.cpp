@@ -1,0 +1,148 @@
+// One pass of Adam(W) over host memory: per element it reads the fp32 master weight, the gradient (fp32 or bf16)
+// and the two moments (fp32 or bf16), and writes the weight, the moments and, if asked, a bf16 or fp32 copy of the
+// new weight (what the device loads next). See native_adam.py for the Python side, which checks every tensor.
+//
+// The arithmetic mirrors torch's fused CPU Adam (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, fp32 path) in
+// operation order, so that fp32 states give torch.optim.AdamW(fused=True)'s bits: scalars in double cast to float,
+// and a fused multiply-add exactly where torch's build has one (exp_avg's lerp, by intrinsic; exp_avg_sq's sum and
+// Adam's weight decay, contracted by its compiler: found by comparing bits); built with -ffp-contract=off so that
+// the compiler fuses nothing else. bf16 moments are widened on load, updated in fp32 and rounded to nearest even
+// on store; the weight update uses the fp32 values, as a widened torch pass does.
+//
+// Pointers, not tensors: the module includes no torch header, so it builds in seconds and owns no libtorch ABI.
+// The GIL is released for the whole call: it runs on the host optimizer's worker beside the thread driving the GPU.
+
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+enum Kind : int { kNone = -1, kFloat = 0, kBFloat16 = 1 };
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t u = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float* p, int64_t i, float f) { p[i] = f; }
+inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch's float -> bfloat16
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  p[i] = f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+
+struct Scalars {  // float constants derived in double exactly as torch's kernel derives them
+  float neg_step_size, decay, weight_decay, lerp_coeff, lerp_small, beta2, sq_coeff, bc2_sqrt, eps;
+  bool small, has_decay, decoupled;
+};
+
+Scalars scalars(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, double step) {
+  Scalars s;
+  double bias_correction1 = 1 - std::pow(beta1, step);
+  double bias_correction2 = 1 - std::pow(beta2, step);
+  double step_size = lr / bias_correction1;
+  double lerp_weight = 1 - beta1;
+  s.neg_step_size = float(-step_size);
+  s.decay = float(1 - lr * weight_decay);
+  s.weight_decay = float(weight_decay);
+  s.small = std::abs(float(lerp_weight)) < 0.5f;
+  s.lerp_coeff = s.small ? float(lerp_weight) : float(lerp_weight) - 1.0f;
+  s.beta2 = float(beta2);
+  s.sq_coeff = float(1 - beta2);
+  s.bc2_sqrt = float(std::sqrt(bias_correction2));
+  s.eps = float(eps);
+  s.has_decay = weight_decay != 0.f;
+  s.decoupled = decoupled;
+  return s;
+}
+
+template <typename G, typename S, typename O, bool kDecoupled>
+void run(float* __restrict w, const G* __restrict g, S* __restrict m, S* __restrict v, O* __restrict out,
+         int64_t begin, int64_t end, const Scalars& s) {
+  const bool decay = s.has_decay;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float grad = load(g, i);
+    float param = w[i];
+    if (decay) {
+      if (kDecoupled) {
+        param = param * s.decay;
+      } else {
+        grad = std::fma(param, s.weight_decay, grad);
+      }
+    }
+    float avg = load(m, i);
+    float base = s.small ? avg : grad;  // exp_avg.lerp_(grad, 1 - beta1), torch's two-branch form
+    avg = std::fma(s.lerp_coeff, grad - avg, base);
+    float sq = std::fma(s.sq_coeff * grad, grad, load(v, i) * s.beta2);
+    store(m, i, avg);
+    store(v, i, sq);
+    float denom = std::sqrt(sq) / s.bc2_sqrt + s.eps;
+    param = param + s.neg_step_size * avg / denom;
+    w[i] = param;
+    if (out != nullptr) store(out, i, param);
+  }
+}
+
+template <typename G, typename S, typename O>
+void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, const Scalars& s,
+              int threads) {
+  auto* pw = reinterpret_cast<float*>(w);
+  auto* pg = reinterpret_cast<const G*>(g);
+  auto* pm = reinterpret_cast<S*>(m);
+  auto* pv = reinterpret_cast<S*>(v);
+  auto* po = reinterpret_cast<O*>(out);
+  constexpr int64_t kLine = 64;  // elements: whole cache lines per thread, for every dtype here
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t lines = (n + kLine - 1) / kLine;
+    int64_t begin = std::min(n, lines * me / parts * kLine), end = std::min(n, lines * (me + 1) / parts * kLine);
+    if (s.decoupled) {
+      run<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
+    } else {
+      run<G, S, O, false>(pw, pg, pm, pv, po, begin, end, s);
+    }
+  }
+}
+
+template <typename G, typename S>
+void with_out(int out_kind, uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n,
+              const Scalars& s, int threads) {
+  if (out_kind == kBFloat16) {
+    parallel<G, S, uint16_t>(w, g, m, v, out, n, s, threads);
+  } else {  // kFloat, or kNone with out == 0 (a null pointer of either type)
+    parallel<G, S, float>(w, g, m, v, out, n, s, threads);
+  }
+}
+
+void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, int grad_kind,
+               int state_kind, int out_kind, double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled, double step, int threads) {
+  Scalars s = scalars(lr, beta1, beta2, eps, weight_decay, decoupled, step);
+  if (out_kind == kNone) out = 0;
+  if (grad_kind == kFloat && state_kind == kFloat) {
+    with_out<float, float>(out_kind, w, g, m, v, out, n, s, threads);
+  } else if (grad_kind == kFloat) {
+    with_out<float, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+  } else if (state_kind == kFloat) {
+    with_out<uint16_t, float>(out_kind, w, g, m, v, out, n, s, threads);
+  } else {
+    with_out<uint16_t, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("adam_step", &adam_step, pybind11::call_guard<pybind11::gil_scoped_release>(),
+             "One Adam(W) pass over n elements at the given addresses (kinds: -1 none, 0 fp32, 1 bf16).");
+}
