@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_vdnn.config import HOST_BACKENDS
 from lightning_vdnn.streaming import native_adam
 
 #: Host update backends (``VDNNConfig.host_optimizer``).
-BACKENDS: tuple[str, ...] = ("auto", "torch", "deepspeed", "native")
+BACKENDS: tuple[str, ...] = HOST_BACKENDS
 #: Precisions of Adam's moments in host memory (``VDNNConfig.host_state_dtype``).
 STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: Elements per piece: its three fp32 scratch buffers (weights, moments) stay in a server CPU's last-level cache.
@@ -216,29 +217,48 @@ def deepspeed_built() -> bool:
         return False
 
 
-def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3) -> str:
-    """``"auto"``: the faster of torch's and DeepSpeed's kernel over ``numel`` parameters (best of ``repeat``),
-    torch's when DeepSpeed's is not built or does not load."""
-    if not deepspeed_built():
-        return "torch"
-    try:
-        load_deepspeed()
-    except RuntimeError:
-        return "torch"
-    opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-4)
-    group = opt.param_groups[0]
-    best = {}
-    for backend in ("torch", "deepspeed"):
-        upd = AdamPass(backend, state_dtype)
-        w, g, state = torch.zeros(numel), torch.full((numel,), 1e-3), {}
-        times = []
-        for _ in range(repeat + 1):
-            start = time.perf_counter()
-            upd.update(opt, group, w, w, g, state)
-            times.append(time.perf_counter() - start)
-        upd.close()
-        best[backend] = min(times[1:])
+def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3,
+                   exact: bool = False) -> Optional[str]:
+    """``"auto"`` on a GPU run: the fastest update of ``numel`` parameters (best of ``repeat``, each writing the
+    bf16 copy a ``bf16-mixed`` run loads) among the kernels that are built. ``exact``: only those bit for bit
+    torch's fused optimizer, the same-class optimizer plus a copy (None) and ``"native"``; else ``"torch"``,
+    ``"deepspeed"`` (when built: ``"auto"`` never starts its build, which takes minutes) and ``"native"`` (built
+    here on first use, in seconds)."""
+    candidates: list[Optional[str]] = [None] if exact else ["torch"]
+    if not exact and deepspeed_built():
+        try:
+            load_deepspeed()
+            candidates.append("deepspeed")
+        except RuntimeError:
+            pass
+    if native_adam.load() is not None:
+        candidates.append("native")
+    if len(candidates) == 1:
+        return candidates[0]
+    best = {backend: _time_update(backend, state_dtype, numel, repeat) for backend in candidates}
     chosen = min(best, key=best.get)
-    log.info("lightning_vdnn: host update on %s's CPU Adam (%.1f ms against %.1f ms over %d parameters)", chosen,
-             best[chosen] * 1e3, max(best.values()) * 1e3, numel)
+    log.info("lightning_vdnn: host update on %s (%s over %d parameters)", chosen or "the same-class optimizer",
+             ", ".join(f"{b or 'same-class'} {t * 1e3:.1f} ms" for b, t in best.items()), numel)
     return chosen
+
+
+def _time_update(backend: Optional[str], state_dtype: torch.dtype, numel: int, repeat: int) -> float:
+    """Best time of ``repeat`` updates of ``numel`` parameters with a bf16 copy (after one untimed)."""
+    w, copy = torch.zeros(numel), torch.empty(numel, dtype=torch.bfloat16)
+    g = torch.full((numel,), 1e-3, dtype=state_dtype)  # bf16 moments come with bf16 gradients (bf16_grads.py)
+    param = torch.nn.Parameter(w)
+    opt = torch.optim.AdamW([param], lr=1e-4, fused=backend is None)
+    upd = AdamPass(backend, state_dtype) if backend is not None else None
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        if upd is None:
+            param.grad = g
+            opt.step()
+            copy.copy_(w)
+        else:
+            upd.update(opt, opt.param_groups[0], param, w, g, opt.state[param], copy)
+        times.append(time.perf_counter() - start)
+    if upd is not None:
+        upd.close()
+    return min(times[1:])

@@ -6,7 +6,7 @@
 // operation order, so that fp32 states give torch.optim.AdamW(fused=True)'s bits: scalars in double cast to float,
 // and a fused multiply-add exactly where torch's build has one (exp_avg's lerp, by intrinsic; exp_avg_sq's sum and
 // Adam's weight decay, contracted by its compiler: found by comparing bits); built with -ffp-contract=off so that
-// the compiler fuses nothing else. bf16 moments are widened on load, updated in fp32 and rounded to nearest even
+// the compiler fuses nothing else, and -fno-math-errno so that sqrt has no errno branch to keep the loop scalar. bf16 moments are widened on load, updated in fp32 and rounded to nearest even
 // on store; the weight update uses the fp32 values, as a widened torch pass does.
 //
 // Pointers, not tensors: the module includes no torch header, so it builds in seconds and owns no libtorch ABI.
@@ -36,7 +36,7 @@ inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, 
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  p[i] = f != f ? uint16_t(0x7FC0) : uint16_t(rounded);
+  p[i] = uint16_t(f != f ? 0x7FC0u : rounded);
 }
 
 struct Scalars {  // float constants derived in double exactly as torch's kernel derives them
@@ -64,31 +64,42 @@ Scalars scalars(double lr, double beta1, double beta2, double eps, double weight
   return s;
 }
 
-template <typename G, typename S, typename O, bool kDecoupled>
+enum Decay : int { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
+
+// Every choice a template argument: a branch inside the loop would keep the compiler from vectorizing it.
+template <typename G, typename S, typename O, int kDecay, bool kOut>
 void run(float* __restrict w, const G* __restrict g, S* __restrict m, S* __restrict v, O* __restrict out,
          int64_t begin, int64_t end, const Scalars& s) {
-  const bool decay = s.has_decay;
+  const float decay = s.decay, weight_decay = s.weight_decay, lerp_coeff = s.lerp_coeff, beta2 = s.beta2;
+  const float sq_coeff = s.sq_coeff, bc2_sqrt = s.bc2_sqrt, eps = s.eps, neg_step_size = s.neg_step_size;
+  const bool small = s.small;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     float grad = load(g, i);
     float param = w[i];
-    if (decay) {
-      if (kDecoupled) {
-        param = param * s.decay;
-      } else {
-        grad = std::fma(param, s.weight_decay, grad);
-      }
-    }
+    if constexpr (kDecay == kDecoupled) param = param * decay;
+    if constexpr (kDecay == kL2) grad = std::fma(param, weight_decay, grad);
     float avg = load(m, i);
-    float base = s.small ? avg : grad;  // exp_avg.lerp_(grad, 1 - beta1), torch's two-branch form
-    avg = std::fma(s.lerp_coeff, grad - avg, base);
-    float sq = std::fma(s.sq_coeff * grad, grad, load(v, i) * s.beta2);
+    float base = small ? avg : grad;  // exp_avg.lerp_(grad, 1 - beta1), torch's two-branch form
+    avg = std::fma(lerp_coeff, grad - avg, base);
+    float sq = std::fma(sq_coeff * grad, grad, load(v, i) * beta2);
     store(m, i, avg);
     store(v, i, sq);
-    float denom = std::sqrt(sq) / s.bc2_sqrt + s.eps;
-    param = param + s.neg_step_size * avg / denom;
+    float denom = std::sqrt(sq) / bc2_sqrt + eps;
+    param = param + neg_step_size * avg / denom;
     w[i] = param;
-    if (out != nullptr) store(out, i, param);
+    if constexpr (kOut) store(out, i, param);
+  }
+}
+
+template <typename G, typename S, typename O, bool kOut>
+void run_range(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t end, const Scalars& s) {
+  if (!s.has_decay) {
+    run<G, S, O, kNoDecay, kOut>(w, g, m, v, out, begin, end, s);
+  } else if (s.decoupled) {
+    run<G, S, O, kDecoupled, kOut>(w, g, m, v, out, begin, end, s);
+  } else {
+    run<G, S, O, kL2, kOut>(w, g, m, v, out, begin, end, s);
   }
 }
 
@@ -106,10 +117,10 @@ void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out,
     int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
     int64_t lines = (n + kLine - 1) / kLine;
     int64_t begin = std::min(n, lines * me / parts * kLine), end = std::min(n, lines * (me + 1) / parts * kLine);
-    if (s.decoupled) {
-      run<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
+    if (po != nullptr) {
+      run_range<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
     } else {
-      run<G, S, O, false>(pw, pg, pm, pv, po, begin, end, s);
+      run_range<G, S, O, false>(pw, pg, pm, pv, po, begin, end, s);
     }
   }
 }
