@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -26,17 +27,13 @@ enum Kind : int { kNone = -1, kFloat = 0, kBFloat16 = 1 };
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) {
-  uint32_t u = uint32_t(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  return __builtin_bit_cast(float, uint32_t(p[i]) << 16);
 }
 inline void store(float* p, int64_t i, float f) { p[i] = f; }
 inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch's float -> bfloat16
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
   uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  p[i] = uint16_t(f != f ? 0x7FC0u : rounded);
+  p[i] = uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays a (quiet) NaN
 }
 
 struct Scalars {  // float constants derived in double exactly as torch's kernel derives them
@@ -66,29 +63,62 @@ Scalars scalars(double lr, double beta1, double beta2, double eps, double weight
 
 enum Decay : int { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
 
-// Every choice a template argument: a branch inside the loop would keep the compiler from vectorizing it.
-template <typename G, typename S, typename O, int kDecay, bool kOut>
-void run(float* __restrict w, const G* __restrict g, S* __restrict m, S* __restrict v, O* __restrict out,
-         int64_t begin, int64_t end, const Scalars& s) {
+// The arithmetic on fp32 arrays only: every choice a template argument and no conversion in the loop, which
+// keeps it vectorized (GCC leaves loops that mix bf16 and fp32 scalar).
+template <int kDecay>
+void update(float* __restrict w, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t len,
+            const Scalars& s) {
   const float decay = s.decay, weight_decay = s.weight_decay, lerp_coeff = s.lerp_coeff, beta2 = s.beta2;
   const float sq_coeff = s.sq_coeff, bc2_sqrt = s.bc2_sqrt, eps = s.eps, neg_step_size = s.neg_step_size;
   const bool small = s.small;
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float grad = load(g, i);
+  for (int64_t i = 0; i < len; ++i) {
+    float grad = g[i];
     float param = w[i];
     if constexpr (kDecay == kDecoupled) param = param * decay;
     if constexpr (kDecay == kL2) grad = std::fma(param, weight_decay, grad);
-    float avg = load(m, i);
+    float avg = m[i];
     float base = small ? avg : grad;  // exp_avg.lerp_(grad, 1 - beta1), torch's two-branch form
     avg = std::fma(lerp_coeff, grad - avg, base);
-    float sq = std::fma(sq_coeff * grad, grad, load(v, i) * beta2);
-    store(m, i, avg);
-    store(v, i, sq);
+    float sq = std::fma(sq_coeff * grad, grad, v[i] * beta2);
+    m[i] = avg;
+    v[i] = sq;
     float denom = std::sqrt(sq) / bc2_sqrt + eps;
-    param = param + neg_step_size * avg / denom;
-    w[i] = param;
-    if constexpr (kOut) store(out, i, param);
+    w[i] = param + neg_step_size * avg / denom;
+  }
+}
+
+constexpr int64_t kTile = 1024;  // elements widened at a time: three fp32 tiles stay in L1
+
+inline float* widen(float* p, float*, int64_t) { return p; }
+inline const float* widen(const float* p, float*, int64_t) { return p; }
+inline float* widen(const uint16_t* p, float* tile, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) tile[i] = load(p, i);
+  return tile;
+}
+inline void narrow(const float*, float*, int64_t) {}  // fp32 moments were updated in place
+inline void narrow(const float* tile, uint16_t* p, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) store(p, i, tile[i]);
+}
+
+// One thread's range, a tile at a time: bf16 tensors are widened into fp32 tiles, updated, and rounded back
+// while the tile is in cache, so host memory is still read and written once.
+template <typename G, typename S, typename O, int kDecay, bool kOut>
+void run(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t end, const Scalars& s) {
+  alignas(64) float g_tile[kTile], m_tile[kTile], v_tile[kTile];
+  for (int64_t a = begin; a < end; a += kTile) {
+    int64_t len = std::min(kTile, end - a);
+    float* mt = widen(m + a, m_tile, len);
+    float* vt = widen(v + a, v_tile, len);
+    update<kDecay>(w + a, widen(g + a, g_tile, len), mt, vt, len, s);
+    narrow(mt, m + a, len);
+    narrow(vt, v + a, len);
+    if constexpr (kOut) {
+      if constexpr (std::is_same_v<O, float>) {
+        std::memcpy(out + a, w + a, len * sizeof(float));
+      } else {
+        narrow(w + a, out + a, len);
+      }
+    }
   }
 }
 
