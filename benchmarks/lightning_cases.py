@@ -71,7 +71,8 @@ class RepeatBatch:
 
 #: ``l2l`` cases of the host update's options (``VDNNConfig.host_optimizer``, ``host_state_dtype``).
 HOST_UPDATES = {"l2l_torch": ("torch", "fp32"), "l2l_ds": ("deepspeed", "fp32"), "l2l_bf16s": ("auto", "bf16"),
-                "l2l_bf16g": ("torch", "bf16"), "l2l_ds_bf16s": ("deepspeed", "bf16")}
+                "l2l_bf16g": ("torch", "bf16"), "l2l_ds_bf16s": ("deepspeed", "bf16"),
+                "l2l_native": ("native", "fp32"), "l2l_native_bf16s": ("native", "bf16")}
 
 
 def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:

@@ -98,6 +98,12 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("l2l_bf16g", "lightning", "l2l_bf16s on torch's fused CPU Adam kernel: against l2l_torch, what bf16 "
              "moments and gradients change (host_optimizer='torch', host_state_dtype='bf16')", data_parallel=False),
     CaseSpec("l2l_ds_bf16s", "lightning", "l2l_bf16s on DeepSpeed's CPU Adam kernel", data_parallel=False),
+    CaseSpec("l2l_native", "lightning", "l2l with the blocks' host Adam on the native one-pass kernel, update and "
+             "bf16 copy in one C++ pass (host_optimizer='native'; 'l2l' times it against torch's at start-up)",
+             data_parallel=False),
+    CaseSpec("l2l_native_bf16s", "lightning", "l2l_bf16s on the native one-pass kernel: bf16 moments and gradients "
+             "widened, updated and rounded in its one pass (host_optimizer='native', host_state_dtype='bf16')",
+             data_parallel=False),
     CaseSpec("l2l_mb8_lean", "lightning", "l2l_mb8 at its least device memory: l2l_lean's settings (block inputs "
              "to the host, internals recomputed, the head's and embeddings' optimizer on the host) with the head and "
              "loss in 8 chunks of tokens (GPT: GPT.loss; Hugging Face: labels=, chunked by the streamer)",

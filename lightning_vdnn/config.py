@@ -23,7 +23,7 @@ POLICIES: tuple[str, ...] = typing.get_args(Policy)
 ZeroStage = Literal[0, 1, 2, 3]
 ZERO_STAGES: tuple[int, ...] = typing.get_args(ZeroStage)
 #: ``host_optimizer`` and ``host_state_dtype`` (layer streaming's host update, ``streaming/host_update.py``).
-HostBackend = Literal["auto", "torch", "deepspeed"]
+HostBackend = Literal["auto", "torch", "deepspeed", "native"]
 HOST_BACKENDS: tuple[str, ...] = typing.get_args(HostBackend)
 HostStateDtype = Literal["fp32", "bf16"]
 HOST_STATE_DTYPES: tuple[str, ...] = typing.get_args(HostStateDtype)
@@ -141,10 +141,13 @@ class VDNNConfig:
             sweeps) gets a quiet end too. A :class:`~lightning_vdnn.MemorySummary` in the Trainer's ``callbacks``
             prints it instead, whatever this says. The per-step numbers reach the loggers only through
             :class:`~lightning_vdnn.MemoryMonitor`.
-        host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default), the user's
-            optimizer class over each block (fused on a GPU run; on a CPU device torch's per-tensor loop, bit for
-            bit plain); ``"torch"`` or ``"deepspeed"``: one pass per parameter on that kernel (DeepSpeed's CPU Adam),
-            writing the bf16 copy the device loads. Slower than ``"auto"`` as measured so far (``benchmarks/README.md``).
+        host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default): on a GPU run the
+            faster, timed at start-up, of the user's optimizer class over each block (torch's fused kernel) and
+            ``"native"`` (bit for bit the same); on a CPU device the class's per-tensor loop, bit for bit plain;
+            ``"torch"``, ``"deepspeed"`` or ``"native"``: one pass per parameter on that kernel (DeepSpeed's CPU
+            Adam; ``"native"``: this package's C++ kernel, built on first use, which writes the bf16 copy the
+            device loads and handles bf16 moments and gradients within its one pass; torch's kernel, after a
+            warning, where it does not build).
         host_state_dtype: with layer streaming, the precision of the blocks' host state: ``"fp32"`` (default,
             exact) or ``"bf16"``, the lean state: the fp32 master weights stay; Adam's two moments are rounded to
             nearest bf16 after each update, and the gradients are summed in fp32 on the device (microbatches

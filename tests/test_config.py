@@ -49,7 +49,7 @@ def test_budget_resolves_against_capacity():
     (dict(zero_stage="2"), TypeError, "zero_stage='2' must be an int"),
     (dict(zero_stage=True), TypeError, "zero_stage=True must be an int"),
     (dict(host_optimizer=3, layer_streaming=True), TypeError,
-     r"host_optimizer=3 must be one of \['auto', 'torch', 'deepspeed'\]"),
+     r"host_optimizer=3 must be one of \['auto', 'torch', 'deepspeed', 'native'\]"),
     (dict(host_state_dtype="fp8", layer_streaming=True), ValueError,
      r"host_state_dtype='fp8' is not understood; choose one of \['fp32', 'bf16'\] \(fp32: exact"),
     (dict(prefetch_layers=0), ValueError, "prefetch_layers=0"),

@@ -14,7 +14,8 @@ LM = RecordingGPT
 
 
 @pytest.mark.parametrize("backend, moments, per_param", [("torch", "fp32", 30), ("deepspeed", "fp32", 30),
-                                                         ("torch", "bf16", 20)])
+                                                         ("torch", "bf16", 20), ("native", "fp32", 30),
+                                                         ("native", "bf16", 20)])
 def test_bf16_slots_load_the_copy_the_update_writes(backend, moments, per_param):
     """Loads copy 2 bytes a parameter (the bf16 copy), the update counts 28 (+2 for the copy; the lean state's
     bf16 moments and gradients 18 + 2) bytes a parameter, gradients cross PCIe in fp32 (4 bytes) or, in the lean

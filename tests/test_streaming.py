@@ -432,7 +432,9 @@ def test_fused_host_update_rounds_like_a_multi_tensor_kernel():
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in (ref, got)]
     stepper = HostStepper(opts[1], streamer.blocks, fused=True)
     streamer.steppers.append(stepper)  # loads wait for its queued updates; close() closes it
-    assert all(type(s.optimizer) is torch.optim.AdamW and s.optimizer.defaults["fused"] for s in stepper._subs)
+    # "auto" times the fused same-class optimizer against the native one pass, which computes the same bits
+    assert (stepper.update_pass is not None and stepper.update_pass.backend == "native") or all(
+        type(s.optimizer) is torch.optim.AdamW and s.optimizer.defaults["fused"] for s in stepper._subs)
     x = torch.randint(0, 256, (2, 16))
     for _ in range(5):
         for model, opt in zip((ref, got), opts):

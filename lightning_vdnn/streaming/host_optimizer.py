@@ -85,9 +85,10 @@ class _BlockOptimizer:
 
 def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
-    pass where DeepSpeed's kernel or bf16 moments are asked for. The default stays the same-class optimizer (torch's
-    fused kernel over each block on a GPU run), which measured faster than the piecewise pass
-    (``benchmarks/README.md``)."""
+    pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments on a GPU run times the
+    same-class optimizer (torch's fused kernel over each block, then a bf16 copy) against the native one pass,
+    which computes the same bits (``choose_backend(exact=True)``); on a CPU device it keeps the same-class
+    per-tensor loop of plain training."""
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
@@ -97,11 +98,11 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
                 f"{' with amsgrad or maximize' if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) else ''}. "
                 "Use host_optimizer='auto' and host_state_dtype='fp32' with it, or torch.optim.AdamW.")
         return None
-    if not wants:
-        return None
     if backend == "auto":
-        backend = choose_backend(state_dtype) if fused else "torch"
-    return AdamPass(backend, state_dtype)
+        if not fused:
+            return AdamPass("torch", state_dtype) if wants else None
+        backend = choose_backend(state_dtype, exact=not wants)
+    return None if backend is None else AdamPass(backend, state_dtype)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -173,8 +174,10 @@ class HostStepper:
             multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
             tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
             comparisons against a plain CPU run turn it off.
-        backend: ``"auto"``, the same-class optimizer (fused as above); ``"torch"`` or ``"deepspeed"``, the one pass
-            of ``streaming/host_update.py`` with that kernel (it writes the blocks' compute-dtype copies as it goes).
+        backend: ``"auto"``: with ``fused`` and fp32 moments, the faster of the same-class optimizer (fused as
+            above) and ``"native"``, which computes the same bits, else the same-class optimizer;
+            ``"torch"``, ``"deepspeed"`` or ``"native"``: the one pass of ``streaming/host_update.py`` with that
+            kernel (it writes the blocks' compute-dtype copies as it goes).
         state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).
 
     Raises:

@@ -10,10 +10,13 @@ whatever else the update needs is done while the piece is still in cache instead
   widened into fp32 scratch, updated, and rounded back to nearest, 8 bytes instead of 16 per parameter moved
   and held (the precision-aware optimizer recipe of Megatron-LM; see ``docs/streaming.md`` for its numerics).
 
-Two kernels do the arithmetic: torch's fused CPU Adam(W) (``torch._fused_adam(w)_``, what
-``torch.optim.AdamW(fused=True)`` runs, so ``"torch"`` with fp32 states is bit for bit that optimizer) or
+Three kernels do the arithmetic: torch's fused CPU Adam(W) (``torch._fused_adam(w)_``, what
+``torch.optim.AdamW(fused=True)`` runs, so ``"torch"`` with fp32 states is bit for bit that optimizer),
 DeepSpeed's CPU Adam (``deepspeed.ops.op_builder.CPUAdamBuilder``, its AVX kernel; 0.19.8 has no update-and-copy
-entry point and no fp32-weights/bf16-states pairing, hence the pieces). :func:`choose_backend` times both.
+entry point and no fp32-weights/bf16-states pairing, hence the pieces), or ``"native"``, this package's own
+(``streaming/native_adam.py``): the whole update, bf16 moments and gradients and the copy included, in one C++
+pass with no pieces and no Python between them, bit for bit ``"torch"`` (fp32 states and bf16 ones alike).
+:func:`choose_backend` times those that are built.
 """
 
 from __future__ import annotations
@@ -28,13 +31,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_vdnn.config import HOST_BACKENDS
+from lightning_vdnn.streaming import native_adam
+
 #: Host update backends (``VDNNConfig.host_optimizer``).
-BACKENDS: tuple[str, ...] = ("auto", "torch", "deepspeed")
+BACKENDS: tuple[str, ...] = HOST_BACKENDS
 #: Precisions of Adam's moments in host memory (``VDNNConfig.host_state_dtype``).
 STATE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: Elements per piece: its three fp32 scratch buffers (weights, moments) stay in a server CPU's last-level cache.
 #: A multiple of every SIMD width, so a piece's vector/scalar split is the whole tensor's.
 PIECE = 1 << 20
+#: The native kernel leaves a tensor's last ``numel % TAIL`` elements to torch's kernel: torch computes a tensor's
+#: last ``numel % width`` elements (its SIMD width, 8 or 16) with scalar code that its compiler rounds otherwise
+#: (found by comparing bits), and a slice that short, starting on a whole vector, takes the same scalar code.
+TAIL = 64
 log = logging.getLogger(__name__)
 _IDS = itertools.count(2**20)  # DeepSpeed's optimizer ids (its own DeepSpeedCPUAdam counts from 0)
 
@@ -54,14 +64,18 @@ class AdamPass:
     """Adam(W) updates of host fp32 weights from their gradients, piece by piece (see the module docstring).
 
     Args:
-        backend: ``"torch"`` or ``"deepspeed"``.
+        backend: ``"torch"``, ``"deepspeed"`` or ``"native"`` (``"torch"``, after one warning, where the native
+            kernel does not build).
         state_dtype: dtype of the moments in host memory; fp32 states loaded from a checkpoint are narrowed on
             their first update, and torch widens bf16 ones when a plain optimizer loads them.
     """
 
     def __init__(self, backend: str, state_dtype: torch.dtype = torch.float32) -> None:
-        if backend not in ("torch", "deepspeed"):
-            raise ValueError(f"host_optimizer={backend!r} is not a backend; choose 'torch' or 'deepspeed'.")
+        if backend not in BACKENDS[1:]:
+            raise ValueError(f"host_optimizer={backend!r} is not a backend; choose one of {list(BACKENDS[1:])}.")
+        self._native = native_adam.load() if backend == "native" else None
+        if backend == "native" and self._native is None:
+            backend = "torch"  # the build failed: native_adam.load warned once
         self.backend, self.state_dtype = backend, state_dtype
         self.bytes = 0  # host bytes the updates queued since the last :meth:`take_bytes` read and write
         self._op, self._ids = (load_deepspeed() if backend == "deepspeed" else None), {}
@@ -96,6 +110,9 @@ class AdamPass:
         state["step"] += 1
         w, g, m, v = (t.reshape(-1) for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
         o = out.reshape(-1) if out is not None else None
+        if self._native is not None:
+            self._native_pass(optimizer, group, state["step"], w, g, m, v, o)
+            return
         for a in range(0, w.numel(), PIECE):
             b = min(a + PIECE, w.numel())
             self._piece(optimizer, group, state["step"], w[a:b], g[a:b], m[a:b], v[a:b],
@@ -119,6 +136,25 @@ class AdamPass:
             v.copy_(v32)
         if out is not None:
             out.copy_(w)
+
+    def _native_pass(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor,
+                     v: Tensor, out: Optional[Tensor]) -> None:
+        """The whole tensor in one native pass, but for its last ``numel % TAIL`` elements (see :data:`TAIL`)."""
+        n = w.numel()
+        main = n - n % TAIL
+        native_out = out if out is None or out.dtype in (torch.float32, torch.bfloat16) else None
+        beta1, beta2 = group["betas"]
+        if main:
+            native_adam.step(self._native, w[:main], g[:main], m[:main], v[:main],
+                             None if native_out is None else native_out[:main], lr=_num(group["lr"]),
+                             beta1=_num(beta1), beta2=_num(beta2), eps=group["eps"],
+                             weight_decay=group["weight_decay"], decoupled=_decoupled(optimizer, group),
+                             step=_num(step))
+        if main < n:
+            self._piece(optimizer, group, step, w[main:], g[main:], m[main:], v[main:],
+                        None if native_out is None else native_out[main:])
+        if out is not None and native_out is None:
+            out.copy_(w)  # fp16: the kernel writes bf16 and fp32 copies only
 
     def _wide(self, slot: int, t: Tensor) -> Tensor:
         while len(self._scratch) <= slot:
@@ -181,29 +217,48 @@ def deepspeed_built() -> bool:
         return False
 
 
-def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3) -> str:
-    """``"auto"``: the faster of torch's and DeepSpeed's kernel over ``numel`` parameters (best of ``repeat``),
-    torch's when DeepSpeed's is not built or does not load."""
-    if not deepspeed_built():
-        return "torch"
-    try:
-        load_deepspeed()
-    except RuntimeError:
-        return "torch"
-    opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-4)
-    group = opt.param_groups[0]
-    best = {}
-    for backend in ("torch", "deepspeed"):
-        upd = AdamPass(backend, state_dtype)
-        w, g, state = torch.zeros(numel), torch.full((numel,), 1e-3), {}
-        times = []
-        for _ in range(repeat + 1):
-            start = time.perf_counter()
-            upd.update(opt, group, w, w, g, state)
-            times.append(time.perf_counter() - start)
-        upd.close()
-        best[backend] = min(times[1:])
+def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3,
+                   exact: bool = False) -> Optional[str]:
+    """``"auto"`` on a GPU run: the fastest update of ``numel`` parameters (best of ``repeat``, each writing the
+    bf16 copy a ``bf16-mixed`` run loads) among the kernels that are built. ``exact``: only those bit for bit
+    torch's fused optimizer, the same-class optimizer plus a copy (None) and ``"native"``; else ``"torch"``,
+    ``"deepspeed"`` (when built: ``"auto"`` never starts its build, which takes minutes) and ``"native"`` (built
+    here on first use, in seconds)."""
+    candidates: list[Optional[str]] = [None] if exact else ["torch"]
+    if not exact and deepspeed_built():
+        try:
+            load_deepspeed()
+            candidates.append("deepspeed")
+        except RuntimeError:
+            pass
+    if native_adam.load() is not None:
+        candidates.append("native")
+    if len(candidates) == 1:
+        return candidates[0]
+    best = {backend: _time_update(backend, state_dtype, numel, repeat) for backend in candidates}
     chosen = min(best, key=best.get)
-    log.info("lightning_vdnn: host update on %s's CPU Adam (%.1f ms against %.1f ms over %d parameters)", chosen,
-             best[chosen] * 1e3, max(best.values()) * 1e3, numel)
+    log.info("lightning_vdnn: host update on %s (%s over %d parameters)", chosen or "the same-class optimizer",
+             ", ".join(f"{b or 'same-class'} {t * 1e3:.1f} ms" for b, t in best.items()), numel)
     return chosen
+
+
+def _time_update(backend: Optional[str], state_dtype: torch.dtype, numel: int, repeat: int) -> float:
+    """Best time of ``repeat`` updates of ``numel`` parameters with a bf16 copy (after one untimed)."""
+    w, copy = torch.zeros(numel), torch.empty(numel, dtype=torch.bfloat16)
+    g = torch.full((numel,), 1e-3, dtype=state_dtype)  # bf16 moments come with bf16 gradients (bf16_grads.py)
+    param = torch.nn.Parameter(w)
+    opt = torch.optim.AdamW([param], lr=1e-4, fused=backend is None)
+    upd = AdamPass(backend, state_dtype) if backend is not None else None
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        if upd is None:
+            param.grad = g
+            opt.step()
+            copy.copy_(w)
+        else:
+            upd.update(opt, opt.param_groups[0], param, w, g, opt.state[param], copy)
+        times.append(time.perf_counter() - start)
+    if upd is not None:
+        upd.close()
+    return min(times[1:])

@@ -1,0 +1,189 @@
+// One pass of Adam(W) over host memory: per element it reads the fp32 master weight, the gradient (fp32 or bf16)
+// and the two moments (fp32 or bf16), and writes the weight, the moments and, if asked, a bf16 or fp32 copy of the
+// new weight (what the device loads next). See native_adam.py for the Python side, which checks every tensor.
+//
+// The arithmetic mirrors torch's fused CPU Adam (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, fp32 path) in
+// operation order, so that fp32 states give torch.optim.AdamW(fused=True)'s bits: scalars in double cast to float,
+// and a fused multiply-add exactly where torch's build has one (exp_avg's lerp, by intrinsic; exp_avg_sq's sum and
+// Adam's weight decay, contracted by its compiler: found by comparing bits); built with -ffp-contract=off so that
+// the compiler fuses nothing else, and -fno-math-errno so that sqrt has no errno branch to keep the loop scalar. bf16 moments are widened on load, updated in fp32 and rounded to nearest even
+// on store; the weight update uses the fp32 values, as a widened torch pass does.
+//
+// Pointers, not tensors: the module includes no torch header, so it builds in seconds and owns no libtorch ABI.
+// The GIL is released for the whole call: it runs on the host optimizer's worker beside the thread driving the GPU.
+
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace {
+
+enum Kind : int { kNone = -1, kFloat = 0, kBFloat16 = 1 };
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  return __builtin_bit_cast(float, uint32_t(p[i]) << 16);
+}
+inline void store(float* p, int64_t i, float f) { p[i] = f; }
+inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch's float -> bfloat16
+  uint32_t u = __builtin_bit_cast(uint32_t, f);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  p[i] = uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);  // NaN stays a (quiet) NaN
+}
+
+struct Scalars {  // float constants derived in double exactly as torch's kernel derives them
+  float neg_step_size, decay, weight_decay, lerp_coeff, lerp_small, beta2, sq_coeff, bc2_sqrt, eps;
+  bool small, has_decay, decoupled;
+};
+
+Scalars scalars(double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled, double step) {
+  Scalars s;
+  double bias_correction1 = 1 - std::pow(beta1, step);
+  double bias_correction2 = 1 - std::pow(beta2, step);
+  double step_size = lr / bias_correction1;
+  double lerp_weight = 1 - beta1;
+  s.neg_step_size = float(-step_size);
+  s.decay = float(1 - lr * weight_decay);
+  s.weight_decay = float(weight_decay);
+  s.small = std::abs(float(lerp_weight)) < 0.5f;
+  s.lerp_coeff = s.small ? float(lerp_weight) : float(lerp_weight) - 1.0f;
+  s.beta2 = float(beta2);
+  s.sq_coeff = float(1 - beta2);
+  s.bc2_sqrt = float(std::sqrt(bias_correction2));
+  s.eps = float(eps);
+  s.has_decay = weight_decay != 0.f;
+  s.decoupled = decoupled;
+  return s;
+}
+
+enum Decay : int { kNoDecay = 0, kDecoupled = 1, kL2 = 2 };
+
+// The arithmetic on fp32 arrays only: every choice a template argument and no conversion in the loop, which
+// keeps it vectorized (GCC leaves loops that mix bf16 and fp32 scalar).
+template <int kDecay>
+void update(float* __restrict w, const float* __restrict g, float* __restrict m, float* __restrict v, int64_t len,
+            const Scalars& s) {
+  const float decay = s.decay, weight_decay = s.weight_decay, lerp_coeff = s.lerp_coeff, beta2 = s.beta2;
+  const float sq_coeff = s.sq_coeff, bc2_sqrt = s.bc2_sqrt, eps = s.eps, neg_step_size = s.neg_step_size;
+  const bool small = s.small;
+  for (int64_t i = 0; i < len; ++i) {
+    float grad = g[i];
+    float param = w[i];
+    if constexpr (kDecay == kDecoupled) param = param * decay;
+    if constexpr (kDecay == kL2) grad = std::fma(param, weight_decay, grad);
+    float avg = m[i];
+    float base = small ? avg : grad;  // exp_avg.lerp_(grad, 1 - beta1), torch's two-branch form
+    avg = std::fma(lerp_coeff, grad - avg, base);
+    float sq = std::fma(sq_coeff * grad, grad, v[i] * beta2);
+    m[i] = avg;
+    v[i] = sq;
+    float denom = std::sqrt(sq) / bc2_sqrt + eps;
+    w[i] = param + neg_step_size * avg / denom;
+  }
+}
+
+constexpr int64_t kTile = 1024;  // elements widened at a time: three fp32 tiles stay in L1
+
+inline float* widen(float* p, float*, int64_t) { return p; }
+inline const float* widen(const float* p, float*, int64_t) { return p; }
+inline float* widen(const uint16_t* p, float* tile, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) tile[i] = load(p, i);
+  return tile;
+}
+inline void narrow(const float*, float*, int64_t) {}  // fp32 moments were updated in place
+inline void narrow(const float* tile, uint16_t* p, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) store(p, i, tile[i]);
+}
+
+// One thread's range, a tile at a time: bf16 tensors are widened into fp32 tiles, updated, and rounded back
+// while the tile is in cache, so host memory is still read and written once.
+template <typename G, typename S, typename O, int kDecay, bool kOut>
+void run(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t end, const Scalars& s) {
+  alignas(64) float g_tile[kTile], m_tile[kTile], v_tile[kTile];
+  for (int64_t a = begin; a < end; a += kTile) {
+    int64_t len = std::min(kTile, end - a);
+    float* mt = widen(m + a, m_tile, len);
+    float* vt = widen(v + a, v_tile, len);
+    update<kDecay>(w + a, widen(g + a, g_tile, len), mt, vt, len, s);
+    narrow(mt, m + a, len);
+    narrow(vt, v + a, len);
+    if constexpr (kOut) {
+      if constexpr (std::is_same_v<O, float>) {
+        std::memcpy(out + a, w + a, len * sizeof(float));
+      } else {
+        narrow(w + a, out + a, len);
+      }
+    }
+  }
+}
+
+template <typename G, typename S, typename O, bool kOut>
+void run_range(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t end, const Scalars& s) {
+  if (!s.has_decay) {
+    run<G, S, O, kNoDecay, kOut>(w, g, m, v, out, begin, end, s);
+  } else if (s.decoupled) {
+    run<G, S, O, kDecoupled, kOut>(w, g, m, v, out, begin, end, s);
+  } else {
+    run<G, S, O, kL2, kOut>(w, g, m, v, out, begin, end, s);
+  }
+}
+
+template <typename G, typename S, typename O>
+void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, const Scalars& s,
+              int threads) {
+  auto* pw = reinterpret_cast<float*>(w);
+  auto* pg = reinterpret_cast<const G*>(g);
+  auto* pm = reinterpret_cast<S*>(m);
+  auto* pv = reinterpret_cast<S*>(v);
+  auto* po = reinterpret_cast<O*>(out);
+  constexpr int64_t kLine = 64;  // elements: whole cache lines per thread, for every dtype here
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t lines = (n + kLine - 1) / kLine;
+    int64_t begin = std::min(n, lines * me / parts * kLine), end = std::min(n, lines * (me + 1) / parts * kLine);
+    if (po != nullptr) {
+      run_range<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
+    } else {
+      run_range<G, S, O, false>(pw, pg, pm, pv, po, begin, end, s);
+    }
+  }
+}
+
+template <typename G, typename S>
+void with_out(int out_kind, uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n,
+              const Scalars& s, int threads) {
+  if (out_kind == kBFloat16) {
+    parallel<G, S, uint16_t>(w, g, m, v, out, n, s, threads);
+  } else {  // kFloat, or kNone with out == 0 (a null pointer of either type)
+    parallel<G, S, float>(w, g, m, v, out, n, s, threads);
+  }
+}
+
+void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, int grad_kind,
+               int state_kind, int out_kind, double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled, double step, int threads) {
+  Scalars s = scalars(lr, beta1, beta2, eps, weight_decay, decoupled, step);
+  if (out_kind == kNone) out = 0;
+  if (grad_kind == kFloat && state_kind == kFloat) {
+    with_out<float, float>(out_kind, w, g, m, v, out, n, s, threads);
+  } else if (grad_kind == kFloat) {
+    with_out<float, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+  } else if (state_kind == kFloat) {
+    with_out<uint16_t, float>(out_kind, w, g, m, v, out, n, s, threads);
+  } else {
+    with_out<uint16_t, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("adam_step", &adam_step, pybind11::call_guard<pybind11::gil_scoped_release>(),
+             "One Adam(W) pass over n elements at the given addresses (kinds: -1 none, 0 fp32, 1 bf16).");
+}

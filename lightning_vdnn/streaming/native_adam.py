@@ -1,0 +1,98 @@
+"""The native one-pass Adam(W) kernel (``native_adam.cpp``): built on first use, as DeepSpeed builds its ops.
+
+Per element it reads the fp32 master weight, the gradient (fp32 or bf16) and the two moments (fp32 or bf16), and
+writes the weight, the moments and, if asked, the bf16 (or fp32) copy the device loads next: 28 bytes a parameter
+with fp32 states (+2 for the copy), 18 with bf16 moments and gradients (+2), all in one pass, OpenMP-parallel over
+elements, with the GIL released (the update runs on the host optimizer's worker thread).
+
+With fp32 states it computes, bit for bit, what ``torch.optim.Adam(W)(fused=True)`` computes on the CPU (the C++
+mirrors the operation order of torch's fused kernel; ``tests/test_native_adam.py``); with bf16 moments, what
+widening them, that fp32 update and rounding back to nearest computes.
+
+The build (``torch.utils.cpp_extension.load``, ``-O3 -march=native -fopenmp``, cached in torch's extension
+directory under a name that includes this CPU's instruction sets and the source's hash) takes seconds; where it
+fails (no C++ compiler, no ninja) :func:`load` warns once and returns None, and callers fall back to torch's kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_adam.cpp")
+# -ffp-contract=off, -fno-math-errno: see native_adam.cpp; 512-bit vectors where the CPU has them (sqrt and divide
+# per element make a few-core host compute-bound; IEEE operations round the same at any width)
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+_KINDS = {None: -1, torch.float32: 0, torch.bfloat16: 1}
+_PER_THREAD = 1 << 15  # elements: fewer per thread cost more in waking the thread than they save (a bias, a norm)
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}  # "module": the extension, or None after a failed build (warned once)
+
+
+def load() -> Optional[Any]:
+    """The compiled extension, built on the first call of the process; None (one warning) if the build fails."""
+    with _lock:
+        if "module" not in _loaded:
+            try:
+                _loaded["module"] = _build()
+            except Exception as err:  # no compiler, no ninja, a compiler error: torch's kernel does the update
+                _loaded["module"] = None
+                warnings.warn(f"lightning_vdnn: the native host Adam kernel did not build ({type(err).__name__}: "
+                              f"{str(err).strip()[:300]}); the host update uses torch's fused kernel instead "
+                              "(slower: more passes over host memory). Install a C++ compiler (g++) and ninja to "
+                              "build it.", RuntimeWarning, stacklevel=2)
+        return _loaded["module"]
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load as load_extension
+
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read() + _cpu_flags().encode() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    # -march=native code runs on this CPU only: a home directory shared with other machines gets one build each
+    return load_extension(f"lightning_vdnn_adam_{digest}", [_SOURCE], extra_cflags=_FLAGS,
+                          extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def step(module: Any, weights: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, out: Optional[Tensor],
+         *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
+         step: float) -> None:
+    """One Adam(W) step of ``weights`` in place (``step``: the count after this update, as torch keeps it).
+
+    Raises:
+        ValueError: a tensor that is not a contiguous CPU tensor of the right size and dtype (weights fp32,
+            gradient and moments fp32 or bf16, the moments alike, ``out`` fp32 or bf16).
+    """
+    n = weights.numel()
+    _check("weights", weights, n, (torch.float32,))
+    _check("grad", grad, n, (torch.float32, torch.bfloat16))
+    _check("exp_avg", exp_avg, n, (torch.float32, torch.bfloat16))
+    _check("exp_avg_sq", exp_avg_sq, n, (exp_avg.dtype,))
+    if out is not None:
+        _check("out", out, n, (torch.float32, torch.bfloat16))
+    module.adam_step(weights.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                     0 if out is None else out.data_ptr(), n, _KINDS[grad.dtype], _KINDS[exp_avg.dtype],
+                     _KINDS[None if out is None else out.dtype], float(lr), float(beta1), float(beta2), float(eps),
+                     float(weight_decay), bool(decoupled), float(step),
+                     max(1, min(torch.get_num_threads(), n // _PER_THREAD)))
+
+
+def _check(name: str, t: Tensor, n: int, dtypes: tuple) -> None:
+    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in dtypes:
+        raise ValueError(f"native Adam: {name} must be a contiguous CPU tensor of {n} elements in "
+                         f"{' or '.join(str(d) for d in dtypes)}; got {tuple(t.shape)} {t.dtype} on {t.device}"
+                         f"{'' if t.is_contiguous() else ', not contiguous'}.")

@@ -1,0 +1,196 @@
+"""The native one-pass host Adam kernel (``streaming/native_adam.py``, ``host_optimizer="native"``): bit for bit torch's
+fused CPU Adam(W) with fp32 states, bit for bit the piecewise pass with bf16 moments, exact against plain training
+when streamed, and torch's kernel after one warning where it does not build."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import RecordingGPT, fit, token_loader
+from lightning_vdnn import VDNNConfig, VDNNStrategy
+from lightning_vdnn.streaming import host_update, native_adam
+from lightning_vdnn.streaming.host_update import AdamPass, choose_backend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = (4100, 7, 100_003, 64 * 33)  # tails of every length torch's vector widths leave, and none
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension, built once per session (cached in torch's extension directory across sessions)."""
+    module = native_adam.load()
+    if module is None:
+        pytest.skip("the native Adam kernel did not build here (no C++ compiler or ninja)")
+    return module
+
+
+def _grads(n: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(step)
+    scale = 10.0 ** torch.randint(-6, 2, (n,), generator=g).float()  # moments across many binades
+    return torch.randn(n, generator=g) * scale
+
+
+@pytest.mark.parametrize("cls, decay, betas", [(torch.optim.AdamW, 0.1, (0.9, 0.95)), (torch.optim.Adam, 0.01, (0.9, 0.999)),
+                                               (torch.optim.AdamW, 0.0, (0.3, 0.999)), (torch.optim.Adam, 0.0, (0.8, 0.9))])
+def test_fp32_states_are_bit_for_bit_torchs_fused_optimizer(built, cls, decay, betas):
+    """Weights, both moments, step and the bf16 copy equal, over 6 steps of a falling learning rate."""
+    torch.manual_seed(0)
+    starts = [torch.randn(n) for n in SIZES]
+    refs = [torch.nn.Parameter(s.clone()) for s in starts]
+    mine = [torch.nn.Parameter(s.clone()) for s in starts]
+    ref_opt = cls(refs, lr=1e-2, betas=betas, weight_decay=decay, fused=True)
+    opt = cls(mine, lr=1e-2, betas=betas, weight_decay=decay)
+    update = AdamPass("native")
+    copies = [torch.empty(n, dtype=torch.bfloat16) for n in SIZES]
+    for step in range(1, 7):
+        for o in (ref_opt, opt):
+            o.param_groups[0]["lr"] = 1e-2 / step
+        for p, n in zip(refs, SIZES):
+            p.grad = _grads(n, step)
+        ref_opt.step()
+        for p, n, copy in zip(mine, SIZES, copies):
+            update.update(opt, opt.param_groups[0], p, p.detach(), _grads(n, step), opt.state[p], copy)
+    for r, m, copy in zip(refs, mine, copies):
+        assert torch.equal(r, m) and torch.equal(copy, m.detach().bfloat16())
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref_opt.state[r][key], opt.state[m][key]), key
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_moments_are_bit_for_bit_the_piecewise_pass(built, monkeypatch, grad_dtype):
+    """bf16 moments: the same bits as widening a piece, torch's fused update and rounding back to nearest."""
+    monkeypatch.setattr(host_update, "PIECE", 1024)  # several pieces in the reference
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([torch.zeros(1)], lr=3e-3, weight_decay=0.1)
+    runs = []
+    for backend in ("torch", "native"):
+        update = AdamPass(backend, torch.bfloat16)
+        weights = [torch.linspace(-1, 1, n) for n in SIZES]
+        states = [{} for _ in SIZES]
+        copies = [torch.empty(n, dtype=torch.bfloat16) for n in SIZES]
+        for step in range(1, 6):
+            for w, n, state, copy in zip(weights, SIZES, states, copies):
+                update.update(opt, opt.param_groups[0], w, w, _grads(n, step).to(grad_dtype), state, copy)
+        runs.append((weights, states, copies))
+    (w0, s0, c0), (w1, s1, c1) = runs
+    for k in range(len(SIZES)):
+        assert torch.equal(w0[k], w1[k]) and torch.equal(c0[k], c1[k])
+        assert s1[k]["exp_avg"].dtype == torch.bfloat16
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(s0[k][key], s1[k][key]), key
+
+
+class FusedLM(RecordingGPT):
+    """gpt_tiny with torch's fused CPU AdamW: the plain run the native kernel must equal bit for bit."""
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        for group in config["optimizer"].param_groups:
+            group["fused"] = True
+        return config
+
+
+class Passes(L.Callback):
+    """Records, mid-training, the backend of each host stepper's one pass (None: a same-class optimizer)."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    def on_train_batch_end(self, trainer, *_):
+        self.seen = [s.update_pass and s.update_pass.backend for s in trainer.strategy._streamer.steppers]
+
+
+def l2l(**host) -> VDNNStrategy:
+    return VDNNStrategy(config=VDNNConfig(activation_offload="none", layer_streaming=True, **host))
+
+
+def test_streaming_on_the_native_kernel_is_exact_against_plain_training(built):
+    """Losses, parameters, buffers and optimizer state equal to plain training with the fused AdamW, 6 steps
+    of warm-up and cosine decay; the report counts 28 bytes a block parameter."""
+    loader = token_loader(n=24, batch=4, seq=32)
+    ref, _ = fit(FusedLM, loader, max_steps=6)
+    passes = Passes()
+    got, trainer = fit(FusedLM, loader, l2l(host_optimizer="native"), max_steps=6, callbacks=[passes])
+    assert passes.seen == ["native"]
+    assert got.losses == ref.losses
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(got.parameters(), ref.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(trainer.optimizers[0].state[p][key], ref.trainer.optimizers[0].state[q][key]), key
+    numel = sum(p.numel() for p in got.model.blocks.parameters())
+    assert trainer.strategy.memory_report().host_update_bytes == 28 * numel
+
+
+def test_lean_state_on_the_native_kernel_matches_the_piecewise_pass(built):
+    """host_state_dtype="bf16": the native kernel's run is the piecewise torch pass's, loss for loss."""
+    loader = token_loader(n=24, batch=4, seq=32)
+    ref, _ = fit(RecordingGPT, loader, l2l(host_optimizer="torch", host_state_dtype="bf16"), max_steps=4)
+    got, trainer = fit(RecordingGPT, loader, l2l(host_optimizer="native", host_state_dtype="bf16"), max_steps=4)
+    assert got.losses == ref.losses
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
+    numel = sum(p.numel() for p in got.model.blocks.parameters())
+    assert trainer.strategy.memory_report().host_update_bytes == 18 * numel
+
+
+def test_auto_times_the_native_kernel_against_the_same_class_optimizer(built):
+    assert choose_backend(torch.float32, numel=1 << 16, repeat=1, exact=True) in (None, "native")
+    assert choose_backend(torch.bfloat16, numel=1 << 16, repeat=1) in ("torch", "deepspeed", "native")
+
+
+def test_the_kernel_releases_the_gil(built):
+    """Python keeps running on another thread while an update runs (the worker beside the GPU's driver)."""
+    n = 1 << 22
+    w, g, m, v = torch.zeros(n), torch.full((n,), 1e-3), torch.zeros(n), torch.zeros(n)
+    inside = threading.Event()
+    ticks = []
+
+    def count() -> None:
+        inside.wait()
+        while inside.is_set():
+            ticks.append(1)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    inside.set()
+    for step in range(1, 4):
+        native_adam.step(built, w, g, m, v, None, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                         decoupled=True, step=step)
+    inside.clear()
+    counter.join()
+    assert len(ticks) > 1000  # with the GIL held the counter would run only between the three calls
+
+
+def test_bad_tensors_are_refused_with_what_was_wrong(built):
+    w, m, v = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    with pytest.raises(ValueError, match=r"grad must be a contiguous CPU tensor of 8 elements.*not contiguous"):
+        native_adam.step(built, w, torch.zeros(16)[::2], m, v, None, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                         weight_decay=0.0, decoupled=True, step=1)
+    with pytest.raises(ValueError, match=r"exp_avg_sq must be .* in torch.float32; got \(8,\) torch.bfloat16"):
+        native_adam.step(built, w, torch.zeros(8), m, v.bfloat16(), None, lr=1e-3, beta1=0.9, beta2=0.999,
+                         eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_torchs_kernel(monkeypatch):
+    def no_compiler():
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(native_adam, "_build", no_compiler)
+    monkeypatch.setattr(native_adam, "_loaded", {})
+    with pytest.warns(RuntimeWarning, match=r"native host Adam kernel did not build \(OSError: g\+\+: command not "
+                                            r"found\).*Install a C\+\+ compiler"):
+        assert AdamPass("native").backend == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        assert AdamPass("native", torch.bfloat16).backend == "torch"
+        assert choose_backend(torch.float32, numel=1 << 12, repeat=1, exact=True) is None
+    loader = token_loader(n=8, batch=4, seq=32)
+    ref, _ = fit(RecordingGPT, loader, l2l(host_optimizer="torch"), max_steps=2)
+    got, _ = fit(RecordingGPT, loader, l2l(host_optimizer="native"), max_steps=2)
+    assert got.losses == ref.losses
