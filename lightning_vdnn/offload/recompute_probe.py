@@ -15,7 +15,8 @@ A layer is not recomputed when that would change what other layers save, or what
   not save it, the later save would, and the profile's bytes would be wrong;
 - a later layer saves one of its inputs that it does not save itself (the same, the other way round);
 - its forward modifies an input in place (the checkpoint's saved input would be stale in backward);
-- it holds running statistics (BatchNorm): a second forward would update them twice;
+- it holds running statistics (BatchNorm): kept from whole recompute as before (a selective one replays its
+  buffers, ``buffers.py``, as a segment does);
 - its ``forward`` is already replaced on the instance, or it is compiled: something else owns its forward;
 - it is the part of forward before the first layer: no module to run again.
 
@@ -24,6 +25,11 @@ inside it, saves again by a later layer of the run, in-place changes of an inner
 buffers are replayed, ``buffers.py``) are fine. What a segment needs is in :class:`SegmentFacts`: the run is a
 chain (each layer after the first takes the previous one's output, the code between them saves nothing), and no
 tensor saved inside it is saved again after it.
+
+Selective recompute (``offload/selective.py``) holds what whole recompute holds plus the outputs of the layer's
+expensive ops, which :class:`~lightning_vdnn.offload.selective.SavedOpsProbe` measures as the layer runs, with
+the share of its op time a selective recompute runs again; it is refused where whole recompute is (BatchNorm
+aside) and where the forward modifies a saved op's output in place.
 """
 
 from __future__ import annotations
@@ -37,7 +43,25 @@ import torch
 from torch import nn
 
 from lightning_vdnn.buffers import running_stats
+from lightning_vdnn.offload.selective import SavedOpsProbe
 from lightning_vdnn.offload.spans import Span
+
+
+@dataclass(frozen=True)
+class SelectiveFacts:
+    """What recomputing a layer selectively would hold and cost (``offload/selective.py``).
+
+    Attributes:
+        held_bytes: what it holds from forward to backward: what whole recompute holds (its inputs, the code after
+            it) and the storages of its expensive ops' outputs, whole and each once.
+        unrebuilt_bytes: what its recompute does not rebuild of what it saves: what whole recompute holds (as
+            ``LayerProfile.rebuilt_bytes`` counts it) and the kept outputs that autograd saves too.
+        share: the share of its forward's op time the recompute runs again (the cheap ops).
+    """
+
+    held_bytes: int
+    unrebuilt_bytes: int
+    share: float
 
 
 @dataclass(frozen=True)
@@ -80,8 +104,6 @@ def _unfit(module: nn.Module) -> Optional[str]:
         return "its forward is replaced on the instance (layer streaming, another wrapper)"
     if getattr(module, "_compiled_call_impl", None) is not None:
         return "it is compiled (torch.compile)"
-    if running_stats(module):
-        return "it updates running statistics (BatchNorm), which a second forward would update twice"
     return None
 
 
@@ -93,8 +115,12 @@ class LayerProbe:
             in the floor, not in a layer's bytes.
     """
 
-    def __init__(self, min_bytes: int) -> None:
+    def __init__(self, min_bytes: int, device: torch.device = torch.device("cpu")) -> None:
         self.min_bytes = min_bytes
+        self.ops = SavedOpsProbe(device)
+        self._running: set[int] = set()  # layers with running statistics: no whole recompute
+        self._cached_saved: dict[int, int] = collections.defaultdict(int)
+        self._cached_seen: dict[int, weakref.ref] = {}  # address -> storage: counted in _cached_saved
         self.blocked: dict[int, str] = {0: "it is the part of forward before the first layer"}
         self._bytes: dict[int, int] = collections.defaultdict(int)
         self._first: dict[Span, list] = {}  # span -> [storage ref, group, kind, saved by its own layer]
@@ -116,7 +142,19 @@ class LayerProbe:
 
     def recompute_bytes(self, group: int) -> Optional[int]:
         """Bytes layer ``group`` would still save if recomputed; None if it may not be."""
-        return None if group in self.blocked else self._bytes.get(group, 0)
+        return None if group in self.blocked or group in self._running else self._bytes.get(group, 0)
+
+    def selective(self, group: int) -> Optional[SelectiveFacts]:
+        """What recomputing layer ``group`` selectively holds and costs; None if it may not be."""
+        if group in self.blocked or group in self.ops.mutated or group not in self.ops.watched:
+            return None
+        held = self._bytes.get(group, 0)
+        return SelectiveFacts(held + self.ops.bytes.get(group, 0), held + self._cached_saved.get(group, 0),
+                              self.ops.share(group))
+
+    def abort(self) -> None:
+        """The pass failed inside a layer: stop watching its ops."""
+        self.ops.exit()
 
     def segment_facts(self, group: int) -> SegmentFacts:
         """What layer ``group`` contributes to a recomputed segment (:class:`SegmentFacts`)."""
@@ -134,6 +172,8 @@ class LayerProbe:
         reason = _unfit(module)
         if reason is not None:
             self._block(group, reason)
+        if running_stats(module):
+            self._running.add(group)
         if _segment_unfit(module):
             self._no_start.add(group)
             self._no_join.update((group, group + 1))
@@ -158,9 +198,12 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
+        if reason is None:
+            self.ops.enter(group)
 
     def exit(self, group: int, output: Any = None) -> None:
         """Layer ``group``'s forward returned ``output``: later saves are the code after it."""
+        self.ops.exit()
         if any(t._version != v for t, v in self._versions):
             self._block(group, "its forward modifies an input in place")
             self._no_start.add(group)
@@ -185,6 +228,11 @@ class LayerProbe:
             self._tail_saves[group] += 1
         else:
             self._count_storage(t, group)
+            storage = t.untyped_storage()
+            seen = self._cached_seen.get(storage.data_ptr())
+            if self.ops.cached_storage(t, group) and (seen is None or seen() is not storage):
+                self._cached_seen[storage.data_ptr()] = weakref.ref(storage)
+                self._cached_saved[group] += storage.nbytes()
         if owner is None:
             self._first[span] = [weakref.ref(t.untyped_storage()), group, "inner" if inside else "tail", True]
             if not inside and nbytes >= self.min_bytes:
