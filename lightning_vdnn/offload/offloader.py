@@ -97,6 +97,7 @@ class ActivationOffloader(PassRecords):
         self._segments = SegmentRunner()
         self._one_by_one: frozenset[int] = frozenset()  # recomputed layers not in a segment
         self._selective: frozenset[int] = frozenset()  # of those, the ones recomputed selectively
+        self._ops_seen: dict[tuple, tuple[LayerProbe, int]] = {}  # (layer, module, input shapes) -> who watched
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self._prefetcher = Prefetcher(self.engine, prefetch_layers,
@@ -132,6 +133,7 @@ class ActivationOffloader(PassRecords):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._ops_seen.clear()
         self._recomputer.close()
         self._module = None
 
@@ -247,7 +249,12 @@ class ActivationOffloader(PassRecords):
                 trace.timeline.layer(group)
             if trace.probe is not None:
                 moved = [t for t in tensors if not never_copied(t, self.device, self._params)]
-                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved], tensors)
+                key = (group, id(module), trace.inputs[-1])
+                seen = self._ops_seen.get(key)
+                known = seen[0].ops_facts(seen[1]) if seen is not None else None
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved], tensors, known)
+                if known is None:
+                    self._ops_seen[key] = (trace.probe, group)
             if self._segments.segments and torch.is_grad_enabled():
                 self._segments.enter(group, module, args, kwargs, self._segment_timer)
 

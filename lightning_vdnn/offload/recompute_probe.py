@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lightning_vdnn.buffers import running_stats
-from lightning_vdnn.offload.selective import SavedOpsProbe
+from lightning_vdnn.offload.selective import OpsFacts, SavedOpsProbe
 from lightning_vdnn.offload.spans import Span
 
 
@@ -121,6 +121,7 @@ class LayerProbe:
         self._running: set[int] = set()  # layers with running statistics: no whole recompute
         self._cached_saved: dict[int, int] = collections.defaultdict(int)
         self._cached_seen: dict[int, weakref.ref] = {}  # address -> storage: counted in _cached_saved
+        self._known: dict[int, OpsFacts] = {}  # layers whose ops an earlier pass watched
         self.blocked: dict[int, str] = {0: "it is the part of forward before the first layer"}
         self._bytes: dict[int, int] = collections.defaultdict(int)
         self._first: dict[Span, list] = {}  # span -> [storage ref, group, kind, saved by its own layer]
@@ -146,11 +147,20 @@ class LayerProbe:
 
     def selective(self, group: int) -> Optional[SelectiveFacts]:
         """What recomputing layer ``group`` selectively holds and costs; None if it may not be."""
-        if group in self.blocked or group in self.ops.mutated or group not in self.ops.watched:
+        ops = self.ops_facts(group)
+        if group in self.blocked or ops is None or ops.mutated:
             return None
         held = self._bytes.get(group, 0)
-        return SelectiveFacts(held + self.ops.bytes.get(group, 0), held + self._cached_saved.get(group, 0),
-                              self.ops.share(group))
+        return SelectiveFacts(held + ops.kept_bytes, held + ops.saved_bytes, ops.share)
+
+    def ops_facts(self, group: int) -> Optional[OpsFacts]:
+        """Layer ``group``'s ops, watched in this pass or given to :meth:`enter`; None: not watched."""
+        if group in self._known:
+            return self._known[group]
+        if group not in self.ops.watched:
+            return None
+        return OpsFacts(self.ops.bytes.get(group, 0), self._cached_saved.get(group, 0), self.ops.share(group),
+                        group in self.ops.mutated)
 
     def abort(self) -> None:
         """The pass failed inside a layer: stop watching its ops."""
@@ -165,9 +175,10 @@ class LayerProbe:
                             own_input_storage_bytes=self._own_in_st.get(group, 0))
 
     def enter(self, group: int, module: nn.Module, inputs: list[tuple[Span, int, torch.Tensor]],
-              tensors: Optional[list[torch.Tensor]] = None) -> None:
+              tensors: Optional[list[torch.Tensor]] = None, known: Optional[OpsFacts] = None) -> None:
         """Layer ``group`` (``module``) starts with these tensor inputs (span, bytes, tensor) of the ones it takes
-        (``tensors``, all of them: a segment's chain is checked on those)."""
+        (``tensors``, all of them: a segment's chain is checked on those); ``known``: its ops as an earlier pass
+        watched them (not watched again)."""
         self._group, self._inside = group, True
         reason = _unfit(module)
         if reason is not None:
@@ -198,7 +209,9 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
-        if reason is None:
+        if known is not None:
+            self._known[group] = known
+        elif reason is None:
             self.ops.enter(group)
 
     def exit(self, group: int, output: Any = None) -> None:

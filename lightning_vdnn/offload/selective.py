@@ -28,6 +28,7 @@ import collections
 import contextlib
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -73,6 +74,23 @@ def contexts(held: Optional[Callable[[torch.Tensor], None]] = None) -> tuple:
     return create_selective_checkpoint_contexts(counted)
 
 
+@dataclass(frozen=True)
+class OpsFacts:
+    """One layer's ops as a selective recompute sees them.
+
+    Attributes:
+        kept_bytes: the storages of its :data:`SAVED_OPS`' outputs, whole and each once.
+        saved_bytes: of those, the storages autograd saves too (counted by ``recompute_probe.LayerProbe``).
+        share: the share of its op time the other ops take.
+        mutated: a kept output is modified in place later in its forward.
+    """
+
+    kept_bytes: int
+    saved_bytes: int
+    share: float
+    mutated: bool
+
+
 class SavedOpsProbe(TorchDispatchMode):
     """Watches one layer's forward at a time in the profiling pass (which recomputes nothing): per layer, the bytes
     of :data:`SAVED_OPS`' outputs (whole storages, each once: what SAC would hold), the share of the forward's op
@@ -80,7 +98,9 @@ class SavedOpsProbe(TorchDispatchMode):
     modified in place (then it may not be recomputed selectively).
 
     Op times are host clocks on a CPU and CUDA events on a GPU (read in :meth:`share`, after the pass); the
-    offloader's own work inside its pack hook is left out (:meth:`paused`).
+    offloader's own work inside its pack hook is left out (:meth:`paused`). Watching costs host time per op (a
+    Python dispatch mode), which on a GPU can slow a layer's forward that the pass also times: the offloader
+    watches a layer's ops once per input shapes and reuses the facts in later profiling passes (``warmup``).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -123,7 +143,8 @@ class SavedOpsProbe(TorchDispatchMode):
     def share(self, group: int) -> float:
         """The share of layer ``group``'s op time that a selective recompute runs again."""
         spans = self._times.get(group, [])
-        if self.cuda:
+        if self.cuda and spans:
+            spans[-1][2].synchronize()
             spans = [(saved, start.elapsed_time(end)) for saved, start, end in spans]
         total = sum(ms for _, ms in spans)
         return sum(ms for saved, ms in spans if not saved) / total if total > 0 else 1.0
