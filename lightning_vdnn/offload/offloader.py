@@ -97,7 +97,7 @@ class ActivationOffloader(PassRecords):
         self._segments = SegmentRunner()
         self._one_by_one: frozenset[int] = frozenset()  # recomputed layers not in a segment
         self._selective: frozenset[int] = frozenset()  # of those, the ones recomputed selectively
-        self._ops_seen: dict[tuple, tuple[LayerProbe, int]] = {}  # (layer, module, input shapes) -> who watched
+        self._ops_seen: dict = {}  # the layers' ops as profiling passes watched them (``LayerProbe``)
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self._prefetcher = Prefetcher(self.engine, prefetch_layers,
@@ -219,7 +219,7 @@ class ActivationOffloader(PassRecords):
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
                 if not self.recompute_layers:
-                    self._trace.probe = LayerProbe(self.min_offload_bytes, self.device)
+                    self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen)
             module = self._module
             self._params = set()
             if module is not None:
@@ -249,12 +249,7 @@ class ActivationOffloader(PassRecords):
                 trace.timeline.layer(group)
             if trace.probe is not None:
                 moved = [t for t in tensors if not never_copied(t, self.device, self._params)]
-                key = (group, id(module), trace.inputs[-1])
-                seen = self._ops_seen.get(key)
-                known = seen[0].ops_facts(seen[1]) if seen is not None else None
-                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved], tensors, known)
-                if known is None:
-                    self._ops_seen[key] = (trace.probe, group)
+                trace.probe.enter(group, module, [(*span_of(t), t) for t in moved], tensors)
             if self._segments.segments and torch.is_grad_enabled():
                 self._segments.enter(group, module, args, kwargs, self._segment_timer)
 

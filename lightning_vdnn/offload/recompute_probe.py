@@ -113,11 +113,16 @@ class LayerProbe:
     Args:
         min_bytes: saves smaller than this stay on the device whatever the plan (``min_offload_bytes``): they are
             in the floor, not in a layer's bytes.
+        device: where the layers compute (their ops are timed there).
+        seen: layer calls whose ops earlier passes watched, ``(layer, module, input shapes) -> (probe, layer)``,
+            shared by the passes: a layer's ops are watched once (``offload/selective.py``), then reused.
     """
 
-    def __init__(self, min_bytes: int, device: torch.device = torch.device("cpu")) -> None:
+    def __init__(self, min_bytes: int, device: torch.device = torch.device("cpu"),
+                 seen: Optional[dict] = None) -> None:
         self.min_bytes = min_bytes
         self.ops = SavedOpsProbe(device)
+        self._seen = {} if seen is None else seen
         self._running: set[int] = set()  # layers with running statistics: no whole recompute
         self._cached_saved: dict[int, int] = collections.defaultdict(int)
         self._cached_seen: dict[int, weakref.ref] = {}  # address -> storage: counted in _cached_saved
@@ -175,10 +180,9 @@ class LayerProbe:
                             own_input_storage_bytes=self._own_in_st.get(group, 0))
 
     def enter(self, group: int, module: nn.Module, inputs: list[tuple[Span, int, torch.Tensor]],
-              tensors: Optional[list[torch.Tensor]] = None, known: Optional[OpsFacts] = None) -> None:
+              tensors: Optional[list[torch.Tensor]] = None) -> None:
         """Layer ``group`` (``module``) starts with these tensor inputs (span, bytes, tensor) of the ones it takes
-        (``tensors``, all of them: a segment's chain is checked on those); ``known``: its ops as an earlier pass
-        watched them (not watched again)."""
+        (``tensors``, all of them: a segment's chain is checked on those)."""
         self._group, self._inside = group, True
         reason = _unfit(module)
         if reason is not None:
@@ -209,10 +213,7 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
-        if known is not None:
-            self._known[group] = known
-        elif reason is None:
-            self.ops.enter(group)
+        self._watch_ops(group, module, tensors if tensors is not None else [t for _, _, t in inputs], reason)
 
     def exit(self, group: int, output: Any = None) -> None:
         """Layer ``group``'s forward returned ``output``: later saves are the code after it."""
@@ -223,6 +224,17 @@ class LayerProbe:
         self._versions, self._inside = [], False
         leaves = torch.utils._pytree.tree_leaves(output)
         self._output = (group, [weakref.ref(t) for t in leaves if isinstance(t, torch.Tensor)])
+
+    def _watch_ops(self, group: int, module: nn.Module, tensors: list[torch.Tensor], reason: Optional[str]) -> None:
+        """Watch the layer's ops, unless an earlier pass did for the same call (then take what it saw)."""
+        key = (group, id(module), tuple(tuple(t.shape) for t in tensors))
+        seen = self._seen.get(key)
+        known = seen[0].ops_facts(seen[1]) if seen is not None else None
+        if known is not None:
+            self._known[group] = known
+        elif reason is None:
+            self.ops.enter(group)
+            self._seen[key] = (self, group)
 
     def _chained(self, group: int, tensors: list[torch.Tensor]) -> bool:
         """Whether layer ``group`` continues a chain from the layer before: that one returned right before it, the
