@@ -61,10 +61,11 @@ class Recomputer:
 
     Args:
         decide: called as a wrapped module's forward starts; None runs it plainly, a :class:`Recompute` runs it
-            under a checkpoint, whole or selective, and times its recompute in backward.
+            under a checkpoint, whole or selective, and times its recompute in backward (a :data:`Timer` alone:
+            whole, timed so).
     """
 
-    def __init__(self, decide: Callable[[], Optional[Recompute]]) -> None:
+    def __init__(self, decide: Callable[[], "Optional[Recompute | Timer]"]) -> None:
         self._decide = decide
         self._restore: dict[nn.Module, Callable[[], None]] = {}  # wrapped module -> what unwraps it
 
@@ -92,6 +93,8 @@ class Recomputer:
             how = decide()
             if how is None:
                 return inner(*args, **kwargs)
+            if not isinstance(how, Recompute):
+                how = Recompute(how)
             # tensors given by keyword go in as positional arguments too: the checkpoint saves (and so offloads)
             # only those, and takes the devices whose RNG state it replays from them; none can collide with its
             # own keyword arguments
