@@ -213,7 +213,8 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
-        self._watch_ops(group, module, tensors if tensors is not None else [t for _, _, t in inputs], reason)
+        if reason is None and not _segment_unfit(module):  # a compiled call: SAC's dispatch modes stay out of it
+            self._watch_ops(group, module, tensors if tensors is not None else [t for _, _, t in inputs])
 
     def exit(self, group: int, output: Any = None) -> None:
         """Layer ``group``'s forward returned ``output``: later saves are the code after it."""
@@ -225,14 +226,14 @@ class LayerProbe:
         leaves = torch.utils._pytree.tree_leaves(output)
         self._output = (group, [weakref.ref(t) for t in leaves if isinstance(t, torch.Tensor)])
 
-    def _watch_ops(self, group: int, module: nn.Module, tensors: list[torch.Tensor], reason: Optional[str]) -> None:
+    def _watch_ops(self, group: int, module: nn.Module, tensors: list[torch.Tensor]) -> None:
         """Watch the layer's ops, unless an earlier pass did for the same call (then take what it saw)."""
         key = (group, id(module), tuple(tuple(t.shape) for t in tensors))
         seen = self._seen.get(key)
         known = seen[0].ops_facts(seen[1]) if seen is not None else None
         if known is not None:
             self._known[group] = known
-        elif reason is None:
+        else:
             self.ops.enter(group)
             self._seen[key] = (self, group)
 
