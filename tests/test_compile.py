@@ -145,6 +145,34 @@ def test_offload_trains_a_compiled_model_exactly_without_breaks_or_recompiles(on
         assert report.offloaded_bytes > 0
 
 
+def recompute_the_last_block(layers, floor, budget, granule=1, forward_peak=None):
+    """A solver that recomputes the last recomputable layer (the last compiled block: the first one saves the
+    rotary tables the second takes, ``offload/recompute_probe.py``) and keeps the rest."""
+    from lightning_vdnn.planning.activation_solver import _plan
+
+    fit_ = [i for i, layer in enumerate(layers) if layer.recompute_bytes is not None]
+    assert fit_, "no compiled block may be recomputed"
+    base = floor if forward_peak is None else min(forward_peak, floor)
+    chosen = frozenset(fit_[-1:])
+    return _plan(layers, frozenset(range(len(layers))) - chosen, chosen, floor, base, budget, ())
+
+
+def test_a_compiled_block_is_recomputed_around_its_compiled_call(one_thread, monkeypatch):
+    """A plan that recomputes a block compiled by itself runs the checkpoint around the compiled call: the same
+    training as compiled plain, no graph break, no graph beyond plain's, the user's compiled call back after fit."""
+    from lightning_vdnn.planning import activation_plan
+
+    monkeypatch.setattr(activation_plan, "solve_layers", recompute_the_last_block)
+    ref, _ = plain("regional")
+    module, breaks, trainer = train("regional", VDNNStrategy("auto", min_offload_bytes=0, memory_budget=2**40))
+    assert_same_training(module, ref)
+    assert breaks.breaks == [] and module.graphs == ref.graphs
+    report = trainer.strategy.memory_report()
+    assert report.recomputed_forwards >= 1, report
+    for block in module.model.model.layers:
+        assert not isinstance(block._compiled_call_impl, CallBoundary) and "forward" not in vars(block)
+
+
 def test_a_compiled_block_is_one_leaf():
     module = CompiledLlama("regional")
     leaves, blocks = compiled_leaves(module), list(module.model.model.layers)

@@ -10,7 +10,9 @@ How it meets the offloader's hooks: the checkpoint saves the layer's tensor inpu
 offloaded like any other save; inside the layer the checkpoint's own hooks sit on top of the offloader's, so the
 layer's internal tensors never reach it (neither in forward nor when recomputed in backward: they are not counted
 as layer bytes, not offloaded). The recompute calls the module's own forward directly, not the module, so its
-forward pre-hook does not fire again and cannot open a new layer group in backward.
+forward pre-hook does not fire again and cannot open a new layer group in backward. A module compiled by itself
+(``block.compile()``) is wrapped the same way one level out: the checkpoint runs around its compiled call, inside
+our call hooks (``compiled.py``), so the compiled graph is unchanged and its recompute runs that graph again.
 
 A layer the plan recomputes selectively runs under the same checkpoint with ``context_fn`` set to torch's selective
 checkpoint contexts (``offload/selective.py``): the outputs of its matrix multiplies and attention are kept (held
@@ -36,6 +38,7 @@ from torch.utils.checkpoint import _checkpoint_without_reentrant_generator as _c
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from lightning_vdnn.buffers import BufferWatch
+from lightning_vdnn.compiled import inner_call, is_compiled, set_inner_call
 from lightning_vdnn.layers import wrap_forward
 from lightning_vdnn.offload.selective import contexts
 
@@ -108,7 +111,12 @@ class Recomputer:
             return checkpoint(_replay(call, how.timer, watch), *args, *(kwargs[k] for k in names),
                               use_reentrant=False, preserve_rng_state=True, context_fn=context)
 
-        self._restore[module] = wrap_forward(module, forward)
+        if is_compiled(module):  # around the compiled call, under our boundaries: never inside compiled code
+            compiled = inner_call(module._compiled_call_impl)
+            set_inner_call(module, lambda *args, **kwargs: forward(compiled, *args, **kwargs))
+            self._restore[module] = lambda: set_inner_call(module, compiled)
+        else:
+            self._restore[module] = wrap_forward(module, forward)
 
     def _unwrap(self, module: nn.Module) -> None:
         self._restore.pop(module)()

@@ -17,7 +17,8 @@ A layer is not recomputed when that would change what other layers save, or what
 - its forward modifies an input in place (the checkpoint's saved input would be stale in backward);
 - it holds running statistics (BatchNorm): kept from whole recompute as before (a selective one replays its
   buffers, ``buffers.py``, as a segment does);
-- its ``forward`` is already replaced on the instance, or it is compiled: something else owns its forward;
+- its ``forward`` is already replaced on the instance: something else owns its forward (a module compiled by
+  itself is recomputed around its compiled call, ``offload/recompute.py``; not in a segment, not selectively);
 - it is the part of forward before the first layer: no module to run again.
 
 A run of consecutive layers recomputed as one segment (``offload/recompute.py``: :class:`SegmentRunner`) is looser:
@@ -102,8 +103,6 @@ def _unfit(module: nn.Module) -> Optional[str]:
     """Why ``module`` may not run under a checkpoint whatever the pass does (None: it may)."""
     if "forward" in vars(module):
         return "its forward is replaced on the instance (layer streaming, another wrapper)"
-    if getattr(module, "_compiled_call_impl", None) is not None:
-        return "it is compiled (torch.compile)"
     return None
 
 
