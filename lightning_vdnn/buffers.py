@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_vdnn.integrations.adapters.torch import outside_dispatch_modes
+
 
 def running_stats(module: nn.Module) -> list[Tensor]:
     """Buffers that forward updates in place: BatchNorm/InstanceNorm running mean, variance and count."""
@@ -87,7 +89,7 @@ class BufferWatch:
             return
         values = snap.values if snap is not None else {}
         own = {i: self._get(i) for i in self.written}
-        with torch.no_grad():
+        with torch.no_grad(), outside_dispatch_modes():  # not the forward's ops: a selective recompute replays those
             stand_in = {i: (values[i] if i in values else t).clone() for i, t in own.items()}
         for i, t in stand_in.items():
             m, name = self.slots[i]

@@ -207,6 +207,23 @@ def test_autocast_kwargs_as_checkpoint_captures_them():
     assert torch_adapter.autocast_kwargs("cpu")[1]["enabled"] is False
 
 
+def test_outside_dispatch_modes_hides_ops_from_the_active_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        torch.ones(2).clone()
+        with torch_adapter.outside_dispatch_modes():
+            torch.ones(2).add(1)
+    assert torch.ops.aten.clone.default in seen.ops and torch.ops.aten.add.Tensor not in seen.ops
+
+
 def test_ddp_ignore_marks_what_ddp_reads():
     assert "module." + torch_adapter.DDP_IGNORE_LIST in inspect.getsource(DistributedDataParallel.__init__), (
         f"DistributedDataParallel no longer reads module.{torch_adapter.DDP_IGNORE_LIST}")

@@ -294,7 +294,7 @@ def test_predicted_peak_matches_the_bytes_counted_on_cpu(monkeypatch, dear_copie
     plans = [solve_layers(layers, 0, total * n // 20) for n in range(2, 20)] if segments is None else \
         [forced(segments)(layers, 0, total)]
     plan = next(p for p in plans if p.segments)
-    off.set_plan(plan.kept, plan.recomputed, plan.segments)
+    off.set_plan(plan.kept, plan.recomputed, plan.segments, plan.selective)
     with off.capture():
         net(x).sum().backward()
     off.finish_pass()

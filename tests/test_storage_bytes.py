@@ -142,7 +142,7 @@ def test_a_plan_at_75_percent_peaks_where_predicted_and_recomputes_less_than_cou
     per_view = [dataclasses.replace(p, saved_bytes=p.copied_bytes) for p in profile]
     before = solve_layers(per_view, floor.peak, budget, granule=4096, forward_peak=floor.forward_peak)
     assert plan.recomputed and plan.kept and len(plan.recomputed) < len(before.recomputed)
-    off.set_plan(plan.kept, plan.recomputed, plan.segments)
+    off.set_plan(plan.kept, plan.recomputed, plan.segments, plan.selective)
     peak = measured(off, net, x, loss).peak
     print(f"\nfloor {floor.peak}, plain {plain}, budget {budget}: predicted {plan.predicted_peak}, measured {peak}; "
           f"recomputed {len(plan.recomputed)}, counting views {len(before.recomputed)} "

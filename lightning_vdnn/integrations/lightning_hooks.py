@@ -234,7 +234,7 @@ class OffloadHooks:
         if plan is None:
             raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
         attempts.budgets.append(planner.budget)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective)
         rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
                        category=BudgetLowered)
         attempts.snapshot.restore()
@@ -261,7 +261,7 @@ class OffloadHooks:
                           backward_peak=self._backward_peak)
             self._state_before = None
         plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective)
         if plan is not None:
             rank_zero_info(plan_message(plan))
 
@@ -312,7 +312,7 @@ def plan_message(plan: Plan) -> str:
     """The line logged when ``"auto"`` makes a plan."""
     return (
         f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
-        f"recomputed in backward, {format_bytes(plan.offloaded_bytes)} of activations go to the host per step "
+        f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of activations go to the host per step "
         f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")

@@ -186,7 +186,7 @@ class ActivationOffload:
             cuda = offloader.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
         planner.observe(offloader.layer_profile(), peak, self._forward_peak)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective)
         self._forward_peak = None
 
     def report(self) -> MemoryReport:

@@ -81,6 +81,16 @@ class SaveLedger:
             self._release(key, storage)
         return True
 
+    def cached(self, storage: torch.UntypedStorage, group: int) -> None:
+        """Layer ``group``, recomputed selectively, keeps ``storage`` outside autograd's saves (an op output SAC
+        holds, ``offload/selective.py``): on the device until its backward, counted once, never released here."""
+        held = _alive(self._held.get(storage.data_ptr()), storage)
+        if held is None:
+            held = self._held[storage.data_ptr()] = [weakref.ref(storage), group, 0]
+            self.trace.kept_bytes += storage.nbytes()
+            self.trace.kept_by_group[group] += storage.nbytes()
+        held[2] += 1
+
     def _keep(self, key: Span, storage: torch.UntypedStorage, group: int, planned: bool,
               seen: Optional[list]) -> None:
         if seen is None:

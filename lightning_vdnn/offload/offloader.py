@@ -15,7 +15,9 @@ record of what was kept and what moved): a storage stays allocated while any vie
 
 A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
 (``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks), one by
-one or as segments, runs of consecutive layers under one checkpoint.
+one or as segments, runs of consecutive layers under one checkpoint; a layer recomputed selectively
+(``offload/selective.py``) also holds its expensive ops' outputs, which the checkpoint keeps outside these hooks
+and which are counted as the layer's kept bytes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.ledger import SaveLedger
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
-from lightning_vdnn.offload.recompute import Recomputer, SegmentRunner, Timer
+from lightning_vdnn.offload.recompute import Recompute, Recomputer, SegmentRunner, Timer
 from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
                                           never_copied, span_of)
 from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
@@ -94,6 +96,8 @@ class ActivationOffloader(PassRecords):
         self._recomputer = Recomputer(self._recompute_timer)
         self._segments = SegmentRunner()
         self._one_by_one: frozenset[int] = frozenset()  # recomputed layers not in a segment
+        self._selective: frozenset[int] = frozenset()  # of those, the ones recomputed selectively
+        self._ops_seen: dict = {}  # the layers' ops as profiling passes watched them (``LayerProbe``)
         self.watch = False  # time layers and sample memory in the passes that begin while set
         self.engine = CopyEngine(self.device)
         self._prefetcher = Prefetcher(self.engine, prefetch_layers,
@@ -129,20 +133,23 @@ class ActivationOffloader(PassRecords):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._ops_seen.clear()
         self._recomputer.close()
         self._module = None
 
     def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = (),
-                 segments: Sequence[tuple[int, int]] = ()) -> None:
+                 segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = ()) -> None:
         """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
-        the layers to recompute in backward, whose inputs stay too, and of those the runs ``[start, end)``
-        recomputed as one segment each. Layers are those of the last pass."""
+        the layers to recompute in backward, whose inputs stay too, of those the runs ``[start, end)``
+        recomputed as one segment each, and the ones recomputed selectively (``offload/selective.py``; recomputed
+        even if not in ``recompute``). Layers are those of the last pass."""
         segments = tuple((int(a), int(b)) for a, b in segments)
         inside = frozenset(g for a, b in segments for g in range(a, b))
-        recompute = frozenset(recompute) | inside
+        recompute = frozenset(recompute) | inside | frozenset(selective)
         self.keep_layers = keep if not recompute else (keep or frozenset()) | recompute
         self.recompute_layers = recompute
         self._one_by_one = recompute - inside
+        self._selective = frozenset(selective) - inside
         modules = self._last.modules if self._last is not None else []
         self._recomputer.install(modules[g] for g in self._one_by_one if 0 < g < len(modules))
         self._segments.install(segments)
@@ -158,6 +165,8 @@ class ActivationOffloader(PassRecords):
                     yield
                 except BaseException:
                     self._segments.abort()  # its checkpoint's hooks sit above these
+                    if self._trace is not None and self._trace.probe is not None:
+                        self._trace.probe.abort()  # its dispatch mode, pushed as the failed layer began
                     raise
                 self._segments.finish()
         finally:
@@ -204,12 +213,13 @@ class ActivationOffloader(PassRecords):
             self._trace = PassTrace(self.engine)
             self._ledger = SaveLedger(self._trace)
             self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
+            self._trace.selective = self._selective
             if self.grouping == "tensor":
                 self._trace.names = []  # no layers: the report has no per-layer rows
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
                 if not self.recompute_layers:
-                    self._trace.probe = LayerProbe(self.min_offload_bytes)
+                    self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen)
             module = self._module
             self._params = set()
             if module is not None:
@@ -254,15 +264,21 @@ class ActivationOffloader(PassRecords):
                 trace.probe.exit(len(self._groups) - 1, output)
             self._segments.exit(len(self._groups) - 1, output)
 
-    def _recompute_timer(self) -> Optional[Timer]:
-        """For a layer forward starting now: None to run it plainly, else what times its recompute (the plan
+    def _recompute_timer(self) -> Optional[Recompute]:
+        """For a layer forward starting now: None to run it plainly, else how to recompute it (the plan
         recomputes this layer, in a pass that records gradients)."""
         if compiling() or not (self._capturing and self.recompute_layers and torch.is_grad_enabled()):
             return None
         group = len(self._groups) - 1
         if group not in self._one_by_one:
             return None
-        return self._segment_timer(group)
+        return Recompute(self._segment_timer(group), self._held if group in self._selective else None)
+
+    def _held(self, t: torch.Tensor) -> None:
+        """A selectively recomputed layer's op output that its checkpoint keeps on the device: a kept byte."""
+        with self._lock:
+            if self._trace is not None:
+                self._ledger.cached(t.untyped_storage(), len(self._groups) - 1)
 
     def _segment_timer(self, group: int) -> Timer:
         """What times the recompute of layer ``group``, alone or as a segment's first layer."""
@@ -278,6 +294,13 @@ class ActivationOffloader(PassRecords):
     # -- forward: pack -----------------------------------------------------------------------------------
     @eager
     def _pack(self, t: torch.Tensor) -> Packed:
+        probe = self._trace.probe if self._capturing and self._trace is not None else None
+        if probe is None:
+            return self._save(t)
+        with probe.ops.paused():  # our copies are not the layer's ops
+            return self._save(t)
+
+    def _save(self, t: torch.Tensor) -> Packed:
         if not self._capturing or never_copied(t, self.device, self._params):
             return t
         storage = t.untyped_storage()

@@ -14,6 +14,11 @@ forward pre-hook does not fire again and cannot open a new layer group in backwa
 (``block.compile()``) is wrapped the same way one level out: the checkpoint runs around its compiled call, inside
 our call hooks (``compiled.py``), so the compiled graph is unchanged and its recompute runs that graph again.
 
+A layer the plan recomputes selectively runs under the same checkpoint with ``context_fn`` set to torch's selective
+checkpoint contexts (``offload/selective.py``): the outputs of its matrix multiplies and attention are kept (held
+by the checkpoint, outside the offloader's hooks, which :class:`Recompute` ``held`` reports to it), the cheap ops
+between them run again in backward.
+
 The decision is per call, by the layer's position in forward (a module called twice is two layers): the wrapper
 asks ``decide`` at each call. It is removed when the plan changes (:meth:`Recomputer.install`) and at
 :meth:`Recomputer.close`; the module's own ``forward`` is then what it was.
@@ -21,9 +26,10 @@ asks ``decide`` at each call. It is removed when the plan changes (:meth:`Recomp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
-from typing import Any, Callable, ContextManager, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -34,20 +40,35 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.compiled import inner_call, is_compiled, set_inner_call
 from lightning_vdnn.layers import wrap_forward
+from lightning_vdnn.offload.selective import contexts
 
-#: What ``decide`` returns for a call to recompute: a context manager factory that times the recompute.
+#: A context manager factory that times one recompute in backward.
 Timer = Callable[[], ContextManager]
+
+
+class Recompute(NamedTuple):
+    """What ``decide`` returns for a call to recompute.
+
+    Attributes:
+        timer: times its recompute in backward.
+        held: None: recompute the whole layer (nothing from inside it is saved); else recompute it selectively
+            (``offload/selective.py``), ``held`` being called with each op output the checkpoint keeps.
+    """
+
+    timer: Timer
+    held: Optional[Callable[[torch.Tensor], None]] = None
 
 
 class Recomputer:
     """Wraps the forward of chosen modules so that calls ``decide`` picks run under a checkpoint.
 
     Args:
-        decide: called as a wrapped module's forward starts; None runs it plainly, a :data:`Timer` runs it under
-            a checkpoint and times its recompute in backward with that timer.
+        decide: called as a wrapped module's forward starts; None runs it plainly, a :class:`Recompute` runs it
+            under a checkpoint, whole or selective, and times its recompute in backward (a :data:`Timer` alone:
+            whole, timed so).
     """
 
-    def __init__(self, decide: Callable[[], Optional[Timer]]) -> None:
+    def __init__(self, decide: Callable[[], "Optional[Recompute | Timer]"]) -> None:
         self._decide = decide
         self._restore: dict[nn.Module, Callable[[], None]] = {}  # wrapped module -> what unwraps it
 
@@ -72,9 +93,11 @@ class Recomputer:
         watch = BufferWatch(module)  # BatchNorm's statistics: updated by the forward, not again by the recompute
 
         def forward(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            timer = decide()
-            if timer is None:
+            how = decide()
+            if how is None:
                 return inner(*args, **kwargs)
+            if not isinstance(how, Recompute):
+                how = Recompute(how)
             # tensors given by keyword go in as positional arguments too: the checkpoint saves (and so offloads)
             # only those, and takes the devices whose RNG state it replays from them; none can collide with its
             # own keyword arguments
@@ -84,8 +107,9 @@ class Recomputer:
             def call(*flat: Any) -> Any:
                 return inner(*flat[: len(args)], **rest, **dict(zip(names, flat[len(args):])))
 
-            return checkpoint(_replay(call, timer, watch), *args, *(kwargs[k] for k in names), use_reentrant=False,
-                              preserve_rng_state=True)
+            context = noop_context_fn if how.held is None else functools.partial(contexts, how.held)
+            return checkpoint(_replay(call, how.timer, watch), *args, *(kwargs[k] for k in names),
+                              use_reentrant=False, preserve_rng_state=True, context_fn=context)
 
         if is_compiled(module):  # around the compiled call, under our boundaries: never inside compiled code
             compiled = inner_call(module._compiled_call_impl)

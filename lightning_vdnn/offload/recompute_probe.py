@@ -15,9 +15,10 @@ A layer is not recomputed when that would change what other layers save, or what
   not save it, the later save would, and the profile's bytes would be wrong;
 - a later layer saves one of its inputs that it does not save itself (the same, the other way round);
 - its forward modifies an input in place (the checkpoint's saved input would be stale in backward);
-- it holds running statistics (BatchNorm): a second forward would update them twice;
+- it holds running statistics (BatchNorm): kept from whole recompute as before (a selective one replays its
+  buffers, ``buffers.py``, as a segment does);
 - its ``forward`` is already replaced on the instance: something else owns its forward (a module compiled by
-  itself is recomputed around its compiled call, ``offload/recompute.py``; not in a segment);
+  itself is recomputed around its compiled call, ``offload/recompute.py``; not in a segment, not selectively);
 - it is the part of forward before the first layer: no module to run again.
 
 A run of consecutive layers recomputed as one segment (``offload/recompute.py``: :class:`SegmentRunner`) is looser:
@@ -25,6 +26,11 @@ inside it, saves again by a later layer of the run, in-place changes of an inner
 buffers are replayed, ``buffers.py``) are fine. What a segment needs is in :class:`SegmentFacts`: the run is a
 chain (each layer after the first takes the previous one's output, the code between them saves nothing), and no
 tensor saved inside it is saved again after it.
+
+Selective recompute (``offload/selective.py``) holds what whole recompute holds plus the outputs of the layer's
+expensive ops, which :class:`~lightning_vdnn.offload.selective.SavedOpsProbe` measures as the layer runs, with
+the share of its op time a selective recompute runs again; it is refused where whole recompute is (BatchNorm
+aside) and where the forward modifies a saved op's output in place.
 """
 
 from __future__ import annotations
@@ -38,7 +44,25 @@ import torch
 from torch import nn
 
 from lightning_vdnn.buffers import running_stats
+from lightning_vdnn.offload.selective import OpsFacts, SavedOpsProbe
 from lightning_vdnn.offload.spans import Span
+
+
+@dataclass(frozen=True)
+class SelectiveFacts:
+    """What recomputing a layer selectively would hold and cost (``offload/selective.py``).
+
+    Attributes:
+        held_bytes: what it holds from forward to backward: what whole recompute holds (its inputs, the code after
+            it) and the storages of its expensive ops' outputs, whole and each once.
+        unrebuilt_bytes: what its recompute does not rebuild of what it saves: what whole recompute holds (as
+            ``LayerProfile.rebuilt_bytes`` counts it) and the kept outputs that autograd saves too.
+        share: the share of its forward's op time the recompute runs again (the cheap ops).
+    """
+
+    held_bytes: int
+    unrebuilt_bytes: int
+    share: float
 
 
 @dataclass(frozen=True)
@@ -79,8 +103,6 @@ def _unfit(module: nn.Module) -> Optional[str]:
     """Why ``module`` may not run under a checkpoint whatever the pass does (None: it may)."""
     if "forward" in vars(module):
         return "its forward is replaced on the instance (layer streaming, another wrapper)"
-    if running_stats(module):
-        return "it updates running statistics (BatchNorm), which a second forward would update twice"
     return None
 
 
@@ -90,10 +112,20 @@ class LayerProbe:
     Args:
         min_bytes: saves smaller than this stay on the device whatever the plan (``min_offload_bytes``): they are
             in the floor, not in a layer's bytes.
+        device: where the layers compute (their ops are timed there).
+        seen: layer calls whose ops earlier passes watched, ``(layer, module, input shapes) -> (probe, layer)``,
+            shared by the passes: a layer's ops are watched once (``offload/selective.py``), then reused.
     """
 
-    def __init__(self, min_bytes: int) -> None:
+    def __init__(self, min_bytes: int, device: torch.device = torch.device("cpu"),
+                 seen: Optional[dict] = None) -> None:
         self.min_bytes = min_bytes
+        self.ops = SavedOpsProbe(device)
+        self._seen = {} if seen is None else seen
+        self._running: set[int] = set()  # layers with running statistics: no whole recompute
+        self._cached_saved: dict[int, int] = collections.defaultdict(int)
+        self._cached_seen: dict[int, weakref.ref] = {}  # address -> storage: counted in _cached_saved
+        self._known: dict[int, OpsFacts] = {}  # layers whose ops an earlier pass watched
         self.blocked: dict[int, str] = {0: "it is the part of forward before the first layer"}
         self._bytes: dict[int, int] = collections.defaultdict(int)
         self._first: dict[Span, list] = {}  # span -> [storage ref, group, kind, saved by its own layer]
@@ -115,7 +147,28 @@ class LayerProbe:
 
     def recompute_bytes(self, group: int) -> Optional[int]:
         """Bytes layer ``group`` would still save if recomputed; None if it may not be."""
-        return None if group in self.blocked else self._bytes.get(group, 0)
+        return None if group in self.blocked or group in self._running else self._bytes.get(group, 0)
+
+    def selective(self, group: int) -> Optional[SelectiveFacts]:
+        """What recomputing layer ``group`` selectively holds and costs; None if it may not be."""
+        ops = self.ops_facts(group)
+        if group in self.blocked or ops is None or ops.mutated:
+            return None
+        held = self._bytes.get(group, 0)
+        return SelectiveFacts(held + ops.kept_bytes, held + ops.saved_bytes, ops.share)
+
+    def ops_facts(self, group: int) -> Optional[OpsFacts]:
+        """Layer ``group``'s ops, watched in this pass or given to :meth:`enter`; None: not watched."""
+        if group in self._known:
+            return self._known[group]
+        if group not in self.ops.watched:
+            return None
+        return OpsFacts(self.ops.bytes.get(group, 0), self._cached_saved.get(group, 0), self.ops.share(group),
+                        group in self.ops.mutated)
+
+    def abort(self) -> None:
+        """The pass failed inside a layer: stop watching its ops."""
+        self.ops.exit()
 
     def segment_facts(self, group: int) -> SegmentFacts:
         """What layer ``group`` contributes to a recomputed segment (:class:`SegmentFacts`)."""
@@ -133,6 +186,8 @@ class LayerProbe:
         reason = _unfit(module)
         if reason is not None:
             self._block(group, reason)
+        if running_stats(module):
+            self._running.add(group)
         if _segment_unfit(module):
             self._no_start.add(group)
             self._no_join.update((group, group + 1))
@@ -157,15 +212,29 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
+        if reason is None and not _segment_unfit(module):  # a compiled call: SAC's dispatch modes stay out of it
+            self._watch_ops(group, module, tensors if tensors is not None else [t for _, _, t in inputs])
 
     def exit(self, group: int, output: Any = None) -> None:
         """Layer ``group``'s forward returned ``output``: later saves are the code after it."""
+        self.ops.exit()
         if any(t._version != v for t, v in self._versions):
             self._block(group, "its forward modifies an input in place")
             self._no_start.add(group)
         self._versions, self._inside = [], False
         leaves = torch.utils._pytree.tree_leaves(output)
         self._output = (group, [weakref.ref(t) for t in leaves if isinstance(t, torch.Tensor)])
+
+    def _watch_ops(self, group: int, module: nn.Module, tensors: list[torch.Tensor]) -> None:
+        """Watch the layer's ops, unless an earlier pass did for the same call (then take what it saw)."""
+        key = (group, id(module), tuple(tuple(t.shape) for t in tensors))
+        seen = self._seen.get(key)
+        known = seen[0].ops_facts(seen[1]) if seen is not None else None
+        if known is not None:
+            self._known[group] = known
+        else:
+            self.ops.enter(group)
+            self._seen[key] = (self, group)
 
     def _chained(self, group: int, tensors: list[torch.Tensor]) -> bool:
         """Whether layer ``group`` continues a chain from the layer before: that one returned right before it, the
@@ -184,6 +253,11 @@ class LayerProbe:
             self._tail_saves[group] += 1
         else:
             self._count_storage(t, group)
+            storage = t.untyped_storage()
+            seen = self._cached_seen.get(storage.data_ptr())
+            if self.ops.cached_storage(t, group) and (seen is None or seen() is not storage):
+                self._cached_seen[storage.data_ptr()] = weakref.ref(storage)
+                self._cached_saved[group] += storage.nbytes()
         if owner is None:
             self._first[span] = [weakref.ref(t.untyped_storage()), group, "inner" if inside else "tail", True]
             if not inside and nbytes >= self.min_bytes:

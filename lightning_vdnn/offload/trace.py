@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_vdnn.offload.host_pool import CopyEngine, completed, elapsed_ms
-from lightning_vdnn.offload.recompute_probe import LayerProbe, SegmentFacts
+from lightning_vdnn.offload.recompute_probe import LayerProbe, SegmentFacts, SelectiveFacts
 from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample, union_length
 
 #: Name of layer 0: what autograd saves before the first layer boundary.
@@ -47,6 +47,8 @@ class LayerProfile:
         segment: what it contributes to a run of layers recomputed as one segment; None: it cannot be in one.
         copied_bytes: what offloading it copies to the host, span by span (views of one storage are copied
             apiece, so this can exceed ``saved_bytes``); None: ``saved_bytes``.
+        selective: what recomputing it selectively (its expensive ops' outputs kept, ``offload/selective.py``)
+            holds and costs; None: it cannot be.
     """
 
     saved_bytes: int
@@ -57,6 +59,7 @@ class LayerProfile:
     inputs: tuple = ()
     segment: Optional[SegmentFacts] = None
     copied_bytes: Optional[int] = None
+    selective: Optional[SelectiveFacts] = None
 
     def __post_init__(self) -> None:
         for name in ("saved_bytes", "recompute_bytes", "copied_bytes"):
@@ -83,6 +86,16 @@ class LayerProfile:
     def rebuilt_bytes(self) -> int:
         """What a recompute rebuilds in the layer's backward: what it saved, less what it still saves."""
         return max(0, self.saved_bytes - (self.recompute_bytes or 0))
+
+    @property
+    def selective_ms(self) -> float:
+        """What a selective recompute costs: the share of its forward that the cheap ops take."""
+        return 0.0 if self.selective is None else self.forward_ms * self.selective.share
+
+    @property
+    def selective_rebuilt_bytes(self) -> int:
+        """What a selective recompute rebuilds in backward: what it saved, less its inputs and the kept outputs."""
+        return 0 if self.selective is None else max(0, self.saved_bytes - self.selective.unrebuilt_bytes)
 
 
 class PassTimeline:
@@ -185,6 +198,7 @@ class PassTrace:
         self.inputs: list[tuple] = [()]  # per layer: the shapes of its tensor inputs
         self.keep: Optional[frozenset[int]] = None  # the plan this pass ran
         self.recompute: frozenset[int] = frozenset()
+        self.selective: frozenset[int] = frozenset()  # of those, the layers recomputed selectively
         self.timeline: Optional[PassTimeline] = None  # set on a watched pass
         self.probe: Optional[LayerProbe] = None  # set on a watched pass that recomputes nothing
         self.d2h: list[tuple[object, object]] = []
@@ -239,7 +253,8 @@ class PassTrace:
                 self.candidate_bytes.get(g, 0), self.probe.recompute_bytes(g) if self.probe is not None else None,
                 forward_ms=module[g], transfer_ms=copied * ms_per_byte, copied_bytes=copied,
                 overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
-                inputs=inputs[g], segment=self.probe.segment_facts(g) if self.probe is not None else None))
+                inputs=inputs[g], segment=self.probe.segment_facts(g) if self.probe is not None else None,
+                selective=self.probe.selective(g) if self.probe is not None else None))
         return out
 
     def _recompute_ms(self) -> dict[int, float]:
@@ -257,7 +272,7 @@ class PassTrace:
             keep = g in self.keep if self.keep is not None else not moved
             decision = "recompute" if g in self.recompute else "keep" if keep else "offload"
             rows.append(LayerStats(g, name, self.kept_by_group.get(g, 0) + moved, moved, decision,
-                                   times[g] if g < len(times) else None, recompute.get(g)))
+                                   times[g] if g < len(times) else None, recompute.get(g), g in self.selective))
         return tuple(rows)
 
 

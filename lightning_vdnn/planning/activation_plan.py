@@ -22,6 +22,11 @@ Cost model: time a layer adds to a step over keeping everything on the device, a
   ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
 - recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
   rebuilds the rest, ``b - r``, all at once.
+- recompute selectively (``offload/selective.py``): the layer's matrix multiplies and attention keep their outputs,
+  the cheap ops between them run again in backward: costs ``f`` times the share of the layer's op time those ops
+  took in the profile; holds ``r`` and the kept outputs; its backward rebuilds what it saved less those. A choice
+  within "recompute": per layer whole or selective, whichever the solver finds cheaper at the budget (a GPT block
+  recomputed selectively holds about 60% of its bytes for a few percent of its forward).
 - recompute a segment, layers ``[i, j)`` under one checkpoint (``offload/recompute.py``): their ``f`` summed; holds
   layer ``i``'s inputs and what the code after layer ``j - 1`` saves; its backward rebuilds the storages the run
   saved, each once (``activation_solver.segment_bytes``). Where one layer alone frees nothing (a CNN's leaf
@@ -155,6 +160,11 @@ class AutoPlanner:
         return frozenset() if self.plan is None else self.plan.recomputed
 
     @property
+    def selective(self) -> frozenset[int]:
+        """Of the layers recomputed in the next pass, those recomputed selectively."""
+        return frozenset() if self.plan is None else self.plan.selective
+
+    @property
     def segments(self) -> tuple[tuple[int, int], ...]:
         """Runs of recomputed layers ``[start, end)`` recomputed as one segment in the next pass."""
         return () if self.plan is None else self.plan.segments
@@ -188,7 +198,7 @@ class AutoPlanner:
             warmed, self._profiles, self.warmup = self._profiles, [], 0  # once: later re-profiles plan at once
             layers = least_times(layers, warmed)
             if not self.recompute:
-                layers = [replace(p, recompute_bytes=None, segment=None) for p in layers]
+                layers = [replace(p, recompute_bytes=None, segment=None, selective=None) for p in layers]
             if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
@@ -198,7 +208,8 @@ class AutoPlanner:
             self.replans += 1
             self._slack += peak - old.predicted_peak + self.granule
             new = self._replan()
-            if (new.kept, new.recomputed, new.segments) == (old.kept, old.recomputed, old.segments) or \
+            if (new.kept, new.recomputed, new.segments, new.selective) == \
+                    (old.kept, old.recomputed, old.segments, old.selective) or \
                     self.replans > MAX_REPLANS:  # blind to what overshot, or still over: the safe plan
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
@@ -253,9 +264,11 @@ class AutoPlanner:
                       predicted_peak_bytes=plan.predicted_peak if plan else None, budget_replans=self.replans,
                       budget_kept=self.budget_kept)
         if plan is None:
-            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0, segments=0)
+            return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0, segments=0,
+                        layers_selective=0)
         return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
-                    layers_offloaded=max(0, layers - len(plan.on_device)), segments=len(plan.segments))
+                    layers_offloaded=max(0, layers - len(plan.on_device)), segments=len(plan.segments),
+                    layers_selective=len(plan.selective))
 
     @property
     def budget_kept(self) -> Optional[bool]:

@@ -13,7 +13,7 @@ from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.units import GiB, MiB
 
 Decision = Literal["keep", "offload", "recompute"]
-_OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT = 0, 1, 2, 3
+_OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT, _SELECTIVE = 0, 1, 2, 3, 4
 #: Most granules the budget is counted in: bounds the solver's work per layer.
 MAX_STATES = 2**16
 #: Most layers in one recomputed segment: bounds the solver's work per layer (a longer run rebuilds so much at
@@ -50,6 +50,8 @@ class Plan:
         added_ms: predicted step time the plan adds to keeping everything: exposed copies and recomputes.
         segments: runs of consecutive recomputed layers ``[start, end)`` recomputed as one (their layers are in
             ``recomputed`` too); the other recomputed layers are recomputed one by one.
+        selective: recomputed layers (in ``recomputed`` too) whose recompute is selective: their expensive ops'
+            outputs kept, the cheap ops run again (``offload/selective.py``); the others are recomputed whole.
     """
 
     kept: frozenset[int]
@@ -61,6 +63,7 @@ class Plan:
     recomputed_bytes: int = 0
     added_ms: float = 0.0
     segments: tuple[Segment, ...] = ()
+    selective: frozenset[int] = frozenset()
 
     @property
     def on_device(self) -> frozenset[int]:
@@ -69,6 +72,10 @@ class Plan:
 
     def decision(self, layer: int) -> Decision:
         return "keep" if layer in self.kept else "recompute" if layer in self.recomputed else "offload"
+
+    def described(self, layer: int) -> str:
+        """:meth:`decision`, a selective recompute marked ``"recompute (selective)"``."""
+        return "recompute (selective)" if layer in self.selective else self.decision(layer)
 
 
 def _check_budget(floor: int, budget: int) -> None:
@@ -113,9 +120,9 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
         return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
     granule = _granule(room, granule)
     choices, segments = _dp(layers, room // granule, granule)
-    kept = frozenset(g for g, c in enumerate(choices) if c == _KEEP)
-    return _plan(layers, kept, frozenset(g for g, c in enumerate(choices) if c == _RECOMPUTE), floor, base, budget,
-                 segments)
+    picked = {kind: frozenset(g for g, c in enumerate(choices) if c == kind)
+              for kind in (_KEEP, _RECOMPUTE, _SELECTIVE)}
+    return _plan(layers, picked[_KEEP], picked[_RECOMPUTE], floor, base, budget, segments, picked[_SELECTIVE])
 
 
 def _granule(room: int, granule: int) -> int:
@@ -135,7 +142,8 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
     """Each layer's choice in a plan of least summed cost with held units <= ``capacity`` at the end and, at each
     recomputed layer or segment, held units so far + its rebuilt units <= ``capacity``; and the segments. Exact for
     the rounded sizes."""
-    size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule))
+    size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule),
+                                 _units(p.selective.held_bytes if p.selective else 0, granule))
                              for p in layers)) + 1
     cost = np.full(size, np.inf)
     cost[0] = 0.0
@@ -151,9 +159,13 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
             held = _units(layer.recompute_bytes, granule)
             options.insert(0, (_RECOMPUTE, held, layer.forward_ms,
                                capacity - _units(layer.rebuilt_bytes, granule) + 1, g))
+        selective = _units(layer.selective.held_bytes, granule) if layer.selective is not None else 0
+        if layer.selective is not None:  # as recompute, holding the kept outputs too; wins ties against it
+            options.insert(len(options) - 2, (_SELECTIVE, selective, layer.selective_ms,
+                                              capacity - _units(layer.selective_rebuilt_bytes, granule) + 1, g))
         options[:0] = [(_SEGMENT, _units(h, granule), ms, capacity - _units(r, granule) + 1, s)
                        for s, h, r, ms in segments_ending(layers, g)]
-        for kind, units, ms, limit, first in options:  # later options win ties: segment < recompute < offload < keep
+        for kind, units, ms, limit, first in options:  # later wins ties: segment, recompute, selective, offload, keep
             if units >= size or limit <= units:
                 continue
             end = min(size, limit)
@@ -162,7 +174,7 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
             best[units:end][better] = candidate[better]
             pick[units:end][better] = kind
             start[g, units:end][better] = first
-        moves.append((keep, _units(layer.recompute_bytes or 0, granule)))
+        moves.append((keep, _units(layer.recompute_bytes or 0, granule), selective))
         before.append(best)
         if len(before) > MAX_SEGMENT + 1:
             before[-MAX_SEGMENT - 2] = None  # no segment reaches back that far
@@ -180,7 +192,7 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
             g = first - 1
             continue
         out[g] = kind
-        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1]}[kind]
+        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1], _SELECTIVE: moves[g][2]}[kind]
         g -= 1
     return out, tuple(reversed(segments))
 
@@ -220,9 +232,9 @@ def segment_bytes(layers: Sequence[LayerProfile], first: int, end: int) -> tuple
 
 
 def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int,
-                   base: int, segments: Sequence[Segment] = ()) -> int:
+                   base: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> int:
     """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes (a segment
-    counts as one layer, its last)."""
+    counts as one layer, its last; a layer in ``selective`` holds and rebuilds as its selective recompute does)."""
     held = top = 0
     starts = {first: end for first, end in segments}
     inside = {g for first, end in segments for g in range(first, end)}
@@ -235,6 +247,9 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
             continue
         elif g in kept:
             held += layer.saved_bytes
+        elif g in selective and layer.selective is not None:
+            held += layer.selective.held_bytes
+            top = max(top, held + layer.selective_rebuilt_bytes)
         elif g in recomputed:
             held += layer.recompute_bytes or 0
             top = max(top, held + layer.rebuilt_bytes)
@@ -242,22 +257,24 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
 
 
 def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
-          budget: int, segments: Sequence[Segment] = ()) -> Plan:
+          budget: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> Plan:
     inside = frozenset(g for first, end in segments for g in range(first, end))
-    recomputed = recomputed | inside
+    recomputed = recomputed | inside | selective
     on_device = kept | recomputed
     offloaded = [p for g, p in enumerate(layers) if g not in on_device]
-    redone = [layers[g] for g in sorted(recomputed - inside)]
+    redone = [layers[g] for g in sorted(recomputed - inside - selective)]
+    some = [layers[g] for g in sorted(selective)]
     seg = [segment_bytes(layers, first, end) for first, end in segments]
     return Plan(
-        kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments),
+        kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments), selective=selective,
         offloaded_bytes=sum(p.offload_bytes for p in offloaded),
         kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone)
-        + sum(h for h, _ in seg),
-        recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg),
-        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base, segments),
+        + sum(h for h, _ in seg) + sum(p.selective.held_bytes for p in some),
+        recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg)
+        + sum(p.selective_rebuilt_bytes for p in some),
+        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base, segments, selective),
         added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone)
-        + sum(layers[g].forward_ms for g in inside),
+        + sum(layers[g].forward_ms for g in inside) + sum(p.selective_ms for p in some),
     )
 
 

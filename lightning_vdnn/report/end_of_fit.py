@@ -44,7 +44,7 @@ def layer_table(report: MemoryReport, top: int = 10) -> "Table":
         table.add_row(*cells)
 
     for r in rows[:top]:
-        add(r.name, r.saved_bytes, r.decision, [r])
+        add(r.name, r.saved_bytes, r.described, [r])
     rest = rows[top:]
     if rest:
         add(f"... {len(rest)} more layers", sum(r.saved_bytes for r in rest), _decisions(rest), rest)
@@ -55,10 +55,12 @@ def layer_table(report: MemoryReport, top: int = 10) -> "Table":
 
 
 def _decisions(rows: Sequence[LayerStats]) -> str:
-    """``"3 keep, 5 offload"``, and ``", 2 recompute"`` when there are any."""
+    """``"3 keep, 5 offload"``, and ``", 2 recompute"`` (``" (1 selective)"``) when there are any."""
     count = {d: sum(r.decision == d for r in rows) for d in ("keep", "offload", "recompute")}
+    selective = sum(r.selective for r in rows)
     return f"{count['keep']} keep, {count['offload']} offload" + (
-        f", {count['recompute']} recompute" if count["recompute"] else "")
+        f", {count['recompute']} recompute" if count["recompute"] else "") + (
+        f" ({selective} selective)" if selective else "")
 
 
 def _peak_caption(report: MemoryReport) -> str:

@@ -31,6 +31,8 @@ class LayerStats:
             cost. None if not measured. On a CPU device copies run inline and are left out as well.
         recompute_ms: time its forward took again in backward in the latest pass (``"recompute"`` only, else
             None), the inputs it brought back included.
+        selective: a ``"recompute"`` that is selective: its expensive ops' outputs kept (and counted in
+            ``saved_bytes``), the cheap ops run again (``offload/selective.py``).
     """
 
     index: int
@@ -40,6 +42,12 @@ class LayerStats:
     decision: Literal["keep", "offload", "recompute"]
     forward_ms: Optional[float] = None
     recompute_ms: Optional[float] = None
+    selective: bool = False
+
+    @property
+    def described(self) -> str:
+        """The decision as the table shows it: ``"recompute (selective)"`` for a selective recompute."""
+        return "recompute (selective)" if self.selective else self.decision
 
     @property
     def kept_bytes(self) -> int:
@@ -82,6 +90,7 @@ class MemoryReport:
             layers_recomputed: the ``"auto"`` planner's budget and current plan (None for the fixed policies);
             measured is the peak of the last step the planner watched.
         segments: of the recomputed layers, the runs recomputed as one segment each (``"auto"`` only).
+        layers_selective: of the recomputed layers, those recomputed selectively (``"auto"`` only).
         budget_replans: plans made again because a measured peak went over the budget (``"auto"`` only).
         budget_kept: whether the measured peak stayed within 2% over the budget (None: not measured, no budget).
         streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
@@ -135,6 +144,7 @@ class MemoryReport:
     layers_offloaded: Optional[int] = None
     layers_recomputed: Optional[int] = None
     segments: Optional[int] = None
+    layers_selective: Optional[int] = None
     budget_replans: Optional[int] = None
     budget_kept: Optional[bool] = None
     streamed_h2d_bytes: Optional[int] = None
@@ -211,7 +221,7 @@ class MemoryReport:
         gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
         return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded, "
-                f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments)} "
+                f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments, self.layers_selective)} "
                 f"({self.recomputed_forwards} recomputes, {self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
                 f"measured {gib(self.measured_peak_bytes)}{_kept(self)}")
@@ -245,8 +255,9 @@ class MemoryReport:
                                                self.saved_measured_peak_bytes)
 
 
-def _in_segments(segments: Optional[int]) -> str:
-    return f" ({segments} as segments)" if segments else ""
+def _in_segments(segments: Optional[int], selective: Optional[int] = None) -> str:
+    parts = [f"{segments} as segments"] * bool(segments) + [f"{selective} selectively"] * bool(selective)
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _kept(report: MemoryReport) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import _get_autocast_kwargs
 
 #: The torch release this module was written (and tested) against.
@@ -26,6 +27,12 @@ def autocast_kwargs(device_type: str) -> tuple[Optional[dict[str, Any]], dict[st
     """The autocast settings in force for ``device_type`` (None where it has no autocast) and for the CPU, as
     ``torch.utils.checkpoint`` captures them for its recompute (``torch.autocast(**kwargs)`` replays them)."""
     return _get_autocast_kwargs(device_type)
+
+
+def outside_dispatch_modes() -> Any:
+    """A context in which no ``TorchDispatchMode`` sees the ops run: work of ours inside a selective checkpoint's
+    recompute (SAC replays the forward's ops by their order, and fails on one the forward did not run)."""
+    return _disable_current_modes()
 
 
 def ddp_ignore(module: nn.Module, names: Iterable[str]) -> None:
