@@ -16,17 +16,15 @@ the pool's 19.0 GiB; ``gpt_1b``'s sizes are powers of two and both hold 12.8 GiB
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 from collections import defaultdict
 from typing import Optional
 
 import torch
 
+from lightning_vdnn.units import host_clock
+
 _MIN_CLASS = 4096
-#: The host's clock for our own timings, bound at import: code that patches ``time.perf_counter`` to time itself
-#: (Lightning's ``ThroughputMonitor`` tests feed it a fixed list of times) sees its own calls only, not ours.
-host_clock = time.perf_counter
 
 
 def size_class(nbytes: int) -> int:

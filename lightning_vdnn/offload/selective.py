@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -35,6 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from lightning_vdnn.units import host_clock
 
 _aten = torch.ops.aten
 
@@ -156,7 +157,7 @@ class SavedOpsProbe(TorchDispatchMode):
             return func(*args, **kwargs)
         if func._schema.is_mutable and any(self.cached_storage(t, group) for t in _tensors((args, kwargs))):
             self.mutated.add(group)
-        start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True) if self.cuda else host_clock()
         if self.cuda:
             start.record()
         out = func(*args, **kwargs)
@@ -165,7 +166,7 @@ class SavedOpsProbe(TorchDispatchMode):
             end.record()
             self._times[group].append((func in SAVED_OPS, start, end))
         else:
-            self._times[group].append((func in SAVED_OPS, (time.perf_counter() - start) * 1e3))
+            self._times[group].append((func in SAVED_OPS, (host_clock() - start) * 1e3))
         if func in SAVED_OPS:
             for t in _tensors(out):
                 storage = t.untyped_storage()

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.integrations.adapters.torch import around_zero_grad
-from lightning_vdnn.offload.host_pool import host_clock
+from lightning_vdnn.units import host_clock
 from lightning_vdnn.streaming.host_state import HostBlock
 from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
 from lightning_vdnn.streaming.step_hooks import StepHooks

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import time
 from typing import Any, Optional
 
 import torch
@@ -33,6 +32,7 @@ from torch.optim import Optimizer
 
 from lightning_vdnn.config import HOST_BACKENDS
 from lightning_vdnn.streaming import native_adam
+from lightning_vdnn.units import host_clock
 
 #: Host update backends (``VDNNConfig.host_optimizer``).
 BACKENDS: tuple[str, ...] = HOST_BACKENDS
@@ -251,14 +251,14 @@ def _time_update(backend: Optional[str], state_dtype: torch.dtype, numel: int, r
     upd = AdamPass(backend, state_dtype) if backend is not None else None
     times = []
     for _ in range(repeat + 1):
-        start = time.perf_counter()
+        start = host_clock()
         if upd is None:
             param.grad = g
             opt.step()
             copy.copy_(w)
         else:
             upd.update(opt, opt.param_groups[0], param, w, g, opt.state[param], copy)
-        times.append(time.perf_counter() - start)
+        times.append(host_clock() - start)
     if upd is not None:
         upd.close()
     return min(times[1:])
