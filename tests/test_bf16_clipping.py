@@ -73,11 +73,7 @@ def torch_loop(state: str, clip) -> tuple[GPT, list[float]]:
         for x, y in batches():
             loss = loss_of(model, x, y)
             loss.backward()
-            how, amount = clip
-            if how == "norm":
-                streamer.clip_grad_norm_(model.parameters(), amount)
-            else:
-                streamer.clip_grad_value_(model.parameters(), amount)
+            clip_with(streamer, clip, model)
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
@@ -86,6 +82,11 @@ def torch_loop(state: str, clip) -> tuple[GPT, list[float]]:
     return model, losses
 
 
+
+def clip_with(clipper, clip, model) -> None:
+    """``clipper.clip_grad_norm_`` or ``clip_grad_value_`` (``clip``: ``("norm" | "value", amount)``)."""
+    how, amount = clip
+    getattr(clipper, f"clip_grad_{how}_")(model.parameters(), amount)
 @pytest.mark.parametrize("clip, name", [(("norm", 0.5), "clip_grad_norm_"), (("value", 1e-3), "clip_grad_value_")])
 def test_the_plain_loop_refuses_to_clip_bf16_host_gradients(clip, name):
     with pytest.raises(ValueError, match=REFUSED.format(name)):
@@ -166,11 +167,7 @@ def accelerate_loop(clip, **streaming) -> tuple[torch.nn.Module, list[float]]:
         for x, y in batches():
             loss = loss_of(model, x, y)
             accelerator.backward(loss)
-            how, amount = clip
-            if how == "norm":
-                accelerator.clip_grad_norm_(model.parameters(), amount)
-            else:
-                accelerator.clip_grad_value_(model.parameters(), amount)
+            clip_with(accelerator, clip, model)
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())

@@ -84,6 +84,10 @@ class SaveLedger:
     def cached(self, storage: torch.UntypedStorage, group: int) -> None:
         """Layer ``group``, recomputed selectively, keeps ``storage`` outside autograd's saves (an op output SAC
         holds, ``offload/selective.py``): on the device until its backward, counted once, never released here."""
+        self._hold(storage, group)
+
+    def _hold(self, storage: torch.UntypedStorage, group: int) -> None:
+        """One more save holds ``storage`` on the device: its bytes count once, for the first group that holds it."""
         held = _alive(self._held.get(storage.data_ptr()), storage)
         if held is None:
             held = self._held[storage.data_ptr()] = [weakref.ref(storage), group, 0]
@@ -94,12 +98,7 @@ class SaveLedger:
     def _keep(self, key: Span, storage: torch.UntypedStorage, group: int, planned: bool,
               seen: Optional[list]) -> None:
         if seen is None:
-            held = _alive(self._held.get(storage.data_ptr()), storage)
-            if held is None:
-                held = self._held[storage.data_ptr()] = [weakref.ref(storage), group, 0]
-                self.trace.kept_bytes += storage.nbytes()
-                self.trace.kept_by_group[group] += storage.nbytes()
-            held[2] += 1
+            self._hold(storage, group)
         self._kept[key] = [weakref.ref(storage), planned, group if seen is None else seen[2]]
 
     def _release(self, key: Span, storage: torch.UntypedStorage) -> None:
