@@ -67,7 +67,9 @@ def contexts(held: Optional[Callable[[torch.Tensor], None]] = None) -> tuple:
 
     def counted(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         decision = policy(ctx, op, *args, **kwargs)
-        if decision == CheckpointPolicy.MUST_SAVE:
+        # torch before 2.12 asks the policy before the op runs (no ``op_output``): its kept outputs go uncounted
+        # in the ledger (the measured peak still sees them)
+        if decision == CheckpointPolicy.MUST_SAVE and hasattr(ctx, "op_output"):
             for t in _tensors(ctx.op_output):
                 held(t)
         return decision
