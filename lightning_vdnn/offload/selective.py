@@ -67,7 +67,7 @@ def contexts(held: Optional[Callable[[torch.Tensor], None]] = None) -> tuple:
 
     def counted(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
         decision = policy(ctx, op, *args, **kwargs)
-        # torch before 2.12 asks the policy before the op runs (no ``op_output``): its kept outputs go uncounted
+        # a torch whose SAC asks the policy before the op runs (2.11: no ``op_output``): kept outputs go uncounted
         # in the ledger (the measured peak still sees them)
         if decision == CheckpointPolicy.MUST_SAVE and hasattr(ctx, "op_output"):
             for t in _tensors(ctx.op_output):
