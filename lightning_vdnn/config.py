@@ -101,6 +101,11 @@ class VDNNConfig:
             ``None`` for its capacity less a safety margin. What fits it: the ``"auto"`` activation planner,
             and, with layer streaming, the number of resident blocks (``resident_blocks="auto"``; blocks first,
             activations in what they leave).
+        selective_recompute: let the ``"auto"`` planner recompute a layer selectively (``offload/selective.py``:
+            its matmul and attention outputs kept, the cheap ops run again) where that is cheaper than whole.
+            Off by default: it runs the layer's every op through torch's selective-checkpoint dispatch mode, a
+            host cost per op the plan does not yet count, and on gpt_1b on an H200 that cost outweighed the
+            recompute it saved (``benchmarks/README.md``, run 17). Worth trying where the host has slack.
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
@@ -171,6 +176,7 @@ class VDNNConfig:
     layers: LayerPaths = option(None, "common")
     resident_blocks: ResidentSpec = option(None, "streaming")
     memory_budget: MemorySpec = option(None, "offload")
+    selective_recompute: bool = option(False, "offload", why="off: whole-layer recompute only")
     microbatches: int = option(1, "streaming", ge=1)
     saved_blocks: SavedSpec = option(None, "streaming")
     batch_chunks: int = option(1, "chunks", ge=1, why="1 runs the batch whole")

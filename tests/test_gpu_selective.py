@@ -47,7 +47,8 @@ def test_gpt_plan_recomputes_selectively_trains_like_plain_and_keeps_the_budget(
     _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0, layers="model.blocks"), steps=2)
     budget = floor + (plain_peak - floor) // 3
     seen = LastPlan()
-    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, layers="model.blocks", memory_budget=budget),
+    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, layers="model.blocks", memory_budget=budget,
+                                       selective_recompute=True),
                           callbacks=[seen])
     report = trainer.strategy.memory_report()
     print(f"\nplain {plain_peak / 2**20:.1f} MiB, floor {floor / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB\n"

@@ -266,7 +266,8 @@ def test_auto_plans_selective_recompute_and_trains_like_plain(monkeypatch):
     measured_profile = ActivationOffloader.layer_profile
     monkeypatch.setattr(ActivationOffloader, "layer_profile", lambda self: dear_copies(measured_profile(self)))
     lm = functools.partial(TokenLM, dropout=0.1)
-    strategy = functools.partial(VDNNStrategy, "auto", min_offload_bytes=0, layers="model.blocks")
+    strategy = functools.partial(VDNNStrategy, "auto", min_offload_bytes=0, layers="model.blocks",
+                                 selective_recompute=True)
     profiled = Injected()
     fit(lm, token_loader(), strategy(), max_steps=1, callbacks=[profiled])
     layers = profiled.layers
@@ -294,6 +295,12 @@ def test_auto_plans_selective_recompute_and_trains_like_plain(monkeypatch):
     text = console.export_text()
     assert "recompute (selective)" in text and f"2 keep, 0 offload, {len(blocks)} recompute ({len(blocks)} selective)" \
         in text
+
+    # off by default (``VDNNConfig.selective_recompute``): the same budget recomputes whole layers only
+    whole_plan = LastPlan()
+    fit(lm, token_loader(), VDNNStrategy("auto", min_offload_bytes=0, layers="model.blocks", memory_budget=budget),
+        max_steps=4, callbacks=[whole_plan])
+    assert whole_plan.plan.recomputed and not whole_plan.plan.selective
 
 
 def test_sac_outputs_never_reach_outer_saved_tensor_hooks():

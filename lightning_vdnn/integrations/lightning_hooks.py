@@ -86,7 +86,8 @@ class OffloadHooks:
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
-            self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute())
+            self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute(),
+                                                   selective=cfg.selective_recompute)
         if self._retries_oom() and self._user_precision is None:  # a failed backward runs again from the plugin's
             self._user_precision = self.precision_plugin
             self.precision_plugin = extended(self._user_precision, RetriedBackward, retry=self._retry_backward)

@@ -141,7 +141,8 @@ class ActivationOffload:
             self.offloader = attach_offloader(model, config, device)
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
         self.planner = AutoPlanner.for_device(config.budget, self.offloader.device,
-                                              recompute=not config.layer_streaming) if auto else None
+                                              recompute=not config.layer_streaming,
+                                              selective=config.selective_recompute) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)

@@ -119,18 +119,21 @@ class AutoPlanner:
         granule: rounding of sizes in the solver.
         recompute: whether plans may recompute layers (off where something else owns the layers' forward:
             layer streaming, DeepSpeed ZeRO-3's parameter hooks).
+        selective: whether a recompute may be selective (``VDNNConfig.selective_recompute``).
         warmup: profiling passes before the one planned from. A device's first step times more than the layers:
             library set-up and the allocators' growth (gpt_1b's layers take 0.6-2 s each in its first step,
             1.6-3.7 ms once warm). Each layer's times are the least seen over the passes; the bytes and peaks are
             the last pass's, which already holds the optimizer state (so :class:`Later` is not applied).
     """
 
-    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True, warmup: int = 0) -> None:
+    def __init__(self, budget: int, granule: int = MiB, recompute: bool = True, warmup: int = 0,
+                 selective: bool = True) -> None:
         if warmup < 0:
             raise ValueError(f"warmup={warmup!r} must be a number of passes >= 0.")
         self.budget = budget
         self.granule = granule
         self.recompute = recompute
+        self.allow_selective = selective
         self.warmup = warmup
         self._profiles: list[list[LayerProfile]] = []  # the warm-up passes so far
         self.plan: Optional[Plan] = None
@@ -143,10 +146,12 @@ class AutoPlanner:
         self._since_plan = 0
 
     @classmethod
-    def for_device(cls, budget: Optional[MemoryBudget], device: torch.device, recompute: bool = True) -> "AutoPlanner":
+    def for_device(cls, budget: Optional[MemoryBudget], device: torch.device, recompute: bool = True,
+                   selective: bool = True) -> "AutoPlanner":
         """The planner of steps on ``device``: the user's ``budget`` resolved there (:func:`device_budget`), and on a
         GPU one warm-up pass before the profile (see ``warmup``)."""
-        return cls(device_budget(budget, device), recompute=recompute, warmup=int(device.type == "cuda"))
+        return cls(device_budget(budget, device), recompute=recompute, warmup=int(device.type == "cuda"),
+                   selective=selective)
 
     @property
     def keep(self) -> Optional[frozenset[int]]:
@@ -199,6 +204,8 @@ class AutoPlanner:
             layers = least_times(layers, warmed)
             if not self.recompute:
                 layers = [replace(p, recompute_bytes=None, segment=None, selective=None) for p in layers]
+            elif not self.allow_selective:
+                layers = [replace(p, selective=None) for p in layers]
             if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
