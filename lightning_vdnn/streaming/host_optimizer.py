@@ -85,10 +85,10 @@ class _BlockOptimizer:
 
 def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
-    pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments on a GPU run times the
-    same-class optimizer (torch's fused kernel over each block, then a bf16 copy) against the native one pass,
-    which computes the same bits (``choose_backend(exact=True)``); on a CPU device it keeps the same-class
-    per-tensor loop of plain training."""
+    pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments keeps the same-class
+    optimizer (torch's fused kernel over each block on a GPU run, then a bf16 copy; on a CPU device the per-tensor
+    loop of plain training): timed alone the native pass was faster on the H200, but the step it ran in was not
+    (``benchmarks/README.md``, run 17), so it is asked for by name (``host_optimizer="native"``)."""
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
@@ -99,9 +99,11 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
                 "Use host_optimizer='auto' and host_state_dtype='fp32' with it, or torch.optim.AdamW.")
         return None
     if backend == "auto":
+        if not wants:
+            return None
         if not fused:
-            return AdamPass("torch", state_dtype) if wants else None
-        backend = choose_backend(state_dtype, exact=not wants)
+            return AdamPass("torch", state_dtype)
+        backend = choose_backend(state_dtype)
     return None if backend is None else AdamPass(backend, state_dtype)
 
 
