@@ -105,7 +105,7 @@ class VDNNConfig:
             its matmul and attention outputs kept, the cheap ops run again) where that is cheaper than whole.
             Off by default: it runs the layer's every op through torch's selective-checkpoint dispatch mode, a
             host cost per op the plan does not yet count, and on gpt_1b on an H200 that cost outweighed the
-            recompute it saved (``benchmarks/README.md``, run 17). Worth trying where the host has slack.
+            recompute it saved (``benchmarks/README.md``). Worth trying where the host has slack.
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see

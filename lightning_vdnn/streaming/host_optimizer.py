@@ -88,7 +88,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
     pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments keeps the same-class
     optimizer (torch's fused kernel over each block on a GPU run, then a bf16 copy; on a CPU device the per-tensor
     loop of plain training): timed alone the native pass was faster on the H200, but the step it ran in was not
-    (``benchmarks/README.md``, run 17), so it is asked for by name (``host_optimizer="native"``)."""
+    (``benchmarks/README.md``), so it is asked for by name (``host_optimizer="native"``)."""
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
