@@ -85,7 +85,7 @@ def train(model, steps: int = 3, plan=None):
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     off, losses = None, []
     if plan is not None:
-        off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+        off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0, watch_ops=True)
         off.attach(net, layers)
     for step in range(steps):
         torch.manual_seed(step)
@@ -136,7 +136,7 @@ def test_the_profile_measures_what_selective_holds(model):
     offloader's ledger (SAC's outputs never reach the saved-tensor hooks: it counts them from SAC's policy), and
     lie between what whole recompute holds and what keeping holds; the cheap ops' share of the time is in (0, 1)."""
     net, layers, x, loss = model()
-    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0, watch_ops=True)
     off.attach(net, layers)
     run(off, net, x, loss)
     profile = off.layer_profile()
@@ -175,9 +175,21 @@ class InPlace(nn.Module):
         return torch.relu_(self.lin(x))
 
 
+def test_without_watch_ops_the_profile_offers_no_selective_recompute():
+    """``watch_ops=False`` (the default, ``selective_recompute`` off): no dispatch mode watches the profiling pass,
+    no layer may be recomputed selectively, and whole recompute is profiled as with it."""
+    net, layers, x, loss = project_gpt()
+    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+    off.attach(net, layers)
+    run(off, net, x, loss)
+    profile = off.layer_profile()
+    assert all(p.selective is None for p in profile)
+    assert all(p.recompute_bytes is not None for p in profile[1:])
+
+
 def test_a_kept_output_changed_in_place_refuses_selective():
     net = nn.Sequential(nn.Linear(16, 16), InPlace(), nn.Linear(16, 16))
-    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0, watch_ops=True)
     off.attach(net, net)
     run(off, net, torch.randn(4, 16, requires_grad=True), lambda out: out.sum())
     profile = off.layer_profile()
@@ -190,7 +202,7 @@ def test_a_plan_with_selective_layers_peaks_where_predicted(model):
     and all kept: the plan recomputes selectively, and the peak counted by a dispatch mode on every op is within
     10% of the predicted one and within the budget."""
     net, layers, x, loss = model(12)
-    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0, watch_ops=True)
     off.attach(net, layers)
     run(off, net, x, loss)
     floor = measured(off, net, x, loss)

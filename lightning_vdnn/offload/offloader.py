@@ -64,6 +64,8 @@ class ActivationOffloader(PassRecords):
         grouping: ``"layer"`` (the layers :meth:`attach` marks; prefetch counts layers) or ``"tensor"`` (no
             model: each saved span is a group, prefetched in reverse order of saving; no ``"conv"`` policy,
             which needs the layers, and no plan, which needs per-layer profiles).
+        watch_ops: profiling passes watch each layer's ops for selective recompute (``offload/selective.py``;
+            a dispatch mode, host time per op): set where plans may recompute selectively.
 
     Example::
 
@@ -77,7 +79,7 @@ class ActivationOffloader(PassRecords):
 
     def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
                  prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28,
-                 grouping: str = "layer") -> None:
+                 grouping: str = "layer", watch_ops: bool = False) -> None:
         if policy not in ("all", "conv", "none"):
             raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
         if grouping not in ("layer", "tensor"):
@@ -91,6 +93,7 @@ class ActivationOffloader(PassRecords):
         self.min_offload_bytes = min_offload_bytes
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
+        self.watch_ops = watch_ops
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
         self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
         self._recomputer = Recomputer(self._recompute_timer)
@@ -219,7 +222,8 @@ class ActivationOffloader(PassRecords):
             if self.watch:
                 self._trace.timeline = PassTimeline(self.engine)
                 if not self.recompute_layers:
-                    self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen)
+                    self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen,
+                                                   watch_ops=self.watch_ops)
             module = self._module
             self._params = set()
             if module is not None:

@@ -115,11 +115,13 @@ class LayerProbe:
         device: where the layers compute (their ops are timed there).
         seen: layer calls whose ops earlier passes watched, ``(layer, module, input shapes) -> (probe, layer)``,
             shared by the passes: a layer's ops are watched once (``offload/selective.py``), then reused.
+        watch_ops: watch the layers' ops at all; without, no layer may be recomputed selectively.
     """
 
     def __init__(self, min_bytes: int, device: torch.device = torch.device("cpu"),
-                 seen: Optional[dict] = None) -> None:
+                 seen: Optional[dict] = None, watch_ops: bool = True) -> None:
         self.min_bytes = min_bytes
+        self.watch_ops = watch_ops
         self.ops = SavedOpsProbe(device)
         self._seen = {} if seen is None else seen
         self._running: set[int] = set()  # layers with running statistics: no whole recompute
@@ -212,7 +214,8 @@ class LayerProbe:
                     self._in[group] += nbytes
                 if owner is None:
                     self._first[span] = [weakref.ref(t.untyped_storage()), group, "input", False]
-        if reason is None and not _segment_unfit(module):  # a compiled call: SAC's dispatch modes stay out of it
+        # not in a compiled call: SAC's dispatch modes stay out of it
+        if self.watch_ops and reason is None and not _segment_unfit(module):
             self._watch_ops(group, module, tensors if tensors is not None else [t for _, _, t in inputs])
 
     def exit(self, group: int, output: Any = None) -> None:
