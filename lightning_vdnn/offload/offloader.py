@@ -22,7 +22,6 @@ and which are counted as the layer's kept bytes.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import threading
@@ -34,6 +33,7 @@ from torch import nn
 
 from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_call_hooks
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
+from lightning_vdnn.offload.inflight import CopiesInFlight
 from lightning_vdnn.offload.ledger import SaveLedger
 from lightning_vdnn.offload.prefetch import Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
@@ -234,8 +234,7 @@ class ActivationOffloader(PassRecords):
         self._groups: list[list[Offloaded]] = [[]]
         self._ledger = SaveLedger(self._trace)
         self._expensive_inputs: dict[int, weakref.ref] = {}
-        self._pending: collections.deque[Offloaded] = collections.deque()
-        self._inflight = 0
+        self._copies = CopiesInFlight(self.engine, self.max_inflight_bytes)
         self._prefetcher.reset()
         self._params: set[int] = set()
 
@@ -310,7 +309,7 @@ class ActivationOffloader(PassRecords):
         storage = t.untyped_storage()
         key, nbytes = span_of(t)
         with self._lock:
-            self._poll()
+            self._copies.poll()
             trace, group = self._trace, len(self._groups) - 1
             trace.saved += 1
             if trace.probe is not None:
@@ -360,9 +359,7 @@ class ActivationOffloader(PassRecords):
         trace.offloaded_tensors += 1
         entry = Offloaded(nbytes, lo, host, len(self._groups) - 1, storage, src, done, self.pool.release)
         self._groups[-1].append(entry)
-        self._pending.append(entry)
-        self._inflight += nbytes
-        self._throttle()
+        self._copies.add(entry, self._gpu_timeline)
         return entry
 
     @property
@@ -371,29 +368,6 @@ class ActivationOffloader(PassRecords):
         time; None otherwise (a CPU device copies inline, and ``PassTimeline.copied`` counts that)."""
         trace = self._trace
         return trace.timeline if trace is not None and self.engine.is_cuda else None
-
-    def _poll(self) -> None:
-        """Let go of device sources whose copy to the host has finished (frees their memory)."""
-        while self._pending and self._pending[0].last_use.query():
-            self._release_source()
-
-    def _throttle(self) -> None:
-        """Past ``max_inflight_bytes``, the compute stream waits for the oldest copies, whose sources can then
-        be freed at once: later kernels are queued behind the wait, so reusing that memory is safe."""
-        timeline, before = self._gpu_timeline, None
-        while len(self._pending) > 1 and self._inflight > self.max_inflight_bytes:
-            if self.engine.is_cuda:
-                if timeline is not None and before is None:
-                    before = self.engine.record()
-                self.engine.current_stream().wait_event(self._pending[0].last_use)
-            self._release_source()
-        if before is not None:  # the profile's layer times leave the wait out: offload would look free otherwise
-            timeline.stalled(before, self.engine.record())
-
-    def _release_source(self) -> None:
-        entry = self._pending.popleft()
-        entry.pending = None
-        self._inflight -= entry.nbytes
 
     # -- backward: unpack --------------------------------------------------------------------------------
     @eager
@@ -413,6 +387,6 @@ class ActivationOffloader(PassRecords):
             if entry.ready is not None:
                 self._prefetcher.wait(entry, self._trace)
             self._prefetcher.read(entry)
-            self._poll()
+            self._copies.poll()
         out = torch.empty(0, dtype=dtype, device=self.device)
         return out.set_(storage, offset - entry.dev_lo // dtype.itemsize, shape, stride)
