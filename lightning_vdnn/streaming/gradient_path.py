@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from lightning_vdnn.streaming.bf16_grads import check_clipping
-
 from lightning_vdnn.streaming.host_optimizer import HostStepper
 from lightning_vdnn.streaming.host_state import HostBlock, accumulate_from, adopt_grads
 from lightning_vdnn.streaming.slots import Slot
@@ -90,17 +89,20 @@ class GradientPath:
                         error_if_nonfinite: bool = False) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` for a plain loop, after the blocks' gradients landed; refused (with the
         fix) where they are bf16 host buffers (``host_state_dtype='bf16'``), which torch's would silently skip."""
-        parameters = list(parameters)
-        check_clipping([self], parameters, "clip_grad_norm_")
-        self.wait_grads()
+        parameters = self._clippable(parameters, "clip_grad_norm_")
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite)
 
     def clip_grad_value_(self, parameters: Iterable[Tensor], clip_value: float) -> None:
         """``torch.nn.utils.clip_grad_value_``, checked as :meth:`clip_grad_norm_`."""
+        torch.nn.utils.clip_grad_value_(self._clippable(parameters, "clip_grad_value_"), clip_value)
+
+    def _clippable(self, parameters: Iterable[Tensor], how: str) -> list[Tensor]:
+        """``parameters`` as a list (a generator is read twice), refused under bf16 host gradients, once the
+        blocks' gradients have landed."""
         parameters = list(parameters)
-        check_clipping([self], parameters, "clip_grad_value_")
+        check_clipping([self], parameters, how)
         self.wait_grads()
-        torch.nn.utils.clip_grad_value_(parameters, clip_value)
+        return parameters
 
     def _reduce(self, block: HostBlock, dev: Tensor) -> Tensor:
         """Hook (``streaming/sharded.py``): the device gradients this process copies to the host: all of the block's."""

@@ -1,9 +1,9 @@
 """Page-locked host chunks that layer streaming carves its per-block buffers from, and gives back one at a time.
 
 A chunk is ordinary host memory (torch's CPU allocator, which maps allocations this large straight from the
-OS) page-locked with ``cudaHostRegister`` (``torch.cuda.cudart()``, public torch). Copies from it run as fast
-as from ``torch.empty(pin_memory=True)``: both are page-locked memory the copy engines read directly. The
-difference is the way back: torch's caching host allocator keeps a freed pinned block for reuse (only
+OS) page-locked with ``cudaHostRegister`` (``torch.cuda.cudart()``, public torch). Like
+``torch.empty(pin_memory=True)`` it is page-locked memory the copy engines read directly
+(``tests/test_gpu_host_release.py`` compares their copy speeds). The difference is the way back: torch's caching host allocator keeps a freed pinned block for reuse (only
 ``torch.accelerator.empty_host_cache``, absent before torch 2.12, returns it), so memory pinned that way
 stays taken until the process ends. A registered chunk is unregistered and dropped by :meth:`PinnedArena.free`,
 and goes back to the OS as soon as the last view of it is gone: the end of streaming replaces the views of
