@@ -313,7 +313,8 @@ def plan_message(plan: Plan) -> str:
     """The line logged when ``"auto"`` makes a plan."""
     return (
         f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
-        f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of activations go to the host per step "
+        f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of "
+        f"activations go to the host per step "
         f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")
