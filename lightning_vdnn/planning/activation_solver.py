@@ -10,6 +10,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from lightning_vdnn.offload.trace import LayerProfile
+from lightning_vdnn.planning import copy_link
 from lightning_vdnn.units import GiB, MiB
 
 Decision = Literal["keep", "offload", "recompute"]
@@ -52,6 +53,13 @@ class Plan:
             ``recomputed`` too); the other recomputed layers are recomputed one by one.
         selective: recomputed layers (in ``recomputed`` too) whose recompute is selective: their expensive ops'
             outputs kept, the cheap ops run again (``offload/selective.py``); the others are recomputed whole.
+        copy_ms: the offloaded layers' copy time, both ways, hidden or not.
+        exposed_copy_ms: of that, what compute is predicted to wait for (part of ``added_ms``).
+        prefetch_from: ``(layer, cue)``: offloaded layers whose copy back starts as backward reaches layer ``cue``
+            (``offload/prefetch.py``); empty: the offloader's own ``prefetch_layers`` rule.
+        inflight_bytes: most bytes the plan's forward queues to the host at once (``offload/inflight.py`` lets
+            that much through without stalling compute); 0: the offloader's own bound.
+        offloaded: layers whose saves go to the host, forward order.
     """
 
     kept: frozenset[int]
@@ -64,6 +72,16 @@ class Plan:
     added_ms: float = 0.0
     segments: tuple[Segment, ...] = ()
     selective: frozenset[int] = frozenset()
+    copy_ms: float = 0.0
+    exposed_copy_ms: float = 0.0
+    prefetch_from: tuple[tuple[int, int], ...] = ()
+    inflight_bytes: int = 0
+    offloaded: tuple[int, ...] = ()
+
+    @property
+    def hidden_copy_ms(self) -> float:
+        """Copy time predicted to run under compute."""
+        return max(0.0, self.copy_ms - self.exposed_copy_ms)
 
     @property
     def on_device(self) -> frozenset[int]:
@@ -104,8 +122,13 @@ def bytes_only(saved_bytes: int) -> LayerProfile:
 
 
 def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int = MiB,
-                 forward_peak: Optional[int] = None) -> Plan:
+                 forward_peak: Optional[int] = None, link: bool = False) -> Plan:
     """The plan of least added step time whose predicted peak fits ``budget`` (the model of this module).
+
+    With ``link``, and copies that can hide (a GPU profile, ``copy_link.has_overlap``), copies are timed as the copy
+    link runs them (``planning/copy_link.py``): the plans tried are, for each ``k``, the layers before ``k``
+    offloaded and the rest the dynamic program's choice; the one of least added time under that model that fits
+    wins (none fits: the plan of the per-layer model, :attr:`LayerProfile.offload_ms`).
 
     Raises:
         BudgetTooSmall: ``budget < floor``, the least peak any plan reaches; the message states it.
@@ -119,10 +142,46 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
     if sum(layer.saved_bytes for layer in layers) <= room:  # everything fits: keep it all, at no cost
         return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
     granule = _granule(room, granule)
-    choices, segments = _dp(layers, room // granule, granule)
+    alone = _solved(layers, room // granule, granule, floor, base, budget)
+    if not (link and copy_link.has_overlap(layers)):
+        return alone
+    # each layer's copies beside its neighbours, as without the link, but never less than they cost by themselves on
+    # it (the top layer's copy back has no backward above it to hide under)
+    alone_ms = [max(p.offload_ms, copy_link.least_exposed_ms(layers, [g])) for g, p in enumerate(layers)]
+    best: Optional[Plan] = None
+    for k in range(len(layers) + 1):  # the leading layers go out first: the most forward follows their copies
+        if best is not None and copy_link.least_exposed_ms(layers, range(k)) >= best.added_ms:
+            break  # the prefix alone costs more than the best plan: so does every longer one
+        plan = _linked(layers, room, granule, floor, base, budget, k, alone_ms)
+        if plan is not None and (best is None or plan.added_ms < best.added_ms):
+            best = plan
+    return best if best is not None else alone
+
+
+def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int, base: int, budget: int,
+            offload_first: int, offload_ms: Sequence[float], tries: int = 3) -> Optional[Plan]:
+    """The dynamic program's plan with the layers before ``offload_first`` offloaded, timed and counted on the copy
+    link; where the copies' bytes (in flight in forward, ahead in backward) take it over the budget, the program
+    runs again with that much less room (``tries`` times at most); None if it never fits."""
+    capacity = room // granule
+    for _ in range(tries):
+        plan = _solved(layers, capacity, granule, floor, base, budget, offload_first, offload_ms)
+        if plan.predicted_peak <= budget:
+            return plan
+        capacity -= _units(plan.predicted_peak - budget, granule)
+        if capacity < 0:
+            break
+    return None
+
+
+def _solved(layers: Sequence[LayerProfile], capacity: int, granule: int, floor: int, base: int, budget: int,
+            offload_first: int = 0, link: Optional[Sequence[float]] = None) -> Plan:
+    """The dynamic program's plan; ``link``: each layer's offload cost by the copy link, the plan timed by it."""
+    choices, segments = _dp(layers, capacity, granule, offload_first, link)
     picked = {kind: frozenset(g for g, c in enumerate(choices) if c == kind)
               for kind in (_KEEP, _RECOMPUTE, _SELECTIVE)}
-    return _plan(layers, picked[_KEEP], picked[_RECOMPUTE], floor, base, budget, segments, picked[_SELECTIVE])
+    return _plan(layers, picked[_KEEP], picked[_RECOMPUTE], floor, base, budget, segments, picked[_SELECTIVE],
+                 link=link is not None)
 
 
 def _granule(room: int, granule: int) -> int:
@@ -138,10 +197,12 @@ def _units(nbytes: int, granule: int) -> int:
     return -(-int(nbytes) // granule)  # rounded up: predictions stay conservative
 
 
-def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[list[int], tuple[Segment, ...]]:
+def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int,
+        offload_first: int = 0, offload_ms: Optional[Sequence[float]] = None) -> tuple[list[int], tuple[Segment, ...]]:
     """Each layer's choice in a plan of least summed cost with held units <= ``capacity`` at the end and, at each
     recomputed layer or segment, held units so far + its rebuilt units <= ``capacity``; and the segments. Exact for
-    the rounded sizes."""
+    the rounded sizes. The layers before ``offload_first`` are offloaded (their cost is the caller's); ``offload_ms``:
+    each layer's offload cost (default :attr:`LayerProfile.offload_ms`)."""
     size = min(capacity, sum(max(_units(p.saved_bytes, granule), _units(p.recompute_bytes or 0, granule),
                                  _units(p.selective.held_bytes if p.selective else 0, granule))
                              for p in layers)) + 1
@@ -154,7 +215,8 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
     for g, layer in enumerate(layers):
         best, pick = np.full(size, np.inf), choice[g]
         keep = _units(layer.saved_bytes, granule)
-        options = [(_OFFLOAD, 0, layer.offload_ms, size, g), (_KEEP, keep, 0.0, size, g)]
+        off = layer.offload_ms if offload_ms is None else offload_ms[g]
+        options = [(_OFFLOAD, 0, off, size, g), (_KEEP, keep, 0.0, size, g)]
         if layer.recompute_bytes is not None:  # held so far + rebuilt must fit too: states above ``limit`` cannot
             held = _units(layer.recompute_bytes, granule)
             options.insert(0, (_RECOMPUTE, held, layer.forward_ms,
@@ -164,7 +226,9 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int) -> tuple[li
             options.insert(len(options) - 2, (_SELECTIVE, selective, layer.selective_ms,
                                               capacity - _units(layer.selective_rebuilt_bytes, granule) + 1, g))
         options[:0] = [(_SEGMENT, _units(h, granule), ms, capacity - _units(r, granule) + 1, s)
-                       for s, h, r, ms in segments_ending(layers, g)]
+                       for s, h, r, ms in segments_ending(layers, g) if s >= offload_first]
+        if g < offload_first:
+            options = [(_OFFLOAD, 0, 0.0, size, g)]
         for kind, units, ms, limit, first in options:  # later wins ties: segment, recompute, selective, offload, keep
             if units >= size or limit <= units:
                 continue
@@ -235,46 +299,71 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
                    base: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> int:
     """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes (a segment
     counts as one layer, its last; a layer in ``selective`` holds and rebuilds as its selective recompute does)."""
-    held = top = 0
+    held, levels = held_levels(layers, kept, recomputed, segments, selective)
+    return max(floor, base + max([held[-1] if held else 0, *levels]))
+
+
+def held_levels(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int],
+                segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """Per layer, the bytes held by the layers up to it ``H(<=g)`` (what forward holds as it ends) and what its
+    backward holds: that, plus what a recompute of it (or of the segment it starts) rebuilds."""
+    held, levels, total = [], [], 0
     starts = {first: end for first, end in segments}
     inside = {g for first, end in segments for g in range(first, end)}
     for g, layer in enumerate(layers):
+        rebuilt = 0
         if g in starts:
             seg_held, rebuilt = segment_bytes(layers, g, starts[g])
-            held += seg_held
-            top = max(top, held + rebuilt)
+            total += seg_held
         elif g in inside:
-            continue
+            pass
         elif g in kept:
-            held += layer.saved_bytes
+            total += layer.saved_bytes
         elif g in selective and layer.selective is not None:
-            held += layer.selective.held_bytes
-            top = max(top, held + layer.selective_rebuilt_bytes)
+            total += layer.selective.held_bytes
+            rebuilt = layer.selective_rebuilt_bytes
         elif g in recomputed:
-            held += layer.recompute_bytes or 0
-            top = max(top, held + layer.rebuilt_bytes)
-    return max(floor, base + max(held, top))
+            total += layer.recompute_bytes or 0
+            rebuilt = layer.rebuilt_bytes
+        held.append(total)
+        levels.append(total + rebuilt)
+    return held, levels
 
 
 def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
-          budget: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> Plan:
+          budget: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset(),
+          link: bool = False) -> Plan:
+    """The plan of these choices; with ``link``, its copies timed and their bytes counted as the copy link runs
+    them (``planning/copy_link.py``), else each copy beside its neighbours (``LayerProfile.offload_ms``)."""
     inside = frozenset(g for first, end in segments for g in range(first, end))
     recomputed = recomputed | inside | selective
     on_device = kept | recomputed
-    offloaded = [p for g, p in enumerate(layers) if g not in on_device]
+    offloaded = [g for g in range(len(layers)) if g not in on_device]
     redone = [layers[g] for g in sorted(recomputed - inside - selective)]
     some = [layers[g] for g in sorted(selective)]
     seg = [segment_bytes(layers, first, end) for first, end in segments]
+    recompute_ms = (sum(p.forward_ms for p in redone) + sum(layers[g].forward_ms for g in inside)
+                    + sum(p.selective_ms for p in some))
+    peak = predicted_peak(layers, kept, recomputed, floor, base, segments, selective)
+    copies = dict(added_ms=sum(layers[g].offload_ms for g in offloaded) + recompute_ms,
+                  copy_ms=2 * sum(layers[g].transfer_ms for g in offloaded),
+                  exposed_copy_ms=sum(layers[g].offload_ms for g in offloaded))
+    if link and offloaded:
+        held, levels = held_levels(layers, kept, recomputed, segments, selective)
+        link_plan = copy_link.schedule(layers, offloaded, levels, budget - base)
+        peak = max(peak, base + max(h + x for h, x in zip(held + held[-1:], link_plan.forward_extra)),
+                   base + max(v + a for v, a in zip(levels, link_plan.ahead)))
+        copies = dict(added_ms=link_plan.exposed_ms + recompute_ms, copy_ms=link_plan.copy_ms,
+                      exposed_copy_ms=link_plan.exposed_ms, prefetch_from=link_plan.prefetch_from,
+                      inflight_bytes=link_plan.inflight_bytes)
     return Plan(
         kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments), selective=selective,
-        offloaded_bytes=sum(p.offload_bytes for p in offloaded),
+        offloaded_bytes=sum(layers[g].offload_bytes for g in offloaded),
         kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone)
         + sum(h for h, _ in seg) + sum(p.selective.held_bytes for p in some),
         recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg)
         + sum(p.selective_rebuilt_bytes for p in some),
-        predicted_peak=predicted_peak(layers, kept, recomputed, floor, base, segments, selective),
-        added_ms=sum(p.offload_ms for p in offloaded) + sum(p.forward_ms for p in redone)
-        + sum(layers[g].forward_ms for g in inside) + sum(p.selective_ms for p in some),
+        predicted_peak=peak, offloaded=tuple(offloaded), **copies,
     )
 
 
