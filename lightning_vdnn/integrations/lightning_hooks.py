@@ -37,7 +37,7 @@ from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
 from lightning_vdnn.report.callbacks import MemorySummary
-from lightning_vdnn.report.memory_report import MemoryReport
+from lightning_vdnn.report.memory_report import MemoryReport, layer_ranges
 from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
                                   cuda_allocated, lowered_message)
 from lightning_vdnn.units import UNBOUNDED, format_bytes
@@ -235,7 +235,8 @@ class OffloadHooks:
         if plan is None:
             raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
         attempts.budgets.append(planner.budget)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
+                           planner.prefetch_from, planner.inflight_bytes)
         rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
                        category=BudgetLowered)
         attempts.snapshot.restore()
@@ -262,7 +263,8 @@ class OffloadHooks:
                           backward_peak=self._backward_peak)
             self._state_before = None
         plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective)
+        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
+                           planner.prefetch_from, planner.inflight_bytes)
         if plan is not None:
             rank_zero_info(plan_message(plan))
 
@@ -314,11 +316,19 @@ def plan_message(plan: Plan) -> str:
     return (
         f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
         f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of "
-        f"activations go to the host per step "
+        f"activations go to the host per step{_from_layers(plan)} "
         f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")
     )
+
+
+def _from_layers(plan: Plan) -> str:
+    """Which layers the plan offloads and how much of their copies is predicted to hide."""
+    if not plan.offloaded:
+        return ""
+    return (f" from layers {layer_ranges(plan.offloaded)} (copies {plan.copy_ms:.1f} ms: {plan.hidden_copy_ms:.1f} "
+            f"hidden, {plan.exposed_copy_ms:.1f} exposed)")
 
 
 def grad_bytes(module: nn.Module, device: torch.device) -> int:

@@ -35,7 +35,7 @@ from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_
 from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
 from lightning_vdnn.offload.inflight import CopiesInFlight
 from lightning_vdnn.offload.ledger import SaveLedger
-from lightning_vdnn.offload.prefetch import Prefetcher
+from lightning_vdnn.offload.prefetch import Cue, Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recompute, Recomputer, SegmentRunner, Timer
 from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
@@ -45,7 +45,7 @@ from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
 __all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
 _Saved = tuple  # (entry, dtype, storage_offset, size, stride)
-Packed = Union[torch.Tensor, _Saved]
+Packed = Union[torch.Tensor, _Saved, Cue]
 
 
 class ActivationOffloader(PassRecords):
@@ -95,6 +95,7 @@ class ActivationOffloader(PassRecords):
         self.max_inflight_bytes = max_inflight_bytes
         self.watch_ops = watch_ops
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
+        self._plan_inflight = 0  # bytes a plan's forward queues to the host beyond ``max_inflight_bytes``
         self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
         self._recomputer = Recomputer(self._recompute_timer)
         self._segments = SegmentRunner()
@@ -141,11 +142,19 @@ class ActivationOffloader(PassRecords):
         self._module = None
 
     def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = (),
-                 segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = ()) -> None:
+                 segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = (),
+                 prefetch_from: Sequence[tuple[int, int]] = (), inflight_bytes: int = 0) -> None:
         """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
         the layers to recompute in backward, whose inputs stay too, of those the runs ``[start, end)``
         recomputed as one segment each, and the ones recomputed selectively (``offload/selective.py``; recomputed
-        even if not in ``recompute``). Layers are those of the last pass."""
+        even if not in ``recompute``); ``(layer, cue)``: offloaded layers whose copy back starts as backward
+        reaches layer ``cue`` (``offload/prefetch.py``; empty: ``prefetch_layers``), and the bytes forward may queue
+        to the host beyond ``max_inflight_bytes`` (copies the plan counts on hiding, and on holding the memory of).
+        Layers are those of the last pass."""
+        if inflight_bytes < 0:
+            raise ValueError(f"inflight_bytes={inflight_bytes!r} must be a byte count >= 0.")
+        self._prefetcher.plan(prefetch_from)
+        self._plan_inflight = int(inflight_bytes)
         segments = tuple((int(a), int(b)) for a, b in segments)
         inside = frozenset(g for a, b in segments for g in range(a, b))
         recompute = frozenset(recompute) | inside | frozenset(selective)
@@ -234,7 +243,7 @@ class ActivationOffloader(PassRecords):
         self._groups: list[list[Offloaded]] = [[]]
         self._ledger = SaveLedger(self._trace)
         self._expensive_inputs: dict[int, weakref.ref] = {}
-        self._copies = CopiesInFlight(self.engine, self.max_inflight_bytes)
+        self._copies = CopiesInFlight(self.engine, self.max_inflight_bytes + self._plan_inflight)
         self._prefetcher.reset()
         self._params: set[int] = set()
 
@@ -318,7 +327,7 @@ class ActivationOffloader(PassRecords):
             if entry is None:
                 if not self._ledger.decide(key, storage, nbytes, group, self._wants(storage, nbytes),
                                            self.keep_layers):
-                    return t
+                    return self._prefetcher.cue(t, group)
                 entry = self._offload(storage, key[1], nbytes)
                 self._ledger.add_moved(key, entry)
         return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
@@ -374,7 +383,13 @@ class ActivationOffloader(PassRecords):
     def _unpack(self, saved: Packed) -> torch.Tensor:
         trace = self._trace
         if trace is not None and trace.timeline is not None:
-            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved[0].group)
+            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else
+                                  saved.group if isinstance(saved, Cue) else saved[0].group)
+        if isinstance(saved, Cue):  # backward has reached a layer where a copy back waits: start it
+            with self._lock:
+                if trace is not None:
+                    self._prefetcher.below(self._groups, saved.group, trace)
+            return saved.tensor
         if isinstance(saved, torch.Tensor):
             return saved
         entry, dtype, offset, shape, stride = saved

@@ -5,6 +5,11 @@ Backward reads saved tensors in roughly the reverse order forward saved them, so
 
 * by layers (a model is attached): keep ``prefetch_layers`` layers below the one backward is in on their way
   back, so the copy of layer ``i-1`` runs while layer ``i`` computes;
+* by a plan's schedule (:meth:`Prefetcher.plan`): layer ``j``'s copy starts as backward reaches its cue layer
+  ``c > j``, however many layers ahead that is (a copy that takes five layers' backward starts five layers up;
+  ``planning/copy_link.py`` chooses the cues within the budget). Backward reaching a layer is seen at its first
+  unpack: of its offloaded tensors, or of those it keeps, which the offloader packs as a :class:`Cue` where a copy
+  waits on that layer;
 * by bytes (no model, as ``torch.autograd.graph.save_on_cpu``): each saved span is its own group, and the
   spans saved before the one backward reads are copied back in reverse order of saving while the bytes
   copied ahead and not yet read stay within ``max_ahead_bytes`` (at least one span ahead, however large). A
@@ -17,12 +22,21 @@ Copies run on the engine's host->device stream on CUDA, inline on a CPU device.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from lightning_vdnn.offload.host_pool import CopyEngine
 from lightning_vdnn.offload.spans import Offloaded
+
+
+class Cue:
+    """A kept saved tensor of layer ``group``: its unpack tells the prefetcher that backward has reached the layer."""
+
+    __slots__ = ("tensor", "group")
+
+    def __init__(self, tensor: torch.Tensor, group: int) -> None:
+        self.tensor, self.group = tensor, group
 
 
 class Prefetcher:
@@ -38,9 +52,21 @@ class Prefetcher:
         self.engine = engine
         self.prefetch_layers = prefetch_layers
         self.max_ahead_bytes = max_ahead_bytes
+        self.plan(())
         self.reset()
 
+    def plan(self, prefetch_from: Sequence[tuple[int, int]]) -> None:
+        """From the next pass: each ``(layer, cue)``'s copy back starts as backward reaches layer ``cue`` (layer
+        mode); offloaded layers not named are copied back as backward reads them. Empty: ``prefetch_layers``."""
+        self._cue_of = {int(j): int(c) for j, c in prefetch_from}
+        self.cues = frozenset(self._cue_of.values())
+
+    def cue(self, tensor: torch.Tensor, group: int) -> object:
+        """What to save for a tensor layer ``group`` keeps: a :class:`Cue` where a copy back waits on the layer."""
+        return Cue(tensor, group) if group in self.cues else tensor
+
     def reset(self) -> None:
+        self._started: set[int] = set()       # scheduled groups whose copy back has started
         self._frontier: Optional[int] = None  # the lowest group a prefetch has reached
         self._copied_groups: list[int] = []    # groups whose prefetch took a copy (layer mode)
         for e in getattr(self, "_read", ()):
@@ -52,7 +78,9 @@ class Prefetcher:
         """Backward reads ``group`` now: start the copies of the groups it will read next."""
         if self._frontier is None:
             self._frontier = group
-        if self.max_ahead_bytes is None:
+        if self._cue_of:
+            self._scheduled_below(groups, group, trace)
+        elif self.max_ahead_bytes is None:
             self._layers_below(groups, group, trace)
         else:
             for e in self._read:
@@ -79,6 +107,16 @@ class Prefetcher:
             if any([self.fetch(e, trace) for e in pending]):
                 self._copied_groups.append(self._frontier)
                 ahead += 1
+
+    def _scheduled_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
+        """Start the copies back whose cue backward has reached (a cue it skipped counts), top layer first: the
+        order the plan queued them in."""
+        due = [j for j, cue in self._cue_of.items() if cue >= group and j not in self._started and j < len(groups)]
+        for j in sorted(due, reverse=True):
+            self._started.add(j)
+            for e in groups[j]:
+                if not e.used and e.hold is None:
+                    self.fetch(e, trace)
 
     def _bytes_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         self._ahead = [e for e in self._ahead if not e.used and e.group < group]  # not the one being read

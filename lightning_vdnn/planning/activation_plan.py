@@ -16,10 +16,20 @@ measured peak overshoots the prediction.
 Cost model: time a layer adds to a step over keeping everything on the device, and memory it holds over ``floor``.
 
 - keep: 0 ms; holds ``b`` from its forward until its backward.
-- offload: the copy time compute does not hide. The copy to the host runs beside the next layer's forward (``w``,
-  that layer's measured time) and the copy back, prefetched one layer ahead, beside that layer's backward (``2w``:
-  backward costs about twice forward), so ``max(0, t - w) + max(0, t - 2w)``; on a CPU device copies are inline,
-  ``w = 0``. Holds nothing beyond the floor, which already has the copies in flight.
+- offload: the copy time compute does not hide, on the copy link (``planning/copy_link.py``): copies to the host
+  queue on one stream in forward order, each as its layer's forward ends, and hide if the queue drains before
+  forward ends; copies back queue on the other in backward order, each issued as backward reaches a cue layer
+  above it (as early as the budget allows while the layers between still run, as late as still lets it arrive in
+  time), and hide if they arrive before backward reads them; backward costs about twice forward. What runs late
+  is exposed. The leading layers are the ones that hide (the most forward follows them, backward needs them last,
+  when it holds least), so the solver tries, for each ``k``, layers ``[0, k)`` offloaded and the rest chosen by
+  the dynamic program, which prices any other offload by its own windows: ``max(0, t - w) + max(0, t - 2w)``
+  (``w`` the next layer's measured forward; ``LayerProfile.offload_ms``), and no less than the link says it costs
+  alone. On a CPU device copies are inline (``w = 0``): nothing hides, and the plans are those of the per-layer
+  model. Holds nothing beyond the floor, which has one layer's copies in flight, except where the link holds more:
+  bytes still queued to the host as a later layer's forward ends, and bytes copied back ahead while the layers
+  above still run, both counted in the predicted peak at that point; the plan tells the offloader how much may
+  be in flight (``Plan.inflight_bytes``) and when each copy back starts (``Plan.prefetch_from``).
 - recompute: ``f`` again in backward (activation checkpointing); holds ``r`` on the device, and its backward
   rebuilds the rest, ``b - r``, all at once.
 - recompute selectively (``offload/selective.py``): the layer's matrix multiplies and attention keep their outputs,
@@ -175,6 +185,16 @@ class AutoPlanner:
         return () if self.plan is None else self.plan.segments
 
     @property
+    def prefetch_from(self) -> tuple[tuple[int, int], ...]:
+        """``(layer, cue)``: offloaded layers whose copy back the next pass starts as backward reaches ``cue``."""
+        return () if self.plan is None else self.plan.prefetch_from
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes the next pass's forward may queue to the host at once beyond the offloader's own bound."""
+        return 0 if self.plan is None else self.plan.inflight_bytes
+
+    @property
     def profiling(self) -> bool:
         return self.plan is None
 
@@ -260,7 +280,7 @@ class AutoPlanner:
         assert self._floor is not None and self._layers is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
         forward = None if self._forward_peak is None else self._forward_peak + self._slack
-        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward)
+        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward, link=True)
         self._since_plan = 0
         return self.plan
 
@@ -275,7 +295,8 @@ class AutoPlanner:
                         layers_selective=0)
         return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
                     layers_offloaded=max(0, layers - len(plan.on_device)), segments=len(plan.segments),
-                    layers_selective=len(plan.selective))
+                    layers_selective=len(plan.selective), offloaded_layers=plan.offloaded,
+                    predicted_copy_ms=plan.copy_ms, predicted_exposed_copy_ms=plan.exposed_copy_ms)
 
     @property
     def budget_kept(self) -> Optional[bool]:

@@ -91,6 +91,10 @@ class MemoryReport:
             measured is the peak of the last step the planner watched.
         segments: of the recomputed layers, the runs recomputed as one segment each (``"auto"`` only).
         layers_selective: of the recomputed layers, those recomputed selectively (``"auto"`` only).
+        offloaded_layers: the layers (forward order) the plan offloads (``"auto"`` only; empty while profiling,
+            which offloads every layer).
+        predicted_copy_ms, predicted_exposed_copy_ms: the plan's copy time both ways, and how much of it compute is
+            predicted to wait for (``"auto"`` only; the rest hides under compute, ``planning/copy_link.py``).
         budget_replans: plans made again because a measured peak went over the budget (``"auto"`` only).
         budget_kept: whether the measured peak stayed within 2% over the budget (None: not measured, no budget).
         streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
@@ -145,6 +149,9 @@ class MemoryReport:
     layers_recomputed: Optional[int] = None
     segments: Optional[int] = None
     layers_selective: Optional[int] = None
+    offloaded_layers: tuple[int, ...] = ()
+    predicted_copy_ms: Optional[float] = None
+    predicted_exposed_copy_ms: Optional[float] = None
     budget_replans: Optional[int] = None
     budget_kept: Optional[bool] = None
     streamed_h2d_bytes: Optional[int] = None
@@ -224,7 +231,15 @@ class MemoryReport:
                 f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments, self.layers_selective)} "
                 f"({self.recomputed_forwards} recomputes, {self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
-                f"measured {gib(self.measured_peak_bytes)}{_kept(self)}")
+                f"measured {gib(self.measured_peak_bytes)}{_kept(self)}" + self._copies_line())
+
+    def _copies_line(self) -> str:
+        if not self.offloaded_layers:
+            return ""
+        total, exposed = self.predicted_copy_ms or 0.0, self.predicted_exposed_copy_ms or 0.0
+        return (f"\n  offloaded layers       {layer_ranges(self.offloaded_layers)}: copies predicted {total:.1f} ms, "
+                f"{max(0.0, total - exposed):.1f} hidden, {exposed:.1f} exposed")
+
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
         if self.host_update_wait_ms is not None:
@@ -253,6 +268,17 @@ class MemoryReport:
             return line
         return line + " (auto)" + _budget_tail(self.saved_budget_bytes, self.saved_predicted_peak_bytes,
                                                self.saved_measured_peak_bytes)
+
+
+def layer_ranges(layers: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` as ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for g in sorted(layers):
+        if runs and g == runs[-1][1] + 1:
+            runs[-1][1] = g
+        else:
+            runs.append([g, g])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _in_segments(segments: Optional[int], selective: Optional[int] = None) -> str:
