@@ -84,6 +84,7 @@ import torch
 
 from lightning_vdnn.config import MemoryBudget
 from lightning_vdnn.offload.trace import LayerProfile
+from lightning_vdnn.planning import copy_link
 from lightning_vdnn.planning.activation_solver import Plan, _plan, bytes_only, least_times, solve_layers
 from lightning_vdnn.units import UNBOUNDED, GiB, MiB
 
@@ -280,7 +281,8 @@ class AutoPlanner:
         assert self._floor is not None and self._layers is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
         forward = None if self._forward_peak is None else self._forward_peak + self._slack
-        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward, link=True)
+        linked = dict(link=True) if copy_link.has_overlap(self._layers) else {}  # a CPU device's copies are inline
+        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward, **linked)
         self._since_plan = 0
         return self.plan
 

@@ -21,6 +21,9 @@ MAX_STATES = 2**16
 #: once in backward that a plan rarely wants it).
 MAX_SEGMENT = 32
 Segment = tuple[int, int]  # layers [start, end), recomputed as one
+#: Most leading layers the copy-link solver offloads as a block (one dynamic program each): bounds its work on
+#: models of many small layers, where copies that hide are a few layers' worth anyway.
+MAX_LEADING = 64
 
 
 class BudgetTooSmall(ValueError):
@@ -149,7 +152,7 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
     # it (the top layer's copy back has no backward above it to hide under)
     alone_ms = [max(p.offload_ms, copy_link.least_exposed_ms(layers, [g])) for g, p in enumerate(layers)]
     best: Optional[Plan] = None
-    for k in range(len(layers) + 1):  # the leading layers go out first: the most forward follows their copies
+    for k in range(min(len(layers), MAX_LEADING) + 1):  # the leading layers go out first: the most forward follows their copies
         if best is not None and copy_link.least_exposed_ms(layers, range(k)) >= best.added_ms:
             break  # the prefix alone costs more than the best plan: so does every longer one
         plan = _linked(layers, room, granule, floor, base, budget, k, alone_ms)
@@ -159,19 +162,27 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
 
 
 def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int, base: int, budget: int,
-            offload_first: int, offload_ms: Sequence[float], tries: int = 3) -> Optional[Plan]:
+            offload_first: int, offload_ms: Sequence[float], tries: int = 4) -> Optional[Plan]:
     """The dynamic program's plan with the layers before ``offload_first`` offloaded, timed and counted on the copy
-    link; where the copies' bytes (in flight in forward, ahead in backward) take it over the budget, the program
-    runs again with that much less room (``tries`` times at most); None if it never fits."""
-    capacity = room // granule
+    link. The program prices each other offload by itself; where the link finds a copy dearer beside the others (a
+    queue, no room to prefetch it early), that layer's price rises to what it found, and where the copies' bytes
+    (in flight in forward, ahead in backward) overshoot the budget, the room shrinks by that much; then the program
+    runs again (``tries`` times at most). None if no plan tried fits."""
+    capacity, prices = room // granule, list(offload_ms)
     for _ in range(tries):
-        plan = _solved(layers, capacity, granule, floor, base, budget, offload_first, offload_ms)
-        if plan.predicted_peak <= budget:
+        plan = _solved(layers, capacity, granule, floor, base, budget, offload_first, prices)
+        held, levels = held_levels(layers, plan.kept, plan.recomputed, plan.segments, plan.selective)
+        found = copy_link.schedule(layers, plan.offloaded, levels, budget - base).exposed_by if plan.offloaded else ()
+        dearer = [g for g in plan.offloaded if g >= offload_first and found[g] > prices[g] + 1e-9]
+        if plan.predicted_peak <= budget and not dearer:
             return plan
-        capacity -= _units(plan.predicted_peak - budget, granule)
+        for g in dearer:
+            prices[g] = found[g]
+        if plan.predicted_peak > budget:
+            capacity -= _units(plan.predicted_peak - budget, granule)
         if capacity < 0:
             break
-    return None
+    return plan if plan.predicted_peak <= budget else None
 
 
 def _solved(layers: Sequence[LayerProfile], capacity: int, granule: int, floor: int, base: int, budget: int,

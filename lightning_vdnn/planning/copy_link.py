@@ -42,6 +42,7 @@ class CopySchedule:
         forward_extra: per layer, bytes of earlier layers still waiting for their copy as its forward ends, and
             last, those waiting when forward ends.
         ahead: per layer, bytes copied back ahead of it while its backward runs.
+        exposed_by: per layer, the exposed time its own copies add (0 where it is not offloaded).
     """
 
     copy_ms: float
@@ -51,6 +52,7 @@ class CopySchedule:
     inflight_bytes: int
     forward_extra: tuple[int, ...]
     ahead: tuple[int, ...]
+    exposed_by: tuple[float, ...] = ()
 
     @property
     def exposed_ms(self) -> float:
@@ -71,12 +73,13 @@ def schedule(layers: Sequence[LayerProfile], offloaded: Sequence[int], levels: S
     """The copies of ``offloaded`` (layer indices) under a plan whose layers hold ``levels[g]`` bytes above the
     base while layer ``g``'s backward runs, with ``room`` bytes above the base in the budget."""
     offloaded = sorted(offloaded)
-    out_exposed, forward_extra, inflight = _forward(layers, offloaded)
-    back_exposed, prefetch_from, ahead = _backward(layers, offloaded, levels, room)
+    out, forward_extra, inflight = _forward(layers, offloaded)
+    back, prefetch_from, ahead = _backward(layers, offloaded, levels, room)
     return CopySchedule(
-        copy_ms=2 * sum(layers[g].transfer_ms for g in offloaded), out_exposed_ms=out_exposed,
-        back_exposed_ms=back_exposed, prefetch_from=prefetch_from, inflight_bytes=inflight,
-        forward_extra=forward_extra, ahead=ahead)
+        copy_ms=2 * sum(layers[g].transfer_ms for g in offloaded), out_exposed_ms=sum(out.values()),
+        back_exposed_ms=sum(back.values()), prefetch_from=prefetch_from, inflight_bytes=inflight,
+        forward_extra=forward_extra, ahead=ahead,
+        exposed_by=tuple(out.get(g, 0.0) + back.get(g, 0.0) for g in range(len(layers))))
 
 
 def least_exposed_ms(layers: Sequence[LayerProfile], offloaded: Sequence[int]) -> float:
@@ -86,26 +89,28 @@ def least_exposed_ms(layers: Sequence[LayerProfile], offloaded: Sequence[int]) -
     return schedule(layers, offloaded, [0] * n, 1 << 62).exposed_ms
 
 
-def _forward(layers: Sequence[LayerProfile], offloaded: list[int]) -> tuple[float, tuple[int, ...], int]:
-    """(exposed ms, bytes still queued at each layer end and at forward's end, most bytes queued at once)."""
+def _forward(layers: Sequence[LayerProfile], offloaded: list[int]) -> tuple[dict[int, float], tuple[int, ...], int]:
+    """(exposed ms per layer, bytes still queued at each layer end and at forward's end, most bytes queued at
+    once)."""
     ends, t = [], 0.0
     for p in layers:  # layer g ends as layer g + 1 begins: its span is layer g's overlap_ms
         ends.append(t)
         t += p.overlap_ms
-    done, last = {}, 0.0
-    for g in offloaded:
-        last = done[g] = max(ends[g], last) + layers[g].transfer_ms
+    done, last, late = {}, 0.0, {}
+    for g in offloaded:  # what each copy adds past forward's end
+        done[g] = max(ends[g], last) + layers[g].transfer_ms
+        late[g], last = max(0.0, done[g] - max(t, last)), done[g]
     extra, most = [], 0
     for g, end in enumerate(ends + [t]):
         waiting = [i for i in offloaded if i <= g and done[i] > end]
         extra.append(sum(layers[i].offload_bytes for i in waiting if i < g))
         most = max(most, sum(layers[i].offload_bytes for i in waiting))
-    return max(0.0, last - t), tuple(extra), most
+    return late, tuple(extra), most
 
 
 def _backward(layers: Sequence[LayerProfile], offloaded: list[int], levels: Sequence[int],
-              room: int) -> tuple[float, tuple[tuple[int, int], ...], tuple[int, ...]]:
-    """(exposed ms, (layer, cue) pairs, bytes ahead per layer) of the copies back, top layer first."""
+              room: int) -> tuple[dict[int, float], tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """(exposed ms per layer, (layer, cue) pairs, bytes ahead per layer) of the copies back, top layer first."""
     n = len(layers)
     starts = [0.0] * n  # when layer g's backward begins, waits left out; backward is twice forward
     for g in range(n - 2, -1, -1):
@@ -115,10 +120,11 @@ def _backward(layers: Sequence[LayerProfile], offloaded: list[int], levels: Sequ
         due[j] = starts[j] if by is None else min(starts[j], by)
         by = due[j] - layers[j].transfer_ms
     waits: dict[int, float] = {}  # offloaded layer -> how long backward waited for it
+    stalled = [0.0] * n  # per layer: backward's waits above it so far (everything below starts that much later)
     ahead, cues = [0] * n, []
     free, latest = 0.0, n - 1  # the copy stream's next free time; the latest cue allowed (queue order)
     for j in reversed(offloaded):
-        size, need = layers[j].offload_bytes, starts[j] + sum(waits.values())
+        size, need = layers[j].offload_bytes, starts[j] + stalled[j]
         top = j
         for s in range(j + 1, latest + 1):  # its bytes stay from the cue down to j: room at each layer between
             if levels[s] + ahead[s] + size > room:
@@ -126,14 +132,15 @@ def _backward(layers: Sequence[LayerProfile], offloaded: list[int], levels: Sequ
             top = s
         cue, issue = j, need  # no room ahead: copied back as backward reads it
         if top > j:
-            at = {s: starts[s] + sum(w for i, w in waits.items() if i > s) for s in range(j + 1, top + 1)}
-            wanted = max(free, due[j] + need - starts[j] - layers[j].transfer_ms)  # just in time, or when free
-            cue = next((s for s in range(j + 1, top + 1) if at[s] <= wanted), top)
-            issue = at[cue]
+            wanted = max(free, due[j] + stalled[j] - layers[j].transfer_ms)  # just in time, or when free
+            cue = next((s for s in range(j + 1, top + 1) if starts[s] + stalled[s] <= wanted), top)
+            issue = starts[cue] + stalled[cue]
             for s in range(j + 1, cue + 1):
                 ahead[s] += size
             cues.append((j, cue))
         free = max(issue, free) + layers[j].transfer_ms
         waits[j] = max(0.0, free - need)
+        for s in range(j):
+            stalled[s] += waits[j]
         latest = cue
-    return sum(waits.values()), tuple(cues), tuple(ahead)
+    return waits, tuple(cues), tuple(ahead)
