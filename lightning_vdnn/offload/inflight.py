@@ -1,6 +1,8 @@
 """The device sources of copies to the host still in flight, in the order they were queued: each is let go
 (its device memory freed) once its copy has finished, and past ``max_bytes`` waiting the compute stream waits
-for the oldest, so forward cannot outrun PCIe and fill the device (``ActivationOffloader``'s back-pressure)."""
+for the oldest, so forward cannot outrun PCIe and fill the device (``ActivationOffloader``'s back-pressure). A plan
+that counts on several layers' copies queued at once (``planning/copy_link.py``) raises ``max_bytes`` by those bytes,
+which its predicted peak holds: compute does not wait for copies the plan called hidden, and memory stays bounded."""
 
 from __future__ import annotations
 

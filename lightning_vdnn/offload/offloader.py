@@ -3,8 +3,9 @@
 While forward runs, every tensor autograd saves for backward (and the policy picks) is copied to a reusable
 host buffer on a side stream; the device memory is released as soon as that copy has finished. In backward,
 the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
-second side stream, so the copy runs while layer ``i`` computes. Without a model to mark layers
-(``grouping="tensor"``, as ``torch.autograd.graph.save_on_cpu``), each saved span is its own group and backward
+second side stream, so the copy runs while layer ``i`` computes (a plan may start each further ahead, at a cue
+layer). Without a model to mark layers (``grouping="tensor"``, as ``torch.autograd.graph.save_on_cpu``), each
+saved span is its own group and backward
 brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py``). A tensor still alive on
 the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
@@ -144,13 +145,11 @@ class ActivationOffloader(PassRecords):
     def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = (),
                  segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = (),
                  prefetch_from: Sequence[tuple[int, int]] = (), inflight_bytes: int = 0) -> None:
-        """From the next pass on: the layers (forward order) whose saves stay on the device (None: offload all),
-        the layers to recompute in backward, whose inputs stay too, of those the runs ``[start, end)``
-        recomputed as one segment each, and the ones recomputed selectively (``offload/selective.py``; recomputed
-        even if not in ``recompute``); ``(layer, cue)``: offloaded layers whose copy back starts as backward
-        reaches layer ``cue`` (``offload/prefetch.py``; empty: ``prefetch_layers``), and the bytes forward may queue
-        to the host beyond ``max_inflight_bytes`` (copies the plan counts on hiding, and on holding the memory of).
-        Layers are those of the last pass."""
+        """From the next pass on (layers of the last pass, forward order): those whose saves stay on the device
+        (None: offload all); those recomputed in backward, inputs kept; of those the runs ``[start, end)`` that
+        are one segment each, and the selective ones (``offload/selective.py``; recomputed even if not in
+        ``recompute``); ``(layer, cue)``: copies back started as backward reaches ``cue`` (``offload/prefetch.py``);
+        bytes forward may queue to the host beyond ``max_inflight_bytes`` (the plan's copies, counted as hidden)."""
         if inflight_bytes < 0:
             raise ValueError(f"inflight_bytes={inflight_bytes!r} must be a byte count >= 0.")
         self._prefetcher.plan(prefetch_from)
@@ -381,13 +380,12 @@ class ActivationOffloader(PassRecords):
     # -- backward: unpack --------------------------------------------------------------------------------
     @eager
     def _unpack(self, saved: Packed) -> torch.Tensor:
-        trace = self._trace
+        trace, cue = self._trace, isinstance(saved, Cue)
         if trace is not None and trace.timeline is not None:
-            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else
-                                  saved.group if isinstance(saved, Cue) else saved[0].group)
-        if isinstance(saved, Cue):  # backward has reached a layer where a copy back waits: start it
-            with self._lock:
-                if trace is not None:
+            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved.group if cue else saved[0].group)
+        if cue:  # backward has reached a layer where a copy back waits: start it
+            if trace is not None:
+                with self._lock:
                     self._prefetcher.below(self._groups, saved.group, trace)
             return saved.tensor
         if isinstance(saved, torch.Tensor):
