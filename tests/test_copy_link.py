@@ -139,6 +139,7 @@ def run(model: nn.Sequential, offloader=None):
     offloader.finish_pass()
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the first block's input needs no grad
 def test_copies_back_start_at_their_cues_and_gradients_stay_exact():
     ref = blocks()
     run(ref)
@@ -180,3 +181,16 @@ def test_negative_inflight_bytes_are_refused():
     off = ActivationOffloader(torch.device("cpu"))
     with pytest.raises(ValueError, match="inflight_bytes=-1 must be a byte count"):
         off.set_plan(None, inflight_bytes=-1)
+
+
+def test_the_plan_line_and_report_name_offloaded_layers_and_copy_times():
+    from lightning_vdnn.integrations.lightning_hooks import plan_message
+    from lightning_vdnn.report.memory_report import MemoryReport
+
+    planner = AutoPlanner(BUDGET)
+    plan = planner.observe(gpt(), FLOOR)
+    assert "to the host per step from layers 0-1 (copies 51.2 ms: 51.2 hidden, 0.0 exposed)" in plan_message(plan)
+    report = str(MemoryReport(**planner.report_fields(24)))
+    assert "offloaded layers       0-1: copies predicted 51.2 ms, 51.2 hidden, 0.0 exposed" in report
+    keep_all = AutoPlanner(FLOOR + 24 * 705 * MiB).observe(gpt(), FLOOR)
+    assert "from layers" not in plan_message(keep_all)
