@@ -45,7 +45,7 @@ from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
 
 __all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
-_Saved = tuple  # (entry, dtype, storage_offset, size, stride)
+_Saved = tuple  # (entry, dtype, storage_offset, size, stride, the group that saved it)
 Packed = Union[torch.Tensor, _Saved, Cue]
 
 
@@ -329,7 +329,7 @@ class ActivationOffloader(PassRecords):
                     return self._prefetcher.cue(t, group)
                 entry = self._offload(storage, key[1], nbytes)
                 self._ledger.add_moved(key, entry)
-        return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        return (entry, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()), group)
 
     def _wants(self, storage: torch.UntypedStorage, nbytes: int) -> bool:
         if self.policy == "none" or nbytes < self.min_offload_bytes:
@@ -386,17 +386,20 @@ class ActivationOffloader(PassRecords):
         if cue:  # backward has reached a layer where a copy back waits: start it
             if trace is not None:
                 with self._lock:
-                    self._prefetcher.below(self._groups, saved.group, trace)
+                    self._prefetcher.reached(self._groups, saved.group, trace)
             return saved.tensor
         if isinstance(saved, torch.Tensor):
             return saved
-        entry, dtype, offset, shape, stride = saved
+        entry, dtype, offset, shape, stride, here = saved
         with self._lock:
             storage = entry.dev()
             if storage is None:
                 self._prefetcher.fetch(entry, self._trace)  # not prefetched: this copy is exposed
                 storage = entry.dev()
-            self._prefetcher.below(self._groups, entry.group, self._trace)
+            if self._prefetcher.scheduled:  # where backward is: the layer whose save it reads
+                self._prefetcher.reached(self._groups, here, self._trace)
+            else:
+                self._prefetcher.below(self._groups, entry.group, self._trace)
             if entry.ready is not None:
                 self._prefetcher.wait(entry, self._trace)
             self._prefetcher.read(entry)

@@ -74,13 +74,16 @@ class Prefetcher:
         self._ahead: list[Offloaded] = []      # spans copied ahead, maybe not read yet (per-tensor mode)
         self._read: list[Offloaded] = []       # spans read and kept for a second read (per-tensor mode)
 
+    @property
+    def scheduled(self) -> bool:
+        """Whether a plan's schedule says when copies back start (:meth:`reached`, not :meth:`below`)."""
+        return bool(self._cue_of)
+
     def below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         """Backward reads ``group`` now: start the copies of the groups it will read next."""
         if self._frontier is None:
             self._frontier = group
-        if self._cue_of:
-            self._scheduled_below(groups, group, trace)
-        elif self.max_ahead_bytes is None:
+        if self.max_ahead_bytes is None:
             self._layers_below(groups, group, trace)
         else:
             for e in self._read:
@@ -108,10 +111,10 @@ class Prefetcher:
                 self._copied_groups.append(self._frontier)
                 ahead += 1
 
-    def _scheduled_below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
-        """Start the copies back whose cue backward has reached (a cue it skipped counts), top layer first: the
-        order the plan queued them in."""
-        due = [j for j, cue in self._cue_of.items() if cue >= group and j not in self._started and j < len(groups)]
+    def reached(self, groups: list[list[Offloaded]], layer: int, trace) -> None:
+        """Backward reads a save of ``layer`` (scheduled mode; the bytes may be an earlier layer's): start the
+        copies back whose cue it has reached (a cue it skipped counts), top layer first, the plan's queue order."""
+        due = [j for j, cue in self._cue_of.items() if cue >= layer and j not in self._started and j < len(groups)]
         for j in sorted(due, reverse=True):
             self._started.add(j)
             for e in groups[j]:
