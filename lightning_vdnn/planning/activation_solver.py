@@ -145,20 +145,20 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
     if sum(layer.saved_bytes for layer in layers) <= room:  # everything fits: keep it all, at no cost
         return _plan(layers, frozenset(range(len(layers))), frozenset(), floor, base, budget)
     granule = _granule(room, granule)
-    alone = _solved(layers, room // granule, granule, floor, base, budget)
+    per_layer = _solved(layers, room // granule, granule, floor, base, budget)
     if not (link and copy_link.has_overlap(layers)):
-        return alone
+        return per_layer
     # each layer's copies beside its neighbours, as without the link, but never less than they cost by themselves on
     # it (the top layer's copy back has no backward above it to hide under)
     alone_ms = [max(p.offload_ms, copy_link.least_exposed_ms(layers, [g])) for g, p in enumerate(layers)]
     best: Optional[Plan] = None
-    for k in range(min(len(layers), MAX_LEADING) + 1):  # the leading layers go out first: the most forward follows their copies
+    for k in range(min(len(layers), MAX_LEADING) + 1):  # leading layers first: the most forward follows them
         if best is not None and copy_link.least_exposed_ms(layers, range(k)) >= best.added_ms:
             break  # the prefix alone costs more than the best plan: so does every longer one
         plan = _linked(layers, room, granule, floor, base, budget, k, alone_ms)
         if plan is not None and (best is None or plan.added_ms < best.added_ms):
             best = plan
-    return best if best is not None else alone
+    return best if best is not None else per_layer
 
 
 def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int, base: int, budget: int,
@@ -171,7 +171,7 @@ def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int,
     capacity, prices = room // granule, list(offload_ms)
     for _ in range(tries):
         plan = _solved(layers, capacity, granule, floor, base, budget, offload_first, prices)
-        held, levels = held_levels(layers, plan.kept, plan.recomputed, plan.segments, plan.selective)
+        _, levels = held_levels(layers, plan.kept, plan.recomputed, plan.segments, plan.selective)
         found = copy_link.schedule(layers, plan.offloaded, levels, budget - base).exposed_by if plan.offloaded else ()
         dearer = [g for g in plan.offloaded if g >= offload_first and found[g] > prices[g] + 1e-9]
         if plan.predicted_peak <= budget and not dearer:
@@ -315,7 +315,8 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
 
 
 def held_levels(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int],
-                segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+                segments: Sequence[Segment] = (),
+                selective: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Per layer, the bytes held by the layers up to it ``H(<=g)`` (what forward holds as it ends) and what its
     backward holds: that, plus what a recompute of it (or of the segment it starts) rebuilds."""
     held, levels, total = [], [], 0
@@ -349,7 +350,7 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
     inside = frozenset(g for first, end in segments for g in range(first, end))
     recomputed = recomputed | inside | selective
     on_device = kept | recomputed
-    offloaded = [g for g in range(len(layers)) if g not in on_device]
+    offloaded = [g for g in range(len(layers)) if g not in on_device and layers[g].offload_bytes]  # no empty ones
     redone = [layers[g] for g in sorted(recomputed - inside - selective)]
     some = [layers[g] for g in sorted(selective)]
     seg = [segment_bytes(layers, first, end) for first, end in segments]

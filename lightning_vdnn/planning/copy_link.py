@@ -93,7 +93,7 @@ def _forward(layers: Sequence[LayerProfile], offloaded: list[int]) -> tuple[dict
     """(exposed ms per layer, bytes still queued at each layer end and at forward's end, most bytes queued at
     once)."""
     ends, t = [], 0.0
-    for p in layers:  # layer g ends as layer g + 1 begins: its span is layer g's overlap_ms
+    for p in layers:  # overlap_ms is the next layer's span: layer g ends at the spans before it, from layer 0's end
         ends.append(t)
         t += p.overlap_ms
     done, last, late = {}, 0.0, {}
