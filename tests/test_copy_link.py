@@ -168,6 +168,27 @@ def test_copies_back_start_at_their_cues_and_gradients_stay_exact():
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_a_cue_is_the_layer_backward_is_in_not_the_one_owning_the_bytes():
+    """Block 4's Linear saves block 3's Tanh output, which group 3 owns and offloads: reading it in layer 4's
+    backward must not fire the cue of layer 3 (group 1's copy would start a layer early, on memory the plan gave
+    to layer 4)."""
+    model = blocks()
+    off = ActivationOffloader(torch.device("cpu"), min_offload_bytes=0)
+    off.attach(model, model)
+    run(model, off)
+    events: list[tuple[str, int]] = []
+    for g, block in enumerate(model, start=1):
+        block.register_full_backward_pre_hook(lambda m, grad, g=g: events.append(("backward", g)))
+    fetch = off._prefetcher.fetch
+    off._prefetcher.fetch = lambda entry, trace: events.append(("copy", entry.group)) or fetch(entry, trace)
+    off.set_plan(frozenset({0, 2, 4, 5, 6}), prefetch_from=((3, 5), (1, 3)))
+    run(model, off)
+    at = events.index
+    assert at(("backward", 5)) < at(("copy", 3)) < at(("backward", 4))
+    assert at(("backward", 3)) < at(("copy", 1)) < at(("backward", 2))
+
+
 def test_without_a_schedule_prefetch_counts_layers():
     prefetcher = Prefetcher(engine=None)
     assert prefetcher.cues == frozenset()
