@@ -141,12 +141,14 @@ void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out,
   auto* pm = reinterpret_cast<S*>(m);
   auto* pv = reinterpret_cast<S*>(v);
   auto* po = reinterpret_cast<O*>(out);
-  constexpr int64_t kLine = 64;  // elements: whole cache lines per thread, for every dtype here
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
-    int64_t lines = (n + kLine - 1) / kLine;
-    int64_t begin = std::min(n, lines * me / parts * kLine), end = std::min(n, lines * (me + 1) / parts * kLine);
+  // Pieces handed out as threads come free, not one fixed range per thread: the update runs beside the thread
+  // driving the GPU and the copy engines' memory traffic, and one thread descheduled for a while would otherwise
+  // hold every other thread at the end of the pass. A piece is whole cache lines for every dtype here.
+  constexpr int64_t kPiece = 1 << 15;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < pieces; ++i) {
+    const int64_t begin = i * kPiece, end = std::min(n, begin + kPiece);
     if (po != nullptr) {
       run_range<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
     } else {
