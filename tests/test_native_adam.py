@@ -205,3 +205,21 @@ def test_a_failed_build_warns_once_and_falls_back_to_torchs_kernel(monkeypatch):
     ref, _ = fit(RecordingGPT, loader, l2l(host_optimizer="torch"), max_steps=2)
     got, _ = fit(RecordingGPT, loader, l2l(host_optimizer="native"), max_steps=2)
     assert got.losses == ref.losses
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("offset", [0, 1, 3, 9])
+def test_the_copy_is_written_whole_at_any_alignment(built, out_dtype, offset):
+    """The compute-dtype copy goes out with streaming stores from 16-byte boundaries: a copy that starts anywhere in
+    its buffer (a parameter's slice of a block's flat buffer) is still every element of the fresh weights, and
+    nothing either side of it is touched."""
+    n = 100_003
+    w = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    m, v = torch.zeros(n), torch.zeros(n)
+    flat = torch.full((n + 20,), 7.0, dtype=out_dtype)
+    out = flat[offset: offset + n]
+    native_adam.step(built, w, _grads(n, 1), m, v, out, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.1, decoupled=True, step=1)
+    assert torch.equal(out, w.to(out_dtype))
+    assert torch.equal(flat[:offset], torch.full((offset,), 7.0, dtype=out_dtype))
+    assert torch.equal(flat[offset + n:], torch.full((20 - offset,), 7.0, dtype=out_dtype))
