@@ -147,8 +147,9 @@ class VDNNConfig:
             prints it instead, whatever this says. The per-step numbers reach the loggers only through
             :class:`~lightning_vdnn.MemoryMonitor`.
         host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default): with fp32 state
-            the user's optimizer class over each block (fused on a GPU run; on a CPU device the per-tensor loop,
-            bit for bit plain), with bf16 state the fastest one-pass kernel, timed at start-up;
+            on a GPU run the native one pass where it builds (bit for bit torch's fused AdamW), else the user's
+            optimizer class over each block (fused on a GPU run; on a CPU device the per-tensor loop, bit for bit
+            plain), with bf16 state the fastest one-pass kernel, timed at start-up;
             ``"torch"``, ``"deepspeed"`` or ``"native"``: one pass per parameter on that kernel (DeepSpeed's CPU
             Adam; ``"native"``: this package's C++ kernel, built on first use, which writes the bf16 copy the
             device loads and handles bf16 moments and gradients within its one pass; torch's kernel, after a

@@ -177,13 +177,22 @@ def test_bad_tensors_are_refused_with_what_was_wrong(built):
                          eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
 
 
-def test_auto_keeps_the_same_class_optimizer_for_fp32_state_and_times_kernels_for_bf16(built):
-    """``"auto"``: fp32 state on a GPU run (fused) stays the user's fused optimizer over each block (the native pass,
-    faster alone, was not faster in the H200 step); bf16 state takes a timed one-pass kernel."""
+def test_auto_takes_the_native_pass_for_fp32_state_on_a_gpu_run_and_times_kernels_for_bf16(built, monkeypatch):
+    """``"auto"``: fp32 state on a GPU run (fused) takes the native pass (the fused optimizer's bits, faster in the
+    H200 step), the same-class optimizer where it did not build, for an optimizer it cannot run, and on a CPU
+    device (not fused: no compiler run there); bf16 state takes a timed one-pass kernel."""
     from lightning_vdnn.streaming.host_optimizer import _update_pass
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], lr=1e-3, fused=True)
+    assert _update_pass(opt, True, "auto", torch.float32).backend == "native"
+    assert _update_pass(opt, False, "auto", torch.float32) is None
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+    assert _update_pass(sgd, True, "auto", torch.float32) is None
+    amsgrad = torch.optim.Adam([torch.nn.Parameter(torch.zeros(4))], lr=1e-3, amsgrad=True)
+    assert _update_pass(amsgrad, True, "auto", torch.float32) is None
+    monkeypatch.setattr(native_adam, "load", lambda: None)
     assert _update_pass(opt, True, "auto", torch.float32) is None
+    monkeypatch.undo()
     assert _update_pass(opt, True, "native", torch.float32).backend == "native"
     assert _update_pass(opt, True, "auto", torch.bfloat16).backend in ("torch", "deepspeed", "native")
 
