@@ -108,7 +108,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
         if not fused:
             return AdamPass("torch", state_dtype)
         backend = choose_backend(state_dtype)
-    return None if backend is None else AdamPass(backend, state_dtype)
+    return AdamPass(backend, state_dtype)
 
 
 def _name(dtype: torch.dtype) -> str:
