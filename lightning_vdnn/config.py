@@ -127,12 +127,12 @@ class VDNNConfig:
             largest layers (a CNN's first convolutions), which shrinks k-fold; the bytes saved for backward do not.
             Not for BatchNorm inside it, nor with layer streaming (``microbatches`` does it for the blocks).
             ``"auto"`` (the default): 1, unless the ``"auto"`` planner finds ``memory_budget`` below the peak with
-            every activation offloaded; then the fewest chunks (2, 4, ... 32) that bring that peak under it with room to
-            plan in (``planning/auto_chunks.py``), of the
-            module that holds the largest layers (``chunk_layers``, else the outermost ``nn.Sequential`` above them
-            made only of layers that compute each sample on their own: no BatchNorm, no dropout, no custom
-            ``forward``), measured on the next step. Where none fits, the planner's
-            ``BudgetTooSmall`` names what was tried. ``VDNNStrategy`` only; elsewhere ``"auto"`` is 1.
+            every activation offloaded; then the fewest chunks (2, 4, ... 32) that bring that peak under it with
+            room to plan in (``planning/auto_chunks.py``), of the module that holds the largest layers
+            (``chunk_layers``, else the outermost ``nn.Sequential`` above them made only of layers that compute
+            each sample on their own: no BatchNorm, no dropout, no custom ``forward``), measured on the next step.
+            Where none fits, the planner's ``BudgetTooSmall`` names what was tried. ``VDNNStrategy`` only;
+            elsewhere ``"auto"`` is 1.
         chunk_layers: dotted path of the module ``batch_chunks`` splits the batch for, e.g. ``"model.features"``
             (the convolutional trunk of a VGG); it takes the batch first and returns one batch-first tensor. With
             ``batch_chunks="auto"``: the module auto chunking may split (None: found from the profile).

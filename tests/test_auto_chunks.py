@@ -141,10 +141,12 @@ def test_batchnorm_in_the_trunk_is_named_in_the_error():
 
 def test_a_budget_no_count_meets_says_what_was_tried():
     chunked = unchunked_floor()
-    with pytest.raises(BudgetTooSmall, match=r"batch_chunks='auto' ran 'net\.features' in batch chunks \(floors "
-                                             r"measured: 1 chunk: .*, 4 chunks: .*\); no count up to 16 is predicted"):
+    with pytest.raises(BudgetTooSmall, match=r"batch_chunks='auto' would run 'net\.features' in batch "
+                                             r"chunks \(floors measured: 1 chunk: .*, 4 chunks: .*\), but no count up "
+                                             r"to 16 is predicted .*: the rest of the peak is outside that module"):
         fit(vgg, image_loader(), auto(chunked + 1000, static=chunked), max_steps=3)
-    with pytest.raises(BudgetTooSmall, match=r"floors measured: 1 chunk: [^,]*\); no count up to 16"):
+    with pytest.raises(BudgetTooSmall, match=r"floors measured: 1 chunk: [^,]*\), but no count up to 16 .*: even "
+                                             r"if all of it shrank with the chunks"):
         fit(vgg, image_loader(), auto(1000), max_steps=3)  # not even 16 chunks of all of it: none tried
 
 

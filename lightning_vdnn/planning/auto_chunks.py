@@ -64,7 +64,7 @@ def refusal(module: nn.Module, path: str, named: bool = False) -> Optional[str]:
         where = ".".join(filter(None, (path, name)))
         if isinstance(sub, nn.Sequential):
             continue
-        if isinstance(sub, _DropoutNd) or isinstance(sub, nn.Dropout):
+        if isinstance(sub, _DropoutNd):
             if sub.p > 0:
                 return f"{where} is a {type(sub).__name__}(p={sub.p}), whose masks would be other draws per chunk"
             continue
@@ -135,9 +135,12 @@ class AutoChunks:
         parts = largest.split(".")
         paths = [self.given] if self.given else [".".join(parts[:i]) for i in range(1, len(parts))]
         for path in paths:
-            module = resolve_module(self.root, path, "chunk_layers")
-            if not self.given and not isinstance(module, nn.Sequential):
-                continue
+            if self.given:
+                module = resolve_module(self.root, path, "chunk_layers")
+            else:
+                module = _submodule(self.root, path)
+                if not isinstance(module, nn.Sequential):  # also None: a layer named by its class, not a path
+                    continue
             why = refusal(module, path, named=bool(self.given))
             if why is None:
                 self.batch = _batch_of(path, names, layers)
@@ -170,10 +173,11 @@ class AutoChunks:
             return ("batch_chunks='auto' found no module to run in batch chunks without changing the result: "
                     + "; ".join(self.refused) + ". Set batch_chunks and chunk_layers yourself to accept that.")
         runs = ", ".join(f"{t.chunks} chunk{'s' * (t.chunks > 1)}: {format_bytes(t.floor)}" for t in self.tried)
-        return (f"batch_chunks='auto' ran {self.path!r} in batch chunks (floors measured: {runs}); no count up to "
-                f"{min(CHUNK_COUNTS[-1], self.batch or CHUNK_COUNTS[-1])} is predicted to bring it under "
-                f"{format_bytes(budget)}: the rest of the peak is outside that module (weights, optimizer "
-                "state, other layers).")
+        most = min(CHUNK_COUNTS[-1], self.batch or CHUNK_COUNTS[-1])
+        why = ("even if all of it shrank with the chunks" if len(self.tried) == 1 else
+               "the rest of the peak is outside that module (weights, optimizer state, other layers)")
+        return (f"batch_chunks='auto' would run {self.path!r} in batch chunks (floors measured: {runs}), but no "
+                f"count up to {most} is predicted to bring the floor under {format_bytes(budget)}: {why}.")
 
     def report_fields(self) -> dict:
         """The chunks chosen, for a ``MemoryReport``."""
@@ -186,6 +190,13 @@ class AutoChunks:
         if self._chunks is not None:
             self._chunks.close()
             self._chunks = None
+
+
+def _submodule(root: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _batch_of(path: str, names: Sequence[str], layers: Sequence[LayerProfile]) -> Optional[int]:
