@@ -52,7 +52,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
              data_parallel=False),
     CaseSpec("vdnn_conv", "lightning", "Trainer(strategy='vdnn_conv'): offload Conv/Linear/attention inputs",
              data_parallel=False),
-    CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload",
+    CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload (and, by "
+             "batch_chunks='auto', runs the conv trunk in batch chunks where the budget is below the floor)",
              takes_budget=True, data_parallel=False),
     CaseSpec("vdnn_all_c4", "lightning", "vdnn_all with the model's conv trunk run in 4 batch chunks "
              "(batch_chunks=4, chunk_layers='model.features'; VGG)", data_parallel=False),

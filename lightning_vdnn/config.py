@@ -33,6 +33,8 @@ _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 #: ``resident_blocks``: a number of blocks, ``"auto"`` (chosen from ``memory_budget``), or None (see VDNNConfig).
 ResidentSpec = Union[int, Literal["auto"], None]
 SavedSpec = Union[int, Literal["auto"], None]
+#: ``batch_chunks``: a number of dim-0 chunks (1: the batch whole), or ``"auto"`` (chosen when the budget needs it).
+ChunksSpec = Union[int, Literal["auto"]]
 #: ``report_dir``: a local path or any fsspec URL (``"s3://bucket/run"``), or None (the logger's log directory).
 ReportDir = Union[str, Path, None]
 
@@ -124,8 +126,16 @@ class VDNNConfig:
             another (``offload/batch_chunks.py``): with activations offloaded, the step's peak is the working set of its
             largest layers (a CNN's first convolutions), which shrinks k-fold; the bytes saved for backward do not.
             Not for BatchNorm inside it, nor with layer streaming (``microbatches`` does it for the blocks).
+            ``"auto"`` (the default): 1, unless the ``"auto"`` planner finds ``memory_budget`` below the peak with
+            every activation offloaded; then the fewest chunks (2, 4, ... 32) that bring that peak under it with
+            room to plan in (``planning/auto_chunks.py``), of the module that holds the largest layers
+            (``chunk_layers``, else the outermost ``nn.Sequential`` above them made only of layers that compute
+            each sample on their own: no BatchNorm, no dropout, no custom ``forward``), measured on the next step.
+            Where none fits, the planner's ``BudgetTooSmall`` names what was tried. ``VDNNStrategy`` only;
+            elsewhere ``"auto"`` is 1.
         chunk_layers: dotted path of the module ``batch_chunks`` splits the batch for, e.g. ``"model.features"``
-            (the convolutional trunk of a VGG); it takes the batch first and returns one batch-first tensor.
+            (the convolutional trunk of a VGG); it takes the batch first and returns one batch-first tensor. With
+            ``batch_chunks="auto"``: the module auto chunking may split (None: found from the profile).
         zero_stage: ZeRO stage, 0 for none. Without layer streaming, DeepSpeed's: 1 shards the optimizer state
             across the ranks, 2 also the gradients, 3 also the parameters (``VDNNZeroStrategy``, ``integrations/deepspeed_strategy.py``);
             activation offload runs inside it unchanged. With layer streaming (``L2LZeroStrategy``,
@@ -147,8 +157,9 @@ class VDNNConfig:
             prints it instead, whatever this says. The per-step numbers reach the loggers only through
             :class:`~lightning_vdnn.MemoryMonitor`.
         host_optimizer: with layer streaming, the blocks' host Adam/AdamW: ``"auto"`` (default): with fp32 state
-            the user's optimizer class over each block (fused on a GPU run; on a CPU device the per-tensor loop,
-            bit for bit plain), with bf16 state the fastest one-pass kernel, timed at start-up;
+            on a GPU run the native one pass where it builds (bit for bit torch's fused AdamW), else the user's
+            optimizer class over each block (fused on a GPU run; on a CPU device the per-tensor loop, bit for bit
+            plain), with bf16 state the fastest one-pass kernel, timed at start-up;
             ``"torch"``, ``"deepspeed"`` or ``"native"``: one pass per parameter on that kernel (DeepSpeed's CPU
             Adam; ``"native"``: this package's C++ kernel, built on first use, which writes the bf16 copy the
             device loads and handles bf16 moments and gradients within its one pass; torch's kernel, after a
@@ -179,7 +190,8 @@ class VDNNConfig:
     selective_recompute: bool = option(False, "offload", why="off: whole-layer recompute only")
     microbatches: int = option(1, "streaming", ge=1)
     saved_blocks: SavedSpec = option(None, "streaming")
-    batch_chunks: int = option(1, "chunks", ge=1, why="1 runs the batch whole")
+    batch_chunks: ChunksSpec = option("auto", "chunks", ge=1, why="1 runs the batch whole; 'auto' chunks only where "
+                                                               "the budget needs it")
     chunk_layers: Optional[str] = option(None, "chunks")
     zero_stage: ZeroStage = option(0, "zero", what="a ZeRO stage")
     offload_optimizer: bool = option(False, "zero")
@@ -220,6 +232,10 @@ class VDNNConfig:
             if hint == Optional[bool] and value is not None and not isinstance(value, bool):
                 raise TypeError(f"{f.name}={value!r} must be True, False or None ({why}).")
             bound = f.metadata.get("ge")
+            if value == "auto" and hint == ChunksSpec:
+                continue
+            if hint == ChunksSpec and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{f.name}={value!r} must be an int or 'auto'.")
             if bound is not None and value < bound:
                 must = "a positive integer" if bound == 1 else f">= {bound}"
                 raise ValueError(f"{f.name}={value!r} must be {must}" + (f" ({why})." if why else "."))
@@ -286,6 +302,12 @@ class VDNNConfig:
         return self.resident_blocks == "auto" or (
             self.resident_blocks is None and bool(self.layer_streaming) and self.memory_budget is not None
             and not self.zero_stage and self.saved_blocks != "auto")
+
+    @property
+    def fixed_chunks(self) -> int:
+        """The batch chunks set from the start: the number given, else 1 (``"auto"`` chunks only once a step shows
+        the budget needs it)."""
+        return 1 if self.batch_chunks == "auto" else self.batch_chunks
 
     @property
     def fixed_resident(self) -> int:

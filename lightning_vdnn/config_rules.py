@@ -55,6 +55,8 @@ def _check_host_update(config: VDNNConfig) -> None:
 
 def _check_chunks(config: VDNNConfig) -> None:
     chunks, path = config.batch_chunks, config.chunk_layers
+    if chunks == "auto":  # chunk_layers, if given, is the module auto chunking may split
+        return
     if (chunks > 1) != (path is not None):
         raise ValueError(
             f"batch_chunks={chunks} and chunk_layers={path!r} go together: batch_chunks > 1 splits the batch "
@@ -162,9 +164,9 @@ def _check_zero_offload(config: VDNNConfig) -> None:
 
 def refuse_chunks(config: VDNNConfig, entry: str) -> None:
     """Entry points other than ``VDNNStrategy`` do not chunk: refuse rather than ignore ``batch_chunks``."""
-    if config.batch_chunks > 1:
+    if config.fixed_chunks > 1 or config.chunk_layers is not None:
         raise NotImplementedError(
-            f"batch_chunks={config.batch_chunks} is built for VDNNStrategy (the Lightning Trainer on one device), "
+            f"batch_chunks={config.batch_chunks!r} is built for VDNNStrategy (the Lightning Trainer on one device), "
             f"not for {entry}. Use Trainer(strategy=VDNNStrategy(batch_chunks=..., chunk_layers=...)), or "
             "batch_chunks=1.")
 

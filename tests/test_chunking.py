@@ -86,7 +86,8 @@ def test_predict_runs_chunked_too():
 @pytest.mark.parametrize("kw, error, match", [
     (dict(batch_chunks=0), ValueError, r"batch_chunks=0 must be a positive integer"),
     (dict(batch_chunks=4), ValueError, r"batch_chunks=4 and chunk_layers=None go together"),
-    (dict(chunk_layers="net.features"), ValueError, r"batch_chunks=1 and chunk_layers='net.features' go together"),
+    (dict(batch_chunks=1, chunk_layers="net.features"), ValueError,
+     r"batch_chunks=1 and chunk_layers='net.features' go together"),
     (dict(batch_chunks=4, chunk_layers="net features"), ValueError, r"chunk_layers='net features' is not a dotted"),
     (dict(batch_chunks=2.0, chunk_layers="net.features"), TypeError, r"batch_chunks=2.0 must be an int"),
     (dict(batch_chunks=4, chunk_layers="model.blocks", layer_streaming=True), ValueError,

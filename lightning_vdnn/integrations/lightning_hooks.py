@@ -36,6 +36,7 @@ from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
+from lightning_vdnn.planning.watch import PeakMeter
 from lightning_vdnn.report.callbacks import MemorySummary
 from lightning_vdnn.report.memory_report import MemoryReport, layer_ranges
 from lightning_vdnn.planning.oom_retry import (LOWER_BY, MAX_RETRIES, Attempts, BudgetLowered, GradStash, StepSnapshot,
@@ -65,6 +66,9 @@ class OffloadHooks:
     _closure_loss: Optional[Tensor] = None  # the loss the running backward started from, while it may be retried
     _user_precision: Optional[Precision] = None  # the Trainer's plugin while fit runs backward through ours
     _norm_stats: Optional[list[Tensor]] = None
+    #: what measures a watched step's peak for the ``"auto"`` planner on a CPU device; None: the saved bytes it
+    #: keeps in place (the host is the device). Tests plug in a count of the layers' working set.
+    activation_meter: Optional[PeakMeter] = None
 
     # -- set up and tear down ----------------------------------------------------------------------------
     def _offload_layers(self) -> Optional[nn.Module]:
@@ -140,6 +144,8 @@ class OffloadHooks:
         return self._with_retries(lambda: self._forward(*args, **kwargs))
 
     def _forward(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        if self.activation_meter is not None and self._planner is not None and self._planner.watching:
+            self.activation_meter.reset()
         if self._watching_cuda():
             torch.cuda.reset_peak_memory_stats(self.root_device)
             if self._planner.profiling and self._state_before is None:
@@ -254,7 +260,9 @@ class OffloadHooks:
         peak = None
         if planner.watching:
             cuda = self.root_device.type == "cuda"
-            peak = torch.cuda.max_memory_allocated(self.root_device) if cuda else offloader.report().kept_bytes
+            meter = self.activation_meter
+            peak = (torch.cuda.max_memory_allocated(self.root_device) if cuda else meter.read() if meter is not None
+                    else offloader.report().kept_bytes)
         later = None
         if planner.profiling and peak is not None and self._state_before is not None:
             state = optimizer_state_bytes(self.optimizers, device=self.root_device) - self._state_before
@@ -262,11 +270,15 @@ class OffloadHooks:
             later = Later(state=state, grads=held,
                           backward_peak=self._backward_peak)
             self._state_before = None
-        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak, later)
+        plan = self._observe(planner, peak, later)
         offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
                            planner.prefetch_from, planner.inflight_bytes)
         if plan is not None:
             rank_zero_info(plan_message(plan))
+
+    def _observe(self, planner: AutoPlanner, peak: Optional[int], later: Optional[Later]) -> Optional[Plan]:
+        """The planner fed the step just finished (``VDNNStrategy`` adds batch chunks where the budget needs them)."""
+        return planner.observe(self._offloader.layer_profile(), peak, self._forward_peak, later)
 
     def _frees_grads_early(self) -> bool:
         """Whether the last step's gradients are freed as the next batch starts (``integrations/early_grad_free.py``), not held through

@@ -25,7 +25,9 @@ from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_
 from lightning_vdnn.streaming.bf16_grads import clipping_refused
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload.offloader import ActivationOffloader
-from lightning_vdnn.planning.activation_plan import AutoPlanner, device_budget
+from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan, device_budget
+from lightning_vdnn.planning.activation_solver import BudgetTooSmall
+from lightning_vdnn.planning.auto_chunks import AutoChunks
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.planning.resident_blocks import AutoResidency, PeakMeter, differs, switch
 from lightning_vdnn.planning.saving_blocks import AutoSaving
@@ -76,7 +78,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         batch_chunks, chunk_layers: run the module at ``chunk_layers`` (``"model.features"``) over
             ``batch_chunks`` dim-0 chunks of its batch, one after another (``offload/batch_chunks.py``): the working set of its
             largest layers, which bounds the peak once activations are offloaded, shrinks k-fold. Not with
-            BatchNorm inside it, nor with layer streaming.
+            BatchNorm inside it, nor with layer streaming. ``"auto"`` (default): chunks only where the budget is
+            below the all-offloaded peak, of the module holding the largest layers (``planning/auto_chunks.py``).
         fit_report: at the end of ``fit``, print a per-layer table (``rich``) and save a PNG of memory over one
             step in the logger's log directory (none with ``logger=False``); ``None`` (default) does so when the
             Trainer summarizes the model (``enable_model_summary``, on by default).
@@ -140,6 +143,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         self._saving: Optional[AutoSaving] = None
         self._outside: list[OutsideStepper] = []
         self._chunks: Optional[BatchChunks] = None
+        self._auto_chunks: Optional[AutoChunks] = None  # batch_chunks="auto" in a fit
         #: what measures the device's peak for ``resident_blocks``/``saved_blocks="auto"``; None: CUDA's
         #: allocator statistics (nothing on a CPU device). Set before ``fit`` to measure otherwise (tests on CPU do).
         self.peak_meter: Optional[PeakMeter] = None
@@ -191,7 +195,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         if cfg.layer_streaming is not None or cfg.activation_offload != "auto" or self._host_is_device():
             return
         budget = device_budget(cfg.budget, self.root_device)
-        reason = stream_reason(self.lightning_module, budget, self._precision(), cfg.layers, cfg.batch_chunks)
+        reason = stream_reason(self.lightning_module, budget, self._precision(), cfg.layers, cfg.fixed_chunks)
         if reason is not None:
             rank_zero_info(reason)
             resident = "auto" if cfg.resident_blocks is None else cfg.resident_blocks
@@ -211,8 +215,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
-        if self.config.batch_chunks > 1 and self._chunks is None:  # every stage: predict holds less too
-            self._chunks = BatchChunks(self.lightning_module, self.config.chunk_layers, self.config.batch_chunks)
+        cfg = self.config
+        if cfg.fixed_chunks > 1 and self._chunks is None:  # every stage: predict holds less too
+            self._chunks = BatchChunks(self.lightning_module, cfg.chunk_layers, cfg.batch_chunks)
         if self._streamer is not None and trainer.state.fn == "fit":
             if self._streamer.lean_grads:
                 _check_bf16_grads(trainer)
@@ -235,6 +240,20 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
                     self._saving = AutoSaving(budget, meter)
         if trainer.state.fn == "fit":
             self._attach()
+            if cfg.batch_chunks == "auto" and self._planner is not None and self._streamer is None:
+                self._auto_chunks = AutoChunks(self.lightning_module, cfg.chunk_layers)
+
+    @override
+    def _observe(self, planner: AutoPlanner, peak: Optional[int], later: Optional[Later]) -> Optional[Plan]:
+        """``batch_chunks="auto"``: a budget below the all-offloaded floor chunks the batch of the module that
+        holds the largest layers, and the next step profiles again (``planning/auto_chunks.py``)."""
+        try:
+            return super()._observe(planner, peak, later)
+        except BudgetTooSmall as err:
+            if self._auto_chunks is None:
+                raise
+            rank_zero_info(self._auto_chunks.too_small(err, planner.floor, planner.budget, self._offloader))
+            return None
 
     def _step_outside_on_host(self) -> list[OutsideStepper]:
         """``offload_optimizer=True``: the modules outside the blocks keep masters and state on the host."""
@@ -319,6 +338,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
     def memory_report(self) -> MemoryReport:
         """Offload (and layer-streaming) statistics of the latest training step (empty before training)."""
         report = self._offload_report()
+        for chunks in (self._chunks, self._auto_chunks):
+            report = report if chunks is None else dataclasses.replace(report, **chunks.report_fields())
         if self._streamer is None:
             return report
         residency = self._residency.stats() if self._residency is not None else {}
@@ -329,6 +350,9 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         """Streams drained, hooks removed, host buffers freed: the strategy can run ``fit`` again."""
         if self._offloader is not None or self._streamer is not None:
             self._last_report = self.memory_report()
+        if self._auto_chunks is not None:
+            self._auto_chunks.close()
+            self._auto_chunks = None
         streamer, outside = self._streamer, self._outside
         if streamer is not None:
             self._last_eager_updates = self._eager_before + sum(s.eager_updates for s in streamer.steppers)

@@ -17,13 +17,21 @@ dropout (other draws, the same distribution). BatchNorm is refused: its statisti
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_vdnn.layers import resolve_module, wrap_forward
+
+
+def batchnorm_inside(module: nn.Module, path: str) -> Optional[str]:
+    """What refuses chunking ``module`` (at ``path``): ``"<its path> is a BatchNorm2d"``, or None."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm):
+            return f"{'.'.join(filter(None, (path, name)))} is a {type(sub).__name__}"
+    return None
 
 
 class BatchChunks:
@@ -35,13 +43,12 @@ class BatchChunks:
 
     def __init__(self, root: nn.Module, path: str, chunks: int) -> None:
         self.module = resolve_module(root, path, "chunk_layers")
-        for name, sub in self.module.named_modules():
-            if isinstance(sub, _BatchNorm):
-                raise ValueError(
-                    f"batch_chunks={chunks} runs {path!r} one chunk of the batch at a time, but "
-                    f"{'.'.join(filter(None, (path, name)))} is a {type(sub).__name__}, whose statistics would then "
-                    "cover a chunk, not the batch. Use batch_chunks=1, or chunk a module without BatchNorm (or one "
-                    "with per-sample norms: LayerNorm, GroupNorm).")
+        refused = batchnorm_inside(self.module, path)
+        if refused is not None:
+            raise ValueError(
+                f"batch_chunks={chunks} runs {path!r} one chunk of the batch at a time, but {refused}, whose "
+                "statistics would then cover a chunk, not the batch. Use batch_chunks=1, or chunk a module without "
+                "BatchNorm (or one with per-sample norms: LayerNorm, GroupNorm).")
         self.path, self.chunks = path, chunks
 
         def forward(own: Callable[..., Any], x: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -59,6 +66,10 @@ class BatchChunks:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         self._restore = wrap_forward(self.module, forward)
+
+    def report_fields(self) -> dict:
+        """The chunks, for a ``MemoryReport``."""
+        return dict(batch_chunks=self.chunks, chunk_layers=self.path)
 
     def close(self) -> None:
         """The module's own ``forward`` back."""

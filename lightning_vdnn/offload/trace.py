@@ -301,6 +301,11 @@ class PassRecords:
             return []
         return [trace.candidate_bytes.get(g, 0) for g in range(trace.groups)]
 
+    def layer_names(self) -> list[str]:
+        """The module name of each layer call of the last pass, forward order (layer 0: before the first)."""
+        trace = self._last
+        return [] if trace is None else list(trace.names)
+
     def layer_profile(self) -> list[LayerProfile]:
         """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
         trace = self._last

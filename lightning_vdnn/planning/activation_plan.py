@@ -196,6 +196,11 @@ class AutoPlanner:
         return 0 if self.plan is None else self.plan.inflight_bytes
 
     @property
+    def floor(self) -> Optional[int]:
+        """The profiled peak with every activation offloaded, as the next steps reach it (None: not profiled)."""
+        return self._floor
+
+    @property
     def profiling(self) -> bool:
         return self.plan is None
 

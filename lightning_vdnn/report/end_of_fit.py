@@ -71,12 +71,16 @@ def _peak_caption(report: MemoryReport) -> str:
                  if report.recomputed_forwards else "") + "\n")
     if report.budget_bytes is None:
         return moved + "peak device memory: " + ("not measured on a CPU device" if report.peak_device_bytes is None
-                                                 else format_bytes(report.peak_device_bytes))
+                                                 else format_bytes(report.peak_device_bytes)) + _chunks(report)
     budget = "none (CPU)" if report.budget_bytes >= UNBOUNDED else format_bytes(report.budget_bytes)
     where = " (CPU: activations kept in place)" if report.peak_device_bytes is None else ""
     return (moved + f"peak{where}: predicted {opt(report.predicted_peak_bytes)}, measured "
             f"{opt(report.measured_peak_bytes)}{_kept(report)}; budget {budget}"
-            + (f"; {report.segments} recomputed segments" if report.segments else ""))
+            + (f"; {report.segments} recomputed segments" if report.segments else "") + _chunks(report))
+
+
+def _chunks(report: MemoryReport) -> str:
+    return f"\nbatch chunks: {report.chunks_line()}" if report.batch_chunks is not None else ""
 
 
 def save_timeline(report: MemoryReport, path: "str | Path") -> str:

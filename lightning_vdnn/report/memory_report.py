@@ -118,6 +118,8 @@ class MemoryReport:
             layer streaming); with ``saved_blocks="auto"``, ``saved_budget_bytes``, ``saved_predicted_peak_bytes``
             and ``saved_measured_peak_bytes`` are the budget, the peak the choice predicts and the peak of the last
             step measured for it (``planning/saving_blocks.py``).
+        batch_chunks, chunk_layers: the module run in dim-0 batch chunks and their number (None: none);
+            ``chunks_auto``: chosen by ``batch_chunks="auto"`` because the budget needed them (``planning/auto_chunks.py``).
         layers: one :class:`LayerStats` per layer of the latest pass, in forward order; their ``saved_bytes``
             add up to ``offloaded_bytes + kept_bytes``. Not among ``metrics()`` (a table, not a number).
         timeline: device memory through the latest watched step, one :class:`MemorySample` per layer boundary
@@ -170,6 +172,9 @@ class MemoryReport:
     saved_budget_bytes: Optional[int] = None
     saved_predicted_peak_bytes: Optional[int] = None
     saved_measured_peak_bytes: Optional[int] = None
+    batch_chunks: Optional[int] = None
+    chunk_layers: Optional[str] = None
+    chunks_auto: bool = False
     layers: tuple[LayerStats, ...] = ()
     timeline: tuple[MemorySample, ...] = ()
 
@@ -204,6 +209,8 @@ class MemoryReport:
             out["resident_recomputed_blocks"] = self.resident_recomputed_blocks or 0
         if self.saved_blocks is not None:
             out["saved_blocks"] = self.saved_blocks
+        if self.batch_chunks is not None:
+            out["batch_chunks"] = self.batch_chunks
         return {prefix + k: float(v) for k, v in out.items()}
 
     def as_dict(self) -> dict:
@@ -221,6 +228,7 @@ class MemoryReport:
             f"  host pool              {self.host_pool_bytes / GiB:8.3f} GiB "
             f"({'pinned' if self.pinned else 'pageable'}, {self.host_allocations} allocations)"
             + (self._plan_line() if self.budget_bytes is not None else "")
+            + (f"\n  batch chunks           {self.chunks_line()}" if self.batch_chunks is not None else "")
             + (self._stream_line() if self.streamed_h2d_bytes is not None else "")
         )
 
@@ -239,6 +247,11 @@ class MemoryReport:
         total, exposed = self.predicted_copy_ms or 0.0, self.predicted_exposed_copy_ms or 0.0
         return (f"\n  offloaded layers       {layer_ranges(self.offloaded_layers)}: copies predicted {total:.1f} ms, "
                 f"{max(0.0, total - exposed):.1f} hidden, {exposed:.1f} exposed")
+
+    def chunks_line(self) -> str:
+        """``4 of 'model.features' (auto: the budget is below its unchunked floor)``."""
+        return f"{self.batch_chunks} of {self.chunk_layers!r}" + (
+            " (auto: the budget is below its unchunked floor)" if self.chunks_auto else "")
 
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"

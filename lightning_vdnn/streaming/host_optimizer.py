@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 from lightning_vdnn.integrations.adapters.torch import around_zero_grad
 from lightning_vdnn.units import host_clock
 from lightning_vdnn.streaming.host_state import HostBlock
+from lightning_vdnn.streaming import native_adam
 from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
 from lightning_vdnn.streaming.step_hooks import StepHooks
 
@@ -85,10 +86,13 @@ class _BlockOptimizer:
 
 def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
-    pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments keeps the same-class
-    optimizer (torch's fused kernel over each block on a GPU run, then a bf16 copy; on a CPU device the per-tensor
-    loop of plain training): timed alone the native pass was faster on the H200, but the step it ran in was not
-    (``benchmarks/README.md``), so it is asked for by name (``host_optimizer="native"``)."""
+    pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments on a GPU run (``fused``)
+    takes the native pass where it builds: bit for bit torch's fused kernel, and faster in the step, as it writes
+    the bf16 copy in the same pass (``benchmarks/README.md``); on a CPU device, the same-class optimizer (the
+    per-tensor loop of plain training, and no compiler run on a machine without a GPU)."""
+    if backend == "auto" and state_dtype == torch.float32 and fused and fits(optimizer) \
+            and native_adam.load() is not None:
+        return AdamPass("native", state_dtype)
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
@@ -104,7 +108,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
         if not fused:
             return AdamPass("torch", state_dtype)
         backend = choose_backend(state_dtype)
-    return None if backend is None else AdamPass(backend, state_dtype)
+    return AdamPass(backend, state_dtype)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -176,8 +180,8 @@ class HostStepper:
             multi-threaded pass per block, several times faster than the per-tensor loop torch picks for CPU
             tensors. It rounds differently from that loop (as the device's foreach kernel does), so exact
             comparisons against a plain CPU run turn it off.
-        backend: ``"auto"``: with ``fused`` and fp32 moments, the faster of the same-class optimizer (fused as
-            above) and ``"native"``, which computes the same bits, else the same-class optimizer;
+        backend: ``"auto"``: with ``fused`` and fp32 moments, ``"native"`` (the same bits as the fused
+            optimizer) where it builds, else the same-class optimizer;
             ``"torch"``, ``"deepspeed"`` or ``"native"``: the one pass of ``streaming/host_update.py`` with that
             kernel (it writes the blocks' compute-dtype copies as it goes).
         state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).

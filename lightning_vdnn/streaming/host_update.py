@@ -217,15 +217,13 @@ def deepspeed_built() -> bool:
         return False
 
 
-def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3,
-                   exact: bool = False) -> Optional[str]:
-    """``"auto"`` on a GPU run: the fastest update of ``numel`` parameters (best of ``repeat``, each writing the
-    bf16 copy a ``bf16-mixed`` run loads) among the kernels that are built. ``exact``: only those bit for bit
-    torch's fused optimizer, the same-class optimizer plus a copy (None) and ``"native"``; else ``"torch"``,
-    ``"deepspeed"`` (when built: ``"auto"`` never starts its build, which takes minutes) and ``"native"`` (built
-    here on first use, in seconds)."""
-    candidates: list[Optional[str]] = [None] if exact else ["torch"]
-    if not exact and deepspeed_built():
+def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int = 3) -> str:
+    """``"auto"`` with bf16 moments on a GPU run: the fastest one-pass update of ``numel`` parameters (best of
+    ``repeat``, each writing the bf16 copy a ``bf16-mixed`` run loads) among ``"torch"``, ``"deepspeed"`` (when
+    built: ``"auto"`` never starts its build, which takes minutes) and ``"native"`` (built here on first use, in
+    seconds)."""
+    candidates = ["torch"]
+    if deepspeed_built():
         try:
             load_deepspeed()
             candidates.append("deepspeed")
@@ -237,28 +235,22 @@ def choose_backend(state_dtype: torch.dtype, numel: int = 1 << 24, repeat: int =
         return candidates[0]
     best = {backend: _time_update(backend, state_dtype, numel, repeat) for backend in candidates}
     chosen = min(best, key=best.get)
-    log.info("lightning_vdnn: host update on %s (%s over %d parameters)", chosen or "the same-class optimizer",
-             ", ".join(f"{b or 'same-class'} {t * 1e3:.1f} ms" for b, t in best.items()), numel)
+    log.info("lightning_vdnn: host update on %s (%s over %d parameters)", chosen,
+             ", ".join(f"{b} {t * 1e3:.1f} ms" for b, t in best.items()), numel)
     return chosen
 
 
-def _time_update(backend: Optional[str], state_dtype: torch.dtype, numel: int, repeat: int) -> float:
+def _time_update(backend: str, state_dtype: torch.dtype, numel: int, repeat: int) -> float:
     """Best time of ``repeat`` updates of ``numel`` parameters with a bf16 copy (after one untimed)."""
     w, copy = torch.zeros(numel), torch.empty(numel, dtype=torch.bfloat16)
     g = torch.full((numel,), 1e-3, dtype=state_dtype)  # bf16 moments come with bf16 gradients (bf16_grads.py)
     param = torch.nn.Parameter(w)
-    opt = torch.optim.AdamW([param], lr=1e-4, fused=backend is None)
-    upd = AdamPass(backend, state_dtype) if backend is not None else None
+    opt = torch.optim.AdamW([param], lr=1e-4)
+    upd = AdamPass(backend, state_dtype)
     times = []
     for _ in range(repeat + 1):
         start = host_clock()
-        if upd is None:
-            param.grad = g
-            opt.step()
-            copy.copy_(w)
-        else:
-            upd.update(opt, opt.param_groups[0], param, w, g, opt.state[param], copy)
+        upd.update(opt, opt.param_groups[0], param, w, g, opt.state[param], copy)
         times.append(host_clock() - start)
-    if upd is not None:
-        upd.close()
+    upd.close()
     return min(times[1:])
