@@ -131,7 +131,7 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
     With ``link``, and copies that can hide (a GPU profile, ``copy_link.has_overlap``), copies are timed as the copy
     link runs them (``planning/copy_link.py``): the plans tried are, for each ``k``, the layers before ``k``
     offloaded and the rest the dynamic program's choice; the one of least added time under that model that fits
-    wins (none fits: the plan of the per-layer model, :attr:`LayerProfile.offload_ms`).
+    wins if it adds less than the plan of the per-layer model (:attr:`LayerProfile.offload_ms`), else that plan.
 
     Raises:
         BudgetTooSmall: ``budget < floor``, the least peak any plan reaches; the message states it.
@@ -158,7 +158,11 @@ def solve_layers(layers: Sequence[LayerProfile], floor: int, budget: int, granul
         plan = _linked(layers, room, granule, floor, base, budget, k, alone_ms)
         if plan is not None and (best is None or plan.added_ms < best.added_ms):
             best = plan
-    return best if best is not None else per_layer
+    # the link's timing is the hopeful one (copies hide under all the compute around them); where the per-layer
+    # model, which credits each copy only its neighbour's compute, already finds a plan as cheap, that plan is taken:
+    # where copies cannot hide (a CNN's large early activations) the link's queue holds bytes the budget must then
+    # give up, and its plans offload more, not less
+    return best if best is not None and best.added_ms < per_layer.added_ms else per_layer
 
 
 def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int, base: int, budget: int,
