@@ -28,48 +28,64 @@ def _copy_gbps(src: torch.Tensor, dst: torch.Tensor, repeats: int = 10) -> float
     return repeats * src.nbytes / start.elapsed_time(end) / 1e6
 
 
-_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+class Locks:
+    """The ranges ``pinned_arena.lock`` page-locked and ``unlock`` has not released. (``Tensor.is_pinned()`` cannot
+    say: on torch 2.11 it is False for memory locked by ``cudaHostRegister``; and asking CUDA by registering again
+    leaves an "already registered" error that the next kernel launch raises.)"""
+
+    def __init__(self, monkeypatch) -> None:
+        self.ranges: dict[int, int] = {}
+        lock, unlock = pinned_arena.lock, pinned_arena.unlock
+
+        def locking(chunk):
+            lock(chunk)
+            self.ranges[chunk.data_ptr()] = chunk.nbytes
+
+        def unlocking(chunk):
+            unlock(chunk)
+            self.ranges.pop(chunk.data_ptr())
+
+        monkeypatch.setattr(pinned_arena, "lock", locking)
+        monkeypatch.setattr(pinned_arena, "unlock", unlocking)
+
+    def hold(self, t: torch.Tensor) -> bool:
+        start = t.data_ptr()
+        return any(a <= start and start + t.nbytes <= a + n for a, n in self.ranges.items())
 
 
-def _locked(t: torch.Tensor) -> bool:
-    """Whether ``t``'s memory is registered with CUDA. ``Tensor.is_pinned()`` cannot say: on torch 2.11 it is
-    False for memory page-locked by ``cudaHostRegister`` (it knows its own allocator's blocks). Registering again
-    fails with "already registered" exactly when it is; a registration that succeeds here is undone."""
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.nbytes, 0))
-    if err == 0:
-        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-    return err == _ALREADY_REGISTERED
-
-
-def test_arena_chunks_are_page_locked_and_copy_as_fast_as_torch_pinned_memory():
+def test_arena_chunks_are_page_locked_and_copy_as_fast_as_torch_pinned_memory(monkeypatch):
+    locks = Locks(monkeypatch)
     numel = 2**26  # 256 MiB of fp32
     arena = PinnedArena(True, total=4 * numel)
     buf = arena.empty(numel, torch.float32).fill_(1.0)
     ref = torch.ones(numel, dtype=torch.float32, pin_memory=True)
     dev = torch.empty(numel, dtype=torch.float32, device="cuda")
-    assert arena.pin and _locked(buf)
+    assert arena.pin and locks.hold(buf)
     ours, torchs = _copy_gbps(buf, dev), _copy_gbps(ref, dev)
     assert ours >= 0.85 * torchs, (ours, torchs)
     ours, torchs = _copy_gbps(dev, buf), _copy_gbps(dev, ref)  # the gradients' way
     assert ours >= 0.85 * torchs, (ours, torchs)
     arena.close()
-    assert not _locked(buf) and bool((buf == dev.cpu()).all())  # unlocked, still valid until dropped
+    assert not locks.hold(buf) and bool((buf == dev.cpu()).all())  # unlocked, still valid until dropped
 
 
 class Pinned(L.Callback):
     """During training every streamed block's weights, gradients and bf16 copy live in page-locked chunks."""
 
+    def __init__(self, locks: Locks) -> None:
+        self.locks = locks
+
     def on_before_optimizer_step(self, trainer, module, optimizer):
         streamer = trainer.strategy._streamer
         streamer.wait_grads()
-        self.held = all(_locked(t) for b in streamer.blocks for t in (b.flat, b.grad_flat, b.copy))
+        self.held = all(self.locks.hold(t) for b in streamer.blocks for t in (b.flat, b.grad_flat, b.copy))
         self.arenas = len(streamer._arenas)
 
 
 def test_the_end_of_a_bf16_state_run_frees_and_unlocks_every_chunk(monkeypatch):
     live: dict[int, int] = {}
-    locked: list[int] = []
-    new_chunk, lock, unlock = PinnedArena._new_chunk, pinned_arena.lock, pinned_arena.unlock
+    locks = Locks(monkeypatch)
+    new_chunk = PinnedArena._new_chunk
 
     def watched(self, nbytes):
         chunk = new_chunk(self, nbytes)
@@ -79,12 +95,10 @@ def test_the_end_of_a_bf16_state_run_frees_and_unlocks_every_chunk(monkeypatch):
         return chunk
 
     monkeypatch.setattr(PinnedArena, "_new_chunk", watched)
-    monkeypatch.setattr(pinned_arena, "lock", lambda c: (lock(c), locked.append(c.data_ptr())))
-    monkeypatch.setattr(pinned_arena, "unlock", lambda c: (unlock(c), locked.remove(c.data_ptr())))
-    seen = Pinned()
+    seen = Pinned(locks)
     got, _ = fit(RecordingGPT, token_loader(n=32), VDNNStrategy("none", layer_streaming=True, host_state_dtype="bf16"),
                  max_steps=4, precision="bf16-mixed", accelerator="gpu", devices=1, callbacks=[seen])
     assert seen.held and seen.arenas == 2  # the weights' and gradients' arena, the bf16 copies' arena
-    assert not live and not locked
+    assert not live and not locks.ranges
     for name, p in got.model.blocks.named_parameters():
         assert p.device.type == "cpu" and not p.is_pinned() and p.untyped_storage().nbytes() == p.nbytes, name

@@ -26,13 +26,14 @@ class LastPlan(L.Callback):
 def test_gpt_plan_recomputes_selectively_trains_like_plain_and_keeps_the_budget(monkeypatch):
     """Copies made dear (10x each layer's forward, as PCIe against an H200's compute on gpt_1b) and the cheap ops'
     share at most a quarter: at a budget a third of the way from the all-offloaded peak to plain's, keeping is out
-    for most blocks and the plan recomputes, selectively where that makes it cheaper than whole. fp32 training equals plain;
-    the measured peak stays within ``BUDGET_TOLERANCE`` over the budget."""
+    for most blocks and the plan recomputes, selectively where that makes it cheaper than whole. fp32 training
+    equals plain (dropout included: every random op's output is kept); the measured peak stays within
+    ``BUDGET_TOLERANCE`` over the budget."""
     measured = ActivationOffloader.layer_profile
 
     def dear_copies_cheap_ops(self):
         # the cheap ops' share capped at a quarter, as on gpt_1b's wide blocks: this small model's measured share
-        # (about half) can make whole recompute the cheaper plan, and this test is about the mechanism on a GPU
+        # (about half) can make whole recompute the cheaper plan; this test is about the mechanism on a GPU
         return [dataclasses.replace(
             p, transfer_ms=10 * p.forward_ms + 1.0, overlap_ms=0.0,
             selective=p.selective and dataclasses.replace(p.selective, share=min(p.selective.share, 0.25)))

@@ -55,8 +55,21 @@ SAVED_OPS: frozenset = _ops(
 
 
 def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """SAC's policy: keep :data:`SAVED_OPS`' outputs, recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    """SAC's policy: keep :data:`SAVED_OPS`' outputs and those of every op that draws random numbers, recompute
+    the rest. The recompute replays the forward's RNG state from its start, so it draws what forward drew only if
+    it runs every random op forward ran: with one kept (CUDA's flash attention with dropout draws inside the
+    kernel) the dropouts after it would draw other masks. Kept, none is run again and nothing is drawn."""
+    if op in SAVED_OPS or _draws(op):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _draws(op: Any) -> bool:
+    """A random op whose output SAC can keep: not one that writes its input (``bernoulli_``, whose result SAC
+    would find mutated; recomputed, it draws again from the replayed state, as it does today)."""
+    schema = getattr(op, "_schema", None)
+    mutates = schema is not None and schema.is_mutable
+    return torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()) and not mutates
 
 
 def contexts(held: Optional[Callable[[torch.Tensor], None]] = None) -> tuple:
