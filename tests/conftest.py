@@ -138,6 +138,14 @@ def fit(module_fn, loader, strategy="auto", max_steps: int = 3, seed: int = 0, *
     return module, trainer
 
 
+def fit_on_gpu(module_fn, loader, strategy, max_steps: int, **trainer_kwargs):
+    """:func:`fit` on the GPU from an emptied cache; returns (module, trainer, the peak of allocated bytes)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    module, trainer = fit(module_fn, loader, strategy, max_steps, accelerator="gpu", **trainer_kwargs)
+    return module, trainer, torch.cuda.max_memory_allocated()
+
+
 def made_storages(args: tuple, kwargs: dict | None, out: object) -> dict[int, torch.UntypedStorage]:
     """The storages an op (``__torch_dispatch__``'s ``func(*args, **kwargs)`` giving ``out``) made, by address: not
     views or aliases of its inputs."""
@@ -161,3 +169,24 @@ def cnn():
 @pytest.fixture
 def lm():
     return lambda: TokenLM(dropout=0.1)
+
+
+def auto_against_plain(run, share: float, caplog_text=lambda: "", **auto_kwargs):
+    """A GPU plan's test: ``run(strategy, steps)`` (:func:`fit_on_gpu`) in-GPU (6 steps), with every activation
+    offloaded (1 step: the floor), and ``"auto"`` at the floor plus ``share`` of the way to the in-GPU peak (6
+    steps); the auto run's losses and parameters against the in-GPU run's. Returns (auto trainer, budget)."""
+    from lightning_vdnn import VDNNStrategy
+
+    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0), 6)
+    _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0), 1)
+    budget = floor + int(share * (plain_peak - floor))
+    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget, **auto_kwargs), 6)
+    report = trainer.strategy.memory_report()
+    print(f"\nplain {plain_peak / 2**20:.1f} MiB, floor {floor / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB\n"
+          f"{[r.decision for r in report.layers]}\n{report}\n" + caplog_text())
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
+    for p, q in zip(got.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+    for a, b in zip(got.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    return trainer, budget
