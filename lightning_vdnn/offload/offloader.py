@@ -2,12 +2,11 @@
 
 While forward runs, every tensor autograd saves for backward (and the policy picks) is copied to a reusable
 host buffer on a side stream; the device memory is released as soon as that copy has finished. In backward,
-the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead) on a
-second side stream, so the copy runs while layer ``i`` computes (a plan may start each further ahead, at a cue
-layer). Without a model to mark layers (``grouping="tensor"``, as ``torch.autograd.graph.save_on_cpu``), each
-saved span is its own group and backward
-brings back the ones saved before it, a byte budget ahead (``offload/prefetch.py``). A tensor still alive on
-the device when backward needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
+the first use of layer ``i``'s tensors starts bringing back layer ``i-1`` (``prefetch_layers`` ahead; a plan may
+start each further ahead, at a cue layer) on a second side stream, so the copy runs while layer ``i`` computes.
+Without a model to mark layers (``grouping="tensor"``, as ``save_on_cpu``), each saved span is its own group,
+brought back a byte budget ahead (``offload/prefetch.py``). A tensor still alive on the device when backward
+needs it (the tail of forward, a tensor the model kept) is used in place: no copy.
 
 The unit of copying is the byte span of a tensor's storage that the saved view covers, so two saves of one
 tensor (a ReLU's output that the next Linear also saves) move once, and views are rebuilt exactly. What a save
