@@ -395,10 +395,7 @@ class ActivationOffloader(PassRecords):
             if storage is None:
                 self._prefetcher.fetch(entry, self._trace)  # not prefetched: this copy is exposed
                 storage = entry.dev()
-            if self._prefetcher.scheduled:  # where backward is: the layer whose save it reads
-                self._prefetcher.reached(self._groups, here, self._trace)
-            else:
-                self._prefetcher.below(self._groups, entry.group, self._trace)
+            self._prefetcher.advance(self._groups, here, entry.group, self._trace)
             if entry.ready is not None:
                 self._prefetcher.wait(entry, self._trace)
             self._prefetcher.read(entry)

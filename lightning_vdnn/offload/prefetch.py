@@ -79,6 +79,14 @@ class Prefetcher:
         """Whether a plan's schedule says when copies back start (:meth:`reached`, not :meth:`below`)."""
         return bool(self._cue_of)
 
+    def advance(self, groups: list[list[Offloaded]], layer: int, owner: int, trace) -> None:
+        """Backward reads a save of ``layer`` whose bytes are layer ``owner``'s: start the copies back now due, by
+        the plan's cues (:meth:`reached`) or, without a schedule, by layers or bytes below ``owner`` (:meth:`below`)."""
+        if self.scheduled:
+            self.reached(groups, layer, trace)
+        else:
+            self.below(groups, owner, trace)
+
     def below(self, groups: list[list[Offloaded]], group: int, trace) -> None:
         """Backward reads ``group`` now: start the copies of the groups it will read next."""
         if self._frontier is None:

@@ -319,7 +319,11 @@ def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recompu
                    base: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> int:
     """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes (a segment
     counts as one layer, its last; a layer in ``selective`` holds and rebuilds as its selective recompute does)."""
-    held, levels = held_levels(layers, kept, recomputed, segments, selective)
+    return _peak(*held_levels(layers, kept, recomputed, segments, selective), floor, base)
+
+
+def _peak(held: list[int], levels: list[int], floor: int, base: int) -> int:
+    """:func:`predicted_peak` from :func:`held_levels`."""
     return max(floor, base + max([held[-1] if held else 0, *levels]))
 
 
@@ -365,12 +369,12 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
     seg = [segment_bytes(layers, first, end) for first, end in segments]
     recompute_ms = (sum(p.forward_ms for p in redone) + sum(layers[g].forward_ms for g in inside)
                     + sum(p.selective_ms for p in some))
-    peak = predicted_peak(layers, kept, recomputed, floor, base, segments, selective)
+    held, levels = held_levels(layers, kept, recomputed, segments, selective)
+    peak = _peak(held, levels, floor, base)
     copies = dict(added_ms=sum(layers[g].offload_ms for g in offloaded) + recompute_ms,
                   copy_ms=2 * sum(layers[g].transfer_ms for g in offloaded),
                   exposed_copy_ms=sum(layers[g].offload_ms for g in offloaded))
     if link and offloaded:
-        held, levels = held_levels(layers, kept, recomputed, segments, selective)
         link_plan = copy_link.schedule(layers, offloaded, levels, budget - base)
         peak = max(peak, base + max(h + x for h, x in zip(held + held[-1:], link_plan.forward_extra)),
                    base + max(v + a for v, a in zip(levels, link_plan.ahead)))

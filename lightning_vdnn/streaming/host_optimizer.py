@@ -90,9 +90,6 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
     takes the native pass where it builds: bit for bit torch's fused kernel, and faster in the step, as it writes
     the bf16 copy in the same pass (``benchmarks/README.md``); on a CPU device, the same-class optimizer (the
     per-tensor loop of plain training, and no compiler run on a machine without a GPU)."""
-    if backend == "auto" and state_dtype == torch.float32 and fused and fits(optimizer) \
-            and native_adam.load() is not None:
-        return AdamPass("native", state_dtype)
     wants = backend != "auto" or state_dtype != torch.float32
     if not fits(optimizer):
         if wants:
@@ -104,7 +101,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
         return None
     if backend == "auto":
         if not wants:
-            return None
+            return AdamPass("native", state_dtype) if fused and native_adam.load() is not None else None
         if not fused:
             return AdamPass("torch", state_dtype)
         backend = choose_backend(state_dtype)
