@@ -27,7 +27,8 @@ def test_gpt_plan_recomputes_selectively_trains_like_plain_and_keeps_the_budget(
     """Copies made dear (10x each layer's forward, as PCIe against an H200's compute on gpt_1b) and the cheap ops'
     share at most a quarter: at a budget a third of the way from the all-offloaded peak to plain's, keeping is out
     for most blocks and the plan recomputes, selectively where that makes it cheaper than whole. fp32 training
-    equals plain (dropout included: every random op's output is kept); the measured peak stays within
+    equals plain (dropout included: every random op's output is kept), to within four times what plain differs
+    from itself between two runs (CUDA's attention backward is not deterministic); the measured peak stays within
     ``BUDGET_TOLERANCE`` over the budget."""
     measured = ActivationOffloader.layer_profile
 
@@ -53,6 +54,9 @@ def test_gpt_plan_recomputes_selectively_trains_like_plain_and_keeps_the_budget(
         return m, trainer, torch.cuda.max_memory_allocated()
 
     ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0, layers="model.blocks"))
+    # CUDA's attention backward accumulates with atomics: plain against itself sets the tolerance's floor
+    again, _, _ = run(VDNNStrategy("none", min_offload_bytes=0, layers="model.blocks"))
+    noise = max((p - q).abs().max().item() for p, q in zip(again.parameters(), ref.parameters()))
     _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0, layers="model.blocks"), steps=2)
     budget = floor + (plain_peak - floor) // 3
     seen = LastPlan()
@@ -67,6 +71,6 @@ def test_gpt_plan_recomputes_selectively_trains_like_plain_and_keeps_the_budget(
     assert report.layers_selective == len(seen.plan.selective)
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=1e-4, atol=1e-5)
     for p, q in zip(got.parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=max(1e-5, 4 * noise))
     assert report.measured_peak_bytes <= budget * (1 + BUDGET_TOLERANCE)
     assert report.budget_kept

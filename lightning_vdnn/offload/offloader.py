@@ -13,11 +13,9 @@ tensor (a ReLU's output that the next Linear also saves) move once, and views ar
 holds on the device counts per storage, whole and once (``offload/ledger.py``, which also keeps each pass's
 record of what was kept and what moved): a storage stays allocated while any view of it is saved.
 
-A plan (``"auto"``) names the layers whose saves stay on the device and the layers to recompute in backward
-(``offload/recompute.py``: their forward runs under a checkpoint, so only their inputs reach these hooks), one by
-one or as segments, runs of consecutive layers under one checkpoint; a layer recomputed selectively
-(``offload/selective.py``) also holds its expensive ops' outputs, which the checkpoint keeps outside these hooks
-and which are counted as the layer's kept bytes.
+A plan (``"auto"``) names the layers whose saves stay on the device and those recomputed in backward, one by one
+or in segments (``offload/recompute.py``: under a checkpoint, only their inputs reach these hooks; a selective one,
+``offload/selective.py``, also holds its expensive ops' outputs, counted as its kept bytes).
 """
 
 from __future__ import annotations
@@ -145,10 +143,9 @@ class ActivationOffloader(PassRecords):
                  segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = (),
                  prefetch_from: Sequence[tuple[int, int]] = (), inflight_bytes: int = 0) -> None:
         """From the next pass on (layers of the last pass, forward order): those whose saves stay on the device
-        (None: offload all); those recomputed in backward, inputs kept; of those the runs ``[start, end)`` that
-        are one segment each, and the selective ones (``offload/selective.py``; recomputed even if not in
-        ``recompute``); ``(layer, cue)``: copies back started as backward reaches ``cue`` (``offload/prefetch.py``);
-        bytes forward may queue to the host beyond ``max_inflight_bytes`` (the plan's copies, counted as hidden)."""
+        (None: offload all); those recomputed in backward, inputs kept; of those the runs ``[start, end)`` that are
+        one segment each, and the selective ones (recomputed even if not in ``recompute``); ``(layer, cue)``: copies
+        back started as backward reaches ``cue``; bytes forward may queue beyond ``max_inflight_bytes``."""
         if inflight_bytes < 0:
             raise ValueError(f"inflight_bytes={inflight_bytes!r} must be a byte count >= 0.")
         self._prefetcher.plan(prefetch_from)
