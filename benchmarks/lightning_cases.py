@@ -70,7 +70,7 @@ class RepeatBatch:
 
 
 #: ``l2l`` cases of the host update's options (``VDNNConfig.host_optimizer``, ``host_state_dtype``).
-HOST_UPDATES = {"l2l_auto": ("auto", "fp32"), "l2l_torch": ("torch", "fp32"), "l2l_ds": ("deepspeed", "fp32"), "l2l_bf16s": ("auto", "bf16"),
+HOST_UPDATES = {"l2l_torch": ("torch", "fp32"), "l2l_ds": ("deepspeed", "fp32"), "l2l_bf16s": ("auto", "bf16"),
                 "l2l_bf16g": ("torch", "bf16"), "l2l_ds_bf16s": ("deepspeed", "bf16"),
                 "l2l_native": ("native", "fp32"), "l2l_native_bf16s": ("native", "bf16")}
 
@@ -89,14 +89,11 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
 
     extra = {}
     if name in HOST_UPDATES:  # l2l with the blocks' host update on another kernel, or the lean bf16 host state
-        backend, moments, pages = *HOST_UPDATES[name], {}
-    elif name.endswith("_4k") and name[:-3] in HOST_UPDATES:  # the same on the system's ordinary 4 KiB pages
-        backend, moments, pages = *HOST_UPDATES[name[:-3]], {"host_huge_pages": False}
-    if name in HOST_UPDATES or name.endswith("_4k"):
         from lightning_vdnn import VDNNConfig, VDNNStrategy
 
+        backend, moments = HOST_UPDATES[name]
         return VDNNStrategy(config=VDNNConfig(**StrategyRegistry["l2l"]["init_params"], host_optimizer=backend,
-                                              host_state_dtype=moments, **pages))
+                                              host_state_dtype=moments))
     if mix := MIXED.match(name):  # R resident (the first K keeping theirs), S streamed saving
         return _mixed(int(mix[2]), int(mix[3]), int(mix[4] or 0), mix[1], memory_budget)
     if name.startswith("l2l_r"):  # l2l_rN: l2l with the first N blocks resident

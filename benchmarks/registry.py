@@ -105,10 +105,6 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("l2l_native_bf16s", "lightning", "l2l_bf16s on the native one-pass kernel: bf16 moments and gradients "
              "widened, updated and rounded in its one pass (host_optimizer='native', host_state_dtype='bf16')",
              data_parallel=False),
-    CaseSpec("l2l_auto_4k", "lightning", "l2l on the system's ordinary 4 KiB host pages (host_huge_pages=False): "
-             "against l2l, what the huge pages of the host state change", data_parallel=False),
-    CaseSpec("l2l_native_bf16s_4k", "lightning", "l2l_native_bf16s on ordinary 4 KiB host pages "
-             "(host_huge_pages=False)", data_parallel=False),
     CaseSpec("l2l_mb8_lean", "lightning", "l2l_mb8 at its least device memory: l2l_lean's settings (block inputs "
              "to the host, internals recomputed, the head's and embeddings' optimizer on the host) with the head and "
              "loss in 8 chunks of tokens (GPT: GPT.loss; Hugging Face: labels=, chunked by the streamer)",

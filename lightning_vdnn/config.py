@@ -171,10 +171,6 @@ class VDNNConfig:
             host memory per parameter instead of 16, losses within 0.1% of fp32 states in the tests; runs the one
             pass. Adam/AdamW only; block parameters' ``p.grad`` stays None during training, and
             ``accumulate_grad_batches`` > 1, gradient clipping and ``16-mixed`` raise (use ``microbatches``).
-        host_huge_pages: with layer streaming, put the blocks' host buffers and the one pass's moments on 2 MiB
-            pages where Linux offers transparent huge pages (``streaming/huge_pages.py``): the host update and the
-            copies stream many GiB a step, and 4 KiB pages cost a TLB miss every 4 KiB. ``True`` (default);
-            ``False``: the system's ordinary pages. Changes no number the run computes.
         report_dir: where ``fit_report`` saves its PNG: a path or any fsspec URL, written through fsspec as the
             loggers write theirs. ``None`` (default): the logger's own log directory (``trainer.log_dir``); with
             ``logger=False`` no PNG (the table is still printed): Lightning writes no logs then, and a file in the
@@ -206,7 +202,6 @@ class VDNNConfig:
     host_optimizer: HostBackend = option("auto", "streaming", what="a host update backend",
                                          why="'auto': the user's optimizer over each block")
     host_state_dtype: HostStateDtype = option("fp32", "streaming", why="fp32: exact; bf16: Adam's moments and the blocks' gradients in bf16")
-    host_huge_pages: bool = option(True, "streaming", why="2 MiB pages for the host state where Linux offers them")
 
     def __post_init__(self) -> None:
         self._check_types()

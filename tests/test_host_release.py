@@ -58,8 +58,7 @@ def ledger(monkeypatch):
     monkeypatch.setattr(pinned_arena, "unlock", lambda chunk: book.locked.remove(chunk.data_ptr()))
     init, new_chunk, free = PinnedArena.__init__, PinnedArena._new_chunk, PinnedArena.free
     release_part = HostBlock.release_part
-    monkeypatch.setattr(PinnedArena, "__init__",
-                        lambda self, pin, total=None, huge_pages=True: init(self, True, total, huge_pages))
+    monkeypatch.setattr(PinnedArena, "__init__", lambda self, pin, total=None: init(self, True, total))
     monkeypatch.setattr(PinnedArena, "MAX_CHUNK", CHUNK)
     monkeypatch.setattr(PinnedArena, "CHUNK", 2**16)
     monkeypatch.setattr(PinnedArena, "_new_chunk", lambda self, n: (lambda c: book.made(c) or c)(new_chunk(self, n)))

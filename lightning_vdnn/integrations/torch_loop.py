@@ -57,8 +57,7 @@ def stream_layers(model: nn.Module, *optimizers: torch.optim.Optimizer, device: 
     streamer = LayerStreamer(model, config.layers, torch.device(device), precision=precision,
                              pin_memory=config.pin_memory, resident=config.fixed_resident,
                              microbatches=config.microbatches, saved_blocks=config.saved_blocks,
-                             host_optimizer=config.host_optimizer, host_state_dtype=config.host_state_dtype,
-                             host_huge_pages=config.host_huge_pages)
+                             host_optimizer=config.host_optimizer, host_state_dtype=config.host_state_dtype)
     streamer.set_eager(eager_updates)
     try:
         streamer.attach_optimizers(optimizers)

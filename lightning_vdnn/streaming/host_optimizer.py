@@ -84,8 +84,7 @@ class _BlockOptimizer:
             self.optimizer = cls(groups, **extra)
 
 
-def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype,
-                 huge_pages: bool = True) -> Optional[AdamPass]:
+def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
     pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments on a GPU run (``fused``)
     takes the native pass where it builds: bit for bit torch's fused kernel, and faster in the step, as it writes
@@ -102,11 +101,11 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
         return None
     if backend == "auto":
         if not wants:
-            return AdamPass("native", state_dtype, huge_pages) if fused and native_adam.load() is not None else None
+            return AdamPass("native", state_dtype) if fused and native_adam.load() is not None else None
         if not fused:
-            return AdamPass("torch", state_dtype, huge_pages)
+            return AdamPass("torch", state_dtype)
         backend = choose_backend(state_dtype)
-    return AdamPass(backend, state_dtype, huge_pages)
+    return AdamPass(backend, state_dtype)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -183,17 +182,15 @@ class HostStepper:
             ``"torch"``, ``"deepspeed"`` or ``"native"``: the one pass of ``streaming/host_update.py`` with that
             kernel (it writes the blocks' compute-dtype copies as it goes).
         state_dtype: the precision of Adam's moments in host memory (bf16: the one pass, even on a CPU device).
-        huge_pages: the one pass's moments on 2 MiB pages where the kernel offers them (``streaming/huge_pages.py``).
 
     Raises:
         ValueError: a backend or bf16 moments asked for an optimizer other than Adam/AdamW (or with AMSGrad).
     """
 
     def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,
-                 fused: bool = True, backend: str = "auto", state_dtype: torch.dtype = torch.float32,
-                 huge_pages: bool = True) -> None:
+                 fused: bool = True, backend: str = "auto", state_dtype: torch.dtype = torch.float32) -> None:
         self.optimizer, self.blocks, self.eager = optimizer, blocks, eager
-        self.update_pass = _update_pass(optimizer, fused, backend, state_dtype, huge_pages)
+        self.update_pass = _update_pass(optimizer, fused, backend, state_dtype)
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         one_pass = self.update_pass is not None
         self._subs = [_BlockOptimizer(optimizer, b, owned, fused, one_pass) for b in blocks]

@@ -229,11 +229,11 @@ def _within(t: Tensor, buffer: Optional[Tensor]) -> bool:
     return buffer is not None and t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
-def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool, huge_pages: bool = True) -> PinnedArena:
+def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> PinnedArena:
     """Give each block without one a host copy of its weights in ``dtype`` (the slots'), from one arena, returned:
     its chunks stay page-locked until it frees them (``streaming/host_release.py``)."""
     blocks = [b for b in blocks if b.copy is None]
-    arena = PinnedArena(pin, total=sum(b.numel * dtype.itemsize for b in blocks), huge_pages=huge_pages)
+    arena = PinnedArena(pin, total=sum(b.numel * dtype.itemsize for b in blocks))
     for block in blocks:
         block.copy = arena.empty(block.numel, dtype)
     return arena

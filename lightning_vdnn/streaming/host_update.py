@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.config import HOST_BACKENDS
-from lightning_vdnn.streaming import huge_pages, native_adam
+from lightning_vdnn.streaming import native_adam
 from lightning_vdnn.units import host_clock
 
 #: Host update backends (``VDNNConfig.host_optimizer``).
@@ -68,16 +68,15 @@ class AdamPass:
             kernel does not build).
         state_dtype: dtype of the moments in host memory; fp32 states loaded from a checkpoint are narrowed on
             their first update, and torch widens bf16 ones when a plain optimizer loads them.
-        huge_pages: the moments on 2 MiB pages where the kernel offers them (``streaming/huge_pages.py``).
     """
 
-    def __init__(self, backend: str, state_dtype: torch.dtype = torch.float32, huge_pages: bool = True) -> None:
+    def __init__(self, backend: str, state_dtype: torch.dtype = torch.float32) -> None:
         if backend not in BACKENDS[1:]:
             raise ValueError(f"host_optimizer={backend!r} is not a backend; choose one of {list(BACKENDS[1:])}.")
         self._native = native_adam.load() if backend == "native" else None
         if backend == "native" and self._native is None:
             backend = "torch"  # the build failed: native_adam.load warned once
-        self.backend, self.state_dtype, self.huge_pages = backend, state_dtype, huge_pages
+        self.backend, self.state_dtype = backend, state_dtype
         self.bytes = 0  # host bytes the updates queued since the last :meth:`take_bytes` read and write
         self._op, self._ids = (load_deepspeed() if backend == "deepspeed" else None), {}
         self._scratch: list[Tensor] = []
@@ -101,8 +100,8 @@ class AdamPass:
         on its host ``weights``; ``out``, if given, receives the new weights in its dtype."""
         if not state:
             state["step"] = torch.tensor(0.0)
-            for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = huge_pages.zeros(weights.numel(), self.state_dtype, self.huge_pages).view(weights.shape)
+            state["exp_avg"] = torch.zeros_like(weights, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(weights, dtype=self.state_dtype)
         for key in ("exp_avg", "exp_avg_sq"):
             if state[key].dtype != self.state_dtype:  # a checkpoint's fp32 moments, or torch's widened ones
                 state[key] = state[key].to(self.state_dtype)

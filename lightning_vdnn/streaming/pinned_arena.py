@@ -20,8 +20,6 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-from lightning_vdnn.streaming import huge_pages
-
 
 def lock(chunk: Tensor) -> None:
     """Page-lock ``chunk``'s memory for the current CUDA context (and, with unified addressing, every device)."""
@@ -69,8 +67,8 @@ class PinnedArena:
     MAX_CHUNK = 2**33
     ALIGN = 4096  # every buffer starts on a page: any dtype's view is aligned, and copies run at full speed
 
-    def __init__(self, pin: bool, total: Optional[int] = None, huge_pages: bool = True) -> None:
-        self.pin, self.huge_pages = pin, huge_pages
+    def __init__(self, pin: bool, total: Optional[int] = None) -> None:
+        self.pin = pin
         self._plan = _Chunks(self.CHUNK, self.ALIGN, total, self.MAX_CHUNK)
         self._chunks: list[Optional[Tensor]] = []  # None once freed
         self._finalizer = weakref.finalize(self, _unlock_all, self._chunks)
@@ -79,21 +77,20 @@ class PinnedArena:
         """An uninitialised 1-D host buffer of ``numel`` elements, page-locked when the arena pins."""
         nbytes = numel * dtype.itemsize
         if not self.pin:
-            return huge_pages.empty(numel, dtype, self.huge_pages)
+            return torch.empty(numel, dtype=dtype)
         k, start = self._plan.place(nbytes)
         if k == len(self._chunks):
             chunk = self._new_chunk(self._plan.sizes[k])
             if chunk is None:  # page-locking failed (warned): pageable from here on
                 self.pin = False
-                return huge_pages.empty(numel, dtype, self.huge_pages)
+                return torch.empty(numel, dtype=dtype)
             self._chunks.append(chunk)
         return self._chunks[k][start:start + nbytes].view(dtype)
 
     def _new_chunk(self, nbytes: int) -> Optional[Tensor]:
-        """``nbytes`` of page-aligned host memory (on huge pages where asked and offered), page-locked; None (with a
-        warning) if locking fails."""
-        chunk = huge_pages.empty(nbytes + self.ALIGN, torch.uint8, self.huge_pages)
-        chunk = chunk[(-chunk.data_ptr()) % self.ALIGN:][:nbytes]
+        """``nbytes`` of page-aligned host memory, page-locked; None (with a warning) if locking fails."""
+        raw = torch.empty(nbytes + self.ALIGN, dtype=torch.uint8)
+        chunk = raw[(-raw.data_ptr()) % self.ALIGN:][:nbytes]
         chunk.zero_()  # faults the pages in on all cores (registering alone would fault them in on one)
         try:
             lock(chunk)

@@ -121,10 +121,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
     def __init__(self, root: nn.Module, layers: LayerPaths, device: torch.device, precision: str = "32-true",
                  pin_memory: bool = True, resident: int = 0, microbatches: int = 1,
                  recompute_resident_from: Optional[int] = None, saved_blocks: Optional[int] = 0,
-                 host_optimizer: str = "auto", host_state_dtype: str = "fp32", host_huge_pages: bool = True) -> None:
+                 host_optimizer: str = "auto", host_state_dtype: str = "fp32") -> None:
         check_precision(precision)
         self.host_optimizer, self.host_state_dtype = host_optimizer, STATE_DTYPES[host_state_dtype]
-        self.host_huge_pages = host_huge_pages
         self.path, self.container = resolve_layers(root, layers)
         if not 0 <= resident < len(self.container):
             raise ValueError(
@@ -146,7 +145,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self.lean_grads = self.grad_dtype != weights  # bf16 gradients of fp32 weights: ``streaming/bf16_grads.py``
         self.host_copies = self._check_host(streamed, f"the {len(streamed)} blocks at {self.path!r}{kept}", precision)
         pin = self._pin = pin_memory and self.device.type == "cuda"
-        self._arena = PinnedArena(pin, self._arena_bytes(streamed), host_huge_pages)  # close() frees it chunk by chunk
+        self._arena = PinnedArena(pin, self._arena_bytes(streamed))  # kept: close() frees its chunks one by one
         self._arenas = [self._arena]
         self.blocks = [self._new_block(i, m, pin) for i, m in enumerate(streamed)]
         move_except(root, self.device, {id(p) for b in self.blocks for p in b.params})
@@ -221,7 +220,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                    resident=config.fixed_resident if resident is None else resident,
                    microbatches=config.microbatches, recompute_resident_from=recompute_from,
                    saved_blocks=config.streamed_saves, host_optimizer=config.host_optimizer,
-                   host_state_dtype=config.host_state_dtype, host_huge_pages=config.host_huge_pages)
+                   host_state_dtype=config.host_state_dtype)
 
     def _check_host(self, blocks: list[nn.Module], where: str, precision: str) -> bool:
         """Raise ``MemoryError`` if the host cannot hold the blocks' state (``streaming/host_memory.py``), checked
@@ -278,12 +277,10 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             # fused on a GPU run, where the plain optimizer would use a multi-tensor kernel too; on a CPU device
             # the per-tensor loop, which is what plain training runs there (bit-for-bit comparable)
             stepper = HostStepper(opt, self.blocks, eager=self.eager_updates, fused=self.engine.is_cuda,
-                                  backend=self.host_optimizer, state_dtype=self.host_state_dtype,
-                                  huge_pages=self.host_huge_pages)
+                                  backend=self.host_optimizer, state_dtype=self.host_state_dtype)
             self.steppers.append(stepper)
             if self.host_copies and stepper.update_pass is not None and self.dtype != self.host_dtype:
-                # the update writes what loads copy
-                self._arenas.append(add_copies(self.blocks, self.dtype, self._pin, self.host_huge_pages))
+                self._arenas.append(add_copies(self.blocks, self.dtype, self._pin))  # the update writes what loads copy
                 self.stage = None  # loads copy bf16 and cast nothing on the device: no fp32 staging buffer
 
     def load_optimizer_states(self, optimizers: Iterable[Optimizer], states: Iterable[dict]) -> None:
