@@ -162,7 +162,7 @@ void run_range(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t 
 
 template <typename G, typename S, typename O>
 void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, const Scalars& s,
-              int threads) {
+              int threads, int64_t piece) {
   auto* pw = reinterpret_cast<float*>(w);
   auto* pg = reinterpret_cast<const G*>(g);
   auto* pm = reinterpret_cast<S*>(m);
@@ -170,12 +170,12 @@ void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out,
   auto* po = reinterpret_cast<O*>(out);
   // Pieces handed out as threads come free, not one fixed range per thread: the update runs beside the thread
   // driving the GPU and the copy engines' memory traffic, and one thread descheduled for a while would otherwise
-  // hold every other thread at the end of the pass. A piece is whole cache lines for every dtype here.
-  constexpr int64_t kPiece = 1 << 15;
-  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  // hold every other thread at the end of the pass. A piece (native_adam.py's PIECE) is whole cache lines for
+  // every dtype here.
+  const int64_t pieces = (n + piece - 1) / piece;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < pieces; ++i) {
-    const int64_t begin = i * kPiece, end = std::min(n, begin + kPiece);
+    const int64_t begin = i * piece, end = std::min(n, begin + piece);
     if (po != nullptr) {
       run_range<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
     } else {
@@ -186,27 +186,27 @@ void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out,
 
 template <typename G, typename S>
 void with_out(int out_kind, uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n,
-              const Scalars& s, int threads) {
+              const Scalars& s, int threads, int64_t piece) {
   if (out_kind == kBFloat16) {
-    parallel<G, S, uint16_t>(w, g, m, v, out, n, s, threads);
+    parallel<G, S, uint16_t>(w, g, m, v, out, n, s, threads, piece);
   } else {  // kFloat, or kNone with out == 0 (a null pointer of either type)
-    parallel<G, S, float>(w, g, m, v, out, n, s, threads);
+    parallel<G, S, float>(w, g, m, v, out, n, s, threads, piece);
   }
 }
 
 void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, int grad_kind,
                int state_kind, int out_kind, double lr, double beta1, double beta2, double eps, double weight_decay,
-               bool decoupled, double step, int threads) {
+               bool decoupled, double step, int threads, int64_t piece) {
   Scalars s = scalars(lr, beta1, beta2, eps, weight_decay, decoupled, step);
   if (out_kind == kNone) out = 0;
   if (grad_kind == kFloat && state_kind == kFloat) {
-    with_out<float, float>(out_kind, w, g, m, v, out, n, s, threads);
+    with_out<float, float>(out_kind, w, g, m, v, out, n, s, threads, piece);
   } else if (grad_kind == kFloat) {
-    with_out<float, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+    with_out<float, uint16_t>(out_kind, w, g, m, v, out, n, s, threads, piece);
   } else if (state_kind == kFloat) {
-    with_out<uint16_t, float>(out_kind, w, g, m, v, out, n, s, threads);
+    with_out<uint16_t, float>(out_kind, w, g, m, v, out, n, s, threads, piece);
   } else {
-    with_out<uint16_t, uint16_t>(out_kind, w, g, m, v, out, n, s, threads);
+    with_out<uint16_t, uint16_t>(out_kind, w, g, m, v, out, n, s, threads, piece);
   }
 }
 

@@ -30,7 +30,9 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native_adam.
 # per element make a few-core host compute-bound; IEEE operations round the same at any width)
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 _KINDS = {None: -1, torch.float32: 0, torch.bfloat16: 1}
-_PER_THREAD = 1 << 15  # elements: fewer per thread cost more in waking the thread than they save (a bias, a norm)
+#: Elements a thread takes at a time (the kernel's pieces), and the fewest worth a thread: fewer cost more in waking
+#: it than they save (a bias, a norm). A multiple of 32: whole cache lines of every dtype here.
+PIECE = 1 << 15
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # "module": the extension, or None after a failed build (warned once)
 
@@ -88,7 +90,7 @@ def step(module: Any, weights: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
                      0 if out is None else out.data_ptr(), n, _KINDS[grad.dtype], _KINDS[exp_avg.dtype],
                      _KINDS[None if out is None else out.dtype], float(lr), float(beta1), float(beta2), float(eps),
                      float(weight_decay), bool(decoupled), float(step),
-                     max(1, min(torch.get_num_threads(), n // _PER_THREAD)))
+                     max(1, min(torch.get_num_threads(), n // PIECE)), PIECE)
 
 
 def _check(name: str, t: Tensor, n: int, dtypes: tuple) -> None:
