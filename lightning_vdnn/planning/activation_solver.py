@@ -15,14 +15,11 @@ from lightning_vdnn.units import GiB, MiB
 
 Decision = Literal["keep", "offload", "recompute"]
 _OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT, _SELECTIVE = 0, 1, 2, 3, 4
-#: Most granules the budget is counted in: bounds the solver's work per layer.
-MAX_STATES = 2**16
-#: Most layers in one recomputed segment: bounds the solver's work per layer (a longer run rebuilds so much at
-#: once in backward that a plan rarely wants it).
+MAX_STATES = 2**16  #: most granules the budget is counted in: bounds the solver's work per layer
+#: Most layers in one recomputed segment (bounds the work per layer; a longer run is rarely wanted).
 MAX_SEGMENT = 32
 Segment = tuple[int, int]  # layers [start, end), recomputed as one
-#: Most leading layers the copy-link solver offloads as a block (one dynamic program each): bounds its work on
-#: models of many small layers, where copies that hide are a few layers' worth anyway.
+#: Most leading layers the copy-link solver offloads (one dynamic program each; copies that hide are few layers).
 MAX_LEADING = 64
 
 
