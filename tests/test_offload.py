@@ -94,6 +94,28 @@ def test_parameters_are_never_copied():
     assert report.offloaded_bytes == x.numel() * 4  # x moved, weight (and weight.t() view) kept in place
 
 
+def test_span_and_parameter_shortcuts_agree_with_their_definitions():
+    """``span_of``'s contiguous shortcut gives the strides' span; ``_parameter`` is ``isinstance(t, Parameter)``
+    (a plain tensor carrying Parameter's ``_is_param`` flag included)."""
+    from lightning_vdnn.offload import spans
+
+    base = torch.randn(6, 5, 4)
+    views = [base, base[1:3], base[:, 1], base.transpose(0, 2), base[..., ::2], base[2:3, :, 1:2], base.view(-1)[7:],
+             base.unsqueeze(1), base.as_strided((3, 1, 4), (20, 99, 1)), base[:0],
+             torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)]
+    for v in views:
+        general = (1 + sum((s - 1) * st for s, st in zip(v.shape, v.stride()))) * v.element_size()
+        (address, lo, hi), nbytes = spans.span_of(v)
+        assert nbytes == general and hi - lo == general and address == v.untyped_storage().data_ptr()
+        assert spans.span_of(v, 12345)[0][0] == 12345
+    weight = torch.nn.Parameter(torch.randn(3))
+    flagged = torch.randn(3)
+    flagged._is_param = True
+    for t in (weight, weight[1:], weight.detach(), torch.randn(3), flagged, torch.nn.Buffer(torch.randn(2))):
+        assert spans._parameter(t) == isinstance(t, torch.nn.Parameter)
+        assert spans._is_param(t) == (isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter))
+
+
 def test_retain_graph_backward_twice():
     off = cpu_offloader()
     x = torch.randn(32, 32, requires_grad=True)

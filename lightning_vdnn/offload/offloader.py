@@ -311,7 +311,7 @@ class ActivationOffloader(PassRecords):
         if not self._capturing or never_copied(t, self.device, self._params):
             return t
         storage = t.untyped_storage()
-        key, nbytes = span_of(t)
+        key, nbytes = span_of(t, storage.data_ptr())
         with self._lock:
             self._copies.poll()
             trace, group = self._trace, len(self._groups) - 1

@@ -4,6 +4,7 @@ host, which saved tensors are weights (never copied), and which layers' inputs t
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,13 +22,17 @@ def is_expensive(module: nn.Module) -> bool:
     return isinstance(module, EXPENSIVE_LAYERS) or type(module).__name__.endswith("Attention")
 
 
-def span_of(t: torch.Tensor) -> tuple[Span, int]:
+def span_of(t: torch.Tensor, address: Optional[int] = None) -> tuple[Span, int]:
     """The byte span of its storage that ``t`` covers, as (address, first byte, end byte), and its length: two
-    saves of one tensor (or of views covering the same bytes) have the same span, and move once."""
+    saves of one tensor (or of views covering the same bytes) have the same span, and move once. ``address``: its
+    storage's, where the caller has it. (Runs for every saved tensor: a contiguous one's span is its elements.)"""
     itemsize = t.element_size()
-    nbytes = (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * itemsize
+    if t.is_contiguous() and t.numel():
+        nbytes = t.numel() * itemsize
+    else:
+        nbytes = (1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))) * itemsize
     lo = t.storage_offset() * itemsize
-    return (t.untyped_storage().data_ptr(), lo, lo + nbytes), nbytes
+    return (t.untyped_storage().data_ptr() if address is None else address, lo, lo + nbytes), nbytes
 
 
 class Offloaded:
@@ -72,7 +77,16 @@ def _is_param(t: torch.Tensor) -> bool:
     """A parameter, or a view of one, in memory that was not its storage when the pass began: DeepSpeed ZeRO-3
     gathers each layer's weights into fresh memory for forward, frees it after, and gathers again for backward.
     Saved as itself, backward reads the re-gathered weight; a copy would hold the gathered memory all along."""
-    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+    base = t._base
+    return _parameter(t) or (base is not None and _parameter(base))
+
+
+def _parameter(t: torch.Tensor) -> bool:
+    """``isinstance(t, nn.Parameter)``. Parameter's metaclass answers it in Python for every tensor; for a plain
+    ``torch.Tensor`` all it can find is the ``_is_param`` flag, read here directly (every saved tensor passes)."""
+    if type(t) is torch.Tensor:
+        return bool(getattr(t, "_is_param", False))
+    return isinstance(t, nn.Parameter)
 
 
 def _is_param_cast(t: torch.Tensor) -> bool:
