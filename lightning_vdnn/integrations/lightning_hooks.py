@@ -241,8 +241,7 @@ class OffloadHooks:
         if plan is None:
             raise attempts.give_up(step, failure, "the plan already kept every activation off the device") from None
         attempts.budgets.append(planner.budget)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
-                           planner.prefetch_from, planner.inflight_bytes)
+        planner.apply_to(offloader)
         rank_zero_warn(lowered_message(old_budget, planner.budget, kept_before, plan.kept_bytes, step),
                        category=BudgetLowered)
         attempts.snapshot.restore()
@@ -271,8 +270,7 @@ class OffloadHooks:
                           backward_peak=self._backward_peak)
             self._state_before = None
         plan = self._observe(planner, peak, later)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
-                           planner.prefetch_from, planner.inflight_bytes)
+        planner.apply_to(offloader)
         if plan is not None:
             rank_zero_info(plan_message(plan))
 

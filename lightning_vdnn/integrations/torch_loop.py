@@ -188,8 +188,7 @@ class ActivationOffload:
             cuda = offloader.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
         planner.observe(offloader.layer_profile(), peak, self._forward_peak)
-        offloader.set_plan(planner.keep, planner.recomputed, planner.segments, planner.selective,
-                           planner.prefetch_from, planner.inflight_bytes)
+        planner.apply_to(offloader)
         self._forward_peak = None
 
     def report(self) -> MemoryReport:

@@ -42,8 +42,7 @@ from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
 
 __all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
-_Saved = tuple  # (entry, dtype, storage_offset, size, stride, the group that saved it)
-Packed = Union[torch.Tensor, _Saved, Cue]
+Packed = Union[torch.Tensor, tuple, Cue]  # the tuple: (entry, dtype, storage_offset, size, stride, saving group)
 
 
 class ActivationOffloader(PassRecords):

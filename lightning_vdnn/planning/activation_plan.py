@@ -77,7 +77,7 @@ the subset-sum that keeps the most bytes that fit.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import psutil
 import torch
@@ -87,6 +87,9 @@ from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.planning import copy_link
 from lightning_vdnn.planning.activation_solver import Plan, _plan, bytes_only, least_times, solve_layers
 from lightning_vdnn.units import UNBOUNDED, GiB, MiB
+
+if TYPE_CHECKING:
+    from lightning_vdnn.offload.offloader import ActivationOffloader
 
 #: Plans made again after measured peaks over the budget before the planner settles for the profiling step's plan
 #: (keep nothing, recompute nothing), which fit.
@@ -199,6 +202,11 @@ class AutoPlanner:
     def floor(self) -> Optional[int]:
         """The profiled peak with every activation offloaded, as the next steps reach it (None: not profiled)."""
         return self._floor
+
+    def apply_to(self, offloader: "ActivationOffloader") -> None:
+        """Give ``offloader`` the plan for its next pass: every choice it acts on, from one place."""
+        offloader.set_plan(self.keep, self.recomputed, self.segments, self.selective, self.prefetch_from,
+                           self.inflight_bytes)
 
     @property
     def profiling(self) -> bool:

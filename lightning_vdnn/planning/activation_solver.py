@@ -390,8 +390,7 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
 
 
 def least_times(layers: Sequence[LayerProfile], earlier: Sequence[Sequence[LayerProfile]]) -> list[LayerProfile]:
-    """``layers`` with each time the least of its own and those of the ``earlier`` passes of the same layers
-    (passes with other layers or shapes are passed over)."""
+    """``layers``, each time the least of its own and the ``earlier`` passes' (other layers or shapes passed over)."""
     out = list(layers)
     for other in earlier:
         if len(other) != len(out) or any(p.inputs != q.inputs for p, q in zip(out, other)):
