@@ -37,6 +37,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1, help="data-parallel ranks; >1 needs torchrun with as many")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--settle", type=int, default=0,
+                   help="Lightning cases: up to this many extra steps, so that the steps the planner measures "
+                        "(VDNNStrategy.planning) stay out of the median (0: off; not with --profile)")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
     p.add_argument("--compile", action="store_true", help="compile the model's blocks (workloads.compiled)")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
@@ -50,7 +53,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "implies --profile")
     args = p.parse_args(argv)
     args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
+    if args.settle < 0:
+        p.error(f"--settle {args.settle}: give a number of extra steps, 0 or more.")
     if args.profile:
+        args.settle = 0  # the profiled step's index is fixed before the run
         from benchmarks.step_profile import profiled_step
 
         try:
@@ -79,7 +85,7 @@ def _profile_request(args: argparse.Namespace) -> Optional[ProfileRequest]:
 
 def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
-    from benchmarks.measure import profiling, summarize
+    from benchmarks.measure import profiling, settled_warmup, summarize
     from benchmarks.registry import devices_status, split_case
     from benchmarks.workloads import build, chunked_loss, compiled, repeated
 
@@ -103,11 +109,15 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
         else:
             from benchmarks.lightning_cases import run_lightning
 
-            clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices)
+            settle = (args.warmup, args.steps, args.settle) if args.settle else None
+            clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices, settle)
     if request is not None and clock.profile is None:
         raise RuntimeError(f"step {request.step} was to be profiled, but the case ran {len(clock.times)} steps.")
-    row.update(summarize(clock.times, args.warmup, w.items_per_step, w.flops_per_step, args.profile_step),
-               losses=clock.losses, **extra)
+    warmup = settled_warmup(clock.planning, args.warmup) if args.settle else args.warmup
+    if warmup >= len(clock.times):  # the planner measured every step: time the usual ones, and say so
+        row["unsettled"], warmup = True, args.warmup
+    row.update(summarize(clock.times, warmup, w.items_per_step, w.flops_per_step, args.profile_step),
+               losses=clock.losses, warmup_steps=warmup, planning_steps=sum(clock.planning), **extra)
     if request is not None:
         row["profile"] = clock.profile
     row["status"] = "ok"

@@ -38,20 +38,29 @@ def _module(w: Workload, device: torch.device):
     return BenchModule()
 
 
-def _clock(device: torch.device):
+def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
     """A Callback timing each training batch with the same synchronized clock as the raw loops, and keeping
-    the loss ``training_step`` returned."""
+    the loss ``training_step`` returned and whether the strategy's planner measured the step.
+
+    ``settle=(warmup, steps)``: stop training once ``steps`` steps have run after ``warmup`` and after the last
+    step the planner measured (``measure.settled_warmup``); the Trainer's ``max_steps`` caps the wait."""
     import lightning as L
+
+    from benchmarks.measure import settled_warmup
 
     class BatchClock(L.Callback):
         def __init__(self) -> None:
             self.clock = StepClock(device)
 
-        def on_train_batch_start(self, *args, **kwargs) -> None:
+        def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+            self.clock.planning.append(bool(getattr(trainer.strategy, "planning", False)))
             self.clock.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, *args, **kwargs) -> None:
             self.clock.stop(outputs["loss"] if isinstance(outputs, dict) else outputs)
+            if settle is not None:
+                timed = len(self.clock.times) - settled_warmup(self.clock.planning, settle[0])
+                trainer.should_stop = trainer.should_stop or timed >= settle[1]
 
     return BatchClock()
 
@@ -149,14 +158,18 @@ def _mixed(resident: int, saving: int, keeping: int, kind: str, memory_budget: O
 
 
 def run_lightning(name: str, w: Workload, device: torch.device, n: int, memory_budget: Optional[int] = None,
-                  devices: int = 1) -> tuple[StepClock, dict]:
+                  devices: int = 1, settle: Optional[tuple[int, int, int]] = None) -> tuple[StepClock, dict]:
     """The clock (step times, losses) of ``Trainer.fit`` with strategy ``name`` on ``devices`` devices over
-    ``n`` copies of the batch, and the strategy's memory report."""
+    ``n`` copies of the batch, and the strategy's memory report.
+
+    ``settle=(warmup, steps, extra)``: up to ``extra`` more steps, while the planner measures steps after the
+    warm-up, so that ``steps`` steps of its settled plan are timed (``_clock``)."""
     import lightning as L
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     strategy = strategy_for(name, memory_budget)
-    clock = _clock(device)
+    clock = _clock(device, settle[:2] if settle else None)
+    n += settle[2] if settle else 0
     trainer = L.Trainer(
         strategy=strategy, accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices,
         precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=n, logger=False,

@@ -69,6 +69,7 @@ class StepClock:
         self.device = device
         self.times: list[float] = []
         self.losses: list[float] = []
+        self.planning: list[bool] = []  # per step, where the loop knows: a step the strategy's planner measured
         self.request = request if request is not None else _PROFILE.get()
         self.profile: Optional[dict] = None
         self._profiler = None
@@ -106,6 +107,13 @@ def timed_loop(step: Callable[[], Optional[torch.Tensor]], n: int, device: torch
         clock.start()
         clock.stop(step())
     return clock
+
+
+def settled_warmup(planning: list[bool], warmup: int) -> int:
+    """Steps to leave out of the median: ``warmup``, or more where the strategy's planner measured steps later
+    (``planning``, one flag per step): those run slower than the plan they choose (``VDNNStrategy.planning``)."""
+    last = max((i for i, p in enumerate(planning) if p), default=-1)
+    return max(warmup, last + 1)
 
 
 def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_step: float,

@@ -51,6 +51,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated; default: all")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 2 with --tiny)")
+    p.add_argument("--settle", type=int, default=None,
+                   help="Lightning cases: up to this many extra steps while the 'auto' planner still measures "
+                        "steps (profiling, checking a plan), which then stay out of the median (default 8; 0 "
+                        "with --tiny or --profile)")
     p.add_argument("--budget", default="", help="e.g. 25%%,50%%,75%% of plain's peak, for modes that take one")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--tiny", action="store_true", help="the tiny size of --model, on the CPU, fp32")
@@ -84,6 +88,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.device = "cpu" if args.tiny else "cuda"
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 3)
+    args.settle = args.settle if args.settle is not None else (0 if args.tiny else 8)
+    if args.settle < 0:
+        p.error(f"--settle {args.settle}: give a number of extra steps, 0 or more.")
     args.timeout = args.timeout or (300.0 if args.tiny else 1200.0)
     args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
     if args.profile:
@@ -115,7 +122,7 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
     cmd = launch + ["benchmarks.case", "--case", case, "--model", args.model, "--device", args.device,
                     "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
-    cmd += ["--profile"] if args.profile else []
+    cmd += ["--profile"] if args.profile else ["--settle", str(args.settle)]
     cmd += ["--compile"] if args.compile else []
     cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
     cmd += ["--trace-dir", str(args.trace_dir)] if args.trace_dir is not None else []
@@ -214,6 +221,14 @@ def _notes(rows: list[dict]) -> list[str]:
         notes.append(f"plain did not run ({by.get(BASELINE, {}).get('status', 'not run')}): no ratios.")
     if capacity_used:
         notes.append("plain measured no device peak, so the @P% budgets are P% of the device's capacity.")
+    later = [f"{r['case']} ({r['warmup_steps']}, {r['planning_steps']} measured by the planner)" for r in rows
+             if r.get("status") == "ok" and r.get("planning_steps") and r.get("warmup_steps", 0) > r.get("warmup", 0)]
+    if later:
+        notes.append("Medians start after the steps the 'auto' planner measured (--settle): warm-up steps of "
+                     + ", ".join(later) + ".")
+    if any(r.get("unsettled") for r in rows):
+        notes.append("Not settled within --settle: " + ", ".join(r["case"] for r in rows if r.get("unsettled"))
+                     + " (the planner measured every step; their medians include its steps).")
     devices = report.devices_of(rows)
     if devices > 1:
         notes.append(

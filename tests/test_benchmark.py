@@ -33,7 +33,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     outs = {m: tmp_path_factory.mktemp(m) for m in ("gpt_tiny", "vgg_tiny")}
     procs = {
         "gpt_tiny": _start(outs["gpt_tiny"], "gpt_tiny", GPT_CASES),
-        "vgg_tiny": _start(outs["vgg_tiny"], "vgg_tiny", VGG_CASES + [CRASHED, "vdnn@50%"], "--fail-case", CRASHED),
+        "vgg_tiny": _start(outs["vgg_tiny"], "vgg_tiny", VGG_CASES + [CRASHED, "vdnn@50%"], "--fail-case", CRASHED,
+                           "--settle", "8"),
     }
     for model, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
@@ -166,6 +167,34 @@ def test_a_rank_that_died_is_named():
                "  rank      : 0 (local_rank: 0)\n  exitcode  : -9 (pid: 17723)\n"
     assert _crash(1, torchrun) == "signal 9 (killed: host out of memory?) (rank 0)"
     assert _crash(70, "") == "exit 70"
+
+
+def test_planner_steps_stay_out_of_the_median(runs):
+    """``--settle``: the steps the planner measures (profiling, checking its plan) run before the warm-up ends,
+    so the median is of the settled plan's steps, as many as asked; a case without a planner is untouched."""
+    rows = _rows(runs["vgg_tiny"])
+    row, plain = rows["vdnn@50%"], rows["plain"]
+    times = row["step_s_all"]
+    assert row["planning_steps"] >= 2  # the profiling step and at least one check of the plan
+    assert row["warmup_steps"] >= max(2, row["planning_steps"])
+    assert len(times) - row["warmup_steps"] == 3  # --tiny's timed steps, after the planner's
+    assert row["step_s"] == statistics.median(times[row["warmup_steps"]:])
+    assert (plain["warmup_steps"], len(plain["step_s_all"])) == (2, 5)
+    assert f"vdnn@50% ({row['warmup_steps']}, " in (runs["vgg_tiny"] / "results.md").read_text()
+
+
+def test_settled_warmup():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.measure import settled_warmup
+
+    assert settled_warmup([], 3) == 3  # a loop that does not know
+    assert settled_warmup([True, False, False, False], 3) == 3
+    assert settled_warmup([True, True, False, True, True, False], 3) == 5  # a re-plan after the first plan
+    with pytest.raises(SystemExit):
+        sys.path.insert(0, str(ROOT))
+        from benchmarks import run
+
+        run.parse_args(["--tiny", "--settle", "-1", "--out", "/nonexistent"])
 
 
 def test_budget_expansion():

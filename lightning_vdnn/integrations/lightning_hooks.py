@@ -302,6 +302,13 @@ class OffloadHooks:
         return wanted if wanted is not None else any(isinstance(cb, ModelSummary) for cb in trainer.callbacks)
 
     # -- numbers -----------------------------------------------------------------------------------------
+    @property
+    def planning(self) -> bool:
+        """Whether the next training step is one the ``"auto"`` planner measures: its profiling step(s), or one of
+        the steps that check a new plan's peak. These are slower than the steps that follow (their layers are
+        timed, their memory sampled); a timer of steady-state speed leaves them out."""
+        return self._planner is not None and self._offloader is not None and self._planner.watching
+
     def step_metrics(self) -> dict[str, float]:
         """The latest training step's offload numbers (``MemoryReport.metrics()``), which
         :class:`~lightning_vdnn.MemoryMonitor` logs; empty outside ``fit``."""
