@@ -184,8 +184,8 @@ def run_case(args: argparse.Namespace, case: str, plain: Optional[dict]) -> dict
         return {"case": case, "status": "skipped: no budget base (plain measured neither peak nor capacity)"}
     code, out, err = _launch(case_command(args, case, budget), _environment(args), args.timeout)
     row = _result(out)
-    if row is not None:
-        return row
+    if row is not None:  # with the strategy's own lines (the plans it made, in order)
+        return {**row, "log": [line for line in (out + err).splitlines() if line.startswith("lightning_vdnn")]}
     if code is None:
         return _failed_row(case, f"timeout after {args.timeout:g} s", out + err)
     return _failed_row(case, f"crashed: {_crash(code, err)}", out + err)

@@ -181,6 +181,7 @@ def test_planner_steps_stay_out_of_the_median(runs):
     assert row["step_s"] == statistics.median(times[row["warmup_steps"]:])
     assert (plain["warmup_steps"], len(plain["step_s_all"])) == (2, 5)
     assert f"vdnn@50% ({row['warmup_steps']}, " in (runs["vgg_tiny"] / "results.md").read_text()
+    assert any(line.startswith("lightning_vdnn auto plan: ") for line in row["log"])  # the plans it made
 
 
 def test_settled_warmup():
