@@ -7,6 +7,8 @@ and their gradients, counted from the tensors each call really takes and returns
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -205,3 +207,27 @@ def test_auto_is_the_default_and_other_entry_points_take_it_as_one():
     with pytest.raises(NotImplementedError, match=r"batch_chunks='auto' is built for VDNNStrategy .* not for "
                                                   r"VDNNFabricStrategy"):
         VDNNFabricStrategy(config=VDNNConfig(chunk_layers="model.features"))
+
+
+def test_a_step_over_the_budget_is_named_in_the_new_plan_s_line(caplog):
+    """A plan whose step peaks over the budget is replaced, and the new plan's line says by how much the old one
+    missed: the measured and predicted peaks (the planner's error, which a user tuning a budget wants to see)."""
+
+    class OverOnce(WorkingSet):  # the first step that runs a plan measures 64 MiB more than it holds
+        over = True
+
+        def read(self) -> int:
+            planned = self.strategy._planner.plan is not None
+            extra = 64 * 2**20 if planned and self.over else 0
+            self.over = self.over and not planned
+            self.readings.append(self.strategy._offloader.report().kept_bytes + extra)
+            return self.readings[-1]
+
+    strategy = VDNNStrategy("auto", min_offload_bytes=0, memory_budget=32 * 2**20)
+    strategy.activation_meter = OverOnce(strategy)
+    with caplog.at_level("INFO"):
+        fit(vgg, image_loader(), strategy, max_steps=4)
+    lines = [line for line in caplog.text.splitlines() if "auto plan" in line]
+    assert "re-planned" not in lines[0]
+    assert re.search(r"auto plan \(re-planned: the last plan's step peaked at 64\.\d+ MiB, predicted \d", lines[1])
+    assert strategy.memory_report().budget_replans == 1

@@ -269,10 +269,12 @@ class OffloadHooks:
             later = Later(state=state, grads=held,
                           backward_peak=self._backward_peak)
             self._state_before = None
+        old, replans = planner.plan, planner.replans
         plan = self._observe(planner, peak, later)
         planner.apply_to(offloader)
         if plan is not None:
-            rank_zero_info(plan_message(plan))
+            over = old is not None and planner.replans > replans
+            rank_zero_info(plan_message(plan, (peak, old.predicted_peak) if over else None))
 
     def _observe(self, planner: AutoPlanner, peak: Optional[int], later: Optional[Later]) -> Optional[Plan]:
         """The planner fed the step just finished (``VDNNStrategy`` adds batch chunks where the budget needs them)."""
@@ -328,10 +330,14 @@ class OffloadHooks:
         return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())))
 
 
-def plan_message(plan: Plan) -> str:
-    """The line logged when ``"auto"`` makes a plan."""
+def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None) -> str:
+    """The line logged when ``"auto"`` makes a plan; ``overshot``: the measured and predicted peaks of the plan
+    whose step went over the budget, which this one replaces."""
+    again = "" if overshot is None else (
+        f" (re-planned: the last plan's step peaked at {format_bytes(overshot[0])}, predicted "
+        f"{format_bytes(overshot[1])})")
     return (
-        f"lightning_vdnn auto plan: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
+        f"lightning_vdnn auto plan{again}: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
         f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of "
         f"activations go to the host per step{_from_layers(plan)} "
         f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (
