@@ -182,6 +182,12 @@ def test_planner_steps_stay_out_of_the_median(runs):
     assert (plain["warmup_steps"], len(plain["step_s_all"])) == (2, 5)
     assert f"vdnn@50% ({row['warmup_steps']}, " in (runs["vgg_tiny"] / "results.md").read_text()
     assert any(line.startswith("lightning_vdnn auto plan: ") for line in row["log"])  # the plans it made
+    import base64
+    import pickle
+
+    state = pickle.loads(base64.b64decode(row["planner_inputs"]))  # what it planned from, to solve again
+    assert len(state["layers"]) == len(row["memory_report"]["layers"]) and state["budget"] == row["memory_budget"]
+    assert state["plan"].predicted_peak == row["memory_report"]["predicted_peak_bytes"]
 
 
 def test_settled_warmup():
