@@ -190,6 +190,22 @@ def test_planner_steps_stay_out_of_the_median(runs):
     assert state["plan"].predicted_peak == row["memory_report"]["predicted_peak_bytes"]
 
 
+def test_a_run_s_plan_solves_again_the_same(runs, capsys):
+    """``benchmarks/replan.py``: the row's planner inputs, solved again with the run's slack and budget, give the
+    plan the run took; a lower budget gives a plan within it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import replan
+
+    results = runs["vgg_tiny"] / "results.jsonl"
+    assert replan.main([str(results), "--case", "vdnn@50%"]) == 0
+    out = capsys.readouterr().out
+    taken, again = (re.search(rf"{name}.*?predicted peak ([\d.]+) MB", out).group(1)
+                    for name in ("the run's plan", "solved again"))
+    assert taken == again
+    with pytest.raises(SystemExit):
+        replan.main([str(results), "--case", "plain"])  # no planner
+
+
 def test_settled_warmup():
     sys.path.insert(0, str(ROOT))
     from benchmarks.measure import settled_warmup
