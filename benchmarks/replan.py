@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slack", type=float, default=None, help="GB added to the floor (default: the run's)")
     p.add_argument("--budget", type=float, default=None,
                    help="a fraction of the run's budget (<= 4) or bytes (default: the run's)")
+    p.add_argument("--no-link", action="store_true", help="time copies per layer only (no copy-link plans)")
     args = p.parse_args(argv)
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     row = next((r for r in rows if r["case"] == args.case), None)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(describe("the run's plan", state["plan"]))
     forward = None if state["forward_peak"] is None else state["forward_peak"] + slack
     solved = solve_layers(layers, min(floor + slack, max(budget, floor)), budget, state["granule"], forward,
-                          link=copy_link.has_overlap(layers))
+                          link=copy_link.has_overlap(layers) and not args.no_link)
     print(describe(f"solved again (slack {slack / GB:.3f} GB)", solved))
     samples = (row.get("memory_report") or {}).get("timeline") or []
     runs: list[list] = []  # consecutive samples of one layer and phase: [phase, layer, most bytes]

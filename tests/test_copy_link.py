@@ -232,3 +232,21 @@ def test_the_plan_line_and_report_name_offloaded_layers_and_copy_times():
     assert "offloaded layers       0-1: copies predicted 51.2 ms, 51.2 hidden, 0.0 exposed" in report
     keep_all = AutoPlanner(FLOOR + 24 * 705 * MiB).observe(gpt(), FLOOR)
     assert "from layers" not in plan_message(keep_all)
+
+
+def test_a_link_plan_that_overshoots_is_made_again_without_the_link_not_with_slack():
+    """An overshoot by a plan timed on the copy link is blamed on the link (its copies in flight and ahead), so the
+    next plan is the per-layer model's at the full budget; an overshoot by that plan gives back its bytes as before."""
+    layers = gpt()
+    planner = AutoPlanner(BUDGET)
+    linked = planner.observe(layers, FLOOR)
+    assert linked.linked and linked.offloaded == (0, 1)
+    again = planner.observe(layers, BUDGET + GiB)  # its first check: over by 1 GiB
+    per_layer = solve_layers(layers, FLOOR, BUDGET)
+    assert not again.linked and planner.replans == 1
+    assert (again.kept, again.recomputed, again.predicted_peak) == (per_layer.kept, per_layer.recomputed,
+                                                                   per_layer.predicted_peak)
+    assert planner.observe(layers, BUDGET) is None  # fits: kept, and no link plan comes back
+    lower = planner.observe(layers, BUDGET + GiB)  # the per-layer plan overshoots: the bytes are given back
+    assert not lower.linked and planner.replans == 2 and lower.kept_bytes < again.kept_bytes
+    assert lower.predicted_peak <= BUDGET

@@ -63,7 +63,10 @@ misjudge), and per layer keep, then offload, then recompute, toward the tail of 
 
 What the model leaves out, caught by measuring the peak of the steps after each new plan (an overshoot is given
 back and the plan made again; when the plan made again is the same plan, the model cannot see what overshot,
-and the next steps run the profiling step's plan, which fit, keeping and recomputing nothing): copies queue on one
+and the next steps run the profiling step's plan, which fit, keeping and recomputing nothing; a plan timed on the
+copy link that overshoots is made again without the link, not with the overshoot given back from every later plan:
+its copies in flight and ahead are what it adds to the per-layer model's bytes, and where the profiling step's
+layer times were long, it held them longer than timed (VGG-16 at 70%, run 20)): copies queue on one
 stream, so a long copy spills into the next windows, or hides under several short layers; a recomputed layer
 whose input an earlier layer offloaded waits for that copy at the start of its backward. (The profiling step's
 layer times leave out compute's waits for the in-flight cap and for the host pinning buffers: with them every
@@ -156,6 +159,7 @@ class AutoPlanner:
         self._forward_peak: Optional[int] = None
         self._layers: Optional[list[LayerProfile]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
+        self._link = True  # plans may time copies on the copy link (until a link plan overshoots)
         self.replans = 0  # plans made again because a measured peak overshot the budget
         self._since_plan = 0
 
@@ -247,7 +251,10 @@ class AutoPlanner:
         if peak > self.budget and self.plan.on_device:  # under-predicted: give back the overshoot and re-plan
             old = self.plan
             self.replans += 1
-            self._slack += peak - old.predicted_peak + self.granule
+            if old.linked:  # the link's copies in flight and ahead are its least certain bytes: plan without it
+                self._link = False
+            else:
+                self._slack += peak - old.predicted_peak + self.granule
             new = self._replan()
             if (new.kept, new.recomputed, new.segments, new.selective) == \
                     (old.kept, old.recomputed, old.segments, old.selective) or \
@@ -294,7 +301,7 @@ class AutoPlanner:
         assert self._floor is not None and self._layers is not None
         floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
         forward = None if self._forward_peak is None else self._forward_peak + self._slack
-        linked = dict(link=True) if copy_link.has_overlap(self._layers) else {}  # a CPU device's copies are inline
+        linked = dict(link=True) if self._link and copy_link.has_overlap(self._layers) else {}  # CPU: copies inline
         self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward, **linked)
         self._since_plan = 0
         return self.plan

@@ -59,7 +59,7 @@ class Plan:
             (``offload/prefetch.py``); empty: the offloader's own ``prefetch_layers`` rule.
         inflight_bytes: most bytes the plan's forward queues to the host at once (``offload/inflight.py`` lets
             that much through without stalling compute); 0: the offloader's own bound.
-        offloaded: layers whose saves go to the host, forward order.
+        offloaded: layers whose saves go to the host, forward order; ``linked``: timed on the copy link.
     """
 
     kept: frozenset[int]
@@ -77,6 +77,7 @@ class Plan:
     prefetch_from: tuple[tuple[int, int], ...] = ()
     inflight_bytes: int = 0
     offloaded: tuple[int, ...] = ()
+    linked: bool = False
 
     @property
     def hidden_copy_ms(self) -> float:
@@ -377,7 +378,7 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
                    base + max(v + a for v, a in zip(levels, link_plan.ahead)))
         copies = dict(added_ms=link_plan.exposed_ms + recompute_ms, copy_ms=link_plan.copy_ms,
                       exposed_copy_ms=link_plan.exposed_ms, prefetch_from=link_plan.prefetch_from,
-                      inflight_bytes=link_plan.inflight_bytes)
+                      inflight_bytes=link_plan.inflight_bytes, linked=True)
     return Plan(
         kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments), selective=selective,
         offloaded_bytes=sum(layers[g].offload_bytes for g in offloaded),
