@@ -8,7 +8,8 @@ floor, the budget, the slack that overshoots added, the plan). This solves them 
 (``planning.activation_solver.solve_layers``), with the slack and budget as they were or as given, and prints
 each plan beside the one the run took: what it keeps, offloads and recomputes, and its predicted peak and time.
 Where the row has the last watched step's memory samples (``memory_report.timeline``), it also prints the
-measured device memory at each layer call of forward and backward.
+measured device memory at each layer call of forward and backward. The inputs are a pickle, which can run code
+when loaded: give it only rows your own runs wrote.
 """
 
 from __future__ import annotations
