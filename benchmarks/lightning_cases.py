@@ -8,8 +8,10 @@ script launched so would: ``auto`` becomes DDP, ``vdnn_zero*`` DeepSpeed over N 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
+import pickle
 import re
 from typing import Optional, Union
 
@@ -41,7 +43,7 @@ def _module(w: Workload, device: torch.device):
 def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
     """A Callback timing each training batch with the same synchronized clock as the raw loops, and keeping
     the loss ``training_step`` returned, whether the strategy's planner measured the step, and at the end what
-    the planner last planned from (:func:`planner_inputs`).
+    the planner last planned from (``AutoPlanner.planned_from``, pickled: ``benchmarks/replan.py`` reads it).
 
     ``settle=(warmup, steps)``: stop training once ``steps`` steps have run after ``warmup`` and after the last
     step the planner measured (``measure.settled_warmup``); the Trainer's ``max_steps`` caps the wait."""
@@ -56,8 +58,9 @@ def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
 
         def on_train_end(self, trainer, pl_module) -> None:  # before the strategy's teardown drops its planner
             planner = getattr(trainer.strategy, "_planner", None)
-            if planner is not None and planner._layers is not None:
-                self.planner_inputs = planner_inputs(planner)
+            state = planner.planned_from() if planner is not None else {}
+            if state:
+                self.planner_inputs = base64.b64encode(pickle.dumps(state)).decode()
 
         def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
             self.clock.planning.append(bool(getattr(trainer.strategy, "planning", False)))
@@ -192,14 +195,3 @@ def run_lightning(name: str, w: Workload, device: torch.device, n: int, memory_b
         extra["planner_inputs"] = clock.planner_inputs
     return clock.clock, extra
 
-
-def planner_inputs(planner) -> str:
-    """What the ``"auto"`` planner last planned from, pickled (base64): its layer profiles, floor, budget, slack
-    and plan, so that a GPU run's plan can be solved again on a CPU (``planning.activation_solver.solve_layers``)."""
-    import base64
-    import pickle
-
-    state = dict(layers=planner._layers, floor=planner._floor, forward_peak=planner._forward_peak,
-                 budget=planner.budget, slack=planner._slack, granule=planner.granule, replans=planner.replans,
-                 plan=planner.plan)
-    return base64.b64encode(pickle.dumps(state)).decode()

@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         budget = int(args.budget * budget) if args.budget <= 4 else int(args.budget)
     print(f"{len(layers)} layers, floor {floor / GB:.3f} GB, forward peak "
           f"{(state['forward_peak'] or 0) / GB:.3f} GB, run's slack {state['slack'] / GB:.3f} GB, "
-          f"re-plans {state['replans']}")
+          f"re-plans {state['replans']}, copy link {'on' if state.get('link', True) else 'off'}")
     print(describe("the run's plan", state["plan"]))
     forward = None if state["forward_peak"] is None else state["forward_peak"] + slack
     solved = solve_layers(layers, min(floor + slack, max(budget, floor)), budget, state["granule"], forward,
-                          link=copy_link.has_overlap(layers) and not args.no_link)
+                          link=copy_link.has_overlap(layers) and state.get("link", True) and not args.no_link)
     print(describe(f"solved again (slack {slack / GB:.3f} GB)", solved))
     samples = (row.get("memory_report") or {}).get("timeline") or []
     runs: list[list] = []  # consecutive samples of one layer and phase: [phase, layer, most bytes]

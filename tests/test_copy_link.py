@@ -239,11 +239,14 @@ def test_a_link_plan_that_overshoots_is_made_again_without_the_link_not_with_sla
     next plan is the per-layer model's at the full budget; an overshoot by that plan gives back its bytes as before."""
     layers = gpt()
     planner = AutoPlanner(BUDGET)
+    assert planner.planned_from() == {}
     linked = planner.observe(layers, FLOOR)
-    assert linked.linked and linked.offloaded == (0, 1)
+    assert linked.linked and linked.offloaded == (0, 1) and planner.planned_from()["link"]
     again = planner.observe(layers, BUDGET + GiB)  # its first check: over by 1 GiB
     per_layer = solve_layers(layers, FLOOR, BUDGET)
     assert not again.linked and planner.replans == 1
+    state = planner.planned_from()  # what benchmarks/replan.py solves again
+    assert (state["link"], state["slack"], state["plan"]) == (False, 0, again)
     assert (again.kept, again.recomputed, again.predicted_peak) == (per_layer.kept, per_layer.recomputed,
                                                                    per_layer.predicted_peak)
     assert planner.observe(layers, BUDGET) is None  # fits: kept, and no link plan comes back

@@ -66,7 +66,7 @@ back and the plan made again; when the plan made again is the same plan, the mod
 and the next steps run the profiling step's plan, which fit, keeping and recomputing nothing; a plan timed on the
 copy link that overshoots is made again without the link, not with the overshoot given back from every later plan:
 its copies in flight and ahead are what it adds to the per-layer model's bytes, and where the profiling step's
-layer times were long, it held them longer than timed (VGG-16 at 70%, run 20)): copies queue on one
+layer times were long, it held them longer than timed): copies queue on one
 stream, so a long copy spills into the next windows, or hides under several short layers; a recomputed layer
 whose input an earlier layer offloaded waits for that copy at the start of its backward. (The profiling step's
 layer times leave out compute's waits for the in-flight cap and for the host pinning buffers: with them every
@@ -262,6 +262,14 @@ class AutoPlanner:
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
         return None
+
+    def planned_from(self) -> dict:
+        """What the current plan was solved from (profiles, floor, budget, slack, whether on the copy link), so that
+        it can be solved again elsewhere (``benchmarks/replan.py``); empty before the first plan."""
+        if self._layers is None:
+            return {}
+        return dict(layers=self._layers, floor=self._floor, forward_peak=self._forward_peak, budget=self.budget,
+                    slack=self._slack, granule=self.granule, replans=self.replans, link=self._link, plan=self.plan)
 
     def _changed(self, layers: list[LayerProfile]) -> bool:
         """Other input shapes, or other bytes in a layer that ran as profiled (a recomputed one saves less)."""
