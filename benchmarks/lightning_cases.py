@@ -68,9 +68,10 @@ def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, *args, **kwargs) -> None:
             self.clock.stop(outputs["loss"] if isinstance(outputs, dict) else outputs)
-            if settle is not None:
+            if settle is not None:  # after the clock: the ranks agree (all must stop at one step) untimed
                 timed = len(self.clock.times) - settled_warmup(self.clock.planning, settle[0])
-                trainer.should_stop = trainer.should_stop or timed >= settle[1]
+                done = trainer.strategy.reduce_boolean_decision(timed >= settle[1], all=True)
+                trainer.should_stop = trainer.should_stop or done
 
     return BatchClock()
 
