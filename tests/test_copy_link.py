@@ -253,3 +253,12 @@ def test_a_link_plan_that_overshoots_is_made_again_without_the_link_not_with_sla
     lower = planner.observe(layers, BUDGET + GiB)  # the per-layer plan overshoots: the bytes are given back
     assert not lower.linked and planner.replans == 2 and lower.kept_bytes < again.kept_bytes
     assert lower.predicted_peak <= BUDGET
+
+
+def test_an_out_of_memory_in_a_link_plan_lowers_the_budget_and_drops_the_link():
+    layers = gpt()
+    planner = AutoPlanner(BUDGET)
+    assert planner.observe(layers, FLOOR).linked
+    lowered = planner.lower(fraction=0.25)
+    assert not lowered.linked and lowered.predicted_peak <= planner.budget < BUDGET
+    assert not planner.planned_from()["link"]

@@ -287,13 +287,14 @@ class AutoPlanner:
         The new budget is the lower of the failing plan's predicted peak and ``failed_at`` (device memory
         allocated when the error was raised, if measured: where the device really gave out) less ``fraction``
         of the kept bytes, and no lower than the floor (the all-offloaded peak), where the plan keeps nothing,
-        as the profiling step did, which fit.
+        as the profiling step did, which fit. A failing plan timed on the copy link is made again without it.
         """
         plan = self.plan
         if plan is None or not (plan.kept_bytes or plan.recomputed) or self._floor is None:
             return None
         start = plan.predicted_peak if failed_at is None else min(plan.predicted_peak, failed_at)
         target = start - int(plan.kept_bytes * fraction)
+        self._link = self._link and not plan.linked  # as after an overshoot (``observe``): its least certain bytes
         if target > self._floor:
             self.budget = target
             new = self._replan()
