@@ -195,4 +195,3 @@ def run_lightning(name: str, w: Workload, device: torch.device, n: int, memory_b
     if clock.planner_inputs is not None:
         extra["planner_inputs"] = clock.planner_inputs
     return clock.clock, extra
-

@@ -5,7 +5,7 @@
 
 A row of ``run.py`` keeps the ``"auto"`` planner's last inputs (``planner_inputs``: the layer profiles, the
 floor, the budget, the slack that overshoots added, the plan). This solves them again
-(``planning.activation_solver.solve_layers``), with the slack and budget as they were or as given, and prints
+(``planning.activation_plan.solve_planned``, as the planner does), with the slack and budget as they were or as given, and prints
 each plan beside the one the run took: what it keeps, offloads and recomputes, and its predicted peak and time.
 Where the row has the last watched step's memory samples (``memory_report.timeline``), it also prints the
 measured device memory at each layer call of forward and backward. The inputs are a pickle, which can run code
@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_vdnn.planning import copy_link  # noqa: E402
-from lightning_vdnn.planning.activation_solver import Plan, solve_layers  # noqa: E402
+from lightning_vdnn.planning.activation_plan import solve_planned  # noqa: E402
+from lightning_vdnn.planning.activation_solver import Plan  # noqa: E402
 from lightning_vdnn.report.memory_report import layer_ranges  # noqa: E402
 
 GB = 1e9
@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{(state['forward_peak'] or 0) / GB:.3f} GB, run's slack {state['slack'] / GB:.3f} GB, "
           f"re-plans {state['replans']}, copy link {'on' if state.get('link', True) else 'off'}")
     print(describe("the run's plan", state["plan"]))
-    forward = None if state["forward_peak"] is None else state["forward_peak"] + slack
-    solved = solve_layers(layers, min(floor + slack, max(budget, floor)), budget, state["granule"], forward,
-                          link=copy_link.has_overlap(layers) and state.get("link", True) and not args.no_link)
+    solved = solve_planned(layers, floor, budget, state["granule"], state["forward_peak"], slack,
+                           state.get("link", True) and not args.no_link)
     print(describe(f"solved again (slack {slack / GB:.3f} GB)", solved))
     samples = (row.get("memory_report") or {}).get("timeline") or []
     runs: list[list] = []  # consecutive samples of one layer and phase: [phase, layer, most bytes]

@@ -308,10 +308,8 @@ class AutoPlanner:
 
     def _replan(self) -> Plan:
         assert self._floor is not None and self._layers is not None
-        floor = min(self._floor + self._slack, max(self.budget, self._floor))  # overshoot: at worst keep nothing
-        forward = None if self._forward_peak is None else self._forward_peak + self._slack
-        linked = dict(link=True) if self._link and copy_link.has_overlap(self._layers) else {}  # CPU: copies inline
-        self.plan = solve_layers(self._layers, floor, self.budget, self.granule, forward, **linked)
+        self.plan = solve_planned(self._layers, self._floor, self.budget, self.granule, self._forward_peak,
+                                  self._slack, self._link)
         self._since_plan = 0
         return self.plan
 
@@ -336,6 +334,17 @@ class AutoPlanner:
         if self.measured_peak is None or self.budget >= UNBOUNDED:
             return None
         return self.measured_peak <= self.budget * (1 + BUDGET_TOLERANCE)
+
+
+def solve_planned(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int,
+                  forward_peak: Optional[int] = None, slack: int = 0, link: bool = True) -> Plan:
+    """The plan :class:`AutoPlanner` makes from these inputs (its :meth:`~AutoPlanner.planned_from`): ``slack``, the
+    overshoots given back, raises the floor (at worst to the budget: keep nothing) and the forward peak; ``link``:
+    copies may be timed on the copy link, where the profile says they can hide (not on a CPU device: inline)."""
+    raised = min(floor + slack, max(budget, floor))
+    forward = None if forward_peak is None else forward_peak + slack
+    linked = dict(link=True) if link and copy_link.has_overlap(layers) else {}
+    return solve_layers(layers, raised, budget, granule, forward, **linked)
 
 
 def device_budget(budget: Optional[MemoryBudget], device: torch.device) -> int:

@@ -42,8 +42,7 @@ class Plan:
     Attributes:
         kept: layers whose saved activations stay on the device.
         offloaded_bytes: bytes the offloaded layers copy to the host each step (span by span).
-        kept_bytes: bytes left on the device (each saved storage whole and once): kept layers' and what
-            recomputed layers still save.
+        kept_bytes: bytes left on the device (each storage whole, once): kept layers' and what recomputed ones save.
         predicted_peak: device memory the step is predicted to peak at (the model in this module's docstring).
         budget: the budget it was made for.
         recomputed: layers whose forward runs again in backward.
