@@ -85,7 +85,7 @@ def _profile_request(args: argparse.Namespace) -> Optional[ProfileRequest]:
 
 def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
-    from benchmarks.measure import profiling, settled_warmup, summarize
+    from benchmarks.measure import phase_medians, profiling, settled_warmup, summarize
     from benchmarks.registry import devices_status, split_case
     from benchmarks.workloads import build, chunked_loss, compiled, repeated
 
@@ -118,6 +118,8 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
         row["unsettled"], warmup = True, args.warmup
     row.update(summarize(clock.times, warmup, w.items_per_step, w.flops_per_step, args.profile_step),
                losses=clock.losses, warmup_steps=warmup, planning_steps=sum(clock.planning), **extra)
+    if clock.phases and any(clock.phases):
+        row["phases"] = phase_medians(clock.phases, warmup, args.profile_step)
     if request is not None:
         row["profile"] = clock.profile
     row["status"] = "ok"

@@ -41,7 +41,8 @@ def _module(w: Workload, device: torch.device):
 
 
 def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
-    """A Callback timing each training batch with the same synchronized clock as the raw loops, and keeping
+    """A Callback timing each training batch with the same synchronized clock as the raw loops (marking where
+    forward and backward end, ``StepClock.mark``), and keeping
     the loss ``training_step`` returned, whether the strategy's planner measured the step, and at the end what
     the planner last planned from (``AutoPlanner.planned_from``, pickled: ``benchmarks/replan.py`` reads it).
 
@@ -65,6 +66,12 @@ def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
         def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
             self.clock.planning.append(bool(getattr(trainer.strategy, "planning", False)))
             self.clock.start()
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self.clock.mark("forward")
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self.clock.mark("backward")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, *args, **kwargs) -> None:
             self.clock.stop(outputs["loss"] if isinstance(outputs, dict) else outputs)

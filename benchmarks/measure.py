@@ -63,6 +63,11 @@ class StepClock:
     that index runs under ``torch.profiler``, started after the opening sync and stopped after the closing
     one; its summary is ``profile``. Its time is still in ``times`` (under the profiler's overhead):
     :func:`summarize` leaves it out of the median when told its index.
+
+    :meth:`mark` (a Lightning case marks the end of forward and of backward) records, per step, how long the
+    host took to reach the mark and how long the device took to finish the work queued before it, both from
+    the opening sync (``phases``). Where the device's time is about the host's, the device waited for the host
+    to queue its work; where it is longer, the host ran ahead (no profiler overhead: one event per mark).
     """
 
     def __init__(self, device: torch.device, request: Optional[ProfileRequest] = None) -> None:
@@ -74,6 +79,10 @@ class StepClock:
         self.profile: Optional[dict] = None
         self._profiler = None
         self._t0 = 0.0
+        self._start_event = None
+        self._marks: list[tuple[str, float, object]] = []
+        #: per step, ``{mark: (host_ms, device_ms or None)}`` from the step's opening sync
+        self.phases: list[dict[str, tuple[float, Optional[float]]]] = []
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -88,12 +97,26 @@ class StepClock:
 
             self._profiler = StepProfiler(self.device, self.request.trace_path)
             self._profiler.start()
+        self._marks = []
         self._t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+
+    def mark(self, name: str) -> None:
+        """The host has queued the step's work up to ``name`` (e.g. ``"forward"``)."""
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self._marks.append((name, time.perf_counter() - self._t0, event))
 
     def stop(self, loss: Optional[torch.Tensor] = None) -> None:
         with self._profiler.closing_sync() if self._profiler is not None else nullcontext():
             self._sync()
         self.times.append(time.perf_counter() - self._t0)
+        self.phases.append({name: (host * 1e3, None if event is None else self._start_event.elapsed_time(event))
+                            for name, host, event in self._marks})
         if self._profiler is not None:
             self.profile, self._profiler = self._profiler.stop(), None
         if loss is not None:
@@ -131,6 +154,18 @@ def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_st
         "items_per_s": items_per_step / step_s,
         "tflops": flops_per_step / step_s / 1e12,
     }
+
+
+def phase_medians(phases: list[dict], warmup: int, profiled: Optional[int] = None) -> dict:
+    """Per mark, the medians over the timed steps (as :func:`summarize` picks them) of the host's and the
+    device's milliseconds from the step's start to the mark (``StepClock.phases``); empty without marks."""
+    timed = [p for i, p in enumerate(phases) if i != profiled][warmup:]
+    out = {}
+    for name in dict.fromkeys(k for p in timed for k in p):
+        host = [p[name][0] for p in timed if name in p]
+        device = [p[name][1] for p in timed if name in p and p[name][1] is not None]
+        out[name] = {"host_ms": statistics.median(host), "device_ms": statistics.median(device) if device else None}
+    return out
 
 
 def memory_stats(device: torch.device) -> dict:

@@ -80,7 +80,27 @@ def markdown(rows: list[dict], model: str, notes: list[str]) -> str:
     lines = [header(rows, model), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cells(r, devices)) + " |" for r in ordered]
-    return "\n".join(lines + profile_table(ordered)) + "\n"
+    return "\n".join(lines + phase_table(ordered) + profile_table(ordered)) + "\n"
+
+
+def phase_table(rows: list[dict]) -> list[str]:
+    """Lines of a table of the Lightning cases' marks (``StepClock.mark``): per timed step (median), when the
+    host had queued forward and backward and when the device had run them (none: no lines)."""
+    marked = [r for r in rows if r.get("phases")]
+    if not marked:
+        return []
+    lines = ["", "## Host or device first (Lightning cases, median of the timed steps)", "",
+             "From the step's opening sync: ms until the host had queued forward (backward), and until the device "
+             "had run it. Device about equal to host: the device waited for the host; longer: the host was ahead.",
+             "", "| case | forward host ms | forward device ms | backward host ms | backward device ms |",
+             "|---|---|---|---|---|"]
+    for r in marked:
+        cells = [r["case"]]
+        for name in ("forward", "backward"):
+            mark = r["phases"].get(name, {})
+            cells += [_num(mark.get("host_ms"), ".1f"), _num(mark.get("device_ms"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _top_ops(profile: dict) -> str:

@@ -190,6 +190,28 @@ def test_planner_steps_stay_out_of_the_median(runs):
     assert state["plan"].predicted_peak == row["memory_report"]["predicted_peak_bytes"]
 
 
+def test_host_and_device_marks_of_lightning_cases(runs):
+    """A Lightning case's row says when the host had queued forward and backward (median of the timed steps);
+    on the CPU there is no device clock. A raw loop has no marks."""
+    rows = _rows(runs["vgg_tiny"])
+    phases = rows["vdnn@50%"]["phases"]
+    assert 0 < phases["forward"]["host_ms"] < phases["backward"]["host_ms"] < rows["vdnn@50%"]["step_s"] * 1e3
+    assert phases["forward"]["device_ms"] is None
+    assert "phases" not in rows["plain"]
+    assert "| vdnn@50% | " in (runs["vgg_tiny"] / "results.md").read_text().split("## Host or device first")[1]
+
+
+def test_phase_medians_leave_out_warmup_and_the_profiled_step():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.measure import phase_medians
+
+    phases = [{"forward": (100.0, None)}, {"forward": (1.0, 4.0)}, {"forward": (50.0, 60.0)},
+              {"forward": (3.0, 6.0)}, {"forward": (2.0, 5.0), "backward": (7.0, 9.0)}]
+    assert phase_medians(phases, warmup=1, profiled=2) == {"forward": {"host_ms": 2.0, "device_ms": 5.0},
+                                                           "backward": {"host_ms": 7.0, "device_ms": 9.0}}
+    assert phase_medians([{}, {}], warmup=0) == {}
+
+
 def test_a_run_s_plan_solves_again_the_same(runs, capsys):
     """``benchmarks/replan.py``: the row's planner inputs, solved again with the run's slack and budget, give the
     plan the run took; a lower budget gives a plan within it."""
