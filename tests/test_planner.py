@@ -92,16 +92,16 @@ def _checked(planner: AutoPlanner, peak: int) -> list:
 
 def test_a_plan_that_peaks_under_its_prediction_is_made_again_from_the_measured_peak():
     """The checked steps of a plan peaked 150 MiB under its prediction: the planner makes the plan again with the
-    forward peak lowered by that (less 1% of the budget), which keeps more and recomputes less; it is checked in turn, and
+    forward peak lowered by that (less a granule), which keeps more and recomputes less; it is checked in turn, and
     then stays. Learnt once per profile."""
     p = AutoPlanner(budget=FORWARD + 450 * MiB)
     first = p.observe(BLOCKS, FLOOR, forward_peak=FORWARD)
     assert first.predicted_peak <= p.budget and p.overcount == 0
     *checks, again = _checked(p, first.predicted_peak - 150 * MiB)
     assert checks == [None, None] and again is not None
-    assert p.overcount == 150 * MiB - int(0.01 * p.budget) and p.planned_from()["overcount"] == p.overcount
+    assert p.overcount == 150 * MiB - p.granule and p.planned_from()["overcount"] == p.overcount
     assert len(again.kept) > len(first.kept) and again.added_ms < first.added_ms
-    assert again.predicted_peak + 150 * MiB - p.overcount <= 1.01 * p.budget  # its peak, as the measured ones place it
+    assert again.predicted_peak - p.overcount <= p.budget - p.granule  # as the measured peaks place it
     assert p.watching and _checked(p, again.predicted_peak - 150 * MiB) == [None] * 3  # it fits: it stays
     assert not p.watching and p.plan is again and p.replans == 0
 

@@ -74,7 +74,7 @@ layer looked slow, offloading looked free and recomputing dear; runs 8 and 9 pla
 recompute.)
 
 A plan whose checked steps all peak under its prediction is made once more from what they measured: the forward
-peak it was solved from is lowered by the gap (less 1% of the budget), so that the bytes the model over-counted (the
+peak it was solved from is lowered by the gap (less a granule), so that the bytes the model over-counted (the
 profiling step's copies still in flight as its forward peaked, counted again by the layers the plan keeps) go to
 keeping layers. That plan is checked in turn; if its step overshoots the budget, the plan that fitted comes back and
 the planner keeps it (no slack is added: the lowering was the guess that failed).
@@ -105,9 +105,6 @@ if TYPE_CHECKING:
 MAX_REPLANS = 3
 #: Steps whose peaks are measured after each new plan, before it is trusted.
 VERIFY_STEPS = 3
-#: Of the budget, what a plan made from measured peaks leaves of the gap they showed: its plan fills the budget
-#: to the granule, where the measured peaks themselves vary by tens of MB (``gpt_1b``: 30 MB over a 27.4 GB budget).
-LEARN_MARGIN = 0.01
 #: How far over its budget a measured peak may be and the budget still count as kept (``MemoryReport``): the
 #: allocator's rounding and the step's small tensors the model does not count.
 BUDGET_TOLERANCE = 0.02
@@ -294,7 +291,7 @@ class AutoPlanner:
         checked steps peaked under the prediction (once per profile), if that keeps more; else None."""
         fitted, measured = self.plan, self._checked_peak
         self._fitted = None
-        gap = fitted.predicted_peak - measured - max(self.granule, int(self.budget * LEARN_MARGIN))
+        gap = fitted.predicted_peak - measured - self.granule
         if self._learnt or self._forward_peak is None or gap <= 0 or not fitted.on_device:
             return None
         self._learnt, self._overcount = True, gap
