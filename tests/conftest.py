@@ -171,16 +171,16 @@ def lm():
     return lambda: TokenLM(dropout=0.1)
 
 
-def auto_against_plain(run, share: float, caplog_text=lambda: "", steps: int = 6, **auto_kwargs):
-    """A GPU plan's test: ``run(strategy, steps)`` (:func:`fit_on_gpu`) in-GPU, with every activation offloaded
-    (1 step: the floor), and ``"auto"`` at the floor plus ``share`` of the way to the in-GPU peak; the auto run's
-    losses and parameters against the in-GPU run's. Returns (auto trainer, budget)."""
+def auto_against_plain(run, share: float, caplog_text=lambda: "", **auto_kwargs):
+    """A GPU plan's test: ``run(strategy, steps)`` (:func:`fit_on_gpu`) in-GPU (6 steps), with every activation
+    offloaded (1 step: the floor), and ``"auto"`` at the floor plus ``share`` of the way to the in-GPU peak (6
+    steps); the auto run's losses and parameters against the in-GPU run's. Returns (auto trainer, budget)."""
     from lightning_vdnn import VDNNStrategy
 
-    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0), steps)
+    ref, _, plain_peak = run(VDNNStrategy("none", min_offload_bytes=0), 6)
     _, _, floor = run(VDNNStrategy("all", min_offload_bytes=0), 1)
     budget = floor + int(share * (plain_peak - floor))
-    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget, **auto_kwargs), steps)
+    got, trainer, _ = run(VDNNStrategy("auto", min_offload_bytes=0, memory_budget=budget, **auto_kwargs), 6)
     report = trainer.strategy.memory_report()
     print(f"\nplain {plain_peak / 2**20:.1f} MiB, floor {floor / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB\n"
           f"{[r.decision for r in report.layers]}\n{report}\n" + caplog_text())

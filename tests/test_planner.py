@@ -81,51 +81,6 @@ def test_an_overshoot_the_model_cannot_place_falls_back_to_the_profiled_plan():
     assert p.observe(layers, peak=20 * MiB) is None  # it fits: kept
 
 
-BLOCKS = [LayerProfile(100 * MiB, 10 * MiB, forward_ms=1.0, transfer_ms=10.0)] * 10
-FLOOR, FORWARD = 1000 * MiB, 900 * MiB  # the profiling step's peaks: all of it, and as forward ended
-
-
-def _checked(planner: AutoPlanner, peak: int) -> list:
-    """What the planner returns for each of a fresh plan's checked steps, each peaking at ``peak``."""
-    return [planner.observe(BLOCKS, peak) for _ in range(3)]
-
-
-def test_a_plan_that_peaks_under_its_prediction_is_made_again_from_the_measured_peak():
-    """The checked steps of a plan peaked 150 MiB under its prediction: the planner makes the plan again with the
-    forward peak lowered by that (less a granule), which keeps more and recomputes less; it is checked in turn, and
-    then stays. Learnt once per profile."""
-    p = AutoPlanner(budget=FORWARD + 450 * MiB)
-    first = p.observe(BLOCKS, FLOOR, forward_peak=FORWARD)
-    assert first.predicted_peak <= p.budget and p.overcount == 0
-    *checks, again = _checked(p, first.predicted_peak - 150 * MiB)
-    assert checks == [None, None] and again is not None
-    assert p.overcount == 150 * MiB - p.granule and p.planned_from()["overcount"] == p.overcount
-    assert len(again.kept) > len(first.kept) and again.added_ms < first.added_ms
-    assert again.predicted_peak - p.overcount <= p.budget - p.granule  # as the measured peaks place it
-    assert p.watching and _checked(p, again.predicted_peak - 150 * MiB) == [None] * 3  # it fits: it stays
-    assert not p.watching and p.plan is again and p.replans == 0
-
-
-def test_a_plan_made_from_measured_peaks_that_overshoots_gives_way_to_the_one_that_fitted():
-    """The lowered forward peak was wrong (the step went over the budget): the plan that fitted comes back, already
-    checked, no slack is added, and the planner does not try again."""
-    p = AutoPlanner(budget=FORWARD + 450 * MiB)
-    first = p.observe(BLOCKS, FLOOR, forward_peak=FORWARD)
-    again = _checked(p, first.predicted_peak - 150 * MiB)[-1]
-    back = p.observe(BLOCKS, p.budget + 10 * MiB)
-    assert back is first and p.replans == 1 and p.overcount == 0 and not p.watching
-    assert p.planned_from()["slack"] == 0 and again is not first
-
-
-def test_a_plan_measured_at_its_prediction_or_without_a_forward_peak_is_not_made_again():
-    p = AutoPlanner(budget=FORWARD + 450 * MiB)
-    first = p.observe(BLOCKS, FLOOR, forward_peak=FORWARD)
-    assert _checked(p, first.predicted_peak) == [None] * 3 and not p.watching and p.plan is first
-    q = AutoPlanner(budget=FORWARD + 450 * MiB)  # no forward peak measured (a CPU device): nothing to lower
-    plan = q.observe(BLOCKS, FLOOR)
-    assert _checked(q, plan.predicted_peak - 150 * MiB) == [None] * 3 and q.overcount == 0
-
-
 def test_lower_gives_up_a_share_of_the_kept_bytes_and_stops_at_the_floor():
     """After an OOM: budget = min(predicted, allocated at failure) - fraction * kept, never below the floor."""
     p = AutoPlanner(budget=100 * MiB)

@@ -274,9 +274,7 @@ class OffloadHooks:
         planner.apply_to(offloader)
         if plan is not None:
             over = old is not None and planner.replans > replans
-            learnt = old is not None and not over and planner.overcount > 0
-            rank_zero_info(plan_message(plan, (peak, old.predicted_peak) if over else None,
-                                        planner.overcount if learnt else None))
+            rank_zero_info(plan_message(plan, (peak, old.predicted_peak) if over else None))
 
     def _observe(self, planner: AutoPlanner, peak: Optional[int], later: Optional[Later]) -> Optional[Plan]:
         """The planner fed the step just finished (``VDNNStrategy`` adds batch chunks where the budget needs them)."""
@@ -332,15 +330,12 @@ class OffloadHooks:
         return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())))
 
 
-def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None, lowered: Optional[int] = None) -> str:
+def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None) -> str:
     """The line logged when ``"auto"`` makes a plan; ``overshot``: the measured and predicted peaks of the plan
-    whose step went over the budget, which this one replaces; ``lowered``: bytes by which the last plan's checked
-    steps peaked under its prediction, which this one spends."""
+    whose step went over the budget, which this one replaces."""
     again = "" if overshot is None else (
         f" (re-planned: the last plan's step peaked at {format_bytes(overshot[0])}, predicted "
         f"{format_bytes(overshot[1])})")
-    if lowered is not None:
-        again = f" (made again: the last plan's steps peaked {format_bytes(lowered)} under its prediction)"
     return (
         f"lightning_vdnn auto plan{again}: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
         f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of "

@@ -73,12 +73,6 @@ layer times leave out compute's waits for the in-flight cap and for the host pin
 layer looked slow, offloading looked free and recomputing dear; runs 8 and 9 planned gpt_1b at 75% with no
 recompute.)
 
-A plan whose checked steps all peak under its prediction is made once more from what they measured: the forward
-peak it was solved from is lowered by the gap (less a granule), so that the bytes the model over-counted (the
-profiling step's copies still in flight as its forward peaked, counted again by the layers the plan keeps) go to
-keeping layers. That plan is checked in turn; if its step overshoots the budget, the plan that fitted comes back and
-the planner keeps it (no slack is added: the lowering was the guess that failed).
-
 ``solve`` keeps the keep-or-offload model with step time proportional to the bytes moved (a GPU bound by PCIe):
 the subset-sum that keeps the most bytes that fit.
 """
@@ -103,8 +97,6 @@ if TYPE_CHECKING:
 #: Plans made again after measured peaks over the budget before the planner settles for the profiling step's plan
 #: (keep nothing, recompute nothing), which fit.
 MAX_REPLANS = 3
-#: Steps whose peaks are measured after each new plan, before it is trusted.
-VERIFY_STEPS = 3
 #: How far over its budget a measured peak may be and the budget still count as kept (``MemoryReport``): the
 #: allocator's rounding and the step's small tensors the model does not count.
 BUDGET_TOLERANCE = 0.02
@@ -168,10 +160,6 @@ class AutoPlanner:
         self._layers: Optional[list[LayerProfile]] = None
         self._slack = 0  # raised when a measured peak overshoots a prediction
         self._link = True  # plans may time copies on the copy link (until a link plan overshoots)
-        self._overcount = 0  # bytes the forward peak is lowered by, learnt from checked steps under their prediction
-        self._checked_peak: Optional[int] = None  # the highest peak measured since the plan was made
-        self._fitted: Optional[Plan] = None  # while a plan made from measured peaks is checked: the one that fitted
-        self._learnt = False  # the forward peak was lowered once since the last profile
         self.replans = 0  # plans made again because a measured peak overshot the budget
         self._since_plan = 0
 
@@ -215,11 +203,6 @@ class AutoPlanner:
         return 0 if self.plan is None else self.plan.inflight_bytes
 
     @property
-    def overcount(self) -> int:
-        """Bytes the current plan's forward peak was lowered by, learnt from steps that peaked under a prediction."""
-        return self._overcount
-
-    @property
     def floor(self) -> Optional[int]:
         """The profiled peak with every activation offloaded, as the next steps reach it (None: not profiled)."""
         return self._floor
@@ -236,7 +219,7 @@ class AutoPlanner:
     @property
     def watching(self) -> bool:
         """Whether the next step's peak should be measured: profiling, or verifying a fresh plan."""
-        return self.plan is None or self._since_plan < VERIFY_STEPS
+        return self.plan is None or self._since_plan < 3
 
     def observe(self, layers: Sequence[Union[int, LayerProfile]], peak: Optional[int],
                 forward_peak: Optional[int] = None, later: Optional[Later] = None) -> Optional[Plan]:
@@ -246,7 +229,7 @@ class AutoPlanner:
         layers = [p if isinstance(p, LayerProfile) else bytes_only(p) for p in layers]
         self._since_plan += 1
         if self.plan is not None and self._changed(layers):  # new shapes: start over from a safe pass
-            self.plan, self._overcount, self._learnt, self._fitted = None, 0, False, None
+            self.plan = None
             return None
         if peak is None:
             return None
@@ -265,11 +248,6 @@ class AutoPlanner:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
             return self._replan()
-        if peak > self.budget and self._fitted is not None:  # the lowered forward peak was wrong: back to the fit
-            self.plan, self._fitted, self._overcount = self._fitted, None, 0
-            self.replans += 1
-            self._since_plan = VERIFY_STEPS  # checked already
-            return self.plan
         if peak > self.budget and self.plan.on_device:  # under-predicted: give back the overshoot and re-plan
             old = self.plan
             self.replans += 1
@@ -283,24 +261,7 @@ class AutoPlanner:
                     self.replans > MAX_REPLANS:  # blind to what overshot, or still over: the safe plan
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
-        self._checked_peak = max(self._checked_peak or 0, peak)
-        return self._learn() if self._since_plan >= VERIFY_STEPS else None
-
-    def _learn(self) -> Optional[Plan]:
-        """After the checks of a plan that fitted: the plan made again with the forward peak lowered by what the
-        checked steps peaked under the prediction (once per profile), if that keeps more; else None."""
-        fitted, measured = self.plan, self._checked_peak
-        self._fitted = None
-        gap = fitted.predicted_peak - measured - self.granule
-        if self._learnt or self._forward_peak is None or gap <= 0 or not fitted.on_device:
-            return None
-        self._learnt, self._overcount = True, gap
-        new = self._replan()
-        if new.added_ms >= fitted.added_ms:  # nothing gained: stay
-            self.plan, self._overcount, self._since_plan = fitted, 0, VERIFY_STEPS
-            return None
-        self._fitted = fitted
-        return new
+        return None
 
     def planned_from(self) -> dict:
         """What the current plan was solved from (profiles, floor, budget, slack, whether on the copy link), so that
@@ -308,8 +269,7 @@ class AutoPlanner:
         if self._layers is None:
             return {}
         return dict(layers=self._layers, floor=self._floor, forward_peak=self._forward_peak, budget=self.budget,
-                    slack=self._slack, granule=self.granule, replans=self.replans, link=self._link, plan=self.plan,
-                    overcount=self._overcount)
+                    slack=self._slack, granule=self.granule, replans=self.replans, link=self._link, plan=self.plan)
 
     def _changed(self, layers: list[LayerProfile]) -> bool:
         """Other input shapes, or other bytes in a layer that ran as profiled (a recomputed one saves less)."""
@@ -335,7 +295,6 @@ class AutoPlanner:
         start = plan.predicted_peak if failed_at is None else min(plan.predicted_peak, failed_at)
         target = start - int(plan.kept_bytes * fraction)
         self._link = self._link and not plan.linked  # as after an overshoot (``observe``): its least certain bytes
-        self._overcount, self._fitted = 0, None
         if target > self._floor:
             self.budget = target
             new = self._replan()
@@ -350,8 +309,8 @@ class AutoPlanner:
     def _replan(self) -> Plan:
         assert self._floor is not None and self._layers is not None
         self.plan = solve_planned(self._layers, self._floor, self.budget, self.granule, self._forward_peak,
-                                  self._slack, self._link, self._overcount)
-        self._since_plan, self._checked_peak = 0, None
+                                  self._slack, self._link)
+        self._since_plan = 0
         return self.plan
 
     def report_fields(self, layers: int) -> dict:
@@ -378,13 +337,12 @@ class AutoPlanner:
 
 
 def solve_planned(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int,
-                  forward_peak: Optional[int] = None, slack: int = 0, link: bool = True, overcount: int = 0) -> Plan:
+                  forward_peak: Optional[int] = None, slack: int = 0, link: bool = True) -> Plan:
     """The plan :class:`AutoPlanner` makes from these inputs (its :meth:`~AutoPlanner.planned_from`): ``slack``, the
-    overshoots given back, raises the floor (at worst to the budget: keep nothing) and the forward peak; ``overcount``,
-    learnt from steps under their prediction, lowers the forward peak; ``link``: copies may be timed on the copy link,
-    where the profile says they can hide (not on a CPU device: inline)."""
+    overshoots given back, raises the floor (at worst to the budget: keep nothing) and the forward peak; ``link``:
+    copies may be timed on the copy link, where the profile says they can hide (not on a CPU device: inline)."""
     raised = min(floor + slack, max(budget, floor))
-    forward = None if forward_peak is None else forward_peak + slack - overcount
+    forward = None if forward_peak is None else forward_peak + slack
     linked = dict(link=True) if link and copy_link.has_overlap(layers) else {}
     return solve_layers(layers, raised, budget, granule, forward, **linked)
 
