@@ -224,6 +224,8 @@ def test_a_run_s_plan_solves_again_the_same(runs, capsys):
     taken, again = (re.search(rf"{name}.*?predicted peak ([\d.]+) MB", out).group(1)
                     for name in ("the run's plan", "solved again"))
     assert taken == again
+    assert replan.main([str(results), "--case", "vdnn@50%", "--overcount", "0.5"]) == 0
+    assert "forward peak lowered by 0.500 GB" in capsys.readouterr().out  # a CPU run has none: the same plan
     with pytest.raises(SystemExit):
         replan.main([str(results), "--case", "plain"])  # no planner
 
