@@ -11,7 +11,7 @@ workload on the same per-device batch and measures its own steps and memory. The
 - losses: per step, the mean over the ranks (the loss of the global batch, each rank holding an equal share).
   Every rank holds the same batch, so the all-reduced gradient equals one device's and the loss curve is the
   one-device curve.
-- profile (``--profile``): rank 0's step summary; every rank's is in ``per_rank``.
+- profile (``--profile``): rank 0's step summary; every rank's is in ``per_rank``; so are the marks (``phases``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,6 @@ def merge(rows: list[dict]) -> dict:
         peak_alloc_bytes=_largest(rows, "peak_alloc_bytes"), peak_reserved_bytes=_largest(rows, "peak_reserved_bytes"),
         host_rss_bytes=sum(r["host_rss_bytes"] for r in rows), host_rss_max_rank_bytes=_largest(rows, "host_rss_bytes"),
         per_rank=[{k: r.get(k) for k in ("step_s", "peak_alloc_bytes", "peak_reserved_bytes", "host_rss_bytes",
-                                          "memory_report", "profile")} for r in rows],
+                                          "memory_report", "profile", "phases")} for r in rows],
     )
     return merged

@@ -157,6 +157,10 @@ def test_ranks_merge_into_one_row():
     assert row["losses"] == [5.0, 4.0, 3.0, 2.0]
     assert (row["peak_alloc_bytes"], row["host_rss_bytes"], row["host_rss_max_rank_bytes"]) == (30, 12, 7)
     assert row["devices"] == 2 and [r["peak_alloc_bytes"] for r in row["per_rank"]] == [10, 30]
+    marked = merge([dict(rank([9.0, 1.0], [1.0, 1.0], 1, 1), phases={"forward": {"host_ms": h, "device_ms": None}})
+                    for h in (2.0, 3.0)])
+    assert marked["phases"]["forward"]["host_ms"] == 2.0  # rank 0's, as the profile
+    assert [r["phases"]["forward"]["host_ms"] for r in marked["per_rank"]] == [2.0, 3.0]
 
 
 def test_a_rank_that_died_is_named():
