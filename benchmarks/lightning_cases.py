@@ -42,9 +42,9 @@ def _module(w: Workload, device: torch.device):
 
 def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
     """A Callback timing each training batch with the same synchronized clock as the raw loops (marking where
-    forward and backward end, ``StepClock.mark``), and keeping
-    the loss ``training_step`` returned, whether the strategy's planner measured the step, and at the end what
-    the planner last planned from (``AutoPlanner.planned_from``, pickled: ``benchmarks/replan.py`` reads it).
+    forward and backward end, ``StepClock.mark``), and keeping the loss ``training_step`` returned, whether the
+    strategy's planner measured the step, and at the end what the planner last planned from
+    (``AutoPlanner.planned_from``, pickled: ``benchmarks/replan.py`` reads it).
 
     ``settle=(warmup, steps)``: stop training once ``steps`` steps have run after ``warmup`` and after the last
     step the planner measured (``measure.settled_warmup``); the Trainer's ``max_steps`` caps the wait."""
