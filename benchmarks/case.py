@@ -39,7 +39,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--settle", type=int, default=0,
                    help="Lightning cases: up to this many extra steps, so that the steps the planner measures "
-                        "(VDNNStrategy.planning) stay out of the median (0: off; not with --profile)")
+                        "(VDNNStrategy.planning) stay out of the median, and a profiled step comes after them "
+                        "(0: off; not with --profile-step)")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
     p.add_argument("--compile", action="store_true", help="compile the model's blocks (workloads.compiled)")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
@@ -55,8 +56,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
     if args.settle < 0:
         p.error(f"--settle {args.settle}: give a number of extra steps, 0 or more.")
-    if args.profile:
+    if args.profile_step is not None:
         args.settle = 0  # the profiled step's index is fixed before the run
+    if args.profile:
         from benchmarks.step_profile import profiled_step
 
         try:
@@ -112,16 +114,20 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
             settle = (args.warmup, args.steps, args.settle) if args.settle else None
             clock, extra = run_lightning(spec.name, w, device, n, args.memory_budget, args.devices, settle)
     if request is not None and clock.profile is None:
+        if args.settle and spec.kind != "peer":
+            raise RuntimeError(f"no step of a settled plan was profiled: the planner still measured steps after "
+                               f"{len(clock.times)} steps; raise --settle (now {args.settle}).")
         raise RuntimeError(f"step {request.step} was to be profiled, but the case ran {len(clock.times)} steps.")
     warmup = settled_warmup(clock.planning, args.warmup) if args.settle else args.warmup
     if warmup >= len(clock.times):  # the planner measured every step: time the usual ones, and say so
         row["unsettled"], warmup = True, args.warmup
-    row.update(summarize(clock.times, warmup, w.items_per_step, w.flops_per_step, args.profile_step),
+    profiled = clock.profiled_at if clock.profiled_at is not None else args.profile_step
+    row.update(summarize(clock.times, warmup, w.items_per_step, w.flops_per_step, profiled),
                losses=clock.losses, warmup_steps=warmup, planning_steps=sum(clock.planning), **extra)
     if clock.phases and any(clock.phases):
-        row["phases"] = phase_medians(clock.phases, warmup, args.profile_step)
+        row["phases"] = phase_medians(clock.phases, warmup, profiled)
     if request is not None:
-        row["profile"] = clock.profile
+        row["profile"], row["profile_step"] = clock.profile, profiled
     row["status"] = "ok"
 
 

@@ -47,15 +47,19 @@ def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
     (``AutoPlanner.planned_from``, pickled: ``benchmarks/replan.py`` reads it).
 
     ``settle=(warmup, steps)``: stop training once ``steps`` steps have run after ``warmup`` and after the last
-    step the planner measured (``measure.settled_warmup``); the Trainer's ``max_steps`` caps the wait."""
+    step the planner measured (``measure.settled_warmup``); the Trainer's ``max_steps`` caps the wait. A profiled
+    step (``measure.profiling``) is then the one after those: a step of the settled plan, wherever it falls."""
     import lightning as L
 
-    from benchmarks.measure import settled_warmup
+    from benchmarks.measure import ProfileRequest, settled_warmup
 
     class BatchClock(L.Callback):
         def __init__(self) -> None:
             self.clock = StepClock(device)
             self.planner_inputs: Optional[str] = None
+            self.profile_after: Optional[ProfileRequest] = None
+            if settle is not None:  # its index is known once the planner has settled
+                self.profile_after, self.clock.request = self.clock.request, None
 
         def on_train_end(self, trainer, pl_module) -> None:  # before the strategy's teardown drops its planner
             planner = getattr(trainer.strategy, "_planner", None)
@@ -77,7 +81,11 @@ def _clock(device: torch.device, settle: Optional[tuple[int, int]] = None):
             self.clock.stop(outputs["loss"] if isinstance(outputs, dict) else outputs)
             if settle is not None:  # after the clock: the ranks agree (all must stop at one step) untimed
                 timed = len(self.clock.times) - settled_warmup(self.clock.planning, settle[0])
-                done = trainer.strategy.reduce_boolean_decision(timed >= settle[1], all=True)
+                after = self.profile_after
+                if after is not None and timed == settle[1] and self.clock.request is None:
+                    self.clock.request = ProfileRequest(len(self.clock.times), after.trace_path)
+                enough = timed >= settle[1] + (after is not None)
+                done = trainer.strategy.reduce_boolean_decision(enough, all=True)
                 trainer.should_stop = trainer.should_stop or done
 
     return BatchClock()

@@ -77,6 +77,7 @@ class StepClock:
         self.planning: list[bool] = []  # per step, where the loop knows: a step the strategy's planner measured
         self.request = request if request is not None else _PROFILE.get()
         self.profile: Optional[dict] = None
+        self.profiled_at: Optional[int] = None  # the index of the step that ran under the profiler
         self._profiler = None
         self._t0 = 0.0
         self._start_event = None
@@ -97,6 +98,7 @@ class StepClock:
 
             self._profiler = StepProfiler(self.device, self.request.trace_path)
             self._profiler.start()
+            self.profiled_at = len(self.times)
         self._marks = []
         self._t0 = time.perf_counter()
         if self.device.type == "cuda":

@@ -109,6 +109,14 @@ def _top_ops(profile: dict) -> str:
                      for op in ops[:TOP_OPS_SHOWN]).replace("|", "/")
 
 
+def _profiled_steps(rows: list[dict]) -> str:
+    """Which step each case profiled: one index for all, or each case's (a settled plan's step comes later)."""
+    steps = {r.get("profile_step") for r in rows}
+    if len(steps) == 1:
+        return f"step {steps.pop()}"
+    return "steps " + ", ".join(f"{r['case']} {r.get('profile_step')}" for r in rows)
+
+
 def profile_table(rows: list[dict]) -> list[str]:
     """The lines of the second table, one row per case that has a profile (none: no lines): where the time
     of its one profiled step went (``benchmarks/step_profile.py`` says what each column counts)."""
@@ -117,7 +125,7 @@ def profile_table(rows: list[dict]) -> list[str]:
         return []
     cols = ["case", *(name for name, _ in PROFILE_COLUMNS), f"top {TOP_OPS_SHOWN} host ops, self ms (thread)"]
     lines = ["", "## Where the step's time goes (one profiled step)", "",
-             f"One extra step per case under torch.profiler (step {profiled[0].get('profile_step')}, not in the median "
+             f"One extra step per case under torch.profiler ({_profiled_steps(profiled)}, not in the median "
              "above); on a GPU, copies are host<->device, 'hidden' while a kernel runs, 'exposed' otherwise. "
              "Host sync: time the host waited in CUDA synchronisations, the clock's own closing sync left out.",
              "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

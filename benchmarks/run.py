@@ -53,8 +53,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 2 with --tiny)")
     p.add_argument("--settle", type=int, default=None,
                    help="Lightning cases: up to this many extra steps while the 'auto' planner still measures "
-                        "steps (profiling, checking a plan), which then stay out of the median (default 8; 0 "
-                        "with --tiny or --profile)")
+                        "steps (profiling, checking a plan), which then stay out of the median; with --profile, "
+                        "the profiled step is the one after (default 8; 0 with --tiny or --profile-step)")
     p.add_argument("--budget", default="", help="e.g. 25%%,50%%,75%% of plain's peak, for modes that take one")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--tiny", action="store_true", help="the tiny size of --model, on the CPU, fp32")
@@ -88,7 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.device = "cpu" if args.tiny else "cuda"
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 3)
-    args.settle = args.settle if args.settle is not None else (0 if args.tiny else 8)
+    args.settle = args.settle if args.settle is not None else (0 if args.tiny or args.profile_step is not None else 8)
     if args.settle < 0:
         p.error(f"--settle {args.settle}: give a number of extra steps, 0 or more.")
     args.timeout = args.timeout or (300.0 if args.tiny else 1200.0)
@@ -122,7 +122,8 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
     cmd = launch + ["benchmarks.case", "--case", case, "--model", args.model, "--device", args.device,
                     "--devices", str(args.devices), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
-    cmd += ["--profile"] if args.profile else ["--settle", str(args.settle)]
+    cmd += ["--profile"] if args.profile else []
+    cmd += ["--settle", str(args.settle)]
     cmd += ["--compile"] if args.compile else []
     cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
     cmd += ["--trace-dir", str(args.trace_dir)] if args.trace_dir is not None else []

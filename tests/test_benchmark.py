@@ -444,6 +444,25 @@ def test_profile_end_to_end(tmp_path):
     assert re.search(r"\| plain \| [\d.]+ (\|  )+\| [\d.]+ \| \S+ [\d.]+ \(main\)", table), table
 
 
+@pytest.mark.slow
+def test_with_settle_the_profiled_step_is_one_of_the_settled_plan(tmp_path):
+    """``--profile`` with ``--settle``: a Lightning case profiles the step after its timed ones, which come after the
+    planner's steps, wherever those end; a raw loop profiles its fixed last step. Neither is in the median."""
+    out = tmp_path / "out"
+    output, _ = _start(out, "vgg_tiny", ["plain", "vdnn@50%"], "--steps", "2", "--warmup", "1", "--settle", "8",
+                       "--profile").communicate(timeout=300)
+    rows = _rows(out)
+    auto, plain = rows["vdnn@50%"], rows["plain"]
+    assert auto["status"] == plain["status"] == "ok", output
+    assert auto["planning_steps"] >= 2 and auto["warmup_steps"] >= auto["planning_steps"]
+    assert auto["profile_step"] == auto["warmup_steps"] + 2 == len(auto["step_s_all"]) - 1
+    assert auto["step_s"] == statistics.median(auto["step_s_all"][auto["warmup_steps"]:-1])
+    assert auto["profile"]["wall_ms"] > 0
+    assert plain["profile_step"] == 3 and len(plain["step_s_all"]) == 4
+    note = re.search(r"under torch.profiler \(steps (.*?), not in the median", (out / "results.md").read_text())
+    assert note and set(note.group(1).split(", ")) == {"plain 3", f"vdnn@50% {auto['profile_step']}"}
+
+
 def test_profile_flag_checks_its_step(tmp_path):
     proc = subprocess.run(RUN + ["--model", "gpt_tiny", "--tiny", "--cases", "plain", "--out", str(tmp_path),
                                  "--profile-step", "9"], cwd=ROOT, capture_output=True, text=True, timeout=60)
