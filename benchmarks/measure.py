@@ -141,12 +141,18 @@ def settled_warmup(planning: list[bool], warmup: int) -> int:
     return max(warmup, last + 1)
 
 
+def timed_steps(per_step: list, warmup: int, profiled: Optional[int] = None) -> list:
+    """The timed steps' entries of ``per_step``: those after ``warmup``, the profiled step (index ``profiled``)
+    left out, as it counts neither as warm-up nor as timed."""
+    return [x for i, x in enumerate(per_step) if i != profiled][warmup:]
+
+
 def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_step: float,
               profiled: Optional[int] = None) -> dict:
     """Median over the steps after warm-up, and the throughput and model TFLOP/s it implies. The step of
     index ``profiled`` (``step_profile.profiled_step``) ran under the profiler: it counts neither as warm-up nor
     as timed."""
-    timed = [t for i, t in enumerate(times) if i != profiled][warmup:]
+    timed = timed_steps(times, warmup, profiled)
     if not timed:
         raise RuntimeError(f"no timed steps: {len(times)} steps ran, {warmup} of them warm-up.")
     step_s = statistics.median(timed)
@@ -159,9 +165,9 @@ def summarize(times: list[float], warmup: int, items_per_step: int, flops_per_st
 
 
 def phase_medians(phases: list[dict], warmup: int, profiled: Optional[int] = None) -> dict:
-    """Per mark, the medians over the timed steps (as :func:`summarize` picks them) of the host's and the
+    """Per mark, the medians over the timed steps (:func:`timed_steps`) of the host's and the
     device's milliseconds from the step's start to the mark (``StepClock.phases``); empty without marks."""
-    timed = [p for i, p in enumerate(phases) if i != profiled][warmup:]
+    timed = timed_steps(phases, warmup, profiled)
     out = {}
     for name in dict.fromkeys(k for p in timed for k in p):
         host = [p[name][0] for p in timed if name in p]

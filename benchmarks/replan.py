@@ -60,14 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     layers, floor, budget = state["layers"], state["floor"], state["budget"]
     slack = state["slack"] if args.slack is None else int(args.slack * GB)
     overcount = int(args.overcount * GB)
+    forward = None if state["forward_peak"] is None else state["forward_peak"] - overcount  # as if counted twice
     if args.budget is not None:
         budget = int(args.budget * budget) if args.budget <= 4 else int(args.budget)
     print(f"{len(layers)} layers, floor {floor / GB:.3f} GB, forward peak "
           f"{(state['forward_peak'] or 0) / GB:.3f} GB, run's slack {state['slack'] / GB:.3f} GB, "
           f"re-plans {state['replans']}, copy link {'on' if state.get('link', True) else 'off'}")
     print(describe("the run's plan", state["plan"]))
-    solved = solve_planned(layers, floor, budget, state["granule"], state["forward_peak"], slack,
-                           state.get("link", True) and not args.no_link, overcount)
+    solved = solve_planned(layers, floor, budget, state["granule"], forward, slack,
+                           state.get("link", True) and not args.no_link)
     print(describe(f"solved again (slack {slack / GB:.3f} GB, forward peak lowered by {overcount / GB:.3f} GB)",
                    solved))
     samples = (row.get("memory_report") or {}).get("timeline") or []

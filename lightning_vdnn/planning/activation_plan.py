@@ -337,14 +337,12 @@ class AutoPlanner:
 
 
 def solve_planned(layers: Sequence[LayerProfile], floor: int, budget: int, granule: int,
-                  forward_peak: Optional[int] = None, slack: int = 0, link: bool = True, overcount: int = 0) -> Plan:
+                  forward_peak: Optional[int] = None, slack: int = 0, link: bool = True) -> Plan:
     """The plan :class:`AutoPlanner` makes from these inputs (its :meth:`~AutoPlanner.planned_from`): ``slack``, the
     overshoots given back, raises the floor (at worst to the budget: keep nothing) and the forward peak; ``link``:
-    copies may be timed on the copy link, where the profile says they can hide (not on a CPU device: inline).
-    ``overcount`` (the planner's is 0; ``benchmarks/replan.py --overcount`` tries others) lowers the forward peak:
-    what a plan would be if the profile over-counted it by that much."""
+    copies may be timed on the copy link, where the profile says they can hide (not on a CPU device: inline)."""
     raised = min(floor + slack, max(budget, floor))
-    forward = None if forward_peak is None else forward_peak + slack - overcount
+    forward = None if forward_peak is None else forward_peak + slack
     linked = dict(link=True) if link and copy_link.has_overlap(layers) else {}
     return solve_layers(layers, raised, budget, granule, forward, **linked)
 
