@@ -108,6 +108,11 @@ class VDNNConfig:
             Off by default: it runs the layer's every op through torch's selective-checkpoint dispatch mode, a
             host cost per op the plan does not yet count, and on gpt_1b on an H200 that cost outweighed the
             recompute it saved (``benchmarks/README.md``). Worth trying where the host has slack.
+        lean_activations: let the ``"auto"`` planner keep a layer *lean* (``offload/pointwise.py``): the outputs of
+            its GELU/SiLU activations, whose inputs it keeps, are not held but made again in backward (one
+            elementwise kernel each, exact). The solver takes it where its cost model finds it the cheapest way into
+            the budget. Off by default: on gpt_1b at 75% on an H200 the lean plan (2 fewer blocks recomputed,
+            predicted 2.8 ms cheaper) measured 2.6 ms slower than the plan without (``benchmarks/README.md``).
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
@@ -188,6 +193,7 @@ class VDNNConfig:
     resident_blocks: ResidentSpec = option(None, "streaming")
     memory_budget: MemorySpec = option(None, "offload")
     selective_recompute: bool = option(False, "offload", why="off: whole-layer recompute only")
+    lean_activations: bool = option(False, "offload", why="off: kept layers hold their activation outputs")
     microbatches: int = option(1, "streaming", ge=1)
     saved_blocks: SavedSpec = option(None, "streaming")
     batch_chunks: ChunksSpec = option("auto", "chunks", ge=1, why="1 runs the batch whole; 'auto' chunks only where "

@@ -321,3 +321,69 @@ def test_model_free_offload_matches_plain_and_frees_forward_memory():
     off.close()
     print(f"held after forward: plain {plain / 2**20:.0f} MiB, offloaded {offloaded / 2**20:.0f} MiB; {report}")
     assert offloaded < 0.4 * plain and report.offloaded_bytes > 0.5 * plain and report.prefetched_bytes > 0
+
+
+@pytest.mark.parametrize("device", ["cuda", torch.device("cuda")])
+def test_a_device_given_without_its_index_still_offloads(device):
+    """``ActivationOffloader(torch.device("cuda"))`` (its docstring's example) and ``offload_activations(model,
+    device="cuda")``: saved tensors say ``cuda:0``, and a device compared without its index moved nothing."""
+    from torch import nn
+
+    from lightning_vdnn import offload_activations
+    from lightning_vdnn.offload.offloader import ActivationOffloader
+
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(4)]).cuda()
+    x = torch.randn(2048, 1024, device="cuda")
+    offloader = ActivationOffloader(device, policy="all")
+    offloader.attach(model)
+    with offloader.capture():
+        loss = model(x).square().mean()
+    loss.backward()
+    offloader.finish_pass()
+    assert offloader.report().offloaded_bytes > 4 * 2048 * 1024 * 4
+    offloader.close()
+    handle = offload_activations(model, device=device, policy="all")
+    with handle:
+        loss = model(x).square().mean()
+    loss.backward()
+    handle.step_done()
+    assert handle.report().offloaded_bytes > 4 * 2048 * 1024 * 4
+    handle.close()
+
+
+def test_lean_layers_on_cuda_are_exact_and_hold_less_after_forward():
+    """``offload/pointwise.py`` on the real kernels: GELU's output made again in backward is bitwise what forward
+    made (bf16 autocast), and what forward leaves on the device is less by those outputs."""
+    from lightning_vdnn.examples.models import GPT, GPTConfig
+    from lightning_vdnn.offload.offloader import ActivationOffloader
+
+    torch.manual_seed(0)
+    net = GPT(GPTConfig(vocab_size=512, block_size=256, n_layer=4, n_head=8, n_embd=512, dropout=0.0)).cuda()
+    x = torch.randint(0, 512, (8, 256), device="cuda")
+    off = ActivationOffloader(torch.device("cuda"), "all", min_offload_bytes=0)
+    off.attach(net, net.blocks)
+    every = frozenset(range(len(net.blocks) + 1))
+
+    def step(lean, keep=every):
+        net.zero_grad(set_to_none=True)
+        off.set_plan(keep, lean=lean)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        with off.capture(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(x).float().square().mean()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        off.finish_pass()
+        return [p.grad.clone() for p in net.parameters()], held
+
+    off.watch = True
+    step((), keep=None)  # as the planner's profile: all offloaded (freed storages' addresses are reused)
+    off.watch = False
+    outputs = 8 * 256 * net.config.mlp_hidden * 2  # a block's bf16 GELU output
+    assert [p.pointwise_bytes for p in off.layer_profile()] == [0] + [outputs] * len(net.blocks)
+    ref, full = step(())
+    got, lean = step(every)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # the caching allocator's blocks: what else forward holds may land a block apart
+    assert abs(full - lean - len(net.blocks) * outputs) <= 2 * 2**20, (full, lean, outputs)
+    off.close()

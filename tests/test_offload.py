@@ -181,3 +181,17 @@ def test_conv_policy_ignores_reused_addresses_of_freed_inputs():
     off.finish_pass()
     assert off.report().offloaded_tensors == 1
 
+
+
+def test_a_device_is_named_with_its_index(monkeypatch):
+    """Saved tensors name their device ``cuda:N``; the offloader compares a save's device with its own, so
+    ``cuda`` without an index is the current CUDA device (else nothing would ever be copied)."""
+    from lightning_vdnn.offload.host_pool import concrete_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert concrete_device("cuda") == torch.device("cuda", 3)
+    assert concrete_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert concrete_device("cuda:1") == torch.device("cuda", 1)
+    assert concrete_device("cpu") == torch.device("cpu")
+    with pytest.raises(RuntimeError):
+        concrete_device("no-such-device")

@@ -91,7 +91,7 @@ class OffloadHooks:
         self._attempts, self._norm_stats = None, None
         if cfg.activation_offload == "auto":
             self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute(),
-                                                   selective=cfg.selective_recompute)
+                                                   selective=cfg.selective_recompute, lean=cfg.lean_activations)
         if self._retries_oom() and self._user_precision is None:  # a failed backward runs again from the plugin's
             self._user_precision = self.precision_plugin
             self.precision_plugin = extended(self._user_precision, RetriedBackward, retry=self._retry_backward)
@@ -337,7 +337,9 @@ def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None) -> str:
         f" (re-planned: the last plan's step peaked at {format_bytes(overshot[0])}, predicted "
         f"{format_bytes(overshot[1])})")
     return (
-        f"lightning_vdnn auto plan{again}: {len(plan.kept)} layers stay on the device, {len(plan.recomputed)} are "
+        f"lightning_vdnn auto plan{again}: {len(plan.kept)} layers stay on the device"
+        f"{f' ({len(plan.lean)} lean: activation outputs made again in backward)' if plan.lean else ''}, "
+        f"{len(plan.recomputed)} are "
         f"recomputed in backward ({len(plan.selective)} selectively), {format_bytes(plan.offloaded_bytes)} of "
         f"activations go to the host per step{_from_layers(plan)} "
         f"(predicted to add {plan.added_ms:.1f} ms); predicted peak {format_bytes(plan.predicted_peak)} " + (

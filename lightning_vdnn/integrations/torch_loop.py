@@ -20,6 +20,7 @@ from torch import nn
 from lightning_vdnn.config import MemorySpec, VDNNConfig
 from lightning_vdnn.integrations.options import OFFLOAD_ACTIVATIONS, STREAM_LAYERS
 from lightning_vdnn.layers import LayerPaths, offload_units
+from lightning_vdnn.offload.host_pool import concrete_device
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner
 from lightning_vdnn.report.memory_report import MemoryReport
@@ -143,7 +144,8 @@ class ActivationOffload:
         auto = config.activation_offload == "auto"  # streamed blocks are recomputed already: no second checkpoint
         self.planner = AutoPlanner.for_device(config.budget, self.offloader.device,
                                               recompute=not config.layer_streaming,
-                                              selective=config.selective_recompute) if auto else None
+                                              selective=config.selective_recompute,
+                                              lean=config.lean_activations) if auto else None
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)
@@ -271,7 +273,7 @@ def offload_activations(model: Optional[nn.Module] = None, *args: Any, device: D
     if model is None:
         return _model_free_handle(config, device)
     handle = _HANDLES.get(model)
-    wanted = torch.device(device) if device is not None else module_device(model)
+    wanted = concrete_device(device) if device is not None else module_device(model)
     if handle is not None and handle.config == config and handle.device == wanted:
         return handle
     if handle is not None:
@@ -283,9 +285,7 @@ def offload_activations(model: Optional[nn.Module] = None, *args: Any, device: D
 def _model_free_handle(config: VDNNConfig, device: DeviceLike) -> ActivationOffload:
     """The one handle without a model (its host pool reused while the arguments stay the same)."""
     global _MODEL_FREE
-    wanted = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if wanted.type == "cuda" and wanted.index is None:  # saved tensors say cuda:N; the offloader compares devices
-        wanted = torch.device("cuda", torch.cuda.current_device())
+    wanted = concrete_device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     handle = _MODEL_FREE
     if handle is not None and handle.config == config and handle.device == wanted:
         return handle

@@ -35,6 +35,15 @@ def size_class(nbytes: int) -> int:
     return (nbytes + step - 1) // step * step
 
 
+def concrete_device(device: "torch.device | str") -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device. Tensors name their device with an index
+    (``cuda:0``), and the hooks compare a saved tensor's device with the one they copy from."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class HostEvent:
     """Stand-in for ``torch.cuda.Event`` when the device is the host: work is already done when recorded."""
 
@@ -158,6 +167,29 @@ class HostBufferPool:
                         stacklevel=3,
                     )
         return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def copy_to_host(engine: CopyEngine, pool: HostBufferPool, storage: torch.UntypedStorage, lo: int, nbytes: int,
+                 timeline: Optional[object] = None) -> tuple[torch.Tensor, torch.Tensor, object, object]:
+    """Queue the copy of ``nbytes`` of ``storage`` from byte ``lo`` into a buffer of ``pool``, on the device->host
+    stream after the work queued so far and after the buffer's last reader: (the host buffer, the device bytes it
+    copies, the copy's start and done events). ``timeline``: a watched pass's on a GPU, told when pinning new host
+    memory blocked the CPU (not the layer's time)."""
+    before = engine.record() if timeline is not None and pool.would_allocate(nbytes) else None
+    host, last_reader = pool.acquire(nbytes)
+    if before is not None:
+        timeline.stalled(before, engine.record())
+    src = torch.empty(0, dtype=torch.uint8, device=engine.device).set_(storage, lo, (nbytes,), (1,))
+    produced = engine.record()
+    with engine.stream(engine.d2h):
+        if engine.is_cuda:
+            engine.d2h.wait_event(produced)
+            if last_reader is not None:
+                engine.d2h.wait_event(last_reader)
+        start = engine.record(engine.d2h)
+        host[:nbytes].copy_(src, non_blocking=True)
+        done = engine.record(engine.d2h)
+    return host, src, start, done
 
 
 def completed(pairs: list[tuple[object, object]]) -> list[tuple[object, object]]:

@@ -81,6 +81,16 @@ class SaveLedger:
             self._release(key, storage)
         return True
 
+    def rebuilt(self, storage: torch.UntypedStorage, group: int) -> None:
+        """Layer ``group`` keeps ``storage`` (a pointwise activation's output) lean: not held, but it counts, once, in
+        what keeping or moving the layer would hold and copy (``offload/pointwise.py``), so the layer's profile stays
+        the same whichever way it ran."""
+        addr = storage.data_ptr()
+        if _alive(self._decided.get(addr), storage) is None:
+            self._decided[addr] = [weakref.ref(storage), True]
+            self.trace.candidate_bytes[group] += storage.nbytes()
+            self.trace.copy_bytes[group] += storage.nbytes()
+
     def cached(self, storage: torch.UntypedStorage, group: int) -> None:
         """Layer ``group``, recomputed selectively, keeps ``storage`` outside autograd's saves (an op output SAC
         holds, ``offload/selective.py``): on the device until its backward, counted once, never released here."""

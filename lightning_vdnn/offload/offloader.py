@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from lightning_vdnn.compiled import compiled_leaves, compiling, eager, register_call_hooks
-from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool
+from lightning_vdnn.offload.host_pool import CopyEngine, HostBufferPool, concrete_device, copy_to_host
 from lightning_vdnn.offload.inflight import CopiesInFlight
 from lightning_vdnn.offload.ledger import SaveLedger
+from lightning_vdnn.offload.pointwise import Producers, Rebuild
 from lightning_vdnn.offload.prefetch import Cue, Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recompute, Recomputer, SegmentRunner, Timer
@@ -42,7 +43,7 @@ from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
 
 __all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
-Packed = Union[torch.Tensor, tuple, Cue]  # the tuple: (entry, dtype, storage_offset, size, stride, saving group)
+Packed = Union[torch.Tensor, tuple, Cue, Rebuild]  # the tuple: (entry, dtype, storage_offset, size, stride, saving group)
 
 
 class ActivationOffloader(PassRecords):
@@ -85,13 +86,14 @@ class ActivationOffloader(PassRecords):
             raise ValueError("policy='conv' offloads the inputs of convolution and linear layers, which needs the "
                              "model's layers; pass the model, or use policy='all'.")
         self.grouping = grouping
-        self.device = torch.device(device)
+        self.device = concrete_device(device)
         self.policy = policy
         self.min_offload_bytes = min_offload_bytes
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
         self.watch_ops = watch_ops
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
+        self._lean: frozenset[int] = frozenset()  # of those, the ones whose activation outputs backward rebuilds
         self._plan_inflight = 0  # bytes a plan's forward queues to the host beyond ``max_inflight_bytes``
         self.recompute_layers: frozenset[int] = frozenset()  # a plan's layers run again in backward
         self._recomputer = Recomputer(self._recompute_timer)
@@ -140,15 +142,17 @@ class ActivationOffloader(PassRecords):
 
     def set_plan(self, keep: Optional[frozenset[int]], recompute: Sequence[int] = (),
                  segments: Sequence[tuple[int, int]] = (), selective: Sequence[int] = (),
-                 prefetch_from: Sequence[tuple[int, int]] = (), inflight_bytes: int = 0) -> None:
+                 prefetch_from: Sequence[tuple[int, int]] = (), inflight_bytes: int = 0,
+                 lean: Sequence[int] = ()) -> None:
         """From the next pass on (layers of the last pass, forward order): those whose saves stay on the device
         (None: offload all); those recomputed in backward, inputs kept; of those the runs ``[start, end)`` that are
         one segment each, and the selective ones (recomputed even if not in ``recompute``); ``(layer, cue)``: copies
-        back started as backward reaches ``cue``; bytes forward may queue beyond ``max_inflight_bytes``."""
+        back started as backward reaches ``cue``; bytes forward may queue beyond ``max_inflight_bytes``; kept layers
+        whose pointwise activation outputs backward makes again (``offload/pointwise.py``)."""
         if inflight_bytes < 0:
             raise ValueError(f"inflight_bytes={inflight_bytes!r} must be a byte count >= 0.")
         self._prefetcher.plan(prefetch_from)
-        self._plan_inflight = int(inflight_bytes)
+        self._plan_inflight, self._lean = int(inflight_bytes), frozenset(lean)
         segments = tuple((int(a), int(b)) for a, b in segments)
         inside = frozenset(g for a, b in segments for g in range(a, b))
         recompute = frozenset(recompute) | inside | frozenset(selective)
@@ -219,7 +223,7 @@ class ActivationOffloader(PassRecords):
             self._trace = PassTrace(self.engine)
             self._ledger = SaveLedger(self._trace)
             self._trace.keep, self._trace.recompute = self.keep_layers, self.recompute_layers
-            self._trace.selective = self._selective
+            self._trace.selective, self._trace.lean = self._selective, self._lean
             if self.grouping == "tensor":
                 self._trace.names = []  # no layers: the report has no per-layer rows
             if self.watch:
@@ -227,6 +231,7 @@ class ActivationOffloader(PassRecords):
                 if not self.recompute_layers:
                     self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen,
                                                    watch_ops=self.watch_ops)
+            self._producers = Producers() if self._lean or self._trace.timeline is not None else None
             module = self._module
             self._params = set()
             if module is not None:
@@ -240,6 +245,7 @@ class ActivationOffloader(PassRecords):
         self._copies = CopiesInFlight(self.engine, self.max_inflight_bytes + self._plan_inflight)
         self._prefetcher.reset()
         self._params: set[int] = set()
+        self._producers: Optional[Producers] = None
 
     def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if compiling():  # inside a compiled region: no layer (``compiled.py``)
@@ -317,10 +323,17 @@ class ActivationOffloader(PassRecords):
             trace.saved += 1
             if trace.probe is not None:
                 trace.probe.saved(key, nbytes, t, group)
+            producers = self._producers if group in self._lean or trace.timeline is not None else None
+            rebuilt = producers.rebuild(t, group, group in self._lean, self._ledger) if producers else None
+            if rebuilt is not None:
+                return rebuilt
             entry = self._ledger.moved(key, storage)
             if entry is None:
-                if not self._ledger.decide(key, storage, nbytes, group, self._wants(storage, nbytes),
-                                           self.keep_layers):
+                kept = not self._ledger.decide(key, storage, nbytes, group, self._wants(storage, nbytes),
+                                               self.keep_layers)
+                if producers is not None:
+                    producers.saw(t, kept, group)
+                if kept:
                     return self._prefetcher.cue(t, group)
                 entry = self._offload(storage, key[1], nbytes)
                 self._ledger.add_moved(key, entry)
@@ -336,21 +349,7 @@ class ActivationOffloader(PassRecords):
 
     def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
         eng = self.engine
-        timeline = self._gpu_timeline
-        before = eng.record() if timeline is not None and self.pool.would_allocate(nbytes) else None
-        host, last_reader = self.pool.acquire(nbytes)
-        if before is not None:
-            timeline.stalled(before, eng.record())  # pinning new host memory blocks the CPU: not the layer's time
-        src = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, lo, (nbytes,), (1,))
-        produced = eng.record()
-        with eng.stream(eng.d2h):
-            if eng.is_cuda:
-                eng.d2h.wait_event(produced)
-                if last_reader is not None:
-                    eng.d2h.wait_event(last_reader)
-            start = eng.record(eng.d2h)
-            host[:nbytes].copy_(src, non_blocking=True)
-            done = eng.record(eng.d2h)
+        host, src, start, done = copy_to_host(eng, self.pool, storage, lo, nbytes, self._gpu_timeline)
         trace = self._trace
         trace.d2h.append((start, done))
         if trace.timeline is not None and not eng.is_cuda:
@@ -377,7 +376,10 @@ class ActivationOffloader(PassRecords):
     def _unpack(self, saved: Packed) -> torch.Tensor:
         trace, cue = self._trace, isinstance(saved, Cue)
         if trace is not None and trace.timeline is not None:
-            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved.group if cue else saved[0].group)
+            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved[0].group if isinstance(
+                saved, tuple) else saved.group)
+        if isinstance(saved, Rebuild):
+            return saved.tensor()
         if cue:  # backward has reached a layer where a copy back waits: start it
             if trace is not None:
                 with self._lock:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ class LayerProfile:
             apiece, so this can exceed ``saved_bytes``); None: ``saved_bytes``.
         selective: what recomputing it selectively (its expensive ops' outputs kept, ``offload/selective.py``)
             holds and costs; None: it cannot be.
+        pointwise_bytes: of ``saved_bytes``, what keeping it *lean* does not hold: its pointwise activations'
+            outputs, made again in backward from the inputs it keeps (``offload/pointwise.py``); ``pointwise_ms``:
+            what making them again costs (timed once in the profiling pass).
     """
 
     saved_bytes: int
@@ -60,13 +64,15 @@ class LayerProfile:
     segment: Optional[SegmentFacts] = None
     copied_bytes: Optional[int] = None
     selective: Optional[SelectiveFacts] = None
+    pointwise_bytes: int = 0
+    pointwise_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("saved_bytes", "recompute_bytes", "copied_bytes"):
+        for name in ("saved_bytes", "recompute_bytes", "copied_bytes", "pointwise_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
                 raise ValueError(f"LayerProfile {name}={value!r} must be a byte count >= 0.")
-        for name in ("forward_ms", "transfer_ms", "overlap_ms"):
+        for name in ("forward_ms", "transfer_ms", "overlap_ms", "pointwise_ms"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"LayerProfile {name}={value!r} must be a finite time in ms >= 0.")
@@ -199,12 +205,18 @@ class PassTrace:
         self.keep: Optional[frozenset[int]] = None  # the plan this pass ran
         self.recompute: frozenset[int] = frozenset()
         self.selective: frozenset[int] = frozenset()  # of those, the layers recomputed selectively
+        self.lean: frozenset[int] = frozenset()  # kept layers whose pointwise outputs backward makes again
         self.timeline: Optional[PassTimeline] = None  # set on a watched pass
         self.probe: Optional[LayerProbe] = None  # set on a watched pass that recomputes nothing
         self.d2h: list[tuple[object, object]] = []
         self.h2d: list[tuple[object, object]] = []
         self.waits: list[tuple[object, object]] = []
         self.recomputes: list[tuple[int, object, object]] = []  # (layer, start, end) of each recompute in backward
+        # per layer, what keeping it lean would leave to backward (a watched pass): output storages and their
+        # rebuild, timed once each
+        self.pointwise: list[tuple[object, object, int]] = []  # (start, end, layer) of each output's rebuild, timed
+        self._pointwise_seen: dict[int, weakref.ref] = {}  # storage address -> the storage counted there
+        self.pointwise_bytes: dict[int, int] = collections.defaultdict(int)
 
     @contextlib.contextmanager
     def recompute_span(self, group: int) -> Iterator[None]:
@@ -214,6 +226,20 @@ class PassTrace:
             yield
         finally:
             self.recomputes.append((group, start, self.engine.record()))
+
+    def time_pointwise(self, group: int, out: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """A watched pass saw ``out``, layer ``group``'s pointwise activation output: count its storage once and time
+        ``op`` on a tensor like it, what rebuilding it in backward would cost (``offload/pointwise.py``)."""
+        storage = out.untyped_storage()
+        seen = self._pointwise_seen.get(storage.data_ptr())
+        if seen is not None and seen() is storage:  # a freed storage's address is reused: the storage must match
+            return
+        self._pointwise_seen[storage.data_ptr()] = weakref.ref(storage)
+        start = self.engine.record()
+        with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+            op(out)
+        self.pointwise.append((start, self.engine.record(), group))
+        self.pointwise_bytes[group] += storage.nbytes()
 
     def report(self, watched: Optional["PassTrace"], **common: Any) -> MemoryReport:
         """This pass's numbers; per-layer times and the memory timeline from ``watched``, the latest watched pass."""
@@ -246,6 +272,9 @@ class PassTrace:
         compute, module = self.timeline.compute_ms(), self.timeline.module_ms()
         compute += [0.0] * (self.groups + 1 - len(compute))
         module += [0.0] * (self.groups - len(module))
+        rebuild_ms: dict[int, float] = collections.defaultdict(float)
+        for start, end, g in self.pointwise:
+            rebuild_ms[g] += elapsed_ms([(start, end)])
         out = []
         for g in range(self.groups):
             copied = self.copy_bytes.get(g, 0)
@@ -254,7 +283,9 @@ class PassTrace:
                 forward_ms=module[g], transfer_ms=copied * ms_per_byte, copied_bytes=copied,
                 overlap_ms=compute[g + 1] if self.engine.is_cuda else 0.0,
                 inputs=inputs[g], segment=self.probe.segment_facts(g) if self.probe is not None else None,
-                selective=self.probe.selective(g) if self.probe is not None else None))
+                selective=self.probe.selective(g) if self.probe is not None else None,
+                pointwise_bytes=min(self.pointwise_bytes.get(g, 0), self.candidate_bytes.get(g, 0)),
+                pointwise_ms=rebuild_ms.get(g, 0.0)))
         return out
 
     def _recompute_ms(self) -> dict[int, float]:
@@ -272,7 +303,8 @@ class PassTrace:
             keep = g in self.keep if self.keep is not None else not moved
             decision = "recompute" if g in self.recompute else "keep" if keep else "offload"
             rows.append(LayerStats(g, name, self.kept_by_group.get(g, 0) + moved, moved, decision,
-                                   times[g] if g < len(times) else None, recompute.get(g), g in self.selective))
+                                   times[g] if g < len(times) else None, recompute.get(g), g in self.selective,
+                                   keep and g in self.lean))
         return tuple(rows)
 
 

@@ -137,6 +137,7 @@ class AutoPlanner:
         recompute: whether plans may recompute layers (off where something else owns the layers' forward:
             layer streaming, DeepSpeed ZeRO-3's parameter hooks).
         selective: whether a recompute may be selective (``VDNNConfig.selective_recompute``).
+        lean: whether a kept layer may be kept lean (``VDNNConfig.lean_activations``).
         warmup: profiling passes before the one planned from. A device's first step times more than the layers:
             library set-up and the allocators' growth (gpt_1b's layers take 0.6-2 s each in its first step,
             1.6-3.7 ms once warm). Each layer's times are the least seen over the passes; the bytes and peaks are
@@ -144,13 +145,13 @@ class AutoPlanner:
     """
 
     def __init__(self, budget: int, granule: int = MiB, recompute: bool = True, warmup: int = 0,
-                 selective: bool = True) -> None:
+                 selective: bool = True, lean: bool = True) -> None:
         if warmup < 0:
             raise ValueError(f"warmup={warmup!r} must be a number of passes >= 0.")
         self.budget = budget
         self.granule = granule
         self.recompute = recompute
-        self.allow_selective = selective
+        self.allow_selective, self.allow_lean = selective, lean
         self.warmup = warmup
         self._profiles: list[list[LayerProfile]] = []  # the warm-up passes so far
         self.plan: Optional[Plan] = None
@@ -165,11 +166,11 @@ class AutoPlanner:
 
     @classmethod
     def for_device(cls, budget: Optional[MemoryBudget], device: torch.device, recompute: bool = True,
-                   selective: bool = True) -> "AutoPlanner":
+                   selective: bool = True, lean: bool = True) -> "AutoPlanner":
         """The planner of steps on ``device``: the user's ``budget`` resolved there (:func:`device_budget`), and on a
         GPU one warm-up pass before the profile (see ``warmup``)."""
         return cls(device_budget(budget, device), recompute=recompute, warmup=int(device.type == "cuda"),
-                   selective=selective)
+                   selective=selective, lean=lean)
 
     @property
     def keep(self) -> Optional[frozenset[int]]:
@@ -209,8 +210,9 @@ class AutoPlanner:
 
     def apply_to(self, offloader: "ActivationOffloader") -> None:
         """Give ``offloader`` the plan for its next pass: every choice it acts on, from one place."""
+        lean = frozenset() if self.plan is None else self.plan.lean
         offloader.set_plan(self.keep, self.recomputed, self.segments, self.selective, self.prefetch_from,
-                           self.inflight_bytes)
+                           self.inflight_bytes, lean)
 
     @property
     def profiling(self) -> bool:
@@ -244,6 +246,8 @@ class AutoPlanner:
                 layers = [replace(p, recompute_bytes=None, segment=None, selective=None) for p in layers]
             elif not self.allow_selective:
                 layers = [replace(p, selective=None) for p in layers]
+            if not self.allow_lean:
+                layers = [replace(p, pointwise_bytes=0, pointwise_ms=0.0) for p in layers]
             if later is not None and not warmed:
                 peak, forward_peak = later.floor(peak, forward_peak)
             self._floor, self._layers, self._forward_peak = peak, layers, forward_peak
@@ -256,8 +260,8 @@ class AutoPlanner:
             else:
                 self._slack += peak - old.predicted_peak + self.granule
             new = self._replan()
-            if (new.kept, new.recomputed, new.segments, new.selective) == \
-                    (old.kept, old.recomputed, old.segments, old.selective) or \
+            if (new.kept, new.recomputed, new.segments, new.selective, new.lean) == \
+                    (old.kept, old.recomputed, old.segments, old.selective, old.lean) or \
                     self.replans > MAX_REPLANS:  # blind to what overshot, or still over: the safe plan
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
@@ -321,10 +325,10 @@ class AutoPlanner:
                       budget_kept=self.budget_kept)
         if plan is None:
             return dict(fields, layers_kept=0, layers_offloaded=layers, layers_recomputed=0, segments=0,
-                        layers_selective=0)
+                        layers_selective=0, layers_lean=0)
         return dict(fields, layers_kept=len(plan.kept), layers_recomputed=len(plan.recomputed),
                     layers_offloaded=max(0, layers - len(plan.on_device)), segments=len(plan.segments),
-                    layers_selective=len(plan.selective), offloaded_layers=plan.offloaded,
+                    layers_selective=len(plan.selective), layers_lean=len(plan.lean), offloaded_layers=plan.offloaded,
                     predicted_copy_ms=plan.copy_ms, predicted_exposed_copy_ms=plan.exposed_copy_ms)
 
     @property

@@ -11,14 +11,12 @@ import numpy as np
 
 from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.planning import copy_link
+from lightning_vdnn.planning.segment_costs import MAX_SEGMENT, Segment, segment_bytes, segments_ending
 from lightning_vdnn.units import GiB, MiB
 
 Decision = Literal["keep", "offload", "recompute"]
-_OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT, _SELECTIVE = 0, 1, 2, 3, 4
+_OFFLOAD, _KEEP, _RECOMPUTE, _SEGMENT, _SELECTIVE, _LEAN = 0, 1, 2, 3, 4, 5
 MAX_STATES = 2**16  #: most granules the budget is counted in: bounds the solver's work per layer
-#: Most layers in one recomputed segment (bounds the work per layer; a longer run is rarely wanted).
-MAX_SEGMENT = 32
-Segment = tuple[int, int]  # layers [start, end), recomputed as one
 #: Most leading layers the copy-link solver offloads (one dynamic program each; copies that hide are few layers).
 MAX_LEADING = 64
 
@@ -59,6 +57,8 @@ class Plan:
         inflight_bytes: most bytes the plan's forward queues to the host at once (``offload/inflight.py`` lets
             that much through without stalling compute); 0: the offloader's own bound.
         offloaded: layers whose saves go to the host, forward order; ``linked``: timed on the copy link.
+        lean: kept layers (in ``kept`` too) whose pointwise activation outputs backward makes again from the inputs
+            they keep (``offload/pointwise.py``): held, they would cost ``LayerProfile.pointwise_bytes`` more.
     """
 
     kept: frozenset[int]
@@ -77,6 +77,7 @@ class Plan:
     inflight_bytes: int = 0
     offloaded: tuple[int, ...] = ()
     linked: bool = False
+    lean: frozenset[int] = frozenset()
 
     @property
     def hidden_copy_ms(self) -> float:
@@ -92,8 +93,9 @@ class Plan:
         return "keep" if layer in self.kept else "recompute" if layer in self.recomputed else "offload"
 
     def described(self, layer: int) -> str:
-        """:meth:`decision`, a selective recompute marked ``"recompute (selective)"``."""
-        return "recompute (selective)" if layer in self.selective else self.decision(layer)
+        """:meth:`decision`, a selective recompute marked ``"recompute (selective)"``, a lean keep ``"keep (lean)"``."""
+        return ("recompute (selective)" if layer in self.selective else "keep (lean)" if layer in self.lean
+                else self.decision(layer))
 
 
 def _check_budget(floor: int, budget: int) -> None:
@@ -177,7 +179,7 @@ def _linked(layers: Sequence[LayerProfile], room: int, granule: int, floor: int,
     capacity, prices = room // granule, list(offload_ms)
     for _ in range(tries):
         plan = _solved(layers, capacity, granule, floor, base, budget, offload_first, prices)
-        _, levels = held_levels(layers, plan.kept, plan.recomputed, plan.segments, plan.selective)
+        _, levels = held_levels(layers, plan.kept, plan.recomputed, plan.segments, plan.selective, plan.lean)
         found = copy_link.schedule(layers, plan.offloaded, levels, budget - base).exposed_by if plan.offloaded else ()
         dearer = [g for g in plan.offloaded if g >= offload_first and found[g] > prices[g] + 1e-9]
         if plan.predicted_peak <= budget and not dearer:
@@ -196,9 +198,9 @@ def _solved(layers: Sequence[LayerProfile], capacity: int, granule: int, floor: 
     """The dynamic program's plan; ``link``: each layer's offload cost by the copy link, the plan timed by it."""
     choices, segments = _dp(layers, capacity, granule, offload_first, link)
     picked = {kind: frozenset(g for g, c in enumerate(choices) if c == kind)
-              for kind in (_KEEP, _RECOMPUTE, _SELECTIVE)}
-    return _plan(layers, picked[_KEEP], picked[_RECOMPUTE], floor, base, budget, segments, picked[_SELECTIVE],
-                 link=link is not None)
+              for kind in (_KEEP, _RECOMPUTE, _SELECTIVE, _LEAN)}
+    return _plan(layers, picked[_KEEP] | picked[_LEAN], picked[_RECOMPUTE], floor, base, budget, segments,
+                 picked[_SELECTIVE], link=link is not None, lean=picked[_LEAN])
 
 
 def _granule(room: int, granule: int) -> int:
@@ -242,6 +244,10 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int,
         if layer.selective is not None:  # as recompute, holding the kept outputs too; wins ties against it
             options.insert(len(options) - 2, (_SELECTIVE, selective, layer.selective_ms,
                                               capacity - _units(layer.selective_rebuilt_bytes, granule) + 1, g))
+        lean = keep - _units(layer.pointwise_bytes, granule)
+        if layer.pointwise_bytes:  # as keep, its activation outputs made again in its backward; keep wins ties
+            options.insert(len(options) - 1, (_LEAN, lean, layer.pointwise_ms,
+                                              capacity - _units(layer.pointwise_bytes, granule) + 1, g))
         options[:0] = [(_SEGMENT, _units(h, granule), ms, capacity - _units(r, granule) + 1, s)
                        for s, h, r, ms in segments_ending(layers, g) if s >= offload_first]
         if g < offload_first:
@@ -255,7 +261,7 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int,
             best[units:end][better] = candidate[better]
             pick[units:end][better] = kind
             start[g, units:end][better] = first
-        moves.append((keep, _units(layer.recompute_bytes or 0, granule), selective))
+        moves.append((keep, _units(layer.recompute_bytes or 0, granule), selective, lean))
         before.append(best)
         if len(before) > MAX_SEGMENT + 1:
             before[-MAX_SEGMENT - 2] = None  # no segment reaches back that far
@@ -273,50 +279,19 @@ def _dp(layers: Sequence[LayerProfile], capacity: int, granule: int,
             g = first - 1
             continue
         out[g] = kind
-        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1], _SELECTIVE: moves[g][2]}[kind]
+        state -= {_OFFLOAD: 0, _KEEP: moves[g][0], _RECOMPUTE: moves[g][1], _SELECTIVE: moves[g][2],
+                  _LEAN: moves[g][3]}[kind]
         g -= 1
     return out, tuple(reversed(segments))
 
 
-def segments_ending(layers: Sequence[LayerProfile], last: int) -> list[tuple[int, int, int, float]]:
-    """The segments of two or more layers that end with layer ``last`` and may be recomputed as one, as (start,
-    bytes held, bytes rebuilt, recompute ms): each layer after the first continues the chain
-    (``SegmentFacts.joins``), the first may start one, and no tensor saved inside is saved again after it."""
-    out: list[tuple[int, int, int, float]] = []
-    facts = layers[last].segment
-    if facts is None or not facts.joins:
-        return out
-    reach, ms = facts.reach, layers[last].forward_ms
-    for first in range(last - 1, max(-1, last - MAX_SEGMENT), -1):
-        facts = layers[first].segment
-        if facts is None:
-            break
-        reach, ms = max(reach, facts.reach), ms + layers[first].forward_ms
-        if facts.starts and reach <= last:
-            out.append((first, *segment_bytes(layers, first, last + 1), ms))
-        if not facts.joins:
-            break
-    return out
-
-
-def segment_bytes(layers: Sequence[LayerProfile], first: int, end: int) -> tuple[int, int]:
-    """Bytes segment ``[first, end)`` holds from its forward to its backward (its first layer's inputs, what the code
-    after its last one saves) and the bytes its recompute rebuilds at once in backward (everything else its layers
-    save)."""
-    head, tail = layers[first].segment, layers[end - 1].segment
-    held = head.input_bytes + tail.tail_bytes
-    facts = [p.segment for p in layers[first:end]]
-    if all(f.inner_storage_bytes is not None for f in facts):  # whole storages, each once: what is allocated
-        return held, sum(f.inner_storage_bytes for f in facts) + sum(f.own_input_storage_bytes or 0 for f in facts[1:])
-    saved = sum(p.saved_bytes for p in layers[first:end])
-    return held, max(0, saved - head.own_input_bytes - tail.tail_bytes)
-
-
 def predicted_peak(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int,
-                   base: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset()) -> int:
+                   base: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset(),
+                   lean: frozenset[int] = frozenset()) -> int:
     """``max(floor, base + H(all), max over recomputed g of base + H(<=g) + rebuilt_g)`` in exact bytes (a segment
-    counts as one layer, its last; a layer in ``selective`` holds and rebuilds as its selective recompute does)."""
-    return _peak(*held_levels(layers, kept, recomputed, segments, selective), floor, base)
+    counts as one layer, its last; a layer in ``selective`` holds and rebuilds as its selective recompute does, one
+    in ``lean`` holds less by its pointwise outputs and makes them again in its backward)."""
+    return _peak(*held_levels(layers, kept, recomputed, segments, selective, lean), floor, base)
 
 
 def _peak(held: list[int], levels: list[int], floor: int, base: int) -> int:
@@ -325,8 +300,8 @@ def _peak(held: list[int], levels: list[int], floor: int, base: int) -> int:
 
 
 def held_levels(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int],
-                segments: Sequence[Segment] = (),
-                selective: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
+                segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset(),
+                lean: frozenset[int] = frozenset()) -> tuple[list[int], list[int]]:
     """Per layer, the bytes held by the layers up to it ``H(<=g)`` (what forward holds as it ends) and what its
     backward holds: that, plus what a recompute of it (or of the segment it starts) rebuilds."""
     held, levels, total = [], [], 0
@@ -340,7 +315,8 @@ def held_levels(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed
         elif g in inside:
             pass
         elif g in kept:
-            total += layer.saved_bytes
+            rebuilt = layer.pointwise_bytes if g in lean else 0
+            total += layer.saved_bytes - rebuilt
         elif g in selective and layer.selective is not None:
             total += layer.selective.held_bytes
             rebuilt = layer.selective_rebuilt_bytes
@@ -354,7 +330,7 @@ def held_levels(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed
 
 def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: frozenset[int], floor: int, base: int,
           budget: int, segments: Sequence[Segment] = (), selective: frozenset[int] = frozenset(),
-          link: bool = False) -> Plan:
+          link: bool = False, lean: frozenset[int] = frozenset()) -> Plan:
     """The plan of these choices; with ``link``, its copies timed and their bytes counted as the copy link runs
     them (``planning/copy_link.py``), else each copy beside its neighbours (``LayerProfile.offload_ms``)."""
     inside = frozenset(g for first, end in segments for g in range(first, end))
@@ -365,8 +341,8 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
     some = [layers[g] for g in sorted(selective)]
     seg = [segment_bytes(layers, first, end) for first, end in segments]
     recompute_ms = (sum(p.forward_ms for p in redone) + sum(layers[g].forward_ms for g in inside)
-                    + sum(p.selective_ms for p in some))
-    held, levels = held_levels(layers, kept, recomputed, segments, selective)
+                    + sum(p.selective_ms for p in some) + sum(layers[g].pointwise_ms for g in lean))
+    held, levels = held_levels(layers, kept, recomputed, segments, selective, lean)
     peak = _peak(held, levels, floor, base)
     copies = dict(added_ms=sum(layers[g].offload_ms for g in offloaded) + recompute_ms,
                   copy_ms=2 * sum(layers[g].transfer_ms for g in offloaded),
@@ -379,9 +355,10 @@ def _plan(layers: Sequence[LayerProfile], kept: frozenset[int], recomputed: froz
                       exposed_copy_ms=link_plan.exposed_ms, prefetch_from=link_plan.prefetch_from,
                       inflight_bytes=link_plan.inflight_bytes, linked=True)
     return Plan(
-        kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments), selective=selective,
+        kept=kept, recomputed=recomputed, budget=budget, segments=tuple(segments), selective=selective, lean=lean,
         offloaded_bytes=sum(layers[g].offload_bytes for g in offloaded),
-        kept_bytes=sum(layers[g].saved_bytes for g in kept) + sum(p.recompute_bytes or 0 for p in redone)
+        kept_bytes=sum(layers[g].saved_bytes for g in kept) - sum(layers[g].pointwise_bytes for g in lean)
+        + sum(p.recompute_bytes or 0 for p in redone)
         + sum(h for h, _ in seg) + sum(p.selective.held_bytes for p in some),
         recomputed_bytes=sum(p.rebuilt_bytes for p in redone) + sum(r for _, r in seg)
         + sum(p.selective_rebuilt_bytes for p in some),

@@ -33,6 +33,8 @@ class LayerStats:
             None), the inputs it brought back included.
         selective: a ``"recompute"`` that is selective: its expensive ops' outputs kept (and counted in
             ``saved_bytes``), the cheap ops run again (``offload/selective.py``).
+        lean: a ``"keep"`` whose pointwise activation outputs backward makes again from its kept inputs, so they are
+            not held (nor counted in ``saved_bytes``; ``offload/pointwise.py``).
     """
 
     index: int
@@ -43,11 +45,12 @@ class LayerStats:
     forward_ms: Optional[float] = None
     recompute_ms: Optional[float] = None
     selective: bool = False
+    lean: bool = False
 
     @property
     def described(self) -> str:
-        """The decision as the table shows it: ``"recompute (selective)"`` for a selective recompute."""
-        return "recompute (selective)" if self.selective else self.decision
+        """The decision as the table shows it: ``"recompute (selective)"``, ``"keep (lean)"`` where so."""
+        return "recompute (selective)" if self.selective else "keep (lean)" if self.lean else self.decision
 
     @property
     def kept_bytes(self) -> int:
@@ -91,6 +94,8 @@ class MemoryReport:
             measured is the peak of the last step the planner watched.
         segments: of the recomputed layers, the runs recomputed as one segment each (``"auto"`` only).
         layers_selective: of the recomputed layers, those recomputed selectively (``"auto"`` only).
+        layers_lean: of the kept layers, those whose pointwise activation outputs backward makes again
+            (``"auto"`` only; ``offload/pointwise.py``).
         offloaded_layers: the layers (forward order) the plan offloads (``"auto"`` only; empty while profiling,
             which offloads every layer).
         predicted_copy_ms, predicted_exposed_copy_ms: the plan's copy time both ways, and how much of it compute is
@@ -151,6 +156,7 @@ class MemoryReport:
     layers_recomputed: Optional[int] = None
     segments: Optional[int] = None
     layers_selective: Optional[int] = None
+    layers_lean: Optional[int] = None
     offloaded_layers: tuple[int, ...] = ()
     predicted_copy_ms: Optional[float] = None
     predicted_exposed_copy_ms: Optional[float] = None
@@ -235,7 +241,8 @@ class MemoryReport:
     def _plan_line(self) -> str:
         gib = lambda v: "n/a" if v is None else format_bytes(v)  # noqa: E731
         budget = "none (CPU)" if self.budget_bytes >= UNBOUNDED else gib(self.budget_bytes)
-        return (f"\n  plan                   {self.layers_kept} layers kept, {self.layers_offloaded} offloaded, "
+        lean = f" ({self.layers_lean} lean)" if self.layers_lean else ""
+        return (f"\n  plan                   {self.layers_kept} layers kept{lean}, {self.layers_offloaded} offloaded, "
                 f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments, self.layers_selective)} "
                 f"({self.recomputed_forwards} recomputes, {self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "

@@ -47,7 +47,7 @@ from lightning_vdnn.buffers import BufferWatch
 from lightning_vdnn.compiled import register_call_hooks
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.layers import LayerPaths, resolve_layers
-from lightning_vdnn.offload.host_pool import CopyEngine
+from lightning_vdnn.offload.host_pool import CopyEngine, concrete_device
 from lightning_vdnn.offload.recompute import Recomputer
 from lightning_vdnn.streaming.bf16_grads import Bf16GradBlock, host_grad_dtype
 from lightning_vdnn.streaming.block_runs import BlockRuns
@@ -135,7 +135,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
             raise ValueError(f"recompute_resident_from={recompute_resident_from} must be between 0 and the "
                              f"{resident} resident blocks.")
         self.microbatches = check_microbatches(microbatches, self.container, self.path)
-        self.device = torch.device(device)
+        self.device = concrete_device(device)
         self.engine = CopyEngine(self.device)
         check_sharing(root, self.container, self.path)
         streamed = list(self.container)[resident:]
