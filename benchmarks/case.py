@@ -43,6 +43,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(0: off; not with --profile-step)")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes, for the @P%% cases")
     p.add_argument("--compile", action="store_true", help="compile the model's blocks (workloads.compiled)")
+    p.add_argument("--device-gib", type=float, default=None,
+                   help="cap this process's device memory at this many GiB, as on a smaller GPU (measure.py)")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
     p.add_argument("--profile", action="store_true",
                    help="run one extra step under torch.profiler (not timed); its summary is the row's 'profile'")
@@ -87,7 +89,7 @@ def _profile_request(args: argparse.Namespace) -> Optional[ProfileRequest]:
 
 def _run(args: argparse.Namespace, row: dict, device) -> None:
     """Build the workload, run the case, fill ``row`` with its numbers."""
-    from benchmarks.measure import phase_medians, profiling, settled_warmup, summarize
+    from benchmarks.measure import allocator_summary, phase_medians, profiling, settled_warmup, summarize
     from benchmarks.registry import devices_status, split_case
     from benchmarks.workloads import build, chunked_loss, compiled, repeated
 
@@ -126,6 +128,9 @@ def _run(args: argparse.Namespace, row: dict, device) -> None:
                losses=clock.losses, warmup_steps=warmup, planning_steps=sum(clock.planning), **extra)
     if clock.phases and any(clock.phases):
         row["phases"] = phase_medians(clock.phases, warmup, profiled)
+    if clock.allocator:
+        row["allocator_per_step"] = clock.allocator
+        row["allocator"] = allocator_summary(clock.allocator, warmup, profiled)
     if request is not None:
         row["profile"], row["profile_step"] = clock.profile, profiled
     row["status"] = "ok"
@@ -168,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from benchmarks import parallel
-    from benchmarks.measure import environment, memory_stats
+    from benchmarks.measure import cap_device_memory, environment, memory_stats
 
     device = parallel.local_device(args.device)
     why = _unrunnable(args, device)
@@ -179,10 +184,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
     row = {"case": args.case, "model": args.model, "status": "error: did not finish", "devices": args.devices,
            "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget, "compiled": args.compile,
-           "profile_step": args.profile_step, **environment(device)}
+           "profile_step": args.profile_step, "device_gib": args.device_gib, **environment(device)}
     if args.devices > 1:
         parallel.init_group(device)
     try:
+        cap_device_memory(device, args.device_gib)
         _run(args, row, device)
     except Exception as exc:  # noqa: BLE001 - a case's failure is a result, not a crash of the suite
         row["status"] = _status(exc)

@@ -149,6 +149,8 @@ def strategy_for(name: str, memory_budget: Optional[int]) -> Union[str, object]:
         if mb[2] == "off":
             extra.update(max_inflight_bytes=8 * 2**30)
         name = "l2l"
+    elif name == "vdnn_lean":  # the planner, kept layers allowed to make their activation outputs again
+        name, extra = "vdnn", {"lean_activations": True}
     elif chunked := re.fullmatch(r"(vdnn(?:_all)?)_c(\d+)", name):  # the conv trunk in K batch chunks
         name, extra = chunked[1], {"batch_chunks": int(chunked[2]), "chunk_layers": "model.features"}
 

@@ -84,6 +84,11 @@ class StepClock:
         self._marks: list[tuple[str, float, object]] = []
         #: per step, ``{mark: (host_ms, device_ms or None)}`` from the step's opening sync
         self.phases: list[dict[str, tuple[float, Optional[float]]]] = []
+        #: per step on CUDA, what the caching allocator did (:data:`ALLOCATOR_COUNTS`; a step that asks the driver
+        #: for memory, ``cudaMalloc``, or gives it back, ``cudaFree``, which waits for the device, stalls the host)
+        #: and the bytes it holds after the step (``reserved_bytes``: what the step needs of a GPU, cache included)
+        self.allocator: list[dict[str, int]] = []
+        self._counts: dict[str, int] = {}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -93,6 +98,7 @@ class StepClock:
         self._sync()
         if not self.times and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        self._counts = allocator_counts(self.device)
         if self.request is not None and len(self.times) == self.request.step:
             from benchmarks.step_profile import StepProfiler
 
@@ -119,10 +125,51 @@ class StepClock:
         self.times.append(time.perf_counter() - self._t0)
         self.phases.append({name: (host * 1e3, None if event is None else self._start_event.elapsed_time(event))
                             for name, host, event in self._marks})
+        if self._counts:
+            now = allocator_counts(self.device)
+            self.allocator.append({**{k: now[k] - self._counts[k] for k in now},
+                                   "reserved_bytes": torch.cuda.memory_reserved(self.device)})
         if self._profiler is not None:
             self.profile, self._profiler = self._profiler.stop(), None
         if loss is not None:
             self.losses.append(float(loss))
+
+
+#: the caching allocator's counters a step's row reports (``torch.cuda.memory_stats``)
+ALLOCATOR_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The caching allocator's :data:`ALLOCATOR_COUNTS` so far on ``device`` (empty off CUDA)."""
+    if device.type != "cuda" or not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
+def allocator_summary(per_step: list[dict[str, int]], warmup: int, profiled: Optional[int] = None) -> dict:
+    """Over the timed steps (:func:`timed_steps`): each of :data:`ALLOCATOR_COUNTS` summed, and the bytes the
+    allocator held after the last one (``reserved_bytes``)."""
+    timed = timed_steps(per_step, warmup, profiled)
+    if not timed:
+        return {}
+    return {**{k: sum(s[k] for s in timed) for k in ALLOCATOR_COUNTS}, "reserved_bytes": timed[-1]["reserved_bytes"]}
+
+
+def cap_device_memory(device: torch.device, gib: Optional[float]) -> None:
+    """Let this process's caching allocator hold at most ``gib`` GiB of ``device`` (None: no cap), as on a GPU
+    that size: past it the allocator frees its cached blocks and retries (``num_alloc_retries``) before it fails.
+
+    Raises:
+        ValueError: ``gib`` is not positive or more than the device has.
+    """
+    if gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise ValueError(f"--device-gib {gib:g}: give a size above 0 and at most the device's "
+                         f"{total / 2**30:.1f} GiB.")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
 
 
 def timed_loop(step: Callable[[], Optional[torch.Tensor]], n: int, device: torch.device) -> StepClock:

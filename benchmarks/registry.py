@@ -55,6 +55,8 @@ CASES: dict[str, CaseSpec] = {c.name: c for c in [
     CaseSpec("vdnn", "lightning", "Trainer(strategy='vdnn'): the planner picks what to offload (and, by "
              "batch_chunks='auto', runs the conv trunk in batch chunks where the budget is below the floor)",
              takes_budget=True, data_parallel=False),
+    CaseSpec("vdnn_lean", "lightning", "vdnn with lean_activations=True: kept layers may make their GELU/SiLU "
+             "outputs again in backward instead of holding them", takes_budget=True, data_parallel=False),
     CaseSpec("vdnn_all_c4", "lightning", "vdnn_all with the model's conv trunk run in 4 batch chunks "
              "(batch_chunks=4, chunk_layers='model.features'; VGG)", data_parallel=False),
     CaseSpec("vdnn_c4", "lightning", "vdnn (the planner) with the conv trunk in 4 batch chunks (VGG)",

@@ -80,7 +80,7 @@ def markdown(rows: list[dict], model: str, notes: list[str]) -> str:
     lines = [header(rows, model), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cells(r, devices)) + " |" for r in ordered]
-    return "\n".join(lines + phase_table(ordered) + profile_table(ordered)) + "\n"
+    return "\n".join(lines + phase_table(ordered) + allocator_table(ordered) + profile_table(ordered)) + "\n"
 
 
 def phase_table(rows: list[dict]) -> list[str]:
@@ -100,6 +100,24 @@ def phase_table(rows: list[dict]) -> list[str]:
             mark = r["phases"].get(name, {})
             cells += [_num(mark.get("host_ms"), ".1f"), _num(mark.get("device_ms"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def allocator_table(rows: list[dict]) -> list[str]:
+    """Lines of a table of what the caching allocator did in the timed steps (``measure.allocator_summary``; none
+    off CUDA: no lines): the memory a case needs of a GPU once settled, and whether it went to the driver."""
+    seen = [r for r in rows if r.get("allocator")]
+    if not seen:
+        return []
+    lines = ["", "## The caching allocator in the timed steps", "",
+             "Reserved: what the allocator held after the last timed step, its cache included (what the case needs "
+             "of a GPU; the peak reserved above also covers warm-up and the planner's steps). Driver calls in the "
+             "timed steps: `cudaMalloc`, `cudaFree` (waits for the device) and retries (a full cache freed to fit).",
+             "", "| case | reserved GiB | cudaMalloc | cudaFree | retries |", "|---|---|---|---|---|"]
+    for r in seen:
+        a = r["allocator"]
+        lines.append(f"| {r['case']} | {_num(a.get('reserved_bytes'), '.2f', GiB)} | {a.get('num_device_alloc')} | "
+                     f"{a.get('num_device_free')} | {a.get('num_alloc_retries')} |")
     return lines
 
 

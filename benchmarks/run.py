@@ -64,6 +64,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="every case and peer with the model's blocks compiled (block.compile(); VGG whole), "
                         "ratios against compiled plain; warm-up steps take the compilation")
+    p.add_argument("--device-gib", type=float, default=None,
+                   help="every case but plain may hold at most this many GiB of the device, as on a smaller GPU "
+                        "(plain, the baseline, runs on the whole device: the GPU big enough to hold the model); a case "
+                        "whose memory, the allocator's cache included, does not fit there retries or OOMs")
     p.add_argument("--fail-case", default=None, help="debug: make this case crash, to test containment")
     p.add_argument("--profile", action="store_true",
                    help="each case runs one extra, untimed step under torch.profiler; results.md gets a table of "
@@ -81,6 +85,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             split_case(args.fail_case)
     except ValueError as exc:
         p.error(str(exc))
+    if args.device_gib is not None and args.device_gib <= 0:
+        p.error(f"--device-gib {args.device_gib:g}: give a size in GiB above 0.")
     if args.devices < 1:
         p.error(f"--devices {args.devices}: give the number of devices per case, 1 or more.")
     if args.tiny:
@@ -125,6 +131,7 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
     cmd += ["--profile"] if args.profile else []
     cmd += ["--settle", str(args.settle)]
     cmd += ["--compile"] if args.compile else []
+    cmd += ["--device-gib", f"{args.device_gib:g}"] if args.device_gib is not None and case != BASELINE else []
     cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []
     cmd += ["--trace-dir", str(args.trace_dir)] if args.trace_dir is not None else []
     return cmd + (["--inject-crash"] if case == args.fail_case else [])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+GiB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "benchmarks" / "run.py")]
 # Cases that must work on a CPU; the others are exercised only for how they fail.
@@ -271,6 +272,61 @@ def test_compile_flag_compiles_every_case_s_blocks(tmp_path):
     w = compiled(build("gpt_tiny", torch.device("cpu")))
     assert all(block._compiled_call_impl is not None for block in w.model.blocks)
     assert "ratios are to compiled plain" in " ".join(run._notes([{"case": "plain", "status": "ok", "compiled": True}]))
+
+
+def test_offload_cost_moves_exactly_the_blocks_each_row_names(tmp_path):
+    """``benchmarks/offload_cost.py`` on the CPU: each row offloads its blocks' saves and no others (none: nothing;
+    two blocks: twice one block's bytes; blocks the tiny model lacks: left out)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import offload_cost
+
+    out = tmp_path / "rows.json"
+    assert offload_cost.main(["--model", "gpt_tiny", "--steps", "1", "--min-offload-bytes", "0", "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == [name for name, _ in offload_cost.ROWS]
+    one = rows["b0"]["offloaded_bytes"]
+    assert rows["none"]["offloaded_bytes"] == 0 == rows["none again"]["offloaded_bytes"] and one > 0
+    assert rows["b0-1"]["offloaded_bytes"] == 2 * one and rows["b10-11"]["blocks"] == []
+    assert all(r["copy_waits_per_step"] == 0 for r in rows.values())
+    with pytest.raises(SystemExit):
+        offload_cost.main(["--steps", "0"])
+
+
+def test_allocator_counts_of_the_timed_steps_and_their_table():
+    """The allocator's driver calls summed over the timed steps (warm-up and the profiled step left out), the bytes
+    held after the last; the report's table shows them."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.measure import allocator_summary
+    from benchmarks.report import allocator_table
+
+    steps = [{"num_device_alloc": n, "num_device_free": f, "num_alloc_retries": 0, "num_sync_all_streams": 0,
+              "reserved_bytes": r * GiB} for n, f, r in [(300, 0, 20), (9, 4, 26), (7, 7, 27), (0, 0, 26), (1, 0, 26)]]
+    summary = allocator_summary(steps, warmup=1, profiled=2)
+    assert summary == {"num_device_alloc": 10, "num_device_free": 4, "num_alloc_retries": 0,
+                       "num_sync_all_streams": 0, "reserved_bytes": 26 * GiB}
+    assert allocator_summary(steps, warmup=5) == {}
+    assert allocator_table([{"case": "plain"}]) == []
+    assert "| vdnn@75% | 26.00 | 10 | 4 | 0 |" in allocator_table([{"case": "vdnn@75%", "allocator": summary}])
+
+
+def test_device_gib_caps_every_case_but_plain(tmp_path):
+    """``--device-gib``: each case but plain runs as on a GPU that size (plain, the baseline, has the whole device);
+    a size the device does not have, or none, is refused with the size named."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from benchmarks import case, measure, run
+
+    args = run.parse_args(["--tiny", "--device-gib", "27", "--cases", "plain,vdnn", "--out", str(tmp_path)])
+    assert "--device-gib" not in run.case_command(args, "plain", None)
+    cmd = run.case_command(args, "vdnn@75%", 1)
+    assert case.parse_args(cmd[cmd.index("--case"):]).device_gib == 27
+    measure.cap_device_memory(torch.device("cpu"), 27)  # no device memory to cap: nothing happens
+    with pytest.raises(SystemExit):
+        run.parse_args(["--tiny", "--device-gib", "0", "--out", str(tmp_path)])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device-gib 100000"):
+            measure.cap_device_memory(torch.device("cuda", 0), 100000)
 
 
 @pytest.mark.parametrize("cases,message", [
