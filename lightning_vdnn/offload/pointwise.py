@@ -16,7 +16,8 @@ shape and dtype, is rebuilt, and only from an input saved in the same layer and 
 
 Activations whose backward saves their *output* (ReLU, tanh, sigmoid) gain nothing: that output is held anyway.
 No dispatch mode and no module hook is involved (``offload/selective.py`` 's op-level recompute runs every op of a
-layer through Python, which costs more host time than it saves on a GPU); the cost is one dictionary entry per save.
+layer through Python); the host pays a dictionary entry and a node lookup per save of a lean layer. That still
+showed on ``gpt_1b`` (a longer forward, ``benchmarks/README.md`` run 22), which is why it is opt-in.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ if TYPE_CHECKING:
 
 #: The backward nodes of pointwise activations that save their input, and the op that made their output.
 _OPS: dict[str, Callable[[object], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "GeluBackward0": lambda node: lambda x: F.gelu(x, approximate=node._saved_approximate),
+    "GeluBackward0": lambda node: _gelu(node._saved_approximate),  # read now: the recipe holds no node
     "SiluBackward0": lambda node: F.silu,
 }
+
+
+def _gelu(approximate: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: F.gelu(x, approximate=approximate)
 
 
 class Rebuild:
@@ -56,10 +61,6 @@ class Rebuild:
                 out = self.op(self.source)
             self._made = weakref.ref(out)
         return out.as_strided(self.shape, self.stride, self.offset)
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.numel() * self.source.element_size()
 
 
 class Match(NamedTuple):

@@ -39,8 +39,10 @@ Cost model: time a layer adds to a step over keeping everything on the device, a
   recomputed selectively holds about 60% of its bytes for a few percent of its forward).
 - recompute a segment, layers ``[i, j)`` under one checkpoint (``offload/recompute.py``): their ``f`` summed; holds
   layer ``i``'s inputs and what the code after layer ``j - 1`` saves; its backward rebuilds the storages the run
-  saved, each once (``activation_solver.segment_bytes``). Where one layer alone frees nothing (a CNN's leaf
+  saved, each once (``segment_costs.segment_bytes``). Where one layer alone frees nothing (a CNN's leaf
   modules, each saving its input), a run frees all but its first input.
+- keep lean (``offload/pointwise.py``, with ``lean_activations``): keep, less its GELU/SiLU outputs ``p``, which
+  its backward makes again from the inputs it keeps, all at once: costs those kernels (timed in the profile).
 
 Everything held is alive when forward ends and is freed as backward passes its layer, so with ``H(<=g)`` the bytes
 held by layers up to ``g`` and ``base = min(forward_peak, floor)``, the predicted peak is
