@@ -257,6 +257,16 @@ def test_budget_expansion():
         "plain", "vdnn", "vdnn@25%", "vdnn@50%", "checkpoint", "l2l@10%"]
 
 
+def test_vdnn_lean_is_the_planner_with_lean_layers_at_the_budget():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.lightning_cases import strategy_for
+
+    lean = strategy_for("vdnn_lean", 2**30)
+    assert lean.config.lean_activations and lean.config.activation_offload == "auto"
+    assert lean.config.memory_budget == 2**30
+    assert not strategy_for("vdnn", 2**30).config.lean_activations
+
+
 def test_compile_flag_compiles_every_case_s_blocks(tmp_path):
     """``--compile`` reaches each case's process, which compiles the model's blocks (the tree unchanged); the
     table says the ratios are to compiled plain. (A --tiny --compile run on a CPU takes minutes: inductor.)"""
