@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
 import lightning_vdnn  # noqa: F401  (registers the strategy names)
 from lightning_vdnn import L2LZeroStrategy
@@ -29,3 +30,7 @@ if __name__ == "__main__":
     report = trainer.strategy.memory_report()
     (out / f"{precision}_rank{trainer.global_rank}.json").write_text(json.dumps(
         {"losses": model.losses, "h2d_bytes": report.streamed_h2d_bytes}))
+    # before the interpreter finalizes: gloo's threads may still hold tensors whose release then needs the GIL
+    # (a rank dies with "terminate called without an active exception"; torch does not destroy the group at exit)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -156,3 +156,7 @@ if __name__ == "__main__":
     rank_data = rank_loader(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     for name in sys.argv[2:]:
         run(out_dir, name, rank_data)
+    # before the interpreter finalizes: gloo's threads may still hold tensors whose release then needs the GIL
+    # (a rank dies with "terminate called without an active exception"; torch does not destroy the group at exit)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

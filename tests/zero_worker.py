@@ -116,3 +116,7 @@ if __name__ == "__main__":
     else:
         for p in args[1:]:
             run_policy(out_dir, int(args[0]), p, rank_data)
+    # before the interpreter finalizes: gloo's threads may still hold tensors whose release then needs the GIL
+    # (a rank dies with "terminate called without an active exception"; torch does not destroy the group at exit)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
