@@ -111,8 +111,8 @@ class VDNNConfig:
         lean_activations: let the ``"auto"`` planner keep a layer *lean* (``offload/pointwise.py``): the outputs of
             its GELU/SiLU activations, whose inputs it keeps, are not held but made again in backward (one
             elementwise kernel each, exact). The solver takes it where its cost model finds it the cheapest way into
-            the budget. Off by default: on gpt_1b at 75% on an H200 the lean plan (2 fewer blocks recomputed,
-            predicted 2.8 ms cheaper) measured 2.6 ms slower than the plan without (``benchmarks/README.md``).
+            the budget. Off by default: on gpt_1b on an H200 a lean plan measured no faster than the plan without,
+            though predicted faster (``benchmarks/README.md``).
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see

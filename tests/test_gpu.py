@@ -360,7 +360,7 @@ def test_lean_layers_on_cuda_are_exact_and_hold_less_after_forward():
     torch.manual_seed(0)
     net = GPT(GPTConfig(vocab_size=512, block_size=256, n_layer=4, n_head=8, n_embd=512, dropout=0.0)).cuda()
     x = torch.randint(0, 512, (8, 256), device="cuda")
-    off = ActivationOffloader(torch.device("cuda"), "all", min_offload_bytes=0)
+    off = ActivationOffloader(torch.device("cuda"), "all", min_offload_bytes=0, watch_pointwise=True)
     off.attach(net, net.blocks)
     every = frozenset(range(len(net.blocks) + 1))
 

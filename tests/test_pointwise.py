@@ -146,9 +146,17 @@ def test_an_activation_output_changed_in_place_after_its_save_is_made_as_forward
 
 
 def test_the_profile_counts_and_times_what_keeping_lean_leaves_out():
+    """With ``watch_pointwise`` (set where plans may keep layers lean) a profiling pass counts and times each layer's
+    activation outputs; without it, it looks for none."""
     torch.manual_seed(0)
     net, blocks, loss, outputs = gpt("gelu")
     off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
+    off.attach(net, blocks)
+    off.watch = True
+    run(net, blocks, loss, "fp32", None, (), off)
+    assert all(p.pointwise_bytes == 0 and p.pointwise_ms == 0 for p in off.layer_profile())
+    off.close()
+    off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0, watch_pointwise=True)
     off.attach(net, blocks)
     off.watch = True
     run(net, blocks, loss, "fp32", None, (), off)

@@ -86,6 +86,7 @@ class OffloadHooks:
             self.root_device, policy=cfg.offload_policy, min_offload_bytes=cfg.min_offload_bytes,
             prefetch_layers=cfg.prefetch_layers, pin_memory=cfg.pin_memory,
             max_inflight_bytes=cfg.max_inflight_bytes, watch_ops=cfg.selective_recompute,
+            watch_pointwise=cfg.lean_activations,
         )
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None

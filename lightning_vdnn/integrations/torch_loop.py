@@ -86,7 +86,7 @@ def attach_offloader(module: nn.Module, config: VDNNConfig, device: DeviceLike =
         torch.device(device) if device is not None else module_device(module), policy=config.offload_policy,
         min_offload_bytes=config.min_offload_bytes, prefetch_layers=config.prefetch_layers,
         pin_memory=config.pin_memory, max_inflight_bytes=config.max_inflight_bytes,
-        watch_ops=config.selective_recompute,
+        watch_ops=config.selective_recompute, watch_pointwise=config.lean_activations,
     )
     offloader.attach(module, layers)
     return offloader

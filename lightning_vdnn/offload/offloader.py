@@ -13,9 +13,9 @@ tensor (a ReLU's output that the next Linear also saves) move once, and views ar
 holds on the device counts per storage, whole and once (``offload/ledger.py``, which also keeps each pass's
 record of what was kept and what moved): a storage stays allocated while any view of it is saved.
 
-A plan (``"auto"``) names the layers whose saves stay on the device and those recomputed in backward, one by one
-or in segments (``offload/recompute.py``: under a checkpoint, only their inputs reach these hooks; a selective one,
-``offload/selective.py``, also holds its expensive ops' outputs, counted as its kept bytes).
+A plan (``"auto"``) names the layers whose saves stay on the device, of those the lean ones (``offload/pointwise.py``),
+and those recomputed in backward, one by one or in segments (``offload/recompute.py``: only their inputs reach these
+hooks; a selective one, ``offload/selective.py``, also holds its expensive ops' outputs, counted as kept bytes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import weakref
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -37,13 +36,13 @@ from lightning_vdnn.offload.pointwise import Producers, Rebuild
 from lightning_vdnn.offload.prefetch import Cue, Prefetcher
 from lightning_vdnn.offload.recompute_probe import LayerProbe
 from lightning_vdnn.offload.recompute import Recompute, Recomputer, SegmentRunner, Timer
-from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, is_expensive, is_weight,  # noqa: F401
-                                          never_copied, span_of)
+from lightning_vdnn.offload.spans import (EXPENSIVE_LAYERS, Offloaded, StorageSet, is_expensive,  # noqa: F401
+                                          is_weight, never_copied, span_of)
 from lightning_vdnn.offload.trace import PassRecords, PassTimeline, PassTrace
 
 __all__ = ["ActivationOffloader", "EXPENSIVE_LAYERS", "is_expensive", "is_weight"]  # the last three: older imports
 
-Packed = Union[torch.Tensor, tuple, Cue, Rebuild]  # the tuple: (entry, dtype, storage_offset, size, stride, saving group)
+Packed = Union[torch.Tensor, tuple, Cue, Rebuild]  # tuple: (entry, dtype, storage_offset, size, stride, saving group)
 
 
 class ActivationOffloader(PassRecords):
@@ -62,8 +61,9 @@ class ActivationOffloader(PassRecords):
         grouping: ``"layer"`` (the layers :meth:`attach` marks; prefetch counts layers) or ``"tensor"`` (no
             model: each saved span is a group, prefetched in reverse order of saving; no ``"conv"`` policy,
             which needs the layers, and no plan, which needs per-layer profiles).
-        watch_ops: profiling passes watch each layer's ops for selective recompute (``offload/selective.py``;
-            a dispatch mode, host time per op): set where plans may recompute selectively.
+        watch_ops, watch_pointwise: profiling passes watch each layer's ops for selective recompute (a dispatch
+            mode, host time per op; ``offload/selective.py``), or count and time its pointwise activation outputs
+            (``offload/pointwise.py``): set where plans may recompute selectively, or keep layers lean.
 
     Example::
 
@@ -77,7 +77,7 @@ class ActivationOffloader(PassRecords):
 
     def __init__(self, device: torch.device, policy: str = "all", min_offload_bytes: int = 2**20,
                  prefetch_layers: int = 1, pin_memory: bool = True, max_inflight_bytes: int = 2**28,
-                 grouping: str = "layer", watch_ops: bool = False) -> None:
+                 grouping: str = "layer", watch_ops: bool = False, watch_pointwise: bool = False) -> None:
         if policy not in ("all", "conv", "none"):
             raise ValueError(f"policy={policy!r} is not an offload policy; choose 'all', 'conv' or 'none'.")
         if grouping not in ("layer", "tensor"):
@@ -91,7 +91,7 @@ class ActivationOffloader(PassRecords):
         self.min_offload_bytes = min_offload_bytes
         self.prefetch_layers = prefetch_layers
         self.max_inflight_bytes = max_inflight_bytes
-        self.watch_ops = watch_ops
+        self.watch_ops, self.watch_pointwise = watch_ops, watch_pointwise
         self.keep_layers: Optional[frozenset[int]] = None  # a plan's layers that stay on the device
         self._lean: frozenset[int] = frozenset()  # of those, the ones whose activation outputs backward rebuilds
         self._plan_inflight = 0  # bytes a plan's forward queues to the host beyond ``max_inflight_bytes``
@@ -231,7 +231,8 @@ class ActivationOffloader(PassRecords):
                 if not self.recompute_layers:
                     self._trace.probe = LayerProbe(self.min_offload_bytes, self.device, self._ops_seen,
                                                    watch_ops=self.watch_ops)
-            self._producers = Producers() if self._lean or self._trace.timeline is not None else None
+            counts = self._trace.timeline is not None and self.watch_pointwise
+            self._producers = Producers(self._lean, counts) if self._lean or counts else None
             module = self._module
             self._params = set()
             if module is not None:
@@ -241,7 +242,7 @@ class ActivationOffloader(PassRecords):
     def _reset_pass(self) -> None:
         self._groups: list[list[Offloaded]] = [[]]
         self._ledger = SaveLedger(self._trace)
-        self._expensive_inputs: dict[int, weakref.ref] = {}
+        self._expensive_inputs = StorageSet()  # the storages passed into expensive layers (policy "conv")
         self._copies = CopiesInFlight(self.engine, self.max_inflight_bytes + self._plan_inflight)
         self._prefetcher.reset()
         self._params: set[int] = set()
@@ -300,8 +301,7 @@ class ActivationOffloader(PassRecords):
         if not compiling() and self._capturing:
             for a in args:
                 if isinstance(a, torch.Tensor):
-                    storage = a.untyped_storage()
-                    self._expensive_inputs[storage.data_ptr()] = weakref.ref(storage)
+                    self._expensive_inputs.add(a.untyped_storage())
 
     # -- forward: pack -----------------------------------------------------------------------------------
     @eager
@@ -323,8 +323,8 @@ class ActivationOffloader(PassRecords):
             trace.saved += 1
             if trace.probe is not None:
                 trace.probe.saved(key, nbytes, t, group)
-            producers = self._producers if group in self._lean or trace.timeline is not None else None
-            rebuilt = producers.rebuild(t, group, group in self._lean, self._ledger) if producers else None
+            producers = self._producers
+            rebuilt = producers.rebuild(t, group, self._ledger) if producers is not None else None
             if rebuilt is not None:
                 return rebuilt
             entry = self._ledger.moved(key, storage)
@@ -344,8 +344,7 @@ class ActivationOffloader(PassRecords):
             return False
         if self.policy == "all":
             return True
-        ref = self._expensive_inputs.get(storage.data_ptr())  # a freed input's address may be reused:
-        return ref is not None and ref() is storage          # the storage itself must match
+        return storage in self._expensive_inputs
 
     def _offload(self, storage: torch.UntypedStorage, lo: int, nbytes: int) -> Offloaded:
         eng = self.engine
@@ -376,8 +375,7 @@ class ActivationOffloader(PassRecords):
     def _unpack(self, saved: Packed) -> torch.Tensor:
         trace, cue = self._trace, isinstance(saved, Cue)
         if trace is not None and trace.timeline is not None:
-            trace.timeline.unpack(None if isinstance(saved, torch.Tensor) else saved[0].group if isinstance(
-                saved, tuple) else saved.group)
+            trace.timeline.unpack(saved[0].group if isinstance(saved, tuple) else getattr(saved, "group", None))
         if isinstance(saved, Rebuild):
             return saved.tensor()
         if cue:  # backward has reached a layer where a copy back waits: start it

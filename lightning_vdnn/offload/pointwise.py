@@ -16,8 +16,8 @@ shape and dtype, is rebuilt, and only from an input saved in the same layer and 
 
 Activations whose backward saves their *output* (ReLU, tanh, sigmoid) gain nothing: that output is held anyway.
 No dispatch mode and no module hook is involved (``offload/selective.py`` 's op-level recompute runs every op of a
-layer through Python); the host pays a dictionary entry and a node lookup per save of a lean layer. That still
-showed on ``gpt_1b`` (a longer forward, ``benchmarks/README.md`` run 22), which is why it is opt-in.
+layer through Python); the host pays a dictionary entry and a node lookup per save of a lean layer (and, in the
+profiling passes of a plan that may keep layers lean, of every layer).
 """
 
 from __future__ import annotations
@@ -45,22 +45,17 @@ def _gelu(approximate: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class Rebuild:
     """What is packed for a saved activation output: its input and how to make it again, view included."""
 
-    __slots__ = ("source", "op", "shape", "stride", "offset", "group", "_made")
+    __slots__ = ("source", "op", "shape", "stride", "offset", "group")
 
     def __init__(self, source: torch.Tensor, op: Callable[[torch.Tensor], torch.Tensor], saved: torch.Tensor,
                  group: int) -> None:
         self.source, self.op, self.group = source, op, group
         self.shape, self.stride, self.offset = saved.shape, saved.stride(), saved.storage_offset()
-        self._made: Optional[weakref.ref] = None
 
     def tensor(self) -> torch.Tensor:
-        """The saved tensor again (one kernel; two reads of one save share it while the first is alive)."""
-        out = self._made() if self._made is not None else None
-        if out is None:
-            with torch.no_grad(), torch.autocast(self.source.device.type, enabled=False):
-                out = self.op(self.source)
-            self._made = weakref.ref(out)
-        return out.as_strided(self.shape, self.stride, self.offset)
+        """The saved tensor again: one kernel, in the dtype forward ran it in."""
+        with torch.no_grad(), torch.autocast(self.source.device.type, enabled=False):
+            return self.op(self.source).as_strided(self.shape, self.stride, self.offset)
 
 
 class Match(NamedTuple):
@@ -73,14 +68,23 @@ class Match(NamedTuple):
 
 
 class Producers:
-    """One pass's saved tensors by the autograd output that made them, and whether each stayed on the device."""
+    """One pass's saved tensors by the autograd output that made them, and whether each stayed on the device.
 
-    def __init__(self) -> None:
+    Args:
+        lean: the layers kept lean in this pass (their outputs are rebuilt).
+        counts: a profiling pass: every layer's pointwise outputs are counted and timed for the planner.
+    """
+
+    def __init__(self, lean: frozenset[int], counts: bool) -> None:
+        self.lean, self.counts = lean, counts
         self._by_output: dict[tuple[int, int], tuple] = {}
+
+    def _watches(self, group: int) -> bool:
+        return self.counts or group in self.lean
 
     def saw(self, t: torch.Tensor, kept: bool, group: int) -> None:
         """``t`` was saved in layer ``group``; ``kept``: as itself, on the device."""
-        node = t.grad_fn
+        node = t.grad_fn if self._watches(group) else None
         if node is not None:
             # the node itself (autograd nodes take no weak references): held until the pass ends, as the graph does
             self._by_output[(id(node), t.output_nr)] = (node, weakref.ref(t), kept, group, t.shape, t.dtype,
@@ -101,18 +105,17 @@ class Producers:
         return Match(make(node), found[1](), found[2])
 
 
-    def rebuild(self, saved: torch.Tensor, group: int, lean: bool, ledger: "SaveLedger") -> Optional[Rebuild]:
+    def rebuild(self, saved: torch.Tensor, group: int, ledger: "SaveLedger") -> Optional[Rebuild]:
         """What to pack for ``saved`` in layer ``group``: a :class:`Rebuild` where it is a pointwise output whose
-        input stayed on the device and the layer is ``lean`` (its bytes still count in the layer's profile,
-        ``ledger.rebuilt``); None: saved as any other. A watched pass (the ledger's trace has a timeline) counts and
-        times every such output, for the planner."""
-        found = self.match(saved, group)
+        input stayed on the device and the layer is lean (its bytes still count in the layer's profile,
+        ``ledger.rebuilt``); None: saved as any other. A profiling pass (``counts``) counts and times every such
+        output in the ledger's trace, for the planner."""
+        found = self.match(saved, group) if self._watches(group) else None
         if found is None:
             return None
-        trace = ledger.trace
-        if trace.timeline is not None:
-            trace.time_pointwise(group, saved if saved._base is None else saved._base, found.op)
-        if not (lean and found.kept and found.source is not None):
+        if self.counts:
+            ledger.trace.time_pointwise(group, saved if saved._base is None else saved._base, found.op)
+        if not (group in self.lean and found.kept and found.source is not None):
             return None
         ledger.rebuilt(saved.untyped_storage(), group)
         return Rebuild(found.source, found.op, saved, group)

@@ -1,5 +1,6 @@
 """What the offloader moves: the byte span of storage a saved tensor covers, the record of one span copied to the
-host, which saved tensors are weights (never copied), and which layers' inputs the ``"conv"`` policy moves."""
+host, which saved tensors are weights (never copied), and which layers' inputs the ``"conv"`` policy moves; sets of
+storages that tell a storage from a later one at its address."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ import torch
 from torch import nn
 
 Span = tuple[int, int, int]  # (storage address, first byte, end byte)
+
+
+class StorageSet:
+    """Storages by address, without keeping them alive: a freed storage's address may be reused, so only the storage
+    itself is a member."""
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, storage: torch.UntypedStorage) -> None:
+        self._refs[storage.data_ptr()] = weakref.ref(storage)
+
+    def __contains__(self, storage: torch.UntypedStorage) -> bool:
+        ref = self._refs.get(storage.data_ptr())
+        return ref is not None and ref() is storage
 
 # Layers whose inputs the "conv" policy offloads: expensive to recompute, large to keep (vDNN_conv).
 EXPENSIVE_LAYERS: tuple[type, ...] = (

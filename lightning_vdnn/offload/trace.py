@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from lightning_vdnn.offload.host_pool import CopyEngine, completed, elapsed_ms
 from lightning_vdnn.offload.recompute_probe import LayerProbe, SegmentFacts, SelectiveFacts
+from lightning_vdnn.offload.spans import StorageSet
 from lightning_vdnn.report.memory_report import LayerStats, MemoryReport, MemorySample, union_length
 
 #: Name of layer 0: what autograd saves before the first layer boundary.
@@ -215,7 +215,7 @@ class PassTrace:
         # per layer, what keeping it lean would leave to backward (a watched pass): output storages and their
         # rebuild, timed once each
         self.pointwise: list[tuple[object, object, int]] = []  # (start, end, layer) of each output's rebuild, timed
-        self._pointwise_seen: dict[int, weakref.ref] = {}  # storage address -> the storage counted there
+        self._pointwise_seen = StorageSet()  # the output storages counted
         self.pointwise_bytes: dict[int, int] = collections.defaultdict(int)
 
     @contextlib.contextmanager
@@ -231,10 +231,9 @@ class PassTrace:
         """A watched pass saw ``out``, layer ``group``'s pointwise activation output: count its storage once and time
         ``op`` on a tensor like it, what rebuilding it in backward would cost (``offload/pointwise.py``)."""
         storage = out.untyped_storage()
-        seen = self._pointwise_seen.get(storage.data_ptr())
-        if seen is not None and seen() is storage:  # a freed storage's address is reused: the storage must match
+        if storage in self._pointwise_seen:
             return
-        self._pointwise_seen[storage.data_ptr()] = weakref.ref(storage)
+        self._pointwise_seen.add(storage)
         start = self.engine.record()
         with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
             op(out)
