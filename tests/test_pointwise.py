@@ -2,10 +2,12 @@
 keeps is not held; backward makes it again from that input. Exact against plain autograd on the project's GPT (GELU
 and SwiGLU MLPs), ``transformers`` Llama (SiLU) and BERT (GELU), fp32 and bf16 autocast; the bytes not held are the
 activation outputs; the planner keeps layers lean where that is the cheapest way into the budget, and Lightning
-training with such a plan ends where plain training does."""
+training with such a plan ends where plain training does. GPT-2 and T5 (GELU as a composite, ``gelu_new``) and a
+BatchNorm CNN (in-place ReLU) have nothing to make again, and stay exact."""
 
 from __future__ import annotations
 
+import copy
 
 import pytest
 import torch
@@ -46,7 +48,39 @@ def bert():
     return net, net.encoder.layer, lambda m: m(x).last_hidden_state.square().mean(), 2 * 2 * 16 * 128
 
 
-MODELS = {"gpt gelu": lambda: gpt("gelu"), "gpt swiglu": lambda: gpt("swiglu"), "llama": llama, "bert": bert}
+def gpt2():
+    """GELU as ``gelu_new``, a composite of tanh and products (no ``GeluBackward0``): nothing to make again."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    net = transformers.GPT2LMHeadModel(config)
+    x = torch.randint(0, 100, (2, 16))
+    return net, net.transformer.h, lambda m: m(x).logits.float().square().mean(), 0
+
+
+def t5():
+    """T5 v1.1's gated GELU (``gelu_new`` too): nothing to make again; encoder and decoder blocks as the layers."""
+    import transformers
+
+    config = transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0)
+    net = transformers.T5ForConditionalGeneration(config)
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 8))
+    layers = [*net.encoder.block, *net.decoder.block]
+    return net, layers, lambda m: m(input_ids=x, labels=y).loss, 0
+
+
+def cnn():
+    """Conv, BatchNorm (its running statistics are buffers), in-place ReLU, dropout: nothing to make again."""
+    from conftest import ResidualCNN
+
+    net = ResidualCNN()
+    x = torch.randn(4, 3, 16, 16)
+    return net, [net.stem, net.res, net.head], lambda m: m(x).square().mean(), 0
+
+
+MODELS = {"gpt gelu": lambda: gpt("gelu"), "gpt swiglu": lambda: gpt("swiglu"), "llama": llama, "bert": bert,
+          "gpt2": gpt2, "t5": t5, "batchnorm cnn": cnn}
 
 
 def _grads(net):
@@ -58,7 +92,9 @@ def _same(got, ref):
 
 
 def run(net, layers, loss, dtype, keep, lean, off=None):
-    """One step of ``net`` under an offloader with this plan (None: plain autograd): its loss, gradients and report."""
+    """One step of ``net`` under an offloader with this plan (None: plain autograd): its loss, gradients and report.
+    Seeded: dropout draws the same masks in the same step of two runs."""
+    torch.manual_seed(1)
     net.zero_grad()
     context = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
     if off is None:
@@ -77,9 +113,12 @@ def run(net, layers, loss, dtype, keep, lean, off=None):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_lean_layers_are_exact_and_hold_less_by_their_activation_outputs(name, dtype):
+    """Two steps' gradients (no optimizer): losses, gradients and buffers (BatchNorm's statistics) against plain."""
     torch.manual_seed(0)
     net, blocks, loss, outputs = MODELS[name]()
-    ref_loss, ref, _ = run(net, blocks, loss, dtype, None, ())
+    plain = copy.deepcopy(net)
+    for _ in range(2):
+        ref_loss, ref, _ = run(plain, blocks, loss, dtype, None, ())
     off = ActivationOffloader(torch.device("cpu"), "all", min_offload_bytes=0)
     off.attach(net, blocks)
     every = frozenset(range(len(blocks) + 1))
@@ -87,6 +126,7 @@ def test_lean_layers_are_exact_and_hold_less_by_their_activation_outputs(name, d
     got_loss, got, lean = run(net, blocks, loss, dtype, every, every, off)
     assert torch.equal(got_loss, ref_loss)
     _same(got, ref)
+    _same(list(net.buffers()), list(plain.buffers()))
     size = 2 if dtype == "bf16" else 4
     assert full.kept_bytes - lean.kept_bytes == outputs * size
     assert [r.described for r in lean.layers][1:] == ["keep (lean)"] * len(blocks)
