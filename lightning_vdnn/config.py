@@ -35,6 +35,8 @@ ResidentSpec = Union[int, Literal["auto"], None]
 SavedSpec = Union[int, Literal["auto"], None]
 #: ``batch_chunks``: a number of dim-0 chunks (1: the batch whole), or ``"auto"`` (chosen when the budget needs it).
 ChunksSpec = Union[int, Literal["auto"]]
+#: ``compiled_activation_budget``: torch's partitioner budget in [0, 1], ``"auto"`` (lowered from the plan), or None.
+CompiledBudgetSpec = Union[float, Literal["auto"], None]
 #: ``report_dir``: a local path or any fsspec URL (``"s3://bucket/run"``), or None (the logger's log directory).
 ReportDir = Union[str, Path, None]
 
@@ -113,6 +115,16 @@ class VDNNConfig:
             elementwise kernel each, exact). The solver takes it where its cost model finds it the cheapest way into
             the budget. Off by default: on gpt_1b on an H200 a lean plan measured no faster than the plan without,
             though predicted faster (``benchmarks/README.md``).
+        compiled_activation_budget: what compiled code saves for backward: torch's memory budget for AOTAutograd's
+            partitioner, which sheds saves by recomputing the ops that made them inside the compiled backward,
+            cheapest first (``planning/compiled_budget.py``). ``"auto"`` (the default): where the ``"auto"``
+            planner's first plan recomputes blocks compiled by themselves (``block.compile()``) whole to fit
+            ``memory_budget``, the fit lowers torch's budget by what those recomputes shed (to no less than 0.5),
+            compiles them again (``torch.compiler.reset()``) and plans again, then corrects the budget once from the
+            new plan's measured peak; otherwise torch's setting stands. A number in ``[0, 1]``: torch's budget for
+            everything compiled during the fit (1: torch's default, 0: the least saved). None: leave torch's
+            setting alone. The setting found is put back after ``fit``. A value recomputed inside a compiled graph
+            may differ from the saved one in the last bits.
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see
@@ -194,6 +206,7 @@ class VDNNConfig:
     memory_budget: MemorySpec = option(None, "offload")
     selective_recompute: bool = option(False, "offload", why="off: whole-layer recompute only")
     lean_activations: bool = option(False, "offload", why="off: kept layers hold their activation outputs")
+    compiled_activation_budget: CompiledBudgetSpec = option("auto", "offload")
     microbatches: int = option(1, "streaming", ge=1)
     saved_blocks: SavedSpec = option(None, "streaming")
     batch_chunks: ChunksSpec = option("auto", "chunks", ge=1, why="1 runs the batch whole; 'auto' chunks only where "
@@ -221,6 +234,7 @@ class VDNNConfig:
             raise ValueError(f"chunk_layers={path!r} is not a dotted attribute path; use e.g. 'model.features'.")
         parse_memory_budget(self.memory_budget)
         self._check_block_counts()
+        self._check_compiled_budget()
         config_rules.check(self)  # the fields against each other, now that each is well formed
 
     def _check_types(self) -> None:
@@ -274,6 +288,16 @@ class VDNNConfig:
             raise TypeError(f"saved_blocks={saved!r} must be an int (a number of streamed blocks), 'auto' or None.")
         if saved < 0:
             raise ValueError(f"saved_blocks={saved} must be >= 0 (0 recomputes every streamed block), or None.")
+
+    def _check_compiled_budget(self) -> None:
+        value = self.compiled_activation_budget
+        if value is None or value == "auto":
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"compiled_activation_budget={value!r} must be a number in [0, 1], 'auto' or None.")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"compiled_activation_budget={value!r} must be in [0, 1]: torch's partitioner saves what "
+                             "its min cut chooses at 1 and the least at 0 ('auto': lowered where a plan needs it).")
 
     def refuse_chunks(self, entry: str) -> None:
         """Entry points other than ``VDNNStrategy`` do not chunk: refuse rather than ignore ``batch_chunks``.

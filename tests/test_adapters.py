@@ -207,6 +207,22 @@ def test_autocast_kwargs_as_checkpoint_captures_them():
     assert torch_adapter.autocast_kwargs("cpu")[1]["enabled"] is False
 
 
+def test_the_partitioner_budget_is_functorch_s_setting():
+    """``torch._functorch.config.activation_memory_budget``, read and set (what it does to a compiled graph's saves:
+    ``tests/test_compiled_budget.py::test_a_lower_budget_makes_a_compiled_block_save_less``)."""
+    from torch._functorch import config
+
+    assert hasattr(config, torch_adapter.PARTITIONER_BUDGET), (
+        f"torch._functorch.config has no {torch_adapter.PARTITIONER_BUDGET}: the partitioner's budget moved")
+    found = torch_adapter.partitioner_budget()
+    assert found == 1.0, "torch's default partitioner budget is no longer 1 (its min-cut choice)"
+    try:
+        torch_adapter.set_partitioner_budget(0.25)
+        assert getattr(config, torch_adapter.PARTITIONER_BUDGET) == 0.25 == torch_adapter.partitioner_budget()
+    finally:
+        torch_adapter.set_partitioner_budget(found)
+
+
 def test_outside_dispatch_modes_hides_ops_from_the_active_mode():
     from torch.utils._python_dispatch import TorchDispatchMode
 

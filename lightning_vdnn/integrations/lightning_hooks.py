@@ -36,6 +36,7 @@ from lightning_vdnn.streaming.host_state import optimizer_state_bytes
 from lightning_vdnn.layers import offload_units
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan
+from lightning_vdnn.planning.compiled_budget import CompiledBudget
 from lightning_vdnn.planning.watch import PeakMeter
 from lightning_vdnn.report.callbacks import MemorySummary
 from lightning_vdnn.report.memory_report import MemoryReport, layer_ranges
@@ -56,6 +57,7 @@ class OffloadHooks:
     vdnn_config: VDNNConfig
     _offloader: Optional[ActivationOffloader] = None
     _planner: Optional[AutoPlanner] = None
+    _compiled_budget: Optional[CompiledBudget] = None
     _forward_peak: Optional[int] = None
     _backward_peak: Optional[int] = None
     _state_before: Optional[int] = None  # optimizer state on the device when the profiling step began
@@ -90,6 +92,8 @@ class OffloadHooks:
         )
         self._offloader.attach(self.lightning_module, self._offload_layers())
         self._attempts, self._norm_stats = None, None
+        self._compiled_budget = CompiledBudget(cfg.compiled_activation_budget)
+        self._compiled_budget.start()
         if cfg.activation_offload == "auto":
             self._planner = AutoPlanner.for_device(cfg.budget, self.root_device, recompute=self._plans_recompute(),
                                                    selective=cfg.selective_recompute, lean=cfg.lean_activations)
@@ -116,6 +120,8 @@ class OffloadHooks:
     def _close_offloader(self) -> None:
         if self._user_precision is not None:
             self.precision_plugin, self._user_precision = self._user_precision, None
+        if self._compiled_budget is not None:
+            self._compiled_budget.stop()
         if self._offloader is not None:
             self._offloader.close()
             self._offloader, self._planner = None, None
@@ -272,6 +278,10 @@ class OffloadHooks:
             self._state_before = None
         old, replans = planner.plan, planner.replans
         plan = self._observe(planner, peak, later)
+        made = planner.plan
+        if self._compiled_budget.after_observe(planner, plan, offloader.layer_modules()):
+            rank_zero_info(recompiled_message(made, self._compiled_budget.applied))
+            plan = None
         planner.apply_to(offloader)
         if plan is not None:
             over = old is not None and planner.replans > replans
@@ -328,7 +338,8 @@ class OffloadHooks:
         planner = self._planner
         if planner is None:
             return report
-        return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())))
+        return dataclasses.replace(report, **planner.report_fields(len(self._offloader.layer_bytes())),
+                                   compiled_activation_budget=self._compiled_budget.applied)
 
 
 def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None) -> str:
@@ -347,6 +358,13 @@ def plan_message(plan: Plan, overshot: Optional[tuple[int, int]] = None) -> str:
             "(no budget: a CPU run)." if plan.budget >= UNBOUNDED else
             f"within a budget of {format_bytes(plan.budget)}.")
     )
+
+
+def recompiled_message(plan: Plan, budget: float) -> str:
+    """The line logged when a plan's compiled layers are compiled again under another partitioner budget."""
+    return (f"lightning_vdnn auto plan: {len(plan.recomputed)} layers recomputed, {len(plan.kept)} kept; compiling "
+            f"the compiled layers again with torch's partitioner memory budget at {budget:.2f} (what they save for "
+            "backward, the cheap ops recomputed inside the compiled backward) and planning again from the next steps.")
 
 
 def _from_layers(plan: Plan) -> str:

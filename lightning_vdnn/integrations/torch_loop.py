@@ -23,6 +23,7 @@ from lightning_vdnn.layers import LayerPaths, offload_units
 from lightning_vdnn.offload.host_pool import concrete_device
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner
+from lightning_vdnn.planning.compiled_budget import CompiledBudget
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.streamer import LayerStreamer
 
@@ -146,6 +147,8 @@ class ActivationOffload:
                                               recompute=not config.layer_streaming,
                                               selective=config.selective_recompute,
                                               lean=config.lean_activations) if auto else None
+        self.compiled_budget = CompiledBudget(config.compiled_activation_budget)
+        self.compiled_budget.start()
         self._capture: Optional[contextlib.AbstractContextManager] = None
         self._open = False  # a captured pass not closed yet
         self._forward_peak: Optional[int] = None  # device peak when forward ended (the planner's model)
@@ -189,7 +192,8 @@ class ActivationOffload:
         if planner.watching:  # the step's device peak; on a CPU device, what stayed is what the planner fits
             cuda = offloader.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(offloader.device) if cuda else offloader.report().kept_bytes
-        planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        plan = planner.observe(offloader.layer_profile(), peak, self._forward_peak)
+        self.compiled_budget.after_observe(planner, plan, offloader.layer_modules())
         planner.apply_to(offloader)
         self._forward_peak = None
 
@@ -200,10 +204,13 @@ class ActivationOffload:
         report, planner = self.offloader.report(), self.planner
         if planner is None:
             return report
-        return dataclasses.replace(report, **planner.report_fields(len(self.offloader.layer_bytes())))
+        return dataclasses.replace(report, **planner.report_fields(len(self.offloader.layer_bytes())),
+                                   compiled_activation_budget=self.compiled_budget.applied)
 
     def close(self) -> None:
-        """Remove the hooks and free the host buffers; the model trains as if never touched."""
+        """Remove the hooks and free the host buffers (torch's partitioner budget as found); the model trains as if
+        never touched."""
+        self.compiled_budget.stop()
         if self.offloader is not None:
             self.offloader.close()
             self.offloader = None

@@ -337,6 +337,11 @@ class PassRecords:
         trace = self._last
         return [] if trace is None else list(trace.names)
 
+    def layer_modules(self) -> list[Optional[nn.Module]]:
+        """The module whose call each layer of the last pass was, forward order (layer 0, before the first: None)."""
+        trace = self._last
+        return [] if trace is None else list(trace.modules)
+
     def layer_profile(self) -> list[LayerProfile]:
         """The last pass, layer by layer, as the planner reads it (times and recompute sizes if it was watched)."""
         trace = self._last

@@ -102,6 +102,8 @@ MAX_REPLANS = 3
 #: How far over its budget a measured peak may be and the budget still count as kept (``MemoryReport``): the
 #: allocator's rounding and the step's small tensors the model does not count.
 BUDGET_TOLERANCE = 0.02
+#: Steps whose peak is measured after a new plan, to check it.
+CHECKED_STEPS = 3
 
 @dataclass(frozen=True)
 class Later:
@@ -223,7 +225,13 @@ class AutoPlanner:
     @property
     def watching(self) -> bool:
         """Whether the next step's peak should be measured: profiling, or verifying a fresh plan."""
-        return self.plan is None or self._since_plan < 3
+        return self.plan is None or self._since_plan < CHECKED_STEPS
+
+    @property
+    def just_checked(self) -> bool:
+        """Whether the step just observed was the last of the steps that check the current plan: its peak,
+        ``measured_peak``, is the plan's as it runs."""
+        return self.plan is not None and self._since_plan == CHECKED_STEPS
 
     def observe(self, layers: Sequence[Union[int, LayerProfile]], peak: Optional[int],
                 forward_peak: Optional[int] = None, later: Optional[Later] = None) -> Optional[Plan]:
@@ -268,6 +276,11 @@ class AutoPlanner:
                 self.plan = _plan(self._layers, frozenset(), frozenset(), self._floor, self._floor, self.budget)
             return self.plan
         return None
+
+    def profile_again(self, warmup: int = 1) -> None:
+        """Drop the plan: the next steps profile again, the first ``warmup`` of them not planned from (after the
+        layers changed, e.g. compiled again: their first call's times are the compiler's)."""
+        self.plan, self._profiles, self.warmup = None, [], warmup
 
     def planned_from(self) -> dict:
         """What the current plan was solved from (profiles, floor, budget, slack, whether on the copy link), so that

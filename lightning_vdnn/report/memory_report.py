@@ -101,6 +101,8 @@ class MemoryReport:
         predicted_copy_ms, predicted_exposed_copy_ms: the plan's copy time both ways, and how much of it compute is
             predicted to wait for (``"auto"`` only; the rest hides under compute, ``planning/copy_link.py``).
         budget_replans: plans made again because a measured peak went over the budget (``"auto"`` only).
+        compiled_activation_budget: torch's partitioner memory budget the run set for compiled modules
+            (``planning/compiled_budget.py``); None: torch's own.
         budget_kept: whether the measured peak stayed within 2% over the budget (None: not measured, no budget).
         streamed_h2d_bytes, streamed_d2h_bytes, host_optimizer_ms, host_update_wait_ms: L2L layer streaming
             (None without it): block weights copied to the device and block gradients copied back in the last
@@ -161,6 +163,7 @@ class MemoryReport:
     predicted_copy_ms: Optional[float] = None
     predicted_exposed_copy_ms: Optional[float] = None
     budget_replans: Optional[int] = None
+    compiled_activation_budget: Optional[float] = None
     budget_kept: Optional[bool] = None
     streamed_h2d_bytes: Optional[int] = None
     streamed_d2h_bytes: Optional[int] = None
@@ -246,7 +249,10 @@ class MemoryReport:
                 f"{self.layers_recomputed or 0} recomputed{_in_segments(self.segments, self.layers_selective)} "
                 f"({self.recomputed_forwards} recomputes, {self.recompute_ms:.1f} ms); "
                 f"budget {budget}, predicted peak {gib(self.predicted_peak_bytes)}, "
-                f"measured {gib(self.measured_peak_bytes)}{_kept(self)}" + self._copies_line())
+                f"measured {gib(self.measured_peak_bytes)}{_kept(self)}" + self._copies_line()
+                + ("" if self.compiled_activation_budget is None else
+                   f"\n  compiled modules       saved under torch's partitioner budget "
+                   f"{self.compiled_activation_budget:.2f}"))
 
     def _copies_line(self) -> str:
         if not self.offloaded_layers:

@@ -10,6 +10,7 @@ import functools
 from typing import Any, Callable, Iterable, Optional
 
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import _disable_current_modes
@@ -21,6 +22,21 @@ WRITTEN_AGAINST = "2.13.0"
 #: What ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` puts on the module and on
 #: each ignored tensor (``ddp_unignore`` takes them back).
 DDP_IGNORE_LIST, DDP_IGNORED_FLAG = "_ddp_params_and_buffers_to_ignore", "_ddp_ignored"
+
+#: The setting of AOTAutograd's min-cut partitioner that bounds what a compiled graph saves for its backward:
+#: 1 (torch's default) saves what the min cut chooses; lower saves less and recomputes more inside the compiled
+#: backward, 0 the least. ``torch.compile`` has no public way to set it (its ``options`` are inductor's).
+PARTITIONER_BUDGET = "activation_memory_budget"
+
+
+def partitioner_budget() -> float:
+    """The partitioner's memory budget that graphs compiled from now on are partitioned under."""
+    return getattr(functorch_config, PARTITIONER_BUDGET)
+
+
+def set_partitioner_budget(value: float) -> None:
+    """Partition graphs compiled from now on under ``value`` (graphs already compiled keep theirs)."""
+    setattr(functorch_config, PARTITIONER_BUDGET, float(value))
 
 
 def autocast_kwargs(device_type: str) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
