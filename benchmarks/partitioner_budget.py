@@ -51,7 +51,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.one:
         _one(args.model, float(args.one[0]), args.one[1], args.steps, args.warmup)
         return 0
-    budgets = [float(b) for b in args.budgets.split(",")]
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError:
+        budgets = []
     if not budgets or any(not 0 <= b <= 1 for b in budgets):
         p.error(f"--budgets {args.budgets}: give budgets in [0, 1], e.g. 1.0,0.5")
     runs = [(b, "plain") for b in budgets] + ([] if args.no_checkpoint else [(1.0, "checkpoint")])

@@ -124,7 +124,8 @@ class VDNNConfig:
             new plan's measured peak; otherwise torch's setting stands. A number in ``[0, 1]``: torch's budget for
             everything compiled during the fit (1: torch's default, 0: the least saved). None: leave torch's
             setting alone. The setting found is put back after ``fit``. A value recomputed inside a compiled graph
-            may differ from the saved one in the last bits.
+            may differ from the saved one in the last bits. Each compile again costs what the first did: under
+            ``mode="max-autotune"``, give a number.
         microbatches: layer-major microbatches (needs ``layer_streaming``): each streamed block runs the batch
             in this many chunks along dim 0 before the next block starts, so its internal activations are
             1/k of the batch while its weights cross PCIe as often as with 1. Modules outside the blocks see

@@ -552,3 +552,12 @@ def test_largest_model_script_plans_and_trains_the_lean_host_state_on_the_cpu(tm
     assert row["host_state_bytes"] == plan["weights+grads (pinned)"] + plan["moments"]
     assert plan["moments"] == 4 * (row["params"] - row["outside_params"])  # two bf16 moments per block parameter
     assert row["plan_total_bytes"] <= row["available_bytes"] and row["build_s"] > 0
+
+
+@pytest.mark.parametrize("budgets", ["1.5", "0.5,-0.1", "half"])
+def test_partitioner_budget_refuses_budgets_outside_zero_to_one(budgets, capsys):
+    from benchmarks import partitioner_budget
+
+    with pytest.raises(SystemExit):
+        partitioner_budget.main(["--budgets", budgets])
+    assert "--budgets" in capsys.readouterr().err
