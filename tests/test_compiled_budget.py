@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import token_loader  # noqa: E402
+from conftest import fit, token_loader  # noqa: E402
 from test_compile import CompiledLlama, assert_same_training, dynamo_watch, recompute_the_last_block  # noqa: E402
 
 from lightning_vdnn import VDNNStrategy  # noqa: E402
@@ -198,8 +198,6 @@ def test_a_plan_recomputing_compiled_blocks_gives_way_to_the_partitioner(one_thr
 
     monkeypatch.setattr(activation_plan, "solve_layers", solver)
     with dynamo_watch() as ref_breaks:
-        from conftest import fit
-
         ref, _ = fit(lambda: CompiledLlama("regional", PARTITIONING), token_loader(n=8, batch=4, seq=16),
                      max_steps=6)
     with dynamo_watch() as breaks:
@@ -220,7 +218,6 @@ def test_a_plan_recomputing_compiled_blocks_gives_way_to_the_partitioner(one_thr
 
 
 def test_a_fit_without_a_compiled_block_never_drops_compiled_code(one_thread, monkeypatch):
-    from conftest import fit
     from lightning_vdnn.planning import activation_plan
 
     monkeypatch.setattr(activation_plan, "solve_layers", recompute_the_last_block)

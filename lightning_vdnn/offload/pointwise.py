@@ -104,7 +104,6 @@ class Producers:
             return None
         return Match(make(node), found[1](), found[2])
 
-
     def rebuild(self, saved: torch.Tensor, group: int, ledger: "SaveLedger") -> Optional[Rebuild]:
         """What to pack for ``saved`` in layer ``group``: a :class:`Rebuild` where it is a pointwise output whose
         input stayed on the device and the layer is lean (its bytes still count in the layer's profile,

@@ -24,12 +24,13 @@ training's in the last bits (as with any recompute inside a compiled graph). Eag
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lightning_vdnn.compiled import is_compiled
+from lightning_vdnn.config import CompiledBudgetSpec
 from lightning_vdnn.integrations.adapters.torch import partitioner_budget, set_partitioner_budget
 from lightning_vdnn.offload.trace import LayerProfile
 from lightning_vdnn.planning.activation_solver import Plan
@@ -78,9 +79,6 @@ def next_budget(seen: Sequence[tuple[float, int]], target: int) -> float:
     return min(1.0, max(LEAST, budget))
 
 
-Setting = Union[float, str, None]
-
-
 class CompiledBudget:
     """torch's partitioner budget over one fit: set at :meth:`start`, adjusted from plans at most
     :data:`MAX_COMPILES` times (:meth:`adjust_for`), the value found put back at :meth:`stop`.
@@ -89,7 +87,7 @@ class CompiledBudget:
         setting: ``VDNNConfig.compiled_activation_budget``: ``"auto"``, a budget in ``[0, 1]``, or None.
     """
 
-    def __init__(self, setting: Setting) -> None:
+    def __init__(self, setting: CompiledBudgetSpec) -> None:
         self.setting = setting
         self.applied: Optional[float] = None  # the budget this fit set; None: torch's own
         self.compiles = 0  # times "auto" compiled the blocks again
