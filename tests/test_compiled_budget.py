@@ -228,21 +228,6 @@ def test_a_fit_without_a_compiled_block_never_drops_compiled_code(one_thread, mo
     assert trainer.strategy.memory_report().compiled_activation_budget is None
 
 
-class Stack(torch.nn.Module):
-    """Three compiled blocks of the user's own class: the repeated layers the plain loop's planner plans by."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(MLP() for _ in range(3))
-        for block in self.blocks:
-            block.compile(backend=PARTITIONING)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
 class ConvBlock(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -252,15 +237,16 @@ class ConvBlock(torch.nn.Module):
         return torch.relu(self.norm(self.conv(x)))
 
 
-class BatchNormCNN(torch.nn.Module):
-    """Compiled conv blocks with BatchNorm: running statistics must be updated once per step, not again by the
-    partitioner's recompute."""
+class Stack(torch.nn.Module):
+    """Three compiled blocks of the user's own class (``MLP``, or ``ConvBlock`` with BatchNorm, whose running
+    statistics must be updated once a step, not again by the partitioner's recompute): the repeated layers the plain
+    loop's planner plans by."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: type = MLP) -> None:
         super().__init__()
-        self.blocks = torch.nn.ModuleList(ConvBlock() for _ in range(3))
-        for block in self.blocks:
-            block.compile(backend=PARTITIONING)
+        self.blocks = torch.nn.ModuleList(block() for _ in range(3))
+        for b in self.blocks:
+            b.compile(backend=PARTITIONING)
 
     def forward(self, x):
         for block in self.blocks:
@@ -283,7 +269,7 @@ def _gpt2():
 #: the partitioner recomputing inside its BatchNorm blocks from the first step.
 MODELS = {
     "own MLP blocks": (Stack, lambda g: torch.randn(64, 64, generator=g), lambda m, x: m(x).square().mean(), "auto"),
-    "BatchNorm CNN": (BatchNormCNN, lambda g: torch.randn(8, 8, 12, 12, generator=g),
+    "BatchNorm CNN": (lambda: Stack(ConvBlock), lambda g: torch.randn(8, 8, 12, 12, generator=g),
                       lambda m, x: m(x).square().mean(), 0.5),
     "transformers GPT-2": (_gpt2, lambda g: torch.randint(128, (4, 16), generator=g),
                            lambda m, x: m(input_ids=x, labels=x).loss, "auto"),
