@@ -32,3 +32,30 @@ def test_bf16_slots_load_the_copy_the_update_writes(backend, moments, per_param)
     assert report.streamed_h2d_bytes % (2 * numel // len(got.model.blocks)) == 0  # whole bf16 blocks
     assert report.streamed_d2h_bytes == (2 if moments == "bf16" else 4) * numel
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=0)
+
+
+def test_the_host_threads_sleep_while_they_wait_for_copies():
+    """Layer streaming's worker threads wait for its copies (gradients landing in host memory, a load still reading
+    the weights an update is about to write) on events recorded with ``host_waits``: they sleep there
+    (``cudaEventBlockingSync``) instead of spinning, which CUDA does by default with one context, on a core the host
+    update's threads need. The same wait on a long kernel with CUDA's default event, for contrast."""
+    import time
+
+    from lightning_vdnn.offload.host_pool import CopyEngine
+
+    engine = CopyEngine(torch.device("cuda", torch.cuda.current_device()))
+
+    def waiting(host_waits: bool) -> tuple[float, float]:
+        """(CPU seconds, wall seconds) of this thread in ``synchronize()`` on a kernel of about 0.2 s."""
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(4e8))  # clock cycles: about 0.2 s at an H200's 1.98 GHz
+        event = engine.record(host_waits=host_waits)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        event.synchronize()
+        return time.thread_time() - cpu, time.perf_counter() - wall
+
+    spin_cpu, spin_wall = waiting(False)
+    sleep_cpu, sleep_wall = waiting(True)
+    assert min(spin_wall, sleep_wall) > 0.05, "the kernel ran too briefly to tell a wait from a spin"
+    assert spin_cpu > 0.5 * spin_wall, f"CUDA's default wait did not spin ({spin_cpu:.3f} of {spin_wall:.3f} s)"
+    assert sleep_cpu < 0.2 * sleep_wall, f"host_waits kept the thread busy ({sleep_cpu:.3f} of {sleep_wall:.3f} s)"

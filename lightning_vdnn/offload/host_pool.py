@@ -75,12 +75,18 @@ class CopyEngine:
         self.d2h = torch.cuda.Stream(device) if self.is_cuda else None
         self.h2d = torch.cuda.Stream(device) if self.is_cuda else None
 
-    def event(self):
-        return torch.cuda.Event(enable_timing=True) if self.is_cuda else HostEvent()
+    def event(self, host_waits: bool = False):
+        """A timing event; ``host_waits``: one a host thread will ``synchronize()`` on, made to sleep there
+        (``cudaEventBlockingSync``) instead of spinning, which with one CUDA context CUDA does by default: a spinning
+        thread takes a core from the host update's threads, and an OpenMP region ends with its slowest thread."""
+        if not self.is_cuda:
+            return HostEvent()
+        return torch.cuda.Event(enable_timing=True, blocking=host_waits)
 
-    def record(self, stream=None):
-        """An event marking everything queued so far on ``stream`` (default: the current stream)."""
-        evt = self.event()
+    def record(self, stream=None, host_waits: bool = False):
+        """An event marking everything queued so far on ``stream`` (default: the current stream); ``host_waits``:
+        see :meth:`event`."""
+        evt = self.event(host_waits)
         if self.is_cuda:
             evt.record(stream if stream is not None else torch.cuda.current_stream(self.device))
         return evt

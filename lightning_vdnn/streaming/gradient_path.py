@@ -77,7 +77,7 @@ class GradientPath:
             if eng.is_cuda:
                 eng.d2h.wait_event(produced)
             host.copy_(dev, non_blocking=True)
-            done = self._grad_dev_free = eng.record(eng.d2h)
+            done = self._grad_dev_free = eng.record(eng.d2h, host_waits=True)  # the worker waits for it
         self.d2h_bytes += dev.nbytes
         steppers = [s for s in self.steppers if s.can_update_now()] if final else []
         fut = self._workers.submit(_land_grads, block, host, done, direct, steppers)

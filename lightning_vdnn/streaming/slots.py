@@ -104,7 +104,7 @@ class SlotLoads:
             if eng.is_cuda and slot.free is not None:
                 eng.h2d.wait_event(slot.free)
             self._fill(block, slot.buf)
-            slot.ready = block.read_done = eng.record(eng.h2d)
+            slot.ready = block.read_done = eng.record(eng.h2d, host_waits=True)  # the host update waits for it
         slot.block, slot.version = index, block.version()
 
     def _fill(self, block: HostBlock, buf: Tensor) -> None:
