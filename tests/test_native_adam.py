@@ -247,3 +247,72 @@ def test_the_copy_is_written_whole_at_any_alignment(built, out_dtype, offset):
     assert torch.equal(out, w.to(out_dtype))
     assert torch.equal(flat[:offset], torch.full((offset,), 7.0, dtype=out_dtype))
     assert torch.equal(flat[offset + n:], torch.full((20 - offset,), 7.0, dtype=out_dtype))
+
+
+@pytest.mark.parametrize("moments, grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_a_blocks_updates_in_one_pass_are_bit_for_bit_each_tensors(built, moments, grad_dtype):
+    """``AdamPass.update_many`` (one native pass for a block, the step counts incremented in the kernel) gives each
+    tensor the bits of its own ``update``: two param groups (learning rates, weight decay), tails of every length
+    (a tensor shorter than a vector: all tail), a bf16 copy, an fp32 copy, an fp16 one (written after the pass)."""
+    torch.manual_seed(0)
+    outs = (torch.bfloat16, torch.float32, torch.float16, None)
+    opt = torch.optim.AdamW([{"params": [torch.zeros(1)], "lr": 3e-3, "weight_decay": 0.1},
+                             {"params": [torch.zeros(1)], "lr": 1e-2, "weight_decay": 0.0, "betas": (0.8, 0.9)}])
+    runs = []
+    for many in (False, True):
+        update = AdamPass("native", moments)
+        weights = [torch.linspace(-1, 1, n) for n in SIZES]
+        states = [{} for _ in SIZES]
+        copies = [None if d is None else torch.empty(n, dtype=d) for n, d in zip(SIZES, outs)]
+        for step in range(1, 5):
+            todo = [(opt.param_groups[k % 2], w, w, _grads(n, step + k).to(grad_dtype), state, copy)
+                    for k, (w, n, state, copy) in enumerate(zip(weights, SIZES, states, copies))]
+            if many:
+                update.update_many(opt, todo)
+            else:
+                for args in todo:
+                    update.update(opt, *args)
+        runs.append((weights, states, copies))
+    (w0, s0, c0), (w1, s1, c1) = runs
+    for k in range(len(SIZES)):
+        assert _same(w0[k], w1[k]), k
+        assert c0[k] is None or torch.equal(c0[k], c1[k]), k
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert _same(s0[k][key], s1[k][key]), (k, key)
+        assert s1[k]["step"].item() == 4.0
+
+
+def test_a_steady_blocks_update_runs_no_torch_op_between_its_tensors(built):
+    """Once the state exists, a block's one pass dispatches no torch op (the step counts are incremented in the
+    kernel): the worker running it gives the GIL up once per block, not at every op, each of which would wait to
+    win it back from the thread driving the GPU. Per-tensor updates dispatch several ops per tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    opt = torch.optim.AdamW([torch.zeros(1)], lr=1e-3)
+    update = AdamPass("native", torch.bfloat16)
+    sizes = (4096, 64 * 33, 128)  # no tails
+    weights, states = [torch.zeros(n) for n in sizes], [{} for _ in sizes]
+    copies = [torch.empty(n, dtype=torch.bfloat16) for n in sizes]
+
+    def todo():
+        return [(opt.param_groups[0], w, w, torch.full((n,), 1e-3, dtype=torch.bfloat16), s, c)
+                for w, n, s, c in zip(weights, sizes, states, copies)]
+
+    update.update_many(opt, todo())  # the first step makes the state
+    steady = todo()
+    with Ops() as many:
+        update.update_many(opt, steady)
+    with Ops() as each:
+        for args in steady:
+            update.update(opt, *args)
+    assert many.seen == [] and len(each.seen) >= 2 * len(sizes), (many.seen, each.seen)
+    assert all(s["step"].item() == 3.0 for s in states)

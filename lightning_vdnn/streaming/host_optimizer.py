@@ -265,10 +265,9 @@ class HostStepper:
     def _one_pass(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
         """Each parameter's update in one pass, writing the block's compute-dtype copy as it goes."""
         copies = sub.block.copy_views()
-        for p, k, alias, g, gi in zip(sub.params, sub.keys, sub.aliases, grads, sub.group_of):
-            if g is not None:
-                self.update_pass.update(self.optimizer, hyper[gi], p, alias, g, self.optimizer.state[p],
-                                        None if copies is None else copies[k])
+        self.update_pass.update_many(self.optimizer, [
+            (hyper[gi], p, alias, g, self.optimizer.state[p], None if copies is None else copies[k])
+            for p, k, alias, g, gi in zip(sub.params, sub.keys, sub.aliases, grads, sub.group_of) if g is not None])
 
     def host_update_bytes(self) -> int:
         """Host bytes the one-pass updates read and wrote since the last call (0 for a same-class optimizer,

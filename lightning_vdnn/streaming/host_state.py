@@ -53,6 +53,7 @@ class HostBlock:
         #: load copies (half the bytes of ``flat``); None: loads copy ``flat`` and cast on the device
         self.copy: Optional[Tensor] = None
         self.copy_version = -1
+        self._copy_views: Optional[tuple[Tensor, list[Tensor]]] = None  # (copy, its views): made once per copy
         self.params: list[nn.Parameter] = list(module.parameters())
         slot = {id(p): k for k, p in enumerate(self.params)}
         self.refs = [(m, name, slot[id(p)]) for m in module.modules()
@@ -119,8 +120,13 @@ class HostBlock:
 
     # -- the compute-dtype copy a device slot loads, written by the host update (``streaming/host_update.py``) --
     def copy_views(self) -> Optional[list[Tensor]]:
-        """Views of :attr:`copy` shaped like the parameters, or None without one."""
-        return None if self.copy is None else self.split(self.copy)
+        """Views of :attr:`copy` shaped like the parameters, or None without one (made once: the host update asks
+        every step, on a worker that must win the GIL back after every op)."""
+        if self.copy is None:
+            return None
+        if self._copy_views is None or self._copy_views[0] is not self.copy:
+            self._copy_views = (self.copy, self.split(self.copy))
+        return self._copy_views[1]
 
     def copy_current(self) -> bool:
         """Whether :attr:`copy` holds the current weights (nothing wrote them since it was made)."""
@@ -203,7 +209,7 @@ class HostBlock:
         ordinary storage, or drop the compute-dtype ``"copy"``, and let go of the buffer."""
         with torch.no_grad():
             if part == "copy":
-                self.copy = None
+                self.copy, self._copy_views = None, None
             elif part == "grads" and self.grad_flat is not None:
                 self._release_grads()
                 self.grad_flat, self.grad_views = None, []

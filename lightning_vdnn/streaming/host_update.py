@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +47,11 @@ PIECE = 1 << 20
 TAIL = 64
 log = logging.getLogger(__name__)
 _IDS = itertools.count(2**20)  # DeepSpeed's optimizer ids (its own DeepSpeedCPUAdam counts from 0)
+
+
+#: One parameter's update for :meth:`AdamPass.update_many`: (group, param, host weights, gradient, its state dict,
+#: the compute-dtype copy to write or None), :meth:`AdamPass.update`'s arguments.
+Update = tuple[dict, Tensor, Tensor, Tensor, dict, Optional[Tensor]]
 
 
 def fits(optimizer: Optimizer) -> bool:
@@ -98,15 +103,7 @@ class AdamPass:
                state: dict, out: Optional[Tensor] = None) -> None:
         """One step of ``param`` (the user's, whose ``state`` dict this fills as torch's Adam does) from ``grad``
         on its host ``weights``; ``out``, if given, receives the new weights in its dtype."""
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(weights, dtype=self.state_dtype)
-            state["exp_avg_sq"] = torch.zeros_like(weights, dtype=self.state_dtype)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if state[key].dtype != self.state_dtype:  # a checkpoint's fp32 moments, or torch's widened ones
-                state[key] = state[key].to(self.state_dtype)
-        if not isinstance(state["step"], Tensor):
-            state["step"] = torch.tensor(float(state["step"]))
+        self._ready(state, weights)
         state["step"] += 1
         w, g, m, v = (t.reshape(-1) for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
         o = out.reshape(-1) if out is not None else None
@@ -117,6 +114,52 @@ class AdamPass:
             b = min(a + PIECE, w.numel())
             self._piece(optimizer, group, state["step"], w[a:b], g[a:b], m[a:b], v[a:b],
                         o[a:b] if o is not None else None)
+
+    @torch.no_grad()
+    def update_many(self, optimizer: Optimizer, updates: Sequence[Update]) -> None:
+        """:meth:`update` for each of ``updates`` (a block's parameters); with the native kernel, all in one pass
+        (``native_adam.step_many``) that runs no torch op between the tensors once their state exists: the worker
+        running it gives the GIL up once, not at every op (see ``native_adam.step_many``)."""
+        if self._native is None:
+            for u in updates:
+                self.update(optimizer, *u)
+            return
+        parts, rest = [], []
+        for group, param, weights, grad, state, out in updates:
+            self._ready(state, weights)
+            n = weights.numel()
+            main = n - n % TAIL
+            native_out = out if out is None or out.dtype in (torch.float32, torch.bfloat16) else None
+            if state["step"].dtype != torch.float32 or not all(
+                    t.is_contiguous() for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"])):
+                self.update(optimizer, group, param, weights, grad, state, out)  # torch's own step count or layout
+                continue
+            beta1, beta2 = group["betas"]
+            parts.append((main, weights, grad, state["exp_avg"], state["exp_avg_sq"], native_out, state["step"],
+                          (_num(group["lr"]), _num(beta1), _num(beta2), group["eps"], group["weight_decay"],
+                           _decoupled(optimizer, group))))
+            if main < n or (out is not None and native_out is None):
+                rest.append((group, weights, grad, state, out, native_out, main))
+        native_adam.step_many(self._native, parts)  # counts each step first
+        for group, weights, grad, state, out, native_out, main in rest:
+            w, g, m, v = (t.reshape(-1)[main:] for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
+            if w.numel():
+                self._piece(optimizer, group, state["step"], w, g, m, v,
+                            None if native_out is None else native_out.reshape(-1)[main:])
+            if native_out is None:
+                out.copy_(weights)  # fp16: the kernel writes bf16 and fp32 copies only
+
+    def _ready(self, state: dict, weights: Tensor) -> None:
+        """``state`` as the update needs it: moments made (first step) in the state dtype, a tensor step count."""
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(weights, dtype=self.state_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(weights, dtype=self.state_dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dtype != self.state_dtype:  # a checkpoint's fp32 moments, or torch's widened ones
+                state[key] = state[key].to(self.state_dtype)
+        if not isinstance(state["step"], Tensor):
+            state["step"] = torch.tensor(float(state["step"]))
 
     def _piece(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor, v: Tensor,
                out: Optional[Tensor]) -> None:

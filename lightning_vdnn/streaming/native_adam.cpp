@@ -13,6 +13,7 @@
 // The GIL is released for the whole call: it runs on the host optimizer's worker beside the thread driving the GPU.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -23,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -218,37 +221,64 @@ void run_range(float* w, const G* g, S* m, S* v, O* out, int64_t begin, int64_t 
   }
 }
 
+// One tensor's part of a pass: its addresses, its scalars, and the kernel for its dtypes.
+struct Part {
+  uintptr_t w, g, m, v, out;
+  int64_t n;
+  Scalars s;
+  void (*range)(const Part&, int64_t, int64_t);
+};
+
 template <typename G, typename S, typename O>
-void parallel(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, const Scalars& s,
-              int threads, int64_t piece) {
-  auto* pw = reinterpret_cast<float*>(w);
-  auto* pg = reinterpret_cast<const G*>(g);
-  auto* pm = reinterpret_cast<S*>(m);
-  auto* pv = reinterpret_cast<S*>(v);
-  auto* po = reinterpret_cast<O*>(out);
-  // Pieces handed out as threads come free, not one fixed range per thread: the update runs beside the thread
-  // driving the GPU and the copy engines' memory traffic, and one thread descheduled for a while would otherwise
-  // hold every other thread at the end of the pass. A piece (native_adam.py's PIECE) is whole cache lines for
-  // every dtype here.
-  const int64_t pieces = (n + piece - 1) / piece;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < pieces; ++i) {
-    const int64_t begin = i * piece, end = std::min(n, begin + piece);
-    if (po != nullptr) {
-      run_range<G, S, O, true>(pw, pg, pm, pv, po, begin, end, s);
-    } else {
-      run_range<G, S, O, false>(pw, pg, pm, pv, po, begin, end, s);
-    }
+void range_of(const Part& p, int64_t begin, int64_t end) {
+  auto* w = reinterpret_cast<float*>(p.w);
+  auto* g = reinterpret_cast<const G*>(p.g);
+  auto* m = reinterpret_cast<S*>(p.m);
+  auto* v = reinterpret_cast<S*>(p.v);
+  auto* out = reinterpret_cast<O*>(p.out);
+  if (out != nullptr) {
+    run_range<G, S, O, true>(w, g, m, v, out, begin, end, p.s);
+  } else {
+    run_range<G, S, O, false>(w, g, m, v, out, begin, end, p.s);
   }
 }
 
 template <typename G, typename S>
-void with_out(int out_kind, uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n,
-              const Scalars& s, int threads, int64_t piece) {
-  if (out_kind == kBFloat16) {
-    parallel<G, S, uint16_t>(w, g, m, v, out, n, s, threads, piece);
-  } else {  // kFloat, or kNone with out == 0 (a null pointer of either type)
-    parallel<G, S, float>(w, g, m, v, out, n, s, threads, piece);
+auto range_for_out(int out_kind) {  // kFloat, or kNone with out == 0 (a null pointer of either type)
+  return out_kind == kBFloat16 ? &range_of<G, S, uint16_t> : &range_of<G, S, float>;
+}
+
+Part part(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, int grad_kind,
+          int state_kind, int out_kind, const Scalars& s) {
+  Part p{w, g, m, v, out_kind == kNone ? 0 : out, n, s, nullptr};
+  if (grad_kind == kFloat && state_kind == kFloat) {
+    p.range = range_for_out<float, float>(out_kind);
+  } else if (grad_kind == kFloat) {
+    p.range = range_for_out<float, uint16_t>(out_kind);
+  } else if (state_kind == kFloat) {
+    p.range = range_for_out<uint16_t, float>(out_kind);
+  } else {
+    p.range = range_for_out<uint16_t, uint16_t>(out_kind);
+  }
+  return p;
+}
+
+// Every part's pieces in one parallel loop, handed out as threads come free, not one fixed range per thread: the
+// update runs beside the thread driving the GPU and the copy engines' memory traffic, and one thread descheduled
+// for a while would otherwise hold every other thread at the end of the pass. One loop for a whole block, not one
+// per tensor: one wait for the slowest thread, and one return to Python, whose lock the worker must win back
+// from the thread driving the GPU. A piece (native_adam.py's PIECE) is whole cache lines for every dtype here.
+void update(const std::vector<Part>& parts, int threads, int64_t piece) {
+  std::vector<std::pair<int64_t, int64_t>> pieces;  // (part, first element)
+  for (int64_t i = 0; i < int64_t(parts.size()); ++i) {
+    for (int64_t a = 0; a < parts[i].n; a += piece) pieces.emplace_back(i, a);
+  }
+  const int64_t count = int64_t(pieces.size());
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t k = 0; k < count; ++k) {
+    const Part& p = parts[pieces[k].first];
+    const int64_t begin = pieces[k].second;
+    p.range(p, begin, std::min(p.n, begin + piece));
   }
 }
 
@@ -256,16 +286,26 @@ void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out
                int state_kind, int out_kind, double lr, double beta1, double beta2, double eps, double weight_decay,
                bool decoupled, double step, int threads, int64_t piece) {
   Scalars s = scalars(lr, beta1, beta2, eps, weight_decay, decoupled, step);
-  if (out_kind == kNone) out = 0;
-  if (grad_kind == kFloat && state_kind == kFloat) {
-    with_out<float, float>(out_kind, w, g, m, v, out, n, s, threads, piece);
-  } else if (grad_kind == kFloat) {
-    with_out<float, uint16_t>(out_kind, w, g, m, v, out, n, s, threads, piece);
-  } else if (state_kind == kFloat) {
-    with_out<uint16_t, float>(out_kind, w, g, m, v, out, n, s, threads, piece);
-  } else {
-    with_out<uint16_t, uint16_t>(out_kind, w, g, m, v, out, n, s, threads, piece);
+  update({part(w, g, m, v, out, n, grad_kind, state_kind, out_kind, s)}, threads, piece);
+}
+
+// Several tensors' steps in one pass. Per tensor: addresses and n; kinds (grad, state, out); hyper (lr, beta1,
+// beta2, eps, weight_decay, decoupled); and the address of its float32 step count, which is incremented here, as
+// torch's Adam increments state["step"] before its update (a float32 add of 1: the same bits).
+void adam_step_many(const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& g, const std::vector<uintptr_t>& m,
+                    const std::vector<uintptr_t>& v, const std::vector<uintptr_t>& out, const std::vector<int64_t>& n,
+                    const std::vector<int>& kinds, const std::vector<double>& hyper,
+                    const std::vector<uintptr_t>& steps, int threads, int64_t piece) {
+  std::vector<Part> parts;
+  parts.reserve(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    float* count = reinterpret_cast<float*>(steps[i]);
+    *count += 1.0f;
+    const double* h = &hyper[6 * i];
+    Scalars s = scalars(h[0], h[1], h[2], h[3], h[4], h[5] != 0.0, double(*count));
+    parts.push_back(part(w[i], g[i], m[i], v[i], out[i], n[i], kinds[3 * i], kinds[3 * i + 1], kinds[3 * i + 2], s));
   }
+  update(parts, threads, piece);
 }
 
 }  // namespace
@@ -273,4 +313,6 @@ void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adam_step", &adam_step, pybind11::call_guard<pybind11::gil_scoped_release>(),
              "One Adam(W) pass over n elements at the given addresses (kinds: -1 none, 0 fp32, 1 bf16).");
+  module.def("adam_step_many", &adam_step_many, pybind11::call_guard<pybind11::gil_scoped_release>(),
+             "adam_step for several tensors in one pass, each step count incremented first (see above).");
 }

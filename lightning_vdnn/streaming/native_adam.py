@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -93,8 +93,51 @@ def step(module: Any, weights: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
                      max(1, min(torch.get_num_threads(), n // PIECE)), PIECE)
 
 
-def _check(name: str, t: Tensor, n: int, dtypes: tuple) -> None:
-    if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n or t.dtype not in dtypes:
-        raise ValueError(f"native Adam: {name} must be a contiguous CPU tensor of {n} elements in "
+#: One tensor's step for :func:`step_many`: its first ``n`` elements of weights, gradient, the two moments and
+#: ``out`` (or None); its float32 step count; and (lr, beta1, beta2, eps, weight_decay, decoupled).
+Part = tuple[int, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor, tuple[float, float, float, float, float,
+                                                                                    bool]]
+
+
+def step_many(module: Any, parts: Sequence[Part]) -> None:
+    """:func:`step` for several tensors (a block's) in one pass: one parallel loop over all their pieces, and one
+    release of the GIL. Each part's step count (torch's ``state["step"]``, a float32 CPU scalar) is incremented by
+    the kernel first, as torch's Adam does before its update. Nothing between the tensors runs a torch op: a worker
+    thread that releases the GIL (every torch op does) waits to win it back from a thread running Python, up to
+    ``sys.getswitchinterval()`` each time.
+
+    Raises:
+        ValueError: as :func:`step`, for any part's tensors, and a step count that is not a float32 CPU scalar.
+    """
+    cols: list[list] = [[] for _ in range(9)]
+    total = 0
+    for n, weights, grad, exp_avg, exp_avg_sq, out, count, hyper in parts:
+        _check("weights", weights, n, (torch.float32,), whole=False)
+        _check("grad", grad, n, (torch.float32, torch.bfloat16), whole=False)
+        _check("exp_avg", exp_avg, n, (torch.float32, torch.bfloat16), whole=False)
+        _check("exp_avg_sq", exp_avg_sq, n, (exp_avg.dtype,), whole=False)
+        if out is not None:
+            _check("out", out, n, (torch.float32, torch.bfloat16), whole=False)
+        if count.device.type != "cpu" or count.dtype != torch.float32 or count.numel() != 1:
+            raise ValueError(f"native Adam: the step count must be a float32 CPU scalar; got {count.dtype} "
+                             f"on {count.device}.")
+        for col, value in zip(cols, (weights.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+                                     0 if out is None else out.data_ptr(), n, count.data_ptr())):
+            col.append(value)
+        cols[7] += (_KINDS[grad.dtype], _KINDS[exp_avg.dtype], _KINDS[None if out is None else out.dtype])
+        lr, beta1, beta2, eps, weight_decay, decoupled = hyper
+        cols[8] += (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(decoupled))
+        total += n
+    w, g, m, v, o, ns, counts, kinds, scalars = cols
+    module.adam_step_many(w, g, m, v, o, ns, kinds, scalars, counts, max(1, min(torch.get_num_threads(),
+                                                                               total // PIECE)), PIECE)
+
+
+def _check(name: str, t: Tensor, n: int, dtypes: tuple, whole: bool = True) -> None:
+    """``t`` a contiguous CPU tensor of ``dtypes`` with ``n`` elements (at least ``n`` where not ``whole``)."""
+    if (t.device.type != "cpu" or not t.is_contiguous() or (t.numel() != n if whole else t.numel() < n)
+            or t.dtype not in dtypes):
+        raise ValueError(f"native Adam: {name} must be a contiguous CPU tensor of {'' if whole else 'at least '}{n} "
+                         f"elements in "
                          f"{' or '.join(str(d) for d in dtypes)}; got {tuple(t.shape)} {t.dtype} on {t.device}"
                          f"{'' if t.is_contiguous() else ', not contiguous'}.")
