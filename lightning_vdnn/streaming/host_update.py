@@ -119,7 +119,7 @@ class AdamPass:
     def update_many(self, optimizer: Optimizer, updates: Sequence[Update]) -> None:
         """:meth:`update` for each of ``updates`` (a block's parameters); with the native kernel, all in one pass
         (``native_adam.step_many``) that runs no torch op between the tensors once their state exists: the worker
-        running it gives the GIL up once, not at every op (see ``native_adam.step_many``)."""
+        running it gives the GIL up once for the pass, not at every op (see ``native_adam.step_many``)."""
         if self._native is None:
             for u in updates:
                 self.update(optimizer, *u)
