@@ -195,3 +195,25 @@ def test_a_device_is_named_with_its_index(monkeypatch):
     assert concrete_device("cpu") == torch.device("cpu")
     with pytest.raises(RuntimeError):
         concrete_device("no-such-device")
+
+
+def test_a_worker_waits_on_an_event_only_while_its_work_runs():
+    """``wait_for`` asks ``query`` first, which keeps the GIL, and calls ``synchronize``, which gives it up (a worker
+    then waits to win it back from the thread driving the GPU), only for work still running."""
+    from lightning_vdnn.offload.host_pool import HostEvent, wait_for
+
+    class Event:
+        def __init__(self, done: bool) -> None:
+            self.done, self.waits = done, 0
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            self.waits, self.done = self.waits + 1, True
+
+    finished, running = Event(True), Event(False)
+    wait_for(finished)
+    wait_for(running)
+    wait_for(HostEvent())  # the host's own: always done
+    assert (finished.waits, running.waits) == (0, 1) and running.done

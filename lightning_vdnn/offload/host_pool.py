@@ -44,6 +44,14 @@ def concrete_device(device: "torch.device | str") -> torch.device:
     return device
 
 
+def wait_for(event) -> None:
+    """``event.synchronize()``, where the work is not done already. A worker thread's wait: ``synchronize`` gives up
+    the GIL, and the worker then waits to win it back from the thread driving the GPU (up to
+    ``sys.getswitchinterval()`` while that thread runs Python); ``query`` keeps it."""
+    if not event.query():
+        event.synchronize()
+
+
 class HostEvent:
     """Stand-in for ``torch.cuda.Event`` when the device is the host: work is already done when recorded."""
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_vdnn.integrations.adapters.torch import around_zero_grad
+from lightning_vdnn.offload.host_pool import wait_for
 from lightning_vdnn.units import host_clock
 from lightning_vdnn.streaming.host_state import HostBlock
 from lightning_vdnn.streaming import native_adam
@@ -239,7 +240,7 @@ class HostStepper:
     def _update(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
         start = host_clock()
         if sub.block.read_done is not None:
-            sub.block.read_done.synchronize()  # no copy to the device still reads the weights this writes
+            wait_for(sub.block.read_done)  # no copy to the device still reads the weights this writes
         in_sync = sub.block.copy_current()
         try:
             if sub.optimizer is None:

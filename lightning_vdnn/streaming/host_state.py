@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_vdnn.offload.host_pool import wait_for
 from lightning_vdnn.streaming.pinned_arena import PinnedArena
 
 
@@ -246,14 +247,14 @@ def add_copies(blocks: Iterable[HostBlock], dtype: torch.dtype, pin: bool) -> Pi
 
 
 def accumulate_from(block: HostBlock, host: Tensor, done: Any) -> None:
-    done.synchronize()
+    wait_for(done)
     with torch.no_grad():
         block.accumulate(host)
 
 
 def adopt_grads(block: HostBlock, done: Any) -> None:
     """The device copied the block's gradients straight into ``grad_flat``: make them the block's."""
-    done.synchronize()
+    wait_for(done)
     block.adopt()
 
 
