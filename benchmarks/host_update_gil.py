@@ -6,8 +6,8 @@ Layer streaming updates each block on a worker thread while the training thread 
 the worker runs gives up the GIL and must win it back from that thread, which holds it for up to
 ``sys.getswitchinterval()`` (5 ms) while it runs Python. This times the update of one GPT block's parameters (the
 native kernel, bf16 copy written) on the worker: alone, beside a thread running small torch ops with Python between
-them (a training thread's pattern), and beside one running Python only; per-tensor ``AdamPass.update`` against
-``AdamPass.update_many`` (one native pass, no torch op between the tensors).
+them (a training thread's pattern), and beside one running Python only; ``AdamPass.update`` per tensor (a native
+pass each) against ``AdamPass.update_many`` (one native pass, no torch op between the tensors).
 """
 
 from __future__ import annotations

@@ -103,51 +103,51 @@ class AdamPass:
                state: dict, out: Optional[Tensor] = None) -> None:
         """One step of ``param`` (the user's, whose ``state`` dict this fills as torch's Adam does) from ``grad``
         on its host ``weights``; ``out``, if given, receives the new weights in its dtype."""
-        self._ready(state, weights)
-        state["step"] += 1
-        w, g, m, v = (t.reshape(-1) for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
-        o = out.reshape(-1) if out is not None else None
-        if self._native is not None:
-            self._native_pass(optimizer, group, state["step"], w, g, m, v, o)
-            return
-        for a in range(0, w.numel(), PIECE):
-            b = min(a + PIECE, w.numel())
-            self._piece(optimizer, group, state["step"], w[a:b], g[a:b], m[a:b], v[a:b],
-                        o[a:b] if o is not None else None)
+        self.update_many(optimizer, [(group, param, weights, grad, state, out)])
 
     @torch.no_grad()
     def update_many(self, optimizer: Optimizer, updates: Sequence[Update]) -> None:
-        """:meth:`update` for each of ``updates`` (a block's parameters); with the native kernel, all in one pass
+        """:meth:`update` for each of ``updates`` (a block's parameters). With the native kernel, all in one pass
         (``native_adam.step_many``) that runs no torch op between the tensors once their state exists: the worker
-        running it gives the GIL up once for the pass, not at every op (see ``native_adam.step_many``)."""
-        if self._native is None:
-            for u in updates:
-                self.update(optimizer, *u)
-            return
-        parts, rest = [], []
+        running it gives the GIL up once for the pass, not at every op (see ``native_adam.step_many``). A tensor's
+        last ``numel % TAIL`` elements (:data:`TAIL`), a step count torch keeps in another dtype than float32, and
+        every update on the other kernels go piece by piece."""
+        parts, tails = [], []
         for group, param, weights, grad, state, out in updates:
             self._ready(state, weights)
+            if self._native is None or state["step"].dtype != torch.float32 or not all(
+                    t.is_contiguous() for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"])):
+                state["step"] += 1
+                self._pieces(optimizer, group, state, weights.reshape(-1), grad.reshape(-1),
+                             None if out is None else out.reshape(-1))
+                continue
             n = weights.numel()
             main = n - n % TAIL
             native_out = out if out is None or out.dtype in (torch.float32, torch.bfloat16) else None
-            if state["step"].dtype != torch.float32 or not all(
-                    t.is_contiguous() for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"])):
-                self.update(optimizer, group, param, weights, grad, state, out)  # torch's own step count or layout
-                continue
             beta1, beta2 = group["betas"]
             parts.append((main, weights, grad, state["exp_avg"], state["exp_avg_sq"], native_out, state["step"],
                           (_num(group["lr"]), _num(beta1), _num(beta2), group["eps"], group["weight_decay"],
                            _decoupled(optimizer, group))))
             if main < n or (out is not None and native_out is None):
-                rest.append((group, weights, grad, state, out, native_out, main))
-        native_adam.step_many(self._native, parts)  # counts each step first
-        for group, weights, grad, state, out, native_out, main in rest:
-            w, g, m, v = (t.reshape(-1)[main:] for t in (weights, grad, state["exp_avg"], state["exp_avg_sq"]))
-            if w.numel():
-                self._piece(optimizer, group, state["step"], w, g, m, v,
-                            None if native_out is None else native_out.reshape(-1)[main:])
+                tails.append((group, state, weights, grad, out, native_out, main))
+        if parts:
+            native_adam.step_many(self._native, parts)  # counts each step first
+        for group, state, weights, grad, out, native_out, main in tails:
+            if main < weights.numel():
+                self._pieces(optimizer, group, state, weights.reshape(-1), grad.reshape(-1),
+                             None if native_out is None else native_out.reshape(-1), start=main)
             if native_out is None:
                 out.copy_(weights)  # fp16: the kernel writes bf16 and fp32 copies only
+
+    def _pieces(self, optimizer: Optimizer, group: dict, state: dict, w: Tensor, g: Tensor, out: Optional[Tensor],
+                start: int = 0) -> None:
+        """Flat ``w[start:]``'s step (its count already taken) a :data:`PIECE` at a time on torch's or DeepSpeed's
+        kernel."""
+        m, v = (state[k].reshape(-1) for k in ("exp_avg", "exp_avg_sq"))
+        for a in range(start, w.numel(), PIECE):
+            b = min(a + PIECE, w.numel())
+            self._piece(optimizer, group, state["step"], w[a:b], g[a:b], m[a:b], v[a:b],
+                        out[a:b] if out is not None else None)
 
     def _ready(self, state: dict, weights: Tensor) -> None:
         """``state`` as the update needs it: moments made (first step) in the state dtype, a tensor step count."""
@@ -179,25 +179,6 @@ class AdamPass:
             v.copy_(v32)
         if out is not None:
             out.copy_(w)
-
-    def _native_pass(self, optimizer: Optimizer, group: dict, step: Tensor, w: Tensor, g: Tensor, m: Tensor,
-                     v: Tensor, out: Optional[Tensor]) -> None:
-        """The whole tensor in one native pass, but for its last ``numel % TAIL`` elements (see :data:`TAIL`)."""
-        n = w.numel()
-        main = n - n % TAIL
-        native_out = out if out is None or out.dtype in (torch.float32, torch.bfloat16) else None
-        beta1, beta2 = group["betas"]
-        if main:
-            native_adam.step(self._native, w[:main], g[:main], m[:main], v[:main],
-                             None if native_out is None else native_out[:main], lr=_num(group["lr"]),
-                             beta1=_num(beta1), beta2=_num(beta2), eps=group["eps"],
-                             weight_decay=group["weight_decay"], decoupled=_decoupled(optimizer, group),
-                             step=_num(step))
-        if main < n:
-            self._piece(optimizer, group, step, w[main:], g[main:], m[main:], v[main:],
-                        None if native_out is None else native_out[main:])
-        if out is not None and native_out is None:
-            out.copy_(w)  # fp16: the kernel writes bf16 and fp32 copies only
 
     def _wide(self, slot: int, t: Tensor) -> Tensor:
         while len(self._scratch) <= slot:

@@ -268,7 +268,7 @@ Part part(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int
 // for a while would otherwise hold every other thread at the end of the pass. One loop for a whole block, not one
 // per tensor: one wait for the slowest thread, and one return to Python, whose lock the worker must win back
 // from the thread driving the GPU. A piece (native_adam.py's PIECE) is whole cache lines for every dtype here.
-void update(const std::vector<Part>& parts, int threads, int64_t piece) {
+void run_parts(const std::vector<Part>& parts, int threads, int64_t piece) {
   std::vector<std::pair<int64_t, int64_t>> pieces;  // (part, first element)
   for (int64_t i = 0; i < int64_t(parts.size()); ++i) {
     for (int64_t a = 0; a < parts[i].n; a += piece) pieces.emplace_back(i, a);
@@ -282,16 +282,9 @@ void update(const std::vector<Part>& parts, int threads, int64_t piece) {
   }
 }
 
-void adam_step(uintptr_t w, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t out, int64_t n, int grad_kind,
-               int state_kind, int out_kind, double lr, double beta1, double beta2, double eps, double weight_decay,
-               bool decoupled, double step, int threads, int64_t piece) {
-  Scalars s = scalars(lr, beta1, beta2, eps, weight_decay, decoupled, step);
-  update({part(w, g, m, v, out, n, grad_kind, state_kind, out_kind, s)}, threads, piece);
-}
-
-// Several tensors' steps in one pass. Per tensor: addresses and n; kinds (grad, state, out); hyper (lr, beta1,
-// beta2, eps, weight_decay, decoupled); and the address of its float32 step count, which is incremented here, as
-// torch's Adam increments state["step"] before its update (a float32 add of 1: the same bits).
+// Several tensors' steps in one pass (or one tensor's: native_adam.step). Per tensor: addresses and n; kinds (grad,
+// state, out); hyper (lr, beta1, beta2, eps, weight_decay, decoupled); and the address of its float32 step count,
+// incremented here, as torch's Adam increments state["step"] before its update (a float32 add of 1: the same bits).
 void adam_step_many(const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& g, const std::vector<uintptr_t>& m,
                     const std::vector<uintptr_t>& v, const std::vector<uintptr_t>& out, const std::vector<int64_t>& n,
                     const std::vector<int>& kinds, const std::vector<double>& hyper,
@@ -305,14 +298,13 @@ void adam_step_many(const std::vector<uintptr_t>& w, const std::vector<uintptr_t
     Scalars s = scalars(h[0], h[1], h[2], h[3], h[4], h[5] != 0.0, double(*count));
     parts.push_back(part(w[i], g[i], m[i], v[i], out[i], n[i], kinds[3 * i], kinds[3 * i + 1], kinds[3 * i + 2], s));
   }
-  update(parts, threads, piece);
+  run_parts(parts, threads, piece);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("adam_step", &adam_step, pybind11::call_guard<pybind11::gil_scoped_release>(),
-             "One Adam(W) pass over n elements at the given addresses (kinds: -1 none, 0 fp32, 1 bf16).");
   module.def("adam_step_many", &adam_step_many, pybind11::call_guard<pybind11::gil_scoped_release>(),
-             "adam_step for several tensors in one pass, each step count incremented first (see above).");
+             "Adam(W) steps of several tensors at the given addresses in one pass (kinds: -1 none, 0 fp32, "
+             "1 bf16), each step count incremented first.");
 }

@@ -86,11 +86,9 @@ def step(module: Any, weights: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
     _check("exp_avg_sq", exp_avg_sq, n, (exp_avg.dtype,))
     if out is not None:
         _check("out", out, n, (torch.float32, torch.bfloat16))
-    module.adam_step(weights.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                     0 if out is None else out.data_ptr(), n, _KINDS[grad.dtype], _KINDS[exp_avg.dtype],
-                     _KINDS[None if out is None else out.dtype], float(lr), float(beta1), float(beta2), float(eps),
-                     float(weight_decay), bool(decoupled), float(step),
-                     max(1, min(torch.get_num_threads(), n // PIECE)), PIECE)
+    count = torch.tensor(float(step) - 1.0)  # torch's float32 count, which the kernel takes to ``step``
+    step_many(module, [(n, weights, grad, exp_avg, exp_avg_sq, out, count, (lr, beta1, beta2, eps, weight_decay,
+                                                                          decoupled))])
 
 
 #: One tensor's step for :func:`step_many`: its first ``n`` elements of weights, gradient, the two moments and
