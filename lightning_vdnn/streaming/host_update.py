@@ -136,7 +136,7 @@ class AdamPass:
             if main < weights.numel():
                 self._pieces(optimizer, group, state, weights.reshape(-1), grad.reshape(-1),
                              None if native_out is None else native_out.reshape(-1), start=main)
-            if native_out is None:
+            if out is not None and native_out is None:
                 out.copy_(weights)  # fp16: the kernel writes bf16 and fp32 copies only
 
     def _pieces(self, optimizer: Optimizer, group: dict, state: dict, w: Tensor, g: Tensor, out: Optional[Tensor],
