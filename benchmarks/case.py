@@ -46,6 +46,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device-gib", type=float, default=None,
                    help="cap this process's device memory at this many GiB, as on a smaller GPU (measure.py)")
     p.add_argument("--inject-crash", action="store_true", help="die at once, as a crash would (tests)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="seconds: Python's GIL switch interval for the run (sys.setswitchinterval; default 0.005), "
+                        "the longest a worker thread waits to win the GIL back from the thread driving the GPU")
     p.add_argument("--profile", action="store_true",
                    help="run one extra step under torch.profiler (not timed); its summary is the row's 'profile'")
     p.add_argument("--profile-step", type=int, default=None,
@@ -58,6 +61,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.profile = args.profile or args.profile_step is not None or args.trace_dir is not None
     if args.settle < 0:
         p.error(f"--settle {args.settle}: give a number of extra steps, 0 or more.")
+    if args.switch_interval is not None and args.switch_interval <= 0:
+        p.error(f"--switch-interval {args.switch_interval}: give a number of seconds above 0, e.g. 0.0005.")
     if args.profile_step is not None:
         args.settle = 0  # the profiled step's index is fixed before the run
     if args.profile:
@@ -182,9 +187,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if device.type == "cpu":
         torch.set_num_threads(1)  # a smoke run: one thread does not stall behind other processes' threads
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     row = {"case": args.case, "model": args.model, "status": "error: did not finish", "devices": args.devices,
            "steps": args.steps, "warmup": args.warmup, "memory_budget": args.memory_budget, "compiled": args.compile,
-           "profile_step": args.profile_step, "device_gib": args.device_gib, **environment(device)}
+           "profile_step": args.profile_step, "device_gib": args.device_gib,
+           "switch_interval": sys.getswitchinterval(), **environment(device)}
     if args.devices > 1:
         parallel.init_group(device)
     try:

@@ -69,6 +69,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(plain, the baseline, runs on the whole device: the GPU big enough to hold the model); a case "
                         "whose memory, the allocator's cache included, does not fit there retries or OOMs")
     p.add_argument("--fail-case", default=None, help="debug: make this case crash, to test containment")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="seconds: each case's GIL switch interval (benchmarks/case.py; Python's default 0.005)")
     p.add_argument("--profile", action="store_true",
                    help="each case runs one extra, untimed step under torch.profiler; results.md gets a table of "
                         "where that step's time goes (PCIe copies hidden or exposed, GPU idle, host ops)")
@@ -130,6 +132,7 @@ def case_command(args: argparse.Namespace, case: str, budget: Optional[int]) -> 
     cmd += ["--memory-budget", str(budget)] if budget is not None else []
     cmd += ["--profile"] if args.profile else []
     cmd += ["--settle", str(args.settle)]
+    cmd += ["--switch-interval", f"{args.switch_interval:g}"] if args.switch_interval is not None else []
     cmd += ["--compile"] if args.compile else []
     cmd += ["--device-gib", f"{args.device_gib:g}"] if args.device_gib is not None and case != BASELINE else []
     cmd += ["--profile-step", str(args.profile_step)] if args.profile_step is not None else []

@@ -35,7 +35,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     procs = {
         "gpt_tiny": _start(outs["gpt_tiny"], "gpt_tiny", GPT_CASES),
         "vgg_tiny": _start(outs["vgg_tiny"], "vgg_tiny", VGG_CASES + [CRASHED, "vdnn@50%"], "--fail-case", CRASHED,
-                           "--settle", "8"),
+                           "--settle", "8", "--switch-interval", "0.001"),
     }
     for model, proc in procs.items():
         output, _ = proc.communicate(timeout=300)
@@ -67,6 +67,7 @@ def test_every_case_measured(runs, model, cases):
         assert len(row["step_s_all"]) == 2 + 3  # --tiny: 2 warm-up + 3 timed steps
         assert math.isfinite(row["step_s"]) and row["step_s"] > 0
         assert row["items_per_s"] > 0 and row["host_rss_bytes"] > 0
+        assert row["switch_interval"] == (0.001 if model == "vgg_tiny" else 0.005)  # --switch-interval, or Python's
     assert rows["plain"]["time_ratio"] == pytest.approx(1.0)
     assert (runs[model] / "results.png").stat().st_size > 0
     table = (runs[model] / "results.md").read_text()
@@ -334,6 +335,8 @@ def test_device_gib_caps_every_case_but_plain(tmp_path):
     measure.cap_device_memory(torch.device("cpu"), 27)  # no device memory to cap: nothing happens
     with pytest.raises(SystemExit):
         run.parse_args(["--tiny", "--device-gib", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        case.parse_args(["--case", "l2l", "--model", "gpt_tiny", "--switch-interval", "0"])
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device-gib 100000"):
             measure.cap_device_memory(torch.device("cuda", 0), 100000)

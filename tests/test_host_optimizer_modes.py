@@ -82,6 +82,7 @@ def test_byte_count_is_the_analytic_one(host, per_param):
     report = trainer.strategy.memory_report()
     assert report.host_update_bytes == per_param * block_numel()
     assert "GiB of host memory read and written" in str(report) and "vdnn/host_update_GiB" in report.metrics()
+    assert report.host_update_kernel_ms is None and "native kernel" not in str(report)  # torch's: no own clock
     lean = host_update.STATE_DTYPES[host.get("host_state_dtype", "fp32")]
     w, g = torch.empty(10), torch.empty(10, dtype=lean)
     update = AdamPass("torch", lean)

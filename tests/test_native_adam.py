@@ -4,7 +4,9 @@ when streamed, and torch's kernel after one warning where it does not build."""
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 import warnings
 
 import lightning as L
@@ -140,7 +142,11 @@ def test_streaming_on_the_native_kernel_is_exact_against_plain_training(built):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(trainer.optimizers[0].state[p][key], ref.trainer.optimizers[0].state[q][key]), key
     numel = sum(p.numel() for p in got.model.blocks.parameters())
-    assert trainer.strategy.memory_report().host_update_bytes == 28 * numel
+    report = trainer.strategy.memory_report()
+    assert report.host_update_bytes == 28 * numel
+    # the kernel's own time, beside the worker's: what the worker lost around it is the difference
+    assert 0 < report.host_update_kernel_ms and "ms in the native kernel" in str(report)
+    assert report.metrics()["vdnn/host_update_kernel_ms"] == report.host_update_kernel_ms
 
 
 def test_lean_state_on_the_native_kernel_matches_the_piecewise_pass(built):
@@ -180,6 +186,37 @@ def test_the_kernel_releases_the_gil(built):
     inside.clear()
     counter.join()
     assert len(ticks) > 1000  # with the GIL held the counter would run only between the three calls
+
+
+def test_the_kernels_own_clock_leaves_out_winning_the_gil_back(built):
+    """``step_many`` returns the pass's time without the GIL; beside a thread running Python, the caller's clock
+    also counts the wait to win the GIL back (a switch interval): the report's kernel time against the worker's."""
+    found = sys.getswitchinterval()
+    sys.setswitchinterval(0.05)
+    n = 1 << 20
+    w, g, m, v = torch.zeros(n), torch.full((n,), 1e-3), torch.zeros(n), torch.zeros(n)
+    count = torch.tensor(0.0)
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, True)
+    busy = threading.Event()
+
+    def spin() -> None:
+        busy.set()
+        while busy.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    try:
+        spinner.start()
+        busy.wait()
+        start = time.perf_counter()
+        kernel = native_adam.step_many(built, [(n, w, g, m, v, None, count, hyper)])
+        wall = time.perf_counter() - start
+    finally:
+        busy.clear()
+        spinner.join()
+        sys.setswitchinterval(found)
+    assert count.item() == 1.0 and 0 < kernel < wall
+    assert wall - kernel > 0.02, (wall, kernel)  # the switch interval, not the kernel
 
 
 def test_bad_tensors_are_refused_with_what_was_wrong(built):

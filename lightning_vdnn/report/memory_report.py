@@ -111,6 +111,9 @@ class MemoryReport:
         host_update_bytes: host memory the blocks' one-pass Adam/AdamW updates (``streaming/host_update.py``)
             queued in the last optimizer step read and write: weights, gradient, moments, and the bf16 copy the
             device loads (None without layer streaming, 0 for a same-class optimizer, whose passes are torch's).
+        host_update_kernel_ms: of ``host_optimizer_ms``, the time inside the native one-pass kernel, timed in C++
+            without the GIL (None on other kernels): the rest is Python around it and the worker winning the GIL
+            back from the thread driving the device; the kernel's own rate is ``host_update_bytes`` over it.
         host_state_bytes: host memory the streamed blocks' state holds (None without layer streaming): fp32
             weights, gradients (fp32, or bf16 with ``host_state_dtype="bf16"``), the compute-dtype copies the loads
             read, gradient staging, and the optimizer state of the block parameters.
@@ -170,6 +173,7 @@ class MemoryReport:
     host_optimizer_ms: Optional[float] = None
     host_update_wait_ms: Optional[float] = None
     host_update_bytes: Optional[int] = None
+    host_update_kernel_ms: Optional[float] = None
     host_state_bytes: Optional[int] = None
     microbatches: Optional[int] = None
     resident_blocks: Optional[int] = None
@@ -211,6 +215,8 @@ class MemoryReport:
             out["budget_kept"] = self.budget_kept
         if self.host_update_bytes is not None:
             out["host_update_GiB"] = self.host_update_bytes / GiB
+        if self.host_update_kernel_ms is not None:
+            out["host_update_kernel_ms"] = self.host_update_kernel_ms
         if self.host_state_bytes is not None:
             out["host_state_GiB"] = self.host_state_bytes / GiB
         if self.resident_blocks is not None:
@@ -268,6 +274,8 @@ class MemoryReport:
 
     def _stream_line(self) -> str:
         opt = "n/a" if self.host_optimizer_ms is None else f"{self.host_optimizer_ms:.1f} ms"
+        if self.host_update_kernel_ms is not None:
+            opt += f" ({self.host_update_kernel_ms:.1f} ms in the native kernel)"
         if self.host_update_wait_ms is not None:
             opt += f" on the host (waited for {self.host_update_wait_ms:.1f} ms)"
         if self.host_update_bytes:

@@ -275,6 +275,11 @@ class HostStepper:
         whose passes are torch's to count)."""
         return 0 if self.update_pass is None else self.update_pass.take_bytes()
 
+    def host_update_kernel_ms(self) -> Optional[float]:
+        """Time the native one-pass kernel ran since the last call (timed without the GIL; None on other kernels):
+        of :meth:`take_times`' worker time, the rest went to Python around it and to winning the GIL back."""
+        return None if self.update_pass is None else self.update_pass.take_kernel_ms()
+
     def take_times(self) -> tuple[float, float]:
         """Worker time spent on block updates, and training time spent waiting for them, since the last call."""
         busy, waited, self.update_ms, self.wait_ms = self.update_ms, self.wait_ms, 0.0, 0.0

@@ -83,6 +83,7 @@ class AdamPass:
             backend = "torch"  # the build failed: native_adam.load warned once
         self.backend, self.state_dtype = backend, state_dtype
         self.bytes = 0  # host bytes the updates queued since the last :meth:`take_bytes` read and write
+        self.kernel_s = 0.0  # time inside the native pass since the last :meth:`take_kernel_ms`
         self._op, self._ids = (load_deepspeed() if backend == "deepspeed" else None), {}
         self._scratch: list[Tensor] = []
 
@@ -97,6 +98,14 @@ class AdamPass:
     def take_bytes(self) -> int:
         moved, self.bytes = self.bytes, 0
         return moved
+
+    def take_kernel_ms(self) -> Optional[float]:
+        """Time the native pass itself ran since the last call, timed without the GIL (None on the other kernels,
+        whose time is the caller's to take): against the worker's own clock, what it lost around the kernel."""
+        if self._native is None:
+            return None
+        spent, self.kernel_s = self.kernel_s, 0.0
+        return spent * 1e3
 
     @torch.no_grad()
     def update(self, optimizer: Optimizer, group: dict, param: Tensor, weights: Tensor, grad: Tensor,
@@ -131,7 +140,7 @@ class AdamPass:
             if main < n or (out is not None and native_out is None):
                 tails.append((group, state, weights, grad, out, native_out, main))
         if parts:
-            native_adam.step_many(self._native, parts)  # counts each step first
+            self.kernel_s += native_adam.step_many(self._native, parts)  # counts each step first
         for group, state, weights, grad, out, native_out, main in tails:
             if main < weights.numel():
                 self._pieces(optimizer, group, state, weights.reshape(-1), grad.reshape(-1),

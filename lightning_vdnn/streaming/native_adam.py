@@ -97,12 +97,12 @@ Part = tuple[int, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor, tupl
                                                                                     bool]]
 
 
-def step_many(module: Any, parts: Sequence[Part]) -> None:
+def step_many(module: Any, parts: Sequence[Part]) -> float:
     """:func:`step` for several tensors (a block's) in one pass: one parallel loop over all their pieces, and one
     release of the GIL. Each part's step count (torch's ``state["step"]``, a float32 CPU scalar) is incremented by
     the kernel first, as torch's Adam does before its update. Nothing between the tensors runs a torch op: a worker
     thread that releases the GIL (every torch op does) waits to win it back from a thread running Python, up to
-    ``sys.getswitchinterval()`` each time.
+    ``sys.getswitchinterval()`` each time. Returns the pass's own time in seconds (timed in C++, without the GIL).
 
     Raises:
         ValueError: as :func:`step`, for any part's tensors, and a step count that is not a float32 CPU scalar.
@@ -127,8 +127,8 @@ def step_many(module: Any, parts: Sequence[Part]) -> None:
         cols[8] += (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), float(decoupled))
         total += n
     w, g, m, v, o, ns, counts, kinds, scalars = cols
-    module.adam_step_many(w, g, m, v, o, ns, kinds, scalars, counts, max(1, min(torch.get_num_threads(),
-                                                                               total // PIECE)), PIECE)
+    return module.adam_step_many(w, g, m, v, o, ns, kinds, scalars, counts, max(1, min(torch.get_num_threads(),
+                                                                                      total // PIECE)), PIECE)
 
 
 def _check(name: str, t: Tensor, n: int, dtypes: tuple, whole: bool = True) -> None:

@@ -371,7 +371,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         if self._last_step is not None:
             return {**self._last_step, **fixed}
         return {"streamed_h2d_bytes": self.h2d_bytes, "streamed_d2h_bytes": self.d2h_bytes, "host_optimizer_ms": None,
-                "host_update_wait_ms": None, "host_update_bytes": None, **fixed}
+                "host_update_wait_ms": None, "host_update_bytes": None, "host_update_kernel_ms": None, **fixed}
 
     def _before_step(self, *_: Any) -> None:
         self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
@@ -380,9 +380,11 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         h2d, d2h = self._marks
         times = [s.take_times() for s in self.steppers]
         busy, waited = sum(t[0] for t in times), sum(t[1] for t in times)
+        kernel = [k for k in (s.host_update_kernel_ms() for s in self.steppers) if k is not None]
         self._last_step = {"streamed_h2d_bytes": self.h2d_bytes - h2d, "streamed_d2h_bytes": self.d2h_bytes - d2h,
                            "host_optimizer_ms": busy, "host_update_wait_ms": waited,
-                           "host_update_bytes": sum(s.host_update_bytes() for s in self.steppers)}
+                           "host_update_bytes": sum(s.host_update_bytes() for s in self.steppers),
+                           "host_update_kernel_ms": sum(kernel) if kernel else None}
         self._marks = (self.h2d_bytes, self.d2h_bytes)
 
     # -- slots -------------------------------------------------------------------------------------------
