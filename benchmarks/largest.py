@@ -9,8 +9,8 @@ available takes, or as many as ``--params`` asks for. The host bytes are planned
 built, and the plan is printed: per block parameter the fp32 weights (4 B), the gradients (fp32 4 B; bf16 2 B with
 ``--host-state bf16``, ``streaming/bf16_grads.py``) and Adam's moments (8 B; bf16 4 B), pinned as
 ``PinnedArena`` carves them (its chunks counted, not the bytes asked for); the bf16 copy of the weights the update
-writes for the loads on a GPU with bf16 moments (2 B), left out when only it does not fit (loads then copy fp32
-and cast on the device); the modules outside the blocks (fp32 masters and gradients pinned, Adam on the host:
+writes for the loads on a GPU (2 B; the native one pass, ``"auto"``'s choice there), left out when only it does not
+fit (loads then copy fp32 and cast on the device); the modules outside the blocks (fp32 masters and gradients pinned, Adam on the host:
 ``offload_optimizer``), the block inputs in the pinned activation pool, and the process itself (CUDA context,
 libraries, Python: ``--reserve-gib``); what is left of the memory available must be at least ``--margin-gib``.
 So ``--params 10e9 --host-state bf16`` needs about 10 B per parameter: 107 GiB with everything for 10.1B
@@ -148,7 +148,7 @@ def choose_layers(args: argparse.Namespace) -> Plan:
     if args.tiny:
         available, source = 64 * 2**20 + 16 * outside, "--tiny's 64 MiB of block state"
     margin = 0 if args.tiny else int(args.margin_gib * GiB)
-    one_pass = args.host_state != "fp32" and not args.tiny  # only the one-pass update writes copies, on a GPU
+    one_pass = not args.tiny  # only the one-pass update writes copies, on a GPU ("auto" takes it for fp32 moments too)
     fits = lambda plan: plan.total + margin <= available  # noqa: E731
     if args.params is not None:
         n = max(math.ceil((args.params - outside) / block), 1)
