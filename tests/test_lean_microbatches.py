@@ -48,12 +48,12 @@ def labelled_batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class HFTask(L.LightningModule):
-    """An unmodified ``LlamaForCausalLM`` trained on its own loss (``labels=``); records losses and the most tokens
-    whose logits existed at once (the bytes the head's outputs hold)."""
+    """An unmodified ``LlamaForCausalLM`` (or ``build()``'s model) trained on its own loss (``labels=``); records losses
+    and the most tokens whose logits existed at once (the bytes the head's outputs hold)."""
 
-    def __init__(self, model_class=None, **call) -> None:
+    def __init__(self, model_class=None, build=None, **call) -> None:
         super().__init__()
-        self.model = (model_class or tf.LlamaForCausalLM)(llama_config())
+        self.model = build() if build is not None else (model_class or tf.LlamaForCausalLM)(llama_config())
         self.call = call
         self.losses: list[float] = []
         self.head_tokens = 0
@@ -131,20 +131,52 @@ def test_hf_llama_without_labels_or_autograd_gets_its_logits_whole():
     assert "forward" not in model.lm_head.__dict__ and "_loss_function" not in model.__dict__
 
 
-class CappedLlamaForCausalLM(tf.LlamaForCausalLM):
-    """Changes its logits between head and loss, as Gemma 2's soft-capping does."""
+def _lm(config: str, model: str, **kw):
+    """A tiny ``transformers`` causal LM of the library's own classes, built on the training's seed."""
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return lambda: getattr(tf, model)(getattr(tf, config)(**{**base, **kw}))
+
+
+#: Causal LMs that change the head's output before their loss: what each does there.
+CHANGED_LOGITS = {
+    "granite (logits / logits_scaling)": _lm("GraniteConfig", "GraniteForCausalLM", logits_scaling=4.0),
+    "cohere (logits * logit_scale)": _lm("CohereConfig", "CohereForCausalLM", logit_scale=0.5),
+    "gemma2 (final soft-capping)": _lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, sliding_window=4,
+                                       final_logit_softcapping=2.0),
+    "opt (.contiguous())": lambda: tf.OPTForCausalLM(tf.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+        word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, use_cache=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(CHANGED_LOGITS))
+def test_hf_models_that_change_their_logits_before_the_loss_chunk_them_like_plain(name):
+    """What the model does to its head's output on the way to its loss is done to each chunk's logits
+    (``streaming/lazy_logits.py``): the training is plain's, and no more than a chunk's logits ever exist."""
+    build = CHANGED_LOGITS[name]
+    ref = train_hf(build=build)
+    got = train_hf(l2l(microbatches=3), build=build)
+    assert_same_training(got, ref)
+    assert ref.head_tokens == BATCH * SEQ and got.head_tokens == BATCH * SEQ // 3
+    assert all(logits is None for logits in got.logits)
+
+
+class NormalisedLlamaForCausalLM(tf.LlamaForCausalLM):
+    """Divides its logits by their spread over the whole batch before its loss: not an op of each token alone."""
 
     def forward(self, input_ids, labels=None, **kwargs):
         logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
-        logits = 30.0 * torch.tanh(logits / 30.0)
+        logits = logits / logits.std()
         loss = self.loss_function(logits, labels, self.config.vocab_size) if labels is not None else None
         return tf.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def test_logits_changed_before_the_loss_are_refused_with_the_fix():
-    with pytest.raises(RuntimeError, match=r"CappedLlamaForCausalLM changed its head's logits before its loss.*"
-                                           r"without labels.*microbatches=1"):
-        train_hf(l2l(microbatches=2), model_class=CappedLlamaForCausalLM)
+def test_logits_changed_before_the_loss_other_than_token_by_token_are_refused_with_the_fix():
+    """Refused before anything is computed of the batch's logits, the op named."""
+    with pytest.raises(RuntimeError, match=r"NormalisedLlamaForCausalLM applies 'std' to its head's logits before its "
+                                           r"loss.*each token alone.*without labels.*microbatches=1"):
+        train_hf(l2l(microbatches=2), model_class=NormalisedLlamaForCausalLM)
 
 
 def test_labels_not_matching_the_heads_tokens_are_refused_with_the_fix():

@@ -1,6 +1,7 @@
-"""Layer streaming on models we did not write: Hugging Face Llama, Mistral, Mixtral, GPT-2, BERT, T5, ViT, ResNet and
-``torch.nn.TransformerEncoder``, built from tiny configs and left untouched. Each trains under ``l2l`` exactly as
-under plain Lightning: losses, parameters and buffers (BatchNorm's running statistics and count)."""
+"""Layer streaming on models we did not write: Hugging Face Llama, Mistral, Mixtral, Qwen2-MoE, Gemma 2, GPT-NeoX,
+Bloom, GPT-2, BERT, DeBERTa-v2, T5, ViT, Swin, ResNet, Mamba and ``torch.nn.TransformerEncoder``, built from tiny
+configs and left untouched. Each trains under ``l2l`` exactly as under plain Lightning: losses, parameters and
+buffers (BatchNorm's running statistics and count)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,34 @@ MODELS = {
                                                                          depths=[1, 1, 1], num_labels=3)),
                "images", "resnet.encoder.stages"),
     "torch_encoder": (lambda d: TorchEncoder(d), "sequences", "encoder.layers"),
+    # shared experts beside the routed ones
+    "qwen2_moe": (lambda d: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+        **_lm_kwargs(d), moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2)), "tokens", "model.layers"),
+    # sliding-window layers between global ones, soft-capped attention and logits
+    "gemma2": (lambda d: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_lm_kwargs(d), head_dim=8, sliding_window=4)),
+               "tokens", "model.layers"),
+    # attention and MLP side by side from one input (parallel residual), partial rotary
+    "gpt_neox": (lambda d: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, hidden_dropout=d, attention_dropout=d)), "tokens", "gpt_neox.layers"),
+    # ALiBi bias passed to each block with the batch folded into dim 0 with the heads
+    "bloom": (lambda d: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4,
+                                                           hidden_dropout=d, attention_dropout=d)),
+              "tokens", "transformer.h"),
+    # disentangled relative attention: a position embedding table every layer reads
+    "deberta_v2": (lambda d: tf.DebertaV2ForMaskedLM(tf.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, relative_attention=True, position_buckets=8, hidden_dropout_prob=d,
+        attention_probs_dropout_prob=d)), "masked", "deberta.encoder.layer"),
+    # windowed attention in stages of different widths (patch merging between them)
+    "swin": (lambda d: tf.SwinForImageClassification(tf.SwinConfig(
+        image_size=16, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[2, 2, 2], window_size=2, num_labels=3,
+        hidden_dropout_prob=d, attention_probs_dropout_prob=d)), "images", "swin.encoder.layers"),
+    # a state-space model: no attention, a causal convolution and a selective scan per block
+    "mamba": (lambda d: tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                                           state_size=4, expand=2, conv_kernel=4)),
+              "tokens", "backbone.layers"),
 }
 BATCHNORM = {"resnet"}
 
@@ -158,6 +187,35 @@ def test_library_model_microbatches_like_plain_training(name):
     their own masks. 2e-5: the chunks' weight gradients add up in another order than the whole batch's."""
     got = train(name, l2l(microbatches=2))
     assert_same_training(got, plain(name), tol=2e-5)
+
+
+def test_bloom_microbatches_split_its_folded_alibi_by_sample_under_padding():
+    """Bloom hands each block its ALiBi bias as ``(batch * heads, 1, keys)``, built from the attention mask: with
+    left padding each sample's differs, and each chunk must get its own samples' rows
+    (``hf_conventions.folded_batch``)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[1, :4] = mask[2, :7] = 0  # left padding of different lengths
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads(model: nn.Module) -> list[torch.Tensor]:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    from lightning_vdnn.streaming.streamer import LayerStreamer
+
+    torch.manual_seed(0)
+    ref = MODELS["bloom"][0](0.0)
+    got = MODELS["bloom"][0](0.0)
+    got.load_state_dict(ref.state_dict())
+    streamer = LayerStreamer(got, "transformer.h", torch.device("cpu"), microbatches=2)
+    try:
+        mine = grads(got)
+    finally:
+        streamer.close()
+    for (name, _), a, b in zip(got.named_parameters(), mine, grads(ref)):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=name)
 
 
 def test_batchnorm_blocks_refuse_microbatches_with_the_alternative():
@@ -281,6 +339,37 @@ def test_a_batch_dimension_that_cannot_be_told_is_named():
                                          r"microbatches=1"):
         root["blocks"][0](x, memory=torch.randn(6, 4, 8))
     streamer.close()
+
+
+def test_a_table_whose_rows_are_a_multiple_of_the_batch_goes_whole_to_every_chunk():
+    """Only arguments known to fold the batch (Bloom's ``alibi``) split in runs: a table of 12 positions beside a
+    batch of 4 is every chunk's whole, and the gradients are the unchunked call's."""
+    from lightning_vdnn.streaming.streamer import LayerStreamer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x, table):
+            return self.proj(x) + table  # (4, 12, 8) + (12, 8)
+
+    torch.manual_seed(0)
+    ref = nn.ModuleDict({"blocks": nn.ModuleList(Block() for _ in range(2))})
+    got = nn.ModuleDict({"blocks": nn.ModuleList(Block() for _ in range(2))})
+    got.load_state_dict(ref.state_dict())
+    x, table = torch.randn(4, 12, 8), torch.randn(12, 8)
+    streamer = LayerStreamer(got, "blocks", torch.device("cpu"), microbatches=2)
+    try:
+        for root in (got, ref):
+            h = x
+            for block in root["blocks"]:
+                h = block(h, table)
+            h.square().mean().backward()
+    finally:
+        streamer.close()
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_sequence_first_blocks_refuse_microbatches():

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from lightning_vdnn.compiled import inner_call, set_inner_call
+from lightning_vdnn.streaming.hf_conventions import folded_batch
 
 
 class _Fields:
@@ -126,7 +127,10 @@ class CallFlat(Flat):
 class ChunkPlan:
     """Which of a call's tensors split into ``microbatches`` chunks along dim 0 (:attr:`split`) and which every
     chunk gets whole: the batch is dim 0 of the call's first positional tensor; a tensor whose dim 0 is that many
-    rows splits; one of dim 0 of one row, a scalar, or one no dimension of which is the batch goes whole.
+    rows splits; one of dim 0 of one row, a scalar, or one no dimension of which is the batch goes whole. A tensor
+    ``transformers`` passes with the batch folded into dim 0 with another dimension, batch outermost
+    (``hf_conventions.folded_batch``: Bloom's ALiBi bias, ``batch * heads`` rows), splits in runs of that many rows
+    per sample (:attr:`fold`).
 
     Raises:
         ValueError: a tensor whose dim 0 is not the batch but another dimension is (a sequence-first layout): its
@@ -139,13 +143,20 @@ class ChunkPlan:
         count = max(1, min(microbatches, rows))
         self.sizes = _sizes(rows, count)
         self.split = [False] * len(tensors)
+        self.fold = [1] * len(tensors)  # rows of dim 0 per sample
         if count == 1:
             return
         names = None
         for j, t in enumerate(tensors):
             if t.dim() and t.shape[0] == rows:
                 self.split[j] = True
-            elif t.dim() and t.shape[0] != 1 and rows in t.shape[1:]:
+                continue
+            if t.dim() and t.shape[0] % rows == 0 and t.shape[0] != 1:
+                names = names or call.names()
+                if folded_batch(names[j]):
+                    self.split[j], self.fold[j] = True, t.shape[0] // rows
+                    continue
+            if t.dim() and t.shape[0] != 1 and rows in t.shape[1:]:
                 names = names or call.names()
                 raise ValueError(
                     f"microbatches={microbatches} splits dim 0 of the arguments of {where} that hold the batch "
@@ -157,8 +168,13 @@ class ChunkPlan:
         """Each chunk's tensors: split ones their rows, the others whole."""
         if len(self.sizes) == 1:
             return [list(tensors)]
-        parts = [t.split(self.sizes) if s else [t] * len(self.sizes) for t, s in zip(tensors, self.split)]
+        parts = [t.split(self._rows(j)) if s else [t] * len(self.sizes)
+                 for j, (t, s) in enumerate(zip(tensors, self.split))]
         return [[part[k] for part in parts] for k in range(len(self.sizes))]
+
+    def _rows(self, j: int) -> list[int]:
+        """Tensor ``j``'s dim-0 rows in each chunk."""
+        return [size * self.fold[j] for size in self.sizes]
 
     def join_grads(self, grads: list[list[Optional[Tensor]]]) -> list[Optional[Tensor]]:
         """Per input tensor, the gradient of the whole call from each chunk's: split ones' rows written in
@@ -167,7 +183,7 @@ class ChunkPlan:
         for j, split in enumerate(self.split):
             pieces = [g[j] for g in grads]
             if split:
-                rows = Rows(self.sizes)
+                rows = Rows(self._rows(j))
                 for k, piece in enumerate(pieces):
                     rows.put(k, piece)
                 out.append(rows.out)

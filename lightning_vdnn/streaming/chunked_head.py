@@ -15,9 +15,11 @@ otherwise the count of labels that are not ``ignore_index``, as ``ForCausalLMLos
 What it needs, and what the caller gets:
 
 - The model's loss is ``transformers``' causal LM loss (``ForCausalLMLoss``: the ``...ForCausalLM`` and
-  ``...LMHeadModel`` classes), its head a module (``get_output_embeddings()``) whose output goes to the loss as it is.
-  A model that changes the logits in between raises ``RuntimeError`` naming the fix (Gemma 2's final soft-capping
-  is recognised from its config and left whole); a custom ``model.loss_function`` is left alone (head whole).
+  ``...LMHeadModel`` classes), its head a module (``get_output_embeddings()``). What the model does to the head's
+  output before the loss (Granite's and Cohere's scaling, Gemma's soft-capping, OPT's ``contiguous``, a cast) is
+  recorded by the stand-in the head returns and done to each chunk's logits (``streaming/lazy_logits.py``); an op
+  that does not act on each token alone raises ``RuntimeError`` naming it and the fix. A custom
+  ``model.loss_function`` is left alone (head whole).
 - The output's ``logits`` is ``None`` in such a call: not materialised, that being the point. A call without
   labels (compute the loss yourself) or without autograd (validation, generation) runs the head whole and returns
   the logits, as before.
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_vdnn.streaming.lazy_logits import LazyLogits
 
 #: ``transformers``' causal LM loss, by name (the library is not imported here).
 CAUSAL_LOSS = "ForCausalLMLoss"
@@ -56,8 +60,6 @@ def _chunkable(lm: nn.Module, head: Any, container: nn.Module) -> bool:
         return False  # masked LMs, seq2seq, classifiers: other losses, or their own arithmetic
     if "_loss_function" in lm.__dict__ or getattr(getattr(lm, "loss_function", None), "__name__", "") != CAUSAL_LOSS:
         return False  # the user's own loss: what it computes is not known here
-    if getattr(getattr(lm, "config", None), "final_logit_softcapping", None) is not None:
-        return False  # the logits change between head and loss (Gemma 2)
     if not isinstance(getattr(head, "weight", None), Tensor) or any(m is head for m in container.modules()):
         return False
     try:
@@ -74,7 +76,7 @@ class _Call:
 
     def __init__(self, chunked: bool) -> None:
         self.chunked = chunked
-        self.proxy: Optional[Tensor] = None
+        self.proxy: Optional[LazyLogits] = None
         self.hidden: Optional[Tensor] = None
 
 
@@ -128,8 +130,8 @@ class ChunkedHead:
         if call.hidden is not None:  # made its logits, never passed them to its loss
             raise RuntimeError(self._changed())
         if isinstance(out, tuple):
-            return tuple(None if o is call.proxy else o for o in out)
-        if getattr(out, "logits", None) is call.proxy:
+            return tuple(None if _stand_in_of(o, call) else o for o in out)
+        if _stand_in_of(getattr(out, "logits", None), call):
             out["logits"] = None  # ModelOutput: the key and the attribute
         return None
 
@@ -137,10 +139,9 @@ class ChunkedHead:
         call = self._calls[-1] if self._calls else None
         if call is None or not call.chunked or call.proxy is not None or args or kwargs:
             return self._plain(hidden, *args, **kwargs)
-        vocab = self.head.weight.shape[0]
         call.hidden = hidden
-        # what the library code holds as logits: no memory (a broadcast zero), never read (see _chunked_loss)
-        call.proxy = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)
+        # what the library code holds as logits: no memory, never read; it records what the model does to them
+        call.proxy = LazyLogits.start(hidden, self.head.weight.shape[0], call, type(self.lm).__name__)
         return call.proxy
 
     def _chunked_loss(self, logits: Tensor, labels: Optional[Tensor], vocab_size: int,
@@ -150,7 +151,7 @@ class ChunkedHead:
         if call is None or call.hidden is None:
             return self._loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
                               ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-        if logits is not call.proxy:
+        if not _stand_in_of(logits, call):
             raise RuntimeError(self._changed())
         hidden, call.hidden = call.hidden, None
         if shift_labels is None:  # what ForCausalLMLoss does: token t predicts label t+1, the last predicts nothing
@@ -164,23 +165,31 @@ class ChunkedHead:
         count = num_items_in_batch if num_items_in_batch is not None else (targets != ignore_index).sum()
         flat = hidden.reshape(targets.numel(), hidden.shape[-1])
         part = functools.partial(self._summed, vocab_size=vocab_size, count=count, ignore_index=ignore_index,
-                                 kwargs=kwargs)
+                                 kwargs=kwargs, logits=logits)
         total = None
         for h, t in zip(flat.tensor_split(self.chunks), targets.tensor_split(self.chunks)):
             piece = checkpoint(part, h, t, use_reentrant=False, preserve_rng_state=False)
             total = piece if total is None else total + piece
         return total
 
-    def _summed(self, h: Tensor, t: Tensor, vocab_size: int, count: Any, ignore_index: int, kwargs: dict) -> Tensor:
-        """One chunk's loss as a share of the batch's: its summed cross-entropy over the batch's token count."""
-        return self._loss(self.head(h)[None], t[None], vocab_size, num_items_in_batch=count,
-                          ignore_index=ignore_index, shift_labels=t[None], **kwargs)
+    def _summed(self, h: Tensor, t: Tensor, vocab_size: int, count: Any, ignore_index: int, kwargs: dict,
+                logits: LazyLogits) -> Tensor:
+        """One chunk's loss as a share of the batch's: its summed cross-entropy over the batch's token count, from
+        its logits with what the model did to the batch's done to them."""
+        chunk = self.head(h).reshape(*(1,) * (logits.dim() - 2), *h.shape[:-1], -1)  # the batch's logits' rank
+        return self._loss(logits.replay(chunk).reshape(1, t.numel(), -1), t[None], vocab_size,
+                          num_items_in_batch=count, ignore_index=ignore_index, shift_labels=t[None], **kwargs)
 
     def _changed(self) -> str:
-        return (f"{type(self.lm).__name__} changed its head's logits before its loss (final logit soft-capping?), "
-                "or made them without computing its loss: with microbatches the head and loss of a call with labels "
-                "run together, a chunk of tokens at a time, and cannot follow that. Call the model without labels "
-                "and compute the loss from .logits yourself (the head then runs whole), or use microbatches=1.")
+        return (f"{type(self.lm).__name__} passed its loss other logits than its head's, or made them without "
+                "computing its loss: with microbatches the head and loss of a call with labels run together, a "
+                "chunk of tokens at a time, and cannot follow that. Call the model without labels and compute the "
+                "loss from .logits yourself (the head then runs whole), or use microbatches=1.")
+
+
+def _stand_in_of(value: Any, call: _Call) -> bool:
+    """Whether ``value`` is ``call``'s head's stand-in, or one the model derived from it."""
+    return isinstance(value, LazyLogits) and value.origin is call
 
 
 def _labels_position(lm: nn.Module) -> Optional[int]:

@@ -9,6 +9,11 @@
   layer, which then runs its forward under ``torch.utils.checkpoint``. A streamed block recomputes already:
   checkpointing it again would run its forward a third time, so streaming turns the flag off on the blocks it
   streams (one warning) and puts it back when it stops. Resident blocks keep it.
+- **A batch folded into dim 0.** Bloom passes its blocks the ALiBi bias as ``alibi`` of shape
+  ``(batch * heads, 1, keys)``, the batch outermost (``build_alibi_tensor``'s ``reshape(batch_size * num_heads,
+  ...)``, or ``repeat(batch_size, 1, 1)`` without padding): under microbatches it splits in runs of ``heads`` rows
+  per sample (:func:`folded_batch`). Only arguments known by name are split so: a tensor whose dim 0 merely is a
+  multiple of the batch (a table of positions) goes whole to every chunk, as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from torch import nn
 
 #: Keyword arguments through which ``transformers`` layers receive a cache object, by version and model.
 CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+#: Block arguments that hold the batch folded into dim 0 with another dimension, the batch outermost.
+FOLDED_BATCH_KEYWORDS = ("alibi",)
+
+
+def folded_batch(name: str) -> bool:
+    """Whether the block argument ``name`` (as ``CallFlat.names`` gives it) holds the batch folded into dim 0, the
+    batch outermost: a keyword of :data:`FOLDED_BATCH_KEYWORDS`."""
+    return name in FOLDED_BATCH_KEYWORDS
 
 
 def is_cache(value: Any) -> bool:
