@@ -75,16 +75,32 @@ class Bf16GradBlock(HostBlock):
     """A :class:`HostBlock` whose gradients are one flat bf16 host buffer, not fp32 ``p.grad`` (module docstring)."""
 
     def _init_grads(self, pin: bool) -> None:
-        self.grad_flat = self._alloc(self.numel, GRAD_DTYPE)
-        self.grad_views = self.split(self.grad_flat)
+        self._layout_grads()
+        self.grad_flat = self._grad_buffer(GRAD_DTYPE)
+        self.grad_views = self.grad_split(self.grad_flat)
         self.has_grad = [False] * len(self.params)
         self.zeroed = [False] * len(self.params)  # zero_grad(set_to_none=False): zeros the next gradient replaces
         with torch.no_grad():
             for k, p in enumerate(self.params):
-                if p.grad is not None:  # a gradient from before streaming: kept, rounded to bf16
+                if p.grad is not None and self.grad_views[k] is not None:  # from before streaming: kept, in bf16
                     self.grad_views[k].copy_(p.grad)
                     self.has_grad[k] = True
                 p.grad = None
+
+    def check_layout(self) -> None:
+        """As :meth:`HostBlock.check_layout`; the bf16 gradients held move into the new buffer."""
+        if tuple(p.requires_grad for p in self.params) == self.trained:
+            return
+        held = [(k, self.grad_views[k]) for k in range(len(self.params)) if self.has_grad[k]]
+        self._layout_grads()
+        self.grad_flat = self._grad_buffer(GRAD_DTYPE)
+        self.grad_views = self.grad_split(self.grad_flat)
+        with torch.no_grad():
+            for k, old in held:
+                if self.grad_views[k] is None:  # frozen now: its gradient is dropped, as for a frozen parameter
+                    self.has_grad[k] = self.zeroed[k] = False
+                else:
+                    self.grad_views[k].copy_(old)
 
     def grad_of(self, k: int) -> Optional[Tensor]:
         return self.grad_views[k] if self.has_grad[k] else None
@@ -101,10 +117,10 @@ class Bf16GradBlock(HostBlock):
         return not self.has_grad[k] or self.zeroed[k]
 
     def can_adopt(self) -> bool:
-        return all(p.requires_grad for p in self.params) and all(self._empty(k) for k in range(len(self.params)))
+        return all(self._empty(k) for k, trained in enumerate(self.trained) if trained)
 
     def adopt(self) -> None:
-        self.has_grad = [True] * len(self.params)
+        self.has_grad = [v is not None for v in self.grad_views]
         self.zeroed = [False] * len(self.params)
 
     def check_accumulation(self, again: bool) -> None:
@@ -120,8 +136,8 @@ class Bf16GradBlock(HostBlock):
     def accumulate(self, grads: Tensor) -> None:
         """Set each trained parameter's gradient from the flat bf16 ``grads`` (:meth:`check_accumulation` refused
         adding to one already there)."""
-        for k, (p, new) in enumerate(zip(self.params, self.split(grads))):
-            if p.requires_grad:
+        for k, new in enumerate(self.grad_split(grads)):
+            if new is not None:
                 self.grad_views[k].copy_(new)
                 self.has_grad[k], self.zeroed[k] = True, False
 

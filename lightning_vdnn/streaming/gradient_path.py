@@ -47,15 +47,19 @@ class GradientPath:
         self.wait_grads()
 
     def _grad_buffer(self, block: HostBlock) -> Tensor:
-        """The device buffer the block's weight grads are packed into, once the previous block's copy has left it."""
+        """The device buffer the block's weight grads are packed into, once the previous block's copy has left it
+        (its trained parameters' grads: which train is read again here, ``HostBlock.check_layout``)."""
+        block.check_layout()
         if self.engine.is_cuda and self._grad_dev_free is not None:
             self.engine.current_stream().wait_event(self._grad_dev_free)
-        return self.grad_dev[: block.numel]
+        return self.grad_dev[: block.pack_numel]
 
     def _push_grads(self, block: HostBlock, dev: Tensor, final: bool) -> None:
         """Copy the block's packed weight grads (``dev``) to the host: straight into ``grad_flat`` when the
         block has no gradient yet, else into a staging buffer a worker adds from. When they are the step's
         final gradients, the block's host update is queued right behind them."""
+        if not dev.numel():  # every parameter of the block frozen: no gradient to copy, no update to queue
+            return
         eng = self.engine
         dev = self._reduce(block, dev)
         if self.grad_low is not None and block.grad_flat.dtype == self.grad_low.dtype:
@@ -72,6 +76,8 @@ class GradientPath:
             turn = self._grad_turn = 1 - self._grad_turn
             if self._host_busy[turn] is not None:
                 self._host_busy[turn].result()  # the worker is done adding from this staging buffer
+            if self.grad_host[turn].numel() < dev.numel():  # parameters unfrozen since the buffers were made
+                self.grad_host[turn] = self._arena.empty(dev.numel(), self.grad_dtype)
             host = self.grad_host[turn][: dev.numel()]
         with eng.stream(eng.d2h):
             if eng.is_cuda:

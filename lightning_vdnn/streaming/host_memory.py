@@ -55,15 +55,18 @@ def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = A
     ranks (``streaming/sharded.py``), each rank holds all the weights but 1/``shards`` of the rest. ``copy_ratio``:
     bytes of the compute-dtype copy per weight byte (0.5 for bf16 slots over fp32 weights, 0 without one);
     ``grad_ratio``: bytes of a host gradient (and its staging) per weight byte (0.5 for bf16 gradients of fp32
-    weights, ``streaming/bf16_grads.py``)."""
-    weights = resident = largest = 0
+    weights, ``streaming/bf16_grads.py``). A frozen parameter (``requires_grad=False``) has no gradient and no
+    optimizer state on one rank (``HostBlock``); partitioned, its gradient range is kept (and zero)."""
+    weights = trained = resident = largest = 0
     for block in blocks:
         nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        learns = sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
         weights += nbytes
-        largest = max(largest, nbytes)
+        trained += learns
+        largest = max(largest, nbytes if shards > 1 else learns)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
-    part = -(-weights // shards)
-    return HostNeed(weights=weights, grads=int(grad_ratio * part), optimizer=int(optimizer_states * part),
+    graded = -(-(weights if shards > 1 else trained) // shards)
+    return HostNeed(weights=weights, grads=int(grad_ratio * graded), optimizer=int(optimizer_states * -(-trained // shards)),
                     staging=int(grad_ratio * 2 * -(-largest // shards)), resident=resident,
                     copies=int(copy_ratio * weights))
 

@@ -41,6 +41,11 @@ def give_back_pinned() -> None:
 class HostBlock:
     """One block's parameters as views of one flat host buffer, and their gradients likewise.
 
+    The gradient buffers (the device one backward packs into, the host one it is copied to) hold the trained
+    parameters only (``requires_grad``), packed in order: a frozen one (LoRA's base weights) costs no host memory
+    for a gradient and no bytes over PCIe. Which parameters train is read again at each of the block's backwards
+    (:meth:`check_layout`), so freezing or unfreezing during training is followed.
+
     ``alloc(numel, dtype)`` makes the host buffers (default :func:`host_empty`; a streamer passes its
     :class:`PinnedArena`'s)."""
 
@@ -72,7 +77,7 @@ class HostBlock:
         self.numel = self.offsets[-1]
         # what the device slots hold (``padded``), and what one load reads from / one gradient copy writes to
         # the host: the whole block here; a rank's range of it when partitioned (``streaming/sharded.py``)
-        self.padded = self.load_numel = self.grad_numel = self.numel
+        self.padded = self.load_numel = self.numel
         self.flat = self._alloc(self.numel, self.dtype)
         self.views = self.split(self.flat)
         with torch.no_grad():
@@ -82,9 +87,10 @@ class HostBlock:
         self._init_grads(pin)
 
     def _init_grads(self, pin: bool) -> None:
-        """The host gradient buffer: the whole block's, ``p.grad`` views of it once gradients land."""
-        self.grad_flat = self._alloc(self.numel, self.dtype)
-        self.grad_views = self.split(self.grad_flat)
+        """The host gradient buffer: the trained parameters', ``p.grad`` views of it once gradients land."""
+        self._layout_grads()
+        self.grad_flat = self._grad_buffer(self.dtype)
+        self.grad_views = self.grad_split(self.grad_flat)
         for p in self.params:
             if p.grad is not None:
                 p.grad = p.grad.to("cpu")
@@ -92,6 +98,37 @@ class HostBlock:
     def split(self, flat: Tensor) -> list[Tensor]:
         """Views of ``flat`` shaped like this block's parameters."""
         return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def _layout_grads(self, every: bool = False) -> None:
+        """Where each parameter's gradient sits in the packed gradient buffers: the trained ones in order (every one
+        with ``every``, a layout that does not depend on which train); :attr:`pack_numel` elements in all, which
+        is also the host buffer's :attr:`grad_numel` here (a rank's range of it when partitioned)."""
+        self.trained = tuple(p.requires_grad for p in self.params)
+        self.grad_spans: list[Optional[tuple[int, int]]] = []
+        at = 0
+        for p, trained in zip(self.params, self.trained):
+            self.grad_spans.append((at, at + p.numel()) if trained or every else None)
+            at += p.numel() if trained or every else 0
+        self.pack_numel = self.grad_numel = at
+
+    def _grad_buffer(self, dtype: torch.dtype) -> Tensor:
+        """A host gradient buffer for the current layout (none of the arena's memory for a frozen block)."""
+        return self._alloc(self.grad_numel, dtype) if self.grad_numel else torch.empty(0, dtype=dtype)
+
+    def grad_split(self, flat: Tensor) -> list[Optional[Tensor]]:
+        """Views of the packed gradients ``flat`` shaped like the parameters; None for a frozen one."""
+        return [None if span is None else flat[span[0]:span[1]].view(shape)
+                for span, shape in zip(self.grad_spans, self.shapes)]
+
+    def check_layout(self) -> None:
+        """Before the block's backward packs its gradients: if which parameters train changed, lay the gradient
+        buffers out again (a new host buffer; gradients already held move to storage of their own)."""
+        if tuple(p.requires_grad for p in self.params) == self.trained:
+            return
+        self._release_grads()
+        self._layout_grads()
+        self.grad_flat = self._grad_buffer(self.grad_flat.dtype)
+        self.grad_views = self.grad_split(self.grad_flat)
 
     @contextlib.contextmanager
     def substituted(self, tensors: list[Tensor]) -> Iterator[None]:
@@ -107,9 +144,12 @@ class HostBlock:
                 m._parameters[name] = p
 
     def pack_grads(self, dev: Tensor, grads: list[Optional[Tensor]], first: bool) -> None:
-        """Write (first microbatch) or add (later ones) weight grads into the flat device buffer ``dev``."""
+        """Write (first microbatch) or add (later ones) weight grads into the packed device buffer ``dev``
+        (:attr:`grad_numel` elements; a frozen parameter has no place there, and no gradient)."""
         with torch.no_grad():
-            for view, g in zip(self.split(dev), grads):
+            for view, g in zip(self.grad_split(dev), grads):
+                if view is None:
+                    continue
                 if first:
                     view.zero_() if g is None else view.copy_(g)
                 elif g is not None:
@@ -159,38 +199,35 @@ class HostBlock:
         """``optimizer.zero_grad()`` ran over parameters ``keys``: ``p.grad`` is the record, nothing to do."""
 
     def can_adopt(self) -> bool:
-        """Whether the next gradients may be copied straight into ``grad_flat`` (none yet, all trained)."""
-        return all(p.requires_grad for p in self.params) and all(p.grad is None for p in self.params)
+        """Whether the next gradients may be copied straight into ``grad_flat`` (no trained parameter has one)."""
+        return all(p.grad is None for p, trained in zip(self.params, self.trained) if trained)
 
     def adopt(self) -> None:
-        """The gradients were copied straight into ``grad_flat``: point ``p.grad`` at them."""
+        """The gradients were copied straight into ``grad_flat``: point the trained ``p.grad`` at them."""
         for p, v in zip(self.params, self.grad_views):
-            p.grad = v
+            if v is not None:
+                p.grad = v
 
     def check_accumulation(self, again: bool) -> None:
         """Hook (``streaming/bf16_grads.py``): raise if gradients may not be added to this block's (``again``: a
         second call of the block in this backward)."""
 
     def accumulate(self, grads: Tensor) -> None:
-        """Add the flat ``grads`` into ``p.grad`` as autograd would: set when None, else add."""
-        current = [p.grad for p in self.params]
-        trained = [p.requires_grad for p in self.params]
-        if all(g is None for g, t in zip(current, trained) if t) and all(trained):
+        """Add the packed ``grads`` into the trained ``p.grad`` as autograd would: set when None, else add."""
+        held = [(p, v) for p, v in zip(self.params, self.grad_views) if v is not None]
+        if all(p.grad is None for p, _ in held):
             self.grad_flat.copy_(grads)
-            for p, v in zip(self.params, self.grad_views):
-                p.grad = v
+            self.adopt()
             return
-        if all(g is v for g, v in zip(current, self.grad_views)):
+        if all(p.grad is v for p, v in held):
             self.grad_flat.add_(grads)
             return
-        for p, g, v, new in zip(self.params, current, self.grad_views, self.split(grads)):
-            if not p.requires_grad:
-                continue
-            if g is None:
+        for (p, v), new in zip(held, (g for g in self.grad_split(grads) if g is not None)):
+            if p.grad is None:
                 v.copy_(new)
                 p.grad = v
             else:
-                g.add_(new)
+                p.grad.add_(new)
 
     # -- the end of streaming (``streaming/host_release.py``): part by part, as their pinned chunks are freed ----------
     def buffers(self) -> dict[str, Optional[Tensor]]:
@@ -222,7 +259,7 @@ class HostBlock:
 
     def _release_grads(self) -> None:
         for p in self.params:
-            if p.grad is not None and _within(p.grad, self.grad_flat):
+            if p.grad is not None and self.grad_flat.numel() and _within(p.grad, self.grad_flat):
                 p.grad = p.grad.clone()
 
     def release(self) -> None:

@@ -52,6 +52,7 @@ class ShardedHostBlock(HostBlock):
 
     def _init_grads(self, pin: bool) -> None:
         part = self.part = Partition(self.params, self.offsets, self.rank, self.world)
+        self._layout_grads(every=True)  # reduce-scattered by the weights' ranges: every parameter has its place
         self.padded, self.load_numel, self.grad_numel = part.padded, part.size, part.size
         self.grad_flat = host_empty(part.size, self.dtype, pin)
         self.has_grad = [False] * len(self.params)
@@ -63,6 +64,9 @@ class ShardedHostBlock(HostBlock):
                     self.grad_flat[part.local(k)].copy_(p.grad.detach().reshape(-1)[part.within(k)])
                     self.has_grad[k] = True
                 p.grad = None
+
+    def check_layout(self) -> None:
+        """The layout holds every parameter (frozen ones' places zero): nothing to follow."""
 
     @property
     def own(self) -> Tensor:
@@ -94,7 +98,7 @@ class ShardedHostBlock(HostBlock):
                 self.grad_flat[self.part.local(k)].zero_()
 
     def can_adopt(self) -> bool:
-        return all(p.requires_grad for p in self.params) and not any(self.has_grad)
+        return all(p.requires_grad for p in self.params) and not any(self.has_grad)  # frozen places hold zeros
 
     def adopt(self) -> None:
         for k in self.part.pieces:

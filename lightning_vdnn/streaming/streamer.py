@@ -164,7 +164,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         # bf16 host gradients: the fp32 sum is rounded into this on the device, then copied (half the PCIe bytes)
         self.grad_low = (None if self.grad_dtype == self.host_dtype else
                          torch.empty(size, dtype=self.grad_dtype, device=self.device))
-        self.grad_host = [self._arena.empty(max(b.grad_numel for b in self.blocks), self.grad_dtype) for _ in range(2)]
+        staging = max(1, max(b.grad_numel for b in self.blocks))  # the trained parameters' (grows if more train)
+        self.grad_host = [self._arena.empty(staging, self.grad_dtype) for _ in range(2)]
         self._grad_turn, self._grad_dev_free = 0, None
         self._host_busy: list[Optional[Future]] = [None, None]
         self._pending: list[Future] = []
@@ -252,8 +253,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
     def _arena_bytes(self, blocks: list[nn.Module]) -> Optional[int]:
         """Hook (``streaming/sharded.py``): the bytes :meth:`_new_block` and the gradient staging ask the arena for."""
         sizes = [sum(p.numel() for p in m.parameters()) for m in blocks]
+        trained = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in blocks]  # frozen: no gradient
         weights, grads = next(blocks[0].parameters()).element_size(), self.grad_dtype.itemsize
-        return sum(n * (weights + grads) for n in sizes) + 2 * max(sizes) * grads
+        return sum(sizes) * weights + (sum(trained) + 2 * max(trained)) * grads
 
     def _new_block(self, index: int, module: nn.Module, pin: bool) -> HostBlock:
         """Hook (``streaming/sharded.py``): the host side of one streamed block."""
