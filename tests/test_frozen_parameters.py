@@ -171,3 +171,29 @@ def test_the_host_memory_check_counts_no_gradient_or_optimizer_state_for_frozen_
     assert (need.weights, need.grads, need.optimizer, need.staging) == (weights, trained, 2 * trained, 2 * largest)
     # partitioned over ranks, each rank keeps its range of every gradient, frozen ones' too (zero)
     assert host_memory.required_host_bytes(blocks, shards=2).grads == weights // 2
+
+
+@pytest.mark.parametrize("strategy", [lambda: "auto", lambda: l2l(), lambda: l2l(host_state_dtype="bf16")],
+                         ids=["plain", "l2l", "l2l lean host state"])
+def test_lora_resumes_bit_for_bit(tmp_path, strategy):
+    """Save after an epoch of two steps, resume into a differently seeded model: the adapters' weights and AdamW
+    state come from the file, and the resumed steps are the straight run's exactly."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def two_steps() -> torch.utils.data.DataLoader:
+        g = torch.Generator().manual_seed(7)
+        return torch.utils.data.DataLoader([torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(2)],
+                                           batch_size=None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight, _ = fit(lambda: Task(lora), two_steps(), strategy(), max_steps=-1, max_epochs=2,
+                          enable_checkpointing=True, callbacks=[ModelCheckpoint(tmp_path, save_top_k=-1)])
+        L.seed_everything(1, verbose=False)
+        resumed = Task(lora)
+        L.Trainer(strategy=strategy(), accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(
+            resumed, two_steps(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert len(straight.losses) == 4 and resumed.losses == straight.losses[2:]
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.equal(p, q), name
