@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from lightning_vdnn.compiled import inner_call, set_inner_call
-from lightning_vdnn.streaming.hf_conventions import folded_batch
+from lightning_vdnn.streaming.hf_conventions import folded_batch, is_cache
 
 
 class _Fields:
@@ -130,7 +130,8 @@ class ChunkPlan:
     rows splits; one of dim 0 of one row, a scalar, or one no dimension of which is the batch goes whole. A tensor
     ``transformers`` passes with the batch folded into dim 0 with another dimension, batch outermost
     (``hf_conventions.folded_batch``: Bloom's ALiBi bias, ``batch * heads`` rows), splits in runs of that many rows
-    per sample (:attr:`fold`).
+    per sample (:attr:`fold`). A call that carries a key/value cache (generation: training calls have theirs taken
+    out) runs as one chunk: the chunks would write their keys into the one cache one after another.
 
     Raises:
         ValueError: a tensor whose dim 0 is not the batch but another dimension is (a sequence-first layout): its
@@ -141,6 +142,8 @@ class ChunkPlan:
         hidden = tensors[call.first] if tensors else None
         rows = hidden.shape[0] if hidden is not None and hidden.dim() else 1
         count = max(1, min(microbatches, rows))
+        if count > 1 and any(is_cache(leaf) for leaf in call.leaves):
+            count = 1
         self.sizes = _sizes(rows, count)
         self.split = [False] * len(tensors)
         self.fold = [1] * len(tensors)  # rows of dim 0 per sample
