@@ -181,6 +181,19 @@ def test_library_model_streams_like_plain_training(name, setting):
     assert_same_training(got, plain(name, dropout))
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_library_model_streams_like_plain_training_under_bf16_autocast(name):
+    """``bf16-mixed``: forward runs each block with autograd on, as plain training does, so kernels that choose by
+    whether a gradient is wanted (attention with a mask: T5, Swin) compute plain training's bits. No dropout:
+    attention with dropout takes the same kernel either way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = lambda: torch.utils.data.DataLoader(batches(MODELS[name][1]), batch_size=None)  # noqa: E731
+        ref, _ = fit(lambda: Task(name), loader(), precision="bf16-mixed")
+        got, _ = fit(lambda: Task(name), loader(), l2l(), precision="bf16-mixed")
+    assert_same_training(got, ref)
+
+
 @pytest.mark.parametrize("name", sorted(set(MODELS) - BATCHNORM))
 def test_library_model_microbatches_like_plain_training(name):
     """Masks, rotary tables, position biases and padding masks reach every chunk; dropout is off, as chunks draw

@@ -33,9 +33,9 @@ class Result:
 
 
 class StreamedBlock(torch.autograd.Function):
-    """One streamed block call: forward without autograd, saving only the call's tensors; backward recomputes
-    it, chunk by chunk from each chunk's recorded state. A block in ``streamer.saving`` keeps its forward's graph
-    instead, and backward runs it."""
+    """One streamed block call: forward keeping nothing of its own (``block_runs._as_with_autograd``), saving only the
+    call's tensors; backward recomputes it, chunk by chunk from each chunk's recorded state. A block in
+    ``streamer.saving`` keeps its forward's graph instead, and backward runs it."""
 
     @staticmethod
     def forward(ctx: Any, streamer: "LayerStreamer", index: int, call: CallFlat, result: Result, anchor: Tensor,
@@ -52,7 +52,10 @@ class StreamedBlock(torch.autograd.Function):
             raise TypeError(f"{streamer._where(index)} returned no tensor; layer streaming needs blocks whose result "
                             "holds at least one tensor.")
         result.flat = flat
-        ctx.mark_non_differentiable(*(o for o in outs if not (o.is_floating_point() or o.is_complex())))
+        # what the block's own forward made no gradient for (a mask, a position bias passed on) stays so, as in
+        # plain training: kernels that choose by it (attention with a mask) then choose alike in the next block
+        ctx.mark_non_differentiable(*(o for o, w in zip(outs, ctx.layout.wanted)
+                                      if not w or not (o.is_floating_point() or o.is_complex())))
         return tuple(outs)
 
     @staticmethod

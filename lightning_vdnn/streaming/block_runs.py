@@ -57,10 +57,19 @@ class BlockRuns:
         block = self.blocks[index]
         plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
         joined = Joined(plan, self._where(index))
-        with block.substituted(block.split(slot.buf)):
+        weights = block.split(slot.buf)
+        if states is not None:  # as plain training runs it: see _as_with_autograd
+            weights = [w.detach().requires_grad_(p.requires_grad) for w, p in zip(weights, block.params)]
+        with block.substituted(weights), _as_with_autograd(states is not None):
             for k, chunk in enumerate(plan.chunks(tensors)):
                 state = ChunkState(self.device, self._buffers[index]) if states is not None else None
-                joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
+                if state is not None:
+                    chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
+                outs = call.call(self._forwards[index].run, chunk)
+                if state is not None:
+                    outs, wanted = _detached(outs)
+                    joined.wanted = joined.wanted or wanted
+                joined.put(k, outs, _shape(chunk, call))
                 if state is not None:
                     state.ran()
                     states.append(state)
@@ -93,6 +102,7 @@ class BlockRuns:
                 for k, chunk in enumerate(plan.chunks(cut)):
                     joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
             flat, outs = joined.result()
+            joined.wanted = [o.requires_grad for o in outs]
             graph = Graph(Exit.apply(exit_port, *outs), anchor, leaves, entry_port, exit_port, entered, len(tensors))
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot)
@@ -173,6 +183,35 @@ class BlockRuns:
         it = iter(got)
         gins = [next(it) if x.requires_grad else None for x in ins]
         return gins, [next(it) if w.requires_grad else None for w in leaves]
+
+
+@contextlib.contextmanager
+def _as_with_autograd(training: bool):
+    """A training call's forward with autograd on, its saves dropped as they are made (backward recomputes them):
+    kernels that choose by whether a gradient is wanted (scaled-dot-product attention with a mask, on the CPU and
+    on CUDA) then choose as in plain training and in the recompute, so forward computes plain training's bits."""
+    if not training:
+        yield
+        return
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+        yield
+
+
+def _drop(t: Tensor) -> None:
+    return None
+
+
+def _dropped(_: None) -> Tensor:
+    raise RuntimeError("layer streaming: a streamed block's forward graph was used for backward; backward "
+                       "recomputes the block instead (a bug: please report it).")
+
+
+def _detached(out: Any) -> tuple[Any, list[bool]]:
+    """``out`` with its tensors cut from the forward's graph, and which of them it made differentiable (a mask or
+    position bias a block passes on is not: the streamed block's outputs say so, ``StreamedBlock``)."""
+    flat = Flat(out)
+    tensors = flat.take()
+    return flat.rebuild([t.detach() for t in tensors]), [t.requires_grad for t in tensors]
 
 
 def _shape(chunk: Sequence[Tensor], call: CallFlat) -> tuple[int, ...]:

@@ -240,6 +240,7 @@ class Joined:
 
     def __init__(self, plan: ChunkPlan, where: str) -> None:
         self.plan, self.sizes, self.where = plan, plan.sizes, where
+        self.wanted: list[bool] = []  # per result tensor, whether the block's forward made it differentiable
         self.flat: Optional[Flat] = None
         self.rows: list[Optional[Rows]] = []
         self.kept: list[Optional[Tensor]] = []
