@@ -197,3 +197,34 @@ def test_lora_resumes_bit_for_bit(tmp_path, strategy):
     assert len(straight.losses) == 4 and resumed.losses == straight.losses[2:]
     for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_lora_in_bf16_true_streams_like_plain_and_holds_bf16_weights_on_the_host():
+    """The usual LoRA recipe (``precision="bf16-true"``): the host keeps the base weights in bf16 (2 bytes each, no
+    fp32 master, no copy), gradients and AdamW state for the adapters only; the run is plain bf16-true's."""
+    seen = {}
+
+    class Look(L.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            blocks = trainer.strategy._streamer.blocks
+            seen["weights"] = {b.flat.dtype for b in blocks}
+            seen["copies"] = [b.copy for b in blocks]
+            seen["report"] = trainer.strategy.memory_report()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _ = fit(lambda: Task(lora), loader(), max_steps=STEPS, precision="bf16-true")
+        got, _ = fit(lambda: Task(lora), loader(), l2l(), max_steps=STEPS, precision="bf16-true", callbacks=[Look()])
+    assert got.losses == ref.losses
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+    assert seen["weights"] == {torch.bfloat16} and seen["copies"] == [None] * len(seen["copies"])
+    report = seen["report"]
+    assert report.streamed_d2h_bytes == 2 * sum(trained_numel(got))  # bf16 gradients of the adapters
+
+
+def test_the_one_pass_update_over_half_precision_weights_is_refused_with_the_fix():
+    for kw in ({"host_state_dtype": "bf16"}, {"host_optimizer": "native"}):
+        with pytest.raises(ValueError, match=r"updates fp32 master weights, and the blocks' weights are bf16.*"
+                                             r"host_optimizer='auto' and host_state_dtype='fp32'"):
+            fit(lambda: Task(lora), loader(), l2l(**kw), max_steps=1, precision="bf16-true")

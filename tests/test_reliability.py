@@ -215,9 +215,8 @@ def test_layer_streaming_refuses_64_true_before_training():
     with pytest.raises(ValueError) as err:
         fit(lambda: module, loader(), "l2l", max_steps=1, precision="64-true")
     assert str(err.value) == (
-        "layer streaming does not support precision='64-true'; it keeps fp32 master weights in host memory and "
-        "supports ['32-true', '16-mixed', 'bf16-mixed']. Set Trainer(precision=...) to one of them, or drop "
-        "layer_streaming.")
+        "layer streaming does not support precision='64-true'; it supports ['32-true', '16-mixed', 'bf16-mixed', "
+        "'bf16-true', '16-true']. Set Trainer(precision=...) to one of them, or drop layer_streaming.")
     assert module.losses == []
 
 

@@ -85,13 +85,22 @@ class _BlockOptimizer:
             self.optimizer = cls(groups, **extra)
 
 
-def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype) -> Optional[AdamPass]:
+def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: torch.dtype,
+                 weights: torch.dtype = torch.float32) -> Optional[AdamPass]:
     """The one-pass update for the blocks' share of ``optimizer``, or None for a same-class optimizer: the one
     pass where a backend or bf16 moments are asked for. ``"auto"`` with fp32 moments on a GPU run (``fused``)
     takes the native pass where it builds: bit for bit torch's fused kernel, and faster in the step, as it writes
     the bf16 copy in the same pass (``benchmarks/README.md``); on a CPU device, the same-class optimizer (the
     per-tensor loop of plain training, and no compiler run on a machine without a GPU)."""
     wants = backend != "auto" or state_dtype != torch.float32
+    if weights != torch.float32:  # bf16-true, 16-true: the user's optimizer steps the half weights, as in plain training
+        if wants:
+            raise ValueError(
+                f"host_optimizer={backend!r} with host_state_dtype={_name(state_dtype)!r} updates fp32 master weights, "
+                f"and the blocks' weights are {_name(weights)} (precision 'bf16-true' or '16-true'): your optimizer "
+                "steps them as it does without streaming, its state in their dtype. Use host_optimizer='auto' and "
+                "host_state_dtype='fp32' (the defaults), or a mixed precision ('bf16-mixed') for fp32 masters.")
+        return None
     if not fits(optimizer):
         if wants:
             raise ValueError(
@@ -110,7 +119,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
 
 
 def _name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _hyper(group: dict) -> dict:
@@ -191,7 +200,8 @@ class HostStepper:
     def __init__(self, optimizer: Optimizer, blocks: list[HostBlock], eager: bool = True,
                  fused: bool = True, backend: str = "auto", state_dtype: torch.dtype = torch.float32) -> None:
         self.optimizer, self.blocks, self.eager = optimizer, blocks, eager
-        self.update_pass = _update_pass(optimizer, fused, backend, state_dtype)
+        weights = blocks[0].dtype if blocks else torch.float32
+        self.update_pass = _update_pass(optimizer, fused, backend, state_dtype, weights)
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         one_pass = self.update_pass is not None
         self._subs = [_BlockOptimizer(optimizer, b, owned, fused, one_pass) for b in blocks]

@@ -160,9 +160,11 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         same = self.dtype == self.host_dtype  # else host fp32 lands in ``stage`` and is cast on the device
         loaded = max(b.load_numel for b in self.blocks)
         self.stage = None if same else torch.empty(loaded, dtype=self.host_dtype, device=self.device)
-        self.grad_dev = torch.empty(size, dtype=self.host_dtype, device=self.device)  # fp32: microbatches sum here
+        # microbatches sum here: in fp32, also over half-precision weights (bf16-true), rounded once below
+        summed = torch.float32 if self.microbatches > 1 and self.host_dtype.itemsize < 4 else self.host_dtype
+        self.grad_dev = torch.empty(size, dtype=summed, device=self.device)
         # bf16 host gradients: the fp32 sum is rounded into this on the device, then copied (half the PCIe bytes)
-        self.grad_low = (None if self.grad_dtype == self.host_dtype else
+        self.grad_low = (None if self.grad_dtype == summed else
                          torch.empty(size, dtype=self.grad_dtype, device=self.device))
         staging = max(1, max(b.grad_numel for b in self.blocks))  # the trained parameters' (grows if more train)
         self.grad_host = [self._arena.empty(staging, self.grad_dtype) for _ in range(2)]
@@ -228,7 +230,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         before pinning; return whether the host update may write the compute-dtype copies the loads read: not
         where only they do not fit (loads then copy the fp32 weights and cast them on the device)."""
         ratio = self._copy_ratio(precision, blocks)
-        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=self.grad_dtype.itemsize / 4,
+        weight_bytes = next(blocks[0].parameters()).element_size()
+        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=self.grad_dtype.itemsize / weight_bytes,
                       optimizer_states=state_parameters(self.host_state_dtype))
         try:
             check_host_memory(blocks, where, copy_ratio=ratio, **kwargs)
