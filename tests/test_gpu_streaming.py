@@ -178,3 +178,41 @@ def test_library_models_stream_on_cuda_like_plain(name, microbatches, policy):
     ref = train("auto")
     got = train(VDNNStrategy(policy, layer_streaming=True, microbatches=microbatches, min_offload_bytes=0))
     lib.assert_same_training(got, ref, tol=1e-4)
+
+
+@pytest.mark.parametrize("name, precision, microbatches", [
+    ("t5", "bf16-mixed", 1), ("swin", "bf16-mixed", 1), ("llama", "bf16-true", 1), ("llama", "bf16-true", 2),
+    ("bloom", "bf16-mixed", 2), ("gemma2", "bf16-mixed", 2),
+])
+def test_library_models_stream_on_cuda_in_half_precision_like_plain(name, precision, microbatches):
+    """Under autocast (forward runs each block with autograd, as plain: attention with a mask takes plain's
+    kernel) and in bf16-true (the host holds the bf16 weights; no copy), within bf16's tolerance of plain."""
+    pytest.importorskip("transformers")
+    import test_streaming_models as lib
+
+    def train(strategy):
+        loader = torch.utils.data.DataLoader(lib.batches(lib.MODELS[name][1], 4), batch_size=None)
+        task, trainer = fit(lambda: lib.Task(name, 0.0), loader, strategy, max_steps=4, precision=precision, **GPU)
+        return task, trainer
+
+    ref, _ = train("auto")
+    got, trainer = train(VDNNStrategy("none", layer_streaming=True, microbatches=microbatches))
+    lib.assert_same_training(got, ref, tol=2e-2)
+    if precision == "bf16-true":
+        assert {p.dtype for p in got.parameters()} == {torch.bfloat16}
+
+
+def test_lora_in_bf16_true_on_cuda_copies_back_only_the_adapters_gradients():
+    """``peft`` LoRA, bf16-true, on real streams: the adapters' bf16 gradients are all that crosses back."""
+    pytest.importorskip("peft")
+    import test_frozen_parameters as frozen
+
+    def train(strategy):
+        task, trainer = fit(lambda: frozen.Task(frozen.lora), frozen.loader(), strategy, max_steps=frozen.STEPS,
+                            precision="bf16-true", **GPU)
+        return task, trainer
+
+    ref, _ = train("auto")
+    got, trainer = train(VDNNStrategy("none", layer_streaming=True))
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=0)
+    assert trainer.strategy.memory_report().streamed_d2h_bytes == 2 * sum(frozen.trained_numel(got))
