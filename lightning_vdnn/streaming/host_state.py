@@ -145,7 +145,7 @@ class HostBlock:
 
     def pack_grads(self, dev: Tensor, grads: list[Optional[Tensor]], first: bool) -> None:
         """Write (first microbatch) or add (later ones) weight grads into the packed device buffer ``dev``
-        (:attr:`grad_numel` elements; a frozen parameter has no place there, and no gradient)."""
+        (:attr:`pack_numel` elements; a frozen parameter has no place there, and no gradient)."""
         with torch.no_grad():
             for view, g in zip(self.grad_split(dev), grads):
                 if view is None:

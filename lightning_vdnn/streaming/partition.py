@@ -98,7 +98,7 @@ class ShardedHostBlock(HostBlock):
                 self.grad_flat[self.part.local(k)].zero_()
 
     def can_adopt(self) -> bool:
-        return all(p.requires_grad for p in self.params) and not any(self.has_grad)  # frozen places hold zeros
+        return all(p.requires_grad for p in self.params) and not any(self.has_grad)
 
     def adopt(self) -> None:
         for k in self.part.pieces:
