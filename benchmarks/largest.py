@@ -2,6 +2,7 @@
 
     python benchmarks/largest.py --out bench_out/largest                       # GPU: fill the host's RAM
     python benchmarks/largest.py --out bench_out/largest --params 10e9 --host-state bf16
+    python benchmarks/largest.py --out bench_out/largest --lora 16             # LoRA: bf16 weights, frozen
     python benchmarks/largest.py --tiny --out /tmp/largest [--host-state bf16] # CPU, seconds
 
 The model is ``gpt_1b``'s family at ``--width`` (default 4096, 32 heads), with as many blocks as the host memory
@@ -21,6 +22,11 @@ each into its pinned host buffer. Training runs the lean settings: block inputs 
 (``activation_offload="all"``), every block recomputed (``saved_blocks=0``), the embeddings' and head's optimizer
 on the host (``offload_optimizer=True``), the loss in ``--loss-chunks`` pieces. It repeats one batch, so the loss
 must fall; the script exits 1 if it does not.
+
+``--lora RANK`` fine-tunes instead, as LoRA users do: the model is built in bf16 and trained with
+``precision="bf16-true"``, every weight frozen but ``peft``'s adapters on the blocks' linear layers. The host then
+holds 2 bytes a weight (the bf16 weights themselves: no fp32 master, no gradient, no moments, no copy) beside the
+adapters' small state, so the same host holds about 8 times the parameters of ``--host-state fp32``.
 
 Prints and writes (``--out/largest.json``) the plan, the parameter count, the seconds building the model took,
 host RSS (now and peak), the device's peak allocation and tokens/s over the steps after the first, as soon as the
@@ -61,6 +67,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--params", type=float, default=None, help="parameter target (e.g. 10e9); default: fill the host")
     p.add_argument("--host-state", choices=list(HOST_BYTES), default="fp32",
                    help="host state: fp32 (exact), or bf16 Adam moments and bf16 gradients (host_state_dtype='bf16')")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="LoRA fine-tuning: the model in bf16 (precision bf16-true), its weights frozen, peft adapters "
+                        "of this rank on every block's linear layers trained (0: off, full training)")
     p.add_argument("--reserve-gib", type=float, default=6.0,
                    help="host memory of the process itself: CUDA context, libraries, Python")
     p.add_argument("--margin-gib", type=float, default=6.0, help="host memory the plan must leave free")
@@ -72,6 +81,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-4)
     args = p.parse_args(argv)
+    if args.lora < 0 or (args.lora and args.host_state != "fp32"):
+        p.error(f"--lora {args.lora} --host-state {args.host_state}: give a rank of 1 or more, with the default host "
+                "state (in bf16-true the host keeps the frozen bf16 weights, and the adapters' optimizer its own state)")
     if args.tiny:
         args.width, args.heads, args.batch, args.seq = 128, 4, 2, 64
     return args
@@ -106,6 +118,7 @@ class Plan:
     items: dict
     available: int
     source: str
+    lora: bool = False  # the weights themselves bf16 (--lora: bf16-true)
 
     @property
     def total(self) -> int:
@@ -116,14 +129,45 @@ class Plan:
         parts = ", ".join(f"{k} {v / size:.1f}" for k, v in self.items.items())
         return (f"largest: plan {self.blocks} blocks, {self.params / 1e6:,.1f}M parameters; host {unit}: {parts}; "
                 f"total {self.total / size:.1f} of {self.available / size:.1f} available ({self.source}), "
-                f"{(self.available - self.total) / size:.1f} left; bf16 weight copies "
-                f"{'kept' if self.copies else 'none (loads cast the fp32 weights on the device)'}")
+                f"{(self.available - self.total) / size:.1f} left; "
+                + ("bf16 weights, loaded as they are" if self.lora else "bf16 weight copies "
+                   + ("kept" if self.copies else "none (loads cast the fp32 weights on the device)")))
+
+
+def lora_params(config, rank: int) -> int:
+    """Parameters of the LoRA adapters of one block: ``rank * (in + out)`` for each of its linear layers."""
+    from lightning_vdnn.examples.models import GPT
+
+    with torch.device("meta"):
+        one = GPT(dataclasses.replace(config, n_layer=1))
+    return sum(rank * (m.in_features + m.out_features) for m in one.blocks[0].modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def plan_lora(args: argparse.Namespace, n_layer: int, available: int, source: str) -> Plan:
+    """``--lora``: per block parameter 2 bytes of bf16 weights (pinned), nothing else; the adapters' weights,
+    gradients (bf16, packed: no frozen weight has one) and AdamW state; the modules outside the blocks frozen on the
+    device; the block inputs in bf16."""
+    from lightning_vdnn.streaming.host_state import PinnedArena
+
+    cuda = not args.tiny
+    block, outside = block_params(gpt_config(args, 1))
+    adapters = lora_params(gpt_config(args, 1), args.lora)
+    asked = [n for _ in range(n_layer) for n in (2 * (block + adapters), 2 * adapters)] + [2 * adapters] * 2
+    pow2 = (lambda n: 1 << max(n - 1, 0).bit_length()) if cuda else (lambda n: n)  # torch's pinned allocator
+    items = {"weights+grads (pinned)": PinnedArena.footprint(asked, total=sum(asked)) if cuda else sum(asked),
+             "moments": 4 * adapters * n_layer,
+             "block inputs (pinned)": n_layer * pow2(2 * args.batch * args.seq * args.width),
+             "process": int(args.reserve_gib * GiB) if cuda else 0}
+    return Plan(n_layer, n_layer * (block + adapters) + outside, False, items, available, source, lora=True)
 
 
 def plan_host(args: argparse.Namespace, n_layer: int, copies: bool, available: int, source: str) -> Plan:
     """What ``n_layer`` blocks take in host memory (see the module docstring), pinned the way the streamer pins."""
     from lightning_vdnn.streaming.host_state import PinnedArena
 
+    if args.lora:
+        return plan_lora(args, n_layer, available, source)
     cuda = not args.tiny
     block, outside = block_params(gpt_config(args, 1))
     weights, grads, moments = HOST_BYTES[args.host_state]
@@ -148,7 +192,8 @@ def choose_layers(args: argparse.Namespace) -> Plan:
     if args.tiny:
         available, source = 64 * 2**20 + 16 * outside, "--tiny's 64 MiB of block state"
     margin = 0 if args.tiny else int(args.margin_gib * GiB)
-    one_pass = not args.tiny  # only the one-pass update writes copies, on a GPU ("auto" takes it for fp32 moments too)
+    # only the one-pass update writes copies, on a GPU ("auto" takes it for fp32 moments too); bf16-true has none
+    one_pass = not args.tiny and not args.lora
     fits = lambda plan: plan.total + margin <= available  # noqa: E731
     if args.params is not None:
         n = max(math.ceil((args.params - outside) / block), 1)
@@ -235,9 +280,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     LayerStreamer.host_copies = plan.copies  # the plan's choice, not the streamer's own estimate (no margin there)
     torch.manual_seed(0)
     start = time.perf_counter()
-    with parallel_init():  # built on the CPU, block by block
-        task = LanguageModel(gpt_config(args, n_layer), lr=args.lr, warmup_steps=1, max_steps=args.steps,
-                             loss_chunks=args.loss_chunks)
+    found = torch.get_default_dtype()
+    if args.lora:
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16: never an fp32 copy of the model on the host
+    try:
+        with parallel_init():  # built on the CPU, block by block
+            task = LanguageModel(gpt_config(args, n_layer), lr=args.lr, warmup_steps=1, max_steps=args.steps,
+                                 loss_chunks=args.loss_chunks)
+            if args.lora:
+                add_lora(task.model, args.lora)
+    finally:
+        torch.set_default_dtype(found)
     build_s = time.perf_counter() - start
     print(f"largest: model built on the host in {build_s:.1f} s ({build_s / params * 1e9:.2f} s per 1e9 "
           "parameters)", flush=True)
@@ -252,8 +305,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(summary(row, clock.losses), flush=True)
 
     clock = Clock(cuda, on_end=report)
+    precision = "bf16-true" if args.lora else "bf16-mixed" if cuda else "32-true"
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=args.steps,
-                        precision="bf16-mixed" if cuda else "32-true", strategy=VDNNStrategy(**strategy_kwargs(args)),
+                        precision=precision, strategy=VDNNStrategy(**strategy_kwargs(args)),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[clock])
     trainer.fit(task, torch.utils.data.DataLoader([batch] * args.steps, batch_size=None))
@@ -270,11 +324,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def add_lora(model: torch.nn.Module, rank: int) -> None:
+    """``peft``'s LoRA adapters of ``rank`` on every linear layer of the blocks; every other weight frozen."""
+    import peft
+
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.blocks.named_modules()
+                      if isinstance(m, torch.nn.Linear)})
+    peft.inject_adapter_in_model(peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                 lora_dropout=0.0), model.blocks)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
 def result_row(args: argparse.Namespace, plan: Plan, clock: "Clock", build_s: float, cuda: bool) -> dict:
     """What ``largest.json`` records of the run, read at the end of the last step."""
     timed = clock.times[1:] or clock.times
     return {"blocks": plan.blocks, "params": plan.params, "outside_params": sum(outside_sizes(gpt_config(args, 1))),
-            "width": args.width, "host_state": args.host_state,
+            "width": args.width, "host_state": f"bf16-true, LoRA rank {args.lora}" if args.lora else args.host_state,
+            "lora_rank": args.lora,
             "plan_bytes": plan.items, "plan_total_bytes": plan.total, "available_bytes": plan.available,
             "weight_copies": plan.copies, "build_s": build_s, "host_state_bytes": clock.host_state_bytes,
             "losses": clock.losses,

@@ -557,6 +557,28 @@ def test_largest_model_script_plans_and_trains_the_lean_host_state_on_the_cpu(tm
     assert row["plan_total_bytes"] <= row["available_bytes"] and row["build_s"] > 0
 
 
+def test_largest_model_script_fine_tunes_with_lora_in_bf16_true_on_the_cpu(tmp_path):
+    """``--lora``: the blocks' frozen weights in bf16 (2 bytes each, no gradient or moments), the adapters' state
+    beside them, exactly what the plan counted; the same 64 MiB hold several times the fp32 run's blocks."""
+    from conftest import checkout_env
+
+    pytest.importorskip("peft")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "largest.py"), "--tiny", "--lora", "4",
+                           "--out", str(tmp_path)], cwd=ROOT, env=checkout_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = json.loads((tmp_path / "largest.json").read_text())
+    plan = row["plan_bytes"]
+    assert row["lora_rank"] == 4 and row["host_state"] == "bf16-true, LoRA rank 4" and not row["weight_copies"]
+    assert row["host_state_bytes"] == plan["weights+grads (pinned)"] + plan["moments"]
+    assert row["losses"][-1] < row["losses"][0] and row["plan_total_bytes"] <= row["available_bytes"]
+    assert row["blocks"] > 100  # 2 bytes a block weight: the fp32 run's 64 MiB hold some 20
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "largest.py"), "--tiny", "--lora", "4",
+                          "--host-state", "bf16", "--out", str(tmp_path)], cwd=ROOT, env=checkout_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--lora 4 --host-state bf16" in bad.stderr
+
+
 @pytest.mark.parametrize("budgets", ["1.5", "0.5,-0.1", "half"])
 def test_partitioner_budget_refuses_budgets_outside_zero_to_one(budgets, capsys):
     from benchmarks import partitioner_budget
