@@ -104,6 +104,34 @@ def test_hf_llama_head_and_loss_run_in_chunks_and_train_like_plain(offload):
     assert all(logits.shape == (BATCH, SEQ, VOCAB) for logits in ref.logits)
 
 
+class CompiledHFTask(HFTask):
+    """``HFTask`` whose training step calls ``torch.compile(model)`` (``aot_eager``); the model itself stays in the
+    module tree, as ``self.run = torch.compile(self.model)`` leaves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch._dynamo.reset()
+        self.run = torch.compile(self.model, backend="aot_eager")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.run(input_ids=x, labels=y)
+        self.losses.append(out.loss.item())
+        return out.loss
+
+
+def test_hf_llama_compiled_whole_with_labels_trains_like_compiled_plain():
+    """A model compiled whole, called with labels under microbatches: Dynamo traces the head's stand-in as a plain
+    tensor (the op-recording one is a subclass it cannot trace), and the training is compiled plain's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = lambda: torch.utils.data.DataLoader(labelled_batches(3), batch_size=None)  # noqa: E731
+        ref, _ = fit(CompiledHFTask, data(), max_steps=3)
+        got, _ = fit(CompiledHFTask, data(), l2l(microbatches=3), max_steps=3)
+    torch._dynamo.reset()
+    assert_same_training(got, ref)
+
+
 def test_hf_llama_num_items_in_batch_is_the_divisor_as_in_plain():
     """The Trainer's gradient accumulation passes the token count of all accumulated batches."""
     ref = train_hf(num_items_in_batch=torch.tensor(500))

@@ -18,8 +18,9 @@ What it needs, and what the caller gets:
   ``...LMHeadModel`` classes), its head a module (``get_output_embeddings()``). What the model does to the head's
   output before the loss (Granite's and Cohere's scaling, Gemma's soft-capping, OPT's ``contiguous``, a cast) is
   recorded by the stand-in the head returns and done to each chunk's logits (``streaming/lazy_logits.py``); an op
-  that does not act on each token alone raises ``RuntimeError`` naming it and the fix. A custom
-  ``model.loss_function`` is left alone (head whole).
+  that does not act on each token alone raises ``RuntimeError`` naming it and the fix. In a model compiled whole
+  (``torch.compile(model)``) the stand-in is a plain tensor Dynamo traces, which the loss must get unchanged. A
+  custom ``model.loss_function`` is left alone (head whole).
 - The output's ``logits`` is ``None`` in such a call: not materialised, that being the point. A call without
   labels (compute the loss yourself) or without autograd (validation, generation) runs the head whole and returns
   the logits, as before.
@@ -76,7 +77,7 @@ class _Call:
 
     def __init__(self, chunked: bool) -> None:
         self.chunked = chunked
-        self.proxy: Optional[LazyLogits] = None
+        self.proxy: Optional[Tensor] = None  # a LazyLogits, or a plain stand-in under compile
         self.hidden: Optional[Tensor] = None
 
 
@@ -140,8 +141,11 @@ class ChunkedHead:
         if call is None or not call.chunked or call.proxy is not None or args or kwargs:
             return self._plain(hidden, *args, **kwargs)
         call.hidden = hidden
-        # what the library code holds as logits: no memory, never read; it records what the model does to them
-        call.proxy = LazyLogits.start(hidden, self.head.weight.shape[0], call, type(self.lm).__name__)
+        vocab = self.head.weight.shape[0]
+        if torch.compiler.is_compiling():  # a model compiled whole: Dynamo traces a plain stand-in, not a subclass
+            call.proxy = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # (the loss must get it unchanged)
+        else:  # what the library code holds as logits: no memory, never read; it records what the model does to them
+            call.proxy = LazyLogits.start(hidden, vocab, call, type(self.lm).__name__)
         return call.proxy
 
     def _chunked_loss(self, logits: Tensor, labels: Optional[Tensor], vocab_size: int,
@@ -177,7 +181,9 @@ class ChunkedHead:
         """One chunk's loss as a share of the batch's: its summed cross-entropy over the batch's token count, from
         its logits with what the model did to the batch's done to them."""
         chunk = self.head(h).reshape(*(1,) * (logits.dim() - 2), *h.shape[:-1], -1)  # the batch's logits' rank
-        return self._loss(logits.replay(chunk).reshape(1, t.numel(), -1), t[None], vocab_size,
+        if isinstance(logits, LazyLogits):
+            chunk = logits.replay(chunk)
+        return self._loss(chunk.reshape(1, t.numel(), -1), t[None], vocab_size,
                           num_items_in_batch=count, ignore_index=ignore_index, shift_labels=t[None], **kwargs)
 
     def _changed(self) -> str:
@@ -189,7 +195,7 @@ class ChunkedHead:
 
 def _stand_in_of(value: Any, call: _Call) -> bool:
     """Whether ``value`` is ``call``'s head's stand-in, or one the model derived from it."""
-    return isinstance(value, LazyLogits) and value.origin is call
+    return value is call.proxy or (isinstance(value, LazyLogits) and value.origin is call)
 
 
 def _labels_position(lm: nn.Module) -> Optional[int]:
