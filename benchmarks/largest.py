@@ -11,9 +11,10 @@ built, and the plan is printed: per block parameter the fp32 weights (4 B), the 
 ``--host-state bf16``, ``streaming/bf16_grads.py``) and Adam's moments (8 B; bf16 4 B), pinned as
 ``PinnedArena`` carves them (its chunks counted, not the bytes asked for); the bf16 copy of the weights the update
 writes for the loads on a GPU (2 B; the native one pass, ``"auto"``'s choice there), left out when only it does not
-fit (loads then copy fp32 and cast on the device); the modules outside the blocks (fp32 masters and gradients pinned, Adam on the host:
-``offload_optimizer``), the block inputs in the pinned activation pool, and the process itself (CUDA context,
-libraries, Python: ``--reserve-gib``); what is left of the memory available must be at least ``--margin-gib``.
+fit (loads then copy fp32 and cast on the device); the modules outside the blocks (fp32 masters and gradients
+pinned, Adam on the host: ``offload_optimizer``), the block inputs in the pinned activation pool, and the process
+itself (CUDA context, libraries, Python: ``--reserve-gib``); what is left of the memory available must be at least
+``--margin-gib``.
 So ``--params 10e9 --host-state bf16`` needs about 10 B per parameter: 107 GiB with everything for 10.1B
 parameters, on a 125 GiB host.
 
@@ -82,8 +83,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     args = p.parse_args(argv)
     if args.lora < 0 or (args.lora and args.host_state != "fp32"):
-        p.error(f"--lora {args.lora} --host-state {args.host_state}: give a rank of 1 or more, with the default host "
-                "state (in bf16-true the host keeps the frozen bf16 weights, and the adapters' optimizer its own state)")
+        p.error(f"--lora {args.lora} --host-state {args.host_state}: give a rank of 1 or more, with the default "
+                "host state (in bf16-true the host keeps the frozen bf16 weights, and the adapters' optimizer its "
+                "own state)")
     if args.tiny:
         args.width, args.heads, args.batch, args.seq = 128, 4, 2, 64
     return args

@@ -66,7 +66,8 @@ def required_host_bytes(blocks: Iterable[nn.Module], optimizer_states: float = A
         largest = max(largest, nbytes if shards > 1 else learns)
         resident += sum(p.numel() * p.element_size() for p in block.parameters() if p.device.type == "cpu")
     graded = -(-(weights if shards > 1 else trained) // shards)
-    return HostNeed(weights=weights, grads=int(grad_ratio * graded), optimizer=int(optimizer_states * -(-trained // shards)),
+    stepped = -(-trained // shards)
+    return HostNeed(weights=weights, grads=int(grad_ratio * graded), optimizer=int(optimizer_states * stepped),
                     staging=int(grad_ratio * 2 * -(-largest // shards)), resident=resident,
                     copies=int(copy_ratio * weights))
 

@@ -93,7 +93,7 @@ def _update_pass(optimizer: Optimizer, fused: bool, backend: str, state_dtype: t
     the bf16 copy in the same pass (``benchmarks/README.md``); on a CPU device, the same-class optimizer (the
     per-tensor loop of plain training, and no compiler run on a machine without a GPU)."""
     wants = backend != "auto" or state_dtype != torch.float32
-    if weights != torch.float32:  # bf16-true, 16-true: the user's optimizer steps the half weights, as in plain training
+    if weights != torch.float32:  # bf16-true, 16-true: the user's optimizer steps the half weights, as plain does
         if wants:
             raise ValueError(
                 f"host_optimizer={backend!r} with host_state_dtype={_name(state_dtype)!r} updates fp32 master weights, "
