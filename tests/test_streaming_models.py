@@ -496,3 +496,40 @@ def test_accelerate_streams_a_library_model_like_plain_accelerate():
     (ref, ref_losses), (got, losses) = run(False), run(True)
     assert_same_loop(got, losses, ref, ref_losses)
     vdnn_accelerate.release(got)
+
+
+@pytest.mark.parametrize("callback", ["StochasticWeightAveraging", "EMAWeightAveraging"])
+def test_weight_averaging_callbacks_read_the_updated_weights(callback, monkeypatch):
+    """Lightning's weight averaging reads the weights right after each step, while the blocks' host updates may
+    still run (they are waited for as the next forward reaches each block): with such a callback the strategy
+    waits for them at the step. The updates are slowed here, so that reading early would read stale weights."""
+    import time
+
+    from lightning.pytorch import callbacks
+
+    from lightning_vdnn.streaming.host_optimizer import HostStepper
+
+    if not hasattr(callbacks, callback):
+        pytest.skip(f"this Lightning has no {callback}")
+    make = {"StochasticWeightAveraging": lambda: callbacks.StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1),
+            "EMAWeightAveraging": lambda: callbacks.EMAWeightAveraging()}[callback]
+    update = HostStepper._update
+
+    def slow(self, *args):
+        time.sleep(0.02)
+        return update(self, *args)
+
+    monkeypatch.setattr(HostStepper, "_update", slow)
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, module):
+            self.waits = trainer.strategy._streamer.wait_after_step
+
+    loader = lambda: torch.utils.data.DataLoader(batches("tokens", 2), batch_size=None)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _ = fit(lambda: Task("llama"), loader(), max_steps=-1, max_epochs=3, callbacks=[make()])
+        probe, alone = Probe(), Probe()
+        got, _ = fit(lambda: Task("llama"), loader(), l2l(), max_steps=-1, max_epochs=3, callbacks=[make(), probe])
+        fit(lambda: Task("llama"), loader(), l2l(), max_steps=1, callbacks=[alone])
+    assert_same_training(got, ref)
+    assert probe.waits and not alone.waits  # without one, the updates still overlap the next forward

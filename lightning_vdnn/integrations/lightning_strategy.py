@@ -222,6 +222,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if self._streamer.lean_grads:
                 _check_bf16_grads(trainer)
             self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
+            self._streamer.wait_after_step = _reads_weights_after_step(trainer)
             self._streamer.attach_optimizers(self.optimizers)
             if self.config.offload_optimizer:  # after: its step hook runs once the blocks' updates are queued
                 self._outside = self._step_outside_on_host()
@@ -396,3 +397,12 @@ def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
     return bool(trainer.gradient_clip_val) or getattr(precision, "scaler", None) is not None or (
         is_overridden("configure_gradient_clipping", module, LightningModule))
 
+
+def _reads_weights_after_step(trainer: Any) -> bool:
+    """Whether a callback reads the weights right after each optimizer step (Lightning's weight averaging: SWA,
+    EMA): then the blocks' host updates are waited for at the step, not as the next forward reaches each block."""
+    from lightning.pytorch import callbacks
+
+    kinds = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
+                  if hasattr(callbacks, name))
+    return any(isinstance(cb, kinds) for cb in trainer.callbacks)

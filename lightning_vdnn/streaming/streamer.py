@@ -185,6 +185,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self._recomputer.install(list(self.container)[self.recompute_from:resident])
         self.steppers: list[HostStepper] = []
         self.eager_updates = True
+        self.wait_after_step = False  # each step ends when the blocks' updates are written (set_eager's sibling)
         self._calls = [0] * len(self.blocks)  # forward calls not yet matched by a backward, per block
         #: per block, bytes of activations its latest backward's recompute saved (``measure_saved``): what the
         #: block would hold on the device from forward to backward if it were resident (``planning/resident_blocks.py``)
@@ -382,6 +383,9 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self.wait_grads()  # host grads complete before the body steps anything (device modules only, now)
 
     def _after_step(self, *_: Any) -> None:
+        if self.wait_after_step:  # something reads the weights now (weight averaging): the updates first
+            for stepper in self.steppers:
+                stepper.wait_all()
         h2d, d2h = self._marks
         times = [s.take_times() for s in self.steppers]
         busy, waited = sum(t[0] for t in times), sum(t[1] for t in times)
