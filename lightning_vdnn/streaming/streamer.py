@@ -3,8 +3,8 @@
 Each block's parameters become views of one flat host buffer (pinned on CUDA), so the ``nn.Parameter``
 objects the user's optimizer holds *are* the host master weights: ``state_dict()``, optimizer state and
 checkpoints never assemble the model on the device. The device holds two reusable flat slots in the compute
-dtype: the block computing and the next one arriving on a side stream. A block's forward runs without
-autograd and saves only its input; backward fetches the block again, recomputes it (same RNG, same autocast)
+dtype: the block computing and the next one arriving on a side stream. A block's forward keeps nothing but its
+input (its own saves dropped as made); backward fetches the block again, recomputes it (same RNG, same autocast)
 and streams the weight gradients back into host ``p.grad``, where they accumulate as autograd's would. A
 block in ``saving`` (``saved_blocks``) runs its forward with autograd instead, its saves going through the
 enclosing saved-tensor hooks (the offloader moves them to the host); saved views of its weights are taken
@@ -13,14 +13,14 @@ from whichever slot holds the block when backward reads them, so nothing is reco
 (``streaming/microbatches.py``): weights stream as often as unsplit, gradients once per block, block
 internals are 1/k.
 Modules outside the blocks (embeddings, final norm, head) stay on the device; under microbatches a Hugging Face
-causal LM's head and loss run a chunk of tokens at a time (``streaming/chunked_head.py``). On a CPU device the same code
-runs with inline copies, which is how the tests check it without a GPU. On several ranks,
+causal LM's head and loss run a chunk of tokens at a time (``streaming/chunked_head.py``). On a CPU device the same
+code runs with inline copies, which is how the tests check it without a GPU. On several ranks,
 ``streaming/sharded.py`` partitions each block's host state across them by overriding the few hooks marked below.
 
 A block is called exactly as its parent calls it: any positional and keyword arguments, any result structure
 (``streaming/calls.py``, ``streaming/block_function.py``). Buffers a block's forward writes (BatchNorm's
-statistics) change once per step although backward runs the forward again (``buffers.py``). Several lists of blocks (an encoder's and a
-decoder's) stream as one sequence, loads running ahead across the boundary.
+statistics) change once per step although backward runs the forward again (``buffers.py``). Several lists of
+blocks (an encoder's and a decoder's) stream as one sequence, loads running ahead across the boundary.
 
 Behind resident blocks the device gets more slots (:meth:`LayerStreamer.slot_count`): the streamed blocks' loads
 then start while the resident blocks compute, and run several blocks ahead (a block's weights take about twice
