@@ -498,11 +498,15 @@ def test_accelerate_streams_a_library_model_like_plain_accelerate():
     vdnn_accelerate.release(got)
 
 
+@pytest.mark.parametrize("zero", [False, True], ids=["l2l", "l2l_zero"])
 @pytest.mark.parametrize("callback", ["StochasticWeightAveraging", "EMAWeightAveraging"])
-def test_weight_averaging_callbacks_read_the_updated_weights(callback, monkeypatch):
+def test_weight_averaging_callbacks_read_the_updated_weights(callback, zero, monkeypatch):
     """Lightning's weight averaging reads the weights right after each step, while the blocks' host updates may
     still run (they are waited for as the next forward reaches each block): with such a callback the strategy
-    waits for them at the step. The updates are slowed here, so that reading early would read stale weights."""
+    (either that streams, ``integrations/trainer_settings.py``) waits for them at the step. The updates are slowed
+    here, so that reading early would read stale weights."""
+    from lightning_vdnn import L2LZeroStrategy
+
     import time
 
     from lightning.pytorch import callbacks
@@ -527,9 +531,13 @@ def test_weight_averaging_callbacks_read_the_updated_weights(callback, monkeypat
     loader = lambda: torch.utils.data.DataLoader(batches("tokens", 2), batch_size=None)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref, _ = fit(lambda: Task("llama"), loader(), max_steps=-1, max_epochs=3, callbacks=[make()])
+        # l2l_zero's reference is DDP on its one rank: Lightning's distributed sampler orders the later epochs
+        ref, _ = fit(lambda: Task("llama"), loader(), "ddp" if zero else "auto", max_steps=-1, max_epochs=3,
+                     callbacks=[make()])
         probe, alone = Probe(), Probe()
-        got, _ = fit(lambda: Task("llama"), loader(), l2l(), max_steps=-1, max_epochs=3, callbacks=[make(), probe])
-        fit(lambda: Task("llama"), loader(), l2l(), max_steps=1, callbacks=[alone])
+        streaming = (lambda: L2LZeroStrategy("none", zero_stage=2)) if zero else l2l
+        got, _ = fit(lambda: Task("llama"), loader(), streaming(), max_steps=-1, max_epochs=3,
+                     callbacks=[make(), probe])
+        fit(lambda: Task("llama"), loader(), streaming(), max_steps=1, callbacks=[alone])
     assert_same_training(got, ref)
     assert probe.waits and not alone.waits  # without one, the updates still overlap the next forward

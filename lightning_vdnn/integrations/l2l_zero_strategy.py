@@ -45,7 +45,7 @@ from lightning_vdnn.streaming.collectives import Collectives
 from lightning_vdnn.streaming.partition import Partition
 from lightning_vdnn.streaming.sharded import ShardedLayerStreamer
 from lightning_vdnn.streaming.sharded_optimizer_state import full_optimizer_state
-from lightning_vdnn.integrations.lightning_strategy import _changes_grads_after_backward
+from lightning_vdnn.integrations.trainer_settings import follow_trainer
 
 _FIELDS = frozenset(f.name for f in fields(VDNNConfig))
 
@@ -164,7 +164,7 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
                 "process (Trainer(devices=1) with strategy='l2l'), or with validate/test, whose samplers pad.")
         super().setup(trainer)  # DDPStrategy: model_to_device (the streamer), DDP over the rest, optimizers
         if trainer.state.fn == "fit":
-            self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
+            follow_trainer(self._streamer, trainer, self.precision_plugin)
             self._streamer.attach_optimizers(self.optimizers)
             # clipping needs the norm over every rank's pieces: the plugin's class, clipping overridden
             self._plain_precision = self.precision_plugin

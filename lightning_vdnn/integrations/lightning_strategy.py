@@ -22,7 +22,7 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.integrations.options import VDNN_STRATEGY, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
-from lightning_vdnn.streaming.bf16_grads import clipping_refused
+from lightning_vdnn.integrations.trainer_settings import check_bf16_grads, follow_trainer
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
 from lightning_vdnn.offload.offloader import ActivationOffloader
 from lightning_vdnn.planning.activation_plan import AutoPlanner, Later, Plan, device_budget
@@ -220,9 +220,8 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             self._chunks = BatchChunks(self.lightning_module, cfg.chunk_layers, cfg.batch_chunks)
         if self._streamer is not None and trainer.state.fn == "fit":
             if self._streamer.lean_grads:
-                _check_bf16_grads(trainer)
-            self._streamer.set_eager(not _changes_grads_after_backward(trainer, self.precision_plugin))
-            self._streamer.wait_after_step = _reads_weights_after_step(trainer)
+                check_bf16_grads(trainer)
+            follow_trainer(self._streamer, trainer, self.precision_plugin)
             self._streamer.attach_optimizers(self.optimizers)
             if self.config.offload_optimizer:  # after: its step hook runs once the blocks' updates are queued
                 self._outside = self._step_outside_on_host()
@@ -369,40 +368,3 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
             if streamer is not None:
                 closing.callback(streamer.close)
 
-
-def _check_bf16_grads(trainer: Any) -> None:
-    """bf16 host gradients (``streaming/bf16_grads.py``) are set once per step and are not ``p.grad``: refuse what
-    would add to them or read ``p.grad`` for them, before the first step rather than in it."""
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    if trainer.accumulate_grad_batches > 1:
-        raise ValueError(
-            f"accumulate_grad_batches={trainer.accumulate_grad_batches} with host_state_dtype='bf16': the blocks' "
-            "host gradients are bf16, and summing batches into them would round the sum to bf16 at every batch. "
-            f"Use microbatches={trainer.accumulate_grad_batches} (the chunks are summed in fp32 on the device) with "
-            "accumulate_grad_batches=1, or host_state_dtype='fp32'.")
-    if trainer.gradient_clip_val or is_overridden("configure_gradient_clipping", trainer.lightning_module,
-                                                  LightningModule):
-        raise clipping_refused("gradient clipping", drop="gradient_clip_val (or configure_gradient_clipping)")
-
-
-def _changes_grads_after_backward(trainer: Any, precision: Precision) -> bool:
-    """Whether something may still rewrite gradients between backward and the step (clipping, a loss
-    scaler): then layer streaming queues block updates at the step instead of during backward."""
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    module = trainer.lightning_module
-    return bool(trainer.gradient_clip_val) or getattr(precision, "scaler", None) is not None or (
-        is_overridden("configure_gradient_clipping", module, LightningModule))
-
-
-def _reads_weights_after_step(trainer: Any) -> bool:
-    """Whether a callback reads the weights right after each optimizer step (Lightning's weight averaging: SWA,
-    EMA): then the blocks' host updates are waited for at the step, not as the next forward reaches each block."""
-    from lightning.pytorch import callbacks
-
-    kinds = tuple(getattr(callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging")
-                  if hasattr(callbacks, name))
-    return any(isinstance(cb, kinds) for cb in trainer.callbacks)
