@@ -87,10 +87,8 @@ class Bf16GradBlock(HostBlock):
                     self.has_grad[k] = True
                 p.grad = None
 
-    def check_layout(self) -> None:
-        """As :meth:`HostBlock.check_layout`; the bf16 gradients held move into the new buffer."""
-        if tuple(p.requires_grad for p in self.params) == self.trained:
-            return
+    def _relayout(self) -> None:
+        """As :meth:`HostBlock._relayout`, but the bf16 gradients held move into the new buffer."""
         held = [(k, self.grad_views[k]) for k in range(len(self.params)) if self.has_grad[k]]
         self._layout_grads()
         self.grad_flat = self._grad_buffer(GRAD_DTYPE)

@@ -122,9 +122,13 @@ class HostBlock:
 
     def check_layout(self) -> None:
         """Before the block's backward packs its gradients: if which parameters train changed, lay the gradient
-        buffers out again (a new host buffer; gradients already held move to storage of their own)."""
-        if tuple(p.requires_grad for p in self.params) == self.trained:
-            return
+        buffers out again (:meth:`_relayout`)."""
+        if tuple(p.requires_grad for p in self.params) != self.trained:
+            self._relayout()
+
+    def _relayout(self) -> None:
+        """A new host gradient buffer for the parameters that train now; gradients already held move to storage
+        of their own."""
         self._release_grads()
         self._layout_grads()
         self.grad_flat = self._grad_buffer(self.grad_flat.dtype)
