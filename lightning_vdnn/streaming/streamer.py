@@ -185,7 +185,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         self._recomputer.install(list(self.container)[self.recompute_from:resident])
         self.steppers: list[HostStepper] = []
         self.eager_updates = True
-        self.wait_after_step = False  # each step ends when the blocks' updates are written (set_eager's sibling)
+        self.wait_after_step = False  # each step ends when the blocks' updates are written (weight averaging)
         self._calls = [0] * len(self.blocks)  # forward calls not yet matched by a backward, per block
         #: per block, bytes of activations its latest backward's recompute saved (``measure_saved``): what the
         #: block would hold on the device from forward to backward if it were resident (``planning/resident_blocks.py``)
@@ -231,8 +231,8 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         before pinning; return whether the host update may write the compute-dtype copies the loads read: not
         where only they do not fit (loads then copy the fp32 weights and cast them on the device)."""
         ratio = self._copy_ratio(precision, blocks)
-        weight_bytes = next(blocks[0].parameters()).element_size()
-        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=self.grad_dtype.itemsize / weight_bytes,
+        grad_ratio = self.grad_dtype.itemsize / next(blocks[0].parameters()).element_size()
+        kwargs = dict(shards=self.world, processes=self.local_world, grad_ratio=grad_ratio,
                       optimizer_states=state_parameters(self.host_state_dtype))
         try:
             check_host_memory(blocks, where, copy_ratio=ratio, **kwargs)
@@ -395,8 +395,6 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                            "host_update_bytes": sum(s.host_update_bytes() for s in self.steppers),
                            "host_update_kernel_ms": sum(kernel) if kernel else None}
         self._marks = (self.h2d_bytes, self.d2h_bytes)
-
-    # -- slots -------------------------------------------------------------------------------------------
 
 
 def spread(count: int, total: int) -> frozenset[int]:
