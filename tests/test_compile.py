@@ -33,13 +33,15 @@ BACKEND = "aot_eager"
 
 
 class CompiledLlama(L.LightningModule):
-    """A 2-block Llama, compiled ``"whole"`` (the training step calls ``torch.compile(model)``) or ``"regional"``
-    (each decoder layer ``.compile()``d, the module tree unchanged), or not at all (``"eager"``); records its losses and the graphs compiled
-    by the end of each step."""
+    """A 2-block Llama (``shape``: other config values), compiled ``"whole"`` (the training step calls
+    ``torch.compile(model)``) or ``"regional"`` (each decoder layer ``.compile()``d, the module tree unchanged), or
+    not at all (``"eager"``); records its losses and the graphs compiled by the end of each step."""
 
-    def __init__(self, how: str, backend: str = BACKEND) -> None:
+    def __init__(self, how: str, backend: str = BACKEND, lr: float = 1e-2, **shape) -> None:
         super().__init__()
-        self.model = build_causal_lm("llama_tiny", num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+        self.lr = lr
+        self.model = build_causal_lm("llama_tiny", **{**dict(num_hidden_layers=2, hidden_size=64,
+                                                              intermediate_size=128), **shape})
         self.run = self.model
         if how == "whole":
             self.run = torch.compile(self.model, backend=backend)
@@ -59,7 +61,7 @@ class CompiledLlama(L.LightningModule):
         self.graphs.append(counters["stats"]["unique_graphs"])
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 class GraphBreaks(logging.Handler):

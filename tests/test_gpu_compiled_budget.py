@@ -10,14 +10,13 @@ import dataclasses
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
 from conftest import fit_on_gpu, token_loader  # noqa: E402
+from test_compile import CompiledLlama  # noqa: E402
 
 from lightning_vdnn import VDNNStrategy  # noqa: E402
-from lightning_vdnn.examples.hf_tasks import build_causal_lm  # noqa: E402
 from lightning_vdnn.integrations.adapters.torch import partitioner_budget  # noqa: E402
 from lightning_vdnn.offload.offloader import ActivationOffloader  # noqa: E402
 from lightning_vdnn.planning import activation_plan  # noqa: E402
@@ -26,25 +25,10 @@ from lightning_vdnn.planning.compiled_budget import LEAST, MAX_COMPILES  # noqa:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-class InductorLlama(L.LightningModule):
+def InductorLlama() -> CompiledLlama:
     """An HF Llama whose decoder layers are each ``.compile()``d with inductor (torch's default backend), fp32."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = build_causal_lm("llama_tiny", num_hidden_layers=4, hidden_size=512, intermediate_size=1536,
-                                     num_attention_heads=8, num_key_value_heads=8)
-        for block in self.model.model.layers:
-            block.compile()
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.model(input_ids=x).logits.flatten(0, 1), y.flatten())
-        self.losses.append(loss.item())
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+    return CompiledLlama("regional", "inductor", lr=1e-3, num_hidden_layers=4, hidden_size=512,
+                         intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8)
 
 
 class FloorSeen(L.Callback):
