@@ -498,6 +498,22 @@ def test_accelerate_streams_a_library_model_like_plain_accelerate():
     vdnn_accelerate.release(got)
 
 
+@pytest.fixture
+def in_process_ddp():
+    """A one-rank DDP fit in this process (``l2l_zero``) leaves its process group and Lightning's environment
+    variables (``MASTER_PORT``, ``LOCAL_RANK``, ``OMP_NUM_THREADS``...) behind: later tests' subprocesses would
+    inherit them. Both are undone after the test."""
+    import os
+
+    found = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(found)
+
+
+@pytest.mark.usefixtures("in_process_ddp")
 @pytest.mark.parametrize("zero", [False, True], ids=["l2l", "l2l_zero"])
 @pytest.mark.parametrize("callback", ["StochasticWeightAveraging", "EMAWeightAveraging"])
 def test_weight_averaging_callbacks_read_the_updated_weights(callback, zero, monkeypatch):
