@@ -57,22 +57,20 @@ class BlockRuns:
         block = self.blocks[index]
         plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
         joined = Joined(plan, self._where(index))
-        weights = block.split(slot.buf)
-        if states is not None:  # as plain training runs it: see _as_with_autograd
-            weights = [w.detach().requires_grad_(p.requires_grad) for w, p in zip(weights, block.params)]
-        with block.substituted(weights), _as_with_autograd(states is not None):
+        training = states is not None  # then as plain training runs it: see _as_with_autograd
+        weights = block.leaves(slot.buf) if training else block.split(slot.buf)
+        with block.substituted(weights), _as_with_autograd(training):
             for k, chunk in enumerate(plan.chunks(tensors)):
-                state = ChunkState(self.device, self._buffers[index]) if states is not None else None
-                if state is not None:
-                    chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
-                outs = call.call(self._forwards[index].run, chunk)
-                if state is not None:
-                    outs, wanted = _detached(outs)
-                    joined.wanted = joined.wanted or wanted
+                if not training:
+                    joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
+                    continue
+                state = ChunkState(self.device, self._buffers[index])
+                chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
+                outs, wanted = _detached(call.call(self._forwards[index].run, chunk))
+                joined.wanted = joined.wanted or wanted
                 joined.put(k, outs, _shape(chunk, call))
-                if state is not None:
-                    state.ran()
-                    states.append(state)
+                state.ran()
+                states.append(state)
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
         flat, outs = joined.result()
@@ -88,7 +86,7 @@ class BlockRuns:
         block = self.blocks[index]
         saves = SlotSaves(self, index, slot.buf)
         with torch.enable_grad():
-            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            leaves = block.leaves(slot.buf)
             entered = [j for j, t in enumerate(tensors) if t.requires_grad]
             anchor = torch.empty(0, device=self.device, requires_grad=True) if entered else None
             entry_port, exit_port = Port(), Port()
@@ -173,7 +171,7 @@ class BlockRuns:
         block = self.blocks[index]
         with state.replay():
             ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
-            leaves = [v.detach().requires_grad_(p.requires_grad) for v, p in zip(block.split(slot.buf), block.params)]
+            leaves = block.leaves(slot.buf)
             with block.substituted(leaves):
                 outs = Flat(call.call(self._forwards[index].run, ins)).take()
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]

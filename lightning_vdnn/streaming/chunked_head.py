@@ -177,7 +177,7 @@ class ChunkedHead:
         return total
 
     def _summed(self, h: Tensor, t: Tensor, vocab_size: int, count: Any, ignore_index: int, kwargs: dict,
-                logits: LazyLogits) -> Tensor:
+                logits: Tensor) -> Tensor:
         """One chunk's loss as a share of the batch's: its summed cross-entropy over the batch's token count, from
         its logits with what the model did to the batch's done to them."""
         chunk = self.head(h).reshape(*(1,) * (logits.dim() - 2), *h.shape[:-1], -1)  # the batch's logits' rank

@@ -99,6 +99,11 @@ class HostBlock:
         """Views of ``flat`` shaped like this block's parameters."""
         return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
 
+    def leaves(self, buf: Tensor) -> list[Tensor]:
+        """This block's weights in the device buffer ``buf`` as autograd leaves, each wanting a gradient where its
+        parameter does: what a forward with autograd runs on (the recompute, a saving block's forward)."""
+        return [v.detach().requires_grad_(p.requires_grad) for v, p in zip(self.split(buf), self.params)]
+
     def _layout_grads(self, every: bool = False) -> None:
         """Where each parameter's gradient sits in the packed gradient buffers: the trained ones in order (every one
         with ``every``, a layout that does not depend on which train); :attr:`pack_numel` elements in all, which
