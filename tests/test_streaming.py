@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
+import lightning_vdnn
 from conftest import Classifier, ResidualCNN, assert_same_params, fit, token_loader
 from lightning_vdnn import VDNNStrategy
 from lightning_vdnn.examples.models import GPT, GPTConfig
@@ -372,14 +374,18 @@ class StateDicts(L.Callback):
         self.taken.append({k: v.clone() for k, v in module.state_dict().items()})
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, clip):
-    """``optimizer.step()`` returns with block updates still queued on the worker (slowed here, so that they
-    are): ``state_dict()`` taken right after must wait for them, not read half-updated host weights."""
+def slow_host_updates(monkeypatch) -> None:
     from lightning_vdnn.streaming.host_optimizer import HostStepper
 
     update = HostStepper._update
     monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, clip):
+    """``optimizer.step()`` returns with block updates still queued on the worker (slowed here, so that they
+    are): ``state_dict()`` taken right after must wait for them, not read half-updated host weights."""
+    slow_host_updates(monkeypatch)
     ref, got = StateDicts(), StateDicts()
     fit(lm(), loader(16), max_steps=3, gradient_clip_val=clip, callbacks=[ref])
     fit(lm(), loader(16), "l2l", max_steps=3, gradient_clip_val=clip, callbacks=[got])
@@ -390,11 +396,71 @@ def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, cl
             assert torch.equal(ours[key], value), key
 
 
+class OptimizerStates(L.Callback):
+    """Copies ``optimizer.state_dict()`` after every step, as a callback saving its own checkpoint would."""
+
+    def __init__(self) -> None:
+        self.taken: list[dict] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.taken.append(copy.deepcopy(trainer.optimizers[0].state_dict()))
+
+
+def test_optimizer_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch):
+    """The user's optimizer holds the blocks' moments, which queued host updates write after ``step()`` returns:
+    its ``state_dict()`` waits for them (torch's public pre-hook) instead of copying them half written."""
+    slow_host_updates(monkeypatch)
+    ref, got = OptimizerStates(), OptimizerStates()
+    fit(lm(), loader(16), max_steps=3, callbacks=[ref])
+    fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got])
+    assert len(got.taken) == 3
+    for ours, theirs in zip(got.taken, ref.taken):
+        assert ours["state"].keys() == theirs["state"].keys()
+        for index, state in theirs["state"].items():
+            assert ours["state"][index].keys() == state.keys()
+            for name, value in state.items():
+                assert torch.equal(ours["state"][index][name], value), (index, name)
+
+
+def test_optimizer_load_state_dict_after_the_step_is_not_overwritten_by_queued_host_updates(monkeypatch):
+    """A plain loop that loads an optimizer state right after ``step()`` (rolling back, as after a loss spike)
+    keeps what it loaded, the updates still queued landing first, and trains on from it as plain PyTorch does."""
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def run(stream: bool) -> tuple[nn.Module, dict, dict]:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_name("gpt_tiny"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        streamer = lightning_vdnn.stream_layers(model, opt, device="cpu", pin_memory=False) if stream else None
+
+        def step() -> None:
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+        step()
+        saved = copy.deepcopy(opt.state_dict())
+        step()
+        opt.load_state_dict(saved)
+        loaded = copy.deepcopy(opt.state_dict())
+        step()
+        if streamer is not None:
+            streamer.close()
+        return model, loaded, opt.state_dict()
+
+    ref, ref_loaded, ref_state = run(False)
+    slow_host_updates(monkeypatch)
+    got, loaded, state = run(True)
+    for ours, theirs in ((loaded, ref_loaded), (state, ref_state)):
+        for index, entry in theirs["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(ours["state"][index][name], value), (index, name)
+    assert_same_params(got, ref, rtol=0, atol=0)
+
+
 def test_strategy_synchronize_lets_callbacks_read_parameters_directly(monkeypatch):
     """An EMA-like callback reading ``p.data`` right after the step sees final weights once it calls
     ``trainer.strategy.synchronize()`` (updates slowed so that they are still queued)."""
-    from lightning_vdnn.streaming.host_optimizer import HostStepper
-
     class Clones(L.Callback):
         def __init__(self) -> None:
             self.taken: list[list[torch.Tensor]] = []
@@ -404,8 +470,7 @@ def test_strategy_synchronize_lets_callbacks_read_parameters_directly(monkeypatc
                 trainer.strategy.synchronize()
             self.taken.append([p.detach().clone() for p in module.parameters()])
 
-    update = HostStepper._update
-    monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
+    slow_host_updates(monkeypatch)
     ref, got = Clones(), Clones()
     fit(lm(), loader(16), max_steps=3, callbacks=[ref])
     fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got])

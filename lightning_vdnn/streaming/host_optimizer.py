@@ -219,6 +219,9 @@ class HostStepper:
         # (``streaming/step_hooks.py``). ``zero_grad`` has none: the torch adapter wraps it (see ``_before_zero``).
         self._hooks = StepHooks(optimizer, self._submit_all, self._restore_grads, self._stepping_backward)
         self._unwrap_zero_grad = around_zero_grad(optimizer, self._before_zero, self._after_zero)
+        # the optimizer's state is the blocks' moments, which queued updates write after ``step()`` returns
+        self._state_hooks = [optimizer.register_state_dict_pre_hook(lambda _: self.wait_all()),
+                             optimizer.register_load_state_dict_pre_hook(lambda *_: self.wait_all())]
 
     # -- scheduling ----------------------------------------------------------------------------------------
     def can_update_now(self) -> bool:
@@ -325,6 +328,8 @@ class HostStepper:
             if self.update_pass is not None:
                 self.update_pass.close()
             self._hooks.remove()
+            for handle in self._state_hooks:
+                handle.remove()
             self._unwrap_zero_grad()
             # the block optimizers alias the host buffers: let go of them now, not when a cycle is collected, so
             # the end of streaming frees each pinned chunk as soon as it is released (``streaming/host_release.py``)
