@@ -6,6 +6,7 @@ buffers (BatchNorm's running statistics and count)."""
 from __future__ import annotations
 
 import functools
+import tempfile
 import warnings
 
 import lightning as L
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import fit
-from lightning_vdnn import VDNNStrategy
+from lightning_vdnn import VDNNStrategy, stream_layers
 
 tf = pytest.importorskip("transformers")
 tf.logging.set_verbosity_error()
@@ -496,6 +497,76 @@ def test_accelerate_streams_a_library_model_like_plain_accelerate():
     (ref, ref_losses), (got, losses) = run(False), run(True)
     assert_same_loop(got, losses, ref, ref_losses)
     vdnn_accelerate.release(got)
+
+
+def test_accelerate_save_state_and_load_state_resume_streamed_blocks_like_plain(tmp_path):
+    """``accelerator.save_state`` writes safetensors, which keeps one name per storage: the blocks' weights, views
+    of one host buffer per block, were dropped from the file (then ``load_state`` refused it). Saved mid-run and
+    loaded into a fresh process's model, the run goes on as the uninterrupted plain one."""
+    from accelerate import Accelerator
+
+    import lightning_vdnn.integrations.accelerate as vdnn_accelerate
+
+    data = batches("tokens", 4)
+
+    def run(stream: bool, steps: list, save=None, load=None) -> tuple[list[float], dict, dict]:
+        accelerator = Accelerator(cpu=True)
+        model = llama()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        if stream:
+            model, opt = vdnn_accelerate.prepare(accelerator, model, opt, policy="none", layer_streaming=True)
+        else:
+            model, opt = accelerator.prepare(model, opt)
+        if load:
+            accelerator.load_state(load)
+        losses = []
+        for ids in steps:
+            loss = model(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        if save:
+            accelerator.save_state(save)  # safetensors, Accelerate's default
+        state = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        moments = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state_dict()["state"].items()}
+        if stream:
+            vdnn_accelerate.release(model)
+        return losses, state, moments
+
+    ref_losses, ref_state, ref_moments = run(False, data)
+    first, _, _ = run(True, data[:2], save=tmp_path / "state")
+    second, state, moments = run(True, data[2:], load=tmp_path / "state")
+    assert first + second == ref_losses
+    assert state.keys() == ref_state.keys()
+    for key, value in ref_state.items():
+        assert torch.equal(state[key], value), key
+    for index, entry in ref_moments.items():
+        for name, value in entry.items():
+            assert torch.equal(moments[index][name], value), (index, name)
+
+
+def test_a_streamed_models_state_dict_saves_to_safetensors_whole():
+    """Each weight of a streamed block gets a storage of its own in ``state_dict()`` (the same memory, no copy):
+    ``safetensors.torch.save_file`` takes it as it takes a plain model's, and the file loads into one."""
+    from safetensors.torch import load_file, save_file
+
+    model = llama()
+    streamer = stream_layers(model, sgd(model), device="cpu", pin_memory=False)
+    state = model.state_dict()
+    weight = state["model.layers.1.mlp.up_proj.weight"]
+    assert weight.untyped_storage().nbytes() == weight.nbytes
+    assert weight.data_ptr() == model.model.layers[1].mlp.up_proj.weight.data_ptr()  # an alias, not a copy
+    assert model.state_dict(keep_vars=True)["model.layers.1.mlp.up_proj.weight"] is model.model.layers[1].mlp.up_proj.weight
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(state, f"{tmp}/model.safetensors")
+        plain = llama()
+        for p in plain.parameters():
+            p.data.zero_()
+        plain.load_state_dict(load_file(f"{tmp}/model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    streamer.close()
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ from lightning_vdnn.streaming.microbatches import check_microbatches
 from lightning_vdnn.streaming.pinned_arena import PinnedArena
 from lightning_vdnn.streaming.precision import check_precision, compute_dtype
 from lightning_vdnn.streaming.slots import Slot, SlotLoads
+from lightning_vdnn.streaming.state_dict_storage import own_storages
 
 #: Optimizers verified to update each parameter elementwise, from its own gradient and state only.
 SUPPORTED_OPTIMIZERS: tuple[type, ...] = (
@@ -205,6 +206,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
         for b in self.blocks:
             self._forwards.append(StreamedCall(b.module, functools.partial(self._forward, b.index)))
             self._hooks += [b.module.register_state_dict_pre_hook(functools.partial(self._before_read, b.index)),
+                            b.module.register_state_dict_post_hook(own_storages),
                             b.module.register_load_state_dict_pre_hook(functools.partial(self._before_write, b.index))]
 
     @classmethod
