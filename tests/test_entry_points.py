@@ -299,6 +299,39 @@ def test_fabric_registers_what_it_supports(monkeypatch):
 
 
 # -- Hugging Face Accelerate ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry, options, where", [
+    ("lightning", {"layer_streaming": True}, "cpu"),
+    ("lightning", {}, "cpu"),  # "auto": it streams when the state would fill the budget, known once built
+    ("lightning", {"activation_offload": "all"}, "cuda:0"),
+    ("lightning", {"layer_streaming": False}, "cuda:0"),
+    ("l2l_zero", {}, "cpu"),
+    ("fabric", {"layer_streaming": True}, "cpu"),
+    ("fabric", {"activation_offload": "all"}, "cuda:0"),
+])
+def test_a_model_built_under_a_strategy_that_may_stream_is_built_in_host_memory(entry, options, where):
+    """``configure_model``, ``trainer.init_module()`` and ``fabric.init_module()`` create tensors on the device
+    (Lightning skips a copy so): a model streamed because its state does not fit there would run out of device
+    memory before the strategy saw it. Where the blocks may stream they are built in host memory, in the
+    precision's dtype; elsewhere on the device, as Lightning does. (No GPU needed: the default device is read.)"""
+    from lightning.fabric.plugins.precision import HalfPrecision as FabricHalf
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    if entry == "lightning":
+        strategy = VDNNStrategy(device="cuda:0", precision_plugin=HalfPrecision("bf16-true"), **options)
+        context = strategy.tensor_init_context(empty_init=True)
+    elif entry == "l2l_zero":
+        strategy = lightning_vdnn.L2LZeroStrategy(parallel_devices=[torch.device("cuda:0")],
+                                                  precision_plugin=HalfPrecision("bf16-true"))
+        context = strategy.tensor_init_context()
+    else:
+        strategy = VDNNFabricStrategy(device="cuda:0", precision=FabricHalf("bf16-true"), **options)
+        context = strategy.module_init_context(empty_init=True)
+    with context:
+        assert str(torch.get_default_device()) == where
+        assert torch.get_default_dtype() == torch.bfloat16
+    assert torch.get_default_device().type == "cpu" and torch.get_default_dtype() == torch.float32
+
+
 def test_accelerate_matches_plain_accelerate():
     from accelerate import Accelerator
 

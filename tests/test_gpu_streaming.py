@@ -136,6 +136,20 @@ def test_vdnn_streams_a_model_whose_state_fills_the_budget_and_fits_it():
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("strategy, where", [("auto", "cuda"), ("l2l", "cpu"), ("vdnn", "cpu"), ("vdnn_all", "cuda")])
+def test_init_module_builds_in_host_memory_where_the_blocks_may_stream(strategy, where):
+    """``trainer.init_module()`` (and ``configure_model``) build on the device under Lightning's strategies; under
+    ours that may stream, in host memory: nothing allocated on the device while the model is built."""
+    trainer = L.Trainer(strategy=strategy, logger=False, **GPU)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with trainer.init_module():
+        model = LM(n_embd=512, n_head=8, n_layer=4, block_size=64)
+    assert {p.device.type for p in model.parameters()} == {where}
+    if where == "cpu":
+        assert torch.cuda.memory_allocated() == before
+
+
 def test_auto_saving_keeps_what_fits_the_budget_and_the_step_fits_it():
     """``saved_blocks="auto"`` between a run that recomputes every block and one that saves all 8: it chooses
     some, and the steps measured after the choice stay within the budget."""

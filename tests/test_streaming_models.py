@@ -283,6 +283,32 @@ def test_resident_blocks_that_recompute_keep_batchnorm_exact():
         torch.testing.assert_close(value, ref.model.state_dict()[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+class BuiltInConfigureModel(Task):
+    """The model created in ``configure_model``, as Lightning advises for big ones."""
+
+    def __init__(self, name: str) -> None:
+        L.LightningModule.__init__(self)
+        self.name, self.kind, self.model, self.losses = name, MODELS[name][1], None, []
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = MODELS[self.name][0](0.0)
+
+
+@pytest.mark.parametrize("strategy", ["l2l", "vdnn"])
+def test_a_model_built_in_configure_model_streams_like_plain_training(strategy):
+    def run(strategy) -> Task:
+        loader = torch.utils.data.DataLoader(batches("tokens"), batch_size=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task, _ = fit(lambda: BuiltInConfigureModel("llama"), loader, strategy, max_steps=3)
+        return task
+
+    got = run(strategy)
+    assert_same_training(got, run("auto"))
+    assert len(got.losses) == 3
+
+
 def llama(dropout: float = 0.0, **config) -> nn.Module:
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(tf.LlamaConfig(**{**_lm_kwargs(dropout), **config}))

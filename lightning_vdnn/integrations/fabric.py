@@ -10,6 +10,7 @@ blocks to a :class:`~lightning_vdnn.streaming.streamer.LayerStreamer` instead of
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any, Optional, Union
 
 import dataclasses
@@ -22,6 +23,7 @@ from lightning.fabric.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_vdnn.integrations.model_init import built_on_host
 from lightning_vdnn.integrations.options import FABRIC, config_from
 from lightning_vdnn.integrations.torch_loop import ActivationOffload
 from lightning_vdnn.config import VDNNConfig
@@ -96,6 +98,14 @@ class VDNNFabricStrategy(SingleDeviceStrategy):
                              f"({devices}). Use devices=1.")
         self._root_device = torch.device(devices[0])
         self._device_given = True
+
+    @override
+    def module_init_context(self, empty_init: Optional[bool] = None) -> AbstractContextManager:
+        """``fabric.init_module()`` builds in host memory under layer streaming (``integrations/model_init.py``)."""
+        stack = ExitStack()
+        stack.enter_context(super().module_init_context(empty_init))
+        stack.enter_context(built_on_host(bool(self.config.layer_streaming)))
+        return stack
 
     @override
     def module_to_device(self, module: nn.Module) -> None:

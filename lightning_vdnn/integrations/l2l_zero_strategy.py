@@ -22,7 +22,7 @@ import dataclasses
 import difflib
 from dataclasses import fields
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.integrations.options import L2L_ZERO, config_from
 from lightning_vdnn.integrations.adapters.torch import ddp_ignore, ddp_unignore
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
+from lightning_vdnn.integrations.model_init import built_on_host
 from lightning_vdnn.integrations.sharded_clipping import with_sharded_clipping
 from lightning_vdnn.report.memory_report import MemoryReport
 from lightning_vdnn.streaming.collectives import Collectives
@@ -136,6 +137,13 @@ class L2LZeroStrategy(AtomicByDefault, OffloadHooks, DDPStrategy):
         if self._comm is None:
             self._comm = Collectives(dist.new_group(), self.root_device)
         return self._comm
+
+    @override
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
+        """``configure_model`` and ``trainer.init_module()`` build in host memory (``integrations/model_init.py``)."""
+        with super().tensor_init_context(empty_init), built_on_host(True):
+            yield
 
     @override
     def model_to_device(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
@@ -21,6 +21,7 @@ from lightning_vdnn.offload.batch_chunks import BatchChunks
 from lightning_vdnn.config import VDNNConfig
 from lightning_vdnn.integrations.options import VDNN_STRATEGY, config_from
 from lightning_vdnn.integrations.lightning_hooks import OffloadHooks
+from lightning_vdnn.integrations.model_init import built_on_host, may_stream
 from lightning_vdnn.integrations.early_grad_free import free_stale_grads, frees_early
 from lightning_vdnn.integrations.trainer_settings import check_bf16_grads, follow_trainer
 from lightning_vdnn.streaming.host_outside import OutsideStepper, outside_params
@@ -179,6 +180,14 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         self._device_given = True
 
     # -- lifecycle ---------------------------------------------------------------------------------------
+    @override
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Iterator[None]:
+        """``configure_model`` and ``trainer.init_module()`` build in host memory where the blocks may stream
+        (``integrations/model_init.py``)."""
+        with super().tensor_init_context(empty_init), built_on_host(may_stream(self.config)):
+            yield
+
     @override
     def model_to_device(self) -> None:
         self._stream_if_state_fills_budget()
