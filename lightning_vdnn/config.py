@@ -93,8 +93,9 @@ class VDNNConfig:
             ``memory_budget`` (``planning/when_to_stream.py``), which no activation plan can fix.
         layers: dotted path to the repeated blocks, e.g. ``"model.blocks"``, or a list of paths streamed as one
             sequence in order (``["encoder.block", "decoder.block"]``); ``None`` auto-detects them for layer
-            streaming and ``"auto"`` (the longest lists of same-class blocks not nested in other blocks, all of
-            them when several tie), and means leaf modules for the fixed policies.
+            streaming and ``"auto"`` (the longest lists of same-class blocks, or of ``transformers`` layers of
+            several classes, not nested in other blocks, all of them when several tie), and means leaf modules
+            for the fixed policies.
         resident_blocks: with layer streaming, the first this-many blocks stay on the device with their
             optimizer state, stepped there by the ordinary optimizer; only the rest stream. Spends device memory
             to take work off the host optimizer, which bounds a streamed step (see ``streaming/streamer.py``).

@@ -17,19 +17,32 @@ LayerPaths = Union[None, str, Sequence[str]]
 
 
 def block_lists(root: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.ModuleList``/``nn.Sequential`` under ``root`` whose children (at least two) share one class and
-    that lies inside no block of another such list (an MoE layer's experts, a stage's layers are parts of a block,
-    not the blocks)."""
+    """Every ``nn.ModuleList``/``nn.Sequential`` under ``root`` of at least two blocks (children of one class, or
+    of several that are all ``transformers`` layers) that lies inside no block of another such list (an MoE
+    layer's experts, a stage's layers are parts of a block, not the blocks)."""
     found: dict[str, nn.Module] = {}
     inside: set[int] = set()
     for name, module in root.named_modules():
         if id(module) in inside:
             continue
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            if len({type(child) for child in module}) == 1:
+            classes = {type(child) for child in module}
+            if len(classes) == 1 or all(map(_transformers_layer, classes)):
                 found[name] = module
                 inside.update(id(m) for child in module for m in child.modules())
     return found
+
+
+def _transformers_layer(cls: type) -> bool:
+    """``transformers`` derives each model's encoder and decoder layer classes from ``GradientCheckpointingLayer``
+    (read by name, not imported): a list of several such classes is the model's layers (Jamba's attention and
+    Mamba layers, Mllama's self- and cross-attention ones), where any other list of mixed classes may be anything."""
+    return any(c.__name__ == "GradientCheckpointingLayer" and c.__module__.startswith("transformers.")
+               for c in cls.__mro__)
+
+
+def _classes(blocks: nn.Module) -> str:
+    return "/".join(dict.fromkeys(type(child).__name__ for child in blocks))
 
 
 def _longest(root: nn.Module) -> list[str]:
@@ -43,7 +56,7 @@ def _longest(root: nn.Module) -> list[str]:
 
 
 def detected_blocks(root: nn.Module) -> Optional[nn.Module]:
-    """The blocks of the longest lists of same-class blocks under ``root`` (several when they tie), else None."""
+    """The blocks of the longest lists of :func:`block_lists` under ``root`` (several when they tie), else None."""
     paths = _longest(root)
     return resolve_layers(root, paths)[1] if paths else None
 
@@ -58,20 +71,19 @@ def offload_units(root: nn.Module, path: LayerPaths, plans_recompute: bool) -> O
 
 
 def _candidates(root: nn.Module) -> str:
-    names = [f"{n!r} ({len(m)} x {type(m[0]).__name__})" for n, m in block_lists(root).items()]
+    names = [f"{n!r} ({len(m)} x {_classes(m)})" for n, m in block_lists(root).items()]
     return ", ".join(names) if names else "none found"
 
 
 def resolve_layers(root: nn.Module, layers: LayerPaths) -> tuple[str, nn.Module]:
     """The blocks at ``layers`` under ``root``: ``(label, container)``. One path gives its container; several
     give an ``nn.ModuleList`` of their blocks in order (owned by the model, not by the list), labelled with the
-    paths joined by ``", "``. ``None`` detects them: the longest lists of same-class blocks, all of them when
-    several tie (T5's encoder and decoder stacks).
+    paths joined by ``", "``. ``None`` detects them: the longest lists of :func:`block_lists`, all of them when
+    several tie (T5's encoder and decoder stacks). A list named by path may hold blocks of any classes.
 
     Raises:
-        ValueError: a path does not exist, is not a list of same-class blocks, or names blocks another path
-            names too, or (detection) there is no candidate. The message lists the candidates and how to set
-            ``layers``.
+        ValueError: a path does not exist, is not a list of blocks, or names blocks another path names too, or
+            (detection) there is no candidate. The message lists the candidates and how to set ``layers``.
     """
     if layers is None:
         paths = _longest(root)
@@ -99,12 +111,6 @@ def _one_list(root: nn.Module, path: str) -> nn.Module:
     if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
         raise ValueError(
             f"layers={path!r} is a {type(module).__name__}, not an nn.ModuleList/nn.Sequential of blocks. "
-            f"Candidates: {_candidates(root)}."
-        )
-    classes = sorted({type(child).__name__ for child in module})
-    if len(classes) > 1:
-        raise ValueError(
-            f"layers={path!r} holds blocks of different classes {classes}; streaming needs identical blocks. "
             f"Candidates: {_candidates(root)}."
         )
     return module

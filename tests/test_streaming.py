@@ -264,12 +264,25 @@ class Mixed(LM):
 
 @pytest.mark.parametrize("make, strategy, pattern", [
     (lm(), l2l(layers="model.layers"), r"layers='model\.layers' does not exist.*'model\.blocks'"),
-    (Mixed, l2l(layers="model.blocks"), r"different classes \['Block', 'Linear'\]"),
     (lambda: Classifier(ResidualCNN()), "l2l", r"found no nn\.ModuleList.*pass layers="),
 ])
 def test_bad_layers_fail_before_training_with_the_fix(make, strategy, pattern):
     with pytest.raises(ValueError, match=pattern):
         fit(make, loader(8), strategy, max_steps=1)
+
+
+def test_a_named_list_of_blocks_of_several_classes_streams_like_plain():
+    """``layers=`` may name blocks of different classes (a hybrid model's): each keeps its own host layout, and
+    the slots are as large as the largest."""
+    class Sizes(L.Callback):
+        def on_train_batch_end(self, trainer, *_):
+            self.numels = {b.numel for b in trainer.strategy._streamer.blocks}
+
+    ref, _ = fit(Mixed, loader(16), max_steps=3)
+    sizes = Sizes()
+    got, _ = fit(Mixed, loader(16), l2l(layers="model.blocks"), max_steps=3, callbacks=[sizes])
+    assert_same_run(got, ref)
+    assert len(sizes.numels) == 2
 
 
 class LBFGSModel(LM):

@@ -1,5 +1,5 @@
 """Layer streaming on models we did not write: Hugging Face Llama, Mistral, Mixtral, Qwen2-MoE, Gemma 2, GPT-NeoX,
-Bloom, GPT-2, BERT, DeBERTa-v2, T5, ViT, Swin, ResNet, Mamba and ``torch.nn.TransformerEncoder``, built from tiny
+Bloom, GPT-2, BERT, DeBERTa-v2, T5, ViT, Swin, ResNet, Jamba, Mamba and ``torch.nn.TransformerEncoder``, built from tiny
 configs and left untouched. Each trains under ``l2l`` exactly as under plain Lightning: losses, parameters and
 buffers (BatchNorm's running statistics and count)."""
 
@@ -80,6 +80,11 @@ MODELS = {
         image_size=16, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[2, 2, 2], window_size=2, num_labels=3,
         hidden_dropout_prob=d, attention_probs_dropout_prob=d)), "images", "swin.encoder.layers"),
     # a state-space model: no attention, a causal convolution and a selective scan per block
+    # attention and Mamba layers of two classes in one list, MoE every other layer (a hybrid model)
+    "jamba": (lambda d: tf.JambaForCausalLM(tf.JambaConfig(
+        **_lm_kwargs(d), attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=2, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, use_mamba_kernels=False)),
+        "tokens", "model.layers"),
     "mamba": (lambda d: tf.MambaForCausalLM(tf.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
                                                            state_size=4, expand=2, conv_kernel=4)),
               "tokens", "backbone.layers"),
@@ -312,6 +317,18 @@ def test_a_model_built_in_configure_model_streams_like_plain_training(strategy):
 def llama(dropout: float = 0.0, **config) -> nn.Module:
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(tf.LlamaConfig(**{**_lm_kwargs(dropout), **config}))
+
+
+def test_blocks_that_share_a_module_are_refused_with_the_alternative():
+    """Zamba 2 calls one shared transformer from several of its layers: they cannot each have their own host
+    weights. The error names the shared weight and what trains the model instead."""
+    model = tf.Zamba2ForCausalLM(tf.Zamba2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, mamba_d_state=4, mamba_headdim=8, n_mamba_heads=8, attention_head_dim=8,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], hybrid_layer_ids=[1, 3], use_mem_eff_path=False))
+    with pytest.raises(ValueError, match=r"Blocks 1 and 3 at layers='model\.layers' share a parameter \(block 3's "
+                                         r"shared_transformer\..*strategy='vdnn_all'"):
+        stream_layers(model, sgd(model), device="cpu", pin_memory=False)
 
 
 def test_cache_is_dropped_from_training_calls_with_one_warning():

@@ -307,14 +307,17 @@ def adopt_grads(block: HostBlock, done: Any) -> None:
 def check_sharing(root: nn.Module, container: nn.Module, path: str) -> None:
     owner: dict[int, int] = {}
     for i, block in enumerate(container):
-        params = list(block.parameters())
+        params = list(block.named_parameters())
         if not params:
             raise ValueError(f"Block {i} at layers={path!r} ({type(block).__name__}) has no parameters to stream; "
                              "point layers at the repeated blocks that hold the weights.")
-        for p in params:
+        for name, p in params:
             if owner.setdefault(id(p), i) != i:
-                raise ValueError(f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter; layer "
-                                 "streaming keeps each block's weights in its own host buffer.")
+                raise ValueError(
+                    f"Blocks {owner[id(p)]} and {i} at layers={path!r} share a parameter (block {i}'s {name}: the "
+                    "model reuses one module in several blocks); layer streaming keeps each block's weights in its "
+                    "own host buffer. Train this model with activation offload alone (strategy='vdnn_all', or "
+                    "layer_streaming=False), or stream a list of blocks that share nothing.")
     inside = {id(m) for b in container for m in b.modules()}
     for m in root.modules():
         if id(m) in inside:

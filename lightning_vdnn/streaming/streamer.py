@@ -79,7 +79,7 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
 
     Args:
         root: the module holding the blocks (the LightningModule).
-        layers: dotted path to an ``nn.ModuleList``/``nn.Sequential`` of same-class blocks; ``None`` detects it.
+        layers: dotted path to an ``nn.ModuleList``/``nn.Sequential`` of blocks; ``None`` detects it.
         device: where the model computes; everything outside the blocks is moved there.
         precision: Lightning's precision string; ``"bf16-mixed"``/``"16-mixed"`` make the slots bf16/fp16.
         pin_memory: page-locked host buffers on CUDA (asynchronous copies).
