@@ -382,3 +382,21 @@ def test_strategy_backward_runs_the_precision_plugins_backward_between_its_hooks
                      {"key": 1}), "plugin.post_backward", "post_backward"], (
         "Strategy.backward changed how it calls the strategy's pre/post_backward and the precision plugin: "
         "re-read integrations/lightning_hooks.py (pass bookkeeping) and precision_plugins.py (OOM retry)")
+
+
+def test_forward_hooks_are_set_aside_and_run_later_as_module_call_runs_them():
+    """``streaming/inner_hooks.py`` swaps ``nn.Module``'s forward-hook dicts while a streamed block runs."""
+    source = inspect.getsource(nn.Module._call_impl)
+    for name in (torch_adapter.FORWARD_HOOKS, torch_adapter.FORWARD_HOOKS_WITH_KWARGS):
+        assert f"self.{name}" in source, f"nn.Module._call_impl no longer reads {name}: forward_hooks_set_aside is void"
+    layer, seen = nn.Linear(2, 2), []
+    layer.register_forward_hook(lambda m, args, out: seen.append(("plain", args[0].shape)))
+    layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(("kwargs", kwargs)), with_kwargs=True)
+    captured = []
+    with torch_adapter.forward_hooks_set_aside([layer], lambda *call: captured.append(call)) as kept:
+        out = layer(torch.ones(3, 2))
+    assert seen == [] and len(captured) == 1 and captured[0][0] is layer and captured[0][3] is out
+    layer(torch.ones(1, 2))  # the hooks are back
+    assert seen == [("plain", (1, 2)), ("kwargs", {})]
+    torch_adapter.run_forward_hooks(layer, kept[0], (torch.ones(3, 2),), {"x": 1}, out)
+    assert seen[2:] == [("plain", (3, 2)), ("kwargs", {"x": 1})]

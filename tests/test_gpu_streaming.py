@@ -194,6 +194,23 @@ def test_library_models_stream_on_cuda_like_plain(name, microbatches, policy):
     lib.assert_same_training(got, ref, tol=1e-4)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_moe_load_balancing_loss_streams_on_cuda_like_plain(microbatches):
+    """Router logits recorded inside the streamed blocks (``streaming/inner_hooks.py``) on real streams: fp32, the
+    run is plain's to rounding."""
+    pytest.importorskip("transformers")
+    import test_streaming_models as lib
+
+    def train(strategy):
+        loader = torch.utils.data.DataLoader(lib.batches("tokens", 4), batch_size=None)
+        task, _ = fit(lambda: lib.RouterLoss("mixtral"), loader, strategy, max_steps=4, **GPU)
+        return task
+
+    ref = train("auto")
+    lib.assert_same_training(train(VDNNStrategy("none", layer_streaming=True, microbatches=microbatches)), ref,
+                             tol=1e-4)
+
+
 @pytest.mark.parametrize("name, precision, microbatches", [
     ("t5", "bf16-mixed", 1), ("swin", "bf16-mixed", 1), ("llama", "bf16-true", 1), ("llama", "bf16-true", 2),
     ("bloom", "bf16-mixed", 2), ("gemma2", "bf16-mixed", 2),

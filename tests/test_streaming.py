@@ -128,15 +128,16 @@ def test_memory_report_counts_streamed_bytes(microbatches):
 
 
 class RowsSeen(L.Callback):
-    """Records how many rows the first block's MLP and the LM head compute at a time."""
+    """Records how many rows the first block's MLP and the LM head compute at a time (pre-hooks: the forward hooks
+    of modules inside a streamed block run once per call, on the whole batch, ``streaming/inner_hooks.py``)."""
 
     def __init__(self) -> None:
         self.seen: dict[str, list[int]] = {"block": [], "head": []}
 
     def setup(self, trainer, module, stage):
         for key, layer in (("block", module.model.blocks[0].mlp.fc), ("head", module.model.lm_head)):
-            if not layer._forward_hooks:  # once, though validate sets up again
-                layer.register_forward_hook(lambda m, args, out, key=key: self.seen[key].append(len(args[0])))
+            if not layer._forward_pre_hooks:  # once, though validate sets up again
+                layer.register_forward_pre_hook(lambda m, args, key=key: self.seen[key].append(len(args[0])))
 
 
 def test_blocks_compute_one_chunk_at_a_time_and_the_head_the_whole_batch():

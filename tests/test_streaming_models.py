@@ -331,6 +331,67 @@ def test_blocks_that_share_a_module_are_refused_with_the_alternative():
         stream_layers(model, sgd(model), device="cpu", pin_memory=False)
 
 
+class RouterLoss(Task):
+    """An MoE model trained with its load-balancing loss (``output_router_logits=True``), on padded batches:
+    ``transformers`` records each layer's router logits with forward hooks on the routers inside the layers."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.model.config.output_router_logits = True
+
+    def training_step(self, batch, batch_idx):
+        mask = torch.ones_like(batch)
+        mask[0, -3:] = 0
+        loss = self.model(input_ids=batch, attention_mask=mask, labels=batch).loss
+        self.losses.append(loss.item())
+        return loss
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("setting", [{}, {"microbatches": 2}, {"saved_blocks": 1}, {"resident_blocks": 1}],
+                         ids=["streamed", "microbatches", "saved_blocks", "resident_blocks"])
+def test_moe_load_balancing_loss_streams_like_plain_training(name, setting):
+    """The router logits come from inside the streamed blocks, whose forward graph is dropped: they failed in
+    backward (RuntimeError), and under microbatches the loss saw one tensor per chunk (mis-sized with a mask). The
+    routers' hooks now run once per layer, on the whole batch's logits, which reach backward through the block."""
+    def run(strategy) -> Task:
+        loader = torch.utils.data.DataLoader(batches("tokens"), batch_size=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task, _ = fit(lambda: RouterLoss(name), loader, strategy, max_steps=3)
+        return task
+
+    assert_same_training(run(l2l(**setting)), run("auto"))
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_attention_weights_are_one_per_layer_and_differentiable(microbatches):
+    """``output_attentions=True`` records each layer's attention weights from inside it: one tensor per layer,
+    the whole batch's, also under microbatches, and a loss on them trains the blocks as in plain training."""
+    ref, got = llama(attn_implementation="eager"), llama(attn_implementation="eager")
+    ids = batches("tokens")[0]
+    streamer = stream_layers(got, sgd(got), device="cpu", pin_memory=False, microbatches=microbatches)
+    outs = [m(input_ids=ids, labels=ids, output_attentions=True) for m in (got, ref)]
+    assert len(outs[0].attentions) == len(outs[1].attentions) == 3
+    for a, b in zip(outs[0].attentions, outs[1].attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for out in outs:
+        (out.loss + out.attentions[1].square().mean()).backward()
+    streamer.close()
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_hook_inside_a_block_that_replaces_its_output_is_refused():
+    model = llama()
+    model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: out * 2)
+    streamer = stream_layers(model, sgd(model), device="cpu", pin_memory=False)
+    ids = batches("tokens")[0]
+    with pytest.raises(RuntimeError, match=r"forward hook on LlamaMLP inside a streamed block returned a new output"):
+        model(input_ids=ids, labels=ids)
+    streamer.close()
+
+
 def test_cache_is_dropped_from_training_calls_with_one_warning():
     """``use_cache=True`` in a training forward: the layers get no cache (a recompute would write it twice), one
     warning says so, as transformers does under gradient checkpointing; the run is plain's."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_vdnn.compiled import eager
 from lightning_vdnn.streaming.calls import CallFlat, Flat
+from lightning_vdnn.streaming.inner_hooks import InnerOutputs
 
 if TYPE_CHECKING:
     from lightning_vdnn.streaming.streamer import LayerStreamer
@@ -26,10 +27,11 @@ _HEAD = 5
 class Result:
     """Where :class:`StreamedBlock` leaves the structure of the block's result (a ``Function`` returns tensors)."""
 
-    __slots__ = ("flat",)
+    __slots__ = ("flat", "inner")
 
     def __init__(self) -> None:
         self.flat: Optional[Flat] = None
+        self.inner: Optional[InnerOutputs] = None  # the outputs of its hooked modules, which follow the block's
 
 
 class StreamedBlock(torch.autograd.Function):
@@ -42,21 +44,26 @@ class StreamedBlock(torch.autograd.Function):
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.streamer, ctx.index, ctx.call, ctx.states, ctx.graph = streamer, index, call, [], None
-        ctx.saving = index in streamer.saving
+        # a block with hooked modules inside recomputes: their outputs' gradients reach backward through it
+        ctx.saving = index in streamer.saving and streamer._inner_hooks(index) is None
+        inner = None
         if ctx.saving:
             ctx.graph, flat, outs, ctx.layout = streamer._run_saving(index, call, tensors)
         else:
             ctx.save_for_backward(*tensors)
-            flat, outs, ctx.layout = streamer._run(index, call, tensors, ctx.states)
+            flat, outs, ctx.layout, inner = streamer._run(index, call, tensors, ctx.states)
         if not outs:
             raise TypeError(f"{streamer._where(index)} returned no tensor; layer streaming needs blocks whose result "
                             "holds at least one tensor.")
-        result.flat = flat
+        result.flat, result.inner = flat, inner
+        ctx.count, ctx.inner = len(outs), inner.layout() if inner is not None else None
+        extra = inner.tensors if inner is not None else []
         # what the block's own forward made no gradient for (a mask, a position bias passed on) stays so, as in
         # plain training: kernels that choose by it (attention with a mask) then choose alike in the next block
-        ctx.mark_non_differentiable(*(o for o, w in zip(outs, ctx.layout.wanted)
+        wanted = list(ctx.layout.wanted) + (inner.wanted if inner is not None else [])
+        ctx.mark_non_differentiable(*(o for o, w in zip(outs + extra, wanted)
                                       if not w or not (o.is_floating_point() or o.is_complex())))
-        return tuple(outs)
+        return tuple(outs) + tuple(extra)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple:
@@ -67,8 +74,8 @@ class StreamedBlock(torch.autograd.Function):
                 raise RuntimeError(ctx.streamer._once(ctx.index))
             gins = ctx.streamer._backward_saving(ctx.index, graph, list(grads))
         else:
-            gins = ctx.streamer._backward(ctx.index, ctx.call, ctx.saved_tensors, list(grads), ctx.states, ctx.layout,
-                                          needs)
+            gins = ctx.streamer._backward(ctx.index, ctx.call, ctx.saved_tensors, list(grads[:ctx.count]), ctx.states,
+                                          ctx.layout, needs, ctx.inner, grads[ctx.count:])
         return (None,) * _HEAD + tuple(g if need else None for g, need in zip(gins, needs))
 
 

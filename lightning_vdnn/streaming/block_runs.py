@@ -20,6 +20,7 @@ from lightning_vdnn.streaming.block_function import (Enter, Exit, Graph, Port, R
                                                      SlotView, StreamedBlock)
 from lightning_vdnn.streaming.calls import CallFlat, ChunkPlan, Flat, Joined
 from lightning_vdnn.streaming.hf_conventions import checkpointing_off
+from lightning_vdnn.streaming.inner_hooks import InnerHooks, InnerLayout, InnerOutputs, hooked_modules
 from lightning_vdnn.streaming.microbatches import ChunkState
 from lightning_vdnn.streaming.slots import Slot
 
@@ -44,38 +45,53 @@ class BlockRuns:
             self._calls[index] += 1
             result = Result()
             outs = StreamedBlock.apply(self, index, call, result, self._anchor, *tensors)
-            return result.flat.rebuild(outs)
-        flat, outs, _ = self._run(index, call, tensors)
+            count = len(outs) - (len(result.inner.tensors) if result.inner is not None else 0)
+            if result.inner is not None:  # after the block, before its own hooks (``streaming/inner_hooks.py``)
+                result.inner.run_hooks(outs[count:])
+            return result.flat.rebuild(outs[:count])
+        flat, outs, _, inner = self._run(index, call, tensors)
+        if inner is not None:
+            inner.run_hooks(inner.tensors)
         return flat.rebuild(outs)
 
+    def _inner_hooks(self, index: int) -> Optional[InnerHooks]:
+        """The hooked modules inside block ``index``, whose calls streaming captures; None where there are none,
+        or where the block is compiled by itself (its hooks run inside its compiled call)."""
+        modules = hooked_modules(self.blocks[index].module) if self._forwards[index].compiled is None else []
+        return InnerHooks(modules) if modules else None
+
     def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor],
-             states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined]:
+             states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined, Optional[InnerOutputs]]:
         """Block ``index`` over the call, chunk by chunk on one resident slot. ``states`` (training) receives each
-        chunk's RNG/autocast/buffer state, which backward replays. Returns the result's structure, its tensors
-        and the chunks' layout (kept for backward)."""
+        chunk's RNG/autocast/buffer state, which backward replays. Returns the result's structure, its tensors,
+        the chunks' layout (kept for backward) and the calls of its hooked modules (``streaming/inner_hooks.py``)."""
         slot = self._acquire(index)
         block = self.blocks[index]
         plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
         joined = Joined(plan, self._where(index))
+        hooks, hooked = self._inner_hooks(index), []
         training = states is not None  # then as plain training runs it: see _as_with_autograd
         weights = block.leaves(slot.buf) if training else block.split(slot.buf)
         with block.substituted(weights), _as_with_autograd(training):
             for k, chunk in enumerate(plan.chunks(tensors)):
-                if not training:
-                    joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
-                    continue
-                state = ChunkState(self.device, self._buffers[index])
-                chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
-                outs, wanted = _detached(call.call(self._forwards[index].run, chunk))
+                hooked.append([])
+                with hooks.capture(hooked[-1]) if hooks is not None else contextlib.nullcontext():
+                    if not training:
+                        joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
+                        continue
+                    state = ChunkState(self.device, self._buffers[index])
+                    chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
+                    outs, wanted = _detached(call.call(self._forwards[index].run, chunk))
                 joined.wanted = joined.wanted or wanted
                 joined.put(k, outs, _shape(chunk, call))
                 state.ran()
                 states.append(state)
+        inner = InnerOutputs(hooks, hooked, plan.sizes, self._where(index)) if hooks is not None else None
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
         flat, outs = joined.result()
         joined.forget_values()
-        return flat, outs, joined
+        return flat, outs, joined, inner
 
     def _run_saving(self, index: int, call: CallFlat, tensors: Sequence[Tensor]) -> tuple[Graph, Any, list[Tensor],
                                                                                             Joined]:
@@ -108,9 +124,12 @@ class BlockRuns:
         return graph, flat, [o.detach() for o in outs], joined
 
     def _backward(self, index: int, call: CallFlat, tensors: Sequence[Tensor], grads: list[Optional[Tensor]],
-                  states: list[ChunkState], layout: Joined, needs: Sequence[bool]) -> list[Optional[Tensor]]:
+                  states: list[ChunkState], layout: Joined, needs: Sequence[bool],
+                  inner: Optional[InnerLayout] = None, inner_grads: Sequence[Optional[Tensor]] = ()
+                  ) -> list[Optional[Tensor]]:
         """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
-        device and cross to the host once. Returns the gradient of each of the call's tensors."""
+        device and cross to the host once. Returns the gradient of each of the call's tensors. ``inner``: how the
+        outputs of its hooked modules split over the chunks, ``inner_grads`` theirs."""
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
         block = self.blocks[index]
@@ -121,8 +140,9 @@ class BlockRuns:
         for k in reversed(range(len(chunks))):  # last chunk first, the order autograd would sum them in
             counter = SavedBytes(*tensors, *chunks[k], slot.buf) if self.measure_saved else None
             with counter if counter is not None else contextlib.nullcontext():
+                extra = inner.grads_of_chunk(k, inner_grads) if inner is not None else []
                 gins[k], wgrads = self._recompute(index, slot, call, chunks[k], layout.grads_of_chunk(k, grads),
-                                                  states[k], needs)
+                                                  states[k], needs, extra)
             saved += counter.nbytes if counter is not None else 0
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
@@ -164,16 +184,19 @@ class BlockRuns:
                 "every streamed block recomputes, which supports more.")
 
     def _recompute(self, index: int, slot: Slot, call: CallFlat, chunk: list[Tensor],
-                   grads: list[Optional[Tensor]], state: ChunkState,
-                   needs: Sequence[bool]) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+                   grads: list[Optional[Tensor]], state: ChunkState, needs: Sequence[bool],
+                   inner_grads: Sequence[Optional[Tensor]] = ()) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         """One chunk's forward again, with autograd, from its recorded state: (the call's tensors' grads, the
-        weight grads)."""
+        weight grads). ``inner_grads``: those of its hooked modules' outputs, captured again."""
         block = self.blocks[index]
+        hooks, hooked = self._inner_hooks(index), []
         with state.replay():
             ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
             leaves = block.leaves(slot.buf)
-            with block.substituted(leaves):
+            with block.substituted(leaves), hooks.capture(hooked) if hooks is not None else contextlib.nullcontext():
                 outs = Flat(call.call(self._forwards[index].run, ins)).take()
+        if any(g is not None for g in inner_grads):
+            outs, grads = outs + InnerLayout.leaves(hooked), list(grads) + list(inner_grads)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         wants = [x for x in ins if x.requires_grad] + [w for w in leaves if w.requires_grad]
         got = list(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs], allow_unused=True)

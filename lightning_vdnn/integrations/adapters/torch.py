@@ -6,8 +6,10 @@ that changed). Public torch API is used directly everywhere else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Iterable, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import nn
 from torch._functorch import config as functorch_config
@@ -22,6 +24,11 @@ WRITTEN_AGAINST = "2.13.0"
 #: What ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` puts on the module and on
 #: each ignored tensor (``ddp_unignore`` takes them back).
 DDP_IGNORE_LIST, DDP_IGNORED_FLAG = "_ddp_params_and_buffers_to_ignore", "_ddp_ignored"
+
+#: Where ``nn.Module`` keeps its forward hooks, and which of them take the call's keyword arguments (dicts keyed by
+#: the hook's id); ``nn.Module._call_impl`` reads both on every call.
+FORWARD_HOOKS, FORWARD_HOOKS_WITH_KWARGS = "_forward_hooks", "_forward_hooks_with_kwargs"
+_CAPTURE = object()  # the id of the one hook :func:`forward_hooks_set_aside` leaves
 
 #: The setting of AOTAutograd's min-cut partitioner that bounds what a compiled graph saves for its backward:
 #: 1 (torch's default) saves what the min cut chooses; lower saves less and recomputes more inside the compiled
@@ -91,3 +98,34 @@ def around_zero_grad(optimizer: Optimizer, before: Callable[[bool], None],
         else:
             optimizer.zero_grad = previous
     return undo
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks of its own (not counting global ones)."""
+    return bool(getattr(module, FORWARD_HOOKS))
+
+
+@contextlib.contextmanager
+def forward_hooks_set_aside(modules: Sequence[nn.Module],
+                            capture: Callable[[nn.Module, tuple, dict, Any], None]) -> Iterator[list[tuple[dict, dict]]]:
+    """While inside, each module's forward hooks are set aside and ``capture(module, args, kwargs, output)`` runs in
+    their place; yields the hooks set aside per module, ``(hooks, with_kwargs)``, for :func:`run_forward_hooks`.
+    torch can add and remove hooks publicly, not suspend them: their dicts are swapped and put back."""
+    kept = [(getattr(m, FORWARD_HOOKS), getattr(m, FORWARD_HOOKS_WITH_KWARGS)) for m in modules]
+    try:
+        for m in modules:
+            setattr(m, FORWARD_HOOKS, OrderedDict([(_CAPTURE, capture)]))
+            setattr(m, FORWARD_HOOKS_WITH_KWARGS, {_CAPTURE: True})
+        yield kept
+    finally:
+        for m, (hooks, with_kwargs) in zip(modules, kept):
+            setattr(m, FORWARD_HOOKS, hooks)
+            setattr(m, FORWARD_HOOKS_WITH_KWARGS, with_kwargs)
+
+
+def run_forward_hooks(module: nn.Module, kept: tuple[dict, dict], args: tuple, kwargs: dict, output: Any) -> list[Any]:
+    """Run the hooks :func:`forward_hooks_set_aside` kept for ``module`` as its call would have, in order; returns
+    what each returned."""
+    hooks, with_kwargs = kept
+    return [hook(module, args, kwargs, output) if hook_id in with_kwargs else hook(module, args, output)
+            for hook_id, hook in list(hooks.items())]
