@@ -286,6 +286,28 @@ def test_a_named_list_of_blocks_of_several_classes_streams_like_plain():
     assert len(sizes.numels) == 2
 
 
+class Stashing(nn.Module):
+    """A block that keeps an intermediate on itself, which the loss then uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inner = self.fc(x).relu()
+        return x + self.inner
+
+
+def test_a_tensor_kept_from_inside_a_streamed_block_fails_in_backward_naming_the_ways_out():
+    model = nn.Sequential(*(Stashing() for _ in range(3)))
+    streamer = lightning_vdnn.stream_layers(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cpu",
+                                            pin_memory=False)
+    loss = model(torch.randn(4, 8)).sum() + model[1].inner.square().sum()
+    with pytest.raises(RuntimeError, match=r"reached backward by another way than the block's outputs.*forward hook"):
+        loss.backward()
+    streamer.close()
+
+
 class LBFGSModel(LM):
     def configure_optimizers(self):
         return torch.optim.LBFGS(self.parameters())

@@ -223,8 +223,12 @@ def _drop(t: Tensor) -> None:
 
 
 def _dropped(_: None) -> Tensor:
-    raise RuntimeError("layer streaming: a streamed block's forward graph was used for backward; backward "
-                       "recomputes the block instead (a bug: please report it).")
+    raise RuntimeError("layer streaming: a tensor computed inside a streamed block reached backward by another way "
+                       "than the block's outputs (kept on an attribute, or by a global hook), but a streamed block's "
+                       "forward keeps no graph: backward recomputes the block from its inputs. Return the tensor "
+                       "from the block, or record it with a forward hook on a module inside the block (such hooks "
+                       "run once per call, on outputs that reach backward), or train with activation offload alone "
+                       "(layer_streaming=False).")
 
 
 def _detached(out: Any) -> tuple[Any, list[bool]]:
