@@ -417,16 +417,22 @@ def slow_host_updates(monkeypatch) -> None:
     monkeypatch.setattr(HostStepper, "_update", lambda *args: (time.sleep(0.02), update(*args)))
 
 
+def taken_with_updates_in_flight(monkeypatch, make, **trainer_kwargs) -> list[tuple]:
+    """``(ours, plain's)`` per step of what a callback ``make()`` took after each of 3 steps, plain and under
+    ``l2l``, the host updates slowed so that they are still queued when it reads."""
+    slow_host_updates(monkeypatch)
+    ref, got = make(), make()
+    fit(lm(), loader(16), max_steps=3, callbacks=[ref], **trainer_kwargs)
+    fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got], **trainer_kwargs)
+    assert len(got.taken) == 3
+    return list(zip(got.taken, ref.taken))
+
+
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch, clip):
     """``optimizer.step()`` returns with block updates still queued on the worker (slowed here, so that they
     are): ``state_dict()`` taken right after must wait for them, not read half-updated host weights."""
-    slow_host_updates(monkeypatch)
-    ref, got = StateDicts(), StateDicts()
-    fit(lm(), loader(16), max_steps=3, gradient_clip_val=clip, callbacks=[ref])
-    fit(lm(), loader(16), "l2l", max_steps=3, gradient_clip_val=clip, callbacks=[got])
-    assert len(got.taken) == 3
-    for ours, theirs in zip(got.taken, ref.taken):
+    for ours, theirs in taken_with_updates_in_flight(monkeypatch, StateDicts, gradient_clip_val=clip):
         assert ours.keys() == theirs.keys()
         for key, value in theirs.items():
             assert torch.equal(ours[key], value), key
@@ -445,12 +451,7 @@ class OptimizerStates(L.Callback):
 def test_optimizer_state_dict_after_the_step_waits_for_queued_host_updates(monkeypatch):
     """The user's optimizer holds the blocks' moments, which queued host updates write after ``step()`` returns:
     its ``state_dict()`` waits for them (torch's public pre-hook) instead of copying them half written."""
-    slow_host_updates(monkeypatch)
-    ref, got = OptimizerStates(), OptimizerStates()
-    fit(lm(), loader(16), max_steps=3, callbacks=[ref])
-    fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got])
-    assert len(got.taken) == 3
-    for ours, theirs in zip(got.taken, ref.taken):
+    for ours, theirs in taken_with_updates_in_flight(monkeypatch, OptimizerStates):
         assert ours["state"].keys() == theirs["state"].keys()
         for index, state in theirs["state"].items():
             assert ours["state"][index].keys() == state.keys()
@@ -506,12 +507,7 @@ def test_strategy_synchronize_lets_callbacks_read_parameters_directly(monkeypatc
                 trainer.strategy.synchronize()
             self.taken.append([p.detach().clone() for p in module.parameters()])
 
-    slow_host_updates(monkeypatch)
-    ref, got = Clones(), Clones()
-    fit(lm(), loader(16), max_steps=3, callbacks=[ref])
-    fit(lm(), loader(16), "l2l", max_steps=3, callbacks=[got])
-    assert len(got.taken) == 3
-    for ours, theirs in zip(got.taken, ref.taken):
+    for ours, theirs in taken_with_updates_in_flight(monkeypatch, Clones):
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
 
