@@ -22,7 +22,7 @@ from hydra.utils import instantiate  # noqa: E402
 from conftest import ROOT, assert_same_params, checkout_env, fit, token_loader  # noqa: E402
 from lightning_vdnn import VDNNStrategy  # noqa: E402
 from lightning_vdnn.examples.data import TextDataModule  # noqa: E402
-from lightning_vdnn.examples.hf_tasks import HFCausalLM, load_config  # noqa: E402
+from lightning_vdnn.examples.hf_tasks import HFCausalLM, build_causal_lm, load_config  # noqa: E402
 
 #: Small enough for seconds per run: 2 blocks, a short window, few batches, no validation.
 SMALL = ["+model.num_hidden_layers=2", "data.max_bytes=100000", "data.seq_len=64", "data.batch_size=4",
@@ -60,6 +60,25 @@ def test_a_local_config_directory_or_file_is_built(tmp_path):
     assert built.model.config.hidden_size == 64 and next(built.parameters()).dtype == torch.float32
     assert built.model.config.head_dim == 16  # derived from the overridden width, not llama_tiny's 32
     assert len(HFCausalLM(config=str(tmp_path / "cfg.json")).model.model.layers) == 1
+
+
+def test_a_saved_model_directory_loads_its_weights(tmp_path):
+    """A ``save_pretrained`` directory (a fine-tuned checkpoint) trains from its weights, read from disk only;
+    ``pretrained=False`` builds fresh ones, ``pretrained=True`` requires them."""
+    torch.manual_seed(0)
+    saved = build_causal_lm("llama_tiny", num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    saved.save_pretrained(tmp_path / "ckpt")
+    built = instantiate(compose_run(f"model.config={tmp_path / 'ckpt'}").model)
+    for (name, p), q in zip(built.model.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name
+    assert next(built.parameters()).dtype == torch.float32
+    fresh = HFCausalLM(config=str(tmp_path / "ckpt"), pretrained=False)
+    assert not torch.equal(fresh.model.model.embed_tokens.weight, saved.model.embed_tokens.weight)
+    load_config("llama_tiny").save_pretrained(tmp_path / "config_only")
+    assert len(HFCausalLM(config=str(tmp_path / "config_only")).model.model.layers) == 4  # fresh: nothing to load
+    with pytest.raises(FileNotFoundError, match=r"pretrained=True, but config='.*config_only' is not a directory "
+                                                r"holding weights"):
+        HFCausalLM(config=str(tmp_path / "config_only"), pretrained=True)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,4 +1,5 @@
-"""Hugging Face causal language models as a LightningModule, built from a config and never downloaded.
+"""Hugging Face causal language models as a LightningModule, built from a local config (with the weights saved
+beside it, if any) and never downloaded.
 
 The recipes' text data yields ``(x, y)`` byte windows with ``y`` already ``x`` shifted by one, so the module calls
 the model with ``input_ids=x`` and takes the cross-entropy of its logits against ``y`` at every position, as
@@ -111,14 +112,41 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_causal_lm(source: Union[str, Path], attn_implementation: str = "sdpa", **overrides: Any) -> nn.Module:
-    """An ``AutoModelForCausalLM`` with fresh fp32 weights from :func:`load_config` (whatever ``dtype`` the
-    config names: the precision plugin casts for compute, and the optimizer wants fp32 masters)."""
+#: The files ``save_pretrained`` writes the weights to (one file, or shards listed in an index).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def saved_weights(source: Union[str, Path]) -> Optional[Path]:
+    """The directory ``source`` names if it holds weights ``save_pretrained`` wrote, else None."""
+    path = Path(str(source)).expanduser()
+    if str(source) in shipped_configs() or not path.is_dir():
+        return None
+    return path if any((path / name).is_file() for name in WEIGHT_FILES) else None
+
+
+def build_causal_lm(source: Union[str, Path], attn_implementation: str = "sdpa", pretrained: Optional[bool] = None,
+                    **overrides: Any) -> nn.Module:
+    """An ``AutoModelForCausalLM`` from :func:`load_config`, in fp32 (whatever ``dtype`` the config names: the
+    precision plugin casts for compute, and the optimizer wants fp32 masters). Its weights are those saved in the
+    directory ``source`` names (:data:`WEIGHT_FILES`, read from disk only) where it holds them and ``pretrained``
+    is not False, else fresh.
+
+    Raises:
+        FileNotFoundError: ``pretrained=True`` and ``source`` is not a directory holding weights.
+    """
     transformers = _transformers()
     config = load_config(source, **overrides)
+    weights = saved_weights(source) if pretrained is not False else None
+    if pretrained and weights is None:
+        raise FileNotFoundError(f"pretrained=True, but config={str(source)!r} is not a directory holding weights "
+                                f"({', '.join(WEIGHT_FILES)}); give the directory save_pretrained wrote, or leave "
+                                "pretrained unset for fresh weights.")
+    kwargs = dict(dtype=torch.float32, attn_implementation=attn_implementation)
     try:
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                             attn_implementation=attn_implementation)
+        if weights is not None:
+            return transformers.AutoModelForCausalLM.from_pretrained(weights, config=config, local_files_only=True,
+                                                                     **kwargs)
+        return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     except ValueError as exc:
         raise ValueError(f"{type(config).__name__} (from {source!r}) does not build a causal LM: {exc}") from exc
 
@@ -129,6 +157,8 @@ class HFCausalLM(NextTokenTask):
     Args:
         config: a config shipped with the package (``"llama_tiny"``), a directory with a ``config.json``, or a
             ``.json`` file (see :func:`config_file`).
+        pretrained: load the weights saved in the ``config`` directory (``None``: where it holds some; ``False``:
+            fresh weights; ``True``: required). Never downloaded.
         attn_implementation: ``"sdpa"``, ``"eager"``, ... as ``transformers`` takes it.
         gradient_checkpointing: ``transformers``' own per-layer checkpointing (:func:`enable_checkpointing`).
         lr, weight_decay, betas, warmup_steps, max_steps, min_lr_ratio: as :class:`~lightning_vdnn.examples.tasks.LanguageModel`.
@@ -138,6 +168,7 @@ class HFCausalLM(NextTokenTask):
     def __init__(
         self,
         config: str = "llama_tiny",
+        pretrained: Optional[bool] = None,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         lr: float = 3e-3,
@@ -150,7 +181,7 @@ class HFCausalLM(NextTokenTask):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_causal_lm(config, attn_implementation, **overrides)
+        self.model = build_causal_lm(config, attn_implementation, pretrained, **overrides)
         if gradient_checkpointing:
             enable_checkpointing(self.model)
 
