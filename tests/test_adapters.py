@@ -400,3 +400,12 @@ def test_forward_hooks_are_set_aside_and_run_later_as_module_call_runs_them():
     assert seen == [("plain", (1, 2)), ("kwargs", {})]
     torch_adapter.run_forward_hooks(layer, kept[0], (torch.ones(3, 2),), {"x": 1}, out)
     assert seen[2:] == [("plain", (3, 2)), ("kwargs", {"x": 1})]
+
+
+def test_a_compiled_modules_uncompiled_call_runs_its_hooks_and_forward_eagerly():
+    layer, seen = nn.Linear(2, 2), []
+    layer.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    layer.compile(backend="eager")
+    assert layer._compiled_call_impl is not None, "Module.compile no longer sets _compiled_call_impl"
+    out = torch_adapter.uncompiled_call(layer)(torch.ones(3, 2))
+    assert seen == [(3, 2)] and torch.equal(out, torch.nn.functional.linear(torch.ones(3, 2), layer.weight, layer.bias))

@@ -212,6 +212,39 @@ def test_l2l_trains_a_compiled_model_exactly(one_thread, how, options):
         assert any("torch.compiler.disable" in m for _, m in breaks.breaks)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_compiled_blocks_with_hooked_modules_inside_stream_eagerly_like_compiled_plain(one_thread, microbatches):
+    """A Mixtral trained with its load-balancing loss: transformers records the router logits with hooks inside
+    each compiled layer. Layer streaming runs such blocks eagerly (one warning), so that the logits reach
+    backward and are one tensor per layer under microbatches; the gradients are compiled plain training's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True))
+        for layer in model.model.layers:
+            layer.compile(backend=BACKEND)
+        return model
+
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    ref, got = build(), build()
+    streamer = lightning_vdnn.stream_layers(got, torch.optim.SGD(got.parameters(), lr=0.1), device="cpu",
+                                            pin_memory=False, microbatches=microbatches)
+    with pytest.warns(UserWarning, match=r"MixtralDecoderLayer is compiled by itself, and modules inside it have "
+                                         r"forward hooks"):
+        out = got(input_ids=ids, labels=ids)
+    theirs = ref(input_ids=ids, labels=ids)
+    assert len(out.router_logits) == len(theirs.router_logits) == 2
+    torch.testing.assert_close(out.aux_loss, theirs.aux_loss)
+    out.loss.backward()
+    theirs.loss.backward()
+    streamer.close()
+    for (name, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("strategy, rel", [("vdnn_all", 1e-4), ("l2l", 2e-2)])

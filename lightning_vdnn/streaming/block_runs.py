@@ -11,11 +11,13 @@ structure the block returned. :class:`BlockRuns` is mixed into
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_vdnn.integrations.adapters.torch import uncompiled_call
 from lightning_vdnn.streaming.block_function import (Enter, Exit, Graph, Port, Result, SavedBytes, SlotSaves,
                                                      SlotView, StreamedBlock)
 from lightning_vdnn.streaming.calls import CallFlat, ChunkPlan, Flat, Joined
@@ -55,10 +57,19 @@ class BlockRuns:
         return flat.rebuild(outs)
 
     def _inner_hooks(self, index: int) -> Optional[InnerHooks]:
-        """The hooked modules inside block ``index``, whose calls streaming captures; None where there are none,
-        or where the block is compiled by itself (its hooks run inside its compiled call)."""
-        modules = hooked_modules(self.blocks[index].module) if self._forwards[index].compiled is None else []
-        return InnerHooks(modules) if modules else None
+        """The hooked modules inside block ``index``, whose calls streaming captures (None where there are none),
+        and the call to run it by."""
+        block, forward = self.blocks[index].module, self._forwards[index]
+        modules = hooked_modules(block)
+        if not modules:
+            return None
+        if forward.compiled is None:
+            return InnerHooks(modules, forward.run)
+        warnings.warn(f"lightning_vdnn: {type(block).__name__} is compiled by itself, and modules inside it have "
+                      "forward hooks (transformers records router logits and attention weights so); layer streaming "
+                      "runs such blocks eagerly while they have them, so that what the hooks keep reaches backward "
+                      "and sees the whole batch.", stacklevel=2)
+        return InnerHooks(modules, uncompiled_call(block))
 
     def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor],
              states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined, Optional[InnerOutputs]]:
@@ -70,6 +81,7 @@ class BlockRuns:
         plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
         joined = Joined(plan, self._where(index))
         hooks, hooked = self._inner_hooks(index), []
+        run = hooks.run if hooks is not None else self._forwards[index].run
         training = states is not None  # then as plain training runs it: see _as_with_autograd
         weights = block.leaves(slot.buf) if training else block.split(slot.buf)
         with block.substituted(weights), _as_with_autograd(training):
@@ -77,11 +89,11 @@ class BlockRuns:
                 hooked.append([])
                 with hooks.capture(hooked[-1]) if hooks is not None else contextlib.nullcontext():
                     if not training:
-                        joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
+                        joined.put(k, call.call(run, chunk), _shape(chunk, call))
                         continue
                     state = ChunkState(self.device, self._buffers[index])
                     chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
-                    outs, wanted = _detached(call.call(self._forwards[index].run, chunk))
+                    outs, wanted = _detached(call.call(run, chunk))
                 joined.wanted = joined.wanted or wanted
                 joined.put(k, outs, _shape(chunk, call))
                 state.ran()
@@ -190,11 +202,12 @@ class BlockRuns:
         weight grads). ``inner_grads``: those of its hooked modules' outputs, captured again."""
         block = self.blocks[index]
         hooks, hooked = self._inner_hooks(index), []
+        run = hooks.run if hooks is not None else self._forwards[index].run
         with state.replay():
             ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
             leaves = block.leaves(slot.buf)
             with block.substituted(leaves), hooks.capture(hooked) if hooks is not None else contextlib.nullcontext():
-                outs = Flat(call.call(self._forwards[index].run, ins)).take()
+                outs = Flat(call.call(run, ins)).take()
         if any(g is not None for g in inner_grads):
             outs, grads = outs + InnerLayout.leaves(hooked), list(grads) + list(inner_grads)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]

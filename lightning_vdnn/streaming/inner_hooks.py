@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,12 @@ def hooked_modules(block: nn.Module) -> list[nn.Module]:
 
 
 class InnerHooks:
-    """The hooked modules of one block while it streams: their calls are captured instead of hooked."""
+    """The hooked modules of one block while it streams: their calls are captured instead of hooked. ``run``: the
+    block's call that the capture sees into (a block compiled by itself runs eagerly: its hooks would run inside
+    its compiled graph, out of reach)."""
 
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.modules = modules
+    def __init__(self, modules: list[nn.Module], run: Callable[..., Any]) -> None:
+        self.modules, self.run = modules, run
         self.kept: Optional[list[tuple[dict, dict]]] = None  # the hooks set aside, per module
 
     @contextlib.contextmanager

@@ -129,3 +129,9 @@ def run_forward_hooks(module: nn.Module, kept: tuple[dict, dict], args: tuple, k
     hooks, with_kwargs = kept
     return [hook(module, args, kwargs, output) if hook_id in with_kwargs else hook(module, args, output)
             for hook_id, hook in list(hooks.items())]
+
+
+def uncompiled_call(module: nn.Module) -> Callable[..., Any]:
+    """``module``'s call as it runs without ``module.compile()`` (hooks and ``forward``, eagerly): what
+    ``nn.Module.__call__`` runs when no compiled call is set, which it otherwise prefers."""
+    return module._call_impl
