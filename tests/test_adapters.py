@@ -390,16 +390,20 @@ def test_forward_hooks_are_set_aside_and_run_later_as_module_call_runs_them():
     for name in (torch_adapter.FORWARD_HOOKS, torch_adapter.FORWARD_HOOKS_WITH_KWARGS):
         assert f"self.{name}" in source, f"nn.Module._call_impl no longer reads {name}: forward_hooks_set_aside is void"
     layer, seen = nn.Linear(2, 2), []
+    ours = lambda m, args, kwargs, out: seen.append(("ours", kwargs))  # noqa: E731
     layer.register_forward_hook(lambda m, args, out: seen.append(("plain", args[0].shape)))
     layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(("kwargs", kwargs)), with_kwargs=True)
+    layer.register_forward_hook(ours, with_kwargs=True)
+    assert torch_adapter.has_forward_hooks(layer, lambda hook: hook is ours)
     captured = []
-    with torch_adapter.forward_hooks_set_aside([layer], lambda *call: captured.append(call)) as kept:
-        out = layer(torch.ones(3, 2))
-    assert seen == [] and len(captured) == 1 and captured[0][0] is layer and captured[0][3] is out
+    with torch_adapter.forward_hooks_set_aside([layer], lambda *call: captured.append(call),
+                                               keep=lambda hook: hook is ours) as kept:
+        out = layer(torch.ones(3, 2), )
+    assert seen == [("ours", {})] and len(captured) == 1 and captured[0][0] is layer and captured[0][3] is out
     layer(torch.ones(1, 2))  # the hooks are back
-    assert seen == [("plain", (1, 2)), ("kwargs", {})]
+    assert seen[1:] == [("plain", (1, 2)), ("kwargs", {}), ("ours", {})]
     torch_adapter.run_forward_hooks(layer, kept[0], (torch.ones(3, 2),), {"x": 1}, out)
-    assert seen[2:] == [("plain", (3, 2)), ("kwargs", {"x": 1})]
+    assert seen[4:] == [("plain", (3, 2)), ("kwargs", {"x": 1})]
 
 
 def test_a_compiled_modules_uncompiled_call_runs_its_hooks_and_forward_eagerly():

@@ -382,6 +382,21 @@ def test_attention_weights_are_one_per_layer_and_differentiable(microbatches):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_the_offloaders_layer_hooks_inside_a_block_are_not_set_aside():
+    """Activation offload over leaf modules (Accelerate's and a plain loop's default) hooks every leaf inside the
+    blocks: those run in place, per chunk; only other hooks are run once per call."""
+    from lightning_vdnn import offload_activations
+    from lightning_vdnn.streaming.inner_hooks import hooked_modules
+
+    model = llama()
+    block = model.model.layers[0]
+    handle = offload_activations(model, policy="all", device="cpu")
+    assert any(m._forward_hooks for m in block.modules()) and hooked_modules(block) == []
+    block.mlp.register_forward_hook(lambda *_: None)
+    assert hooked_modules(block) == [block.mlp]
+    handle.close()
+
+
 def test_a_hook_inside_a_block_that_replaces_its_output_is_refused():
     model = llama()
     model.model.layers[1].mlp.register_forward_hook(lambda m, args, out: out * 2)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_vdnn.compiled import OwnHook
 from lightning_vdnn.integrations.adapters.torch import forward_hooks_set_aside, has_forward_hooks, run_forward_hooks
 from lightning_vdnn.streaming.calls import Flat
 
@@ -29,8 +30,13 @@ Call = tuple[nn.Module, tuple, dict, Any]
 
 
 def hooked_modules(block: nn.Module) -> list[nn.Module]:
-    """The modules inside ``block`` (not itself: its hooks see the streamed call's result) with forward hooks."""
-    return [m for m in block.modules() if m is not block and has_forward_hooks(m)]
+    """The modules inside ``block`` (not itself: its hooks see the streamed call's result) with forward hooks
+    other than ours (the offloader's layer boundaries, ``compiled.OwnHook``, which run in place, per chunk)."""
+    return [m for m in block.modules() if m is not block and has_forward_hooks(m, _ours)]
+
+
+def _ours(hook: Any) -> bool:
+    return isinstance(hook, OwnHook)
 
 
 class InnerHooks:
@@ -45,7 +51,7 @@ class InnerHooks:
     @contextlib.contextmanager
     def capture(self, calls: list[Call]) -> Iterator[None]:
         """Inside, each hooked call lands in ``calls`` and no hook of the modules runs."""
-        with forward_hooks_set_aside(self.modules, lambda *call: calls.append(call)) as kept:
+        with forward_hooks_set_aside(self.modules, lambda *call: calls.append(call), _ours) as kept:
             if self.kept is None:
                 self.kept = kept
             yield

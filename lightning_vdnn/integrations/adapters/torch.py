@@ -100,25 +100,30 @@ def around_zero_grad(optimizer: Optimizer, before: Callable[[bool], None],
     return undo
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks of its own (not counting global ones)."""
-    return bool(getattr(module, FORWARD_HOOKS))
+def has_forward_hooks(module: nn.Module, ignore: Callable[[Any], bool]) -> bool:
+    """Whether ``module`` has forward hooks of its own (not counting global ones) other than those ``ignore``
+    picks."""
+    return any(not ignore(hook) for hook in getattr(module, FORWARD_HOOKS).values())
 
 
 @contextlib.contextmanager
-def forward_hooks_set_aside(modules: Sequence[nn.Module],
-                            capture: Callable[[nn.Module, tuple, dict, Any], None]) -> Iterator[list[tuple[dict, dict]]]:
-    """While inside, each module's forward hooks are set aside and ``capture(module, args, kwargs, output)`` runs in
-    their place; yields the hooks set aside per module, ``(hooks, with_kwargs)``, for :func:`run_forward_hooks`.
-    torch can add and remove hooks publicly, not suspend them: their dicts are swapped and put back."""
-    kept = [(getattr(m, FORWARD_HOOKS), getattr(m, FORWARD_HOOKS_WITH_KWARGS)) for m in modules]
+def forward_hooks_set_aside(modules: Sequence[nn.Module], capture: Callable[[nn.Module, tuple, dict, Any], None],
+                            keep: Callable[[Any], bool]) -> Iterator[list[tuple[dict, dict]]]:
+    """While inside, each module's forward hooks but those ``keep`` picks are set aside, and ``capture(module,
+    args, kwargs, output)`` runs after the kept ones in their place; yields the hooks set aside per module,
+    ``(hooks, with_kwargs)``, for :func:`run_forward_hooks`. torch can add and remove hooks publicly, not suspend
+    them: their dicts are swapped and put back."""
+    saved = [(getattr(m, FORWARD_HOOKS), getattr(m, FORWARD_HOOKS_WITH_KWARGS)) for m in modules]
+    aside = [(OrderedDict((i, h) for i, h in hooks.items() if not keep(h)), with_kwargs) for hooks, with_kwargs in saved]
     try:
-        for m in modules:
-            setattr(m, FORWARD_HOOKS, OrderedDict([(_CAPTURE, capture)]))
-            setattr(m, FORWARD_HOOKS_WITH_KWARGS, {_CAPTURE: True})
-        yield kept
+        for m, (hooks, with_kwargs) in zip(modules, saved):
+            kept = OrderedDict((i, h) for i, h in hooks.items() if keep(h))
+            kept[_CAPTURE] = capture
+            setattr(m, FORWARD_HOOKS, kept)
+            setattr(m, FORWARD_HOOKS_WITH_KWARGS, {**{i: True for i in kept if i in with_kwargs}, _CAPTURE: True})
+        yield aside
     finally:
-        for m, (hooks, with_kwargs) in zip(modules, kept):
+        for m, (hooks, with_kwargs) in zip(modules, saved):
             setattr(m, FORWARD_HOOKS, hooks)
             setattr(m, FORWARD_HOOKS_WITH_KWARGS, with_kwargs)
 
