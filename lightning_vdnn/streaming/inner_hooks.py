@@ -62,23 +62,23 @@ class InnerOutputs:
     leaves, joined) leave the block's ``Function``; :meth:`run_hooks` hands them to the hooks set aside."""
 
     def __init__(self, hooks: InnerHooks, chunks: list[list[Call]], sizes: Sequence[int], where: str) -> None:
-        counts = {len(calls) for calls in chunks}
-        if len(counts) > 1 or any([c[0] for c in calls] != [c[0] for c in chunks[0]] for calls in chunks):
-            raise ValueError(f"microbatches={len(sizes)}: the hooked modules inside {where} ran differently for "
-                             "different chunks of the batch, so their hooks cannot see one call per module as in "
-                             "plain training; use microbatches=1.")
+        differ = ValueError(f"microbatches={len(sizes)}: the hooked modules inside {where} ran differently for "
+                            "different chunks of the batch, so their hooks cannot see one call per module as in "
+                            "plain training; use microbatches=1.")
+        if any([c[0] for c in calls] != [c[0] for c in chunks[0]] for calls in chunks):
+            raise differ
         self.hooks, self.sizes = hooks, list(sizes)
         self.calls: list[tuple[nn.Module, Flat, Any, int]] = []  # module, joined (args, kwargs), output Flat, leaves
         self.tensors: list[Tensor] = []
         self.folds: list[Optional[int]] = []  # per leaf: rows per chunk row, or None (the first chunk's)
-        for j, first in enumerate(chunks[0]):
-            module, args, kwargs, output = first
-            called = Flat((args, kwargs))
-            joined, _ = _join([Flat((c[j][1], c[j][2])).take() for c in chunks], self.sizes)
-            called.tensors = [t.detach() for t in joined]
-            flat = Flat(output)
-            leaves, folds = _join([Flat(c[j][3]).take() for c in chunks], self.sizes)
-            self.calls.append((module, called, flat, len(leaves)))
+        for j, (module, *_) in enumerate(chunks[0]):
+            called, flats = [Flat((c[j][1], c[j][2])) for c in chunks], [Flat(c[j][3]) for c in chunks]
+            if any(f.spec != flats[0].spec for f in flats) or any(f.spec != called[0].spec for f in called):
+                raise differ
+            joined, _ = _join([f.take() for f in called], self.sizes)
+            called[0].tensors = [t.detach() for t in joined]
+            leaves, folds = _join([f.take() for f in flats], self.sizes)
+            self.calls.append((module, called[0], flats[0], len(leaves)))
             self.tensors += [t.detach() for t in leaves]
             self.folds += folds
         self.wanted = [t.requires_grad for t in _leaves(chunks[0])]
