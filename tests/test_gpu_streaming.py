@@ -194,6 +194,26 @@ def test_library_models_stream_on_cuda_like_plain(name, microbatches, policy):
     lib.assert_same_training(got, ref, tol=1e-4)
 
 
+def test_pinned_block_weights_save_to_safetensors_whole(tmp_path):
+    """``state_dict()`` of blocks streamed from pinned host buffers: each weight its own storage slice of the
+    page-locked chunk (``streaming/state_dict_storage.py``), which safetensors saves whole and a plain model loads."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    import test_streaming_models as lib
+    from lightning_vdnn import stream_layers
+
+    model = lib.llama()
+    streamer = stream_layers(model, lib.sgd(model), device="cuda", pin_memory=True)
+    assert model.model.layers[0].mlp.up_proj.weight.is_pinned()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    plain = lib.llama()
+    plain.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key].cpu(), value.cpu()), key
+    streamer.close()
+
+
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_moe_load_balancing_loss_streams_on_cuda_like_plain(microbatches):
     """Router logits recorded inside the streamed blocks (``streaming/inner_hooks.py``) on real streams: fp32, the
