@@ -298,7 +298,7 @@ def test_fabric_registers_what_it_supports(monkeypatch):
         assert STRATEGY_REGISTRY[name]["strategy"] is VDNNFabricStrategy
 
 
-# -- Hugging Face Accelerate ----------------------------------------------------------------------------------
+# -- Where a model built under the strategy is created -----------------------------------------------------
 @pytest.mark.parametrize("entry, options, where", [
     ("lightning", {"layer_streaming": True}, "cpu"),
     ("lightning", {}, "cpu"),  # "auto": it streams when the state would fill the budget, known once built
@@ -332,6 +332,7 @@ def test_a_model_built_under_a_strategy_that_may_stream_is_built_in_host_memory(
     assert torch.get_default_device().type == "cpu" and torch.get_default_dtype() == torch.float32
 
 
+# -- Hugging Face Accelerate ----------------------------------------------------------------------------------
 def test_accelerate_matches_plain_accelerate():
     from accelerate import Accelerator
 
