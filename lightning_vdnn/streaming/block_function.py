@@ -44,14 +44,15 @@ class StreamedBlock(torch.autograd.Function):
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.streamer, ctx.index, ctx.call, ctx.states, ctx.graph = streamer, index, call, [], None
+        hooks = streamer._inner_hooks(index)
         # a block with hooked modules inside recomputes: their outputs' gradients reach backward through it
-        ctx.saving = index in streamer.saving and streamer._inner_hooks(index) is None
+        ctx.saving = index in streamer.saving and not hooks
         inner = None
         if ctx.saving:
             ctx.graph, flat, outs, ctx.layout = streamer._run_saving(index, call, tensors)
         else:
             ctx.save_for_backward(*tensors)
-            flat, outs, ctx.layout, inner = streamer._run(index, call, tensors, ctx.states)
+            flat, outs, ctx.layout, inner = streamer._run(index, call, tensors, hooks, ctx.states)
         if not outs:
             raise TypeError(f"{streamer._where(index)} returned no tensor; layer streaming needs blocks whose result "
                             "holds at least one tensor.")

@@ -51,19 +51,16 @@ class BlockRuns:
             if result.inner is not None:  # after the block, before its own hooks (``streaming/inner_hooks.py``)
                 result.inner.run_hooks(outs[count:])
             return result.flat.rebuild(outs[:count])
-        flat, outs, _, inner = self._run(index, call, tensors)
+        flat, outs, _, inner = self._run(index, call, tensors, self._inner_hooks(index))
         if inner is not None:
             inner.run_hooks(inner.tensors)
         return flat.rebuild(outs)
 
-    def _inner_hooks(self, index: int) -> Optional[InnerHooks]:
-        """The hooked modules inside block ``index``, whose calls streaming captures (None where there are none),
-        and the call to run it by."""
+    def _inner_hooks(self, index: int) -> InnerHooks:
+        """The hooked modules inside block ``index``, whose calls streaming captures, and the call to run it by."""
         block, forward = self.blocks[index].module, self._forwards[index]
         modules = hooked_modules(block)
-        if not modules:
-            return None
-        if forward.compiled is None:
+        if not modules or forward.compiled is None:
             return InnerHooks(modules, forward.run)
         warnings.warn(f"lightning_vdnn: {type(block).__name__} is compiled by itself, and modules inside it have "
                       "forward hooks (transformers records router logits and attention weights so); layer streaming "
@@ -71,34 +68,34 @@ class BlockRuns:
                       "and sees the whole batch.", stacklevel=2)
         return InnerHooks(modules, uncompiled_call(block))
 
-    def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor],
+    def _run(self, index: int, call: CallFlat, tensors: Sequence[Tensor], hooks: InnerHooks,
              states: Optional[list[ChunkState]] = None) -> tuple[Any, list[Tensor], Joined, Optional[InnerOutputs]]:
-        """Block ``index`` over the call, chunk by chunk on one resident slot. ``states`` (training) receives each
-        chunk's RNG/autocast/buffer state, which backward replays. Returns the result's structure, its tensors,
-        the chunks' layout (kept for backward) and the calls of its hooked modules (``streaming/inner_hooks.py``)."""
+        """Block ``index`` over the call, chunk by chunk on one resident slot, by ``hooks.run`` (:meth:`_inner_hooks`).
+        ``states`` (training) receives each chunk's RNG/autocast/buffer state, which backward replays. Returns the
+        result's structure, its tensors, the chunks' layout (kept for backward) and the calls of its hooked modules
+        (``streaming/inner_hooks.py``)."""
         slot = self._acquire(index)
         block = self.blocks[index]
         plan = ChunkPlan(call, tensors, self.microbatches, self._where(index))
         joined = Joined(plan, self._where(index))
-        hooks, hooked = self._inner_hooks(index), []
-        run = hooks.run if hooks is not None else self._forwards[index].run
+        hooked: list[list] = []
         training = states is not None  # then as plain training runs it: see _as_with_autograd
         weights = block.leaves(slot.buf) if training else block.split(slot.buf)
         with block.substituted(weights), _as_with_autograd(training):
             for k, chunk in enumerate(plan.chunks(tensors)):
                 hooked.append([])
-                with hooks.capture(hooked[-1]) if hooks is not None else contextlib.nullcontext():
+                with hooks.capture(hooked[-1]):
                     if not training:
-                        joined.put(k, call.call(run, chunk), _shape(chunk, call))
+                        joined.put(k, call.call(hooks.run, chunk), _shape(chunk, call))
                         continue
                     state = ChunkState(self.device, self._buffers[index])
                     chunk = [t.detach().requires_grad_(t.requires_grad) for t in chunk]
-                    outs, wanted = _detached(call.call(run, chunk))
+                    outs, wanted = _detached(call.call(hooks.run, chunk))
                 joined.wanted = joined.wanted or wanted
                 joined.put(k, outs, _shape(chunk, call))
                 state.ran()
                 states.append(state)
-        inner = InnerOutputs(hooks, hooked, plan.sizes, self._where(index)) if hooks is not None else None
+        inner = InnerOutputs(hooks, hooked, plan.sizes, self._where(index)) if hooks else None
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
         flat, outs = joined.result()
@@ -145,6 +142,7 @@ class BlockRuns:
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
         block = self.blocks[index]
+        hooks = self._inner_hooks(index)
         plan = layout.plan
         chunks = plan.chunks(tensors)
         dev, gins = None, [None] * len(chunks)
@@ -154,7 +152,7 @@ class BlockRuns:
             with counter if counter is not None else contextlib.nullcontext():
                 extra = inner.grads_of_chunk(k, inner_grads) if inner is not None else []
                 gins[k], wgrads = self._recompute(index, slot, call, chunks[k], layout.grads_of_chunk(k, grads),
-                                                  states[k], needs, extra)
+                                                  states[k], needs, hooks, extra)
             saved += counter.nbytes if counter is not None else 0
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
@@ -196,18 +194,17 @@ class BlockRuns:
                 "every streamed block recomputes, which supports more.")
 
     def _recompute(self, index: int, slot: Slot, call: CallFlat, chunk: list[Tensor],
-                   grads: list[Optional[Tensor]], state: ChunkState, needs: Sequence[bool],
-                   inner_grads: Sequence[Optional[Tensor]] = ()) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+                   grads: list[Optional[Tensor]], state: ChunkState, needs: Sequence[bool], hooks: InnerHooks,
+                   inner_grads: Sequence[Optional[Tensor]]) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         """One chunk's forward again, with autograd, from its recorded state: (the call's tensors' grads, the
         weight grads). ``inner_grads``: those of its hooked modules' outputs, captured again."""
         block = self.blocks[index]
-        hooks, hooked = self._inner_hooks(index), []
-        run = hooks.run if hooks is not None else self._forwards[index].run
+        hooked: list = []
         with state.replay():
             ins = [t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
             leaves = block.leaves(slot.buf)
-            with block.substituted(leaves), hooks.capture(hooked) if hooks is not None else contextlib.nullcontext():
-                outs = Flat(call.call(run, ins)).take()
+            with block.substituted(leaves), hooks.capture(hooked):
+                outs = Flat(call.call(hooks.run, ins)).take()
         if any(g is not None for g in inner_grads):
             outs, grads = outs + InnerLayout.leaves(hooked), list(grads) + list(inner_grads)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]

@@ -40,17 +40,23 @@ def _ours(hook: Any) -> bool:
 
 
 class InnerHooks:
-    """The hooked modules of one block while it streams: their calls are captured instead of hooked. ``run``: the
-    block's call that the capture sees into (a block compiled by itself runs eagerly: its hooks would run inside
-    its compiled graph, out of reach)."""
+    """The hooked modules of one block while it streams (none: false), whose calls are captured instead of hooked,
+    and ``run``, the block's call to run it by (a block compiled by itself runs eagerly while it has hooked modules:
+    their hooks would run inside its compiled graph, out of reach)."""
 
     def __init__(self, modules: list[nn.Module], run: Callable[..., Any]) -> None:
         self.modules, self.run = modules, run
         self.kept: Optional[list[tuple[dict, dict]]] = None  # the hooks set aside, per module
 
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
     @contextlib.contextmanager
     def capture(self, calls: list[Call]) -> Iterator[None]:
-        """Inside, each hooked call lands in ``calls`` and no hook of the modules runs."""
+        """Inside, each hooked call lands in ``calls`` and no hook of the modules runs (no-op without any)."""
+        if not self.modules:
+            yield
+            return
         with forward_hooks_set_aside(self.modules, lambda *call: calls.append(call), _ours) as kept:
             if self.kept is None:
                 self.kept = kept
