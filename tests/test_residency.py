@@ -19,7 +19,7 @@ from lightning_vdnn import VDNNConfig, VDNNStrategy, stream_layers
 from lightning_vdnn.examples.models import GPT, GPTConfig
 from lightning_vdnn.planning.activation_solver import BudgetTooSmall
 from lightning_vdnn.planning.resident_blocks import ResidencyPlanner, block_activations, block_costs, choose
-from lightning_vdnn.streaming.streamer import spread
+from lightning_vdnn.streaming.block_runs import spread
 from test_streaming import STEPS, LM, assert_same_run, l2l, lm, loader, resume
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,7 +17,7 @@ from lightning_vdnn import VDNNConfig, VDNNStrategy
 from lightning_vdnn.integrations.fabric import VDNNFabricStrategy
 from lightning_vdnn.planning.activation_solver import BudgetTooSmall
 from lightning_vdnn.planning.saving_blocks import choose_saved
-from lightning_vdnn.streaming.streamer import spread
+from lightning_vdnn.streaming.block_runs import spread
 from test_streaming import STEPS, assert_same_run, l2l, lm, loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from lightning_vdnn.planning.activation_solver import BudgetTooSmall
-from lightning_vdnn.streaming.streamer import LayerStreamer, spread
+from lightning_vdnn.streaming.block_runs import spread
+from lightning_vdnn.streaming.streamer import LayerStreamer
 from lightning_vdnn.planning.watch import PeakMeter, WatchedSteps
 
 

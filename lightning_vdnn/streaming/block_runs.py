@@ -216,6 +216,13 @@ class BlockRuns:
         return gins, [next(it) if w.requires_grad else None for w in leaves]
 
 
+def spread(count: int, total: int) -> frozenset[int]:
+    """``min(count, total)`` indices of ``range(total)``, evenly spaced: what saving blocks move to the host
+    then loads the copy engine evenly through the pass."""
+    count = min(count, total)
+    return frozenset(int((j + 0.5) * total / count) for j in range(count)) if count else frozenset()
+
+
 @contextlib.contextmanager
 def _as_with_autograd(training: bool):
     """A training call's forward with autograd on, its saves dropped as they are made (backward recomputes them):

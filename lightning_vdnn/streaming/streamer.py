@@ -50,7 +50,7 @@ from lightning_vdnn.layers import LayerPaths, resolve_layers
 from lightning_vdnn.offload.host_pool import CopyEngine, concrete_device
 from lightning_vdnn.offload.recompute import Recomputer
 from lightning_vdnn.streaming.bf16_grads import Bf16GradBlock, host_grad_dtype
-from lightning_vdnn.streaming.block_runs import BlockRuns
+from lightning_vdnn.streaming.block_runs import BlockRuns, spread
 from lightning_vdnn.streaming.calls import StreamedCall
 from lightning_vdnn.streaming.chunked_head import ChunkedHead, find_causal_lm
 from lightning_vdnn.streaming.gradient_path import GradientPath
@@ -397,11 +397,4 @@ class LayerStreamer(BlockRuns, SlotLoads, GradientPath):
                            "host_update_bytes": sum(s.host_update_bytes() for s in self.steppers),
                            "host_update_kernel_ms": sum(kernel) if kernel else None}
         self._marks = (self.h2d_bytes, self.d2h_bytes)
-
-
-def spread(count: int, total: int) -> frozenset[int]:
-    """``min(count, total)`` indices of ``range(total)``, evenly spaced: what saving blocks move to the host
-    then loads the copy engine evenly through the pass."""
-    count = min(count, total)
-    return frozenset(int((j + 0.5) * total / count) for j in range(count)) if count else frozenset()
 
