@@ -336,6 +336,12 @@ class VDNNConfig:
             and not self.zero_stage and self.saved_blocks != "auto")
 
     @property
+    def streams_if_needed(self) -> bool:
+        """Whether ``"auto"`` decides layer streaming (``layer_streaming`` unset): on when the model's own state
+        would fill the budget (``planning/when_to_stream.py``)."""
+        return self.layer_streaming is None and self.activation_offload == "auto"
+
+    @property
     def fixed_chunks(self) -> int:
         """The batch chunks set from the start: the number given, else 1 (``"auto"`` chunks only once a step shows
         the budget needs it)."""

@@ -201,7 +201,7 @@ class VDNNStrategy(AtomicByDefault, OffloadHooks, SingleDeviceStrategy):
         """``"auto"`` with ``layer_streaming`` unset: stream the blocks when the model's state alone would fill
         the budget (``planning/when_to_stream.py``), before the model moves and runs out of memory."""
         cfg = self.config
-        if cfg.layer_streaming is not None or cfg.activation_offload != "auto" or self._host_is_device():
+        if not cfg.streams_if_needed or self._host_is_device():
             return
         budget = device_budget(cfg.budget, self.root_device)
         reason = stream_reason(self.lightning_module, budget, self._precision(), cfg.layers, cfg.fixed_chunks)

@@ -20,7 +20,7 @@ from lightning_vdnn.config import VDNNConfig
 
 def may_stream(config: VDNNConfig) -> bool:
     """Whether the blocks stream, or ``"auto"`` may decide to before the model moves (the Lightning strategies)."""
-    return bool(config.layer_streaming) or (config.layer_streaming is None and config.activation_offload == "auto")
+    return bool(config.layer_streaming) or config.streams_if_needed
 
 
 def built_on_host(streams: bool) -> ContextManager:
