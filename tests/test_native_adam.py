@@ -219,6 +219,31 @@ def test_the_kernels_own_clock_leaves_out_winning_the_gil_back(built):
     assert wall - kernel > 0.02, (wall, kernel)  # the switch interval, not the kernel
 
 
+def test_a_take_of_the_kernel_time_while_a_pass_runs_is_not_undone_by_that_pass(built, monkeypatch):
+    """The training thread takes the kernel's time at each step while the worker's next pass may be running
+    (eager updates): that take must reset the total, not be undone when the pass then adds its own time (the
+    report's kernel time grew over the whole run on the GPU)."""
+    update = AdamPass("native")
+    p = torch.nn.Parameter(torch.zeros(4096))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    part = (opt.param_groups[0], p, p.data, torch.full((4096,), 1e-3), opt.state[p], None)
+    taken_during: list[float] = []
+
+    def one_second(module, parts):
+        return 1.0
+
+    def quarter_taken_during(module, parts):  # the step's take lands while this pass runs
+        taken_during.append(update.take_kernel_ms())
+        return 0.25
+
+    monkeypatch.setattr(native_adam, "step_many", one_second)
+    update.update_many(opt, [part])  # 1 s, not taken yet
+    monkeypatch.setattr(native_adam, "step_many", quarter_taken_during)
+    update.update_many(opt, [part])
+    assert taken_during == [1000.0]
+    assert update.take_kernel_ms() == 250.0  # this pass's time alone
+
+
 def test_bad_tensors_are_refused_with_what_was_wrong(built):
     w, m, v = torch.zeros(8), torch.zeros(8), torch.zeros(8)
     with pytest.raises(ValueError, match=r"grad must be a contiguous CPU tensor of 8 elements.*not contiguous"):

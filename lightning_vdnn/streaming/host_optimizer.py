@@ -40,6 +40,7 @@ from lightning_vdnn.units import host_clock
 from lightning_vdnn.streaming.host_state import HostBlock
 from lightning_vdnn.streaming import native_adam
 from lightning_vdnn.streaming.host_update import AdamPass, choose_backend, fits
+from lightning_vdnn.streaming.tally import Tally
 from lightning_vdnn.streaming.step_hooks import StepHooks
 
 #: Optimizer classes with a fused CPU kernel (one multi-threaded pass over a block, no per-tensor loop).
@@ -210,8 +211,8 @@ class HostStepper:
         self._futures: dict[int, Future] = {}
         self._updated: set[int] = set()  # blocks whose update for the coming step is already queued
         self._in_step = False
-        self.update_ms = 0.0   # worker time of block updates not yet reported
-        self.wait_ms = 0.0     # time the training thread waited for them, not yet reported
+        self.update_ms = Tally()  # worker time of block updates not yet reported
+        self.wait_ms = Tally()    # time the training thread waited for them, not yet reported
         self.eager_updates = 0  # block updates queued during backward so far
         self._stashed: list[tuple[Tensor, Tensor]] = []
         # torch's public step hooks: block jobs queued (and their gradients hidden from the body, which then
@@ -263,7 +264,7 @@ class HostStepper:
         finally:
             sub.block.updates += 1  # fused kernels do not bump tensor versions: the device slot must reload
         sub.block.copy_written(in_sync and sub.optimizer is None)
-        self.update_ms += (host_clock() - start) * 1e3
+        self.update_ms.add((host_clock() - start) * 1e3)
 
     def _same_class(self, sub: _BlockOptimizer, grads: list[Optional[Tensor]], hyper: list[dict]) -> None:
         for group, h in zip(sub.optimizer.param_groups, hyper):
@@ -295,8 +296,7 @@ class HostStepper:
 
     def take_times(self) -> tuple[float, float]:
         """Worker time spent on block updates, and training time spent waiting for them, since the last call."""
-        busy, waited, self.update_ms, self.wait_ms = self.update_ms, self.wait_ms, 0.0, 0.0
-        return busy, waited
+        return self.update_ms.take(), self.wait_ms.take()
 
     # -- waiting -------------------------------------------------------------------------------------------
     def wait(self, index: int) -> None:
@@ -305,7 +305,7 @@ class HostStepper:
         if fut is not None:
             start = host_clock()
             fut.result()
-            self.wait_ms += (host_clock() - start) * 1e3
+            self.wait_ms.add((host_clock() - start) * 1e3)
 
     def ready(self, index: int) -> bool:
         """Whether block ``index`` has no update still being written (one that finished is waited for here)."""

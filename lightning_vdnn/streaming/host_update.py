@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from lightning_vdnn.config import HOST_BACKENDS
 from lightning_vdnn.streaming import native_adam
+from lightning_vdnn.streaming.tally import Tally
 from lightning_vdnn.units import host_clock
 
 #: Host update backends (``VDNNConfig.host_optimizer``).
@@ -83,7 +84,7 @@ class AdamPass:
             backend = "torch"  # the build failed: native_adam.load warned once
         self.backend, self.state_dtype = backend, state_dtype
         self.bytes = 0  # host bytes the updates queued since the last :meth:`take_bytes` read and write
-        self.kernel_s = 0.0  # time inside the native pass since the last :meth:`take_kernel_ms`
+        self.kernel_s = Tally()  # seconds inside the native pass since the last :meth:`take_kernel_ms`
         self._op, self._ids = (load_deepspeed() if backend == "deepspeed" else None), {}
         self._scratch: list[Tensor] = []
 
@@ -104,8 +105,7 @@ class AdamPass:
         whose time is the caller's to take): against the worker's own clock, what it lost around the kernel."""
         if self._native is None:
             return None
-        spent, self.kernel_s = self.kernel_s, 0.0
-        return spent * 1e3
+        return self.kernel_s.take() * 1e3
 
     @torch.no_grad()
     def update(self, optimizer: Optimizer, group: dict, param: Tensor, weights: Tensor, grad: Tensor,
@@ -140,7 +140,7 @@ class AdamPass:
             if main < n or (out is not None and native_out is None):
                 tails.append((group, state, weights, grad, out, native_out, main))
         if parts:
-            self.kernel_s += native_adam.step_many(self._native, parts)  # counts each step first
+            self.kernel_s.add(native_adam.step_many(self._native, parts))  # counts each step first
         for group, state, weights, grad, out, native_out, main in tails:
             if main < weights.numel():
                 self._pieces(optimizer, group, state, weights.reshape(-1), grad.reshape(-1),
