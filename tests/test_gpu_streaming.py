@@ -194,7 +194,7 @@ def test_library_models_stream_on_cuda_like_plain(name, microbatches, policy):
     lib.assert_same_training(got, ref, tol=1e-4)
 
 
-def test_pinned_block_weights_save_to_safetensors_whole(tmp_path):
+def test_pinned_block_weights_save_to_safetensors_whole(tmp_path, monkeypatch):
     """``state_dict()`` of blocks streamed from pinned host buffers: each weight its own storage slice of the
     page-locked chunk (``streaming/state_dict_storage.py``), which safetensors saves whole and a plain model loads."""
     pytest.importorskip("transformers")
@@ -202,10 +202,12 @@ def test_pinned_block_weights_save_to_safetensors_whole(tmp_path):
 
     import test_streaming_models as lib
     from lightning_vdnn import stream_layers
+    from test_gpu_host_release import Locks
 
+    locks = Locks(monkeypatch)  # Tensor.is_pinned() is False for memory cudaHostRegister locked
     model = lib.llama()
     streamer = stream_layers(model, lib.sgd(model), device="cuda", pin_memory=True)
-    assert model.model.layers[0].mlp.up_proj.weight.is_pinned()
+    assert locks.hold(model.model.layers[0].mlp.up_proj.weight)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
     plain = lib.llama()
     plain.load_state_dict(load_file(tmp_path / "model.safetensors"))
