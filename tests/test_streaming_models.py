@@ -553,6 +553,29 @@ def test_sequence_first_blocks_refuse_microbatches():
         LayerStreamer(root, None, torch.device("cpu"), microbatches=2)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_nested_tensors_of_the_encoders_fast_path_run_through_streamed_blocks(microbatches):
+    """``nn.TransformerEncoder`` in eval with a padding mask (its default ``enable_nested_tensor=True``, as in a
+    validation loop) packs the batch into a nested tensor, which has no ``shape``: its layers stream as one chunk."""
+    def build():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 4, 48, dropout=0.0, batch_first=True)
+        return nn.ModuleDict({"enc": nn.TransformerEncoder(layer, 3)}).eval()
+
+    x = torch.randn(4, 10, 32)
+    padding = torch.arange(10)[None] >= torch.tensor([10, 7, 3, 5])[:, None]
+    ref, model = build(), build()
+    streamer = stream_layers(model, sgd(model), device="cpu", pin_memory=False, microbatches=microbatches)
+    try:
+        with torch.no_grad():
+            want = ref["enc"](x, src_key_padding_mask=padding)
+            got = model["enc"](x, src_key_padding_mask=padding)
+    finally:
+        streamer.close()
+    assert want.is_nested is False and want[1, 7:].abs().sum() == 0  # the fast path ran: padded rows zeroed
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def loop(model: nn.Module, opt: torch.optim.Optimizer, backward) -> list[float]:
     """A user's own training loop over an HF causal LM (dropout on: the recompute replays its draws)."""
     losses = []

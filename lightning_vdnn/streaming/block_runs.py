@@ -257,4 +257,8 @@ def _detached(out: Any) -> tuple[Any, list[bool]]:
 
 
 def _shape(chunk: Sequence[Tensor], call: CallFlat) -> tuple[int, ...]:
-    return tuple(chunk[call.first].shape) if chunk else ()
+    """The shape of the chunk's batch tensor, for messages (a nested tensor's: its batch only)."""
+    if not chunk:
+        return ()
+    t = chunk[call.first]
+    return (t.size(0),) if t.is_nested else tuple(t.shape)

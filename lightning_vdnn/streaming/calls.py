@@ -140,9 +140,9 @@ class ChunkPlan:
 
     def __init__(self, call: CallFlat, tensors: Sequence[Tensor], microbatches: int, where: str) -> None:
         hidden = tensors[call.first] if tensors else None
-        rows = hidden.shape[0] if hidden is not None and hidden.dim() else 1
+        rows = hidden.size(0) if hidden is not None and hidden.dim() else 1
         count = max(1, min(microbatches, rows))
-        if count > 1 and any(is_cache(leaf) for leaf in call.leaves):
+        if count > 1 and (any(is_cache(leaf) for leaf in call.leaves) or any(t.is_nested for t in tensors)):
             count = 1
         self.sizes = _sizes(rows, count)
         self.split = [False] * len(tensors)
@@ -255,7 +255,7 @@ class Joined:
         tensors = flat.take()
         if self.flat is None:
             self.flat = flat
-            self.rows = [Rows(self.sizes) if t.dim() and t.shape[0] == self.sizes[0] else None for t in tensors]
+            self.rows = [Rows(self.sizes) if t.dim() and t.size(0) == self.sizes[0] else None for t in tensors]
             self.kept = [None if r is not None else t for r, t in zip(self.rows, tensors)]
         elif flat.spec != self.flat.spec or len(tensors) != len(self.rows):
             raise ValueError(f"{self.where} returned a different structure for microbatch {k} than for the first; "
