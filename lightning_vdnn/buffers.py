@@ -49,6 +49,8 @@ class BufferWatch:
 
     def __init__(self, module: nn.Module) -> None:
         self.slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+        self.names = [f"{path}.{name}".lstrip(".") for path, m in module.named_modules()
+                      for name, b in m._buffers.items() if b is not None]
         norms = {id(t) for t in running_stats(module)}
         self.written: set[int] = {i for i, (m, name) in enumerate(self.slots) if id(m._buffers[name]) in norms}
         self.learnt = not self.slots  # until a forward was watched, every buffer is snapshot
@@ -80,6 +82,15 @@ class BufferWatch:
         for i in [i for i in snap.values if i not in self.written]:
             del snap.values[i]
         snap.tensors.clear()
+
+    def restore(self, snap: Optional[BufferSnapshot]) -> None:
+        """Put the snapshot's values back into the buffers the forward wrote (undo that forward's writes)."""
+        if snap is None:
+            return
+        with torch.no_grad():
+            for i, value in snap.values.items():
+                m, name = self.slots[i]
+                m._buffers[name] = value.clone()
 
     @contextlib.contextmanager
     def replayed(self, snap: Optional[BufferSnapshot]) -> Iterator[None]:

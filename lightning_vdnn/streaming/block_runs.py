@@ -23,7 +23,7 @@ from lightning_vdnn.streaming.block_function import (Enter, Exit, Graph, Port, R
 from lightning_vdnn.streaming.calls import CallFlat, ChunkPlan, Flat, Joined
 from lightning_vdnn.streaming.hf_conventions import checkpointing_off
 from lightning_vdnn.streaming.inner_hooks import InnerHooks, InnerLayout, InnerOutputs, hooked_modules
-from lightning_vdnn.streaming.microbatches import ChunkState
+from lightning_vdnn.streaming.microbatches import ChunkState, refuse_written_buffers
 from lightning_vdnn.streaming.slots import Slot
 
 
@@ -95,6 +95,8 @@ class BlockRuns:
                 joined.put(k, outs, _shape(chunk, call))
                 state.ran()
                 states.append(state)
+                if k == 0 and len(plan.sizes) > 1:
+                    refuse_written_buffers(state, self._where(index), len(plan.sizes))
         inner = InnerOutputs(hooks, hooked, plan.sizes, self._where(index)) if hooks else None
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one

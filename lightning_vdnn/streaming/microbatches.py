@@ -44,6 +44,25 @@ def check_microbatches(microbatches: int, container: nn.Module, path: str) -> in
     return microbatches
 
 
+def refuse_written_buffers(state: "ChunkState", where: str, chunks: int) -> None:
+    """After the first chunk's forward: a block whose forward writes buffers (spectral norm's power iteration, a
+    step counter, running statistics) would write them once per chunk instead of once per batch. The first chunk's
+    writes are undone, so the failed step leaves the model as it was.
+
+    Raises:
+        ValueError: the forward wrote a buffer; the message names them and what to do.
+    """
+    watch = state.watch
+    if watch is None or not watch.written:
+        return
+    watch.restore(state.buffers)
+    names = [watch.names[i] for i in sorted(watch.written)]
+    listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ValueError(f"microbatches={chunks} splits the batch inside each block, but {where} writes buffers in its "
+                     f"forward ({listed}: a spectral norm's power iteration, a counter, running statistics), which "
+                     "would then be written once per chunk instead of once per batch. Use microbatches=1.")
+
+
 class ChunkState:
     """RNG, autocast and written-buffer state before one chunk's forward, replayed for its recompute (as
     ``torch.utils.checkpoint`` does for a whole segment): dropout draws the same masks again, and BatchNorm reads
