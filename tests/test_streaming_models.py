@@ -772,16 +772,19 @@ def test_weight_averaging_callbacks_read_the_updated_weights(callback, zero, mon
     assert probe.waits and not alone.waits  # without one, the updates still overlap the next forward
 
 
-def test_blocks_whose_forward_writes_buffers_refuse_microbatches_and_the_step_changes_nothing():
+@pytest.mark.parametrize("saved_blocks", [0, None])
+def test_blocks_whose_forward_writes_buffers_refuse_microbatches_and_the_step_changes_nothing(saved_blocks):
     """Spectral norm's power iteration writes its buffers in every training forward: split into chunks, the block
-    would write them once per chunk. Refused at the first chunk, whose writes are undone; the weights untouched."""
+    would write them once per chunk. Refused at the first chunk, whose writes are undone, whether the blocks
+    recompute or save; the weights untouched."""
     from torch.nn.utils.parametrizations import spectral_norm
 
     torch.manual_seed(0)
     blocks = nn.ModuleList([nn.Sequential(spectral_norm(nn.Linear(8, 8)), nn.Tanh()) for _ in range(2)])
     root = nn.ModuleDict({"blocks": blocks})
     before = {k: v.clone() for k, v in root.state_dict().items()}
-    streamer = stream_layers(root, sgd(root), device="cpu", pin_memory=False, microbatches=2)
+    streamer = stream_layers(root, sgd(root), device="cpu", pin_memory=False, microbatches=2,
+                             saved_blocks=saved_blocks)
     try:
         with pytest.raises(ValueError, match=r"microbatches=2 .* writes buffers in its forward "
                                              r"\(0\.parametrizations\.weight\.0\._u, 0\.parametrizations\.weight\.0\._v.*"

@@ -96,7 +96,7 @@ class BlockRuns:
                 state.ran()
                 states.append(state)
                 if k == 0 and len(plan.sizes) > 1:
-                    refuse_written_buffers(state, self._where(index), len(plan.sizes))
+                    refuse_written_buffers(self._buffers[index], state.buffers, self._where(index), len(plan.sizes))
         inner = InnerOutputs(hooks, hooked, plan.sizes, self._where(index)) if hooks else None
         slot.free = self.engine.record()
         self._prefetch(index, +1, slot, wrap=states is None)  # after queueing compute: a wait stalls no one
@@ -123,9 +123,13 @@ class BlockRuns:
                     cut[j] = t
             plan = ChunkPlan(call, cut, self.microbatches, self._where(index))
             joined = Joined(plan, self._where(index))
+            watch = self._buffers[index]
+            before = watch.snapshot() if len(plan.sizes) > 1 else None
             with saves, block.substituted(leaves):
                 for k, chunk in enumerate(plan.chunks(cut)):
                     joined.put(k, call.call(self._forwards[index].run, chunk), _shape(chunk, call))
+                    if k == 0 and before is not None:
+                        refuse_written_buffers(watch, before, self._where(index), len(plan.sizes))
             flat, outs = joined.result()
             joined.wanted = [o.requires_grad for o in outs]
             graph = Graph(Exit.apply(exit_port, *outs), anchor, leaves, entry_port, exit_port, entered, len(tensors))

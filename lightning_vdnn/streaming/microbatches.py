@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_vdnn.buffers import BufferWatch
+from lightning_vdnn.buffers import BufferSnapshot, BufferWatch
 from lightning_vdnn.rng import AutocastState, RngState
 
 
@@ -44,18 +44,18 @@ def check_microbatches(microbatches: int, container: nn.Module, path: str) -> in
     return microbatches
 
 
-def refuse_written_buffers(state: "ChunkState", where: str, chunks: int) -> None:
-    """After the first chunk's forward: a block whose forward writes buffers (spectral norm's power iteration, a
-    step counter, running statistics) would write them once per chunk instead of once per batch. The first chunk's
-    writes are undone, so the failed step leaves the model as it was.
+def refuse_written_buffers(watch: BufferWatch, before: Optional[BufferSnapshot], where: str, chunks: int) -> None:
+    """After the first chunk's forward (``before``: the block's buffers before it): a block whose forward writes
+    buffers (spectral norm's power iteration, a step counter, running statistics) would write them once per chunk
+    instead of once per batch. The first chunk's writes are undone, so the failed step leaves the model as it was.
 
     Raises:
         ValueError: the forward wrote a buffer; the message names them and what to do.
     """
-    watch = state.watch
-    if watch is None or not watch.written:
+    watch.learn(before)
+    if not watch.written:
         return
-    watch.restore(state.buffers)
+    watch.restore(before)
     names = [watch.names[i] for i in sorted(watch.written)]
     listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise ValueError(f"microbatches={chunks} splits the batch inside each block, but {where} writes buffers in its "
