@@ -90,7 +90,11 @@ class BufferWatch:
         with torch.no_grad():
             for i, value in snap.values.items():
                 m, name = self.slots[i]
-                m._buffers[name] = value.clone()
+                now = m._buffers[name]
+                if now.shape == value.shape and now.dtype == value.dtype:
+                    now.copy_(value)  # in place: whoever holds the buffer sees it restored
+                else:
+                    m._buffers[name] = value.clone()
 
     @contextlib.contextmanager
     def replayed(self, snap: Optional[BufferSnapshot]) -> Iterator[None]:
