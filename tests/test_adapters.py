@@ -413,3 +413,32 @@ def test_a_compiled_modules_uncompiled_call_runs_its_hooks_and_forward_eagerly()
     assert layer._compiled_call_impl is not None, "Module.compile no longer sets _compiled_call_impl"
     out = torch_adapter.uncompiled_call(layer)(torch.ones(3, 2))
     assert seen == [(3, 2)] and torch.equal(out, torch.nn.functional.linear(torch.ones(3, 2), layer.weight, layer.bias))
+
+
+def test_backward_accumulates_tells_backward_from_autograd_grad():
+    """The engine's answer for a leaf's gradient accumulator, asked from inside a backward pass: True where that
+    pass fills ``.grad`` (``backward()``, ``inputs`` naming it), False for ``autograd.grad`` and other inputs."""
+    anchor, answers = torch.empty(0, requires_grad=True), []
+
+    class Asks(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            answers.append(torch_adapter.backward_accumulates(anchor))
+            return None, g * 2
+
+    w, x = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+
+    def loss():
+        return Asks.apply(anchor, x * w).sum()
+
+    loss().backward()
+    torch.autograd.grad(loss(), x)
+    loss().backward(inputs=[w])
+    torch.autograd.backward([loss()], inputs=[anchor])
+    assert answers == [True, False, False, True]
+    with pytest.raises(RuntimeError):  # only inside a backward pass
+        torch_adapter.backward_accumulates(anchor)

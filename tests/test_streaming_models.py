@@ -796,3 +796,49 @@ def test_blocks_whose_forward_writes_buffers_refuse_microbatches_and_the_step_ch
         streamer.close()
     for key, value in root.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def _adversarial_step(model: nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """Adversarial training on the embeddings (FGSM, FreeLB): ``torch.autograd.grad`` for the input's gradient,
+    which leaves the parameters' ``.grad`` alone, then the loss at the perturbed input, whose backward fills it."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    push, = torch.autograd.grad(model(inputs_embeds=embeds, labels=ids).loss, embeds)
+    loss = model(inputs_embeds=(embeds + 0.05 * push.sign()).detach(), labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+@pytest.mark.parametrize("microbatches, saved_blocks", [(1, 0), (2, 0), (1, None)])
+def test_input_gradients_by_autograd_grad_leave_the_weights_gradients_as_plain(microbatches, saved_blocks):
+    """``torch.autograd.grad(loss, inputs)`` through streamed blocks wrote the blocks' weight gradients as
+    ``loss.backward()`` does, so the step that followed trained on both losses' gradients."""
+    ref = llama()
+    ref_opt = sgd(ref)
+    want = [_adversarial_step(ref, ref_opt, ids) for ids in batches("tokens")]
+    got = llama()
+    opt = sgd(got)
+    streamer = stream_layers(got, opt, device="cpu", pin_memory=False, microbatches=microbatches,
+                             saved_blocks=saved_blocks)
+    try:
+        losses = [_adversarial_step(got, opt, ids) for ids in batches("tokens")]
+        streamer.synchronize()
+    finally:
+        streamer.close()
+    assert_same_loop(got, losses, ref, want)
+
+
+def test_a_double_backward_through_streamed_blocks_is_refused_with_the_alternative():
+    """A gradient penalty differentiates the gradient (``create_graph=True``); a streamed block's recompute gives
+    gradients without a graph, so the penalty's part through the blocks would be lost: refused."""
+    model = llama()
+    streamer = stream_layers(model, sgd(model), device="cpu", pin_memory=False)
+    ids = batches("tokens")[0]
+    try:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        with pytest.raises(RuntimeError, match=r"create_graph=True .* reached LlamaDecoderLayer .*"
+                                               r"layer_streaming=False"):
+            torch.autograd.grad(model(inputs_embeds=embeds, labels=ids).loss, embeds, create_graph=True)
+    finally:
+        streamer.close()

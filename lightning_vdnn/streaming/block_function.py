@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_vdnn.compiled import eager
+from lightning_vdnn.integrations.adapters.torch import backward_accumulates
 from lightning_vdnn.streaming.calls import CallFlat, Flat
 from lightning_vdnn.streaming.inner_hooks import InnerOutputs
 
@@ -68,15 +69,23 @@ class StreamedBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple:
+        if torch.is_grad_enabled():  # the engine runs backward with grad mode on only under create_graph=True
+            raise RuntimeError(
+                f"layer streaming: a backward with create_graph=True (a gradient penalty, a double backward) reached "
+                f"{ctx.streamer._where(ctx.index)}; a streamed block's backward recomputes the block and its "
+                "gradients carry no graph, so the penalty's own gradient through the blocks would be lost. Train this "
+                "model without layer streaming (layer_streaming=False: activation offload keeps plain autograd).")
         needs = ctx.needs_input_grad[_HEAD:]
+        # torch.autograd.grad(loss, inputs) (input gradients, adversarial examples) leaves parameters' .grad alone
+        weights = backward_accumulates(ctx.streamer._anchor)
         if ctx.saving:
             graph, ctx.graph = ctx.graph, None  # its saves are freed as soon as backward is done with them
             if graph is None:
                 raise RuntimeError(ctx.streamer._once(ctx.index))
-            gins = ctx.streamer._backward_saving(ctx.index, graph, list(grads))
+            gins = ctx.streamer._backward_saving(ctx.index, graph, list(grads), weights)
         else:
             gins = ctx.streamer._backward(ctx.index, ctx.call, ctx.saved_tensors, list(grads[:ctx.count]), ctx.states,
-                                          ctx.layout, needs, ctx.inner, grads[ctx.count:])
+                                          ctx.layout, needs, weights, ctx.inner, grads[ctx.count:])
         return (None,) * _HEAD + tuple(g if need else None for g, need in zip(gins, needs))
 
 

@@ -139,12 +139,13 @@ class BlockRuns:
         return graph, flat, [o.detach() for o in outs], joined
 
     def _backward(self, index: int, call: CallFlat, tensors: Sequence[Tensor], grads: list[Optional[Tensor]],
-                  states: list[ChunkState], layout: Joined, needs: Sequence[bool],
+                  states: list[ChunkState], layout: Joined, needs: Sequence[bool], weights: bool = True,
                   inner: Optional[InnerLayout] = None, inner_grads: Sequence[Optional[Tensor]] = ()
                   ) -> list[Optional[Tensor]]:
-        """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients are summed on the
-        device and cross to the host once. Returns the gradient of each of the call's tensors. ``inner``: how the
-        outputs of its hooked modules split over the chunks, ``inner_grads`` theirs."""
+        """Recompute block ``index`` chunk by chunk as forward ran it; its weight gradients (where ``weights``:
+        the pass accumulates into ``.grad``) are summed on the device and cross to the host once. Returns the
+        gradient of each of the call's tensors. ``inner``: how the outputs of its hooked modules split over the
+        chunks, ``inner_grads`` theirs."""
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
         block = self.blocks[index]
@@ -158,8 +159,10 @@ class BlockRuns:
             with counter if counter is not None else contextlib.nullcontext():
                 extra = inner.grads_of_chunk(k, inner_grads) if inner is not None else []
                 gins[k], wgrads = self._recompute(index, slot, call, chunks[k], layout.grads_of_chunk(k, grads),
-                                                  states[k], needs, hooks, extra)
+                                                  states[k], needs, weights, hooks, extra)
             saved += counter.nbytes if counter is not None else 0
+            if not weights:
+                continue
             if dev is None:  # only now: the previous block's gradient copy overlapped this recompute
                 dev = self._grad_buffer(block)
             block.pack_grads(dev, wgrads, first=k == len(chunks) - 1)
@@ -168,21 +171,26 @@ class BlockRuns:
         self._finish_backward(block, slot, dev)
         return plan.join_grads(gins)
 
-    def _backward_saving(self, index: int, graph: Graph, grads: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
-        """Backward through a saving block's forward graph, its weights back in a slot (any of the two)."""
+    def _backward_saving(self, index: int, graph: Graph, grads: list[Optional[Tensor]],
+                         weights: bool = True) -> list[Optional[Tensor]]:
+        """Backward through a saving block's forward graph, its weights back in a slot (any of the two); the
+        weights' gradients only where ``weights`` (as :meth:`_backward`)."""
         slot = self._acquire(index)
         self._prefetch(index, -1, slot)
         block = self.blocks[index]
-        wants = ([graph.anchor] if graph.anchor is not None else []) + [w for w in graph.leaves if w.requires_grad]
+        trained = [w for w in graph.leaves if w.requires_grad] if weights else []
+        wants = ([graph.anchor] if graph.anchor is not None else []) + trained
         self._reading[index], graph.exit.grads = slot, tuple(grads)
         try:
             got = list(torch.autograd.grad(graph.root, wants, torch.empty_like(graph.root), allow_unused=True)
                        ) if wants else []
         finally:
             del self._reading[index]
-        it = iter(got[1:] if graph.anchor is not None else got)
-        dev = self._grad_buffer(block)
-        block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
+        dev = None
+        if weights:
+            it = iter(got[1:] if graph.anchor is not None else got)
+            dev = self._grad_buffer(block)
+            block.pack_grads(dev, [next(it) if w.requires_grad else None for w in graph.leaves], first=True)
         self._finish_backward(block, slot, dev)
         return graph.input_grads()
 
@@ -200,10 +208,12 @@ class BlockRuns:
                 "every streamed block recomputes, which supports more.")
 
     def _recompute(self, index: int, slot: Slot, call: CallFlat, chunk: list[Tensor],
-                   grads: list[Optional[Tensor]], state: ChunkState, needs: Sequence[bool], hooks: InnerHooks,
-                   inner_grads: Sequence[Optional[Tensor]]) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
+                   grads: list[Optional[Tensor]], state: ChunkState, needs: Sequence[bool], weights: bool,
+                   hooks: InnerHooks, inner_grads: Sequence[Optional[Tensor]]
+                   ) -> tuple[list[Optional[Tensor]], list[Optional[Tensor]]]:
         """One chunk's forward again, with autograd, from its recorded state: (the call's tensors' grads, the
-        weight grads). ``inner_grads``: those of its hooked modules' outputs, captured again."""
+        weight grads, None unless ``weights``). ``inner_grads``: those of its hooked modules' outputs, captured
+        again."""
         block = self.blocks[index]
         hooked: list = []
         with state.replay():
@@ -214,12 +224,13 @@ class BlockRuns:
         if any(g is not None for g in inner_grads):
             outs, grads = outs + InnerLayout.leaves(hooked), list(grads) + list(inner_grads)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wants = [x for x in ins if x.requires_grad] + [w for w in leaves if w.requires_grad]
+        trained = [w.requires_grad and weights for w in leaves]
+        wants = [x for x in ins if x.requires_grad] + [w for w, t in zip(leaves, trained) if t]
         got = list(torch.autograd.grad([o for o, _ in pairs], wants, [g for _, g in pairs], allow_unused=True)
                    ) if pairs and wants else [None] * len(wants)
         it = iter(got)
         gins = [next(it) if x.requires_grad else None for x in ins]
-        return gins, [next(it) if w.requires_grad else None for w in leaves]
+        return gins, [next(it) if t else None for t in trained]
 
 
 def spread(count: int, total: int) -> frozenset[int]:

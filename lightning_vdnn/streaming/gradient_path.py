@@ -11,7 +11,7 @@ behind them. :class:`GradientPath` is mixed into :class:`~lightning_vdnn.streami
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -31,11 +31,13 @@ class GradientPath:
         for fut in pending:
             fut.result()
 
-    def _finish_backward(self, block: HostBlock, slot: Slot, dev: Tensor) -> None:
-        """The block's slot free for the next load, its gradients on their way to the host."""
+    def _finish_backward(self, block: HostBlock, slot: Slot, dev: Optional[Tensor]) -> None:
+        """The block's slot free for the next load, its gradients (None: the pass accumulates none) on their way
+        to the host."""
         slot.free = self.engine.record()
         self._calls[block.index] -= 1
-        self._push_grads(block, dev, final=self._calls[block.index] <= 0)
+        if dev is not None:
+            self._push_grads(block, dev, final=self._calls[block.index] <= 0)
         if not self._drain_queued:
             self._drain_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._drain)

@@ -11,7 +11,8 @@ import functools
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch._functorch import config as functorch_config
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -140,3 +141,10 @@ def uncompiled_call(module: nn.Module) -> Callable[..., Any]:
     """``module``'s call as it runs without ``module.compile()`` (hooks and ``forward``, eagerly): what
     ``nn.Module.__call__`` runs when no compiled call is set, which it otherwise prefers."""
     return module._call_impl
+
+
+def backward_accumulates(leaf: Tensor) -> bool:
+    """Inside a backward pass: whether it accumulates into ``leaf.grad`` (``loss.backward()``, or
+    ``torch.autograd.backward`` with ``inputs`` naming it), not ``torch.autograd.grad`` or ``backward(inputs=...)``
+    naming others. The engine's own answer, which torch's non-reentrant checkpoint asks too; there is no public one."""
+    return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(leaf).node)
