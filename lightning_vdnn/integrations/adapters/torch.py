@@ -146,5 +146,6 @@ def uncompiled_call(module: nn.Module) -> Callable[..., Any]:
 def backward_accumulates(leaf: Tensor) -> bool:
     """Inside a backward pass: whether it accumulates into ``leaf.grad`` (``loss.backward()``, or
     ``torch.autograd.backward`` with ``inputs`` naming it), not ``torch.autograd.grad`` or ``backward(inputs=...)``
-    naming others. The engine's own answer, which torch's non-reentrant checkpoint asks too; there is no public one."""
+    naming others. The engine's own answer, which ``torch.autograd.graph.register_multi_grad_hook`` asks too;
+    there is no public one."""
     return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(leaf).node)
