@@ -48,9 +48,10 @@ class BufferWatch:
     """The buffers of ``module`` (and its submodules) that its forward writes, and their replay."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.slots = [(m, name) for m in module.modules() for name, b in m._buffers.items() if b is not None]
-        self.names = [f"{path}.{name}".lstrip(".") for path, m in module.named_modules()
-                      for name, b in m._buffers.items() if b is not None]
+        found = [(path, m, name) for path, m in module.named_modules() for name, b in m._buffers.items()
+                 if b is not None]
+        self.slots = [(m, name) for _, m, name in found]
+        self.names = [f"{path}.{name}".lstrip(".") for path, _, name in found]  # for messages, by slot
         norms = {id(t) for t in running_stats(module)}
         self.written: set[int] = {i for i, (m, name) in enumerate(self.slots) if id(m._buffers[name]) in norms}
         self.learnt = not self.slots  # until a forward was watched, every buffer is snapshot
